@@ -1,0 +1,22 @@
+"""fastdiff: fused kernels and samplers for conditional diffusion U-Nets.
+
+Importing fastdiff loads the C++ extension ``fastdiff._C``, which registers the ops
+``torch.ops.fastdiff.{group_norm_silu, attention, denoise_step}`` with CPU and Meta kernels;
+``fastdiff.ops`` adds the CUDA (Triton) kernels and the Python-facing functions.
+"""
+import torch  # noqa: F401  (loads libtorch before the extension)
+
+try:
+    from fastdiff import _C  # noqa: F401
+except ImportError as err:  # pragma: no cover - exercised only on a broken install
+    raise ImportError(
+        "fastdiff's compiled extension fastdiff._C could not be loaded "
+        f"({err}). Build it against the installed torch from the source tree with\n"
+        "    pip install --no-build-isolation -e .\n"
+        "(torch, ninja and a C++17 compiler are needed)."
+    ) from err
+
+from fastdiff.ops import attention, denoise_step, group_norm_silu  # noqa: E402
+
+__version__ = "0.1.0"
+__all__ = ["attention", "denoise_step", "group_norm_silu"]

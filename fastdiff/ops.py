@@ -1,0 +1,104 @@
+"""The three fused ops: Python entry points and their CUDA (Triton) registrations.
+
+Each op is one dispatcher op, ``torch.ops.fastdiff.<name>``, whose schema, argument checks, CPU
+kernel (C++) and Meta kernel (shapes only, for torch.compile and graph capture) live in csrc/.
+Here the CUDA dispatch key gets the Triton launcher from ``fastdiff.kernels``, behind the same
+C++ checks, and each op gets a thin Python function that accepts the shapes models naturally
+have ((N, C, 1, 1) time embeddings, boolean or 2-D/3-D attention masks).
+"""
+from __future__ import annotations
+
+import torch
+
+from fastdiff import _C
+
+_lib = torch.library.Library("fastdiff", "IMPL")
+
+
+def _group_norm_silu_cuda(x, num_groups, weight, bias, eps, pre_bias, scale, shift, apply_silu):
+    _C.check_group_norm_silu(x, num_groups, weight, bias, eps, pre_bias, scale, shift, apply_silu)
+    from fastdiff.kernels.group_norm_silu import group_norm_silu as launch
+
+    return launch(x, num_groups, weight, bias, eps, pre_bias, scale, shift, apply_silu)
+
+
+def _attention_cuda(q, k, v, attn_bias, scale):
+    _C.check_attention(q, k, v, attn_bias, scale)
+    from fastdiff.kernels.attention import attention as launch
+
+    return launch(q, k, v, attn_bias, scale)
+
+
+def _denoise_step_cuda(model_output, sample, coeffs, step_index, noise, prev_x0, guidance_scale,
+                       clip_sample, clip_sample_range, write_x0):
+    args = (model_output, sample, coeffs, step_index, noise, prev_x0, guidance_scale, clip_sample,
+            clip_sample_range, write_x0)
+    _C.check_denoise_step(*args)
+    from fastdiff.kernels.denoise_step import denoise_step as launch
+
+    return launch(*args)
+
+
+_lib.impl("group_norm_silu", _group_norm_silu_cuda, "CUDA")
+_lib.impl("attention", _attention_cuda, "CUDA")
+_lib.impl("denoise_step", _denoise_step_cuda, "CUDA")
+
+
+def _per_channel(t: torch.Tensor | None, name: str, n: int, c: int) -> torch.Tensor | None:
+    """(N, C), (N, C, 1, 1) or (C,) -> contiguous (N, C)."""
+    if t is None:
+        return None
+    if t.dim() == 4 and t.shape[2:] == (1, 1):
+        t = t.flatten(1)
+    elif t.dim() == 1 and t.shape[0] == c:
+        t = t.expand(n, c)
+    return t.contiguous() if t.dim() == 2 else t  # wrong shapes are reported by the op
+
+
+def group_norm_silu(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,
+                    bias: torch.Tensor | None = None, eps: float = 1e-5, *,
+                    pre_bias: torch.Tensor | None = None, scale: torch.Tensor | None = None,
+                    shift: torch.Tensor | None = None, silu: bool = True) -> torch.Tensor:
+    """GroupNorm with fp32 statistics, optional fusions, then SiLU.
+
+    ``silu(norm(x + pre_bias) * (1 + scale) + shift)`` where ``norm`` is GroupNorm with affine
+    ``weight``/``bias``. x: (N, C, H, W), contiguous or channels_last; pre_bias, scale, shift:
+    (N, C) or (N, C, 1, 1). Returns x's dtype and memory format.
+    """
+    n, c = (x.shape[0], x.shape[1]) if x.dim() >= 2 else (0, 0)
+    return torch.ops.fastdiff.group_norm_silu(
+        x, num_groups, weight, bias, eps, _per_channel(pre_bias, "pre_bias", n, c),
+        _per_channel(scale, "scale", n, c), _per_channel(shift, "shift", n, c), silu)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              attn_mask: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
+    """``softmax(q k^T * scale + mask) v``, as ``F.scaled_dot_product_attention`` (non-causal).
+
+    q: (B, H, Lq, D); k, v: (B, H, Lk, D); D <= 256. attn_mask: additive (float) or boolean
+    (True = attend), broadcastable to (B, H, Lq, Lk); fewer than 4 dims are aligned right, as in
+    SDPA. scale defaults to 1/sqrt(D).
+    """
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=attn_mask.device
+                                    ).masked_fill_(~attn_mask, float("-inf"))
+        while attn_mask.dim() < 4:
+            attn_mask = attn_mask.unsqueeze(0)
+    return torch.ops.fastdiff.attention(q, k, v, attn_mask, scale)
+
+
+def denoise_step(model_output: torch.Tensor, sample: torch.Tensor, coeffs: torch.Tensor,
+                 step_index: torch.Tensor, noise: torch.Tensor | None = None,
+                 prev_x0: torch.Tensor | None = None, guidance_scale: float = 1.0,
+                 clip_sample: bool = False, clip_sample_range: float = 1.0,
+                 write_x0: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """One fused sampler step: guidance combine, solver update and noise (see schedules.py).
+
+    model_output: like ``sample`` (N, ...) or, guided, (2N, ...) = [uncond; cond] combined as
+    ``u + guidance_scale * (c - u)``. coeffs: (S, 8) float32 table from ``fastdiff.schedules``;
+    step_index: one-element int tensor on the sample's device (no host sync). A missing
+    ``noise`` or ``prev_x0`` counts as zeros. Returns (next sample, predicted x0 or empty).
+    """
+    return torch.ops.fastdiff.denoise_step(model_output, sample, coeffs, step_index, noise, prev_x0,
+                                           guidance_scale, clip_sample, clip_sample_range, write_x0)
