@@ -1,0 +1,68 @@
+"""Plain-torch float64 references for the fused ops: what every kernel is tested against.
+
+Each takes the op's arguments (any dtype, any device) and returns float64 results computed with
+unfused torch operations, following the definitions in csrc/fastdiff.h.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fastdiff.schedules import (COEF_H, COEF_K0, COEF_KM, COEF_KN, COEF_KP, COEF_KX, COEF_PM,
+                                COEF_PX)
+
+
+def _f64(t):
+    return None if t is None else t.detach().to(torch.float64)
+
+
+def group_norm_silu(x, num_groups, weight=None, bias=None, eps=1e-5, pre_bias=None, scale=None,
+                    shift=None, apply_silu=True):
+    """Two-pass GroupNorm in float64 with the optional fusions; returns (N, C, H, W) float64."""
+    h = _f64(x)
+    n, c = h.shape[:2]
+    if pre_bias is not None:
+        h = h + _f64(pre_bias).reshape(n, c, 1, 1)
+    g = h.reshape(n, num_groups, -1)
+    mean = g.mean(-1, keepdim=True)
+    var = ((g - mean) ** 2).mean(-1, keepdim=True)
+    y = ((g - mean) / torch.sqrt(var + eps)).reshape(h.shape)
+    if weight is not None:
+        y = y * _f64(weight).reshape(1, c, 1, 1)
+    if bias is not None:
+        y = y + _f64(bias).reshape(1, c, 1, 1)
+    if scale is not None:
+        y = y * (1 + _f64(scale).reshape(n, c, 1, 1))
+    if shift is not None:
+        y = y + _f64(shift).reshape(n, c, 1, 1)
+    return y * torch.sigmoid(y) if apply_silu else y
+
+
+def attention(q, k, v, attn_bias=None, scale=None):
+    """softmax(q k^T * scale + attn_bias) v in float64; rows with every key at -inf give 0."""
+    q, k, v = _f64(q), _f64(k), _f64(v)
+    s = (q @ k.transpose(-1, -2)) * (scale if scale is not None else 1 / math.sqrt(q.shape[-1]))
+    if attn_bias is not None:
+        s = s + _f64(attn_bias)
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    return p @ v
+
+
+def denoise_step(model_output, sample, coeffs, step_index, noise=None, prev_x0=None,
+                 guidance_scale=1.0, clip_sample=False, clip_sample_range=1.0, write_x0=False):
+    """The coefficient-table step of csrc/fastdiff.h (StepCoef) in float64."""
+    c = coeffs.detach().to(torch.float64).cpu()[int(step_index.reshape(-1)[0])]
+    m, x = _f64(model_output), _f64(sample)
+    if m.shape[0] == 2 * x.shape[0]:
+        u, cond = m.chunk(2)
+        m = u + guidance_scale * (cond - u)
+    n = _f64(noise) if noise is not None else torch.zeros_like(x)
+    xh = x + c[COEF_H] * n
+    x0 = c[COEF_PX] * xh + c[COEF_PM] * m
+    if clip_sample:
+        x0 = x0.clamp(-clip_sample_range, clip_sample_range)
+    out = c[COEF_KX] * xh + c[COEF_K0] * x0 + c[COEF_KM] * m + c[COEF_KN] * n
+    if prev_x0 is not None:
+        out = out + c[COEF_KP] * _f64(prev_x0)
+    return out, (x0 if write_x0 else x0.new_empty(0))

@@ -1,0 +1,72 @@
+"""Shared test set-up: backends to run each op on, and the error-vs-reference pass rule.
+
+Backends:
+  cpp    - torch.ops.fastdiff.* on CPU tensors (the C++ kernels);
+  triton - the Triton launchers of fastdiff.kernels on CPU tensors under TRITON_INTERPRET=1
+           (set here, before triton is imported, when no GPU is present);
+  cuda   - torch.ops.fastdiff.* on CUDA tensors (the Triton kernels compiled for the GPU);
+           skipped without a GPU.
+"""
+import os
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import importlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+import fastdiff  # noqa: E402,F401
+from fastdiff import _C  # noqa: E402
+
+BACKENDS = [
+    pytest.param("cpp", id="cpp"),
+    pytest.param("triton", id="triton", marks=pytest.mark.skipif(
+        HAS_CUDA, reason="interpreted Triton runs on machines without a GPU; 'cuda' covers it")),
+    pytest.param("cuda", id="cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+        not HAS_CUDA, reason="needs a CUDA GPU")]),
+]
+
+
+def _to(x, device):
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    return x
+
+
+def run_op(backend: str, name: str, *args):
+    """Run op ``name`` with positional schema arguments on ``backend``; outputs come back on CPU."""
+    if backend == "cpp":
+        out = getattr(torch.ops.fastdiff, name)(*args)
+    elif backend == "cuda":
+        out = getattr(torch.ops.fastdiff, name)(*[_to(a, "cuda") for a in args])
+        torch.cuda.synchronize()
+    elif backend == "triton":
+        getattr(_C, f"check_{name}")(*args)
+        launcher = getattr(importlib.import_module(f"fastdiff.kernels.{name}"), name)
+        out = launcher(*args)
+    else:
+        raise ValueError(backend)
+    if isinstance(out, (tuple, list)):
+        return type(out)(o.cpu() for o in out)
+    return out.cpu()
+
+
+def assert_close_to_ref(out, ref, torch_out=None, atol=1e-6, what=""):
+    """Pass rule: max |out - ref| <= 2 * max |torch_out - ref| + atol.
+
+    ``ref`` is the float64 reference; ``torch_out`` is torch's own (unfused) result in the same
+    dtype as ``out``, so the bound scales with what the dtype can do.
+    """
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    out64 = out.detach().cpu().to(torch.float64)
+    ref = ref.detach().cpu()
+    assert torch.isfinite(out64).all(), f"{what}: non-finite values in the output"
+    err = (out64 - ref).abs().max().item() if out.numel() else 0.0
+    bound = atol
+    if torch_out is not None and out.numel():
+        bound += 2 * (torch_out.detach().cpu().to(torch.float64) - ref).abs().max().item()
+    assert err <= bound, f"{what}: max error {err:.3g} > bound {bound:.3g}"
