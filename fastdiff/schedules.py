@@ -1,12 +1,295 @@
 """Noise schedules (float64) and the per-step coefficient tables that drive ``denoise_step``.
 
-Columns of a table row (kept in sync with csrc/fastdiff.h, StepCoef):
-    x_hat = x + H * n
-    x0    = P_x * x_hat + P_m * m             (m: guided model output)
-    x0c   = clip(x0) if clip_sample else x0
+A sampler step of any supported solver is, per element, an affine map of a few tensors with
+per-step scalar coefficients. ``denoise_step`` reads one row of such a table (``step_index`` is a
+device tensor, so a captured CUDA graph can be replayed for every step). Columns of a row, kept in
+sync with csrc/fastdiff.h (StepCoef) and kernels/denoise_step.py:
+
+    x_hat = x + H * n                                  (Euler "churn", else H = 0)
+    x0    = P_x * x_hat + P_m * m                      (m: guided model output)
+    x0c   = clip(x0, -r, r) if clip_sample else x0
     out   = K_x * x_hat + K_0 * x0c + K_m * m + K_p * prev_x0 + K_n * n
+
+The builders below compute rows in float64 with the formulas of diffusers' schedulers
+(scheduling_ddpm.py, scheduling_ddim.py, scheduling_dpmsolver_multistep.py,
+scheduling_euler_discrete.py) and the same order-selection rules; ``table_from_scheduler`` reads
+a configured diffusers scheduler. The guidance convention is diffusers': m = u + s * (c - u).
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
 COEF_H, COEF_PX, COEF_PM, COEF_KX, COEF_K0, COEF_KM, COEF_KP, COEF_KN = range(8)
 NUM_COEFS = 8
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+@dataclass
+class StepTable:
+    """Everything a sampling loop needs, per step i of S.
+
+    coeffs: (S, 8) float32 rows for ``denoise_step``; timesteps: (S,) model timesteps;
+    model_input_scale: (S,) factor applied to the sample before the model (Euler's
+    ``scale_model_input``, 1 elsewhere); init_noise_sigma: std of the initial noise.
+    """
+
+    solver: str
+    coeffs: torch.Tensor
+    timesteps: torch.Tensor
+    model_input_scale: torch.Tensor
+    init_noise_sigma: float = 1.0
+    clip_sample: bool = False
+    clip_sample_range: float = 1.0
+    needs_noise: bool = False
+    needs_prev_x0: bool = False
+
+    def __len__(self):
+        return self.coeffs.shape[0]
+
+    def to(self, device) -> "StepTable":
+        return StepTable(**{**self.__dict__, "coeffs": self.coeffs.to(device)})
+
+
+# ---------------------------------------------------------------- noise schedules (float64)
+
+def make_betas(kind: str = "linear", num_train_timesteps: int = 1000, beta_start: float = 1e-4,
+               beta_end: float = 0.02) -> np.ndarray:
+    """beta_1..beta_T in float64: 'linear' (Ho et al. 2020, Sec. 4), 'scaled_linear' (Stable
+    Diffusion: linear in sqrt(beta)) or 'squaredcos_cap_v2' (cosine, Nichol & Dhariwal 2021, Eq. 17)."""
+    T = num_train_timesteps
+    if kind == "linear":
+        return np.linspace(beta_start, beta_end, T, dtype=np.float64)
+    if kind == "scaled_linear":
+        return np.linspace(beta_start ** 0.5, beta_end ** 0.5, T, dtype=np.float64) ** 2
+    if kind in ("squaredcos_cap_v2", "cosine"):
+        f = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+        return np.array([min(1 - f((i + 1) / T) / f(i / T), 0.999) for i in range(T)])
+    raise ValueError(f"beta schedule 'kind' must be 'linear', 'scaled_linear' or "
+                     f"'squaredcos_cap_v2', got {kind!r}")
+
+
+def alphas_cumprod(betas: np.ndarray) -> np.ndarray:
+    """alpha-bar_t = prod_{s<=t} (1 - beta_s) (Ho et al. 2020, Eq. 4), float64."""
+    return np.cumprod(1.0 - np.asarray(betas, dtype=np.float64))
+
+
+# ---------------------------------------------------------------- per-solver tables
+
+def _check_prediction(prediction_type):
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"'prediction_type' must be one of {PREDICTION_TYPES}, got "
+                         f"{prediction_type!r}")
+
+
+def _x0_from_alpha_sigma(prediction_type, alpha, sigma):
+    """(P_x, P_m) with x0 = P_x x + P_m m, for x = alpha x0 + sigma eps (VP form)."""
+    if prediction_type == "epsilon":
+        return 1.0 / alpha, -sigma / alpha
+    if prediction_type == "v_prediction":
+        return alpha, -sigma
+    return 0.0, 1.0
+
+
+def _eps_from_alpha_sigma(prediction_type, alpha, sigma):
+    """(E_x, E_m) with eps = E_x x + E_m m, before any clipping of x0."""
+    if prediction_type == "epsilon":
+        return 0.0, 1.0
+    if prediction_type == "v_prediction":
+        return sigma, alpha
+    return 1.0 / sigma, -alpha / sigma
+
+
+def _table(rows) -> torch.Tensor:
+    return torch.tensor(np.asarray(rows, dtype=np.float64).reshape(-1, NUM_COEFS),
+                        dtype=torch.float32)
+
+
+def ddpm_table(alphas_cumprod: np.ndarray, timesteps, prediction_type: str = "epsilon",
+               variance_type: str = "fixed_small", clip_sample: bool = False,
+               clip_sample_range: float = 1.0) -> StepTable:
+    """DDPM ancestral sampling (Ho et al. 2020, Algorithm 2 and Eq. 7), as diffusers'
+    DDPMScheduler: x_{t'} = c0 x0 + ct x_t + sigma_t n, with t' the next timestep of the list.
+    variance_type: 'fixed_small' (sigma^2 = beta-tilde) or 'fixed_large' (sigma^2 = beta)."""
+    _check_prediction(prediction_type)
+    if variance_type not in ("fixed_small", "fixed_small_log", "fixed_large"):
+        raise ValueError("'variance_type' must be 'fixed_small', 'fixed_small_log' or "
+                         f"'fixed_large', got {variance_type!r}")
+    ac = np.asarray(alphas_cumprod, dtype=np.float64)
+    ts = [int(t) for t in timesteps]
+    rows = []
+    for i, t in enumerate(ts):
+        a_t = ac[t]
+        a_prev = ac[ts[i + 1]] if i + 1 < len(ts) else 1.0
+        alpha_t = a_t / a_prev
+        beta_t = 1.0 - alpha_t
+        px, pm = _x0_from_alpha_sigma(prediction_type, math.sqrt(a_t), math.sqrt(1 - a_t))
+        if variance_type == "fixed_large":
+            var = beta_t
+        else:
+            var = max((1 - a_prev) / (1 - a_t) * beta_t, 1e-20)
+        rows.append([0.0, px, pm,
+                     math.sqrt(alpha_t) * (1 - a_prev) / (1 - a_t),   # K_x
+                     math.sqrt(a_prev) * beta_t / (1 - a_t),          # K_0
+                     0.0, 0.0,
+                     math.sqrt(var) if t > 0 else 0.0])               # K_n
+    return StepTable("ddpm", _table(rows), torch.tensor(ts), torch.ones(len(ts), dtype=torch.float64),
+                     clip_sample=clip_sample, clip_sample_range=clip_sample_range, needs_noise=True)
+
+
+def ddim_table(alphas_cumprod: np.ndarray, timesteps, num_train_timesteps: int,
+               final_alpha_cumprod: float = 1.0, eta: float = 0.0,
+               prediction_type: str = "epsilon", clip_sample: bool = False,
+               clip_sample_range: float = 1.0, use_clipped_model_output: bool = False) -> StepTable:
+    """DDIM (Song et al. 2021, Eq. 12) as diffusers' DDIMScheduler: the previous timestep is
+    t - T // S, sigma_t = eta * sqrt(beta-tilde) (Eq. 16)."""
+    _check_prediction(prediction_type)
+    if not eta >= 0:
+        raise ValueError(f"'eta' must be >= 0, got {eta}")
+    ac = np.asarray(alphas_cumprod, dtype=np.float64)
+    ts = [int(t) for t in timesteps]
+    step = num_train_timesteps // len(ts)
+    rows = []
+    for t in ts:
+        prev = t - step
+        a_t = ac[t]
+        a_prev = ac[prev] if prev >= 0 else float(final_alpha_cumprod)
+        alpha, sigma = math.sqrt(a_t), math.sqrt(1 - a_t)
+        var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+        std = eta * math.sqrt(var)
+        d = math.sqrt(max(1 - a_prev - std ** 2, 0.0))      # direction pointing to x_t
+        px, pm = _x0_from_alpha_sigma(prediction_type, alpha, sigma)
+        kx, k0, km = 0.0, math.sqrt(a_prev), 0.0
+        if use_clipped_model_output:                        # eps from the clipped x0
+            kx, k0 = d / sigma, k0 - d * alpha / sigma
+        else:
+            ex, em = _eps_from_alpha_sigma(prediction_type, alpha, sigma)
+            kx, km = d * ex, d * em
+        rows.append([0.0, px, pm, kx, k0, km, 0.0, std])
+    return StepTable("ddim", _table(rows), torch.tensor(ts), torch.ones(len(ts), dtype=torch.float64),
+                     clip_sample=clip_sample, clip_sample_range=clip_sample_range,
+                     needs_noise=eta > 0)
+
+
+def dpmpp_2m_table(sigmas: np.ndarray, timesteps, prediction_type: str = "epsilon",
+                   algorithm_type: str = "dpmsolver++", solver_type: str = "midpoint",
+                   solver_order: int = 2, lower_order_final: bool = True,
+                   euler_at_final: bool = False, final_sigmas_type: str = "zero") -> StepTable:
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) as diffusers' DPMSolverMultistepScheduler.
+
+    sigmas: (S + 1,) with sigma = sqrt((1 - alpha-bar) / alpha-bar), the last one final.
+    Order selection as diffusers: first order at step 0 and, under lower_order_final, at the last
+    step; the multistep update reads the previous step's x0 (``prev_x0``)."""
+    _check_prediction(prediction_type)
+    if algorithm_type not in ("dpmsolver++", "sde-dpmsolver++"):
+        raise ValueError("'algorithm_type' must be 'dpmsolver++' or 'sde-dpmsolver++', got "
+                         f"{algorithm_type!r}")
+    if solver_type not in ("midpoint", "heun"):
+        raise ValueError(f"'solver_type' must be 'midpoint' or 'heun', got {solver_type!r}")
+    if solver_order not in (1, 2):
+        raise ValueError(f"'solver_order' must be 1 or 2, got {solver_order}")
+    sig = np.asarray(sigmas, dtype=np.float64)
+    S = len(sig) - 1
+    alphas = 1.0 / np.sqrt(sig ** 2 + 1)
+    sigmas_t = sig * alphas
+    with np.errstate(divide="ignore"):
+        lambdas = np.log(alphas) - np.log(sigmas_t)
+    sde = algorithm_type == "sde-dpmsolver++"
+    rows = []
+    for i in range(S):
+        lower_final = i == S - 1 and (euler_at_final or (lower_order_final and S < 15)
+                                      or final_sigmas_type == "zero")
+        first = solver_order == 1 or i == 0 or lower_final
+        a_t, s_t, s_s0 = alphas[i + 1], sigmas_t[i + 1], sigmas_t[i]
+        h = lambdas[i + 1] - lambdas[i]
+        px, pm = _x0_from_alpha_sigma(prediction_type, alphas[i], sigmas_t[i])
+        em1 = math.expm1(-h) if math.isfinite(h) else -1.0            # exp(-h) - 1
+        e2 = -math.expm1(-2 * h) if math.isfinite(h) else 1.0         # 1 - exp(-2h)
+        kx = s_t / s_s0 * (1 + em1 if sde else 1.0)
+        kn = s_t * math.sqrt(e2) if sde else 0.0
+        c0 = a_t * e2 if sde else -a_t * em1                          # weight of D0
+        kp = 0.0
+        k0 = c0
+        if not first:
+            r0 = (lambdas[i] - lambdas[i - 1]) / h
+            if solver_type == "midpoint":
+                c1 = 0.5 * c0
+            elif sde:
+                c1 = a_t * (e2 / (-2 * h) + 1.0)
+            else:
+                c1 = a_t * (em1 / h + 1.0)
+            # D1 = (x0 - prev_x0) / r0
+            k0, kp = c0 + c1 / r0, -c1 / r0
+        rows.append([0.0, px, pm, kx, k0, 0.0, kp, kn])
+    return StepTable(algorithm_type, _table(rows), torch.as_tensor(np.asarray(timesteps)),
+                     torch.ones(S, dtype=torch.float64), needs_noise=sde,
+                     needs_prev_x0=solver_order == 2)
+
+
+def euler_table(sigmas: np.ndarray, timesteps, prediction_type: str = "epsilon",
+                s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"),
+                s_noise: float = 1.0, init_noise_sigma: float | None = None) -> StepTable:
+    """Euler (Karras et al. 2022, Algorithm 2) as diffusers' EulerDiscreteScheduler: sigmas are
+    (S + 1,) in the variance-exploding parametrisation; the model sees x / sqrt(sigma^2 + 1)."""
+    _check_prediction(prediction_type)
+    sig = np.asarray(sigmas, dtype=np.float64)
+    S = len(sig) - 1
+    rows = []
+    for i in range(S):
+        s = sig[i]
+        gamma = min(s_churn / S, 2 ** 0.5 - 1) if s_tmin <= s <= s_tmax else 0.0
+        s_hat = s * (gamma + 1)
+        h = s_noise * math.sqrt(s_hat ** 2 - s ** 2) if gamma > 0 else 0.0
+        if prediction_type == "epsilon":
+            px, pm = 1.0, -s_hat
+        elif prediction_type == "v_prediction":
+            px, pm = 1.0 / (s ** 2 + 1), -s / math.sqrt(s ** 2 + 1)
+        else:
+            px, pm = 0.0, 1.0
+        dt = sig[i + 1] - s_hat
+        rows.append([h, px, pm, 1.0 + dt / s_hat, -dt / s_hat, 0.0, 0.0, 0.0])
+    return StepTable("euler", _table(rows), torch.as_tensor(np.asarray(timesteps)),
+                     torch.tensor(1.0 / np.sqrt(sig[:-1] ** 2 + 1)),
+                     init_noise_sigma=(math.sqrt(sig.max() ** 2 + 1) if init_noise_sigma is None
+                                       else float(init_noise_sigma)),
+                     needs_noise=s_churn > 0)
+
+
+# ---------------------------------------------------------------- from a diffusers scheduler
+
+def table_from_scheduler(scheduler, eta: float = 0.0, use_clipped_model_output: bool = False,
+                         s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"),
+                         s_noise: float = 1.0) -> StepTable:
+    """The table of a diffusers scheduler on which ``set_timesteps`` has been called.
+
+    Supports DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler (dpmsolver++ and
+    sde-dpmsolver++, order <= 2) and EulerDiscreteScheduler; the step-call options (eta, churn)
+    are arguments here because diffusers passes them to ``step``.
+    """
+    name = type(scheduler).__name__
+    cfg = scheduler.config
+    if getattr(scheduler, "num_inference_steps", None) is None:
+        raise ValueError(f"call {name}.set_timesteps(...) before building its table")
+    if cfg.get("thresholding", False):
+        raise ValueError(f"{name} with thresholding=True is not supported by denoise_step")
+    ac = scheduler.alphas_cumprod.double().cpu().numpy()
+    ts = scheduler.timesteps.cpu()
+    if name == "DDPMScheduler":
+        return ddpm_table(ac, ts, cfg.prediction_type, cfg.variance_type, cfg.clip_sample,
+                          cfg.clip_sample_range)
+    if name == "DDIMScheduler":
+        return ddim_table(ac, ts, cfg.num_train_timesteps, float(scheduler.final_alpha_cumprod),
+                          eta, cfg.prediction_type, cfg.clip_sample, cfg.clip_sample_range,
+                          use_clipped_model_output)
+    if name == "DPMSolverMultistepScheduler":
+        return dpmpp_2m_table(scheduler.sigmas.double().cpu().numpy(), ts, cfg.prediction_type,
+                              cfg.algorithm_type, cfg.solver_type, cfg.solver_order,
+                              cfg.lower_order_final, cfg.euler_at_final, cfg.final_sigmas_type)
+    if name == "EulerDiscreteScheduler":
+        return euler_table(scheduler.sigmas.double().cpu().numpy(), ts, cfg.prediction_type,
+                           s_churn, s_tmin, s_tmax, s_noise, float(scheduler.init_noise_sigma))
+    raise ValueError(f"scheduler {name} is not supported; expected DDPMScheduler, DDIMScheduler, "
+                     "DPMSolverMultistepScheduler or EulerDiscreteScheduler")
