@@ -17,6 +17,20 @@ std::string shape_str(const at::Tensor& t) {
   return s.str();
 }
 
+// torch's Python names, as users write them.
+std::string dtype_str(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "float32";
+    case at::kHalf: return "float16";
+    case at::kBFloat16: return "bfloat16";
+    case at::kDouble: return "float64";
+    case at::kLong: return "int64";
+    case at::kInt: return "int32";
+    case at::kBool: return "bool";
+    default: return c10::toString(t);
+  }
+}
+
 bool is_float_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
 }
@@ -36,7 +50,7 @@ void check_small(const char* op, const at::Tensor& x, const at::Tensor& t, const
   FD_CHECK(t.sizes() == expected, op, "argument '", name, "' must have shape ", expected, ", got ",
            shape_str(t));
   FD_CHECK(t.scalar_type() == x.scalar_type() || t.scalar_type() == at::kFloat, op, "argument '",
-           name, "' must have dtype ", x.scalar_type(), " (as x) or float32, got ", t.scalar_type());
+           name, "' must have dtype ", dtype_str(x.scalar_type()), " (as x) or float32, got ", dtype_str(t.scalar_type()));
   FD_CHECK(t.is_contiguous(), op, "argument '", name, "' must be contiguous, got strides ",
            t.strides());
 }
@@ -53,7 +67,7 @@ void check_group_norm_silu(const at::Tensor& x, int64_t num_groups,
   FD_CHECK(x.dim() == 4, op, "argument 'x' must be a 4-D tensor (N, C, H, W), got shape ",
            shape_str(x));
   FD_CHECK(is_float_dtype(x.scalar_type()), op,
-           "argument 'x' must have dtype float32, float16 or bfloat16, got ", x.scalar_type());
+           "argument 'x' must have dtype float32, float16 or bfloat16, got ", dtype_str(x.scalar_type()));
   FD_CHECK(x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast), op,
            "argument 'x' must be contiguous (NCHW) or channels_last, got strides ", x.strides(),
            " for shape ", shape_str(x));
@@ -78,9 +92,9 @@ void check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
     FD_CHECK(t->dim() == 4, op, "argument '", name, "' must be a 4-D tensor (B, H, L, D), got shape ",
              shape_str(*t));
     FD_CHECK(is_float_dtype(t->scalar_type()), op, "argument '", name,
-             "' must have dtype float32, float16 or bfloat16, got ", t->scalar_type());
+             "' must have dtype float32, float16 or bfloat16, got ", dtype_str(t->scalar_type()));
     FD_CHECK(t->scalar_type() == q.scalar_type(), op, "argument '", name,
-             "' must have the dtype of 'q' (", q.scalar_type(), "), got ", t->scalar_type());
+             "' must have the dtype of 'q' (", dtype_str(q.scalar_type()), "), got ", dtype_str(t->scalar_type()));
     check_same_device(op, q, "q", *t, name);
     FD_CHECK(t->size(3) == 1 || t->stride(3) == 1, op, "argument '", name,
              "' must have stride 1 in its last dimension (head dim), got strides ", t->strides());
@@ -104,8 +118,8 @@ void check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
     const at::Tensor& b = *attn_bias;
     check_same_device(op, q, "q", b, "attn_bias");
     FD_CHECK(b.scalar_type() == q.scalar_type() || b.scalar_type() == at::kFloat, op,
-             "argument 'attn_bias' must be an additive mask of dtype ", q.scalar_type(),
-             " (as q) or float32, got ", b.scalar_type(),
+             "argument 'attn_bias' must be an additive mask of dtype ", dtype_str(q.scalar_type()),
+             " (as q) or float32, got ", dtype_str(b.scalar_type()),
              " (fastdiff.ops.attention converts boolean masks)");
     const int64_t full[4] = {B, H, Lq, Lk};
     bool ok = b.dim() == 4;
@@ -128,14 +142,14 @@ void check_denoise_step(const at::Tensor& model_output, const at::Tensor& sample
   FD_CHECK(sample.dim() >= 1, op, "argument 'sample' must have a batch dimension, got a 0-d tensor");
   FD_CHECK(is_float_dtype(sample.scalar_type()), op,
            "argument 'sample' must have dtype float32, float16 or bfloat16, got ",
-           sample.scalar_type());
+           dtype_str(sample.scalar_type()));
   FD_CHECK(sample.is_contiguous(), op, "argument 'sample' must be contiguous, got strides ",
            sample.strides());
   const int64_t N = sample.size(0);
   check_same_device(op, sample, "sample", model_output, "model_output");
   FD_CHECK(model_output.scalar_type() == sample.scalar_type(), op,
-           "argument 'model_output' must have the dtype of 'sample' (", sample.scalar_type(),
-           "), got ", model_output.scalar_type());
+           "argument 'model_output' must have the dtype of 'sample' (", dtype_str(sample.scalar_type()),
+           "), got ", dtype_str(model_output.scalar_type()));
   FD_CHECK(model_output.is_contiguous(), op,
            "argument 'model_output' must be contiguous, got strides ", model_output.strides());
   bool same_rest = model_output.dim() == sample.dim() &&
@@ -159,7 +173,7 @@ void check_denoise_step(const at::Tensor& model_output, const at::Tensor& sample
     FD_CHECK(e.sizes() == sample.sizes(), op, "argument '", name, "' must have the shape of 'sample' ",
              shape_str(sample), ", got ", shape_str(e));
     FD_CHECK(e.scalar_type() == sample.scalar_type(), op, "argument '", name,
-             "' must have the dtype of 'sample' (", sample.scalar_type(), "), got ", e.scalar_type());
+             "' must have the dtype of 'sample' (", dtype_str(sample.scalar_type()), "), got ", dtype_str(e.scalar_type()));
     FD_CHECK(e.is_contiguous(), op, "argument '", name, "' must be contiguous, got strides ",
              e.strides());
   }
@@ -168,12 +182,12 @@ void check_denoise_step(const at::Tensor& model_output, const at::Tensor& sample
            "argument 'coeffs' must have shape (num_steps, ", static_cast<int64_t>(kNumCoefs),
            "), got ", shape_str(coeffs));
   FD_CHECK(coeffs.scalar_type() == at::kFloat, op, "argument 'coeffs' must have dtype float32, got ",
-           coeffs.scalar_type());
+           dtype_str(coeffs.scalar_type()));
   FD_CHECK(coeffs.is_contiguous(), op, "argument 'coeffs' must be contiguous, got strides ",
            coeffs.strides());
   check_same_device(op, sample, "sample", step_index, "step_index");
   FD_CHECK(step_index.scalar_type() == at::kLong || step_index.scalar_type() == at::kInt, op,
-           "argument 'step_index' must be an int64 or int32 tensor, got ", step_index.scalar_type());
+           "argument 'step_index' must be an int64 or int32 tensor, got ", dtype_str(step_index.scalar_type()));
   FD_CHECK(step_index.numel() == 1, op, "argument 'step_index' must hold one element, got shape ",
            shape_str(step_index));
   if (clip_sample) {

@@ -1,0 +1,153 @@
+"""Every argument check of the three ops: a clear ValueError naming the argument.
+
+The checks live in csrc/ops.cpp and run before any kernel on every backend (CPU, CUDA, and the
+Meta kernels that torch.compile uses), so they are exercised here through the CPU dispatcher,
+the Meta dispatcher, and the check functions the CUDA path calls.
+"""
+import pytest
+import torch
+
+import fastdiff  # noqa: F401
+from fastdiff import _C
+
+gn = torch.ops.fastdiff.group_norm_silu
+attn = torch.ops.fastdiff.attention
+step = torch.ops.fastdiff.denoise_step
+
+
+def _x(*shape, dtype=torch.float32):
+    return torch.randn(*shape, dtype=dtype)
+
+
+def gn_args(**over):
+    a = dict(x=_x(2, 8, 3, 3), num_groups=4, weight=_x(8), bias=_x(8), eps=1e-5, pre_bias=None,
+             scale=None, shift=None, apply_silu=True)
+    a.update(over)
+    return list(a.values())
+
+
+GN_BAD = [
+    # (overrides, message fragment) - one per check in check_group_norm_silu
+    ({"x": _x(2, 8, 9)}, "'x' must be a 4-D tensor"),
+    ({"x": _x(2, 8, 3, 3, dtype=torch.float64)}, "'x' must have dtype float32, float16 or bfloat16"),
+    ({"x": _x(2, 8, 3, 6)[..., ::2]}, "'x' must be contiguous \\(NCHW\\) or channels_last"),
+    ({"num_groups": 0}, "'num_groups' must be positive"),
+    ({"num_groups": 3}, "C=8 of argument 'x' must be divisible by argument 'num_groups'=3"),
+    ({"eps": float("nan")}, "'eps' must be finite"),
+    ({"weight": _x(7)}, "'weight' must have shape \\[8\\]"),
+    ({"bias": _x(8, dtype=torch.float16)}, "'bias' must have dtype float32 \\(as x\\) or float32"),
+    ({"pre_bias": _x(2, 8, 2)[..., 0]}, "'pre_bias' must be contiguous"),
+    ({"scale": _x(1, 8)}, "'scale' must have shape \\[2, 8\\]"),
+    ({"shift": _x(2, 4)}, "'shift' must have shape \\[2, 8\\]"),
+    ({"weight": torch.randn(8, device="meta")}, "'weight' must be on the same device as 'x'"),
+]
+
+
+def attn_args(**over):
+    a = dict(q=_x(2, 3, 5, 8), k=_x(2, 3, 7, 8), v=_x(2, 3, 7, 8), attn_bias=None, scale=None)
+    a.update(over)
+    return list(a.values())
+
+
+ATTN_BAD = [
+    ({"q": _x(2, 5, 8)}, "'q' must be a 4-D tensor"),
+    ({"k": _x(2, 3, 7, 8, dtype=torch.float64)}, "'k' must have dtype float32, float16"),
+    ({"v": _x(2, 3, 7, 8, dtype=torch.float16)}, "'v' must have the dtype of 'q'"),
+    ({"k": torch.randn(2, 3, 7, 8, device="meta")}, "'k' must be on the same device as 'q'"),
+    ({"q": _x(2, 3, 8, 5).transpose(-1, -2)}, "'q' must have stride 1 in its last dimension"),
+    ({"k": _x(1, 3, 7, 8)}, "must share the batch size"),
+    ({"v": _x(2, 2, 7, 8)}, "must share the head count"),
+    ({"v": _x(2, 3, 7, 6)}, "must share the head dim"),
+    ({"v": _x(2, 3, 6, 8)}, "'k' and 'v' must have the same length"),
+    ({"q": _x(1, 1, 2, 300), "k": _x(1, 1, 2, 300), "v": _x(1, 1, 2, 300)},
+     "head dim \\(dim 3 of 'q'\\) must be in \\[1, 256\\], got 300"),
+    ({"k": _x(2, 3, 0, 8), "v": _x(2, 3, 0, 8)}, "'k' must have at least one key"),
+    ({"attn_bias": torch.zeros(2, 1, 1, 7, dtype=torch.bool)}, "'attn_bias' must be an additive mask"),
+    ({"attn_bias": _x(2, 1, 7)}, "'attn_bias' must be 4-D and broadcastable"),
+    ({"attn_bias": _x(2, 1, 1, 6)}, "'attn_bias' must be 4-D and broadcastable"),
+    ({"attn_bias": torch.zeros(2, 1, 1, 7, device="meta")}, "'attn_bias' must be on the same device"),
+    ({"scale": -1.0}, "'scale' must be finite and positive"),
+]
+
+
+def step_args(**over):
+    c = torch.zeros(4, 8)
+    a = dict(model_output=_x(2, 3, 4), sample=_x(2, 3, 4), coeffs=c, step_index=torch.tensor(1),
+             noise=None, prev_x0=None, guidance_scale=1.0, clip_sample=False,
+             clip_sample_range=1.0, write_x0=False)
+    a.update(over)
+    return list(a.values())
+
+
+STEP_BAD = [
+    ({"sample": torch.tensor(1.0), "model_output": torch.tensor(1.0)}, "'sample' must have a batch"),
+    ({"sample": _x(2, 3, 4, dtype=torch.float64)}, "'sample' must have dtype float32"),
+    ({"sample": _x(2, 4, 3).transpose(1, 2)}, "'sample' must be contiguous"),
+    ({"model_output": torch.randn(2, 3, 4, device="meta")}, "'model_output' must be on the same"),
+    ({"model_output": _x(2, 3, 4, dtype=torch.float16)}, "'model_output' must have the dtype"),
+    ({"model_output": _x(2, 4, 3).transpose(1, 2)}, "'model_output' must be contiguous"),
+    ({"model_output": _x(3, 3, 4)}, "'model_output' must have the shape of 'sample'"),
+    ({"model_output": _x(4, 3, 5)}, "'model_output' must have the shape of 'sample'"),
+    ({"guidance_scale": float("inf"), "model_output": _x(4, 3, 4)}, "'guidance_scale' must be finite"),
+    ({"guidance_scale": 7.5}, "'guidance_scale'=7.5 needs 'model_output' with batch 2\\*N=4"),
+    ({"noise": _x(2, 3, 5)}, "'noise' must have the shape of 'sample'"),
+    ({"noise": _x(2, 3, 4, dtype=torch.float16)}, "'noise' must have the dtype of 'sample'"),
+    ({"prev_x0": _x(2, 4, 3).transpose(1, 2)}, "'prev_x0' must be contiguous"),
+    ({"prev_x0": torch.randn(2, 3, 4, device="meta")}, "'prev_x0' must be on the same device"),
+    ({"coeffs": torch.zeros(4, 7)}, "'coeffs' must have shape \\(num_steps, 8\\)"),
+    ({"coeffs": torch.zeros(4, 8, dtype=torch.float64)}, "'coeffs' must have dtype float32"),
+    ({"coeffs": torch.zeros(8, 4).t()}, "'coeffs' must be contiguous"),
+    ({"coeffs": torch.zeros(4, 8, device="meta")}, "'coeffs' must be on the same device"),
+    ({"step_index": torch.tensor(1.0)}, "'step_index' must be an int64 or int32 tensor"),
+    ({"step_index": torch.tensor([1, 2])}, "'step_index' must hold one element"),
+    ({"step_index": torch.tensor(1, device="meta")}, "'step_index' must be on the same device"),
+    ({"clip_sample": True, "clip_sample_range": 0.0}, "'clip_sample_range' must be finite and positive"),
+]
+
+
+def _cases(bad):
+    return [pytest.param(over, msg, id=msg.split("'")[1] if "'" in msg else msg[:20])
+            for over, msg in bad]
+
+
+def _all_paths(op, check, args, msg):
+    """The CPU kernel, the Meta kernel (shape inference) and the check the CUDA path runs."""
+    with pytest.raises(ValueError, match=msg):
+        op(*args)
+    meta = [torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device="meta")
+            if isinstance(a, torch.Tensor) and a.device.type == "cpu" else a for a in args]
+    if any(isinstance(a, torch.Tensor) and a.device.type == "meta" for a in args):
+        meta = args  # the device mismatch itself is the case: keep it
+    with pytest.raises(ValueError, match=msg):
+        op(*meta)
+    with pytest.raises(ValueError, match=msg):
+        check(*args)
+
+
+@pytest.mark.parametrize("over,msg", _cases(GN_BAD))
+def test_group_norm_silu_rejects(over, msg):
+    _all_paths(gn, _C.check_group_norm_silu, gn_args(**over), msg)
+
+
+@pytest.mark.parametrize("over,msg", _cases(ATTN_BAD))
+def test_attention_rejects(over, msg):
+    _all_paths(attn, _C.check_attention, attn_args(**over), msg)
+
+
+@pytest.mark.parametrize("over,msg", _cases(STEP_BAD))
+def test_denoise_step_rejects(over, msg):
+    _all_paths(step, _C.check_denoise_step, step_args(**over), msg)
+
+
+def test_step_index_out_of_range_on_cpu():
+    for idx in (-1, 4):
+        with pytest.raises(ValueError, match=f"'step_index'={idx} is out of range for 'coeffs' with 4"):
+            step(*step_args(step_index=torch.tensor(idx)))
+
+
+def test_valid_arguments_pass_the_checks():
+    _C.check_group_norm_silu(*gn_args())
+    _C.check_group_norm_silu(*gn_args(x=_x(2, 8, 3, 3).to(memory_format=torch.channels_last),
+                                      pre_bias=_x(2, 8), scale=_x(2, 8), shift=_x(2, 8)))
+    _C.check_attention(*attn_args(attn_bias=_x(2, 1, 1, 7)))
+    _C.check_denoise_step(*step_args(model_output=_x(4, 3, 4), guidance_scale=3.0, noise=_x(2, 3, 4)))
