@@ -1,7 +1,218 @@
-// CPU kernel for fastdiff::group_norm_silu (see fastdiff.h for the contract).
+// CPU kernel for fastdiff::group_norm_silu (contract in fastdiff.h).
+//
+// Statistics are exact two-pass sums over data that is in cache: per channel (NCHW) or per
+// block of rows (channels_last), then merged across channels/blocks with Chan's formula in
+// double. Everything per (n, c) is then folded into y = silu(x * a + b), one fused pass.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <cmath>
+#include <vector>
+
 #include "fastdiff.h"
 
 namespace fastdiff {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kW = Vec::size();
+
+// Reduced-precision inputs are converted to a float buffer block by block; float is used in place.
+template <typename T>
+const float* as_float(const T* src, int64_t n, std::vector<float>& buf) {
+  if constexpr (std::is_same_v<T, float>) {
+    return src;
+  } else {
+    buf.resize(n);
+    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(src[i]);
+    return buf.data();
+  }
+}
+
+float sum(const float* x, int64_t n) {
+  Vec acc(0.f);
+  int64_t i = 0;
+  for (; i + kW <= n; i += kW) acc += Vec::loadu(x + i);
+  float s = at::vec::vec_reduce_all<float>(std::plus<Vec>(), acc);
+  for (; i < n; ++i) s += x[i];
+  return s;
+}
+
+float sum_sq_dev(const float* x, int64_t n, float mean) {
+  Vec acc(0.f), m(mean);
+  int64_t i = 0;
+  for (; i + kW <= n; i += kW) {
+    Vec d = Vec::loadu(x + i) - m;
+    acc = at::vec::fmadd(d, d, acc);
+  }
+  float s = at::vec::vec_reduce_all<float>(std::plus<Vec>(), acc);
+  for (; i < n; ++i) s += (x[i] - mean) * (x[i] - mean);
+  return s;
+}
+
+inline float silu(float z) { return z / (1.f + std::exp(-z)); }
+
+// y[i] = act(x[i] * a[i] + b[i]) over n elements, with per-element (channels_last) a, b.
+template <typename T, bool kSilu>
+void affine_act(const float* x, const float* a, const float* b, T* y, int64_t n) {
+  int64_t i = 0;
+  for (; i + kW <= n; i += kW) {
+    Vec z = at::vec::fmadd(Vec::loadu(x + i), Vec::loadu(a + i), Vec::loadu(b + i));
+    if constexpr (kSilu) z = z / (Vec(1.f) + z.neg().exp_u20());
+    if constexpr (std::is_same_v<T, float>) {
+      z.store(y + i);
+    } else {
+      float tmp[kW];
+      z.store(tmp);
+      for (int64_t j = 0; j < kW; ++j) y[i + j] = static_cast<T>(tmp[j]);
+    }
+  }
+  for (; i < n; ++i) {
+    float z = x[i] * a[i] + b[i];
+    y[i] = static_cast<T>(kSilu ? silu(z) : z);
+  }
+}
+
+// Same with one scalar a, b for the whole range (NCHW: one channel).
+template <typename T, bool kSilu>
+void affine_act_scalar(const float* x, float a, float b, T* y, int64_t n) {
+  const Vec va(a), vb(b);
+  int64_t i = 0;
+  for (; i + kW <= n; i += kW) {
+    Vec z = at::vec::fmadd(Vec::loadu(x + i), va, vb);
+    if constexpr (kSilu) z = z / (Vec(1.f) + z.neg().exp_u20());
+    if constexpr (std::is_same_v<T, float>) {
+      z.store(y + i);
+    } else {
+      float tmp[kW];
+      z.store(tmp);
+      for (int64_t j = 0; j < kW; ++j) y[i + j] = static_cast<T>(tmp[j]);
+    }
+  }
+  for (; i < n; ++i) {
+    float z = x[i] * a + b;
+    y[i] = static_cast<T>(kSilu ? silu(z) : z);
+  }
+}
+
+// Per-(n, c) parameters as float, absent ones as nullptr.
+struct Params {
+  const float *weight, *bias, *pre, *scale, *shift;
+  float eps;
+};
+
+// From the group statistics, the fold of everything per (n, c):
+//   y = ((x + pre - mean) * rstd * w + b) * (1 + s) + sh  =  x * a + beta
+inline void fold(const Params& p, int64_t n, int64_t c, int64_t C, double mean, double rstd,
+                 float* a, float* beta) {
+  const double w = p.weight ? p.weight[c] : 1.0, b = p.bias ? p.bias[c] : 0.0;
+  const double pre = p.pre ? p.pre[n * C + c] : 0.0;
+  const double s = p.scale ? 1.0 + p.scale[n * C + c] : 1.0;
+  const double sh = p.shift ? p.shift[n * C + c] : 0.0;
+  *a = static_cast<float>(rstd * w * s);
+  *beta = static_cast<float>(((pre - mean) * rstd * w + b) * s + sh);
+}
+
+template <typename T, bool kSilu>
+void nchw(const T* x, T* y, int64_t N, int64_t C, int64_t HW, int64_t G, const Params& p) {
+  const int64_t Cg = C / G;
+  at::parallel_for(0, N * G, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf, mean_c(Cg), m2_c(Cg);
+    for (int64_t ng = begin; ng < end; ++ng) {
+      const int64_t n = ng / G, c0 = (ng % G) * Cg;
+      const T* xg = x + (n * C + c0) * HW;
+      // The whole group as float (in place for float input); it stays in cache for both passes.
+      const float* xf = as_float(xg, Cg * HW, buf);
+      double gmean = 0;
+      for (int64_t j = 0; j < Cg; ++j) {
+        const float* xc = xf + j * HW;
+        mean_c[j] = sum(xc, HW) / HW;
+        m2_c[j] = sum_sq_dev(xc, HW, mean_c[j]);
+        gmean += mean_c[j] + (p.pre ? p.pre[n * C + c0 + j] : 0.f);
+      }
+      gmean /= Cg;
+      double m2 = 0;  // Chan: within-channel plus between-channel spread
+      for (int64_t j = 0; j < Cg; ++j) {
+        const double d = mean_c[j] + (p.pre ? p.pre[n * C + c0 + j] : 0.f) - gmean;
+        m2 += m2_c[j] + HW * d * d;
+      }
+      const double rstd = 1.0 / std::sqrt(m2 / (Cg * HW) + p.eps);
+      for (int64_t j = 0; j < Cg; ++j) {
+        float a, b;
+        fold(p, n, c0 + j, C, gmean, rstd, &a, &b);
+        affine_act_scalar<T, kSilu>(xf + j * HW, a, b, y + (n * C + c0 + j) * HW, HW);
+      }
+    }
+  });
+}
+
+template <typename T, bool kSilu>
+void channels_last(const T* x, T* y, int64_t N, int64_t C, int64_t HW, int64_t G,
+                   const Params& p) {
+  const int64_t Cg = C / G;
+  // Blocks of rows small enough to stay in cache between the two statistics passes.
+  const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(HW, (32 << 10) / C));
+  const int64_t nblk = (HW + rows - 1) / rows;
+  std::vector<float> bmean(N * nblk * C), bm2(N * nblk * C);
+  at::parallel_for(0, N * nblk, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf, acc(C);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / nblk, r0 = (t % nblk) * rows, r = std::min(rows, HW - r0);
+      const float* xf = as_float(x + (n * HW + r0) * C, r * C, buf);
+      float* mean = bmean.data() + t * C;
+      float* m2 = bm2.data() + t * C;
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t i = 0; i < r; ++i) at::vec::map2<float>([](Vec a, Vec v) { return a + v; },
+                                                           acc.data(), acc.data(), xf + i * C, C);
+      for (int64_t c = 0; c < C; ++c) mean[c] = acc[c] / r;
+      std::fill(m2, m2 + C, 0.f);
+      for (int64_t i = 0; i < r; ++i) {
+        at::vec::map3<float>([](Vec s, Vec v, Vec m) { return at::vec::fmadd(v - m, v - m, s); },
+                             m2, m2, xf + i * C, mean, C);
+      }
+    }
+  });
+  // Merge blocks per channel, then channels per group (Chan et al.), in double.
+  std::vector<float> a(N * C), beta(N * C);
+  at::parallel_for(0, N * G, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t ng = begin; ng < end; ++ng) {
+      const int64_t n = ng / G, g = ng % G;
+      double cnt = 0, gmean = 0, m2 = 0;
+      for (int64_t t = 0; t < nblk; ++t) {
+        const double r = std::min(rows, HW - t * rows);
+        for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+          const int64_t k = (n * nblk + t) * C + c;
+          const double m = bmean[k] + (p.pre ? p.pre[n * C + c] : 0.f);
+          const double tot = cnt + r, d = m - gmean;
+          gmean += d * r / tot;
+          m2 += bm2[k] + d * d * cnt * r / tot;
+          cnt = tot;
+        }
+      }
+      const double rstd = 1.0 / std::sqrt(m2 / cnt + p.eps);
+      for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+        fold(p, n, c, C, gmean, rstd, &a[n * C + c], &beta[n * C + c]);
+      }
+    }
+  });
+  at::parallel_for(0, N * HW, std::max<int64_t>(1, (16 << 10) / C), [&](int64_t begin, int64_t end) {
+    std::vector<float> buf;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / HW;
+      const float* xf = as_float(x + t * C, C, buf);
+      affine_act<T, kSilu>(xf, a.data() + n * C, beta.data() + n * C, y + t * C, C);
+    }
+  });
+}
+
+std::vector<float> floats(const std::optional<at::Tensor>& t) {
+  if (!t) return {};
+  at::Tensor f = t->to(at::kFloat).contiguous();
+  return std::vector<float>(f.data_ptr<float>(), f.data_ptr<float>() + f.numel());
+}
+
+}  // namespace
 
 at::Tensor group_norm_silu_cpu(const at::Tensor& x, int64_t num_groups,
                                const std::optional<at::Tensor>& weight,
@@ -9,7 +220,26 @@ at::Tensor group_norm_silu_cpu(const at::Tensor& x, int64_t num_groups,
                                const std::optional<at::Tensor>& pre_bias,
                                const std::optional<at::Tensor>& scale,
                                const std::optional<at::Tensor>& shift, bool apply_silu) {
-  TORCH_CHECK(false, "fastdiff.group_norm_silu: CPU kernel not implemented yet");
+  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  // A tensor with C == 1 or HW == 1 is both; NCHW is then the right reading.
+  const bool cl = !x.is_contiguous();
+  at::Tensor y = at::empty_like(x);
+  const std::vector<float> w = floats(weight), b = floats(bias), pre = floats(pre_bias),
+                           s = floats(scale), sh = floats(shift);
+  auto ptr = [](const std::vector<float>& v) { return v.empty() ? nullptr : v.data(); };
+  const Params p{ptr(w), ptr(b), ptr(pre), ptr(s), ptr(sh), static_cast<float>(eps)};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_norm_silu_cpu", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    if (cl) {
+      apply_silu ? channels_last<scalar_t, true>(xp, yp, N, C, HW, num_groups, p)
+                 : channels_last<scalar_t, false>(xp, yp, N, C, HW, num_groups, p);
+    } else {
+      apply_silu ? nchw<scalar_t, true>(xp, yp, N, C, HW, num_groups, p)
+                 : nchw<scalar_t, false>(xp, yp, N, C, HW, num_groups, p);
+    }
+  });
+  return y;
 }
 
 }  // namespace fastdiff
