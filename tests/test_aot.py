@@ -1,0 +1,77 @@
+"""Every launch configuration of every Triton kernel compiles ahead of time for sm_80 and sm_90.
+
+triton.compile with a GPUTarget needs no GPU, so this catches kernels that only fail on real
+hardware (unsupported ops, shared memory over the limit) on a CPU-only machine. The compiles
+run in fresh interpreters (the test session may run Triton interpreted), one per architecture,
+side by side. The attention kernel must use tensor-core MMA instructions for 16-bit inputs.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastdiff.kernels import attention, denoise_step, group_norm_silu
+
+# Shared memory per block (bytes) a kernel may use: sm_80 (A100) and sm_90 (H100).
+SMEM_LIMIT = {80: 166912, 90: 232448}
+MODULES = {"group_norm_silu": group_norm_silu, "attention": attention,
+           "denoise_step": denoise_step}
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    procs = {arch: subprocess.Popen([sys.executable, "-m", "fastdiff.kernels.aot", "--arch",
+                                     str(arch)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True, env=env) for arch in SMEM_LIMIT}
+    records = []
+    for arch, p in procs.items():
+        out, err = p.communicate(timeout=600)
+        lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        assert lines, f"sm_{arch}: the AOT compiler printed nothing; stderr:\n{err[-3000:]}"
+        records += lines
+    return records
+
+
+@pytest.mark.parametrize("arch", sorted(SMEM_LIMIT))
+@pytest.mark.parametrize("op", sorted(MODULES))
+def test_every_config_compiles(compiled, op, arch):
+    recs = [r for r in compiled if r["op"] == op and r["arch"] == arch]
+    assert len(recs) == len(MODULES[op].aot_configs())
+    for r in recs:
+        label = f"{op} sm_{arch} {r['kernel']} {r['constexprs']} {r['signature']}"
+        assert r["ok"], f"{label}: {r.get('error')}"
+        assert r["cubin_bytes"] > 0, f"{label}: empty cubin"
+        assert r["shared"] <= SMEM_LIMIT[arch], f"{label}: {r['shared']} B shared memory"
+
+
+def test_attention_uses_tensor_cores(compiled):
+    half = [r for r in compiled if r["op"] == "attention" and r["signature"]["q_ptr"] != "*fp32"]
+    assert half
+    for r in half:
+        assert r["mma"], f"attention sm_{r['arch']} {r['constexprs']}: no MMA instruction"
+
+
+def _key(cfg):
+    return (cfg["fn"].__name__, repr(sorted(cfg["signature"].items())),
+            repr(sorted(cfg["constexprs"].items())), cfg["num_warps"], cfg["num_stages"])
+
+
+def test_launchers_choose_only_listed_configs():
+    """Every configuration the launchers' config functions can return is in aot_configs()."""
+    dtypes = (torch.float32, torch.float16, torch.bfloat16)
+    listed = {_key(c) for m in MODULES.values() for c in m.aot_configs()}
+    for dt in dtypes:
+        for d in range(1, 257):
+            for hb in (False, True):
+                assert _key(attention._config(dt, d, hb)) in listed, (dt, d, hb)
+        for flags in range(16):
+            f = [bool(flags >> i & 1) for i in range(4)]
+            assert _key(denoise_step._config(dt, *f)) in listed, (dt, f)
+        for flags in range(16):
+            f = [bool(flags >> i & 1) for i in range(4)]
+            for cfg in group_norm_silu._configs(dt, *f):
+                assert _key(cfg) in listed, (dt, f)
