@@ -2,7 +2,7 @@
 //
 // Statistics are exact two-pass sums over data that is in cache: per channel (NCHW) or per
 // block of rows (channels_last), then merged across channels/blocks with Chan's formula in
-// double. Everything per (n, c) is then folded into y = silu(x * a + b), one fused pass.
+// double. Everything per (n, c) is then folded into y = silu((x - m) * a + b), one fused pass.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -53,12 +53,14 @@ float sum_sq_dev(const float* x, int64_t n, float mean) {
 
 inline float silu(float z) { return z / (1.f + std::exp(-z)); }
 
-// y[i] = act(x[i] * a[i] + b[i]) over n elements, with per-element (channels_last) a, b.
+// y[i] = act((x[i] - m[i]) * a[i] + b[i]) over n elements, per-element (channels_last) m, a, b.
+// Subtracting the mean before scaling keeps small-variance groups accurate.
 template <typename T, bool kSilu>
-void affine_act(const float* x, const float* a, const float* b, T* y, int64_t n) {
+void affine_act(const float* x, const float* m, const float* a, const float* b, T* y, int64_t n) {
   int64_t i = 0;
   for (; i + kW <= n; i += kW) {
-    Vec z = at::vec::fmadd(Vec::loadu(x + i), Vec::loadu(a + i), Vec::loadu(b + i));
+    Vec z = at::vec::fmadd(Vec::loadu(x + i) - Vec::loadu(m + i), Vec::loadu(a + i),
+                           Vec::loadu(b + i));
     if constexpr (kSilu) z = z / (Vec(1.f) + z.neg().exp_u20());
     if constexpr (std::is_same_v<T, float>) {
       z.store(y + i);
@@ -69,18 +71,18 @@ void affine_act(const float* x, const float* a, const float* b, T* y, int64_t n)
     }
   }
   for (; i < n; ++i) {
-    float z = x[i] * a[i] + b[i];
+    float z = (x[i] - m[i]) * a[i] + b[i];
     y[i] = static_cast<T>(kSilu ? silu(z) : z);
   }
 }
 
-// Same with one scalar a, b for the whole range (NCHW: one channel).
+// Same with one scalar m, a, b for the whole range (NCHW: one channel).
 template <typename T, bool kSilu>
-void affine_act_scalar(const float* x, float a, float b, T* y, int64_t n) {
-  const Vec va(a), vb(b);
+void affine_act_scalar(const float* x, float m, float a, float b, T* y, int64_t n) {
+  const Vec vm(m), va(a), vb(b);
   int64_t i = 0;
   for (; i + kW <= n; i += kW) {
-    Vec z = at::vec::fmadd(Vec::loadu(x + i), va, vb);
+    Vec z = at::vec::fmadd(Vec::loadu(x + i) - vm, va, vb);
     if constexpr (kSilu) z = z / (Vec(1.f) + z.neg().exp_u20());
     if constexpr (std::is_same_v<T, float>) {
       z.store(y + i);
@@ -91,7 +93,7 @@ void affine_act_scalar(const float* x, float a, float b, T* y, int64_t n) {
     }
   }
   for (; i < n; ++i) {
-    float z = x[i] * a + b;
+    float z = (x[i] - m) * a + b;
     y[i] = static_cast<T>(kSilu ? silu(z) : z);
   }
 }
@@ -103,15 +105,16 @@ struct Params {
 };
 
 // From the group statistics, the fold of everything per (n, c):
-//   y = ((x + pre - mean) * rstd * w + b) * (1 + s) + sh  =  x * a + beta
+//   y = ((x + pre - mean) * rstd * w + b) * (1 + s) + sh  =  (x - m) * a + beta
 inline void fold(const Params& p, int64_t n, int64_t c, int64_t C, double mean, double rstd,
-                 float* a, float* beta) {
+                 float* m, float* a, float* beta) {
   const double w = p.weight ? p.weight[c] : 1.0, b = p.bias ? p.bias[c] : 0.0;
   const double pre = p.pre ? p.pre[n * C + c] : 0.0;
   const double s = p.scale ? 1.0 + p.scale[n * C + c] : 1.0;
   const double sh = p.shift ? p.shift[n * C + c] : 0.0;
+  *m = static_cast<float>(mean - pre);
   *a = static_cast<float>(rstd * w * s);
-  *beta = static_cast<float>(((pre - mean) * rstd * w + b) * s + sh);
+  *beta = static_cast<float>(b * s + sh);
 }
 
 template <typename T, bool kSilu>
@@ -139,9 +142,9 @@ void nchw(const T* x, T* y, int64_t N, int64_t C, int64_t HW, int64_t G, const P
       }
       const double rstd = 1.0 / std::sqrt(m2 / (Cg * HW) + p.eps);
       for (int64_t j = 0; j < Cg; ++j) {
-        float a, b;
-        fold(p, n, c0 + j, C, gmean, rstd, &a, &b);
-        affine_act_scalar<T, kSilu>(xf + j * HW, a, b, y + (n * C + c0 + j) * HW, HW);
+        float m, a, b;
+        fold(p, n, c0 + j, C, gmean, rstd, &m, &a, &b);
+        affine_act_scalar<T, kSilu>(xf + j * HW, m, a, b, y + (n * C + c0 + j) * HW, HW);
       }
     }
   });
@@ -174,7 +177,7 @@ void channels_last(const T* x, T* y, int64_t N, int64_t C, int64_t HW, int64_t G
     }
   });
   // Merge blocks per channel, then channels per group (Chan et al.), in double.
-  std::vector<float> a(N * C), beta(N * C);
+  std::vector<float> mc(N * C), a(N * C), beta(N * C);
   at::parallel_for(0, N * G, 8, [&](int64_t begin, int64_t end) {
     for (int64_t ng = begin; ng < end; ++ng) {
       const int64_t n = ng / G, g = ng % G;
@@ -192,7 +195,7 @@ void channels_last(const T* x, T* y, int64_t N, int64_t C, int64_t HW, int64_t G
       }
       const double rstd = 1.0 / std::sqrt(m2 / cnt + p.eps);
       for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
-        fold(p, n, c, C, gmean, rstd, &a[n * C + c], &beta[n * C + c]);
+        fold(p, n, c, C, gmean, rstd, &mc[n * C + c], &a[n * C + c], &beta[n * C + c]);
       }
     }
   });
@@ -201,7 +204,8 @@ void channels_last(const T* x, T* y, int64_t N, int64_t C, int64_t HW, int64_t G
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / HW;
       const float* xf = as_float(x + t * C, C, buf);
-      affine_act<T, kSilu>(xf, a.data() + n * C, beta.data() + n * C, y + t * C, C);
+      affine_act<T, kSilu>(xf, mc.data() + n * C, a.data() + n * C, beta.data() + n * C, y + t * C,
+                           C);
     }
   });
 }

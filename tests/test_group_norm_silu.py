@@ -1,0 +1,101 @@
+"""group_norm_silu on every backend against the float64 reference."""
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import BACKENDS, assert_close_to_ref, run_op
+
+from fastdiff import reference
+
+DTYPES = [
+    # (dtype, atol)
+    (torch.float32, 1e-5),
+    (torch.float16, 2e-3),
+    (torch.bfloat16, 2e-2),
+]
+
+SHAPES = [
+    # (N, C, H, W, G)
+    (2, 12, 5, 7, 4),      # odd spatial size, 3 channels per group
+    (3, 6, 1, 1, 6),       # 1x1 spatial, one channel per group (ResNet bottleneck of a tiny net)
+    (1, 10, 9, 3, 5),      # N = 1, two channels per group, odd sizes
+    (2, 64, 16, 16, 32),   # enough elements per group for several chunks/tiles
+]
+
+FUSIONS = [
+    # (pre_bias, scale_shift, silu)
+    (False, False, True),   # GroupNorm + SiLU (ResNet norm1)
+    (True, False, True),    # diffusers 'default' time embedding: norm2(h + temb) + SiLU
+    (False, True, True),    # AdaGN 'scale_shift'
+    (False, False, False),  # plain GroupNorm (before attention)
+    (True, True, False),    # everything but SiLU
+]
+
+
+def _torch_same_dtype(x, G, w, b, eps, pre, sc, sh, silu):
+    """torch's own unfused chain in x's dtype: the yardstick for the error bound."""
+    h = x if pre is None else x + pre.to(x.dtype)[:, :, None, None]
+    y = F.group_norm(h, G, w.to(x.dtype), b.to(x.dtype), eps)
+    if sc is not None:
+        y = y * (1 + sc.to(x.dtype)[:, :, None, None]) + sh.to(x.dtype)[:, :, None, None]
+    return F.silu(y) if silu else y
+
+
+def _inputs(N, C, H, W, dtype, pre, ss, channels_last, small_dtype=torch.float32):
+    g = torch.Generator().manual_seed(N * 1000 + C * 10 + H)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    x = (r(N, C, H, W) * 2 + 0.5).to(dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    small = lambda *s: r(*s).to(small_dtype)  # noqa: E731
+    return (x, small(C), small(C), small(N, C) if pre else None,
+            small(N, C) * 0.5 if ss else None, small(N, C) if ss else None)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,atol", DTYPES, ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("pre,ss,silu", FUSIONS, ids=["silu", "temb", "adagn", "plain", "no-silu"])
+def test_matches_reference(backend, dtype, atol, shape, channels_last, pre, ss, silu):
+    N, C, H, W, G = shape
+    if backend == "triton" and (shape[1] * shape[2] * shape[3] > 4000 and dtype != torch.float32):
+        pytest.skip("interpreted Triton: the large shape runs in fp32 only")
+    x, w, b, p, sc, sh = _inputs(N, C, H, W, dtype, pre, ss, channels_last)
+    y = run_op(backend, "group_norm_silu", x, G, w, b, 1e-5, p, sc, sh, silu)
+    assert y.dtype == dtype
+    if channels_last and C > 1 and H * W > 1:
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    ref = reference.group_norm_silu(x, G, w, b, 1e-5, p, sc, sh, silu)
+    assert_close_to_ref(y, ref, _torch_same_dtype(x, G, w, b, 1e-5, p, sc, sh, silu), atol,
+                        what=f"{backend} {dtype}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_small_tensors_in_x_dtype_and_no_affine(backend):
+    """Half x with half weight/bias/scale/shift, and GroupNorm without affine parameters."""
+    x, w, b, p, sc, sh = _inputs(2, 8, 3, 5, torch.float16, True, True, False, torch.float16)
+    y = run_op(backend, "group_norm_silu", x, 4, w, b, 1e-5, p, sc, sh, True)
+    ref = reference.group_norm_silu(x, 4, w, b, 1e-5, p, sc, sh, True)
+    assert_close_to_ref(y, ref, _torch_same_dtype(x, 4, w.float(), b.float(), 1e-5, p, sc, sh, True),
+                        2e-3)
+    y = run_op(backend, "group_norm_silu", x.float(), 4, None, None, 1e-5, None, None, None, False)
+    assert_close_to_ref(y, reference.group_norm_silu(x.float(), 4, apply_silu=False), None, 1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_channels_last_equals_nchw(backend):
+    x, w, b, p, sc, sh = _inputs(2, 12, 6, 5, torch.float32, True, True, False)
+    a = run_op(backend, "group_norm_silu", x, 3, w, b, 1e-5, p, sc, sh, True)
+    c = run_op(backend, "group_norm_silu", x.to(memory_format=torch.channels_last), 3, w, b, 1e-5,
+               p, sc, sh, True)
+    torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_offset_statistics_are_stable(backend):
+    """Data = 1000 + small noise: E[x^2] - E[x]^2 in fp32 would lose the variance entirely."""
+    g = torch.Generator().manual_seed(3)
+    x = 1000 + 0.01 * torch.randn(1, 4, 32, 32, generator=g)
+    y = run_op(backend, "group_norm_silu", x, 2, None, None, 1e-6, None, None, None, False)
+    ref = reference.group_norm_silu(x, 2, eps=1e-6, apply_silu=False)
+    assert (y.double() - ref).abs().max().item() < 1e-2
