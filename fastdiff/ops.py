@@ -77,8 +77,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     q: (B, H, Lq, D); k, v: (B, H, Lk, D); D <= 256. attn_mask: additive (float) or boolean
     (True = attend), broadcastable to (B, H, Lq, Lk); fewer than 4 dims are aligned right, as in
-    SDPA. scale defaults to 1/sqrt(D).
+    SDPA. scale defaults to 1/sqrt(D). Any strides work; the kernels read rows with a unit
+    stride in the head dim, so only tensors without one (e.g. a transposed (B, C, L) view) are
+    copied.
     """
+    q, k, v = (t.contiguous() if t.dim() == 4 and t.stride(-1) != 1 else t for t in (q, k, v))
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=attn_mask.device
