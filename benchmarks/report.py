@@ -1,32 +1,42 @@
-"""Speed-up ratios from a pytest-benchmark JSON: baseline median / fastdiff median per group.
+"""Speed-up ratios from pytest-benchmark JSON files: baseline median / fastdiff median per group.
 
-    python benchmarks/report.py results.json   -> a markdown table on stdout
+    python benchmarks/report.py run1.json [run2.json ...]   -> a markdown table on stdout
+
+With several runs (the machines are shared and noisy) each run's ratio is listed and the median
+ratio across runs is the one to quote.
 """
 import json
+import statistics
 import sys
 from collections import defaultdict
 
 
 def ratios(path):
+    """{group: (fastdiff median s, torch median s)} for one benchmark JSON file."""
     data = json.load(open(path))
     groups = defaultdict(dict)
     for b in data["benchmarks"]:
         groups[b["group"]][b["params"]["impl"]] = b["stats"]["median"]
-    rows = []
-    for group, t in sorted(groups.items()):
-        if "fastdiff" in t and "torch" in t:
-            rows.append((group, t["fastdiff"], t["torch"], t["torch"] / t["fastdiff"]))
-    return data.get("machine_info", {}), rows
+    rows = {g: (t["fastdiff"], t["torch"]) for g, t in groups.items()
+            if "fastdiff" in t and "torch" in t}
+    return data.get("machine_info", {}), data.get("datetime", "?"), rows
 
 
 def main(argv):
-    machine, rows = ratios(argv[1])
-    print(f"Machine: {machine.get('cpu', {}).get('brand_raw', '?')}, "
-          f"{machine.get('cpu', {}).get('count', '?')} cores\n")
-    print("| benchmark | fastdiff (ms) | torch eager (ms) | speed-up |")
-    print("|---|---:|---:|---:|")
-    for group, f, t, r in rows:
-        print(f"| {group} | {f * 1e3:.3f} | {t * 1e3:.3f} | {r:.2f}x |")
+    runs = [ratios(p) for p in argv[1:]]
+    machine = runs[0][0]
+    cpu = machine.get("cpu", {})
+    print(f"Machine: {cpu.get('brand_raw', '?')}, {cpu.get('count', '?')} cores; "
+          f"{len(runs)} run(s), first at {runs[0][1]}\n")
+    print("| benchmark | fastdiff (ms) | torch eager (ms) | speed-up per run | median speed-up |")
+    print("|---|---:|---:|---|---:|")
+    for group in sorted(runs[0][2]):
+        per = [r[2][group] for r in runs if group in r[2]]
+        speed = [t / f for f, t in per]
+        f_ms = statistics.median(f for f, _ in per) * 1e3
+        t_ms = statistics.median(t for _, t in per) * 1e3
+        print(f"| {group} | {f_ms:.3f} | {t_ms:.3f} | {', '.join(f'{s:.2f}' for s in speed)} "
+              f"| {statistics.median(speed):.2f}x |")
 
 
 if __name__ == "__main__":
