@@ -1,15 +1,19 @@
 # Two commands do all set-up and run (see README.md):
-#   make demo   install, build, run the fused ops against torch
-#   make test   install with the test extras, build, run the test suite
+#   make sample  install, build, draw digits from the shipped model into digits.png
+#   make test    install with the test extras, build, run the test suite
+# Also: make demo (the fused ops against torch), make bench (CPU benchmarks).
 PYTHON ?= python3
 
-.PHONY: demo test install install-test bench
+.PHONY: sample demo test install install-test bench
 
 install:
 	PYTHON=$(PYTHON) bash scripts/install.sh
 
 install-test:
 	PYTHON=$(PYTHON) bash scripts/install.sh test
+
+sample: install
+	$(PYTHON) -m fastdiff sample --out digits.png
 
 demo: install
 	$(PYTHON) -m fastdiff demo

@@ -22,6 +22,8 @@ def cxx_flags():
 setup(
     packages=["fastdiff", "fastdiff.kernels"],
     package_dir={"fastdiff": "fastdiff", "fastdiff.kernels": "kernels"},
+    # The shipped digits model (safetensors weights + JSON config).
+    package_data={"fastdiff": ["weights/*.safetensors", "weights/*.json"]},
     ext_modules=[
         CppExtension(
             "fastdiff._C",

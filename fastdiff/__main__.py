@@ -1,5 +1,8 @@
 """The ``fastdiff`` command.
 
+    fastdiff sample   draw digits from the shipped model into a PNG grid (the main command)
+    fastdiff eval     conditional accuracy and FD of samples against real digits
+    fastdiff train    train a digits model (checkpoints, resume)
     fastdiff demo     run the three fused ops against torch and print agreement and time
 """
 from __future__ import annotations
@@ -14,12 +17,15 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="run the fused ops against torch: agreement and time")
     demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     demo.add_argument("--repeats", type=int, default=20, help="timed calls per op (median kept)")
+    from fastdiff import cli
+
+    cli.add_subcommands(sub)
     args = parser.parse_args(argv)
     if args.command == "demo":
         from fastdiff.demo import run_demo
 
         return run_demo(args.device, args.repeats)
-    return 2
+    return cli.run(args)
 
 
 if __name__ == "__main__":
