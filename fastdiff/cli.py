@@ -8,7 +8,7 @@ import sys
 import torch
 
 WEIGHTS = os.path.join(os.path.dirname(__file__), "weights", "digits.safetensors")
-DEFAULT_GUIDANCE = 2.0
+DEFAULT_GUIDANCE = 1.5
 DEFAULT_STEPS = 50
 
 

@@ -44,8 +44,8 @@ class GaussianDiffusion:
 
     def step_table(self, solver: str = "ddim", num_steps: int = 50,
                    eta: float = 0.0) -> schedules.StepTable:
-        """The coefficient table of a solver, timesteps spaced as diffusers' defaults (DDPM and
-        DDIM clip the predicted x0 to [-1, 1], as diffusers does by default)."""
+        """The coefficient table of a solver, timesteps spaced as diffusers' defaults (DDPM clips
+        the predicted x0 to [-1, 1], as diffusers does by default)."""
         T, ac = self.T, self.alphas_cumprod
         if solver not in SOLVERS:
             raise ValueError(f"'solver' must be one of {SOLVERS}, got {solver!r}")
@@ -57,8 +57,9 @@ class GaussianDiffusion:
                                         solver == "ddpm_large" else "fixed_small",
                                         clip_sample=True)
         if solver == "ddim":
-            return schedules.ddim_table(ac, leading, T, final_alpha_cumprod=1.0, eta=eta,
-                                        clip_sample=True)
+            # No clipping: DDIM reuses the unclipped eps, and with guidance a clipped x0 next to
+            # it drives samples off the data (Stable Diffusion's DDIM config does the same).
+            return schedules.ddim_table(ac, leading, T, final_alpha_cumprod=1.0, eta=eta)
         sigmas = np.sqrt((1 - ac) / ac)
         if solver == "dpmpp_2m":
             ts = np.linspace(0, T - 1, num_steps + 1).round()[::-1][:-1].astype(np.int64)

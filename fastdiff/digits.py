@@ -53,6 +53,7 @@ class Classifier(nn.Module):
         return self.out(self.features(x))
 
 
+@torch.enable_grad()
 def train_classifier(seed: int = 0, epochs: int = 15) -> Classifier:
     """Trains on the real training split with light augmentation (seeded, a few seconds)."""
     g = torch.Generator().manual_seed(seed)
@@ -80,8 +81,7 @@ def frechet_distance(f1: np.ndarray, f2: np.ndarray) -> float:
     # A tiny ridge keeps sqrtm well-posed where ReLU features are constant (singular covariance).
     ridge = 1e-6 * np.eye(f1.shape[1])
     s1, s2 = np.cov(f1, rowvar=False) + ridge, np.cov(f2, rowvar=False) + ridge
-    covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)
-    covmean = covmean.real
+    covmean = linalg.sqrtm(s1 @ s2).real
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
 
 

@@ -49,6 +49,14 @@ def test_sample_command_writes_a_grid(tmp_path):
     assert img.size[0] > 32 and img.size[1] > 32
 
 
+def test_eval_command_reports_accuracy_and_fd():
+    proc = subprocess.run([sys.executable, "-m", "fastdiff", "eval", "--num-per-class", "3",
+                           "--steps", "10"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads(proc.stdout)
+    assert {"accuracy", "fd_samples_vs_train", "fd_test_vs_train"} <= set(m)
+
+
 def test_sample_command_rejects_unknown_labels(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "fastdiff", "sample", "--label", "12", "--out",
                            str(tmp_path / "x.png")], capture_output=True, text=True, timeout=300)
