@@ -53,14 +53,16 @@ float sum_sq_dev(const float* x, int64_t n, float mean) {
 
 inline float silu(float z) { return z / (1.f + std::exp(-z)); }
 
-// y[i] = act((x[i] - m[i]) * a[i] + b[i]) over n elements, per-element (channels_last) m, a, b.
+// y[i] = act((x[i] - m) * a + b) over n elements, with m, a, b per element (kPerElement:
+// channels_last, one value per channel) or one value for the whole range (NCHW: one channel).
 // Subtracting the mean before scaling keeps small-variance groups accurate.
-template <typename T, bool kSilu>
+template <typename T, bool kSilu, bool kPerElement>
 void affine_act(const float* x, const float* m, const float* a, const float* b, T* y, int64_t n) {
+  auto vec = [](const float* p, int64_t i) { return kPerElement ? Vec::loadu(p + i) : Vec(*p); };
+  auto one = [](const float* p, int64_t i) { return kPerElement ? p[i] : *p; };
   int64_t i = 0;
   for (; i + kW <= n; i += kW) {
-    Vec z = at::vec::fmadd(Vec::loadu(x + i) - Vec::loadu(m + i), Vec::loadu(a + i),
-                           Vec::loadu(b + i));
+    Vec z = at::vec::fmadd(Vec::loadu(x + i) - vec(m, i), vec(a, i), vec(b, i));
     if constexpr (kSilu) z = z / (Vec(1.f) + z.neg().exp_u20());
     if constexpr (std::is_same_v<T, float>) {
       z.store(y + i);
@@ -71,29 +73,7 @@ void affine_act(const float* x, const float* m, const float* a, const float* b, 
     }
   }
   for (; i < n; ++i) {
-    float z = (x[i] - m[i]) * a[i] + b[i];
-    y[i] = static_cast<T>(kSilu ? silu(z) : z);
-  }
-}
-
-// Same with one scalar m, a, b for the whole range (NCHW: one channel).
-template <typename T, bool kSilu>
-void affine_act_scalar(const float* x, float m, float a, float b, T* y, int64_t n) {
-  const Vec vm(m), va(a), vb(b);
-  int64_t i = 0;
-  for (; i + kW <= n; i += kW) {
-    Vec z = at::vec::fmadd(Vec::loadu(x + i) - vm, va, vb);
-    if constexpr (kSilu) z = z / (Vec(1.f) + z.neg().exp_u20());
-    if constexpr (std::is_same_v<T, float>) {
-      z.store(y + i);
-    } else {
-      float tmp[kW];
-      z.store(tmp);
-      for (int64_t j = 0; j < kW; ++j) y[i + j] = static_cast<T>(tmp[j]);
-    }
-  }
-  for (; i < n; ++i) {
-    float z = (x[i] - m) * a + b;
+    const float z = (x[i] - one(m, i)) * one(a, i) + one(b, i);
     y[i] = static_cast<T>(kSilu ? silu(z) : z);
   }
 }
@@ -144,7 +124,7 @@ void nchw(const T* x, T* y, int64_t N, int64_t C, int64_t HW, int64_t G, const P
       for (int64_t j = 0; j < Cg; ++j) {
         float m, a, b;
         fold(p, n, c0 + j, C, gmean, rstd, &m, &a, &b);
-        affine_act_scalar<T, kSilu>(xf + j * HW, m, a, b, y + (n * C + c0 + j) * HW, HW);
+        affine_act<T, kSilu, false>(xf + j * HW, &m, &a, &b, y + (n * C + c0 + j) * HW, HW);
       }
     }
   });
@@ -204,7 +184,7 @@ void channels_last(const T* x, T* y, int64_t N, int64_t C, int64_t HW, int64_t G
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / HW;
       const float* xf = as_float(x + t * C, C, buf);
-      affine_act<T, kSilu>(xf, mc.data() + n * C, a.data() + n * C, beta.data() + n * C, y + t * C,
+      affine_act<T, kSilu, true>(xf, mc.data() + n * C, a.data() + n * C, beta.data() + n * C, y + t * C,
                            C);
     }
   });

@@ -18,17 +18,24 @@ _TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf1
 
 
 @triton.jit
-def _offsets(e, n, g, HW, C, CG, CL: tl.constexpr):
-    """Element e of group (n, g) -> (memory offset, channel). NCHW walks spatially within a
-    channel, channels_last walks channels within a pixel: both read contiguous memory."""
+def _tile(x_ptr, pre_ptr, start, t, chunk, n, g, HW, C, CG,
+          CL: tl.constexpr, HAS_PRE: tl.constexpr, BLOCK: tl.constexpr):
+    """Tile t of the chunk that begins at element ``start`` of group (n, g): x (+ pre_bias) in
+    fp32, with memory offsets, channels and the mask. NCHW walks spatially within a channel,
+    channels_last walks channels within a pixel: both read contiguous memory."""
+    r = t + tl.arange(0, BLOCK)
+    e = start + r
+    mask = (e < CG * HW) & (r < chunk)
     if CL:
-        hw = e // CG
         c = g * CG + e % CG
-        off = (n * HW + hw) * C + c
+        off = (n * HW + e // CG) * C + c
     else:
         c = g * CG + e // HW
         off = (n * C + c) * HW + e % HW
-    return off, c
+    v = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    if HAS_PRE:
+        v += tl.load(pre_ptr + n * C + c, mask=mask, other=0.0)
+    return v, off, c, mask
 
 
 @triton.jit
@@ -38,18 +45,13 @@ def _stats(x_ptr, pre_ptr, part_ptr, HW, C, G, CG, chunk, split,
     s = tl.program_id(1)
     n = ng // G
     g = ng % G
-    total = CG * HW
     start = s.to(tl.int64) * chunk
     cnt = 0.0
     mean = 0.0
     m2 = 0.0
     for t in range(0, chunk, BLOCK):
-        e = start + t + tl.arange(0, BLOCK)
-        mask = (e < total) & (t + tl.arange(0, BLOCK) < chunk)
-        off, c = _offsets(e, n, g, HW, C, CG, CL)
-        v = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
-        if HAS_PRE:
-            v += tl.load(pre_ptr + n * C + c, mask=mask, other=0.0)
+        v, off, c, mask = _tile(x_ptr, pre_ptr, start, t, chunk, n, g, HW, C, CG, CL, HAS_PRE,
+                                BLOCK)
         k = tl.sum(mask.to(tl.float32), axis=0)
         k_safe = tl.maximum(k, 1.0)
         tmean = tl.sum(v, axis=0) / k_safe
@@ -88,15 +90,10 @@ def _apply(x_ptr, y_ptr, w_ptr, b_ptr, pre_ptr, scale_ptr, shift_ptr, part_ptr,
     m2 = tl.sum(m2s + cnts * dev * dev, axis=0)
     rstd = 1.0 / tl.sqrt(m2 / total_cnt + eps)
 
-    total = CG * HW
     start = s.to(tl.int64) * chunk
     for t in range(0, chunk, BLOCK):
-        e = start + t + tl.arange(0, BLOCK)
-        mask = (e < total) & (t + tl.arange(0, BLOCK) < chunk)
-        off, c = _offsets(e, n, g, HW, C, CG, CL)
-        v = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
-        if HAS_PRE:
-            v += tl.load(pre_ptr + n * C + c, mask=mask, other=0.0)
+        v, off, c, mask = _tile(x_ptr, pre_ptr, start, t, chunk, n, g, HW, C, CG, CL, HAS_PRE,
+                                BLOCK)
         y = (v - mean) * rstd * tl.load(w_ptr + c, mask=mask, other=1.0) \
             + tl.load(b_ptr + c, mask=mask, other=0.0)
         if HAS_SS:
