@@ -8,7 +8,6 @@ import json
 import os
 import tempfile
 
-import torch
 
 
 def _atomic(path: str, write) -> None:

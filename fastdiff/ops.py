@@ -44,7 +44,7 @@ _lib.impl("attention", _attention_cuda, "CUDA")
 _lib.impl("denoise_step", _denoise_step_cuda, "CUDA")
 
 
-def _per_channel(t: torch.Tensor | None, name: str, n: int, c: int) -> torch.Tensor | None:
+def _per_channel(t: torch.Tensor | None, n: int, c: int) -> torch.Tensor | None:
     """(N, C), (N, C, 1, 1) or (C,) -> contiguous (N, C)."""
     if t is None:
         return None
@@ -67,8 +67,8 @@ def group_norm_silu(x: torch.Tensor, num_groups: int, weight: torch.Tensor | Non
     """
     n, c = (x.shape[0], x.shape[1]) if x.dim() >= 2 else (0, 0)
     return torch.ops.fastdiff.group_norm_silu(
-        x, num_groups, weight, bias, eps, _per_channel(pre_bias, "pre_bias", n, c),
-        _per_channel(scale, "scale", n, c), _per_channel(shift, "shift", n, c), silu)
+        x, num_groups, weight, bias, eps, _per_channel(pre_bias, n, c),
+        _per_channel(scale, n, c), _per_channel(shift, n, c), silu)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
