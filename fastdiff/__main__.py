@@ -25,7 +25,10 @@ def main(argv: list[str] | None = None) -> int:
         from fastdiff.demo import run_demo
 
         return run_demo(args.device, args.repeats)
-    return cli.run(args)
+    try:
+        return cli.run(args)
+    except (ValueError, FileNotFoundError) as err:   # bad options or files: no traceback
+        parser.exit(2, f"fastdiff {args.command}: error: {err}\n")
 
 
 if __name__ == "__main__":

@@ -75,17 +75,16 @@ def _sample(args) -> int:
     from fastdiff.image import save_grid
 
     model = load_model(args.weights)
+    num = args.num if args.num is not None else (16 if args.label else 8)
+    if num < 1:
+        raise SystemExit(f"fastdiff sample: --num must be >= 1, got {num}")
     if args.label:
         _check_labels(args.label, model.config.num_classes)
-        num = args.num or 16
         labels = [lab for lab in args.label for _ in range(num)]
         cols = min(num, 8)
     else:
-        num = args.num or 8
         labels = [lab for lab in range(model.config.num_classes) for _ in range(num)]
         cols = num
-    if num < 1:
-        raise SystemExit(f"fastdiff sample: --num must be >= 1, got {num}")
     x, prog = _draw(model, labels, args)
     save_grid(x, args.out, cols)
     print(f"wrote {args.out}: {len(labels)} samples ({args.solver}, {args.steps} steps, "

@@ -1,5 +1,6 @@
 """The shipped digits model: quality, the sample command, and the eval toolkit."""
 import json
+import re
 import subprocess
 import sys
 
@@ -61,6 +62,19 @@ def test_sample_command_rejects_unknown_labels(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "fastdiff", "sample", "--label", "12", "--out",
                            str(tmp_path / "x.png")], capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "--label must be in 0..9" in proc.stderr
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--num", "0"], "--num must be >= 1, got 0"),
+    (["--steps", "0"], "'num_steps' must be in \\[1, 1000\\], got 0"),
+    (["--weights", "/nonexistent/w.safetensors"], "not found"),
+])
+def test_sample_command_reports_bad_options(tmp_path, argv, msg):
+    proc = subprocess.run([sys.executable, "-m", "fastdiff", "sample", "--out",
+                           str(tmp_path / "x.png"), *argv], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert re.search(msg, proc.stderr), proc.stderr
 
 
 def test_data_split():
