@@ -25,7 +25,8 @@ MODULES = {"group_norm_silu": group_norm_silu, "attention": attention,
 
 
 def compile_config(cfg, arch: int):
-    src = ASTSource(cfg["fn"], cfg["signature"], cfg["constexprs"])
+    # attrs (alignment hints, where a config gives them) make the build match what the JIT runs.
+    src = ASTSource(cfg["fn"], cfg["signature"], cfg["constexprs"], cfg.get("attrs"))
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
 

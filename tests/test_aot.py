@@ -68,9 +68,10 @@ def test_launchers_choose_only_listed_configs():
         for d in range(1, 257):
             for hb in (False, True):
                 assert _key(attention._config(dt, d, hb)) in listed, (dt, d, hb)
-        for flags in range(16):
-            f = [bool(flags >> i & 1) for i in range(4)]
-            assert _key(denoise_step._config(dt, *f)) in listed, (dt, f)
+        for flags in range(8):
+            f = [bool(flags >> i & 1) for i in range(3)]  # guided, noise, prev_x0
+            for index_dtype in (torch.int64, torch.int32):
+                assert _key(denoise_step._config(dt, *f, index_dtype)) in listed, (dt, f)
         for flags in range(16):
             f = [bool(flags >> i & 1) for i in range(4)]
             for cfg in group_norm_silu._configs(dt, *f):
