@@ -23,7 +23,7 @@ setup(
     packages=["fastdiff", "fastdiff.kernels"],
     package_dir={"fastdiff": "fastdiff", "fastdiff.kernels": "kernels"},
     # The shipped digits model (safetensors weights + JSON config).
-    package_data={"fastdiff": ["weights/*.safetensors", "weights/*.json"]},
+    package_data={"fastdiff": ["weights/*.safetensors", "weights/*.json", "configs/*.json"]},
     ext_modules=[
         CppExtension(
             "fastdiff._C",

@@ -16,7 +16,10 @@ except ImportError as err:  # pragma: no cover - exercised only on a broken inst
         "(torch, ninja and a C++17 compiler are needed)."
     ) from err
 
+from fastdiff.engine import SamplingEngine  # noqa: E402
 from fastdiff.ops import attention, denoise_step, group_norm_silu  # noqa: E402
+from fastdiff.pipelines import accelerate, restore  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["attention", "denoise_step", "group_norm_silu"]
+__all__ = ["SamplingEngine", "accelerate", "attention", "denoise_step", "group_norm_silu",
+           "restore"]

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastdiff import ops, schedules
+from fastdiff import schedules
 
 SOLVERS = ("ddpm", "ddpm_large", "ddim", "dpmpp_2m", "euler")
 
@@ -72,42 +72,43 @@ class GaussianDiffusion:
 
 @torch.no_grad()
 def sample(model, diffusion: GaussianDiffusion, labels: torch.Tensor, *, solver: str = "ddim",
-           num_steps: int = 50, guidance_scale: float = 2.0, seed: int = 0, eta: float = 0.0,
-           progress_steps=(), progress_bar: bool = False, **cond):
+           num_steps: int = 50, guidance_scale: float = 1.5, seed: int = 0, eta: float = 0.0,
+           progress_steps=(), progress_bar: bool = False, engine=None, **cond):
     """Draws one sample per label. Returns (x_0 (B, C, S, S) in [-1, 1], {step: predicted x0}).
 
     labels: (B,) int64 class labels (the null label = unconditional). ``progress_steps`` lists
     step indices whose predicted x0 is kept (progressive decoding, Ho et al. 2020 Fig. 6).
     Same seed, same samples: the initial noise and every step's noise come from one generator.
+    The loop runs on a ``fastdiff.engine.SamplingEngine`` (pass ``engine`` to reuse one and its
+    CUDA graphs across calls).
     """
+    from fastdiff.engine import SamplingEngine, fastdiff_model_fn
+
     c = model.config
     device = next(model.parameters()).device
     table = diffusion.step_table(solver, num_steps, eta)
-    coeffs = table.coeffs.to(device)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     shape = (labels.shape[0], c.in_channels, c.image_size, c.image_size)
     x = (torch.randn(shape, generator=gen) * table.init_noise_sigma).to(device)
     guided = guidance_scale != 1.0 and c.num_classes > 0
     null = torch.full_like(labels, c.num_classes)
-    model_labels = torch.cat([null, labels]) if guided else labels
-    cond2 = {k: (torch.cat([v, v]) if guided and v is not None else v) for k, v in cond.items()}
-    prev_x0, progressive = None, {}
-    steps = range(len(table))
-    if progress_bar:
-        from tqdm import tqdm
-        steps = tqdm(steps, desc=f"sampling ({solver}, {num_steps} steps)", leave=False)
-    for i in steps:
-        x_in = x * float(table.model_input_scale[i])
-        t = torch.full((model_labels.shape[0],), float(table.timesteps[i]), device=device)
-        eps = model(torch.cat([x_in, x_in]) if guided else x_in, t, model_labels, **cond2)
-        noise = torch.randn(shape, generator=gen).to(device) if table.needs_noise else None
-        x, x0 = ops.denoise_step(eps.contiguous(), x, coeffs, torch.tensor(i, device=device), noise,
-                                 prev_x0 if table.needs_prev_x0 else None,
-                                 guidance_scale if guided else 1.0, table.clip_sample,
-                                 table.clip_sample_range, write_x0=True)
-        prev_x0 = x0
+    model_cond = {"labels": (torch.cat([null, labels]) if guided else labels).to(device)}
+    model_cond.update({k: (torch.cat([v, v]) if guided else v) for k, v in cond.items()
+                       if v is not None})
+    progressive = {}
+
+    def keep(i, t, x, x0):
         if i in progress_steps:
             progressive[i] = x0.clone()
+
+    if engine is None:
+        engine = SamplingEngine(fastdiff_model_fn(model),
+                                parameters=lambda: list(model.parameters()))
+    x = engine.sample(x, table, model_cond, guidance_scale=guidance_scale, guided=guided,
+                      generator=gen,
+                      callback=keep if progress_steps else None,
+                      progress_bar=f"sampling ({solver}, {num_steps} steps)" if progress_bar
+                      else False)
     return x.clamp(-1, 1), progressive
 
 

@@ -1,0 +1,307 @@
+"""The sampling engine: a denoising loop whose whole step is one CUDA graph, replayed per step.
+
+A step is: the model input ``x * scale[i]`` (Euler's input scaling, 1 elsewhere), the model on
+the CFG batch ``[x_in; x_in]`` with the timestep ``timesteps[i]``, the noise draw, and one
+``denoise_step`` call (guidance combine + solver update + noise), then ``x``, ``prev_x0`` and the
+step index are updated in place. The step index lives on the device and every per-step value is
+gathered from device tables with it, so the captured step is replayed S times with no host work
+and no host sync; the progress bar and per-step callbacks run on the host between replays.
+
+Caching: one graph per signature (sample shape and dtype, conditioning shapes, guidance scale,
+solver flags, number of steps); a new resolution or batch size is a new capture. All graphs share
+one memory pool; ``close()`` frees it. Graphs read the model's parameters in place, so in-place
+weight updates take effect; a parameter replaced by a new tensor triggers a new capture. Noise
+inside a graph comes from a generator registered with the graph (a CUDA generator of the
+caller's, or the engine's own seeded from a CPU generator), so runs with the same seed replay
+the same noise. On CPU, or with ``cuda_graphs=False``, the same step runs eagerly; the noise is
+then drawn only at the steps whose row uses it, in the order diffusers' schedulers draw it.
+"""
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from typing import Callable
+
+import torch
+
+from fastdiff import ops, schedules
+
+logger = logging.getLogger("fastdiff")
+
+
+def _sig(t: torch.Tensor):
+    return (tuple(t.shape), t.dtype, t.device)
+
+
+class _Static:
+    """The buffers one captured step reads and writes."""
+
+    def __init__(self, x, table, cond, timestep_dtype, needs_prev):
+        dev = x.device
+        self.x = x.clone()
+        self.idx = torch.zeros(1, dtype=torch.int64, device=dev)
+        self.coeffs = table.coeffs.to(dev).clone()
+        self.ts = table.timesteps.to(device=dev, dtype=timestep_dtype).clone()
+        self.scale = table.model_input_scale.to(device=dev, dtype=torch.float32).clone()
+        self.prev_x0 = torch.zeros_like(x) if needs_prev else None
+        self.cond = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in cond.items()}
+        self.graph = None
+        self.ptrs = None
+
+    def load(self, x, table, cond, timestep_dtype):
+        dev = self.x.device
+        self.x.copy_(x)
+        self.idx.zero_()
+        self.coeffs.copy_(table.coeffs)
+        self.ts.copy_(table.timesteps.to(dtype=timestep_dtype))
+        self.scale.copy_(table.model_input_scale.to(torch.float32))
+        if self.prev_x0 is not None:
+            self.prev_x0.zero_()
+        for k, v in cond.items():
+            if isinstance(v, torch.Tensor):
+                self.cond[k].copy_(v.to(dev))
+
+
+class SamplingEngine:
+    """Runs sampling loops of ``model_fn(x, t, **cond) -> model output``.
+
+    model_fn: takes the model-batch input (2N rows when guided: [uncond; cond]), a (2N,) or
+    (N,) timestep tensor and the conditioning tensors (their batch is the model batch).
+    cuda_graphs: capture each step in a CUDA graph when the sample is on a GPU.
+    parameters: the tensors whose addresses are checked before a replay (default: none).
+    """
+
+    def __init__(self, model_fn: Callable, *, cuda_graphs: bool = True,
+                 parameters: Callable[[], list] | None = None, max_graphs: int = 8,
+                 warmup: int = 2):
+        self.model_fn = model_fn
+        self.cuda_graphs = cuda_graphs
+        self.parameters = parameters or (lambda: [])
+        self.max_graphs = max_graphs
+        self.warmup = warmup
+        self._graphs: OrderedDict = OrderedDict()
+        self._pool = None
+        self._gen = None
+        self.captures = 0
+
+    def close(self) -> None:
+        """Drops every captured graph, its buffers and the shared memory pool."""
+        self._graphs.clear()
+        self._pool = None
+        self._gen = None
+
+    # ---------------------------------------------------------------- one step
+    def _step(self, s: _Static, table, guided, guidance_scale, generator, draw: bool):
+        idx = s.idx
+        x_in = s.x * s.scale.index_select(0, idx).to(s.x.dtype).view(-1, *[1] * (s.x.dim() - 1))
+        n = s.x.shape[0]
+        t = s.ts.index_select(0, idx).expand(2 * n if guided else n)
+        out = self.model_fn(torch.cat([x_in, x_in]) if guided else x_in, t, **s.cond)
+        noise = None
+        if draw:
+            dev = generator.device if generator is not None else s.x.device
+            noise = torch.randn(s.x.shape, generator=generator, device=dev, dtype=s.x.dtype
+                                ).to(s.x.device)
+        x, x0 = ops.denoise_step(out.contiguous(), s.x, s.coeffs, idx, noise, s.prev_x0,
+                                 guidance_scale if guided else 1.0, table.clip_sample,
+                                 table.clip_sample_range, write_x0=True)
+        s.x.copy_(x)
+        if s.prev_x0 is not None:
+            s.prev_x0.copy_(x0)
+        idx.add_(1)
+        return x0
+
+    # ---------------------------------------------------------------- the loop
+    @torch.no_grad()
+    def sample(self, x: torch.Tensor, table: schedules.StepTable, cond: dict | None = None, *,
+               guidance_scale: float = 1.0, guided: bool | None = None,
+               generator: torch.Generator | None = None, timestep_dtype=torch.float32,
+               callback: Callable | None = None, progress_bar: bool | str = False) -> torch.Tensor:
+        """Runs ``len(table)`` steps from ``x`` (the initial sample, already scaled by the
+        table's init_noise_sigma) and returns the final sample (a new tensor).
+
+        cond: conditioning tensors for model_fn, batch 2N when guided. guided: whether the model
+        batch is [uncond; cond] (default: guidance_scale != 1). callback(i, t, x, x0): called
+        after step i; returning a tensor replaces x. progress_bar: True or a description.
+        """
+        cond = dict(cond or {})
+        if not isinstance(x, torch.Tensor) or x.dim() < 2:
+            raise ValueError(f"'x' must be a (N, ...) tensor, got {type(x).__name__}")
+        if len(table) == 0:
+            raise ValueError("'table' has no steps")
+        guided = guidance_scale != 1.0 if guided is None else guided
+        use_graph = self.cuda_graphs and x.device.type == "cuda"
+        steps = range(len(table))
+        if progress_bar:
+            from tqdm import tqdm
+            desc = progress_bar if isinstance(progress_bar, str) else f"sampling ({table.solver})"
+            steps = tqdm(steps, desc=desc, leave=False)
+        if use_graph:
+            s, gen = self._graph_for(x, table, cond, guided, guidance_scale, generator,
+                                     timestep_dtype)
+        else:
+            s = _Static(x, table, cond, timestep_dtype, table.needs_prev_x0)
+            c = table.coeffs
+            draws = ((c[:, schedules.COEF_H] != 0) | (c[:, schedules.COEF_KN] != 0)).tolist()
+        for i in steps:
+            if use_graph:
+                s.graph.replay()
+                x0 = s.x0
+            else:
+                x0 = self._step(s, table, guided, guidance_scale, generator,
+                                table.needs_noise and draws[i])
+            if callback is not None:
+                new = callback(i, table.timesteps[i], s.x, x0)
+                if isinstance(new, torch.Tensor) and new is not s.x:
+                    s.x.copy_(new)
+        return s.x.clone()
+
+    def _graph_for(self, x, table, cond, guided, guidance_scale, generator, timestep_dtype):
+        if generator is not None and generator.device.type == "cuda":
+            gen = generator
+        else:
+            if self._gen is None:
+                self._gen = torch.Generator(device=x.device)
+            gen = self._gen
+            seed = (int(torch.randint(0, 2 ** 62, (1,), generator=generator))
+                    if generator is not None else int(torch.seed()))
+            gen.manual_seed(seed)
+        key = (_sig(x), tuple((k, _sig(v) if isinstance(v, torch.Tensor) else v)
+                              for k, v in sorted(cond.items())),
+               guided, float(guidance_scale), len(table), table.needs_noise, table.needs_prev_x0,
+               table.clip_sample, float(table.clip_sample_range), timestep_dtype, id(gen))
+        ptrs = tuple(p.data_ptr() for p in self.parameters())
+        s = self._graphs.get(key)
+        if s is not None and s.ptrs != ptrs:
+            logger.info("fastdiff: model weights were replaced by new tensors; recapturing")
+            self.close()
+            s = None
+        if s is None:
+            s = self._capture(x, table, cond, guided, guidance_scale, gen, timestep_dtype)
+            s.ptrs = ptrs
+            self._graphs[key] = s
+            if len(self._graphs) > self.max_graphs:
+                self._graphs.popitem(last=False)
+        self._graphs.move_to_end(key)
+        s.load(x, table, cond, timestep_dtype)
+        return s, gen
+
+    def _capture(self, x, table, cond, guided, guidance_scale, gen, timestep_dtype):
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        s = _Static(x, table, cond, timestep_dtype, table.needs_prev_x0)
+        graph = torch.cuda.CUDAGraph()
+        if gen is not torch.cuda.default_generators[x.device.index or 0]:
+            if not hasattr(graph, "register_generator_state"):
+                raise RuntimeError("this torch cannot register a generator with a CUDA graph; "
+                                   "pass generator=None or use cuda_graphs=False")
+            graph.register_generator_state(gen)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        state = gen.get_state()
+        with torch.cuda.stream(side):                  # warm-up: JIT compiles, autotuning
+            for _ in range(self.warmup):
+                self._step(s, table, guided, guidance_scale, gen, table.needs_noise)
+        torch.cuda.current_stream().wait_stream(side)
+        gen.set_state(state)
+        s.load(x, table, cond, timestep_dtype)
+        with torch.cuda.graph(graph, pool=self._pool):
+            s.x0 = self._step(s, table, guided, guidance_scale, gen, table.needs_noise)
+        s.graph = graph
+        self.captures += 1
+        return s
+
+
+# ---------------------------------------------------------------- model adapters
+
+def fastdiff_model_fn(model):
+    """model_fn for fastdiff's own UNet: cond holds 'labels' and the UNet's keyword inputs."""
+    def fn(x, t, labels=None, **cond):
+        return model(x, t.float(), labels, **cond)
+    return fn
+
+
+def diffusers_unet_fn(unet):
+    """model_fn for a diffusers UNet2DModel / UNet2DConditionModel. Calls the class's forward
+    (not a CUDA-graph wrapper installed by ``accelerate``): the engine captures the whole step."""
+    forward = type(unet).forward
+    cond_model = type(unet).__name__ != "UNet2DModel"
+
+    def fn(x, t, encoder_hidden_states=None, text_embeds=None, time_ids=None, class_labels=None):
+        if not cond_model:
+            return forward(unet, x, t, class_labels=class_labels, return_dict=False)[0]
+        added = ({"text_embeds": text_embeds, "time_ids": time_ids}
+                 if text_embeds is not None else None)
+        return forward(unet, x, t, encoder_hidden_states, class_labels=class_labels,
+                       added_cond_kwargs=added, return_dict=False)[0]
+    return fn
+
+
+def engine_for(unet, *, cuda_graphs: bool = True) -> SamplingEngine:
+    """A SamplingEngine over a diffusers U-Net (accelerated or not), kept on the U-Net so its
+    graphs are reused by later calls."""
+    eng = unet.__dict__.get("_fastdiff_engine")
+    if eng is None or eng.cuda_graphs != cuda_graphs:
+        eng = SamplingEngine(diffusers_unet_fn(unet), cuda_graphs=cuda_graphs,
+                             parameters=lambda: list(unet.parameters()))
+        object.__setattr__(unet, "_fastdiff_engine", eng)
+    return eng
+
+
+@torch.no_grad()
+def sample_pipeline(pipe, *, num_inference_steps: int = 50, guidance_scale: float = 7.5,
+                    prompt_embeds: torch.Tensor | None = None,
+                    negative_prompt_embeds: torch.Tensor | None = None,
+                    added_cond_kwargs: dict | None = None, negative_added_cond_kwargs=None,
+                    batch_size: int | None = None, height: int | None = None,
+                    width: int | None = None, generator: torch.Generator | None = None,
+                    latents: torch.Tensor | None = None, eta: float = 0.0,
+                    callback: Callable | None = None, progress_bar: bool = False) -> torch.Tensor:
+    """A diffusers pipeline's denoising loop on the engine: returns the final latents.
+
+    For text-conditioned pipelines (StableDiffusion, StableDiffusionXL) pass ``prompt_embeds``
+    (and for guidance ``negative_prompt_embeds``; SDXL also ``added_cond_kwargs`` =
+    {'text_embeds', 'time_ids'} and their negatives); for unconditional ones (DDPMPipeline,
+    DDIMPipeline) pass ``batch_size``. The initial latents are drawn as the pipeline draws them
+    (``randn_tensor`` with the same generator), and on CPU the noise of every step too, so the
+    result equals ``pipe(..., output_type='latent')`` up to rounding.
+    """
+    from diffusers.utils.torch_utils import randn_tensor
+
+    unet, sched = pipe.unet, pipe.scheduler
+    param = next(unet.parameters())
+    device, dtype = param.device, param.dtype
+    c = unet.config
+    cond_model = prompt_embeds is not None
+    if cond_model:
+        n = prompt_embeds.shape[0]
+        scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1) if getattr(
+            pipe, "vae", None) is not None else 8
+        h = (height or c.sample_size * scale) // scale
+        w = (width or c.sample_size * scale) // scale
+    else:
+        if batch_size is None:
+            raise ValueError("pass 'prompt_embeds' (text-conditioned) or 'batch_size'")
+        n, h, w = batch_size, c.sample_size, c.sample_size
+    guided = cond_model and guidance_scale > 1.0
+    if guided and negative_prompt_embeds is None:
+        negative_prompt_embeds = torch.zeros_like(prompt_embeds)
+    sched.set_timesteps(num_inference_steps, device=device)
+    table = schedules.table_from_scheduler(sched, eta=eta)
+    shape = (n, c.in_channels, h, w)
+    if latents is None:
+        latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+    x = latents.to(device=device, dtype=dtype) * sched.init_noise_sigma
+    cond = {}
+    if cond_model:
+        cat = (lambda u, v: torch.cat([u, v])) if guided else (lambda u, v: v)  # noqa: E731
+        cond["encoder_hidden_states"] = cat(negative_prompt_embeds, prompt_embeds).to(device, dtype)
+        if added_cond_kwargs:
+            neg = negative_added_cond_kwargs or {k: torch.zeros_like(v)
+                                                 for k, v in added_cond_kwargs.items()}
+            for k in ("text_embeds", "time_ids"):
+                cond[k] = cat(neg[k], added_cond_kwargs[k]).to(device, dtype)
+    eng = engine_for(unet)
+    return eng.sample(x, table, cond, guidance_scale=guidance_scale if guided else 1.0,
+                      guided=guided, generator=generator, timestep_dtype=sched.timesteps.dtype,
+                      callback=callback, progress_bar=progress_bar)

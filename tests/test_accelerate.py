@@ -1,0 +1,294 @@
+"""fastdiff.accelerate on diffusers pipelines: parity with the stock pipelines on CPU.
+
+Models are built offline with random weights: diffusers' own tiny test configurations and the
+SD1.5 / SDXL / DDPM-CIFAR10 configurations scaled down in width (head dims kept) and resolution.
+Text pipelines get prompt_embeds and return latents, so no tokenizer or VAE is needed.
+"""
+import inspect
+import logging
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("transformers")      # StableDiffusion(XL)Pipeline needs it importable
+
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0  # noqa: E402
+
+import fastdiff  # noqa: E402
+from fastdiff import pipelines as acc  # noqa: E402
+from fastdiff import zoo  # noqa: E402
+
+STEPS = 3
+
+# diffusers' tiny test U-Nets (tests/pipelines/stable_diffusion, tests/pipelines/ddpm)
+TINY_COND = dict(block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4,
+                 out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+                 norm_num_groups=32)
+TINY_UNCOND = dict(block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=3,
+                   out_channels=3, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                   up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+
+# (id, scheduler class, config overrides, pipeline call overrides)
+SCHEDULERS = [
+    ("ddim", "DDIMScheduler", {}, {}),
+    ("ddim-eta", "DDIMScheduler", {"clip_sample": True, "set_alpha_to_one": True}, {"eta": 0.7}),
+    ("ddpm", "DDPMScheduler", {}, {}),
+    ("ddpm-large-clip", "DDPMScheduler", {"variance_type": "fixed_large", "clip_sample": True}, {}),
+    ("dpm2m", "DPMSolverMultistepScheduler", {}, {}),
+    ("dpm2m-heun", "DPMSolverMultistepScheduler", {"solver_type": "heun"}, {}),
+    ("dpm-sde", "DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, {}),
+    ("euler", "EulerDiscreteScheduler", {}, {}),
+]
+
+
+def _model(seed=0, **kw):
+    torch.manual_seed(seed)
+    return kw
+
+
+@pytest.fixture(scope="module")
+def sd_unet():
+    return zoo.build_unet("sd15", width=0.5, sample_size=16, layers_per_block=1)
+
+
+@pytest.fixture(scope="module")
+def sdxl_unet():
+    return zoo.build_unet("sdxl", width=0.2, sample_size=16, layers_per_block=1,
+                          transformer_layers_per_block=[1, 1, 1])
+
+
+@pytest.fixture(scope="module")
+def ddpm_unet():
+    return zoo.build_unet("ddpm_cifar10", sample_size=16, layers_per_block=1)
+
+
+def _sd_pipe(unet, scheduler):
+    p = diffusers.StableDiffusionPipeline(vae=None, text_encoder=None, tokenizer=None, unet=unet,
+                                          scheduler=scheduler, safety_checker=None,
+                                          feature_extractor=None, requires_safety_checker=False)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def _embeds(n, dim, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 77, dim, generator=g), torch.randn(n, 77, dim, generator=g)
+
+
+def _assert_parity(pipe, call, rtol=1e-4):
+    """Stock output, then accelerated, then restored: accelerated ~ stock, restored == stock."""
+    ref = call()
+    fastdiff.accelerate(pipe)
+    try:
+        out = call()
+    finally:
+        fastdiff.restore(pipe)
+    scale = ref.abs().max().item()
+    err = (out - ref).abs().max().item()
+    assert err <= rtol * max(scale, 1.0), f"max |accelerated - stock| = {err:.3g} (scale {scale:.3g})"
+    torch.testing.assert_close(call(), ref, rtol=0, atol=0)
+    return out
+
+
+def _sched(name, kind, cfg, **extra):
+    return zoo.build_scheduler(name, kind, **cfg, **extra)
+
+
+# ---------------------------------------------------------------- parity, pipelines
+
+@pytest.mark.parametrize("sid,kind,cfg,call_kw", SCHEDULERS, ids=[s[0] for s in SCHEDULERS])
+def test_sd15_parity(sd_unet, sid, kind, cfg, call_kw):
+    pipe = _sd_pipe(sd_unet, _sched("sd15", kind, cfg))
+    pe, ne = _embeds(1, 768)
+    _assert_parity(pipe, lambda: torch.as_tensor(pipe(
+        prompt_embeds=pe, negative_prompt_embeds=ne, height=128, width=128,
+        num_inference_steps=STEPS, guidance_scale=5.0, output_type="latent",
+        generator=torch.Generator().manual_seed(1), **call_kw).images))
+
+
+@pytest.mark.parametrize("prediction", ["v_prediction", "sample"])
+@pytest.mark.parametrize("kind", ["DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler",
+                                  "EulerDiscreteScheduler"])
+def test_sd15_prediction_types(sd_unet, kind, prediction):
+    pipe = _sd_pipe(sd_unet, _sched("sd15", kind, {"prediction_type": prediction}))
+    pe, ne = _embeds(1, 768)
+    _assert_parity(pipe, lambda: torch.as_tensor(pipe(
+        prompt_embeds=pe, negative_prompt_embeds=ne, height=128, width=128,
+        num_inference_steps=STEPS, guidance_scale=3.0, output_type="latent",
+        generator=torch.Generator().manual_seed(2)).images))
+
+
+@pytest.mark.parametrize("guidance", [1.0, 7.5])
+def test_sd15_guidance_and_batch(sd_unet, guidance):
+    """No guidance (batch N to the U-Net) and guidance with two images per prompt."""
+    pipe = _sd_pipe(sd_unet, _sched("sd15", "DDIMScheduler", {}))
+    pe, ne = _embeds(2, 768)
+    _assert_parity(pipe, lambda: torch.as_tensor(pipe(
+        prompt_embeds=pe, negative_prompt_embeds=ne, height=96, width=128,
+        num_inference_steps=STEPS, guidance_scale=guidance, output_type="latent",
+        generator=torch.Generator().manual_seed(3)).images))
+
+
+def test_tiny_sd_parity_with_attention_mask():
+    """diffusers' tiny SD U-Net, called directly with a cross-attention padding mask."""
+    unet = diffusers.UNet2DConditionModel(**_model(**TINY_COND)).eval()
+    x = torch.randn(2, 4, 32, 32)
+    ctx = torch.randn(2, 7, 32)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0, 0]], dtype=torch.bool)
+    with torch.no_grad():
+        ref = unet(x, 10, ctx, encoder_attention_mask=mask).sample
+        fastdiff.accelerate(unet)
+        out = unet(x, 10, ctx, encoder_attention_mask=mask).sample
+        fastdiff.restore(unet)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler",
+                                  "EulerDiscreteScheduler"])
+def test_sdxl_parity(sdxl_unet, kind):
+    pipe = diffusers.StableDiffusionXLPipeline(
+        vae=None, text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None,
+        unet=sdxl_unet, scheduler=_sched("sdxl", kind, {}))
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(4)
+    pe, ne = torch.randn(1, 77, 2048, generator=g), torch.randn(1, 77, 2048, generator=g)
+    pp, npool = torch.randn(1, 1280, generator=g), torch.randn(1, 1280, generator=g)
+    _assert_parity(pipe, lambda: torch.as_tensor(pipe(
+        prompt_embeds=pe, negative_prompt_embeds=ne, pooled_prompt_embeds=pp,
+        negative_pooled_prompt_embeds=npool, height=128, width=128, num_inference_steps=STEPS,
+        guidance_scale=5.0, output_type="latent", generator=torch.Generator().manual_seed(5)
+    ).images))
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_ddpm_pipeline_parity(ddpm_unet, prediction):
+    """DDPM-CIFAR10's U-Net (single 256-wide attention head, group_norm, residual, rescale)."""
+    pipe = diffusers.DDPMPipeline(unet=ddpm_unet, scheduler=_sched(
+        "ddpm_cifar10", "DDPMScheduler", {"prediction_type": prediction}))
+    pipe.set_progress_bar_config(disable=True)
+    _assert_parity(pipe, lambda: torch.as_tensor(pipe(
+        batch_size=2, num_inference_steps=STEPS, output_type="np",
+        generator=torch.Generator().manual_seed(6)).images), rtol=2e-4)
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_ddim_pipeline_parity_tiny_scale_shift(eta):
+    """diffusers' tiny unconditional U-Net with resnet_time_scale_shift='scale_shift'."""
+    unet = diffusers.UNet2DModel(**_model(**TINY_UNCOND, resnet_time_scale_shift="scale_shift"))
+    pipe = diffusers.DDIMPipeline(unet=unet.eval(), scheduler=diffusers.DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    _assert_parity(pipe, lambda: torch.as_tensor(pipe(
+        batch_size=2, num_inference_steps=STEPS, eta=eta, output_type="np",
+        generator=torch.Generator().manual_seed(7)).images), rtol=2e-4)
+
+
+# ---------------------------------------------------------------- what gets swapped, and undo
+
+def test_accelerate_patches_counts_idempotent_and_restore(sd_unet):
+    pipe = _sd_pipe(sd_unet, _sched("sd15", "DDIMScheduler", {}))
+    sig = inspect.signature(pipe.__call__)
+    keys = list(sd_unet.state_dict())
+    procs = {n: type(p) for n, p in sd_unet.attn_processors.items()}
+    cls = type(pipe)
+    assert fastdiff.accelerate(pipe) is pipe
+    state = pipe.__dict__[acc.STATE_ATTR]
+    counts = dict(state.counts)
+    assert counts["resnets"] > 0 and counts["attention"] == len(procs) and counts["norm_out"] == 1
+    assert counts["scheduler"] == 1
+    assert all(isinstance(p, acc.FastdiffAttnProcessor) for p in sd_unet.attn_processors.values())
+    fastdiff.accelerate(pipe)                      # twice: nothing more is patched
+    assert pipe.__dict__[acc.STATE_ATTR].counts["resnets"] == counts["resnets"]
+    assert isinstance(pipe, cls) and type(pipe).__name__ == cls.__name__
+    assert inspect.signature(pipe.__call__) == sig
+    assert list(sd_unet.state_dict()) == keys
+    fastdiff.restore(pipe)
+    assert type(pipe) is cls
+    assert {n: type(p) for n, p in sd_unet.attn_processors.items()} == procs
+    assert "step" not in pipe.scheduler.__dict__
+    assert not any("forward" in m.__dict__ for m in sd_unet.modules())
+    fastdiff.restore(pipe)                         # restoring twice is harmless
+
+
+def test_scheduler_swapped_after_accelerate_gets_fused_step(sd_unet):
+    pipe = _sd_pipe(sd_unet, _sched("sd15", "DDIMScheduler", {}))
+    fastdiff.accelerate(pipe)
+    try:
+        pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        assert "step" not in pipe.scheduler.__dict__
+        pe, ne = _embeds(1, 768)
+        pipe(prompt_embeds=pe, negative_prompt_embeds=ne, height=64, width=64,
+             num_inference_steps=2, output_type="latent")
+        assert isinstance(pipe.scheduler.__dict__["step"], acc.FusedStep)
+    finally:
+        fastdiff.restore(pipe)
+
+
+def test_unsupported_scheduler_runs_stock_and_logs(sd_unet, caplog):
+    """SD1.5's own PNDM scheduler is not fused: its step is kept, the reason logged once."""
+    pipe = _sd_pipe(sd_unet, _sched("sd15", "PNDMScheduler", {}))
+    pe, ne = _embeds(1, 768)
+    acc._logged.clear()
+    with caplog.at_level(logging.INFO, logger="fastdiff"):
+        _assert_parity(pipe, lambda: torch.as_tensor(pipe(
+            prompt_embeds=pe, negative_prompt_embeds=ne, height=64, width=64,
+            num_inference_steps=STEPS, output_type="latent",
+            generator=torch.Generator().manual_seed(8)).images))
+    assert "scheduler PNDMScheduler not supported" in caplog.text
+
+
+def test_accelerate_rejects_other_objects():
+    with pytest.raises(ValueError, match="'obj' must be a diffusers pipeline"):
+        fastdiff.accelerate(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="'obj' must be a diffusers pipeline"):
+        fastdiff.accelerate(object())
+
+
+def test_gradients_use_stock_code_and_backpropagate():
+    unet = diffusers.UNet2DModel(**_model(**TINY_UNCOND))
+    fastdiff.accelerate(unet)
+    x = torch.randn(1, 3, 32, 32)
+    loss = unet(x, 5).sample.square().mean()
+    loss.backward()
+    assert unet.conv_in.weight.grad is not None
+    fastdiff.restore(unet)
+
+
+# ---------------------------------------------------------------- attention processor
+
+@pytest.mark.parametrize("head_dim,heads,cross", [(40, 2, False), (80, 2, True), (160, 1, True),
+                                                  (256, 1, False), (320, 1, False)])
+def test_attention_processor_matches_sdpa(head_dim, heads, cross, caplog):
+    """SD1.5's head dims, UNet2DModel's single 256-wide head, and > 256 (SDPA fallback)."""
+    torch.manual_seed(0)
+    dim = head_dim * heads
+    attn = Attention(dim, cross_attention_dim=48 if cross else None, heads=heads,
+                     dim_head=head_dim).eval()
+    x = torch.randn(2, 37, dim)
+    ctx = torch.randn(2, 11, 48) if cross else None
+    mask = torch.zeros(2, 1, 11 if cross else 37)
+    mask[1, :, 5:] = -10000.0
+    with torch.no_grad():
+        attn.set_processor(AttnProcessor2_0())
+        ref = attn(x, ctx, attention_mask=mask)
+        attn.set_processor(acc.FastdiffAttnProcessor())
+        acc._logged.clear()
+        with caplog.at_level(logging.INFO, logger="fastdiff"):
+            out = attn(x, ctx, attention_mask=mask)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    assert ("SDPA used" in caplog.text) == (head_dim > 256)
+
+
+def test_attention_processor_group_norm_residual_rescale():
+    torch.manual_seed(0)
+    attn = Attention(64, heads=1, dim_head=64, norm_num_groups=32, residual_connection=True,
+                     rescale_output_factor=2.0, bias=True, upcast_softmax=True,
+                     _from_deprecated_attn_block=True).eval()
+    x = torch.randn(2, 64, 6, 5)
+    with torch.no_grad():
+        attn.set_processor(AttnProcessor2_0())
+        ref = attn(x)
+        attn.set_processor(acc.FastdiffAttnProcessor())
+        out = attn(x)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
