@@ -11,9 +11,9 @@ Caching: one graph per signature (sample shape and dtype, conditioning shapes, g
 solver flags, number of steps); a new resolution or batch size is a new capture. All graphs share
 one memory pool; ``close()`` frees it. Graphs read the model's parameters in place, so in-place
 weight updates take effect; a parameter replaced by a new tensor triggers a new capture. Noise
-inside a graph comes from a generator registered with the graph (a CUDA generator of the
-caller's, or the engine's own seeded from a CPU generator), so runs with the same seed replay
-the same noise. On CPU, or with ``cuda_graphs=False``, the same step runs eagerly; the noise is
+inside a graph comes from the default CUDA generator, or, when the caller passes a generator
+(CPU or CUDA), from the engine's own generator registered with the graphs and seeded from the
+caller's before the replays: the same seed replays the same noise. On CPU, or with ``cuda_graphs=False``, the same step runs eagerly; the noise is
 then drawn only at the steps whose row uses it, in the order diffusers' schedulers draw it.
 """
 from __future__ import annotations
@@ -122,7 +122,8 @@ class SamplingEngine:
 
         cond: conditioning tensors for model_fn, batch 2N when guided. guided: whether the model
         batch is [uncond; cond] (default: guidance_scale != 1). callback(i, t, x, x0): called
-        after step i; returning a tensor replaces x. progress_bar: True or a description.
+        after step i with the engine's own buffers (clone what you keep); a returned tensor
+        replaces x. progress_bar: True or a description.
         """
         cond = dict(cond or {})
         if not isinstance(x, torch.Tensor) or x.dim() < 2:
@@ -157,24 +158,24 @@ class SamplingEngine:
         return s.x.clone()
 
     def _graph_for(self, x, table, cond, guided, guidance_scale, generator, timestep_dtype):
-        if generator is not None and generator.device.type == "cuda":
-            gen = generator
+        # Noise in a graph: the default CUDA generator when none is given; else the engine's own
+        # generator, registered with the graphs and seeded from the caller's just before the
+        # replays (capture and warm-up draws do not shift the sequence).
+        if generator is None:
+            gen = torch.cuda.default_generators[x.device.index or 0]
         else:
             if self._gen is None:
                 self._gen = torch.Generator(device=x.device)
             gen = self._gen
-            seed = (int(torch.randint(0, 2 ** 62, (1,), generator=generator))
-                    if generator is not None else int(torch.seed()))
-            gen.manual_seed(seed)
         key = (_sig(x), tuple((k, _sig(v) if isinstance(v, torch.Tensor) else v)
                               for k, v in sorted(cond.items())),
                guided, float(guidance_scale), len(table), table.needs_noise, table.needs_prev_x0,
-               table.clip_sample, float(table.clip_sample_range), timestep_dtype, id(gen))
+               table.clip_sample, float(table.clip_sample_range), timestep_dtype)
         ptrs = tuple(p.data_ptr() for p in self.parameters())
         s = self._graphs.get(key)
         if s is not None and s.ptrs != ptrs:
             logger.info("fastdiff: model weights were replaced by new tensors; recapturing")
-            self.close()
+            self._graphs.clear()
             s = None
         if s is None:
             s = self._capture(x, table, cond, guided, guidance_scale, gen, timestep_dtype)
@@ -184,6 +185,9 @@ class SamplingEngine:
                 self._graphs.popitem(last=False)
         self._graphs.move_to_end(key)
         s.load(x, table, cond, timestep_dtype)
+        if generator is not None:
+            gen.manual_seed(int(torch.randint(0, 2 ** 62, (1,), generator=generator,
+                                              device=generator.device)))
         return s, gen
 
     def _capture(self, x, table, cond, guided, guidance_scale, gen, timestep_dtype):
@@ -191,19 +195,17 @@ class SamplingEngine:
             self._pool = torch.cuda.graph_pool_handle()
         s = _Static(x, table, cond, timestep_dtype, table.needs_prev_x0)
         graph = torch.cuda.CUDAGraph()
-        if gen is not torch.cuda.default_generators[x.device.index or 0]:
+        if gen is self._gen:
             if not hasattr(graph, "register_generator_state"):
-                raise RuntimeError("this torch cannot register a generator with a CUDA graph; "
-                                   "pass generator=None or use cuda_graphs=False")
+                raise RuntimeError("this torch cannot register a generator with a CUDA graph "
+                                   "(torch >= 2.5 can); pass generator=None or cuda_graphs=False")
             graph.register_generator_state(gen)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        state = gen.get_state()
         with torch.cuda.stream(side):                  # warm-up: JIT compiles, autotuning
             for _ in range(self.warmup):
                 self._step(s, table, guided, guidance_scale, gen, table.needs_noise)
         torch.cuda.current_stream().wait_stream(side)
-        gen.set_state(state)
         s.load(x, table, cond, timestep_dtype)
         with torch.cuda.graph(graph, pool=self._pool):
             s.x0 = self._step(s, table, guided, guidance_scale, gen, table.needs_noise)

@@ -473,6 +473,10 @@ def restore(obj):
         return obj
     for fn in reversed(state.undo):
         fn()
+    unet = obj if isinstance(obj, nn.Module) else getattr(obj, "unet", None)
+    eng = unet.__dict__.pop("_fastdiff_engine", None) if unet is not None else None
+    if eng is not None:
+        eng.close()
     sched = getattr(obj, "scheduler", None)
     if sched is not None and not isinstance(obj, nn.Module):
         _unpatch_scheduler(sched)

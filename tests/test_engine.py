@@ -1,0 +1,282 @@
+"""The sampling engine: eager on CPU against the stock diffusers pipelines; CUDA-graph capture,
+replay, new shapes, weight updates and memory on a GPU (marked 'cuda', skipped without one)."""
+import gc
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+import fastdiff  # noqa: E402
+from fastdiff import engine, schedules, zoo  # noqa: E402
+from fastdiff.diffusion import GaussianDiffusion  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+@pytest.fixture(scope="module")
+def sd_unet():
+    return zoo.build_unet("sd15", width=0.5, sample_size=16, layers_per_block=1)
+
+
+def _sd_pipe(unet, kind, **cfg):
+    p = diffusers.StableDiffusionPipeline(
+        vae=None, text_encoder=None, tokenizer=None, unet=unet,
+        scheduler=zoo.build_scheduler("sd15", kind, **cfg), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def _close(out, ref, rtol=1e-4):
+    err = (out - ref).abs().max().item()
+    assert err <= rtol * max(1.0, ref.abs().max().item()), f"max error {err:.3g}"
+
+
+@pytest.mark.parametrize("kind,cfg", [
+    ("DDIMScheduler", {}), ("DDPMScheduler", {}), ("DPMSolverMultistepScheduler", {}),
+    ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    ("EulerDiscreteScheduler", {"prediction_type": "v_prediction"})])
+def test_sample_pipeline_matches_stock_sd15(sd_unet, kind, cfg):
+    pipe = _sd_pipe(sd_unet, kind, **cfg)
+    g = torch.Generator().manual_seed(0)
+    pe, ne = torch.randn(1, 77, 768, generator=g), torch.randn(1, 77, 768, generator=g)
+    kw = dict(prompt_embeds=pe, negative_prompt_embeds=ne, height=128, width=128,
+              num_inference_steps=4, guidance_scale=5.0)
+    ref = pipe(**kw, output_type="latent", generator=torch.Generator().manual_seed(1)).images
+    fastdiff.accelerate(pipe)
+    try:
+        out = engine.sample_pipeline(pipe, **kw, generator=torch.Generator().manual_seed(1))
+    finally:
+        fastdiff.restore(pipe)
+    _close(out, ref)
+
+
+def test_sample_pipeline_sdxl_and_unguided():
+    unet = zoo.build_unet("sdxl", width=0.2, sample_size=16, layers_per_block=1,
+                          transformer_layers_per_block=[1, 1, 1])
+    pipe = diffusers.StableDiffusionXLPipeline(
+        vae=None, text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None,
+        unet=unet, scheduler=zoo.build_scheduler("sdxl", "EulerDiscreteScheduler"))
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(0)
+    pe, pp = torch.randn(1, 77, 2048, generator=g), torch.randn(1, 1280, generator=g)
+    ne, npool = torch.randn(1, 77, 2048, generator=g), torch.randn(1, 1280, generator=g)
+    time_ids = torch.tensor([[128.0, 128.0, 0.0, 0.0, 128.0, 128.0]])
+    for guidance in (1.0, 5.0):
+        ref = pipe(prompt_embeds=pe, pooled_prompt_embeds=pp, negative_prompt_embeds=ne,
+                   negative_pooled_prompt_embeds=npool, height=128, width=128,
+                   num_inference_steps=3, guidance_scale=guidance, output_type="latent",
+                   generator=torch.Generator().manual_seed(1)).images
+        out = engine.sample_pipeline(
+            pipe, prompt_embeds=pe, negative_prompt_embeds=ne, height=128, width=128,
+            added_cond_kwargs={"text_embeds": pp, "time_ids": time_ids},
+            negative_added_cond_kwargs={"text_embeds": npool, "time_ids": time_ids},
+            num_inference_steps=3, guidance_scale=guidance,
+            generator=torch.Generator().manual_seed(1))
+        _close(out, ref)
+
+
+def test_sample_pipeline_ddpm_unconditional():
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(block_out_channels=(32, 64), layers_per_block=1, sample_size=16,
+                                 in_channels=3, out_channels=3,
+                                 down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                                 up_block_types=("AttnUpBlock2D", "UpBlock2D")).eval()
+    pipe = diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(batch_size=2, num_inference_steps=5, output_type="np",
+               generator=torch.Generator().manual_seed(3)).images
+    out = engine.sample_pipeline(pipe, batch_size=2, num_inference_steps=5,
+                                 generator=torch.Generator().manual_seed(3))
+    out = (out / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    assert abs(out - ref).max() < 1e-4
+
+
+def _toy_engine(seed=0):
+    torch.manual_seed(seed)
+    conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+
+    def fn(x, t, ctx=None):
+        out = conv(x) * 0.1 + t.view(-1, 1, 1, 1).to(x.dtype) * 1e-4
+        return out if ctx is None else out + ctx.view(-1, 1, 1, 1)
+    return engine.SamplingEngine(fn, parameters=lambda: list(conv.parameters())), conv
+
+
+def test_engine_callback_progress_and_reproducibility(capsys):
+    d = GaussianDiffusion()
+    table = d.step_table("ddpm", 6)
+    eng, _ = _toy_engine()
+    x = torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(0))
+    seen = []
+
+    def cb(i, t, x_i, x0):
+        seen.append((i, float(t)))
+        return x_i * 0.5 if i == 2 else None      # a callback that changes the sample
+
+    a = eng.sample(x, table, {"ctx": torch.zeros(4)}, guidance_scale=2.0,
+                   generator=torch.Generator().manual_seed(1), callback=cb, progress_bar=True)
+    b = eng.sample(x, table, {"ctx": torch.zeros(4)}, guidance_scale=2.0,
+                   generator=torch.Generator().manual_seed(1), callback=cb)
+    assert [i for i, _ in seen] == list(range(6)) * 2
+    assert seen[0][1] == float(table.timesteps[0])
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    c = eng.sample(x, table, {"ctx": torch.zeros(4)}, guidance_scale=2.0,
+                   generator=torch.Generator().manual_seed(1))
+    assert not torch.equal(a, c)                  # the callback's change took effect
+    assert "sampling (ddpm)" in capsys.readouterr().err
+
+
+def test_engine_bad_input():
+    eng, _ = _toy_engine()
+    table = GaussianDiffusion().step_table("ddim", 3)
+    with pytest.raises(ValueError, match="'x' must be"):
+        eng.sample("x", table)
+    empty = schedules.StepTable("ddim", torch.zeros(0, 8), torch.zeros(0), torch.zeros(0))
+    with pytest.raises(ValueError, match="'table' has no steps"):
+        eng.sample(torch.zeros(1, 3, 4, 4), empty)
+
+
+# ---------------------------------------------------------------- CUDA graphs (GPU only)
+
+def _cuda_toy(seed=0):
+    eng, conv = _toy_engine(seed)
+    conv.cuda()
+    return eng, conv
+
+
+def _eager(conv, x, table, **kw):
+    """The same loop without graphs, over the same conv."""
+    def fn(x, t, ctx=None):
+        out = conv(x) * 0.1 + t.view(-1, 1, 1, 1).to(x.dtype) * 1e-4
+        return out if ctx is None else out + ctx.view(-1, 1, 1, 1)
+    return engine.SamplingEngine(fn, cuda_graphs=False).sample(x, table, **kw)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("solver", ["ddim", "dpmpp_2m", "euler"])
+def test_cuda_graph_capture_matches_eager(solver):
+    eng, conv = _cuda_toy()
+    table = GaussianDiffusion().step_table(solver, 8)
+    x = torch.randn(2, 3, 16, 16, device="cuda")
+    cond = {"ctx": torch.randn(4, device="cuda")}
+    out = eng.sample(x, table, cond, guidance_scale=3.0)
+    ref = _eager(conv, x, table, cond=cond, guidance_scale=3.0)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    assert eng.captures == 1
+    eng.sample(x, table, cond, guidance_scale=3.0)
+    assert eng.captures == 1                          # replayed, not captured again
+
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_cuda_graph_replays_are_reproducible_with_noise():
+    eng, _ = _cuda_toy()
+    table = GaussianDiffusion().step_table("ddpm", 10)
+    x = torch.randn(2, 3, 16, 16, device="cuda")
+    a = eng.sample(x, table, generator=torch.Generator().manual_seed(5))
+    b = eng.sample(x, table, generator=torch.Generator().manual_seed(5))
+    c = eng.sample(x, table, generator=torch.Generator().manual_seed(6))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.equal(a, c)
+    g = torch.Generator(device="cuda").manual_seed(7)
+    d = eng.sample(x, table, generator=g)
+    g.manual_seed(7)
+    torch.testing.assert_close(eng.sample(x, table, generator=g), d, rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_cuda_graph_new_shape_is_a_new_capture():
+    eng, conv = _cuda_toy()
+    table = GaussianDiffusion().step_table("ddim", 5)
+    for shape in [(2, 3, 16, 16), (1, 3, 16, 16), (2, 3, 24, 8), (2, 3, 16, 16)]:
+        x = torch.randn(*shape, device="cuda")
+        torch.testing.assert_close(eng.sample(x, table), _eager(conv, x, table),
+                                   rtol=1e-4, atol=1e-4)
+    assert eng.captures == 3
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_cuda_graph_sees_in_place_weight_updates_and_replaced_weights():
+    eng, conv = _cuda_toy()
+    table = GaussianDiffusion().step_table("ddim", 5)
+    x = torch.randn(2, 3, 16, 16, device="cuda")
+    eng.sample(x, table)
+    with torch.no_grad():
+        conv.weight.mul_(1.5)                         # in place: same storage (LoRA fusion)
+    torch.testing.assert_close(eng.sample(x, table), _eager(conv, x, table), rtol=1e-4, atol=1e-4)
+    assert eng.captures == 1
+    conv.weight = torch.nn.Parameter(conv.weight.detach() * 0.5)   # a new tensor
+    torch.testing.assert_close(eng.sample(x, table), _eager(conv, x, table), rtol=1e-4, atol=1e-4)
+    assert eng.captures == 2
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_cuda_graph_memory_is_freed():
+    gc.collect()
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()
+    eng, conv = _cuda_toy()
+    table = GaussianDiffusion().step_table("ddim", 5)
+    for n in (1, 2, 4):
+        eng.sample(torch.randn(n, 3, 64, 64, device="cuda"), table)
+    assert torch.cuda.memory_allocated() > before
+    eng.close()
+    del eng, conv
+    gc.collect()
+    torch.cuda.empty_cache()
+    assert torch.cuda.memory_allocated() <= before + 4096
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_cuda_accelerated_unet_graphs():
+    """GraphedUNet: replay equals eager, a new batch size is a new capture, weights updated in
+    place are seen, a pipeline gives the stock result, restore frees the graphs."""
+    unet = zoo.build_unet("sd15", width=0.5, sample_size=16, layers_per_block=1,
+                          device="cuda", dtype=torch.float16)
+    x = torch.randn(2, 4, 16, 16, device="cuda", dtype=torch.float16)
+    ctx = torch.randn(2, 77, 768, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        ref = unet(x, 10, ctx).sample
+        fastdiff.accelerate(unet)
+        graphs = unet.__dict__[fastdiff.pipelines.STATE_ATTR].graphs
+        fused = unet(x, 10, ctx).sample
+        assert graphs.captures == 1
+        torch.testing.assert_close(fused, ref, rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(unet(x, torch.tensor(10, device="cuda"), ctx).sample, fused,
+                                   rtol=0, atol=0)
+        unet(x[:1], 10, ctx[:1])
+        assert graphs.captures == 2
+        unet.conv_out.weight.mul_(2.0)
+        out2 = unet(x, 10, ctx).sample
+        fastdiff.restore(unet)
+        torch.testing.assert_close(out2, unet(x, 10, ctx).sample, rtol=2e-2, atol=2e-2)
+        assert not graphs.graphs and graphs.pool is None
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_cuda_sample_pipeline_fp16_matches_stock():
+    unet = zoo.build_unet("sd15", width=0.5, sample_size=16, layers_per_block=1,
+                          device="cuda", dtype=torch.float16)
+    pipe = _sd_pipe(unet, "DDIMScheduler").to("cuda")
+    g = torch.Generator().manual_seed(0)
+    pe = torch.randn(1, 77, 768, generator=g).half().cuda()
+    ne = torch.randn(1, 77, 768, generator=g).half().cuda()
+    kw = dict(prompt_embeds=pe, negative_prompt_embeds=ne, height=128, width=128,
+              num_inference_steps=10, guidance_scale=7.5)
+    ref = pipe(**kw, output_type="latent", generator=torch.Generator().manual_seed(1)).images
+    fastdiff.accelerate(pipe)
+    out_pipe = pipe(**kw, output_type="latent", generator=torch.Generator().manual_seed(1)).images
+    out_eng = engine.sample_pipeline(pipe, **kw, generator=torch.Generator().manual_seed(1))
+    fastdiff.restore(pipe)
+    for out in (out_pipe, out_eng):
+        err = (out.float() - ref.float()).abs().max().item()
+        assert err <= 0.05 * ref.float().abs().max().item()

@@ -1,0 +1,126 @@
+"""FusedStep (the scheduler step fastdiff.accelerate installs) against the scheduler's own step,
+call by call: outputs, return types and the scheduler state after every step."""
+import dataclasses
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+
+from fastdiff import pipelines  # noqa: E402
+
+CASES = [
+    ("DDPMScheduler", {}, {}),
+    ("DDPMScheduler", {"variance_type": "fixed_large", "prediction_type": "v_prediction"}, {}),
+    ("DDIMScheduler", {"clip_sample": True}, {"eta": 0.5, "use_clipped_model_output": True}),
+    ("DDIMScheduler", {"prediction_type": "sample", "timestep_spacing": "trailing"}, {"eta": 0.0}),
+    ("DPMSolverMultistepScheduler", {}, {}),
+    ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_type": "heun",
+                                     "prediction_type": "v_prediction"}, {}),
+    ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True, "lower_order_final": False}, {}),
+    ("EulerDiscreteScheduler", {}, {}),
+    ("EulerDiscreteScheduler", {"prediction_type": "v_prediction"},
+     {"s_churn": 2.0, "s_tmin": 0.5, "s_tmax": 5.0}),
+]
+
+
+def _pair(kind, cfg, steps):
+    cls = getattr(diffusers, kind)
+    a = cls(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, **cfg)
+    b = cls.from_config(a.config)
+    for s in (a, b):
+        s.set_timesteps(steps)
+    b.step = pipelines.FusedStep(b)
+    return a, b
+
+
+def _assert_same(out_ref, out, what):
+    if isinstance(out_ref, tuple):
+        assert isinstance(out, tuple) and len(out) == len(out_ref), what
+        pairs = zip(out_ref, out)
+    else:
+        assert type(out) is type(out_ref), what
+        pairs = ((getattr(out_ref, f.name), getattr(out, f.name))
+                 for f in dataclasses.fields(out_ref))
+    for r, o in pairs:
+        if r is None:
+            assert o is None
+            continue
+        torch.testing.assert_close(o, r.to(o.dtype), rtol=2e-5, atol=2e-5 * max(1.0, r.abs().max().item()),
+                                   msg=what)
+
+
+@pytest.mark.parametrize("kind,cfg,step_kw", CASES,
+                         ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+@pytest.mark.parametrize("return_dict", [True, False])
+def test_fused_step_matches_scheduler_step(kind, cfg, step_kw, return_dict):
+    steps = 6
+    a, b = _pair(kind, cfg, steps)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 5, 7, generator=gen) * a.init_noise_sigma
+    xa, xb = x.clone(), x.clone()
+    ga, gb = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    for i, t in enumerate(a.timesteps):
+        m = torch.randn(x.shape, generator=gen)
+        ia, ib = a.scale_model_input(xa, t), b.scale_model_input(xb, t)
+        torch.testing.assert_close(ib, ia)
+        ra = a.step(m, t, xa, generator=ga, return_dict=return_dict, **step_kw)
+        rb = b.step(m, t, xb, generator=gb, return_dict=return_dict, **step_kw)
+        _assert_same(ra, rb, f"step {i}")
+        xa, xb = (ra[0], rb[0]) if not return_dict else (ra.prev_sample, rb.prev_sample)
+        assert getattr(a, "step_index", None) == getattr(b, "step_index", None)
+        if kind == "DPMSolverMultistepScheduler":
+            assert a.lower_order_nums == b.lower_order_nums
+            for ma, mb in zip(a.model_outputs, b.model_outputs):
+                torch.testing.assert_close(mb, ma, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(xb, xa, rtol=1e-4, atol=1e-4)
+    # the noise consumed from the generator is the same
+    assert torch.equal(torch.randn(3, generator=ga), torch.randn(3, generator=gb))
+
+
+@pytest.mark.parametrize("kind", ["DPMSolverMultistepScheduler", "EulerDiscreteScheduler"])
+def test_fused_step_from_a_begin_index(kind):
+    """img2img starts mid-schedule (set_begin_index): DPM's first step there is first order."""
+    a, b = _pair(kind, {}, 8)
+    for s in (a, b):
+        s.set_begin_index(3)
+    gen = torch.Generator().manual_seed(0)
+    xa = xb = torch.randn(1, 4, 4, 4, generator=gen)
+    for t in a.timesteps[3:]:
+        m = torch.randn(xa.shape, generator=gen)
+        xa = a.step(m, t, a.scale_model_input(xa, t)).prev_sample
+        xb = b.step(m, t, b.scale_model_input(xb, t)).prev_sample
+        torch.testing.assert_close(xb, xa, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_step_falls_back_for_thresholding_and_learned_variance():
+    a, b = _pair("DDPMScheduler", {"thresholding": True}, 4)
+    x, m = torch.randn(1, 4, 4, 4), torch.randn(1, 4, 4, 4)
+    t = a.timesteps[0]
+    torch.testing.assert_close(b.step(m, t, x, generator=torch.Generator().manual_seed(0)).prev_sample,
+                               a.step(m, t, x, generator=torch.Generator().manual_seed(0)).prev_sample)
+    a, b = _pair("DDPMScheduler", {"variance_type": "learned_range"}, 4)
+    m2 = torch.randn(1, 8, 4, 4)
+    torch.testing.assert_close(b.step(m2, t, x, generator=torch.Generator().manual_seed(0)).prev_sample,
+                               a.step(m2, t, x, generator=torch.Generator().manual_seed(0)).prev_sample)
+
+
+def test_fused_step_keeps_the_schedulers_errors():
+    a, b = _pair("EulerDiscreteScheduler", {}, 4)
+    with pytest.raises(ValueError, match="integer indices"):
+        b.step(torch.randn(1, 4, 2, 2), 3, torch.randn(1, 4, 2, 2))
+    c = diffusers.DDIMScheduler()
+    c.step = pipelines.FusedStep(c)
+    with pytest.raises(ValueError, match="set_timesteps"):
+        c.step(torch.randn(1, 4, 2, 2), 3, torch.randn(1, 4, 2, 2))
+
+
+def test_fused_step_after_set_timesteps_again():
+    """A new schedule (another step count) gets a new table."""
+    a, b = _pair("DDIMScheduler", {}, 4)
+    x, m = torch.randn(1, 4, 4, 4), torch.randn(1, 4, 4, 4)
+    b.step(m, b.timesteps[0], x)
+    for s in (a, b):
+        s.set_timesteps(10)
+    t = a.timesteps[1]
+    torch.testing.assert_close(b.step(m, t, x).prev_sample, a.step(m, t, x).prev_sample)
