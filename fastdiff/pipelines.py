@@ -241,6 +241,21 @@ class FusedStep:
             self._cache[key] = hit
         return hit
 
+    def _index_of(self, timestep, index_of):
+        """Row of ``timestep`` in the schedule. A pipeline's ``t`` is usually an element of
+        ``scheduler.timesteps`` itself (a 0-d view): its row is its offset in that storage, found
+        without reading the device (no host sync per step)."""
+        ts = self.scheduler.timesteps
+        if torch.is_tensor(timestep):
+            if (timestep.dim() == 0 and timestep.dtype == ts.dtype and ts.dim() == 1
+                    and ts.stride(0) == 1 and timestep.device == ts.device
+                    and timestep.untyped_storage().data_ptr() == ts.untyped_storage().data_ptr()):
+                i = timestep.storage_offset() - ts.storage_offset()
+                if 0 <= i < ts.shape[0]:
+                    return i
+            timestep = timestep.item()
+        return index_of.get(timestep)
+
     def _fallback(self, reason, *args, **kwargs):
         log_once(f"{self.name}.step: {reason}; diffusers' step used")
         return self.original(*args, **kwargs)
@@ -293,12 +308,11 @@ class FusedStep:
 
         # ---- the row: by timestep (DDPM/DDIM), by the scheduler's step index (DPM, Euler)
         if self.name in ("DDPMScheduler", "DDIMScheduler"):
-            t = timestep.item() if torch.is_tensor(timestep) else timestep
-            i = index_of.get(t)
+            i = self._index_of(timestep, index_of)
             if i is None:
-                return self._fallback(f"timestep {t} not in the schedule", *call, **kwargs)
+                return self._fallback(f"timestep {timestep} not in the schedule", *call, **kwargs)
             if self.name == "DDPMScheduler":
-                draw = t > 0
+                draw = table.timesteps[i] > 0
         else:
             if s.step_index is None:
                 s._init_step_index(timestep)
@@ -308,9 +322,8 @@ class FusedStep:
                     logging.getLogger("diffusers").warning(
                         "The `scale_model_input` function should be called before `step` to "
                         "ensure correct denoising. See `StableDiffusionPipeline` for a usage example.")
-                sigma = float(s.sigmas[i])
-                draw = (opts["s_tmin"] <= sigma <= opts["s_tmax"]
-                        and min(opts["s_churn"] / (len(s.sigmas) - 1), 2 ** 0.5 - 1) > 0)
+                draw = (opts["s_churn"] > 0
+                        and opts["s_tmin"] <= float(s.sigmas[i]) <= opts["s_tmax"])
         prev_x0 = None
         if self.name == "DPMSolverMultistepScheduler" and cfg.solver_order == 2:
             prev_x0 = s.model_outputs[-1]

@@ -124,3 +124,14 @@ def test_fused_step_after_set_timesteps_again():
         s.set_timesteps(10)
     t = a.timesteps[1]
     torch.testing.assert_close(b.step(m, t, x).prev_sample, a.step(m, t, x).prev_sample)
+
+
+def test_row_of_a_timestep_view_is_found_without_reading_it():
+    _, b = _pair("DDIMScheduler", {}, 5)
+    step = b.step
+    _, index_of, _ = step._table("table", eta=0.0, use_clipped_model_output=False)
+    for i, t in enumerate(b.timesteps):                   # views into scheduler.timesteps
+        assert step._index_of(t, index_of) == i
+        assert step._index_of(t.clone(), index_of) == i   # a copy: looked up by value
+        assert step._index_of(int(t), index_of) == i
+    assert step._index_of(torch.tensor(3), index_of) is None
