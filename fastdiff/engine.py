@@ -13,7 +13,8 @@ one memory pool; ``close()`` frees it. Graphs read the model's parameters in pla
 weight updates take effect; a parameter replaced by a new tensor triggers a new capture. Noise
 inside a graph comes from the default CUDA generator, or, when the caller passes a generator
 (CPU or CUDA), from the engine's own generator registered with the graphs and seeded from the
-caller's before the replays: the same seed replays the same noise. On CPU, or with ``cuda_graphs=False``, the same step runs eagerly; the noise is
+caller's before the replays: the same seed replays the same noise. On CPU, or with
+``cuda_graphs=False``, the same step runs eagerly; the noise is
 then drawn only at the steps whose row uses it, in the order diffusers' schedulers draw it.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from fastdiff import ops, schedules
+from fastdiff import capture, ops, schedules
 
 logger = logging.getLogger("fastdiff")
 
@@ -131,7 +132,7 @@ class SamplingEngine:
         if len(table) == 0:
             raise ValueError("'table' has no steps")
         guided = guidance_scale != 1.0 if guided is None else guided
-        use_graph = self.cuda_graphs and x.device.type == "cuda"
+        use_graph = self.cuda_graphs and capture.capturable(x) and not capture.capturing()
         steps = range(len(table))
         if progress_bar:
             from tqdm import tqdm
@@ -162,7 +163,7 @@ class SamplingEngine:
         # generator, registered with the graphs and seeded from the caller's just before the
         # replays (capture and warm-up draws do not shift the sequence).
         if generator is None:
-            gen = torch.cuda.default_generators[x.device.index or 0]
+            gen = capture.default_generator(x.device)
         else:
             if self._gen is None:
                 self._gen = torch.Generator(device=x.device)
@@ -192,24 +193,15 @@ class SamplingEngine:
 
     def _capture(self, x, table, cond, guided, guidance_scale, gen, timestep_dtype):
         if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
+            self._pool = capture.new_pool()
         s = _Static(x, table, cond, timestep_dtype, table.needs_prev_x0)
-        graph = torch.cuda.CUDAGraph()
-        if gen is self._gen:
-            if not hasattr(graph, "register_generator_state"):
-                raise RuntimeError("this torch cannot register a generator with a CUDA graph "
-                                   "(torch >= 2.5 can); pass generator=None or cuda_graphs=False")
-            graph.register_generator_state(gen)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):                  # warm-up: JIT compiles, autotuning
-            for _ in range(self.warmup):
-                self._step(s, table, guided, guidance_scale, gen, table.needs_noise)
-        torch.cuda.current_stream().wait_stream(side)
+
+        def body():
+            return self._step(s, table, guided, guidance_scale, gen, table.needs_noise)
+
+        capture.warm_up(body, self.warmup)
         s.load(x, table, cond, timestep_dtype)
-        with torch.cuda.graph(graph, pool=self._pool):
-            s.x0 = self._step(s, table, guided, guidance_scale, gen, table.needs_noise)
-        s.graph = graph
+        s.graph, s.x0 = capture.capture(body, self._pool, gen if gen is self._gen else None)
         self.captures += 1
         return s
 

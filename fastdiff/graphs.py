@@ -22,6 +22,7 @@ from collections import OrderedDict
 import torch
 from torch.utils import _pytree as pytree
 
+from fastdiff import capture
 from fastdiff.pipelines import log_once
 
 
@@ -69,8 +70,8 @@ class GraphedUNet:
         call.pop(next(iter(self._signature.parameters)))          # self
         extra = call.pop("kwargs", None) if "kwargs" in self._signature.parameters else None
         sample = call.get("sample")
-        if (not isinstance(sample, torch.Tensor) or sample.device.type != "cuda"
-                or torch.cuda.is_current_stream_capturing()):
+        if (not isinstance(sample, torch.Tensor) or not capture.capturable(sample)
+                or capture.capturing()):
             return self._forward(unet, *args, **kwargs)
         reason = self._why_not(unet, call, extra)
         if reason is None:
@@ -128,20 +129,17 @@ class GraphedUNet:
 
     def _capture(self, unet, spec, leaves, ptrs):
         if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
+            self.pool = capture.new_pool()
         static = [x.clone() if isinstance(x, torch.Tensor) else x for x in leaves]
         call = pytree.tree_unflatten(static, spec)
         e = _Entry()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):                 # warm-up: JIT compiles, cuDNN autotunes
-            e.out_type = type(self._forward(unet, **call, return_dict=True))
-            for _ in range(self.warmup - 1):
-                self._forward(unet, **call, return_dict=False)
-        torch.cuda.current_stream().wait_stream(side)
-        e.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(e.graph, pool=self.pool):
-            e.out = self._forward(unet, **call, return_dict=False)[0]
+        e.out_type = type(self._forward(unet, **call, return_dict=True))
+
+        def body():
+            return self._forward(unet, **call, return_dict=False)[0]
+
+        capture.warm_up(body, self.warmup)
+        e.graph, e.out = capture.capture(body, self.pool)
         e.static, e.ptrs = static, ptrs
         self.captures += 1
         return e
