@@ -231,18 +231,18 @@ class UNet(nn.Module):
         hs = [h]
         for block in self.down:
             for layer in block:
-                h = self._apply(layer, h, emb, context, context_mask, fused)
+                h = self._run_layer(layer, h, emb, context, context_mask, fused)
             hs.append(h)
         for layer in self.mid:
-            h = self._apply(layer, h, emb, context, context_mask, fused)
+            h = self._run_layer(layer, h, emb, context, context_mask, fused)
         for block in self.up:
             h = torch.cat([h, hs.pop()], dim=1)
             for layer in block:
-                h = self._apply(layer, h, emb, context, context_mask, fused)
+                h = self._run_layer(layer, h, emb, context, context_mask, fused)
         return self.conv_out(_norm_act(self.norm_out, h, fused))
 
     @staticmethod
-    def _apply(layer, h, emb, context, context_mask, fused):
+    def _run_layer(layer, h, emb, context, context_mask, fused):
         if isinstance(layer, ResBlock):
             return layer(h, emb, fused)
         if isinstance(layer, AttnBlock):

@@ -146,3 +146,11 @@ def test_config_is_validated():
         UNetConfig(base_channels=30, groups=8)
     with pytest.raises(ValueError, match="image_size 10 must be divisible by 4"):
         UNetConfig(image_size=10, channel_mult=(1, 2, 2))
+
+
+def test_unet_moves_between_devices_and_dtypes():
+    """UNet must not shadow nn.Module._apply (which .to() / .cuda() / .half() go through)."""
+    m = UNet(UNetConfig(image_size=8, base_channels=16, channel_mult=(1,), groups=4,
+                        num_classes=3))
+    assert next(m.to(torch.float64).parameters()).dtype == torch.float64
+    assert next(m.to("cpu", torch.float32).parameters()).dtype == torch.float32
