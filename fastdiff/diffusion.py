@@ -36,10 +36,14 @@ class GaussianDiffusion:
         s = self._sqrt_1mac.to(x0.device)[t].view(-1, *[1] * (x0.dim() - 1))
         return a * x0 + s * noise
 
-    def loss(self, model, x0, labels=None, generator=None, **cond) -> torch.Tensor:
-        """L_simple (Eq. 14): || eps - eps_theta(x_t, t) ||^2 with t ~ U{0..T-1}."""
-        t = torch.randint(0, self.T, (x0.shape[0],), generator=generator, device=x0.device)
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device)
+    def loss(self, model, x0, labels=None, generator=None, t=None, noise=None,
+             **cond) -> torch.Tensor:
+        """L_simple (Eq. 14): || eps - eps_theta(x_t, t) ||^2 with t ~ U{0..T-1} and eps drawn
+        from ``generator`` unless given."""
+        if t is None:
+            t = torch.randint(0, self.T, (x0.shape[0],), generator=generator, device=x0.device)
+        if noise is None:
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device)
         return F.mse_loss(model(self.q_sample(x0, t, noise), t.float(), labels, **cond), noise)
 
     def step_table(self, solver: str = "ddim", num_steps: int = 50,
@@ -73,23 +77,34 @@ class GaussianDiffusion:
 @torch.no_grad()
 def sample(model, diffusion: GaussianDiffusion, labels: torch.Tensor, *, solver: str = "ddim",
            num_steps: int = 50, guidance_scale: float = 1.5, seed: int = 0, eta: float = 0.0,
-           progress_steps=(), progress_bar: bool = False, engine=None, **cond):
+           progress_steps=(), progress_bar: bool = False, engine=None,
+           sample_seeds=None, **cond):
     """Draws one sample per label. Returns (x_0 (B, C, S, S) in [-1, 1], {step: predicted x0}).
 
     labels: (B,) int64 class labels (the null label = unconditional). ``progress_steps`` lists
     step indices whose predicted x0 is kept (progressive decoding, Ho et al. 2020 Fig. 6).
     Same seed, same samples: the initial noise and every step's noise come from one generator.
     The loop runs on a ``fastdiff.engine.SamplingEngine`` (pass ``engine`` to reuse one and its
-    CUDA graphs across calls).
+    CUDA graphs across calls). ``sample_seeds``: one seed per sample instead of ``seed``; each
+    sample's noise (initial and per step) then comes from its own generator, so a sample does
+    not depend on the batch it is drawn in (sharded generation).
     """
     from fastdiff.engine import SamplingEngine, fastdiff_model_fn
 
     c = model.config
     device = next(model.parameters()).device
     table = diffusion.step_table(solver, num_steps, eta)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
     shape = (labels.shape[0], c.in_channels, c.image_size, c.image_size)
-    x = (torch.randn(shape, generator=gen) * table.init_noise_sigma).to(device)
+    if sample_seeds is not None:
+        if len(sample_seeds) != shape[0]:
+            raise ValueError(f"'sample_seeds' must hold one seed per label ({shape[0]}), got "
+                             f"{len(sample_seeds)}")
+        gen = [torch.Generator().manual_seed(int(s)) for s in sample_seeds]
+        x = torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in gen])
+    else:
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        x = torch.randn(shape, generator=gen)
+    x = (x * table.init_noise_sigma).to(device)
     guided = guidance_scale != 1.0 and c.num_classes > 0
     null = torch.full_like(labels, c.num_classes)
     model_cond = {"labels": (torch.cat([null, labels]) if guided else labels).to(device)}

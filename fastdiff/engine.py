@@ -99,7 +99,10 @@ class SamplingEngine:
         t = s.ts.index_select(0, idx).expand(2 * n if guided else n)
         out = self.model_fn(torch.cat([x_in, x_in]) if guided else x_in, t, **s.cond)
         noise = None
-        if draw:
+        if draw and isinstance(generator, (list, tuple)):      # one generator per sample
+            noise = torch.cat([torch.randn((1, *s.x.shape[1:]), generator=g, device=g.device,
+                                           dtype=s.x.dtype).to(s.x.device) for g in generator])
+        elif draw:
             dev = generator.device if generator is not None else s.x.device
             noise = torch.randn(s.x.shape, generator=generator, device=dev, dtype=s.x.dtype
                                 ).to(s.x.device)
@@ -121,7 +124,9 @@ class SamplingEngine:
         """Runs ``len(table)`` steps from ``x`` (the initial sample, already scaled by the
         table's init_noise_sigma) and returns the final sample (a new tensor).
 
-        cond: conditioning tensors for model_fn, batch 2N when guided. guided: whether the model
+        cond: conditioning tensors for model_fn, batch 2N when guided. generator: one, or a
+        list with one per sample (each sample's noise then depends only on its generator, not on
+        the batch it is in; such runs are eager). guided: whether the model
         batch is [uncond; cond] (default: guidance_scale != 1). callback(i, t, x, x0): called
         after step i with the engine's own buffers (clone what you keep); a returned tensor
         replaces x. progress_bar: True or a description.
@@ -132,7 +137,11 @@ class SamplingEngine:
         if len(table) == 0:
             raise ValueError("'table' has no steps")
         guided = guidance_scale != 1.0 if guided is None else guided
-        use_graph = self.cuda_graphs and capture.capturable(x) and not capture.capturing()
+        if isinstance(generator, (list, tuple)) and len(generator) != x.shape[0]:
+            raise ValueError(f"'generator' list must hold one generator per sample "
+                             f"({x.shape[0]}), got {len(generator)}")
+        use_graph = (self.cuda_graphs and capture.capturable(x) and not capture.capturing()
+                     and not isinstance(generator, (list, tuple)))
         steps = range(len(table))
         if progress_bar:
             from tqdm import tqdm
