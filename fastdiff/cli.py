@@ -25,11 +25,28 @@ def add_subcommands(sub) -> None:
     e = sub.add_parser("eval", help="conditional accuracy and FD of samples vs real digits")
     e.add_argument("--num-per-class", type=int, default=30)
     _sampling_args(e)
+    g = sub.add_parser("generate", help="draw many samples into shards (torchrun: sharded "
+                       "across ranks; reruns resume)")
+    # not --num: torchrun's own parser takes it for an abbreviation of --numa-binding
+    g.add_argument("--num-samples", type=int, required=True, help="number of samples")
+    g.add_argument("--out", required=True, help="output folder (shards, manifest.json)")
+    g.add_argument("--label", type=int, action="append",
+                   help="digit to draw (repeatable; samples cycle through them); default: 0-9")
+    g.add_argument("--shard-size", type=int, default=256, help="samples per shard file")
+    g.add_argument("--batch-size", type=int, default=256, help="samples per model batch")
+    g.add_argument("--png", action="store_true", help="also write a PNG grid per shard")
+    g.add_argument("--max-shards", type=int, default=None,
+                   help="stop each rank after writing this many shards (rerun to continue)")
+    g.add_argument("--device", choices=("cuda", "cpu"), default=None,
+                   help="default: cuda when available (one GPU per rank: LOCAL_RANK)")
+    _sampling_args(g)
     t = sub.add_parser("train", help="train a digits model (resumes from <out>/checkpoint)")
     t.add_argument("--out", default="runs/digits", help="output folder")
     t.add_argument("--steps", type=int, default=None)
     t.add_argument("--batch-size", type=int, default=None)
     t.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
+    t.add_argument("--device", choices=("cuda", "cpu"), default="cpu",
+                   help="training device (torchrun: one GPU per rank)")
 
 
 def _sampling_args(p) -> None:
@@ -44,13 +61,14 @@ def _sampling_args(p) -> None:
 
 
 def run(args) -> int:
-    return {"sample": _sample, "eval": _eval, "train": _train}[args.command](args)
+    return {"sample": _sample, "eval": _eval, "train": _train,
+            "generate": _generate}[args.command](args)
 
 
-def load_model(path: str = WEIGHTS):
+def load_model(path: str = WEIGHTS, device="cpu"):
     from fastdiff.unet import UNet
 
-    return UNet.load(path, fused=True).eval()
+    return UNet.load(path, fused=True).eval().to(device)
 
 
 def _check_labels(labels, num_classes):
@@ -121,6 +139,40 @@ def _train(args) -> int:
         cfg = replace(cfg, steps=args.steps)
     if args.batch_size:
         cfg = replace(cfg, batch_size=args.batch_size)
-    train(args.out, cfg, resume=not args.no_resume)
-    print(f"wrote {os.path.join(args.out, 'model.safetensors')} (EMA weights)", file=sys.stderr)
+    from fastdiff import distributed
+
+    ctx = distributed.init(args.device)
+    try:
+        train(args.out, cfg, resume=not args.no_resume, ctx=ctx)
+    finally:
+        ctx.close()
+    if ctx.is_main:
+        print(f"wrote {os.path.join(args.out, 'model.safetensors')} (EMA weights)",
+              file=sys.stderr)
+    return 0
+
+
+def _generate(args) -> int:
+    from fastdiff import distributed
+    from fastdiff.generate import generate
+
+    ctx = distributed.init(args.device)
+    try:
+        model = load_model(args.weights, ctx.device)
+        summary = generate(model, args.out, args.num_samples, labels=args.label,
+                           shard_size=args.shard_size, batch_size=args.batch_size,
+                           solver=args.solver, steps=args.steps, guidance=args.guidance,
+                           seed=args.seed, png=args.png, max_shards=args.max_shards,
+                           rank=ctx.rank, world_size=ctx.world_size, barrier=ctx.barrier,
+                           progress=ctx.is_main, model_name=os.path.basename(args.weights))
+    finally:
+        ctx.close()
+    print(f"rank {ctx.rank}/{ctx.world_size}: wrote {summary['written']} shards, skipped "
+          f"{summary['skipped']} already there, {summary['seconds']:.1f} s", file=sys.stderr)
+    if ctx.is_main:
+        if "manifest" in summary:
+            print(f"wrote {summary['manifest']}: {args.num_samples} samples in {summary['shards']} shards")
+        else:
+            print(f"{summary['missing']} of {summary['shards']} shards still to draw: run the "
+                  "same command again to continue")
     return 0

@@ -52,7 +52,9 @@ def _load(path, cfg, model, ema, opt, gen) -> int:
     state = load_safetensors(path)
     meta = load_safetensors_metadata(path)
     saved = json.loads(meta.get("train_config", "{}"))
-    if saved and saved != json.loads(json.dumps(asdict(cfg))):
+    # the run's length and checkpoint interval may change on resume (train longer); not the rest
+    same = lambda d: {k: v for k, v in d.items() if k not in ("steps", "ckpt_every")}  # noqa: E731
+    if saved and same(saved) != same(json.loads(json.dumps(asdict(cfg)))):
         raise ValueError(f"checkpoint {path} was written with another training config: {saved}")
     model.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")})
     ema.model.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("ema.")})
@@ -68,36 +70,74 @@ def _load(path, cfg, model, ema, opt, gen) -> int:
 
 
 def train(out_dir: str, cfg: TrainConfig | None = None, resume: bool = True,
-          progress: bool = True, stop_after: int | None = None) -> UNet:
+          progress: bool = True, stop_after: int | None = None, ctx=None) -> UNet:
     """Trains (or resumes) into ``out_dir``; returns the EMA model.
 
+    ctx: a ``fastdiff.distributed.Context`` (torchrun): the model is wrapped in
+    DistributedDataParallel, each of the W ranks takes cfg.batch_size / W samples of every global
+    batch (torch's DistributedSampler over the data, reshuffled per epoch), rank 0 alone writes
+    checkpoints, and any world size resumes any checkpoint. The global batch and its noise are
+    the same for every W, so W ranks train as one process with the same global batch does.
     ``stop_after`` ends the run right after that step's checkpoint, as a kill would (tests).
     """
+    from torch.utils.data.distributed import DistributedSampler
+
+    from fastdiff.distributed import Context
+
     cfg = cfg or TrainConfig()
+    ctx = ctx or Context()
+    W, rank, device = ctx.world_size, ctx.rank, ctx.device
+    if cfg.batch_size % W:
+        raise ValueError(f"'batch_size' ({cfg.batch_size}) must be divisible by the number of "
+                         f"ranks ({W})")
+    b = cfg.batch_size // W
     os.makedirs(out_dir, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed + rank)                     # dropout masks differ per rank
+    gen = torch.Generator().manual_seed(cfg.seed)          # shared: t, noise, label dropout
     x_all, y_all = digits.load("train")
     if cfg.model.image_size != x_all.shape[-1]:
         x_all = torch.nn.functional.interpolate(x_all, size=cfg.model.image_size, mode="bilinear",
                                                 align_corners=False)
+    sampler = DistributedSampler(range(len(y_all)), num_replicas=W, rank=rank, shuffle=True,
+                                 seed=cfg.seed, drop_last=True)
+    per_epoch = len(sampler) // b
+    if per_epoch < 1:
+        raise ValueError(f"'batch_size' ({cfg.batch_size}) exceeds the data ({len(y_all)})")
     diffusion = GaussianDiffusion()
-    model = UNet(cfg.model, fused=False).train()
+    model = UNet(cfg.model, fused=False).to(device).train()
     ema = EMA(model, cfg.ema_decay)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     ckpt = os.path.join(out_dir, CHECKPOINT)
     start = _load(ckpt, cfg, model, ema, opt, gen) if resume and os.path.exists(ckpt) else 0
+    net = model
+    if ctx.distributed:
+        from torch.nn.parallel import DistributedDataParallel
 
-    steps = range(start, cfg.steps)
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                      else None)
+    x_all, y_all = x_all.to(device), y_all.to(device)
+
     bar = None
-    if progress:
+    if progress and ctx.is_main:
         from tqdm import tqdm
         bar = tqdm(total=cfg.steps, initial=start, desc="training", unit="step")
-    for step in steps:
-        idx = torch.randint(0, len(y_all), (cfg.batch_size,), generator=gen)
+    epoch, order = -1, None
+    shape = (cfg.batch_size, *x_all.shape[1:])
+    for step in range(start, cfg.steps):
+        if step // per_epoch != epoch:
+            epoch = step // per_epoch
+            sampler.set_epoch(epoch)
+            order = torch.tensor(list(sampler))
+        j = step % per_epoch
+        idx = order[j * b:(j + 1) * b].to(device)
+        # randomness of the whole global batch, identical on every rank; rank r takes the
+        # positions r, r + W, ... (where DistributedSampler puts its samples)
+        drop = torch.rand(cfg.batch_size, generator=gen)[rank::W] < cfg.p_uncond
+        t = torch.randint(0, diffusion.T, (cfg.batch_size,), generator=gen)[rank::W]
+        noise = torch.randn(shape, generator=gen)[rank::W]
         labels = y_all[idx].clone()
-        labels[torch.rand(cfg.batch_size, generator=gen) < cfg.p_uncond] = cfg.model.num_classes
-        loss = diffusion.loss(model, x_all[idx], labels, generator=gen)
+        labels[drop.to(device)] = cfg.model.num_classes
+        loss = diffusion.loss(net, x_all[idx], labels, t=t.to(device), noise=noise.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -106,11 +146,13 @@ def train(out_dir: str, cfg: TrainConfig | None = None, resume: bool = True,
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}")
         done = step + 1
-        if done % cfg.ckpt_every == 0 or done == cfg.steps:
+        if (done % cfg.ckpt_every == 0 or done == cfg.steps) and ctx.is_main:
             _save(ckpt, done, cfg, model, ema, opt, gen)
         if stop_after is not None and done >= stop_after:
             break
     if bar is not None:
         bar.close()
-    ema.model.save(os.path.join(out_dir, "model.safetensors"))
+    ctx.barrier()
+    if ctx.is_main:
+        ema.model.save(os.path.join(out_dir, "model.safetensors"))
     return ema.model
