@@ -1,7 +1,7 @@
 # Two commands do all set-up and run (see README.md):
 #   make sample  install, build, draw digits from the shipped model into digits.png
 #   make test    install with the test extras, build, run the test suite
-# Also: make demo (the fused ops against torch), make bench (CPU benchmarks).
+# Also: make demo (the fused ops against torch), make bench (the benchmark suite).
 PYTHON ?= python3
 
 .PHONY: sample demo test install install-test bench
@@ -22,4 +22,4 @@ test: install-test
 	$(PYTHON) -m pytest -q
 
 bench: install-test
-	$(PYTHON) -m pytest benchmarks -q --benchmark-columns=median,iqr,ops --benchmark-sort=name
+	$(PYTHON) -m fastdiff bench --out bench-results

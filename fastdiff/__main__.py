@@ -2,7 +2,9 @@
 
     fastdiff sample   draw digits from the shipped model into a PNG grid (the main command)
     fastdiff eval     conditional accuracy and FD of samples against real digits
-    fastdiff train    train a digits model (checkpoints, resume)
+    fastdiff train    train a digits model (checkpoints, resume; torchrun: DDP)
+    fastdiff generate draw many samples into shards (torchrun: sharded across ranks)
+    fastdiff bench    the benchmark suite: a table, results JSON and a PNG chart
     fastdiff demo     run the three fused ops against torch and print agreement and time
 """
 from __future__ import annotations

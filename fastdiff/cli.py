@@ -40,6 +40,13 @@ def add_subcommands(sub) -> None:
     g.add_argument("--device", choices=("cuda", "cpu"), default=None,
                    help="default: cuda when available (one GPU per rank: LOCAL_RANK)")
     _sampling_args(g)
+    b = sub.add_parser("bench", help="run the benchmark suite (source tree's benchmarks/): "
+                       "table, results.json, chart.png")
+    b.add_argument("--suite", choices=("kernels", "e2e", "all"), default="all")
+    b.add_argument("--quick", action="store_true", help="tiny cases: checks the suite runs")
+    b.add_argument("--out", default="bench-results", help="output folder")
+    b.add_argument("-k", dest="select", default=None,
+                   help="only cases matching this pytest -k expression (e.g. 'sd15 and attention')")
     t = sub.add_parser("train", help="train a digits model (resumes from <out>/checkpoint)")
     t.add_argument("--out", default="runs/digits", help="output folder")
     t.add_argument("--steps", type=int, default=None)
@@ -61,8 +68,8 @@ def _sampling_args(p) -> None:
 
 
 def run(args) -> int:
-    return {"sample": _sample, "eval": _eval, "train": _train,
-            "generate": _generate}[args.command](args)
+    return {"sample": _sample, "eval": _eval, "train": _train, "generate": _generate,
+            "bench": _bench}[args.command](args)
 
 
 def load_model(path: str = WEIGHTS, device="cpu"):
@@ -175,4 +182,46 @@ def _generate(args) -> int:
         else:
             print(f"{summary['missing']} of {summary['shards']} shards still to draw: run the "
                   "same command again to continue")
+    return 0
+
+
+BENCH_FILES = {"kernels": ["test_kernels.py"], "e2e": ["test_e2e.py"],
+               "all": ["test_kernels.py", "test_e2e.py"]}
+
+
+def benchmarks_dir() -> str:
+    """benchmarks/ of the source tree this fastdiff was installed from (not in the wheel)."""
+    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    if not os.path.isfile(os.path.join(here, "test_kernels.py")):
+        raise FileNotFoundError(
+            f"the benchmark suite was not found at {here}: 'fastdiff bench' runs from a source "
+            "checkout (git clone, then pip install --no-build-isolation -e .)")
+    return here
+
+
+def _bench(args) -> int:
+    import pytest
+
+    from fastdiff import bench
+
+    root = benchmarks_dir()
+    os.makedirs(args.out, exist_ok=True)
+    raw = os.path.join(os.path.abspath(args.out), "benchmarks-raw.json")
+    argv = [os.path.join(root, f) for f in BENCH_FILES[args.suite]]
+    argv += ["-q", "-p", "no:cacheprovider", "--benchmark-json", raw,
+             "--benchmark-columns=median,iqr,rounds", "--benchmark-sort=name"]
+    if args.quick:
+        argv.append("--bench-quick")
+    if args.select:
+        argv += ["-k", args.select]
+    code = pytest.main(argv)
+    if code not in (0, 5) or not os.path.exists(raw):
+        print(f"fastdiff bench: the suite failed (pytest exit {int(code)})", file=sys.stderr)
+        return int(code) or 1
+    env = bench.environment()
+    title = f"fastdiff bench ({args.suite}{', quick' if args.quick else ''}) on {env['device']}"
+    md, _ = bench.write_results(bench.load_raw(raw), args.out, title)
+    print("\n" + md)
+    print(f"\nwrote {args.out}/results.json, results.md, chart.png ({env['device']}, torch "
+          f"{env['torch']}, commit {(env['git_commit'] or '?')[:10]})")
     return 0
