@@ -64,11 +64,13 @@ def environment() -> dict:
     except Exception:                                   # pragma: no cover
         triton_version = None
     here = os.path.dirname(os.path.abspath(__file__))
+    commit = os.environ.get("FASTDIFF_GIT_COMMIT")      # a copy without .git (the GPU machine)
     try:
         git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True,  # noqa: E731
                                         cwd=here, timeout=10).stdout.strip()
-        commit = git("rev-parse", "HEAD") or None
-        if commit and git("status", "--porcelain", "--untracked-files=no"):
+        commit = commit or git("rev-parse", "HEAD") or None
+        if (commit and "FASTDIFF_GIT_COMMIT" not in os.environ
+                and git("status", "--porcelain", "--untracked-files=no")):
             commit += "-dirty"
     except Exception:                                   # pragma: no cover
         commit = None
