@@ -227,7 +227,8 @@ class FusedStep:
         key = (kind, id(s.timesteps), s.num_inference_steps, tuple(sorted(opts.items())))
         hit = self._cache.get(key)
         if hit is None:
-            self._cache.clear() if len(self._cache) > 8 else None
+            if len(self._cache) > 8:
+                self._cache.clear()
             if kind == "first_order":
                 from diffusers import DPMSolverMultistepScheduler
                 tmp = DPMSolverMultistepScheduler.from_config(s.config, solver_order=1)

@@ -94,14 +94,18 @@ def test_sample_pipeline_ddpm_unconditional():
     assert abs(out - ref).max() < 1e-4
 
 
-def _toy_engine(seed=0):
-    torch.manual_seed(seed)
-    conv = torch.nn.Conv2d(3, 3, 3, padding=1)
-
+def _toy_fn(conv):
+    """A model_fn over one conv: output depends on x, the timestep and an optional ctx."""
     def fn(x, t, ctx=None):
         out = conv(x) * 0.1 + t.view(-1, 1, 1, 1).to(x.dtype) * 1e-4
         return out if ctx is None else out + ctx.view(-1, 1, 1, 1)
-    return engine.SamplingEngine(fn, parameters=lambda: list(conv.parameters())), conv
+    return fn
+
+
+def _toy_engine(seed=0):
+    torch.manual_seed(seed)
+    conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+    return engine.SamplingEngine(_toy_fn(conv), parameters=lambda: list(conv.parameters())), conv
 
 
 def test_engine_callback_progress_and_reproducibility(capsys):
@@ -160,10 +164,7 @@ def _toy(dev, seed=0):
 
 def _eager(conv, x, table, **kw):
     """The same loop without graphs, over the same conv."""
-    def fn(x, t, ctx=None):
-        out = conv(x) * 0.1 + t.view(-1, 1, 1, 1).to(x.dtype) * 1e-4
-        return out if ctx is None else out + ctx.view(-1, 1, 1, 1)
-    return engine.SamplingEngine(fn, cuda_graphs=False).sample(x, table, **kw)
+    return engine.SamplingEngine(_toy_fn(conv), cuda_graphs=False).sample(x, table, **kw)
 
 
 @pytest.mark.parametrize("solver", ["ddim", "dpmpp_2m", "euler"])
