@@ -51,7 +51,8 @@ def add_subcommands(sub) -> None:
     t.add_argument("--out", default="runs/digits", help="output folder")
     t.add_argument("--steps", type=int, default=None)
     t.add_argument("--batch-size", type=int, default=None)
-    t.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
+    t.add_argument("--no-resume", action="store_true",
+                   help="start over even if a checkpoint exists")
     t.add_argument("--device", choices=("cuda", "cpu"), default="cpu",
                    help="training device (torchrun: one GPU per rank)")
 
@@ -178,7 +179,8 @@ def _generate(args) -> int:
           f"{summary['skipped']} already there, {summary['seconds']:.1f} s", file=sys.stderr)
     if ctx.is_main:
         if "manifest" in summary:
-            print(f"wrote {summary['manifest']}: {args.num_samples} samples in {summary['shards']} shards")
+            print(f"wrote {summary['manifest']}: {args.num_samples} samples in "
+                  f"{summary['shards']} shards")
         else:
             print(f"{summary['missing']} of {summary['shards']} shards still to draw: run the "
                   "same command again to continue")

@@ -94,7 +94,8 @@ class GraphedUNet:
         t = call.get("timestep")
         dev = call["sample"].device
         if not isinstance(t, torch.Tensor):
-            dtype = torch.int64 if self._int_timesteps or not isinstance(t, float) else torch.float64
+            as_int = self._int_timesteps or not isinstance(t, float)
+            dtype = torch.int64 if as_int else torch.float64
             call["timestep"] = torch.tensor(t, dtype=dtype, device=dev)
         elif t.device != dev:
             call["timestep"] = t.to(dev)

@@ -1,4 +1,4 @@
-"""``fastdiff.accelerate`` (this module: fastdiff.pipelines): the fused ops dropped into Hugging Face diffusers pipelines.
+"""``fastdiff.accelerate`` (this module): the fused ops dropped into diffusers pipelines.
 
 ``accelerate(pipe)`` (or ``accelerate(unet)``) patches objects in place and keeps everything
 needed to undo it (``restore``):
@@ -92,7 +92,9 @@ def _resnet_forward(self, input_tensor, temb, *args, **kwargs):
     h = self.dropout(h)
     h = self.conv2(h)
     if self.conv_shortcut is not None:
-        input_tensor = self.conv_shortcut(input_tensor.contiguous() if self.training else input_tensor)
+        if self.training:
+            input_tensor = input_tensor.contiguous()
+        input_tensor = self.conv_shortcut(input_tensor)
     return (input_tensor + h) / self.output_scale_factor
 
 
@@ -145,7 +147,8 @@ class FastdiffAttnProcessor:
         batch_size, sequence_length, _ = (hidden_states.shape if encoder_hidden_states is None
                                           else encoder_hidden_states.shape)
         if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length,
+                                                         batch_size)
             attention_mask = attention_mask.view(batch_size, attn.heads, -1,
                                                  attention_mask.shape[-1])
         if attn.group_norm is not None and not fused_gn:
@@ -179,7 +182,8 @@ class FastdiffAttnProcessor:
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
         if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height,
+                                                                    width)
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
@@ -192,7 +196,8 @@ def _attention_supported(m) -> str | None:
     if isinstance(proc, FastdiffAttnProcessor):
         return None
     if type(proc) not in (AttnProcessor, AttnProcessor2_0):
-        return f"attention processor {type(proc).__name__} kept (only diffusers' default is replaced)"
+        return (f"attention processor {type(proc).__name__} kept (only diffusers' default is "
+                "replaced)")
     if not getattr(m, "scale_qk", True):
         return "Attention with scale_qk=False kept"
     return None
@@ -322,13 +327,15 @@ class FusedStep:
                 if not s.is_scale_input_called:
                     logging.getLogger("diffusers").warning(
                         "The `scale_model_input` function should be called before `step` to "
-                        "ensure correct denoising. See `StableDiffusionPipeline` for a usage example.")
+                        "ensure correct denoising. See `StableDiffusionPipeline` for a usage "
+                        "example.")
                 draw = (opts["s_churn"] > 0
                         and opts["s_tmin"] <= float(s.sigmas[i]) <= opts["s_tmax"])
         prev_x0 = None
         if self.name == "DPMSolverMultistepScheduler" and cfg.solver_order == 2:
             prev_x0 = s.model_outputs[-1]
-            if table.coeffs[i, schedules.COEF_KP] != 0 and (s.lower_order_nums < 1 or prev_x0 is None):
+            second_order = table.coeffs[i, schedules.COEF_KP] != 0
+            if second_order and (s.lower_order_nums < 1 or prev_x0 is None):
                 table, _, dev_cache = self._table("first_order")   # diffusers' state says 1st order
 
         noise = None

@@ -44,7 +44,8 @@ def build_unet(name: str, width: float = 1.0, seed: int = 0, dtype=torch.float32
     kw = dict(c["unet"])
     if width != 1.0:
         groups = kw.get("norm_num_groups", 32)
-        chans = [max(groups, round(ch * width / groups) * groups) for ch in kw["block_out_channels"]]
+        chans = [max(groups, round(ch * width / groups) * groups)
+                 for ch in kw["block_out_channels"]]
         heads = kw.get("attention_head_dim")
         if isinstance(heads, int) and name == "sd15":        # SD1.5: 'attention_head_dim' = heads
             kw["attention_head_dim"] = max(1, round(heads * width))

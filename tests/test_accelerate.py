@@ -87,7 +87,8 @@ def _assert_parity(pipe, call, rtol=1e-4):
         fastdiff.restore(pipe)
     scale = ref.abs().max().item()
     err = (out - ref).abs().max().item()
-    assert err <= rtol * max(scale, 1.0), f"max |accelerated - stock| = {err:.3g} (scale {scale:.3g})"
+    assert err <= rtol * max(scale, 1.0), \
+        f"max |accelerated - stock| = {err:.3g} (scale {scale:.3g})"
     torch.testing.assert_close(call(), ref, rtol=0, atol=0)
     return out
 

@@ -14,7 +14,6 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-import torch
 
 from fastdiff import generate as gen_mod
 from fastdiff.cli import load_model

@@ -46,8 +46,8 @@ def _assert_same(out_ref, out, what):
         if r is None:
             assert o is None
             continue
-        torch.testing.assert_close(o, r.to(o.dtype), rtol=2e-5, atol=2e-5 * max(1.0, r.abs().max().item()),
-                                   msg=what)
+        atol = 2e-5 * max(1.0, r.abs().max().item())
+        torch.testing.assert_close(o, r.to(o.dtype), rtol=2e-5, atol=atol, msg=what)
 
 
 @pytest.mark.parametrize("kind,cfg,step_kw", CASES,
@@ -97,12 +97,13 @@ def test_fused_step_falls_back_for_thresholding_and_learned_variance():
     a, b = _pair("DDPMScheduler", {"thresholding": True}, 4)
     x, m = torch.randn(1, 4, 4, 4), torch.randn(1, 4, 4, 4)
     t = a.timesteps[0]
-    torch.testing.assert_close(b.step(m, t, x, generator=torch.Generator().manual_seed(0)).prev_sample,
-                               a.step(m, t, x, generator=torch.Generator().manual_seed(0)).prev_sample)
+    seeded = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    torch.testing.assert_close(b.step(m, t, x, generator=seeded()).prev_sample,
+                               a.step(m, t, x, generator=seeded()).prev_sample)
     a, b = _pair("DDPMScheduler", {"variance_type": "learned_range"}, 4)
     m2 = torch.randn(1, 8, 4, 4)
-    torch.testing.assert_close(b.step(m2, t, x, generator=torch.Generator().manual_seed(0)).prev_sample,
-                               a.step(m2, t, x, generator=torch.Generator().manual_seed(0)).prev_sample)
+    torch.testing.assert_close(b.step(m2, t, x, generator=seeded()).prev_sample,
+                               a.step(m2, t, x, generator=seeded()).prev_sample)
 
 
 def test_fused_step_keeps_the_schedulers_errors():
