@@ -5,6 +5,7 @@
     fastdiff train    train a digits model (checkpoints, resume; torchrun: DDP)
     fastdiff generate draw many samples into shards (torchrun: sharded across ranks)
     fastdiff bench    the benchmark suite: a table, results JSON and a PNG chart
+    fastdiff info     what this install has: extension, versions, devices, prebuilt kernels
     fastdiff demo     run the three fused ops against torch and print agreement and time
 """
 from __future__ import annotations

@@ -40,6 +40,8 @@ def add_subcommands(sub) -> None:
     g.add_argument("--device", choices=("cuda", "cpu"), default=None,
                    help="default: cuda when available (one GPU per rank: LOCAL_RANK)")
     _sampling_args(g)
+    sub.add_parser("info", help="what this install has: extension, versions, devices, "
+                   "prebuilt kernels")
     b = sub.add_parser("bench", help="run the benchmark suite (source tree's benchmarks/): "
                        "table, results.json, chart.png")
     b.add_argument("--suite", choices=("kernels", "e2e", "all"), default="all")
@@ -70,7 +72,7 @@ def _sampling_args(p) -> None:
 
 def run(args) -> int:
     return {"sample": _sample, "eval": _eval, "train": _train, "generate": _generate,
-            "bench": _bench}[args.command](args)
+            "bench": _bench, "info": _info}[args.command](args)
 
 
 def load_model(path: str = WEIGHTS, device="cpu"):
@@ -226,4 +228,46 @@ def _bench(args) -> int:
     print("\n" + md)
     print(f"\nwrote {args.out}/results.json, results.md, chart.png ({env['device']}, torch "
           f"{env['torch']}, commit {(env['git_commit'] or '?')[:10]})")
+    return 0
+
+
+CUBINS = os.path.join(os.path.dirname(__file__), "cubins")
+
+
+def info_lines(cubin_dir: str = CUBINS) -> list[str]:
+    """What this install has: the extension and its ops, versions, devices, prebuilt kernels."""
+    import fastdiff
+    from fastdiff import _C
+
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    lines = [f"fastdiff {fastdiff.__version__} at {os.path.dirname(fastdiff.__file__)}",
+             f"extension: {_C.__file__}",
+             f"torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton_version}"]
+    for op in ("group_norm_silu", "attention", "denoise_step"):
+        keys = [k for k in ("CPU", "CUDA", "Meta")
+                if torch._C._dispatch_has_kernel_for_dispatch_key(f"fastdiff::{op}", k)]
+        lines.append(f"op fastdiff.{op}: {', '.join(keys)}")
+    if torch.cuda.is_available():
+        cap = torch.cuda.get_device_capability()
+        lines.append(f"GPU: {torch.cuda.get_device_name()} (sm_{cap[0]}{cap[1]})")
+    else:
+        lines.append("GPU: none (the CPU kernels run)")
+    manifest = os.path.join(cubin_dir, "manifest.json")
+    if os.path.exists(manifest):
+        with open(manifest) as f:
+            m = json.load(f)
+        archs = ", ".join(f"sm_{a}" for a in m["archs"])
+        lines.append(f"{len(m['kernels'])} prebuilt kernels (triton {m['triton']}) for {archs} "
+                     f"in {cubin_dir}")
+    else:
+        lines.append("prebuilt kernels: none (CUDA ops compile with the Triton JIT on first use)")
+    return lines
+
+
+def _info(args) -> int:
+    print("\n".join(info_lines()))
     return 0

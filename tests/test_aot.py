@@ -76,3 +76,31 @@ def test_launchers_choose_only_listed_configs():
             f = [bool(flags >> i & 1) for i in range(4)]
             for cfg in group_norm_silu._configs(dt, *f):
                 assert _key(cfg) in listed, (dt, f)
+
+
+def test_launch_params_match_the_ptx_entry(compiled):
+    """The parameter list a launcher packs (aot.launch_params: non-constexpr arguments, then the
+    two scratch pointers) has the count and byte widths of the kernel's PTX .entry."""
+    for r in compiled:
+        sizes = [p["bytes"] for p in r["params"]]
+        assert sizes == r["ptx_param_bytes"], \
+            f"{r['op']} sm_{r['arch']} {r['constexprs']}: packs {sizes}, PTX {r['ptx_param_bytes']}"
+        assert r["global_scratch_size"] == 0 and r["num_ctas"] == 1
+
+
+def test_emit_writes_cubins_and_a_manifest(tmp_path):
+    from fastdiff.cli import info_lines
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "cubins"
+    r = subprocess.run([sys.executable, "-m", "fastdiff.kernels.aot", "--arch", "80", "--op",
+                        "denoise_step", "--emit", str(out)], capture_output=True, text=True,
+                       env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["archs"] == [80]
+    assert len(manifest["kernels"]) == len(denoise_step.aot_configs())
+    for k in manifest["kernels"]:
+        assert (out / k["file"]).stat().st_size == k["cubin_bytes"]
+    text = "\n".join(info_lines(str(out)))
+    assert f"{len(manifest['kernels'])} prebuilt kernels" in text and "sm_80" in text
