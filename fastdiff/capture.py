@@ -27,6 +27,12 @@ def capturing() -> bool:
     return not SIMULATE and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
+def addresses(tensors) -> tuple:
+    """The storage addresses of the tensors a graph reads in place (weights): when one changes,
+    the tensor was replaced and the graph must be captured again."""
+    return tuple(t.data_ptr() for t in tensors)
+
+
 def new_pool():
     return None if SIMULATE else torch.cuda.graph_pool_handle()
 

@@ -181,7 +181,7 @@ class SamplingEngine:
                               for k, v in sorted(cond.items())),
                guided, float(guidance_scale), len(table), table.needs_noise, table.needs_prev_x0,
                table.clip_sample, float(table.clip_sample_range), timestep_dtype)
-        ptrs = tuple(p.data_ptr() for p in self.parameters())
+        ptrs = capture.addresses(self.parameters())
         s = self._graphs.get(key)
         if s is not None and s.ptrs != ptrs:
             logger.info("fastdiff: model weights were replaced by new tensors; recapturing")

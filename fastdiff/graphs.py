@@ -16,6 +16,7 @@ capture already in progress (the sampling engine capturing a whole step).
 from __future__ import annotations
 
 import inspect
+import itertools
 import weakref
 from collections import OrderedDict
 
@@ -57,10 +58,6 @@ class GraphedUNet:
         """Drops every graph, static buffer and the shared memory pool."""
         self.graphs.clear()
         self.pool = None
-
-    def _weight_ptrs(self, unet):
-        return tuple(t.data_ptr() for t in unet.parameters()) + tuple(
-            t.data_ptr() for t in unet.buffers())
 
     def __call__(self, *args, **kwargs):
         unet = self._unet()
@@ -107,7 +104,7 @@ class GraphedUNet:
             key = (str(spec), tuple(_leaf_key(x) for x in leaves))
         except TypeError:
             raise _NotCapturable("an unhashable non-tensor argument") from None
-        ptrs = self._weight_ptrs(unet)
+        ptrs = capture.addresses(itertools.chain(unet.parameters(), unet.buffers()))
         entry = self.graphs.get(key)
         if entry is not None and entry.ptrs != ptrs:
             log_once("U-Net weights were replaced by new tensors: CUDA graphs captured again")
