@@ -1,10 +1,15 @@
 # Two commands do all set-up and run (see README.md):
 #   make sample  install, build, draw digits from the shipped model into digits.png
 #   make test    install with the test extras, build, run the test suite
-# Also: make demo (the fused ops against torch), make bench (the benchmark suite).
+# Also: make demo (the fused ops against torch), make bench (the benchmark suite),
+#       make wheel (dist/*.whl with prebuilt cubins), make cubins (the same cubins into the
+#       source tree, for an editable install on a GPU machine).
 PYTHON ?= python3
 
-.PHONY: sample demo test install install-test bench
+.PHONY: sample demo test install install-test bench wheel cubins
+FASTDIFF_CUDA_ARCHS ?= 80,86,89,90
+ARCH_FLAGS = $(foreach a,$(subst $(comma), ,$(FASTDIFF_CUDA_ARCHS)),--arch $(a))
+comma := ,
 
 install:
 	PYTHON=$(PYTHON) bash scripts/install.sh
@@ -23,3 +28,11 @@ test: install-test
 
 bench: install-test
 	$(PYTHON) -m fastdiff bench --out bench-results
+
+wheel: install
+	FASTDIFF_CUDA_ARCHS=$(FASTDIFF_CUDA_ARCHS) $(PYTHON) -m pip wheel --no-build-isolation \
+	  --no-deps . -w dist/
+
+cubins: install
+	env -u TRITON_INTERPRET $(PYTHON) -m fastdiff.kernels.aot --emit kernels/cubins \
+	  --jobs $$(nproc) $(ARCH_FLAGS) > /dev/null

@@ -1,11 +1,12 @@
 // The fastdiff op library: schemas, argument checks, CPU and Meta registrations.
-// CUDA implementations (Triton) are registered from Python in fastdiff/ops.py.
+// The CUDA implementations (prebuilt cubins, else the Triton JIT) are in cuda_ops.cpp.
 #include <torch/extension.h>
 #include <torch/library.h>
 
 #include <cmath>
 #include <sstream>
 
+#include "aot.h"
 #include "fastdiff.h"
 
 namespace fastdiff {
@@ -298,4 +299,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("check_group_norm_silu", &fastdiff::check_group_norm_silu);
   m.def("check_attention", &fastdiff::check_attention);
   m.def("check_denoise_step", &fastdiff::check_denoise_step);
+  fastdiff::aot::bind(m);
 }

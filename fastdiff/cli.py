@@ -231,13 +231,10 @@ def _bench(args) -> int:
     return 0
 
 
-CUBINS = os.path.join(os.path.dirname(__file__), "cubins")
-
-
-def info_lines(cubin_dir: str = CUBINS) -> list[str]:
+def info_lines(cubin_dir: str | None = None) -> list[str]:
     """What this install has: the extension and its ops, versions, devices, prebuilt kernels."""
     import fastdiff
-    from fastdiff import _C
+    from fastdiff import _C, prebuilt
 
     try:
         import triton
@@ -256,15 +253,22 @@ def info_lines(cubin_dir: str = CUBINS) -> list[str]:
         lines.append(f"GPU: {torch.cuda.get_device_name()} (sm_{cap[0]}{cap[1]})")
     else:
         lines.append("GPU: none (the CPU kernels run)")
-    manifest = os.path.join(cubin_dir, "manifest.json")
-    if os.path.exists(manifest):
-        with open(manifest) as f:
-            m = json.load(f)
+    cubin_dir = cubin_dir or prebuilt.cubin_dir()
+    m = prebuilt.manifest(cubin_dir)
+    if m is not None:
         archs = ", ".join(f"sm_{a}" for a in m["archs"])
         lines.append(f"{len(m['kernels'])} prebuilt kernels (triton {m['triton']}) for {archs} "
                      f"in {cubin_dir}")
+        for arch in m["archs"]:
+            ks = [k for k in m["kernels"] if k["arch"] == arch]
+            size = sum(k["cubin_bytes"] for k in ks)
+            lines.append(f"  sm_{arch}: {len(ks)} cubins, {size / 2**20:.1f} MiB "
+                         f"({', '.join(sorted({k['kernel'] for k in ks}))})")
+        mode = {0: "off", 1: "on", 2: "require"}[_C._aot_mode()]
+        lines.append(f"prebuilt mode: {mode} (FASTDIFF_AOT); registered now: {_C._aot_count()}")
     else:
-        lines.append("prebuilt kernels: none (CUDA ops compile with the Triton JIT on first use)")
+        lines.append("prebuilt kernels: none (CUDA ops compile with the Triton JIT on first use;"
+                     " `pip wheel .` or `make cubins` builds them)")
     return lines
 
 

@@ -30,20 +30,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastdiff import ops, schedules
-
-logger = logging.getLogger("fastdiff")
-_logged: set[str] = set()
+from fastdiff.ops import _logged, log_once, logger  # noqa: F401  (one log for all fallbacks)
 
 STATE_ATTR = "_fastdiff_accelerated"
 MAX_HEAD_DIM = 256
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def log_once(reason: str) -> None:
-    """Logs a fallback reason the first time it occurs (INFO, logger 'fastdiff')."""
-    if reason not in _logged:
-        _logged.add(reason)
-        logger.info("fastdiff: %s", reason)
 
 
 def _grad_needed(module: nn.Module, *tensors) -> bool:

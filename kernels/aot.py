@@ -4,7 +4,9 @@ triton.compile with a GPUTarget needs no GPU. Run as a program it prints one JSO
 compiled kernel (used by the tests), and with ``--emit DIR`` writes the cubins and a
 ``manifest.json`` describing how to launch each (the basis for shipping prebuilt kernels):
 
-    python -m fastdiff.kernels.aot --arch 80 --arch 90 [--emit DIR]
+    python -m fastdiff.kernels.aot --arch 80 --arch 90 [--emit DIR] [--jobs N]
+
+setup.py runs it from the source tree (as ``python -m kernels.aot``) to build the wheel's cubins.
 
 Launch ABI of a Triton 3.6 cubin (``launch_params``): the non-constexpr arguments in signature
 order (pointers as 8-byte device addresses, scalars in their own width, floats as their bits),
@@ -15,8 +17,10 @@ It must run without TRITON_INTERPRET=1: under the interpreter ``@triton.jit`` bu
 that cannot be compiled.
 """
 import argparse
+import concurrent.futures
 import hashlib
 import json
+import multiprocessing
 import os
 import re
 import sys
@@ -25,7 +29,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from fastdiff.kernels import attention, denoise_step, group_norm_silu
+from . import attention, denoise_step, group_norm_silu
 
 MODULES = {"group_norm_silu": group_norm_silu, "attention": attention,
            "denoise_step": denoise_step}
@@ -39,6 +43,15 @@ _SCALARS = {"i1": ("int8_t", 1), "i8": ("int8_t", 1), "i16": ("int16_t", 2),
             "fp32": ("float", 4), "f32": ("float", 4), "fp64": ("double", 8)}
 _PTX_BYTES = {"u64": 8, "b64": 8, "s64": 8, "f64": 8, "u32": 4, "b32": 4, "s32": 4, "f32": 4,
               "u16": 2, "b16": 2, "s16": 2, "f16": 2, "u8": 1, "b8": 1, "s8": 1}
+
+
+def kernel_key(cfg) -> str:
+    """The name csrc/cuda_ops.cpp looks a planned launch up by (aot::make_key):
+    ``<kernel>(<types of the non-constexpr parameters>)[<constexpr>=<int>,...]``."""
+    types = [t for n, t in cfg["signature"].items() if n not in cfg["constexprs"]
+             and t != "constexpr"]
+    cx = ",".join(f"{k}={int(v)}" for k, v in cfg["constexprs"].items())
+    return f"{cfg['fn'].__name__}({','.join(types)})[{cx}]"
 
 
 def launch_params(signature: dict, constexprs: dict) -> list[dict]:
@@ -63,38 +76,55 @@ def ptx_param_bytes(ptx: str, kernel: str) -> list[int]:
 
 
 def compile_config(cfg, arch: int):
-    # attrs (alignment hints, where a config gives them) make the build match what the JIT runs.
-    src = ASTSource(cfg["fn"], cfg["signature"], cfg["constexprs"], cfg.get("attrs"))
+    # The aligned parameters become the divisibility hints Triton's JIT would give them.
+    names = cfg["fn"].arg_names
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in cfg.get("aligned", ())}
+    src = ASTSource(cfg["fn"], cfg["signature"], cfg["constexprs"], attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
 
 
-def compile_all(archs, ops=None, emit=False):
-    """Yields a summary dict per (op, configuration, arch); errors are reported, not raised."""
-    for name, mod in MODULES.items():
-        if ops and name not in ops:
-            continue
-        for cfg in mod.aot_configs():
-            for arch in archs:
-                rec = {"op": name, "kernel": cfg["fn"].__name__, "arch": arch,
-                       "signature": cfg["signature"], "constexprs": cfg["constexprs"],
-                       "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
-                try:
-                    k = compile_config(cfg, arch)
-                    ptx = k.asm["ptx"]
-                    md = k.metadata
-                    rec.update(ok=True, shared=md.shared, cubin_bytes=len(k.asm["cubin"]),
-                               mma=sorted(set(re.findall(r"\b(mma\.sync|wgmma\.mma_async)", ptx))),
-                               name=md.name, num_ctas=md.num_ctas,
-                               global_scratch_size=md.global_scratch_size,
-                               profile_scratch_size=md.profile_scratch_size,
-                               params=launch_params(cfg["signature"], cfg["constexprs"]),
-                               ptx_param_bytes=ptx_param_bytes(ptx, md.name))
-                    if emit:
-                        rec["cubin"] = k.asm["cubin"]
-                except Exception as err:  # noqa: BLE001 - the report names the configuration
-                    rec.update(ok=False, error=f"{type(err).__name__}: {err}"[:2000])
-                yield rec
+def _compile_one(op: str, index: int, arch: int, emit: bool) -> dict:
+    """Compiles configuration ``index`` of ``op`` for ``arch``: a summary dict (with the cubin
+    when ``emit``); a failure is reported in it, not raised."""
+    cfg = MODULES[op].aot_configs()[index]
+    params = launch_params(cfg["signature"], cfg["constexprs"])
+    names = [p["name"] for p in params]
+    rec = {"op": op, "kernel": cfg["fn"].__name__, "key": kernel_key(cfg), "arch": arch,
+           "signature": cfg["signature"], "constexprs": cfg["constexprs"],
+           "aligned": [names.index(a) for a in cfg.get("aligned", ())],
+           "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    try:
+        k = compile_config(cfg, arch)
+        ptx = k.asm["ptx"]
+        md = k.metadata
+        rec.update(ok=True, shared=md.shared, cubin_bytes=len(k.asm["cubin"]),
+                   mma=sorted(set(re.findall(r"\b(mma\.sync|wgmma\.mma_async)", ptx))),
+                   name=md.name, num_ctas=md.num_ctas,
+                   global_scratch_size=md.global_scratch_size,
+                   profile_scratch_size=md.profile_scratch_size, params=params,
+                   ptx_param_bytes=ptx_param_bytes(ptx, md.name))
+        if emit:
+            rec["cubin"] = k.asm["cubin"]
+    except Exception as err:  # noqa: BLE001 - the report names the configuration
+        rec.update(ok=False, error=f"{type(err).__name__}: {err}"[:2000])
+    return rec
+
+
+def compile_all(archs, ops=None, emit=False, jobs=1):
+    """Yields a summary dict per (op, configuration, arch) in a fixed order (the manifest's:
+    a configuration's most aligned variant first); ``jobs`` > 1 compiles in that many
+    processes."""
+    work = [(op, i, arch) for op, mod in MODULES.items() if not ops or op in ops
+            for i in range(len(mod.aot_configs())) for arch in archs]
+    if jobs <= 1:
+        for w in work:
+            yield _compile_one(*w, emit)
+        return
+    # spawn: a fresh interpreter per worker (Triton's compiler state is not fork-safe).
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+        yield from pool.map(_compile_one, *zip(*work), [emit] * len(work), chunksize=4)
 
 
 def emit(records, out_dir: str) -> dict:
@@ -111,8 +141,11 @@ def emit(records, out_dir: str) -> dict:
                         "file": fname, "sha256": digest})
     manifest = {"triton": triton.__version__, "archs": sorted({e["arch"] for e in entries}),
                 "kernels": entries}
-    with open(os.path.join(out_dir, "manifest.json"), "w") as f:
-        json.dump(manifest, f, indent=1)
+    # Written last and atomically: a manifest names only cubins that are complete.
+    tmp = os.path.join(out_dir, "manifest.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(manifest, f)
+    os.replace(tmp, os.path.join(out_dir, "manifest.json"))
     return manifest
 
 
@@ -123,9 +156,10 @@ def main(argv=None):
     p.add_argument("--arch", type=int, action="append", help="SM version, e.g. 80, 90")
     p.add_argument("--op", action="append", choices=sorted(MODULES))
     p.add_argument("--emit", metavar="DIR", help="write the cubins and manifest.json into DIR")
+    p.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
     args = p.parse_args(argv)
     failed, done = 0, []
-    for rec in compile_all(args.arch or [80, 90], args.op, emit=bool(args.emit)):
+    for rec in compile_all(args.arch or [80, 90], args.op, emit=bool(args.emit), jobs=args.jobs):
         failed += not rec["ok"]
         print(json.dumps({k: v for k, v in rec.items() if k != "cubin"}), flush=True)
         if rec["ok"]:

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pointers, run, variant
+
 _TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 LOG2E = 1.4426950408889634
 
@@ -95,22 +97,27 @@ def _config(dtype, D, has_bias):
                  "qk_scale": "fp32"}
     constexprs = {"HAS_BIAS": has_bias, "IEEE": dtype == torch.float32, "BLOCK_M": bm,
                   "BLOCK_N": bn, "BLOCK_D": block_d}
-    return {"fn": _attention_kernel, "signature": signature, "constexprs": constexprs,
-            "num_warps": warps, "num_stages": stages}
+    cfg = {"fn": _attention_kernel, "signature": signature, "constexprs": constexprs,
+           "num_warps": warps, "num_stages": stages}
+    # Prebuilt: aligned q/k/v rows (every stride a multiple of 16, e.g. head dims 64, 80, 160
+    # in (B, L, H*D) layouts), the JIT's vectorized loads; the bias strides vary with masks.
+    return variant(cfg, pointers(cfg) + _QKV_STRIDES)
+
+
+_QKV_STRIDES = ("sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn")
 
 
 def aot_configs():
-    """Every configuration the launcher can choose."""
-    return [_config(dt, d, hb) for dt in _TL_DTYPES for d in _TILES for hb in (False, True)]
+    """Every configuration the launcher can choose, each also assuming aligned pointers only."""
+    return [v for dt in _TL_DTYPES for d in _TILES for hb in (False, True)
+            for c in [_config(dt, d, hb)] for v in (c, variant(c, pointers(c)))]
 
 
-def attention(q, k, v, attn_bias, scale):
-    """Launch on checked inputs (csrc/ops.cpp): q (B, H, Lq, D), k/v (B, H, Lk, D)."""
+def plan(q, k, v, attn_bias, scale):
+    """The launch of a call, [(config, grid, args)], and the output; inputs non-empty."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     out = torch.empty((B, H, Lq, D), dtype=q.dtype, device=q.device)
-    if out.numel() == 0:
-        return out
     if D == 1:  # a head dim of 1 may carry any stride; the kernel assumes unit stride
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     cfg = _config(q.dtype, D, attn_bias is not None)
@@ -120,10 +127,18 @@ def attention(q, k, v, attn_bias, scale):
     else:
         bias, bstrides = q, (0, 0, 0, 0)
     s = scale if scale is not None else 1.0 / math.sqrt(D)
-    c = cfg["constexprs"]
-    grid = (triton.cdiv(Lq, c["BLOCK_M"]), B * H)
-    _attention_kernel[grid](
-        q, k, v, bias, out, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
-        k.stride(2), v.stride(0), v.stride(1), v.stride(2), *bstrides, H, Lq, Lk, D,
-        float(s) * LOG2E, **c, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    grid = (triton.cdiv(Lq, cfg["constexprs"]["BLOCK_M"]), B * H, 1)
+    args = [q, k, v, bias, out, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
+            k.stride(2), v.stride(0), v.stride(1), v.stride(2), *bstrides, H, Lq, Lk, D,
+            float(s) * LOG2E]
+    return [(cfg, grid, args)], out
+
+
+def attention(q, k, v, attn_bias, scale):
+    """Launch on checked inputs (csrc/ops.cpp): q (B, H, Lq, D), k/v (B, H, Lk, D)."""
+    if q.numel() == 0:
+        return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    launches, out = plan(q, k, v, attn_bias, scale)
+    for cfg, grid, args in launches:
+        run(cfg, grid, args)
     return out

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pointers, run, variant
+
 # 16 elements per thread: four 16-byte loads per fp32 input (two for 16-bit dtypes) in flight.
 BLOCK = 2048
 NUM_WARPS = 4
@@ -85,30 +87,28 @@ def _denoise_step_kernel(mo_ptr, x_ptr, noise_ptr, prev_ptr, coef_ptr, idx_ptr, 
 def _config(dtype, guided, has_noise, has_prev, index_dtype=torch.int64):
     """The configuration a call runs with: the launcher's only source of launch parameters.
 
-    The signature is the one Triton's JIT picks for ordinary inputs (numel < 2**31; 16-byte
-    aligned pointers and numel % 16 == 0 are marked in ``attrs``, as the JIT does, so an AOT
-    compile shows the vectorized code). The JIT also specializes other widths/alignments itself.
+    The signature is the one Triton's JIT picks for ordinary inputs (numel < 2**31). Prebuilt,
+    it assumes 16-byte aligned pointers and numel % 16 == 0, as the JIT specializes them, so the
+    cubin has the JIT's vectorized code; aot_configs() adds a variant for any numel.
     """
     t = "*" + _TL_DTYPES[dtype]
     signature = {"mo_ptr": t, "x_ptr": t, "noise_ptr": t, "prev_ptr": t, "coef_ptr": "*fp32",
                  "idx_ptr": "*" + _TL_INDEX[index_dtype], "out_ptr": t, "x0_ptr": t,
                  "numel": "i32", "num_steps": "i32", "guidance": "fp32", "clip_lo": "fp32",
                  "clip_hi": "fp32", "write_x0": "i32"}
-    aligned = ("mo_ptr", "x_ptr", "noise_ptr", "prev_ptr", "coef_ptr", "idx_ptr", "out_ptr",
-               "x0_ptr", "numel")
-    arg_names = _denoise_step_kernel.arg_names
-    attrs = {(arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
     constexprs = {"GUIDED": bool(guided), "HAS_NOISE": bool(has_noise),
                   "HAS_PREV": bool(has_prev), "BLOCK": BLOCK}
-    return {"fn": _denoise_step_kernel, "signature": signature, "constexprs": constexprs,
-            "attrs": attrs, "num_warps": NUM_WARPS, "num_stages": NUM_STAGES}
+    cfg = {"fn": _denoise_step_kernel, "signature": signature, "constexprs": constexprs,
+           "num_warps": NUM_WARPS, "num_stages": NUM_STAGES}
+    return variant(cfg, pointers(cfg) + ("numel",))
 
 
 def aot_configs():
     """Every configuration the launcher can choose: dtype x index dtype x the three flags that
     decide which inputs are read (clipping, write_x0 and the guidance scale are runtime values)."""
-    return [_config(dt, g, n, p, it) for dt in _TL_DTYPES for it in _TL_INDEX
-            for g in (False, True) for n in (False, True) for p in (False, True)]
+    return [v for dt in _TL_DTYPES for it in _TL_INDEX for g in (False, True)
+            for n in (False, True) for p in (False, True)
+            for c in [_config(dt, g, n, p, it)] for v in (c, variant(c, pointers(c)))]
 
 
 def denoise_step(model_output, sample, coeffs, step_index, noise, prev_x0, guidance_scale,
@@ -121,20 +121,29 @@ def denoise_step(model_output, sample, coeffs, step_index, noise, prev_x0, guida
     (N, ...) or an empty tensor when write_x0 is False); NaN everywhere if step_index is not in
     [0, S).
     """
+    if sample.numel() == 0:
+        return torch.empty_like(sample), (torch.empty_like(sample) if write_x0
+                                          else sample.new_empty(0))
+    launches, outputs = plan(model_output, sample, coeffs, step_index, noise, prev_x0,
+                             guidance_scale, clip_sample, clip_sample_range, write_x0)
+    for cfg, grid, args in launches:
+        run(cfg, grid, args)
+    return outputs
+
+
+def plan(model_output, sample, coeffs, step_index, noise, prev_x0, guidance_scale, clip_sample,
+         clip_sample_range, write_x0):
+    """The launch of a call, [(config, grid, args)], and (out, x0); sample non-empty."""
     out = torch.empty_like(sample)
     x0 = torch.empty_like(sample) if write_x0 else sample.new_empty(0)
     numel = sample.numel()
-    if numel == 0:
-        return out, x0
     guided = model_output.shape[0] == 2 * sample.shape[0]
     cfg = _config(sample.dtype, guided, noise is not None, prev_x0 is not None, step_index.dtype)
     r = float(clip_sample_range) if clip_sample else float("inf")
     # Absent inputs and x0 get a stand-in pointer that is never touched (constexpr flags, a
     # masked-off store) so that the argument types, hence the compiled kernel, stay the same.
-    _denoise_step_kernel[(triton.cdiv(numel, BLOCK),)](
-        model_output, sample, sample if noise is None else noise,
-        sample if prev_x0 is None else prev_x0, coeffs, step_index, out,
-        x0 if write_x0 else out, numel, coeffs.shape[0], float(guidance_scale), -r, r,
-        int(bool(write_x0)),
-        **cfg["constexprs"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return out, x0
+    args = [model_output, sample, sample if noise is None else noise,
+            sample if prev_x0 is None else prev_x0, coeffs, step_index, out,
+            x0 if write_x0 else out, numel, coeffs.shape[0], float(guidance_scale), -r, r,
+            int(bool(write_x0))]
+    return [(cfg, (triton.cdiv(numel, BLOCK), 1, 1), args)], (out, x0)

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pointers, run, variant
+
 BLOCK = 1024
 NUM_WARPS = 4
 MAX_SPLIT = 32          # chunks per group: enough programs to fill a GPU, few partials to merge
@@ -108,7 +110,10 @@ _COMMON = {"HW": "i64", "C": "i64", "G": "i64", "CG": "i64", "chunk": "i64", "sp
 
 
 def _configs(dtype, cl, has_pre, has_ss, silu):
-    """The (stats, apply) configurations for one call; the launcher uses nothing else."""
+    """The (stats, apply) configurations for one call; the launcher uses nothing else.
+
+    ``aligned`` is the common case (16-byte aligned tensors, H*W and C multiples of 16, as in
+    every diffusion U-Net); aot_configs() adds a variant that assumes aligned pointers only."""
     t = "*" + _TL_DTYPES[dtype]
     stats = {"fn": _stats, "num_warps": NUM_WARPS, "num_stages": 1,
              "signature": {"x_ptr": t, "pre_ptr": "*fp32", "part_ptr": "*fp32", **_COMMON},
@@ -119,7 +124,8 @@ def _configs(dtype, cl, has_pre, has_ss, silu):
                            "part_ptr": "*fp32", **_COMMON, "eps": "fp32"},
              "constexprs": {"CL": cl, "HAS_PRE": has_pre, "HAS_SS": has_ss, "SILU": silu,
                             "SPLIT_P2": MAX_SPLIT, "BLOCK": BLOCK}}
-    return stats, apply
+    # chunk is a multiple of BLOCK by construction.
+    return tuple(variant(c, pointers(c) + ("HW", "C", "chunk")) for c in (stats, apply))
 
 
 def aot_configs():
@@ -133,7 +139,7 @@ def aot_configs():
                         stats, apply = _configs(dt, cl, pre, ss, silu)
                         out[("stats", dt, cl, pre)] = stats
                         out[("apply", dt, cl, pre, ss, silu)] = apply
-    return list(out.values())
+    return [v for c in out.values() for v in (c, variant(c, pointers(c) + ("chunk",)))]
 
 
 def _f32(t, fill, shape, device):
@@ -142,12 +148,10 @@ def _f32(t, fill, shape, device):
     return t.to(torch.float32).contiguous()
 
 
-def group_norm_silu(x, num_groups, weight, bias, eps, pre_bias, scale, shift, apply_silu):
-    """Launch on checked inputs (csrc/ops.cpp): x (N, C, H, W) contiguous or channels_last."""
+def plan(x, num_groups, weight, bias, eps, pre_bias, scale, shift, apply_silu):
+    """The two launches of a call, [(config, grid, args)], and the output; x non-empty."""
     N, C, H, W = x.shape
     y = torch.empty_like(x)
-    if x.numel() == 0:
-        return y
     HW, G = H * W, num_groups
     cg = C // G
     cl = not x.is_contiguous()
@@ -164,10 +168,17 @@ def group_norm_silu(x, num_groups, weight, bias, eps, pre_bias, scale, shift, ap
     split = triton.cdiv(total, chunk)
     part = torch.empty((N * G, split, 3), dtype=torch.float32, device=dev)
     stats, apply = _configs(x.dtype, cl, pre_bias is not None, has_ss, bool(apply_silu))
-    grid = (N * G, split)
-    _stats[grid](x, pre, part, HW, C, G, cg, chunk, split, **stats["constexprs"],
-                 num_warps=stats["num_warps"], num_stages=stats["num_stages"])
-    _apply[grid](x, y, w, b, pre, sc, sh, part, HW, C, G, cg, chunk, split, float(eps),
-                 **apply["constexprs"], num_warps=apply["num_warps"],
-                 num_stages=apply["num_stages"])
+    grid = (N * G, split, 1)
+    common = [HW, C, G, cg, chunk, split]
+    return [(stats, grid, [x, pre, part, *common]),
+            (apply, grid, [x, y, w, b, pre, sc, sh, part, *common, float(eps)])], y
+
+
+def group_norm_silu(x, num_groups, weight, bias, eps, pre_bias, scale, shift, apply_silu):
+    """Launch on checked inputs (csrc/ops.cpp): x (N, C, H, W) contiguous or channels_last."""
+    if x.numel() == 0:
+        return torch.empty_like(x)
+    launches, y = plan(x, num_groups, weight, bias, eps, pre_bias, scale, shift, apply_silu)
+    for cfg, grid, args in launches:
+        run(cfg, grid, args)
     return y

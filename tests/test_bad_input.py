@@ -10,6 +10,9 @@ import torch
 import fastdiff  # noqa: F401
 from fastdiff import _C
 
+# The quick CPU subset tests/test_wheel.py runs in a fresh install of the wheel.
+pytestmark = pytest.mark.quick
+
 gn = torch.ops.fastdiff.group_norm_silu
 attn = torch.ops.fastdiff.attention
 step = torch.ops.fastdiff.denoise_step

@@ -2,10 +2,14 @@
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import fastdiff  # noqa: F401  (registers the ops)
 from fastdiff import ops, reference, schedules
+
+# The quick CPU subset tests/test_wheel.py runs in a fresh install of the wheel.
+pytestmark = pytest.mark.quick
 
 
 def _all_three(x, w, b, sc, sh, q, k, v, mask, mo, coeffs, idx):

@@ -1,0 +1,438 @@
+// Prebuilt Triton kernels: the registry, the CUDA driver (opened at first use) and the launch.
+// See aot.h. No CUDA headers: the few driver types and enums needed are declared here, so the
+// extension builds with a CPU-only torch and imports where there is no driver.
+#include "aot.h"
+
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/impl/VirtualGuardImpl.h>
+#include <dlfcn.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <iterator>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <sstream>
+#include <unordered_map>
+
+namespace fastdiff::aot {
+namespace {
+
+// ---- the CUDA driver API, declared by hand (values from cuda.h) ----
+using CUresult = int;
+using CUdevice = int;
+using CUcontext = struct CUctx_st*;
+using CUmodule = struct CUmod_st*;
+using CUfunction = struct CUfunc_st*;
+using CUstream = struct CUstream_st*;
+constexpr int kAttrCcMajor = 75;           // CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR
+constexpr int kAttrCcMinor = 76;           // CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR
+constexpr int kAttrSharedOptin = 97;       // CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN
+constexpr int kFuncSharedStatic = 1;       // CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES
+constexpr int kFuncMaxDynamicShared = 8;   // CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+constexpr int64_t kDefaultShared = 49152;  // dynamic shared memory allowed without opting in
+
+struct Driver {
+  CUresult (*cuInit)(unsigned);
+  CUresult (*cuGetErrorString)(CUresult, const char**);
+  CUresult (*cuDeviceGet)(CUdevice*, int);
+  CUresult (*cuDeviceGetAttribute)(int*, int, CUdevice);
+  CUresult (*cuCtxGetCurrent)(CUcontext*);
+  CUresult (*cuCtxSetCurrent)(CUcontext);
+  CUresult (*cuDevicePrimaryCtxRetain)(CUcontext*, CUdevice);
+  CUresult (*cuModuleLoadData)(CUmodule*, const void*);
+  CUresult (*cuModuleGetFunction)(CUfunction*, CUmodule, const char*);
+  CUresult (*cuFuncGetAttribute)(int*, int, CUfunction);
+  CUresult (*cuFuncSetAttribute)(CUfunction, int, int);
+  CUresult (*cuLaunchKernel)(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned,
+                             unsigned, unsigned, CUstream, void**, void**);
+  std::string error;  // why the driver could not be opened; empty when it was
+};
+
+template <typename F>
+bool resolve(void* lib, const char* name, F& fn, std::string& error) {
+  fn = reinterpret_cast<F>(dlsym(lib, name));
+  if (!fn && error.empty()) error = std::string("libcuda.so.1 has no symbol ") + name;
+  return fn != nullptr;
+}
+
+const Driver& driver() {
+  static const Driver d = [] {
+    Driver r{};
+    void* lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+    if (!lib) {
+      const char* e = dlerror();
+      r.error = std::string("libcuda.so.1 could not be opened: ") + (e ? e : "unknown error");
+      return r;
+    }
+    resolve(lib, "cuInit", r.cuInit, r.error);
+    resolve(lib, "cuGetErrorString", r.cuGetErrorString, r.error);
+    resolve(lib, "cuDeviceGet", r.cuDeviceGet, r.error);
+    resolve(lib, "cuDeviceGetAttribute", r.cuDeviceGetAttribute, r.error);
+    resolve(lib, "cuCtxGetCurrent", r.cuCtxGetCurrent, r.error);
+    resolve(lib, "cuCtxSetCurrent", r.cuCtxSetCurrent, r.error);
+    resolve(lib, "cuDevicePrimaryCtxRetain", r.cuDevicePrimaryCtxRetain, r.error);
+    resolve(lib, "cuModuleLoadData", r.cuModuleLoadData, r.error);
+    resolve(lib, "cuModuleGetFunction", r.cuModuleGetFunction, r.error);
+    resolve(lib, "cuFuncGetAttribute", r.cuFuncGetAttribute, r.error);
+    resolve(lib, "cuFuncSetAttribute", r.cuFuncSetAttribute, r.error);
+    resolve(lib, "cuLaunchKernel", r.cuLaunchKernel, r.error);
+    if (r.error.empty() && r.cuInit(0) != 0) r.error = "cuInit failed";
+    return r;
+  }();
+  return d;
+}
+
+void check_cu(CUresult res, const char* what) {
+  if (res == 0) return;
+  const char* msg = nullptr;
+  driver().cuGetErrorString(res, &msg);
+  TORCH_CHECK(false, "fastdiff: ", what, " failed with CUDA error ", res, " (",
+              msg ? msg : "unknown", ")");
+}
+
+// ---- the registry ----
+struct Entry {
+  int64_t arch;
+  std::string path, name;
+  std::vector<std::string> param_names;
+  std::vector<int64_t> param_bytes, aligned;
+  int64_t num_warps, shared, global_scratch, profile_scratch;
+  std::unordered_map<int, CUfunction> loaded;  // per device index
+};
+
+struct DeviceInfo {
+  int64_t arch = 0, shared_optin = 0;
+};
+
+struct State {
+  std::mutex mu;
+  // key -> entries in registration order (the manifest lists a kernel's most aligned variant
+  // first); unique_ptr keeps entries in place while the vectors grow.
+  std::unordered_map<std::string, std::vector<std::unique_ptr<Entry>>> kernels;
+  std::vector<int64_t> archs;                      // sorted, distinct
+  std::unordered_map<int, DeviceInfo> devices;     // per device index
+  int mode = -1;
+};
+
+State& state() {
+  static State s;
+  return s;
+}
+
+int mode_from_env() {
+  const char* v = std::getenv("FASTDIFF_AOT");
+  if (!v) return 1;
+  std::string s(v);
+  if (s == "0" || s == "off" || s == "false") return 0;
+  if (s == "require" || s == "2") return 2;
+  return 1;
+}
+
+int64_t width(Kind k) { return (k == Kind::I32 || k == Kind::F32) ? 4 : 8; }
+
+const char* kind_name(Kind k) {
+  switch (k) {
+    case Kind::Ptr: return "pointer";
+    case Kind::I32: return "i32";
+    case Kind::I64: return "i64";
+    case Kind::F32: return "fp32";
+  }
+  return "?";
+}
+
+// Why `e` cannot run launch `l` (empty: it can).
+std::string mismatch(const Entry& e, const Launch& l) {
+  std::ostringstream why;
+  if (e.param_bytes.size() != l.args.size() + 2 || e.param_names.size() != l.args.size()) {
+    why << "the prebuilt " << e.name << " takes " << e.param_bytes.size()
+        << " parameters, the launch packs " << l.args.size() << " + 2 scratch pointers";
+    return why.str();
+  }
+  for (size_t i = 0; i < l.args.size(); ++i) {
+    const Arg& a = l.args[i];
+    if (a.name != e.param_names[i] || width(a.kind) != e.param_bytes[i]) {
+      why << "parameter " << i << " of the prebuilt " << e.name << " is '" << e.param_names[i]
+          << "' (" << e.param_bytes[i] << " bytes), the launch packs '" << a.name << "' ("
+          << kind_name(a.kind) << ")";
+      return why.str();
+    }
+    if (a.kind == Kind::I32) {
+      const auto v = static_cast<int64_t>(a.bits);
+      if (v < std::numeric_limits<int32_t>::min() || v > std::numeric_limits<int32_t>::max()) {
+        why << "argument '" << a.name << "'=" << v << " needs 64 bits";
+        return why.str();
+      }
+    }
+  }
+  for (int64_t i : e.aligned) {
+    if (l.args[i].bits % 16 != 0) {
+      why << "argument '" << l.args[i].name << "' is not "
+          << (l.args[i].kind == Kind::Ptr ? "16-byte aligned" : "a multiple of 16");
+      return why.str();
+    }
+  }
+  if (l.grid[0] > std::numeric_limits<int32_t>::max() || l.grid[1] > 65535 ||
+      l.grid[2] > 65535) {
+    why << "grid (" << l.grid[0] << ", " << l.grid[1] << ", " << l.grid[2]
+        << ") exceeds CUDA's limits";
+    return why.str();
+  }
+  return "";
+}
+
+std::string arch_list(const std::vector<int64_t>& archs) {
+  std::ostringstream s;
+  for (size_t i = 0; i < archs.size(); ++i) s << (i ? ", " : "") << "sm_" << archs[i];
+  return s.str();
+}
+
+// The entry for `l` on `arch`: an exact architecture first, else the newest one of the same
+// major version below it (a cubin for sm_80 runs on sm_86 and sm_89). Caller holds the lock.
+Entry* find(State& st, const Launch& l, int64_t arch, std::string& why) {
+  auto it = st.kernels.find(l.key);
+  if (it == st.kernels.end()) {
+    why = "kernel " + l.key + " is not prebuilt";
+    return nullptr;
+  }
+  std::vector<Entry*> cands;
+  for (auto& e : it->second) {
+    if (e->arch <= arch && e->arch / 10 == arch / 10) cands.push_back(e.get());
+  }
+  std::stable_sort(cands.begin(), cands.end(),
+                   [](const Entry* a, const Entry* b) { return a->arch > b->arch; });
+  if (cands.empty()) {
+    why = "kernel " + l.key + " is not prebuilt for sm_" + std::to_string(arch);
+    return nullptr;
+  }
+  for (Entry* e : cands) {
+    std::string m = mismatch(*e, l);
+    if (m.empty()) return e;
+    if (why.empty()) why = m;
+  }
+  return nullptr;
+}
+
+std::vector<char> read_file(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  TORCH_CHECK(f.good(), "fastdiff: cannot read the prebuilt kernel ", path);
+  return std::vector<char>(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
+}
+
+// The device's info, read once. Caller holds the lock.
+const DeviceInfo& device_info(State& st, int index) {
+  auto it = st.devices.find(index);
+  if (it != st.devices.end()) return it->second;
+  const Driver& d = driver();
+  CUdevice dev;
+  check_cu(d.cuDeviceGet(&dev, index), "cuDeviceGet");
+  int major = 0, minor = 0, optin = 0;
+  check_cu(d.cuDeviceGetAttribute(&major, kAttrCcMajor, dev), "cuDeviceGetAttribute");
+  check_cu(d.cuDeviceGetAttribute(&minor, kAttrCcMinor, dev), "cuDeviceGetAttribute");
+  check_cu(d.cuDeviceGetAttribute(&optin, kAttrSharedOptin, dev), "cuDeviceGetAttribute");
+  return st.devices[index] = DeviceInfo{major * 10 + minor, optin};
+}
+
+// Loads `e` into the device's primary context (once). Caller holds the lock and a device guard.
+CUfunction load(Entry& e, int index, const DeviceInfo& info) {
+  auto it = e.loaded.find(index);
+  if (it != e.loaded.end()) return it->second;
+  const Driver& d = driver();
+  CUcontext ctx = nullptr;
+  check_cu(d.cuCtxGetCurrent(&ctx), "cuCtxGetCurrent");
+  if (!ctx) {
+    CUdevice dev;
+    check_cu(d.cuDeviceGet(&dev, index), "cuDeviceGet");
+    check_cu(d.cuDevicePrimaryCtxRetain(&ctx, dev), "cuDevicePrimaryCtxRetain");
+    check_cu(d.cuCtxSetCurrent(ctx), "cuCtxSetCurrent");
+  }
+  const std::vector<char> image = read_file(e.path);
+  CUmodule mod;
+  check_cu(d.cuModuleLoadData(&mod, image.data()), "cuModuleLoadData");
+  CUfunction fn;
+  check_cu(d.cuModuleGetFunction(&fn, mod, e.name.c_str()), "cuModuleGetFunction");
+  if (e.shared > kDefaultShared) {  // as Triton's loader: opt in to the device's maximum
+    int stat = 0;
+    check_cu(d.cuFuncGetAttribute(&stat, kFuncSharedStatic, fn), "cuFuncGetAttribute");
+    check_cu(d.cuFuncSetAttribute(fn, kFuncMaxDynamicShared,
+                                  static_cast<int>(info.shared_optin) - stat),
+             "cuFuncSetAttribute");
+  }
+  return e.loaded[index] = fn;
+}
+
+}  // namespace
+
+Arg Arg::ptr(const char* name, const at::Tensor& t) {
+  return {name, Kind::Ptr, reinterpret_cast<uint64_t>(t.data_ptr())};
+}
+Arg Arg::i32(const char* name, int64_t v) { return {name, Kind::I32, static_cast<uint64_t>(v)}; }
+Arg Arg::i64(const char* name, int64_t v) { return {name, Kind::I64, static_cast<uint64_t>(v)}; }
+Arg Arg::f32(const char* name, double v) {
+  const float f = static_cast<float>(v);
+  uint32_t b;
+  std::memcpy(&b, &f, 4);
+  return {name, Kind::F32, b};
+}
+
+std::string make_key(const std::string& kernel, const std::vector<std::string>& types,
+                     const std::vector<std::pair<std::string, int64_t>>& constexprs) {
+  std::string k = kernel + "(";
+  for (size_t i = 0; i < types.size(); ++i) k += (i ? "," : "") + types[i];
+  k += ")[";
+  for (size_t i = 0; i < constexprs.size(); ++i) {
+    k += (i ? "," : "") + constexprs[i].first + "=" + std::to_string(constexprs[i].second);
+  }
+  return k + "]";
+}
+
+int mode() {
+  State& st = state();
+  std::lock_guard<std::mutex> g(st.mu);
+  if (st.mode < 0) st.mode = mode_from_env();
+  return st.mode;
+}
+
+void set_mode(int m) {
+  TORCH_CHECK_VALUE(m >= 0 && m <= 2, "fastdiff: AOT mode must be 0 (off), 1 (on) or 2 "
+                    "(require), got ", m);
+  State& st = state();
+  std::lock_guard<std::mutex> g(st.mu);
+  st.mode = m;
+}
+
+void register_kernel(const std::string& key, int64_t arch, const std::string& path,
+                     const std::string& name, const std::vector<std::string>& param_names,
+                     const std::vector<int64_t>& param_bytes, const std::vector<int64_t>& aligned,
+                     int64_t num_warps, int64_t shared, int64_t global_scratch_size,
+                     int64_t profile_scratch_size) {
+  for (int64_t i : aligned) {
+    TORCH_CHECK_VALUE(i >= 0 && i < static_cast<int64_t>(param_names.size()), "fastdiff: "
+                      "aligned parameter index ", i, " out of range for ", name);
+  }
+  TORCH_CHECK_VALUE(num_warps > 0 && shared >= 0, "fastdiff: bad launch metadata for ", name);
+  State& st = state();
+  std::lock_guard<std::mutex> g(st.mu);
+  st.kernels[key].push_back(std::make_unique<Entry>(Entry{
+      arch, path, name, param_names, param_bytes, aligned, num_warps, shared,
+      global_scratch_size, profile_scratch_size, {}}));
+  if (!std::binary_search(st.archs.begin(), st.archs.end(), arch)) {
+    st.archs.insert(std::upper_bound(st.archs.begin(), st.archs.end(), arch), arch);
+  }
+}
+
+void clear_registry() {
+  State& st = state();
+  std::lock_guard<std::mutex> g(st.mu);
+  st.kernels.clear();
+  st.archs.clear();
+}
+
+int64_t registry_size() {
+  State& st = state();
+  std::lock_guard<std::mutex> g(st.mu);
+  int64_t n = 0;
+  for (auto& kv : st.kernels) n += static_cast<int64_t>(kv.second.size());
+  return n;
+}
+
+Selection select(const Launch& l, int64_t arch) {
+  State& st = state();
+  std::lock_guard<std::mutex> g(st.mu);
+  Selection s;
+  if (Entry* e = find(st, l, arch, s.reason)) {
+    s.path = e->path;
+    s.reason.clear();
+  }
+  return s;
+}
+
+std::optional<std::string> unavailable(const at::Device& device) {
+  if (mode() == 0) return std::string();  // asked for: the JIT runs without a log line
+  State& st = state();
+  std::lock_guard<std::mutex> g(st.mu);
+  if (st.kernels.empty()) {
+    return std::string("no prebuilt kernels are installed (a source or editable install; "
+                       "`pip wheel .` builds them into the wheel, `make cubins` into the tree)");
+  }
+  const Driver& d = driver();
+  if (!d.error.empty()) return d.error;
+  const DeviceInfo& info = device_info(st, device.index());
+  for (int64_t a : st.archs) {
+    if (a <= info.arch && a / 10 == info.arch / 10) return std::nullopt;
+  }
+  return "no prebuilt kernels for this GPU's sm_" + std::to_string(info.arch) + " (built: " +
+         arch_list(st.archs) + ")";
+}
+
+std::optional<std::string> launch(const std::vector<Launch>& launches, const at::Device& device) {
+  if (auto why = unavailable(device)) return why;
+  c10::DeviceGuard guard(device);
+  State& st = state();
+  std::vector<std::pair<Entry*, CUfunction>> fns;
+  {
+    std::lock_guard<std::mutex> g(st.mu);
+    const DeviceInfo& info = device_info(st, device.index());
+    for (const Launch& l : launches) {
+      std::string why;
+      Entry* e = find(st, l, info.arch, why);
+      if (!e) return why;
+      if (e->shared > info.shared_optin) {
+        return "kernel " + l.key + " needs " + std::to_string(e->shared) +
+               " bytes of shared memory, this GPU allows " + std::to_string(info.shared_optin);
+      }
+      fns.emplace_back(e, load(*e, device.index(), info));
+    }
+  }
+  const c10::impl::VirtualGuardImpl impl(c10::DeviceType::CUDA);
+  auto stream = static_cast<CUstream>(impl.getStream(device).native_handle());
+  for (size_t i = 0; i < launches.size(); ++i) {
+    const Launch& l = launches[i];
+    const Entry& e = *fns[i].first;
+    const int64_t programs = l.grid[0] * l.grid[1] * l.grid[2];
+    if (programs == 0) continue;
+    // Scratch buffers: per program, as Triton's launcher allocates them (none of fastdiff's
+    // kernels needs one today; kept so that a future kernel that does is launched correctly).
+    at::Tensor scratch[2];
+    const int64_t sizes[2] = {e.global_scratch, e.profile_scratch};
+    uint64_t scratch_ptr[2] = {0, 0};
+    for (int s = 0; s < 2; ++s) {
+      if (sizes[s] > 0) {
+        scratch[s] = at::empty({sizes[s] * programs},
+                               at::TensorOptions().dtype(at::kByte).device(device));
+        scratch_ptr[s] = reinterpret_cast<uint64_t>(scratch[s].data_ptr());
+      }
+    }
+    union Value {
+      uint64_t u64;
+      uint32_t u32;
+    };
+    std::vector<Value> values(l.args.size() + 2);
+    std::vector<void*> params(l.args.size() + 2);
+    for (size_t a = 0; a < l.args.size(); ++a) {
+      if (width(l.args[a].kind) == 4) {
+        values[a].u32 = static_cast<uint32_t>(l.args[a].bits);
+      } else {
+        values[a].u64 = l.args[a].bits;
+      }
+      params[a] = &values[a];
+    }
+    for (int s = 0; s < 2; ++s) {
+      values[l.args.size() + s].u64 = scratch_ptr[s];
+      params[l.args.size() + s] = &values[l.args.size() + s];
+    }
+    check_cu(driver().cuLaunchKernel(fns[i].second, static_cast<unsigned>(l.grid[0]),
+                                     static_cast<unsigned>(l.grid[1]),
+                                     static_cast<unsigned>(l.grid[2]),
+                                     static_cast<unsigned>(32 * e.num_warps), 1, 1,
+                                     static_cast<unsigned>(e.shared), stream, params.data(),
+                                     nullptr),
+             "cuLaunchKernel");
+  }
+  return std::nullopt;
+}
+
+}  // namespace fastdiff::aot

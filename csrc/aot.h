@@ -1,0 +1,85 @@
+// fastdiff: launching prebuilt (ahead-of-time compiled) Triton kernels from C++.
+//
+// The wheel carries cubins compiled by kernels/aot.py for sm_80/86/89/90 and a manifest.json;
+// fastdiff/prebuilt.py reads the manifest at import and registers every kernel here
+// (register_kernel). An op's CUDA implementation (cuda_ops.cpp) plans its launches (a Launch:
+// the kernel's key, grid and arguments in signature order) and hands them to launch(), which
+// launches each cubin with cuLaunchKernel on the current torch stream. libcuda is opened at the
+// first launch, so the extension imports on machines without a GPU or driver.
+//
+// launch() launches nothing and returns the reason when any planned kernel is not prebuilt for
+// the device (another architecture, an argument that breaks the cubin's alignment assumption,
+// a size beyond a 32-bit parameter, ...); the op then runs the Triton JIT path instead.
+#pragma once
+
+#include <torch/extension.h>
+
+#include <array>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace fastdiff::aot {
+
+// How a parameter is passed: a device pointer (8 bytes), a 32- or 64-bit int, or fp32 bits.
+enum class Kind : uint8_t { Ptr, I32, I64, F32 };
+
+struct Arg {
+  std::string name;  // the kernel's parameter name (checked against the manifest at load)
+  Kind kind;
+  uint64_t bits;     // pointer value, two's complement integer, or the float's bits
+
+  static Arg ptr(const char* name, const at::Tensor& t);
+  static Arg i32(const char* name, int64_t v);
+  static Arg i64(const char* name, int64_t v);
+  static Arg f32(const char* name, double v);
+};
+
+struct Launch {
+  std::string key;                // kernel name, parameter types and constexpr values
+  std::array<int64_t, 3> grid;    // programs along x, y, z
+  std::vector<Arg> args;          // the non-constexpr parameters, in signature order
+};
+
+// The kernel key, identical to kernels/aot.py's kernel_key():
+//   "<kernel>(<type>,<type>,...)[NAME=<int>,...]" with constexprs in signature order.
+std::string make_key(const std::string& kernel, const std::vector<std::string>& types,
+                     const std::vector<std::pair<std::string, int64_t>>& constexprs);
+
+// 0: never (always the Triton JIT), 1: when prebuilt (default), 2: required (an op that cannot
+// run prebuilt raises instead of falling back; for tests). Initially from FASTDIFF_AOT
+// ("0"/"off", "1"/"on", "require").
+int mode();
+void set_mode(int m);
+
+// Registers one compiled kernel (called by fastdiff/prebuilt.py for each manifest entry).
+// param_bytes: the widths of every parameter incl. the two scratch pointers (from the PTX);
+// aligned: indices of parameters the cubin assumes divisible by 16 (pointers: bytes).
+void register_kernel(const std::string& key, int64_t arch, const std::string& path,
+                     const std::string& name, const std::vector<std::string>& param_names,
+                     const std::vector<int64_t>& param_bytes, const std::vector<int64_t>& aligned,
+                     int64_t num_warps, int64_t shared, int64_t global_scratch_size,
+                     int64_t profile_scratch_size);
+void clear_registry();
+int64_t registry_size();
+
+// The registered kernel a launch would run on a device of the given architecture (e.g. 86):
+// its file, or the reason there is none.
+struct Selection {
+  std::string path, reason;
+};
+Selection select(const Launch& l, int64_t arch);
+
+// Why prebuilt kernels cannot run on this device at all (mode off, no driver, architecture not
+// built), or nothing when they may. Checked before an op allocates anything for a plan.
+std::optional<std::string> unavailable(const at::Device& device);
+
+// Launches every planned kernel in order on the device's current stream, or none of them and
+// returns the reason (see above). Raises on a CUDA driver error.
+std::optional<std::string> launch(const std::vector<Launch>& launches, const at::Device& device);
+
+// Python bindings of the above (for fastdiff/prebuilt.py and the CPU tests).
+void bind(pybind11::module& m);
+
+}  // namespace fastdiff::aot

@@ -1,0 +1,393 @@
+// The CUDA implementations of the fastdiff ops: prebuilt cubins launched from here, or the
+// Triton JIT.
+//
+// Each op checks its arguments (ops.cpp), plans its launches exactly as its Triton launcher in
+// kernels/*.py does (the same kernel, constexprs, grid and arguments; tests/test_prebuilt.py
+// compares the two plans on CPU tensors) and launches the prebuilt cubins (aot.cpp). When they
+// cannot run (see aot.h), the op calls its private twin fastdiff::_<op>_jit, whose CUDA kernel
+// is the Triton launcher registered in fastdiff/ops.py, passing the reason, which is logged once.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <c10/core/DeviceGuard.h>
+
+#include <cmath>
+
+#include "aot.h"
+#include "fastdiff.h"
+
+namespace fastdiff {
+namespace {
+
+using aot::Arg;
+using aot::Launch;
+
+int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+int64_t next_power_of_2(int64_t n) {
+  int64_t p = 1;
+  while (p < n) p *= 2;
+  return p;
+}
+
+std::string ptr_type(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "*fp32";
+    case at::kHalf: return "*fp16";
+    case at::kBFloat16: return "*bf16";
+    case at::kLong: return "*i64";
+    case at::kInt: return "*i32";
+    default: TORCH_CHECK(false, "fastdiff: no kernel type for dtype ", t);
+  }
+}
+
+std::string key_of(const std::string& kernel, const std::vector<Arg>& args,
+                   const std::vector<std::string>& ptr_types,
+                   const std::vector<std::pair<std::string, int64_t>>& constexprs) {
+  // Pointer parameters take their types from ptr_types, in order; scalars from their kind.
+  std::vector<std::string> types;
+  size_t p = 0;
+  for (const Arg& a : args) {
+    switch (a.kind) {
+      case aot::Kind::Ptr: types.push_back(ptr_types.at(p++)); break;
+      case aot::Kind::I32: types.emplace_back("i32"); break;
+      case aot::Kind::I64: types.emplace_back("i64"); break;
+      case aot::Kind::F32: types.emplace_back("fp32"); break;
+    }
+  }
+  return aot::make_key(kernel, types, constexprs);
+}
+
+// ---- group_norm_silu: kernels/group_norm_silu.py ----
+constexpr int64_t kGnBlock = 1024, kGnMaxSplit = 32;
+
+at::Tensor f32_or(const std::optional<at::Tensor>& t, double fill, at::IntArrayRef shape,
+                  const at::Device& dev) {
+  if (!t) return at::full(shape, fill, at::TensorOptions().dtype(at::kFloat).device(dev));
+  return t->to(at::kFloat).contiguous();
+}
+
+struct Plan {
+  std::vector<Launch> launches;
+  std::vector<at::Tensor> outputs;  // what the op returns
+  std::vector<at::Tensor> keep;     // buffers the launches use (alive until they are enqueued)
+};
+
+Plan plan_group_norm_silu(const at::Tensor& x, int64_t num_groups,
+                          const std::optional<at::Tensor>& weight,
+                          const std::optional<at::Tensor>& bias, double eps,
+                          const std::optional<at::Tensor>& pre_bias,
+                          const std::optional<at::Tensor>& scale,
+                          const std::optional<at::Tensor>& shift, bool apply_silu) {
+  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3), G = num_groups;
+  const int64_t cg = C / G;
+  const bool cl = !x.is_contiguous();
+  const at::Device dev = x.device();
+  at::Tensor y = at::empty_like(x);
+  at::Tensor w = f32_or(weight, 1.0, {C}, dev), b = f32_or(bias, 0.0, {C}, dev);
+  const bool has_ss = scale.has_value() || shift.has_value();
+  at::Tensor sc = has_ss ? f32_or(scale, 0.0, {N, C}, dev) : w;
+  at::Tensor sh = has_ss ? f32_or(shift, 0.0, {N, C}, dev) : w;
+  at::Tensor pre = pre_bias ? f32_or(pre_bias, 0.0, {N, C}, dev) : w;
+  const int64_t total = cg * HW;
+  int64_t split = std::min(kGnMaxSplit, cdiv(total, kGnBlock));
+  const int64_t chunk = cdiv(cdiv(total, split), kGnBlock) * kGnBlock;
+  split = cdiv(total, chunk);
+  at::Tensor part = at::empty({N * G, split, 3}, at::TensorOptions().dtype(at::kFloat).device(dev));
+  const std::string t = ptr_type(x.scalar_type());
+  const std::array<int64_t, 3> grid{N * G, split, 1};
+  std::vector<Arg> common{Arg::i64("HW", HW), Arg::i64("C", C), Arg::i64("G", G),
+                          Arg::i64("CG", cg), Arg::i64("chunk", chunk), Arg::i64("split", split)};
+
+  std::vector<Arg> sargs{Arg::ptr("x_ptr", x), Arg::ptr("pre_ptr", pre), Arg::ptr("part_ptr", part)};
+  sargs.insert(sargs.end(), common.begin(), common.end());
+  std::string skey = key_of("_stats", sargs, {t, "*fp32", "*fp32"},
+                            {{"CL", cl}, {"HAS_PRE", pre_bias.has_value()}, {"BLOCK", kGnBlock}});
+
+  std::vector<Arg> aargs{Arg::ptr("x_ptr", x), Arg::ptr("y_ptr", y), Arg::ptr("w_ptr", w),
+                         Arg::ptr("b_ptr", b), Arg::ptr("pre_ptr", pre),
+                         Arg::ptr("scale_ptr", sc), Arg::ptr("shift_ptr", sh),
+                         Arg::ptr("part_ptr", part)};
+  aargs.insert(aargs.end(), common.begin(), common.end());
+  aargs.push_back(Arg::f32("eps", eps));
+  std::string akey = key_of("_apply", aargs, {t, t, "*fp32", "*fp32", "*fp32", "*fp32", "*fp32",
+                                              "*fp32"},
+                            {{"CL", cl}, {"HAS_PRE", pre_bias.has_value()}, {"HAS_SS", has_ss},
+                             {"SILU", apply_silu}, {"SPLIT_P2", kGnMaxSplit}, {"BLOCK", kGnBlock}});
+  return {{{skey, grid, sargs}, {akey, grid, aargs}}, {y}, {w, b, sc, sh, pre, part}};
+}
+
+// ---- attention: kernels/attention.py ----
+constexpr double kLog2e = 1.4426950408889634;
+
+Plan plan_attention(at::Tensor q, at::Tensor k, at::Tensor v,
+                    const std::optional<at::Tensor>& attn_bias, std::optional<double> scale) {
+  const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3), Lk = k.size(2);
+  at::Tensor out = at::empty({B, H, Lq, D}, q.options());
+  if (D == 1) {  // a head dim of 1 may carry any stride; the kernel assumes unit stride
+    q = q.contiguous();
+    k = k.contiguous();
+    v = v.contiguous();
+  }
+  // (BLOCK_M, BLOCK_N) per padded head dim for 2-byte inputs; fp32 halves BLOCK_M (<= 64), and
+  // BLOCK_N from D = 128 on (attention.py's _TILES and _config).
+  const int64_t block_d = std::max<int64_t>(16, next_power_of_2(D));
+  int64_t bm = block_d == 256 ? 64 : 128, bn = block_d == 256 ? 32 : 64;
+  const bool ieee = q.scalar_type() == at::kFloat;
+  if (ieee) {
+    bm = std::min<int64_t>(bm, 64);
+    if (block_d >= 128) bn /= 2;
+  }
+  at::Tensor bias = q;
+  std::array<int64_t, 4> bstrides{0, 0, 0, 0};
+  if (attn_bias) {
+    bias = attn_bias->to(at::kFloat).expand({B, H, Lq, Lk});
+    for (int i = 0; i < 4; ++i) bstrides[i] = bias.stride(i);
+  }
+  const double s = scale ? *scale : 1.0 / std::sqrt(static_cast<double>(D));
+  std::vector<Arg> args{Arg::ptr("q_ptr", q), Arg::ptr("k_ptr", k), Arg::ptr("v_ptr", v),
+                        Arg::ptr("bias_ptr", bias), Arg::ptr("o_ptr", out),
+                        Arg::i64("sqb", q.stride(0)), Arg::i64("sqh", q.stride(1)),
+                        Arg::i64("sqm", q.stride(2)), Arg::i64("skb", k.stride(0)),
+                        Arg::i64("skh", k.stride(1)), Arg::i64("skn", k.stride(2)),
+                        Arg::i64("svb", v.stride(0)), Arg::i64("svh", v.stride(1)),
+                        Arg::i64("svn", v.stride(2)), Arg::i64("sbb", bstrides[0]),
+                        Arg::i64("sbh", bstrides[1]), Arg::i64("sbm", bstrides[2]),
+                        Arg::i64("sbn", bstrides[3]), Arg::i32("H", H), Arg::i32("Lq", Lq),
+                        Arg::i32("Lk", Lk), Arg::i32("D", D), Arg::f32("qk_scale", s * kLog2e)};
+  const std::string t = ptr_type(q.scalar_type());
+  std::string key = key_of("_attention_kernel", args,
+                           {t, t, t, attn_bias ? "*fp32" : t, t},
+                           {{"HAS_BIAS", attn_bias.has_value()}, {"IEEE", ieee},
+                            {"BLOCK_M", bm}, {"BLOCK_N", bn}, {"BLOCK_D", block_d}});
+  return {{{key, {cdiv(Lq, bm), B * H, 1}, args}}, {out}, {q, k, v, bias}};
+}
+
+// ---- denoise_step: kernels/denoise_step.py ----
+constexpr int64_t kStepBlock = 2048;
+
+Plan plan_denoise_step(const at::Tensor& model_output, const at::Tensor& sample,
+                       const at::Tensor& coeffs, const at::Tensor& step_index,
+                       const std::optional<at::Tensor>& noise,
+                       const std::optional<at::Tensor>& prev_x0, double guidance_scale,
+                       bool clip_sample, double clip_sample_range, bool write_x0) {
+  at::Tensor out = at::empty_like(sample);
+  at::Tensor x0 = write_x0 ? at::empty_like(sample) : sample.new_empty({0});
+  const int64_t numel = sample.numel();
+  const bool guided = model_output.size(0) == 2 * sample.size(0);
+  const double r = clip_sample ? clip_sample_range : INFINITY;
+  std::vector<Arg> args{Arg::ptr("mo_ptr", model_output), Arg::ptr("x_ptr", sample),
+                        Arg::ptr("noise_ptr", noise ? *noise : sample),
+                        Arg::ptr("prev_ptr", prev_x0 ? *prev_x0 : sample),
+                        Arg::ptr("coef_ptr", coeffs), Arg::ptr("idx_ptr", step_index),
+                        Arg::ptr("out_ptr", out), Arg::ptr("x0_ptr", write_x0 ? x0 : out),
+                        Arg::i32("numel", numel), Arg::i32("num_steps", coeffs.size(0)),
+                        Arg::f32("guidance", guidance_scale), Arg::f32("clip_lo", -r),
+                        Arg::f32("clip_hi", r), Arg::i32("write_x0", write_x0)};
+  const std::string t = ptr_type(sample.scalar_type());
+  std::string key = key_of("_denoise_step_kernel", args,
+                           {t, t, t, t, "*fp32", ptr_type(step_index.scalar_type()), t, t},
+                           {{"GUIDED", guided}, {"HAS_NOISE", noise.has_value()},
+                            {"HAS_PREV", prev_x0.has_value()}, {"BLOCK", kStepBlock}});
+  return {{{key, {cdiv(numel, kStepBlock), 1, 1}, args}}, {out, x0}, {}};
+}
+
+// ---- the CUDA kernels: prebuilt, else the JIT twin ----
+
+// Launches the plan; on a reason not to, raises in mode 'require' or returns the reason.
+std::optional<std::string> run_prebuilt(const char* op, const Plan& plan,
+                                        const at::Device& device) {
+  auto why = aot::launch(plan.launches, device);
+  TORCH_CHECK(!why || aot::mode() != 2, "fastdiff.", op, ": FASTDIFF_AOT=require, but the "
+              "prebuilt kernels cannot run: ", why ? *why : "");
+  return why;
+}
+
+std::optional<std::string> precheck(const char* op, const at::Device& device) {
+  auto why = aot::unavailable(device);
+  TORCH_CHECK(!why || aot::mode() != 2, "fastdiff.", op, ": FASTDIFF_AOT=require, but the "
+              "prebuilt kernels cannot run: ", why ? *why : "");
+  return why;
+}
+
+at::Tensor group_norm_silu_cuda(const at::Tensor& x, int64_t num_groups,
+                                const std::optional<at::Tensor>& weight,
+                                const std::optional<at::Tensor>& bias, double eps,
+                                const std::optional<at::Tensor>& pre_bias,
+                                const std::optional<at::Tensor>& scale,
+                                const std::optional<at::Tensor>& shift, bool apply_silu) {
+  check_group_norm_silu(x, num_groups, weight, bias, eps, pre_bias, scale, shift, apply_silu);
+  if (x.numel() == 0) return at::empty_like(x);
+  c10::DeviceGuard guard(x.device());
+  auto why = precheck("group_norm_silu", x.device());
+  if (!why) {
+    Plan p = plan_group_norm_silu(x, num_groups, weight, bias, eps, pre_bias, scale, shift,
+                                  apply_silu);
+    why = run_prebuilt("group_norm_silu", p, x.device());
+    if (!why) return p.outputs[0];
+  }
+  static auto jit = c10::Dispatcher::singleton()
+                        .findSchemaOrThrow("fastdiff::_group_norm_silu_jit", "")
+                        .typed<at::Tensor(const at::Tensor&, int64_t,
+                                          const std::optional<at::Tensor>&,
+                                          const std::optional<at::Tensor>&, double,
+                                          const std::optional<at::Tensor>&,
+                                          const std::optional<at::Tensor>&,
+                                          const std::optional<at::Tensor>&, bool,
+                                          c10::string_view)>();
+  return jit.call(x, num_groups, weight, bias, eps, pre_bias, scale, shift, apply_silu, *why);
+}
+
+at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          const std::optional<at::Tensor>& attn_bias,
+                          std::optional<double> scale) {
+  check_attention(q, k, v, attn_bias, scale);
+  if (q.numel() == 0) return at::empty(q.sizes(), q.options());
+  c10::DeviceGuard guard(q.device());
+  auto why = precheck("attention", q.device());
+  if (!why) {
+    Plan p = plan_attention(q, k, v, attn_bias, scale);
+    why = run_prebuilt("attention", p, q.device());
+    if (!why) return p.outputs[0];
+  }
+  static auto jit = c10::Dispatcher::singleton()
+                        .findSchemaOrThrow("fastdiff::_attention_jit", "")
+                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                          const std::optional<at::Tensor>&,
+                                          std::optional<double>, c10::string_view)>();
+  return jit.call(q, k, v, attn_bias, scale, *why);
+}
+
+std::tuple<at::Tensor, at::Tensor> denoise_step_cuda(
+    const at::Tensor& model_output, const at::Tensor& sample, const at::Tensor& coeffs,
+    const at::Tensor& step_index, const std::optional<at::Tensor>& noise,
+    const std::optional<at::Tensor>& prev_x0, double guidance_scale, bool clip_sample,
+    double clip_sample_range, bool write_x0) {
+  check_denoise_step(model_output, sample, coeffs, step_index, noise, prev_x0, guidance_scale,
+                     clip_sample, clip_sample_range, write_x0);
+  if (sample.numel() == 0) {
+    return {at::empty_like(sample), write_x0 ? at::empty_like(sample) : sample.new_empty({0})};
+  }
+  c10::DeviceGuard guard(sample.device());
+  auto why = precheck("denoise_step", sample.device());
+  if (!why) {
+    Plan p = plan_denoise_step(model_output, sample, coeffs, step_index, noise, prev_x0,
+                               guidance_scale, clip_sample, clip_sample_range, write_x0);
+    why = run_prebuilt("denoise_step", p, sample.device());
+    if (!why) return {p.outputs[0], p.outputs[1]};
+  }
+  static auto jit =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("fastdiff::_denoise_step_jit", "")
+          .typed<std::tuple<at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+              const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double, bool,
+              double, bool, c10::string_view)>();
+  return jit.call(model_output, sample, coeffs, step_index, noise, prev_x0, guidance_scale,
+                  clip_sample, clip_sample_range, write_x0, *why);
+}
+
+// ---- Python views of the plans (tests/test_prebuilt.py runs them on CPU tensors) ----
+
+pybind11::list plan_to_py(const Plan& p) {
+  pybind11::list out;
+  for (const Launch& l : p.launches) {
+    pybind11::list args;
+    for (const Arg& a : l.args) {
+      const char* kind = a.kind == aot::Kind::Ptr ? "ptr"
+                         : a.kind == aot::Kind::I32 ? "i32"
+                         : a.kind == aot::Kind::I64 ? "i64" : "fp32";
+      args.append(pybind11::make_tuple(a.name, kind, a.bits));
+    }
+    pybind11::dict d;
+    d["key"] = l.key;
+    d["grid"] = pybind11::make_tuple(l.grid[0], l.grid[1], l.grid[2]);
+    d["args"] = args;
+    out.append(d);
+  }
+  return out;
+}
+
+Launch launch_from_py(const pybind11::dict& d) {
+  Launch l;
+  l.key = d["key"].cast<std::string>();
+  auto g = d["grid"].cast<std::vector<int64_t>>();
+  TORCH_CHECK_VALUE(g.size() == 3, "fastdiff: a launch's grid has 3 dimensions");
+  l.grid = {g[0], g[1], g[2]};
+  for (auto item : d["args"].cast<pybind11::list>()) {
+    auto t = item.cast<std::tuple<std::string, std::string, uint64_t>>();
+    const std::string& k = std::get<1>(t);
+    aot::Kind kind = k == "ptr" ? aot::Kind::Ptr : k == "i32" ? aot::Kind::I32
+                     : k == "i64" ? aot::Kind::I64 : aot::Kind::F32;
+    l.args.push_back({std::get<0>(t), kind, std::get<2>(t)});
+  }
+  return l;
+}
+
+}  // namespace
+
+namespace aot {
+
+void bind(pybind11::module& m) {
+  m.def("_aot_register", &register_kernel, "Registers one prebuilt kernel (fastdiff.prebuilt).");
+  m.def("_aot_clear", &clear_registry);
+  m.def("_aot_count", &registry_size);
+  m.def("_aot_mode", &mode);
+  m.def("_aot_set_mode", &set_mode);
+  m.def("_aot_select", [](const pybind11::dict& launch, int64_t arch) {
+    Selection s = select(launch_from_py(launch), arch);
+    return pybind11::make_tuple(s.path, s.reason);
+  }, "The registered cubin a planned launch would run on sm_<arch>, or why none.");
+  m.def("_aot_plan_group_norm_silu",
+        [](const at::Tensor& x, int64_t num_groups, const std::optional<at::Tensor>& weight,
+           const std::optional<at::Tensor>& bias, double eps,
+           const std::optional<at::Tensor>& pre_bias, const std::optional<at::Tensor>& scale,
+           const std::optional<at::Tensor>& shift, bool apply_silu) {
+          check_group_norm_silu(x, num_groups, weight, bias, eps, pre_bias, scale, shift,
+                                apply_silu);
+          Plan p = plan_group_norm_silu(x, num_groups, weight, bias, eps, pre_bias, scale, shift,
+                                        apply_silu);
+          return pybind11::make_tuple(plan_to_py(p), p.outputs, p.keep);
+        });
+  m.def("_aot_plan_attention",
+        [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+           const std::optional<at::Tensor>& attn_bias, std::optional<double> scale) {
+          check_attention(q, k, v, attn_bias, scale);
+          Plan p = plan_attention(q, k, v, attn_bias, scale);
+          return pybind11::make_tuple(plan_to_py(p), p.outputs, p.keep);
+        });
+  m.def("_aot_plan_denoise_step",
+        [](const at::Tensor& model_output, const at::Tensor& sample, const at::Tensor& coeffs,
+           const at::Tensor& step_index, const std::optional<at::Tensor>& noise,
+           const std::optional<at::Tensor>& prev_x0, double guidance_scale, bool clip_sample,
+           double clip_sample_range, bool write_x0) {
+          check_denoise_step(model_output, sample, coeffs, step_index, noise, prev_x0,
+                             guidance_scale, clip_sample, clip_sample_range, write_x0);
+          Plan p = plan_denoise_step(model_output, sample, coeffs, step_index, noise, prev_x0,
+                                     guidance_scale, clip_sample, clip_sample_range, write_x0);
+          return pybind11::make_tuple(plan_to_py(p), p.outputs, p.keep);
+        });
+}
+
+}  // namespace aot
+}  // namespace fastdiff
+
+TORCH_LIBRARY_FRAGMENT(fastdiff, m) {
+  // The Triton JIT twins of the ops: CUDA kernels registered in fastdiff/ops.py; `why` is the
+  // reason the prebuilt kernels did not run (logged once), empty when the JIT was asked for.
+  m.def(
+      "_group_norm_silu_jit(Tensor x, int num_groups, Tensor? weight, Tensor? bias, float eps, "
+      "Tensor? pre_bias, Tensor? scale, Tensor? shift, bool apply_silu, str why) -> Tensor");
+  m.def("_attention_jit(Tensor q, Tensor k, Tensor v, Tensor? attn_bias, float? scale, str why) "
+        "-> Tensor");
+  m.def(
+      "_denoise_step_jit(Tensor model_output, Tensor sample, Tensor coeffs, Tensor step_index, "
+      "Tensor? noise, Tensor? prev_x0, float guidance_scale, bool clip_sample, "
+      "float clip_sample_range, bool write_x0, str why) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fastdiff, CUDA, m) {
+  m.impl("group_norm_silu", &fastdiff::group_norm_silu_cuda);
+  m.impl("attention", &fastdiff::attention_cuda);
+  m.impl("denoise_step", &fastdiff::denoise_step_cuda);
+}

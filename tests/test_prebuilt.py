@@ -1,0 +1,470 @@
+"""The prebuilt-kernel path (csrc/aot.cpp, csrc/cuda_ops.cpp, fastdiff/prebuilt.py).
+
+CI has no GPU, so the parts a launch depends on are checked on CPU tensors:
+- the C++ plan of every op call (kernel key, grid, arguments in order) equals the Triton
+  launcher's plan (kernels/*.py) for awkward shapes, dtypes, layouts and optional inputs;
+- the arguments C++ packs have the count and byte widths of the PTX entry Triton generated for
+  the cubin the launch selects (cubins emitted for sm_80 here);
+- selection: architectures, alignment variants, 32-bit limits, mismatched parameter lists.
+On a GPU the ops run with the prebuilt path required and are compared with the JIT path.
+"""
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastdiff import _C, ops, prebuilt, reference
+from fastdiff.kernels import aot, attention, denoise_step, group_norm_silu
+
+# The quick CPU subset tests/test_wheel.py runs in a fresh install of the wheel.
+pytestmark = pytest.mark.quick
+
+HAS_CUDA = torch.cuda.is_available()
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ---- plans: C++ vs the Triton launchers ----
+
+def _f32_bits(v):
+    return struct.unpack("<I", struct.pack("<f", v))[0]
+
+
+def _normalize(launches, inputs):
+    """[(key, grid, [(name, role or value)])] with pointers named by what they point to: an
+    input's name, or the first (launch, parameter) that carried a new buffer."""
+    ptr_names = {t.data_ptr(): n for n, t in inputs.items() if isinstance(t, torch.Tensor)}
+    out = []
+    for li, (key, grid, args) in enumerate(launches):
+        norm = []
+        for name, kind, value in args:
+            if kind == "ptr":
+                value = ptr_names.setdefault(value, f"new:{li}:{name}")
+            norm.append((name, kind, value))
+        out.append((key, tuple(grid), norm))
+    return out
+
+
+def _py_plan(module, *args):
+    launches, _ = module.plan(*args)
+    res = []
+    for cfg, grid, values in launches:
+        names = [n for n in cfg["signature"] if n not in cfg["constexprs"]]
+        assert len(names) == len(values), cfg["fn"].__name__
+        packed = []
+        for (name, value) in zip(names, values):
+            ty = cfg["signature"][name]
+            if ty.startswith("*"):
+                packed.append((name, "ptr", value.data_ptr()))
+            elif ty == "fp32":
+                packed.append((name, "fp32", _f32_bits(float(value))))
+            else:
+                packed.append((name, "int", int(value)))
+        res.append((aot.kernel_key(cfg), grid, packed))
+    return res
+
+
+def _cpp_plan(fn, *args):
+    launches, _, _ = fn(*args)
+    res = []
+    for launch in launches:
+        packed = []
+        for name, kind, bits in launch["args"]:
+            if kind in ("i32", "i64"):
+                packed.append((name, "int", bits - (1 << 64) if bits >= 1 << 63 else bits))
+            else:
+                packed.append((name, kind, bits))
+        res.append((launch["key"], launch["grid"], packed))
+    return res
+
+
+def _compare(module, cpp_fn, inputs, args):
+    py = _normalize(_py_plan(module, *args), inputs)
+    cpp = _normalize(_cpp_plan(cpp_fn, *args), inputs)
+    assert cpp == py
+
+
+def _gn_case(dtype, shape, groups, cl=False, weight=True, w_dtype=None, pre=False, ss=None,
+             silu=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g).to(dtype)
+    if cl:
+        x = x.to(memory_format=torch.channels_last)
+    n, c = shape[:2]
+    w_dtype = w_dtype or dtype
+    inputs = {"x": x}
+    if weight:
+        inputs["weight"] = torch.randn(c, generator=g).to(w_dtype)
+        inputs["bias"] = torch.randn(c, generator=g).to(w_dtype)
+    if pre:
+        inputs["pre_bias"] = torch.randn(n, c, generator=g)
+    if ss in ("scale", "both"):
+        inputs["scale"] = torch.randn(n, c, generator=g).to(dtype)
+    if ss in ("shift", "both"):
+        inputs["shift"] = torch.randn(n, c, generator=g)
+    args = (x, groups, inputs.get("weight"), inputs.get("bias"), 1e-6, inputs.get("pre_bias"),
+            inputs.get("scale"), inputs.get("shift"), silu)
+    return inputs, args
+
+
+GN_CASES = [
+    dict(dtype=torch.float32, shape=(2, 8, 4, 4), groups=4),
+    dict(dtype=torch.float16, shape=(1, 6, 3, 5), groups=3, cl=True, pre=True),
+    dict(dtype=torch.bfloat16, shape=(3, 64, 7, 9), groups=32, weight=False, ss="both"),
+    dict(dtype=torch.float32, shape=(2, 320, 8, 8), groups=32, pre=True, ss="scale",
+         w_dtype=torch.float32),
+    dict(dtype=torch.float16, shape=(2, 32, 40, 40), groups=8, cl=True, ss="shift", silu=False,
+         w_dtype=torch.float32),
+    dict(dtype=torch.float32, shape=(1, 4, 1, 1), groups=1),
+]
+
+
+@pytest.mark.parametrize("case", GN_CASES, ids=lambda c: f"{c['shape']}")
+def test_group_norm_silu_plan_matches_the_launcher(case):
+    inputs, args = _gn_case(**case)
+    _compare(group_norm_silu, _C._aot_plan_group_norm_silu, inputs, args)
+
+
+def _attn_case(dtype, B, H, Lq, Lk, D, bias=None, scale=None, layout="bhld", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if layout == "blhd":  # diffusers' (B, L, H*D) projections viewed as (B, H, L, D)
+        q = torch.randn(B, Lq, H, D, generator=g).to(dtype).transpose(1, 2)
+        k = torch.randn(B, Lk, H, D, generator=g).to(dtype).transpose(1, 2)
+        v = torch.randn(B, Lk, H, D, generator=g).to(dtype).transpose(1, 2)
+    else:
+        q = torch.randn(B, H, Lq, D, generator=g).to(dtype)
+        k = torch.randn(B, H, Lk, D, generator=g).to(dtype)
+        v = torch.randn(B, H, Lk, D, generator=g).to(dtype)
+    inputs = {"q": q, "k": k, "v": v}
+    if bias == "keys":
+        inputs["bias"] = torch.randn(B, 1, 1, Lk, generator=g)
+    elif bias == "full":
+        inputs["bias"] = torch.randn(B, H, Lq, Lk, generator=g).to(dtype)
+    return inputs, (q, k, v, inputs.get("bias"), scale)
+
+
+ATTN_CASES = [
+    dict(dtype=torch.float16, B=2, H=8, Lq=64, Lk=77, D=40, layout="blhd", bias="keys"),
+    dict(dtype=torch.bfloat16, B=1, H=2, Lq=130, Lk=130, D=64, layout="blhd"),
+    dict(dtype=torch.float32, B=2, H=3, Lq=7, Lk=5, D=1),
+    dict(dtype=torch.float32, B=1, H=1, Lq=33, Lk=17, D=160, bias="full", scale=0.3),
+    dict(dtype=torch.float16, B=3, H=5, Lq=9, Lk=300, D=100),
+    dict(dtype=torch.bfloat16, B=1, H=2, Lq=5, Lk=6, D=256, bias="full"),
+    dict(dtype=torch.float32, B=1, H=4, Lq=16, Lk=16, D=80, layout="blhd"),
+]
+
+
+@pytest.mark.parametrize("case", ATTN_CASES, ids=lambda c: f"{c['dtype']}-D{c['D']}")
+def test_attention_plan_matches_the_launcher(case):
+    inputs, args = _attn_case(**case)
+    _compare(attention, _C._aot_plan_attention, inputs, args)
+
+
+def _step_case(dtype, shape, guided=False, noise=False, prev=False, index_dtype=torch.int64,
+               clip=False, write_x0=False, guidance=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sample = torch.randn(*shape, generator=g).to(dtype)
+    mo = torch.randn(shape[0] * (2 if guided else 1), *shape[1:], generator=g).to(dtype)
+    coeffs = torch.randn(7, 8, generator=g)
+    inputs = {"model_output": mo, "sample": sample, "coeffs": coeffs,
+              "step_index": torch.tensor(3, dtype=index_dtype)}
+    if noise:
+        inputs["noise"] = torch.randn(*shape, generator=g).to(dtype)
+    if prev:
+        inputs["prev_x0"] = torch.randn(*shape, generator=g).to(dtype)
+    args = (mo, sample, coeffs, inputs["step_index"], inputs.get("noise"), inputs.get("prev_x0"),
+            guidance, clip, 1.5, write_x0)
+    return inputs, args
+
+
+STEP_CASES = [
+    dict(dtype=torch.float32, shape=(2, 4, 8, 8)),
+    dict(dtype=torch.float16, shape=(1, 4, 64, 64), guided=True, noise=True, guidance=7.5,
+         write_x0=True),
+    dict(dtype=torch.bfloat16, shape=(3, 5, 7), prev=True, index_dtype=torch.int32, clip=True),
+    dict(dtype=torch.float32, shape=(2, 3, 33, 1), guided=True, noise=True, prev=True,
+         guidance=2.0, clip=True, write_x0=True),
+]
+
+
+@pytest.mark.parametrize("case", STEP_CASES, ids=lambda c: f"{c['dtype']}-{c['shape']}")
+def test_denoise_step_plan_matches_the_launcher(case):
+    inputs, args = _step_case(**case)
+    _compare(denoise_step, _C._aot_plan_denoise_step, inputs, args)
+
+
+def test_every_cpp_key_is_a_listed_configuration():
+    """Keys C++ can build for each op and flag combination name a configuration aot.py builds."""
+    listed = {aot.kernel_key(c) for m in aot.MODULES.values() for c in m.aot_configs()}
+    seen = set()
+    for dt in DTYPES:
+        for flags in range(16):
+            cl, pre, ss, silu = (bool(flags >> i & 1) for i in range(4))
+            _, args = _gn_case(dt, (1, 4, 2, 2), 2, cl=cl, pre=pre, ss="both" if ss else None,
+                               silu=silu)
+            seen |= {la["key"] for la in _C._aot_plan_group_norm_silu(*args)[0]}
+        for d in (1, 16, 17, 32, 33, 64, 65, 128, 129, 256):
+            for bias in (None, "keys"):
+                _, args = _attn_case(dt, 1, 1, 3, 3, d, bias=bias)
+                seen |= {la["key"] for la in _C._aot_plan_attention(*args)[0]}
+        for flags in range(8):
+            guided, noise, prev = (bool(flags >> i & 1) for i in range(3))
+            for it in (torch.int64, torch.int32):
+                _, args = _step_case(dt, (2, 3), guided, noise, prev, it)
+                seen |= {la["key"] for la in _C._aot_plan_denoise_step(*args)[0]}
+    assert seen <= listed, sorted(seen - listed)[:5]
+    assert len(seen) == len(listed)  # and every listed configuration is reachable
+
+
+# ---- selection, against cubins Triton compiled for sm_80 ----
+
+@pytest.fixture(scope="module")
+def sm80(tmp_path_factory):
+    """All kernels emitted for sm_80 (Triton's cache makes this quick after test_aot) and
+    registered; the registry is emptied again afterwards."""
+    out = tmp_path_factory.mktemp("cubins")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-m", "fastdiff.kernels.aot", "--arch", "80", "--emit",
+                        str(out), "--jobs", str(min(os.cpu_count() or 1, 4))],
+                       capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    n = prebuilt.load(str(out))
+    assert n == _C._aot_count() > 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    yield {k["file"]: k for k in manifest["kernels"]}
+    prebuilt.load_if_cuda()
+
+
+def _plans():
+    for case in GN_CASES:
+        yield "group_norm_silu", _C._aot_plan_group_norm_silu(*_gn_case(**case)[1])[0]
+    for case in ATTN_CASES:
+        yield "attention", _C._aot_plan_attention(*_attn_case(**case)[1])[0]
+    for case in STEP_CASES:
+        yield "denoise_step", _C._aot_plan_denoise_step(*_step_case(**case)[1])[0]
+
+
+_WIDTH = {"ptr": 8, "i64": 8, "i32": 4, "fp32": 4}
+
+
+def test_packed_arguments_match_the_ptx_of_the_selected_cubin(sm80):
+    for op, launches in _plans():
+        for la in launches:
+            path, why = _C._aot_select(la, 80)
+            assert path, f"{op}: {la['key']}: {why}"
+            entry = sm80[os.path.basename(path)]
+            widths = [_WIDTH[kind] for _, kind, _ in la["args"]] + [8, 8]
+            assert widths == entry["ptx_param_bytes"], (op, la["key"])
+            assert [n for n, _, _ in la["args"]] == [p["name"] for p in entry["params"]][:-2]
+
+
+def test_selection_prefers_the_aligned_variant_and_falls_back(sm80):
+    # numel 4*64*64 (a multiple of 16) -> the variant assuming it; 3*5*7 -> pointers only.
+    aligned = _C._aot_plan_denoise_step(*_step_case(torch.float16, (1, 4, 64, 64))[1])[0][0]
+    odd = _C._aot_plan_denoise_step(*_step_case(torch.float16, (3, 5, 7))[1])[0][0]
+    a, o = (sm80[os.path.basename(_C._aot_select(la, 80)[0])] for la in (aligned, odd))
+    names = [p["name"] for p in a["params"]]
+    assert "numel" in [names[i] for i in a["aligned"]]
+    assert "numel" not in [names[i] for i in o["aligned"]] and o["aligned"]
+    # A tensor one element into its storage is not 16-byte aligned: no cubin (the JIT runs).
+    base = torch.randn(1 + 2 * 4 * 8 * 8)
+    sample = base[1:].view(2, 4, 8, 8)
+    _, args = _step_case(torch.float32, (2, 4, 8, 8))
+    la = _C._aot_plan_denoise_step(args[0], sample, *args[2:])[0][0]
+    path, why = _C._aot_select(la, 80)
+    assert not path and "'x_ptr' is not 16-byte aligned" in why
+
+
+def test_selection_by_architecture(sm80):
+    la = _C._aot_plan_denoise_step(*_step_case(torch.float32, (2, 4, 8, 8))[1])[0][0]
+    for arch in (80, 86, 89):  # an sm_80 cubin runs on every 8.x GPU
+        assert _C._aot_select(la, arch)[0].endswith("-sm80.cubin")
+    for arch in (75, 90, 100):
+        path, why = _C._aot_select(la, arch)
+        assert not path and f"not prebuilt for sm_{arch}" in why
+
+
+def test_selection_rejects_what_the_cubin_cannot_take(sm80):
+    la = _C._aot_plan_denoise_step(*_step_case(torch.float32, (2, 4, 8, 8))[1])[0][0]
+    big = dict(la, args=[(n, k, 2**31 if n == "numel" else b) for n, k, b in la["args"]])
+    assert "'numel'=2147483648 needs 64 bits" in _C._aot_select(big, 80)[1]
+    renamed = dict(la, args=[("sample" if n == "x_ptr" else n, k, b) for n, k, b in la["args"]])
+    assert "is 'x_ptr'" in _C._aot_select(renamed, 80)[1]
+    short = dict(la, args=la["args"][:-1])
+    assert "takes 16 parameters, the launch packs 13" in _C._aot_select(short, 80)[1]
+    wide = dict(la, grid=(1, 70000, 1))
+    assert "exceeds CUDA's limits" in _C._aot_select(wide, 80)[1]
+    assert "is not prebuilt" in _C._aot_select(dict(la, key="nope()[]"), 80)[1]
+
+
+def test_mode_and_info():
+    assert _C._aot_mode() in (0, 1, 2)
+    before = ops.set_prebuilt("off")
+    try:
+        assert _C._aot_mode() == 0 and ops.set_prebuilt("require") == "off"
+        assert _C._aot_mode() == 2
+    finally:
+        ops.set_prebuilt(before)
+    with pytest.raises(ValueError, match="argument 'mode' must be one of"):
+        ops.set_prebuilt("fast")
+
+
+def test_registration_rejects_bad_metadata():
+    with pytest.raises(ValueError, match="aligned parameter index 5 out of range"):
+        _C._aot_register("k()[]", 80, "/nonexistent", "k", ["a"], [8, 8, 8], [5], 4, 0, 0, 0)
+
+
+# ---- on a GPU: the prebuilt path, required, against references and the JIT ----
+
+@pytest.fixture(scope="module")
+def gpu_cubins(tmp_path_factory):
+    """Prebuilt kernels for this GPU: the installed ones, else compiled here for its arch."""
+    major, minor = torch.cuda.get_device_capability()
+    arch = major * 10 + minor
+    m = prebuilt.manifest()
+    if m is None or not any(a <= arch and a // 10 == major for a in m["archs"]):
+        out = tmp_path_factory.mktemp("gpu-cubins")
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        r = subprocess.run([sys.executable, "-m", "fastdiff.kernels.aot", "--arch", str(arch),
+                            "--emit", str(out), "--jobs", str(os.cpu_count() or 1)],
+                           capture_output=True, text=True, env=env, timeout=1800)
+        assert r.returncode == 0, r.stderr[-3000:]
+        prebuilt.load(str(out))
+    else:
+        prebuilt.load()
+    yield
+    prebuilt.load_if_cuda()
+
+
+def _both_paths(fn):
+    """fn() with the prebuilt kernels required, then with the JIT."""
+    prev = ops.set_prebuilt("require")
+    try:
+        a = fn()
+        ops.set_prebuilt("off")
+        b = fn()
+    finally:
+        ops.set_prebuilt(prev)
+    torch.cuda.synchronize()
+    return a, b
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("case", GN_CASES, ids=lambda c: f"{c['shape']}")
+def test_cuda_group_norm_silu_prebuilt(gpu_cubins, case):
+    _, args = _gn_case(**case)
+    args = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in args)
+    aot_out, jit_out = _both_paths(lambda: torch.ops.fastdiff.group_norm_silu(*args))
+    x, groups, w, b, eps, pre, sc, sh, silu = args
+    ref = reference.group_norm_silu(x.cpu(), groups, None if w is None else w.cpu(),
+                                    None if b is None else b.cpu(), eps,
+                                    None if pre is None else pre.cpu(),
+                                    None if sc is None else sc.cpu(),
+                                    None if sh is None else sh.cpu(), silu)
+    tol = 1e-4 if x.dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(aot_out.cpu().double(), ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(aot_out, jit_out, rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("case", ATTN_CASES, ids=lambda c: f"{c['dtype']}-D{c['D']}")
+def test_cuda_attention_prebuilt(gpu_cubins, case):
+    _, (q, k, v, bias, scale) = _attn_case(**case)
+    q, k, v = q.cuda(), k.cuda(), v.cuda()
+    bias = None if bias is None else bias.cuda()
+    aot_out, jit_out = _both_paths(lambda: torch.ops.fastdiff.attention(q, k, v, bias, scale))
+    ref = reference.attention(q.cpu(), k.cpu(), v.cpu(), None if bias is None else bias.cpu(),
+                              scale)
+    tol = 1e-4 if q.dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(aot_out.cpu().double(), ref.double(), rtol=tol, atol=tol)
+    torch.testing.assert_close(aot_out, jit_out, rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("case", STEP_CASES, ids=lambda c: f"{c['dtype']}-{c['shape']}")
+def test_cuda_denoise_step_prebuilt(gpu_cubins, case):
+    _, args = _step_case(**case)
+    args = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in args)
+    (a_out, a_x0), (j_out, j_x0) = _both_paths(lambda: torch.ops.fastdiff.denoise_step(*args))
+    c_out, c_x0 = torch.ops.fastdiff.denoise_step(
+        *(a.cpu() if isinstance(a, torch.Tensor) else a for a in args))
+    tol = 1e-5 if a_out.dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(a_out.cpu(), c_out, rtol=tol, atol=tol)
+    torch.testing.assert_close(a_x0.cpu(), c_x0, rtol=tol, atol=tol)
+    torch.testing.assert_close(a_out, j_out, rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_cuda_unaligned_input_falls_back_once(gpu_cubins, caplog):
+    base = torch.randn(1 + 2 * 4 * 8 * 8, device="cuda")
+    sample = base[1:].view(2, 4, 8, 8)
+    _, args = _step_case(torch.float32, (2, 4, 8, 8))
+    args = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in args)
+    ops._logged.clear()
+    with caplog.at_level("INFO", logger="fastdiff"):
+        for _ in range(3):
+            out, _ = torch.ops.fastdiff.denoise_step(args[0], sample, *args[2:])
+    lines = [r for r in caplog.records if "prebuilt kernels not used" in r.getMessage()]
+    assert len(lines) == 1 and "not 16-byte aligned" in lines[0].getMessage()
+    ref, _ = torch.ops.fastdiff.denoise_step(args[0].cpu(), sample.cpu(),
+                                             *(a.cpu() if isinstance(a, torch.Tensor) else a
+                                               for a in args[2:]))
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-5, atol=1e-5)
+    prev = ops.set_prebuilt("require")
+    try:
+        with pytest.raises(RuntimeError, match="FASTDIFF_AOT=require"):
+            torch.ops.fastdiff.denoise_step(args[0], sample, *args[2:])
+    finally:
+        ops.set_prebuilt(prev)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_cuda_prebuilt_launches_are_captured_in_cuda_graphs(gpu_cubins):
+    _, args = _step_case(torch.float16, (1, 4, 64, 64), guided=True, noise=True, guidance=7.5)
+    args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
+    prev = ops.set_prebuilt("require")
+    try:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            torch.ops.fastdiff.denoise_step(*args)  # warm-up: loads the module
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out, _ = torch.ops.fastdiff.denoise_step(*args)
+        for i in (0, 5):
+            args[3].fill_(i)
+            graph.replay()
+            ref, _ = torch.ops.fastdiff.denoise_step(*args)
+            torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    finally:
+        ops.set_prebuilt(prev)
+
+
+def test_installed_cubins_cover_every_plan():
+    """The package's own cubins (a wheel install; tests/test_wheel.py runs this there): every
+    plan above selects one for every architecture built, with the PTX's parameter widths."""
+    m = prebuilt.manifest()
+    if m is None:
+        pytest.skip("no prebuilt kernels in this install (source tree; see tests/test_wheel.py)")
+    try:
+        assert prebuilt.load() == len(m["kernels"])
+        entries = {k["file"]: k for k in m["kernels"]}
+        for arch in m["archs"]:
+            for op, launches in _plans():
+                for la in launches:
+                    path, why = _C._aot_select(la, arch)
+                    assert path, f"sm_{arch} {op}: {why}"
+                    assert os.path.dirname(path) == prebuilt.cubin_dir()
+                    widths = [_WIDTH[kind] for _, kind, _ in la["args"]] + [8, 8]
+                    assert widths == entries[os.path.basename(path)]["ptx_param_bytes"]
+    finally:
+        prebuilt.load_if_cuda()
