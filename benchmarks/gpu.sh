@@ -31,11 +31,22 @@ phase "building fastdiff against torch $("$PY" -c 'import torch; print(torch.__v
 "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 1
 "$PY" -c "import fastdiff, torch; print('fastdiff', fastdiff.__version__, 'cuda', torch.cuda.is_available())"
 
+arch=$("$PY" -c "import torch; M, m = torch.cuda.get_device_capability(); print(M * 10 + m)" 2>/dev/null)
+if [ -n "$arch" ]; then
+  phase "prebuilt kernels for sm_$arch (as the wheel carries them) into kernels/cubins"
+  env -u TRITON_INTERPRET "$PY" -m fastdiff.kernels.aot --arch "$arch" --emit kernels/cubins \
+    --jobs "$(nproc)" > "$OUT/aot.jsonl" || echo "AOT compile failed: see $OUT/aot.jsonl"
+  "$PY" -m fastdiff info
+fi
+
 quick=""
 [ "${QUICK:-0}" = 1 ] && quick="--bench-quick"
 if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   phase "CUDA tests"
   timeout 240 "$PY" -m pytest -q -p no:cacheprovider tests -m cuda -x 2>&1 | tee "$OUT/tests.log" | tail -5
+  phase "CUDA tests, prebuilt kernels required (FASTDIFF_AOT=require)"
+  FASTDIFF_AOT=require timeout 240 "$PY" -m pytest -q -p no:cacheprovider tests -m cuda 2>&1 \
+    | tee "$OUT/tests-aot.log" | tail -5
 else
   echo "no GPU: the CUDA tests are skipped; the suite runs its CPU paths"
 fi
@@ -46,6 +57,7 @@ bench() {  # bench NAME LIMIT_S pytest-args...
   timeout "$limit" "$PY" -m pytest -q -p no:cacheprovider $quick \
     --benchmark-json "$OUT/raw-$name.json" --benchmark-columns=median,rounds "$@" | tail -3
 }
+bench first-call 150 benchmarks/test_first_call.py
 bench kernels 150 benchmarks/test_kernels.py -k "not compile"
 bench e2e 150 benchmarks/test_e2e.py -k "not compile"
 bench kernels-compile 120 benchmarks/test_kernels.py -k "compile"

@@ -331,6 +331,14 @@ void clear_registry() {
   st.archs.clear();
 }
 
+void forget_loaded() {
+  State& st = state();
+  std::lock_guard<std::mutex> g(st.mu);
+  for (auto& kv : st.kernels) {
+    for (auto& e : kv.second) e->loaded.clear();
+  }
+}
+
 int64_t registry_size() {
   State& st = state();
   std::lock_guard<std::mutex> g(st.mu);

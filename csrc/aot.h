@@ -62,6 +62,9 @@ void register_kernel(const std::string& key, int64_t arch, const std::string& pa
                      int64_t num_warps, int64_t shared, int64_t global_scratch_size,
                      int64_t profile_scratch_size);
 void clear_registry();
+// Forgets which cubins were loaded, so that the next launch of each loads it again (as in a new
+// process; the old modules stay loaded). For first-call benchmarks.
+void forget_loaded();
 int64_t registry_size();
 
 // The registered kernel a launch would run on a device of the given architecture (e.g. 86):

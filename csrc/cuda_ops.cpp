@@ -332,6 +332,7 @@ void bind(pybind11::module& m) {
   m.def("_aot_register", &register_kernel, "Registers one prebuilt kernel (fastdiff.prebuilt).");
   m.def("_aot_clear", &clear_registry);
   m.def("_aot_count", &registry_size);
+  m.def("_aot_forget_loaded", &forget_loaded);
   m.def("_aot_mode", &mode);
   m.def("_aot_set_mode", &set_mode);
   m.def("_aot_select", [](const pybind11::dict& launch, int64_t arch) {

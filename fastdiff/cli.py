@@ -266,6 +266,12 @@ def info_lines(cubin_dir: str | None = None) -> list[str]:
                          f"({', '.join(sorted({k['kernel'] for k in ks}))})")
         mode = {0: "off", 1: "on", 2: "require"}[_C._aot_mode()]
         lines.append(f"prebuilt mode: {mode} (FASTDIFF_AOT); registered now: {_C._aot_count()}")
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability()
+            arch = major * 10 + minor
+            fit = [a for a in m["archs"] if a <= arch and a // 10 == major]
+            lines.append(f"this GPU (sm_{arch}) runs " + (f"the sm_{max(fit)} cubins" if fit else
+                                                          "the Triton JIT (no cubins for it)"))
     else:
         lines.append("prebuilt kernels: none (CUDA ops compile with the Triton JIT on first use;"
                      " `pip wheel .` or `make cubins` builds them)")
