@@ -105,3 +105,40 @@ def test_time_to_first_image(benchmark, cold, path):
         return x
 
     benchmark.pedantic(first_image, setup=lambda: cold(path), rounds=3, iterations=1)
+
+
+# ---- per call, warm: the host's cost of one launch ----
+
+def _small_step(device):
+    g = torch.Generator(device=device).manual_seed(0)
+    dt = torch.float16 if device == "cuda" else torch.float32
+    r = lambda *s: torch.randn(*s, device=device, generator=g, dtype=dt)  # noqa: E731
+    coeffs = torch.randn(50, 8, device=device, generator=g)
+    return (r(2, 4, 8, 8), r(1, 4, 8, 8), coeffs, torch.tensor(3, device=device), r(1, 4, 8, 8),
+            None, 7.5, False, 1.0, False)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_warm_call_overhead(benchmark, path):
+    """denoise_step on a 1x4x8x8 latent (GPU time negligible): 100 calls, then one sync, so the
+    median is the host's time per call: C++ op -> cuLaunchKernel vs C++ op -> Python -> the
+    Triton launcher."""
+    if prebuilt.load_if_cuda() == 0:
+        pytest.skip("no prebuilt kernels installed (pip wheel . / make cubins)")
+    args = _small_step("cuda")
+    prev = ops.set_prebuilt("require" if path == "prebuilt" else "off")
+    try:
+        torch.ops.fastdiff.denoise_step(*args)  # loads / compiles
+        torch.cuda.synchronize()
+        benchmark.group = "warm call: denoise_step 1x4x8x8"
+        benchmark.extra_info.update(kind="first_call", case="warm call x100 (host overhead)",
+                                    system=path)
+
+        def hundred():
+            for _ in range(100):
+                torch.ops.fastdiff.denoise_step(*args)
+            torch.cuda.synchronize()
+
+        benchmark.pedantic(hundred, rounds=20, warmup_rounds=2, iterations=1)
+    finally:
+        ops.set_prebuilt(prev)
