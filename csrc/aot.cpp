@@ -116,6 +116,7 @@ struct State {
   std::vector<int64_t> archs;                      // sorted, distinct
   std::unordered_map<int, DeviceInfo> devices;     // per device index
   int mode = -1;
+  std::string pending_dir;  // a cubin directory whose index.tsv is read at the first use
 };
 
 State& state() {
@@ -142,6 +143,64 @@ const char* kind_name(Kind k) {
     case Kind::F32: return "fp32";
   }
   return "?";
+}
+
+void add_entry(State& st, const std::string& key, Entry e) {
+  for (int64_t i : e.aligned) {
+    TORCH_CHECK_VALUE(i >= 0 && i < static_cast<int64_t>(e.param_names.size()), "fastdiff: "
+                      "aligned parameter index ", i, " out of range for ", e.name);
+  }
+  TORCH_CHECK_VALUE(e.num_warps > 0 && e.shared >= 0, "fastdiff: bad launch metadata for ",
+                    e.name);
+  if (!std::binary_search(st.archs.begin(), st.archs.end(), e.arch)) {
+    st.archs.insert(std::upper_bound(st.archs.begin(), st.archs.end(), e.arch), e.arch);
+  }
+  st.kernels[key].push_back(std::make_unique<Entry>(std::move(e)));
+}
+
+std::vector<std::string> split(const std::string& s, char sep) {
+  std::vector<std::string> out;
+  if (s.empty()) return out;
+  std::string cur;
+  std::istringstream in(s);
+  while (std::getline(in, cur, sep)) out.push_back(cur);
+  if (s.back() == sep) out.emplace_back();
+  return out;
+}
+
+std::vector<int64_t> ints(const std::string& s) {
+  std::vector<int64_t> out;
+  for (const auto& x : split(s, ',')) out.push_back(std::stoll(x));
+  return out;
+}
+
+// Registers every kernel of <dir>/index.tsv (written by kernels/aot.py; format there).
+// Caller holds the lock.
+int64_t load_index(State& st, const std::string& dir) {
+  std::ifstream f(dir + "/index.tsv");
+  if (!f.good()) return 0;
+  std::string line;
+  int64_t n = 0, lineno = 0;
+  while (std::getline(f, line)) {
+    ++lineno;
+    if (line.empty()) continue;
+    auto c = split(line, '\t');
+    TORCH_CHECK(c.size() == 11, "fastdiff: ", dir, "/index.tsv line ", lineno, " has ", c.size(),
+                " fields, expected 11 (a damaged install? reinstall, or set FASTDIFF_AOT=0)");
+    Entry e{std::stoll(c[1]), dir + "/" + c[2], c[3], split(c[4], ','), ints(c[5]), ints(c[6]),
+            std::stoll(c[7]), std::stoll(c[8]), std::stoll(c[9]), std::stoll(c[10]), {}};
+    add_entry(st, c[0], std::move(e));
+    ++n;
+  }
+  return n;
+}
+
+// Reads a pending index (see use_directory). Caller holds the lock.
+void ensure_index(State& st) {
+  if (st.pending_dir.empty()) return;
+  const std::string dir = std::move(st.pending_dir);
+  st.pending_dir.clear();
+  load_index(st, dir);
 }
 
 // Why `e` cannot run launch `l` (empty: it can).
@@ -193,6 +252,7 @@ std::string arch_list(const std::vector<int64_t>& archs) {
 // The entry for `l` on `arch`: an exact architecture first, else the newest one of the same
 // major version below it (a cubin for sm_80 runs on sm_86 and sm_89). Caller holds the lock.
 Entry* find(State& st, const Launch& l, int64_t arch, std::string& why) {
+  ensure_index(st);
   auto it = st.kernels.find(l.key);
   if (it == st.kernels.end()) {
     why = "kernel " + l.key + " is not prebuilt";
@@ -309,19 +369,24 @@ void register_kernel(const std::string& key, int64_t arch, const std::string& pa
                      const std::vector<int64_t>& param_bytes, const std::vector<int64_t>& aligned,
                      int64_t num_warps, int64_t shared, int64_t global_scratch_size,
                      int64_t profile_scratch_size) {
-  for (int64_t i : aligned) {
-    TORCH_CHECK_VALUE(i >= 0 && i < static_cast<int64_t>(param_names.size()), "fastdiff: "
-                      "aligned parameter index ", i, " out of range for ", name);
-  }
-  TORCH_CHECK_VALUE(num_warps > 0 && shared >= 0, "fastdiff: bad launch metadata for ", name);
   State& st = state();
   std::lock_guard<std::mutex> g(st.mu);
-  st.kernels[key].push_back(std::make_unique<Entry>(Entry{
-      arch, path, name, param_names, param_bytes, aligned, num_warps, shared,
-      global_scratch_size, profile_scratch_size, {}}));
-  if (!std::binary_search(st.archs.begin(), st.archs.end(), arch)) {
-    st.archs.insert(std::upper_bound(st.archs.begin(), st.archs.end(), arch), arch);
+  ensure_index(st);
+  add_entry(st, key, Entry{arch, path, name, param_names, param_bytes, aligned, num_warps,
+                           shared, global_scratch_size, profile_scratch_size, {}});
+}
+
+int64_t use_directory(const std::string& dir, bool lazy) {
+  State& st = state();
+  std::lock_guard<std::mutex> g(st.mu);
+  st.kernels.clear();
+  st.archs.clear();
+  st.pending_dir.clear();
+  if (lazy) {
+    st.pending_dir = dir;
+    return -1;
   }
+  return load_index(st, dir);
 }
 
 void clear_registry() {
@@ -329,6 +394,7 @@ void clear_registry() {
   std::lock_guard<std::mutex> g(st.mu);
   st.kernels.clear();
   st.archs.clear();
+  st.pending_dir.clear();
 }
 
 void forget_loaded() {
@@ -342,6 +408,7 @@ void forget_loaded() {
 int64_t registry_size() {
   State& st = state();
   std::lock_guard<std::mutex> g(st.mu);
+  ensure_index(st);
   int64_t n = 0;
   for (auto& kv : st.kernels) n += static_cast<int64_t>(kv.second.size());
   return n;
@@ -362,6 +429,7 @@ std::optional<std::string> unavailable(const at::Device& device) {
   if (mode() == 0) return std::string();  // asked for: the JIT runs without a log line
   State& st = state();
   std::lock_guard<std::mutex> g(st.mu);
+  ensure_index(st);
   if (st.kernels.empty()) {
     return std::string("no prebuilt kernels are installed (a source or editable install; "
                        "`pip wheel .` builds them into the wheel, `make cubins` into the tree)");

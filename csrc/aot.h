@@ -1,8 +1,8 @@
 // fastdiff: launching prebuilt (ahead-of-time compiled) Triton kernels from C++.
 //
-// The wheel carries cubins compiled by kernels/aot.py for sm_80/86/89/90 and a manifest.json;
-// fastdiff/prebuilt.py reads the manifest at import and registers every kernel here
-// (register_kernel). An op's CUDA implementation (cuda_ops.cpp) plans its launches (a Launch:
+// The wheel carries cubins compiled by kernels/aot.py for sm_80/86/89/90 with manifest.json and
+// index.tsv; fastdiff/prebuilt.py names their directory at import (use_directory) and the index
+// is read here at the first CUDA call. An op's CUDA implementation (cuda_ops.cpp) plans its launches (a Launch:
 // the kernel's key, grid and arguments in signature order) and hands them to launch(), which
 // launches each cubin with cuLaunchKernel on the current torch stream. libcuda is opened at the
 // first launch, so the extension imports on machines without a GPU or driver.
@@ -61,6 +61,10 @@ void register_kernel(const std::string& key, int64_t arch, const std::string& pa
                      const std::vector<int64_t>& param_bytes, const std::vector<int64_t>& aligned,
                      int64_t num_warps, int64_t shared, int64_t global_scratch_size,
                      int64_t profile_scratch_size);
+// Registers the kernels of <dir>/index.tsv (kernels/aot.py writes it beside the cubins),
+// replacing what was registered; lazy: at the first use instead (fastdiff's import costs
+// nothing). Returns how many were registered, or -1 when lazy.
+int64_t use_directory(const std::string& dir, bool lazy);
 void clear_registry();
 // Forgets which cubins were loaded, so that the next launch of each loads it again (as in a new
 // process; the old modules stay loaded). For first-call benchmarks.

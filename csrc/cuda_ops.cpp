@@ -330,6 +330,8 @@ namespace aot {
 
 void bind(pybind11::module& m) {
   m.def("_aot_register", &register_kernel, "Registers one prebuilt kernel (fastdiff.prebuilt).");
+  m.def("_aot_use_directory", &use_directory, pybind11::arg("directory"),
+        pybind11::arg("lazy") = false);
   m.def("_aot_clear", &clear_registry);
   m.def("_aot_count", &registry_size);
   m.def("_aot_forget_loaded", &forget_loaded);

@@ -2,8 +2,8 @@
 launcher (csrc/aot.cpp) when fastdiff is imported on a machine with a GPU.
 
 A wheel built by ``pip wheel .`` carries ``fastdiff/kernels/cubins/``: one cubin per (kernel
-configuration, alignment variant, architecture) and ``manifest.json`` (kernels/aot.py writes
-both; FASTDIFF_CUDA_ARCHS picks the architectures, default 80,86,89,90). A source or editable
+configuration, alignment variant, architecture), ``manifest.json`` (everything about each) and
+``index.tsv`` (what the launcher needs; kernels/aot.py writes all three; FASTDIFF_CUDA_ARCHS picks the architectures, default 80,86,89,90). A source or editable
 install has none until ``make cubins``; the CUDA ops then run the Triton JIT.
 """
 from __future__ import annotations
@@ -35,25 +35,12 @@ def manifest(directory: str | None = None) -> dict | None:
 def load(directory: str | None = None) -> int:
     """Registers every prebuilt kernel of ``directory`` (default: the package's) with the C++
     launcher, replacing what was registered before. Returns how many were registered."""
-    directory = directory or cubin_dir()
-    m = manifest(directory)
+    return _C._aot_use_directory(directory or cubin_dir(), lazy=False)
+
+
+def load_if_cuda() -> None:
+    """At import: where a GPU could run them, names the package's cubins to the C++ launcher,
+    which reads their index (index.tsv) at the first CUDA call, so importing costs nothing."""
     _C._aot_clear()
-    if m is None:
-        return 0
-    n = 0
-    for k in m["kernels"]:
-        path = os.path.join(directory, k["file"])
-        # cuLaunchKernel launches single-CTA kernels (all of fastdiff's); the file must exist.
-        if k["num_ctas"] != 1 or not os.path.exists(path):
-            continue
-        names = [p["name"] for p in k["params"]][:-2]  # without the two scratch pointers
-        _C._aot_register(k["key"], k["arch"], path, k["name"], names, k["ptx_param_bytes"],
-                         k["aligned"], k["num_warps"], k["shared"], k["global_scratch_size"],
-                         k["profile_scratch_size"])
-        n += 1
-    return n
-
-
-def load_if_cuda() -> int:
-    """At import: registers the prebuilt kernels where a GPU could run them."""
-    return load() if torch.cuda.is_available() else 0
+    if torch.cuda.is_available():
+        _C._aot_use_directory(cubin_dir(), lazy=True)

@@ -141,11 +141,27 @@ def emit(records, out_dir: str) -> dict:
                         "file": fname, "sha256": digest})
     manifest = {"triton": triton.__version__, "archs": sorted({e["arch"] for e in entries}),
                 "kernels": entries}
-    # Written last and atomically: a manifest names only cubins that are complete.
-    tmp = os.path.join(out_dir, "manifest.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f)
-    os.replace(tmp, os.path.join(out_dir, "manifest.json"))
+    # index.tsv: what the C++ launcher reads at the first CUDA call (csrc/aot.cpp,
+    # load_index), one line per single-CTA kernel, tab-separated:
+    #   key arch file name param_names ptx_param_bytes aligned num_warps shared
+    #   global_scratch_size profile_scratch_size        (lists comma-separated, possibly empty)
+    lines = []
+    for e in entries:
+        if e["num_ctas"] != 1:
+            continue
+        cells = [e["key"], e["arch"], e["file"], e["name"],
+                 ",".join(p["name"] for p in e["params"][:-2]),
+                 ",".join(map(str, e["ptx_param_bytes"])), ",".join(map(str, e["aligned"])),
+                 e["num_warps"], e["shared"], e["global_scratch_size"],
+                 e["profile_scratch_size"]]
+        lines.append("\t".join(map(str, cells)))
+    # Written last and atomically: the index and manifest name only cubins that are complete.
+    for name, text in (("index.tsv", "\n".join(lines) + "\n"), ("manifest.json",
+                                                                json.dumps(manifest))):
+        tmp = os.path.join(out_dir, name + ".tmp")
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, os.path.join(out_dir, name))
     return manifest
 
 

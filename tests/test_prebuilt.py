@@ -312,6 +312,23 @@ def test_mode_and_info():
         ops.set_prebuilt("fast")
 
 
+def test_index_is_read_lazily_and_checked(tmp_path):
+    line = "\t".join(["k(*fp32,i32)[B=1]", "80", "k.cubin", "k", "x_ptr,n", "8,4,8,8", "0",
+                       "4", "0", "0", "0"])
+    (tmp_path / "index.tsv").write_text(line + "\n" + line.replace("\t80\t", "\t90\t") + "\n")
+    try:
+        assert _C._aot_use_directory(str(tmp_path), lazy=True) == -1
+        assert _C._aot_count() == 2  # read at the first use
+        la = {"key": "k(*fp32,i32)[B=1]", "grid": (1, 1, 1),
+              "args": [("x_ptr", "ptr", 4096), ("n", "i32", 7)]}
+        assert _C._aot_select(la, 90)[0] == str(tmp_path / "k.cubin")
+        (tmp_path / "index.tsv").write_text("k()[]\t80\tk.cubin\n")
+        with pytest.raises(RuntimeError, match="index.tsv line 1 has 3 fields, expected 11"):
+            _C._aot_use_directory(str(tmp_path))
+    finally:
+        prebuilt.load_if_cuda()
+
+
 def test_registration_rejects_bad_metadata():
     with pytest.raises(ValueError, match="aligned parameter index 5 out of range"):
         _C._aot_register("k()[]", 80, "/nonexistent", "k", ["a"], [8, 8, 8], [5], 4, 0, 0, 0)
