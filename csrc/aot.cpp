@@ -445,7 +445,8 @@ std::optional<std::string> unavailable(const at::Device& device) {
 }
 
 std::optional<std::string> launch(const std::vector<Launch>& launches, const at::Device& device) {
-  if (auto why = unavailable(device)) return why;
+  TORCH_CHECK(driver().error.empty(), "fastdiff: aot::launch called although prebuilt kernels "
+              "are unavailable: ", driver().error);
   c10::DeviceGuard guard(device);
   State& st = state();
   std::vector<std::pair<Entry*, CUfunction>> fns;

@@ -83,7 +83,8 @@ Selection select(const Launch& l, int64_t arch);
 std::optional<std::string> unavailable(const at::Device& device);
 
 // Launches every planned kernel in order on the device's current stream, or none of them and
-// returns the reason (see above). Raises on a CUDA driver error.
+// returns the reason (see above). Raises on a CUDA driver error. Call it only after
+// unavailable(device) returned nothing (each op checks that once, before planning).
 std::optional<std::string> launch(const std::vector<Launch>& launches, const at::Device& device);
 
 // Python bindings of the above (for fastdiff/prebuilt.py and the CPU tests).
