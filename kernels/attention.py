@@ -76,8 +76,9 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr,
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per padded head dim, for 2-byte inputs. fp32 tiles
-# take twice the shared memory: fp32 halves BLOCK_M, and BLOCK_N too from D = 128 on, to stay
-# within sm_80's 163 KB (tests/test_aot.py checks every configuration).
+# take twice the shared memory: fp32 halves BLOCK_M, BLOCK_N too from D = 128 on, and pipelines
+# at most 2 stages (1 at D = 256), to stay within the 99 KB a block may use on sm_86/sm_89
+# (tests/test_aot.py checks every configuration; sm_80 allows 163 KB).
 _TILES = {16: (128, 64, 4, 3), 32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (128, 64, 8, 2),
           256: (64, 32, 8, 2)}
 
@@ -89,6 +90,7 @@ def _config(dtype, D, has_bias):
     if dtype == torch.float32:
         bm = min(bm, 64)
         bn = bn // 2 if block_d >= 128 else bn
+        stages = 1 if block_d == 256 else min(stages, 2)
     t = "*" + _TL_DTYPES[dtype]
     strides = {n: "i64" for n in ("sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn",
                                   "sbb", "sbh", "sbm", "sbn")}
