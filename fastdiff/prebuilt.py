@@ -1,10 +1,11 @@
-"""The prebuilt kernels: cubins compiled ahead of time into the wheel, registered with the C++
+"""The prebuilt kernels: cubins compiled ahead of time into the wheel, named to the C++
 launcher (csrc/aot.cpp) when fastdiff is imported on a machine with a GPU.
 
 A wheel built by ``pip wheel .`` carries ``fastdiff/kernels/cubins/``: one cubin per (kernel
 configuration, alignment variant, architecture), ``manifest.json`` (everything about each) and
-``index.tsv`` (what the launcher needs; kernels/aot.py writes all three; FASTDIFF_CUDA_ARCHS picks the architectures, default 80,86,89,90). A source or editable
-install has none until ``make cubins``; the CUDA ops then run the Triton JIT.
+``index.tsv`` (what the launcher reads at the first CUDA call). kernels/aot.py writes all three;
+FASTDIFF_CUDA_ARCHS picks the architectures (default 80,86,89,90). A source or editable install
+has none until ``make cubins``; the CUDA ops then run the Triton JIT.
 """
 from __future__ import annotations
 
