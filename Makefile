@@ -7,9 +7,6 @@
 PYTHON ?= python3
 
 .PHONY: sample demo test install install-test bench wheel cubins
-FASTDIFF_CUDA_ARCHS ?= 80,86,89,90
-ARCH_FLAGS = $(foreach a,$(subst $(comma), ,$(FASTDIFF_CUDA_ARCHS)),--arch $(a))
-comma := ,
 
 install:
 	PYTHON=$(PYTHON) bash scripts/install.sh
@@ -29,10 +26,10 @@ test: install-test
 bench: install-test
 	$(PYTHON) -m fastdiff bench --out bench-results
 
+# Both compile for FASTDIFF_CUDA_ARCHS (default 80,86,89,90).
 wheel: install
-	FASTDIFF_CUDA_ARCHS=$(FASTDIFF_CUDA_ARCHS) $(PYTHON) -m pip wheel --no-build-isolation \
-	  --no-deps . -w dist/
+	$(PYTHON) -m pip wheel --no-build-isolation --no-deps . -w dist/
 
 cubins: install
 	env -u TRITON_INTERPRET $(PYTHON) -m fastdiff.kernels.aot --emit kernels/cubins \
-	  --jobs $$(nproc) $(ARCH_FLAGS) > /dev/null
+	  --jobs $$(nproc) --archs-from-env > /dev/null

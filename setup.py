@@ -19,9 +19,6 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
-DEFAULT_ARCHS = "80,86,89,90"
-
-
 def cxx_flags():
     flags = ["-O3", "-g0", "-std=c++17", "-fopenmp"]
     if platform.machine() in ("x86_64", "AMD64"):
@@ -30,33 +27,19 @@ def cxx_flags():
     return flags + os.environ.get("FASTDIFF_CXXFLAGS", "").split()
 
 
-def cuda_archs():
-    """The architectures to prebuild for, from FASTDIFF_CUDA_ARCHS ("80,86" or "80;86")."""
-    value = os.environ.get("FASTDIFF_CUDA_ARCHS", DEFAULT_ARCHS).replace(";", ",").strip()
-    if value.lower() in ("", "none", "0"):
-        return []
-    try:
-        return [int(a.strip().removeprefix("sm_")) for a in value.split(",") if a.strip()]
-    except ValueError:
-        sys.exit(f"FASTDIFF_CUDA_ARCHS must list SM versions such as {DEFAULT_ARCHS!r}, "
-                 f"got {value!r}")
-
-
 class BuildPyWithCubins(build_py):
     """build_py, then (for a wheel, not an editable install) the cubins into the build tree."""
 
     def run(self):
         super().run()
-        archs = cuda_archs()
-        if self.editable_mode or not archs:
+        if self.editable_mode:
             return
         out = os.path.join(self.build_lib, "fastdiff", "kernels", "cubins")
         shutil.rmtree(out, ignore_errors=True)
-        cmd = [sys.executable, "-m", "kernels.aot", "--emit", out,
+        # kernels/aot.py reads FASTDIFF_CUDA_ARCHS (default 80,86,89,90; "none" for none).
+        cmd = [sys.executable, "-m", "kernels.aot", "--emit", out, "--archs-from-env",
                "--jobs", str(os.cpu_count() or 1)]
-        for a in archs:
-            cmd += ["--arch", str(a)]
-        print(f"fastdiff: compiling the Triton kernels for sm_{archs} into {out}", flush=True)
+        print(f"fastdiff: compiling the Triton kernels into {out}", flush=True)
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         r = subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(__file__)), env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -33,6 +33,23 @@ from . import attention, denoise_step, group_norm_silu
 
 MODULES = {"group_norm_silu": group_norm_silu, "attention": attention,
            "denoise_step": denoise_step}
+# The architectures a wheel carries unless FASTDIFF_CUDA_ARCHS says otherwise.
+DEFAULT_ARCHS = (80, 86, 89, 90)
+
+
+def parse_archs(value: str | None) -> list[int]:
+    """FASTDIFF_CUDA_ARCHS: SM versions such as "80,86" or "80;sm_90"; "none" (or empty) for
+    none; unset (None) for DEFAULT_ARCHS."""
+    if value is None:
+        return list(DEFAULT_ARCHS)
+    value = value.replace(";", ",").strip()
+    if value.lower() in ("", "none", "0"):
+        return []
+    try:
+        return [int(a.strip().removeprefix("sm_")) for a in value.split(",") if a.strip()]
+    except ValueError:
+        raise ValueError(f"FASTDIFF_CUDA_ARCHS must list SM versions such as "
+                         f"'80,86,89,90', or 'none'; got {value!r}") from None
 
 
 # Triton scalar type -> (C type a launcher passes, bytes); pointers are 8-byte device addresses.
@@ -173,9 +190,22 @@ def main(argv=None):
     p.add_argument("--op", action="append", choices=sorted(MODULES))
     p.add_argument("--emit", metavar="DIR", help="write the cubins and manifest.json into DIR")
     p.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
+    p.add_argument("--archs-from-env", action="store_true",
+                   help="the architectures of FASTDIFF_CUDA_ARCHS (default "
+                        f"{','.join(map(str, DEFAULT_ARCHS))}) instead of --arch")
     args = p.parse_args(argv)
+    if args.archs_from_env:
+        try:
+            archs = parse_archs(os.environ.get("FASTDIFF_CUDA_ARCHS"))
+        except ValueError as err:
+            sys.exit(str(err))
+        if not archs:
+            print("FASTDIFF_CUDA_ARCHS=none: no kernels compiled", file=sys.stderr)
+            return 0
+    else:
+        archs = args.arch or [80, 90]
     failed, done = 0, []
-    for rec in compile_all(args.arch or [80, 90], args.op, emit=bool(args.emit), jobs=args.jobs):
+    for rec in compile_all(archs, args.op, emit=bool(args.emit), jobs=args.jobs):
         failed += not rec["ok"]
         print(json.dumps({k: v for k, v in rec.items() if k != "cubin"}), flush=True)
         if rec["ok"]:
