@@ -194,19 +194,22 @@ Plan plan_denoise_step(const at::Tensor& model_output, const at::Tensor& sample,
 
 // ---- the CUDA kernels: prebuilt, else the JIT twin ----
 
-// Launches the plan; on a reason not to, raises in mode 'require' or returns the reason.
-std::optional<std::string> run_prebuilt(const char* op, const Plan& plan,
-                                        const at::Device& device) {
-  auto why = aot::launch(plan.launches, device);
-  TORCH_CHECK(!why || aot::mode() != 2, "fastdiff.", op, ": FASTDIFF_AOT=require, but the "
-              "prebuilt kernels cannot run: ", why ? *why : "");
-  return why;
-}
-
-std::optional<std::string> precheck(const char* op, const at::Device& device) {
+// Plans the op (make_plan runs only where prebuilt kernels may run) and launches it on the
+// prebuilt cubins: its outputs, or the reason they cannot run (raised in mode 'require').
+template <typename MakePlan>
+std::optional<std::string> try_prebuilt(const char* op, const at::Device& device,
+                                        MakePlan make_plan, std::vector<at::Tensor>& outputs) {
   auto why = aot::unavailable(device);
-  TORCH_CHECK(!why || aot::mode() != 2, "fastdiff.", op, ": FASTDIFF_AOT=require, but the "
-              "prebuilt kernels cannot run: ", why ? *why : "");
+  if (!why) {
+    Plan p = make_plan();
+    why = aot::launch(p.launches, device);
+    if (!why) {
+      outputs = std::move(p.outputs);
+      return std::nullopt;
+    }
+  }
+  TORCH_CHECK(aot::mode() != 2, "fastdiff.", op, ": FASTDIFF_AOT=require, but the prebuilt "
+              "kernels cannot run: ", *why);
   return why;
 }
 
@@ -219,13 +222,12 @@ at::Tensor group_norm_silu_cuda(const at::Tensor& x, int64_t num_groups,
   check_group_norm_silu(x, num_groups, weight, bias, eps, pre_bias, scale, shift, apply_silu);
   if (x.numel() == 0) return at::empty_like(x);
   c10::DeviceGuard guard(x.device());
-  auto why = precheck("group_norm_silu", x.device());
-  if (!why) {
-    Plan p = plan_group_norm_silu(x, num_groups, weight, bias, eps, pre_bias, scale, shift,
-                                  apply_silu);
-    why = run_prebuilt("group_norm_silu", p, x.device());
-    if (!why) return p.outputs[0];
-  }
+  std::vector<at::Tensor> out;
+  auto why = try_prebuilt("group_norm_silu", x.device(), [&] {
+    return plan_group_norm_silu(x, num_groups, weight, bias, eps, pre_bias, scale, shift,
+                                apply_silu);
+  }, out);
+  if (!why) return out[0];
   static auto jit = c10::Dispatcher::singleton()
                         .findSchemaOrThrow("fastdiff::_group_norm_silu_jit", "")
                         .typed<at::Tensor(const at::Tensor&, int64_t,
@@ -244,12 +246,10 @@ at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Te
   check_attention(q, k, v, attn_bias, scale);
   if (q.numel() == 0) return at::empty(q.sizes(), q.options());
   c10::DeviceGuard guard(q.device());
-  auto why = precheck("attention", q.device());
-  if (!why) {
-    Plan p = plan_attention(q, k, v, attn_bias, scale);
-    why = run_prebuilt("attention", p, q.device());
-    if (!why) return p.outputs[0];
-  }
+  std::vector<at::Tensor> out;
+  auto why = try_prebuilt("attention", q.device(),
+                          [&] { return plan_attention(q, k, v, attn_bias, scale); }, out);
+  if (!why) return out[0];
   static auto jit = c10::Dispatcher::singleton()
                         .findSchemaOrThrow("fastdiff::_attention_jit", "")
                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
@@ -269,13 +269,12 @@ std::tuple<at::Tensor, at::Tensor> denoise_step_cuda(
     return {at::empty_like(sample), write_x0 ? at::empty_like(sample) : sample.new_empty({0})};
   }
   c10::DeviceGuard guard(sample.device());
-  auto why = precheck("denoise_step", sample.device());
-  if (!why) {
-    Plan p = plan_denoise_step(model_output, sample, coeffs, step_index, noise, prev_x0,
-                               guidance_scale, clip_sample, clip_sample_range, write_x0);
-    why = run_prebuilt("denoise_step", p, sample.device());
-    if (!why) return {p.outputs[0], p.outputs[1]};
-  }
+  std::vector<at::Tensor> out;
+  auto why = try_prebuilt("denoise_step", sample.device(), [&] {
+    return plan_denoise_step(model_output, sample, coeffs, step_index, noise, prev_x0,
+                             guidance_scale, clip_sample, clip_sample_range, write_x0);
+  }, out);
+  if (!why) return {out[0], out[1]};
   static auto jit =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("fastdiff::_denoise_step_jit", "")
