@@ -65,8 +65,7 @@ _PTX_BYTES = {"u64": 8, "b64": 8, "s64": 8, "f64": 8, "u32": 4, "b32": 4, "s32":
 def kernel_key(cfg) -> str:
     """The name csrc/cuda_ops.cpp looks a planned launch up by (aot::make_key):
     ``<kernel>(<types of the non-constexpr parameters>)[<constexpr>=<int>,...]``."""
-    types = [t for n, t in cfg["signature"].items() if n not in cfg["constexprs"]
-             and t != "constexpr"]
+    types = [p["type"] for p in launch_params(cfg["signature"], cfg["constexprs"])[:-2]]
     cx = ",".join(f"{k}={int(v)}" for k, v in cfg["constexprs"].items())
     return f"{cfg['fn'].__name__}({','.join(types)})[{cx}]"
 

@@ -52,7 +52,7 @@ def _py_plan(module, *args):
     launches, _ = module.plan(*args)
     res = []
     for cfg, grid, values in launches:
-        names = [n for n in cfg["signature"] if n not in cfg["constexprs"]]
+        names = [p["name"] for p in aot.launch_params(cfg["signature"], cfg["constexprs"])[:-2]]
         assert len(names) == len(values), cfg["fn"].__name__
         packed = []
         for (name, value) in zip(names, values):
