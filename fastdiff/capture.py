@@ -7,14 +7,109 @@ the body's outputs, which every replay overwrites in place.
 With ``SIMULATE = True`` (tests on machines without a GPU) the same code paths run on CPU
 tensors: a "graph" keeps the body and a replay runs it again and copies its outputs into the
 first outputs. That checks the bookkeeping around the graphs (static buffers, cache keys, weight
-checks, reseeding), not the capture itself, which the CUDA-marked tests cover.
+checks, reseeding), not the capture itself, which the CUDA-marked tests cover. While a simulated
+graph records or replays its body, what a real capture refuses raises ``CaptureError`` naming
+the offending line (``refuse_host_reads``): host reads of tensor values, the operations that
+must sync to size their output, and ``torch.cuda.synchronize``. A real replay runs no Python at
+all, so a read that happens only during a replay is a wrong answer on a GPU, not just an error.
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import traceback
+
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 SIMULATE = False
+_simulated_depth = 0      # > 0 while a simulated graph records or replays its body
+
+
+class CaptureError(RuntimeError):
+    """What a real CUDA-graph capture would refuse ("operation not permitted when stream is
+    capturing"), raised by the simulation on CPU."""
+
+
+# Reading a tensor's values on the host: a device-to-host copy plus a sync, refused by a capture.
+_HOST_READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.numpy,
+               torch.Tensor.__int__, torch.Tensor.__float__, torch.Tensor.__bool__,
+               torch.Tensor.__index__, torch.Tensor.__complex__, torch.Tensor.__array__,
+               torch.Tensor.__format__}
+# Operations whose output size depends on tensor values: they sync to learn it.
+_SIZE_SYNCS = {torch.nonzero, torch.Tensor.nonzero, torch.argwhere, torch.Tensor.argwhere,
+               torch.masked_select, torch.Tensor.masked_select, torch.unique,
+               torch.Tensor.unique, torch.unique_consecutive, torch.Tensor.unique_consecutive}
+_TO_HOST = {torch.Tensor.cpu, torch.Tensor.to}
+_TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+def _where() -> str:
+    """The innermost line of the caller's code (outside torch and this module)."""
+    for frame in reversed(traceback.extract_stack()[:-2]):
+        if frame.filename.startswith(_TORCH_DIR) or frame.filename == __file__:
+            continue
+        return f"{frame.filename}:{frame.lineno} in {frame.name}: {(frame.line or '').strip()}"
+    return "an unknown line"
+
+
+def _refused(what: str) -> CaptureError:
+    return CaptureError(f"{what} inside a CUDA-graph capture, at {_where()}. A real capture "
+                        "refuses it (operation not permitted when stream is capturing); do it "
+                        "once on the host before capturing, or keep the value on the device")
+
+
+def _bool_index(idx) -> bool:
+    items = idx if isinstance(idx, tuple) else (idx,)
+    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in items)
+
+
+def _moves_to_host(func, args, kwargs) -> bool:
+    src = args[0] if args and isinstance(args[0], torch.Tensor) else None
+    if src is None or src.device.type == "cpu":
+        return False
+    if func is torch.Tensor.cpu:
+        return True
+    dev = kwargs.get("device", args[1] if len(args) > 1 else None)
+    return isinstance(dev, (str, torch.device)) and torch.device(dev).type == "cpu"
+
+
+class _RefuseHostReads(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__qualname__", getattr(func, "__name__", str(func)))
+        name = name.replace("TensorBase.", "Tensor.")
+        if func in _HOST_READS:
+            raise _refused(f"a host read of a tensor value ({name})")
+        if func in _SIZE_SYNCS:
+            raise _refused(f"an operation whose output size depends on tensor values ({name})")
+        if func in (torch.Tensor.__getitem__, torch.Tensor.__setitem__) and len(args) > 1 \
+                and _bool_index(args[1]):
+            raise _refused("indexing with a boolean mask (its output size depends on values)")
+        if func in _TO_HOST and _moves_to_host(func, args, kwargs):
+            raise _refused(f"a copy of a {args[0].device.type} tensor to the host ({name})")
+        return func(*args, **kwargs)
+
+
+def _refused_synchronize(*args, **kwargs):
+    raise _refused("torch.cuda.synchronize()")
+
+
+@contextlib.contextmanager
+def refuse_host_reads():
+    """Within it, what a real CUDA-graph capture refuses raises CaptureError (the simulation
+    wraps every record and replay of a body in it)."""
+    global _simulated_depth
+    sync = torch.cuda.synchronize
+    torch.cuda.synchronize = _refused_synchronize
+    _simulated_depth += 1
+    try:
+        with _RefuseHostReads():
+            yield
+    finally:
+        _simulated_depth -= 1
+        torch.cuda.synchronize = sync
 
 
 def capturable(t: torch.Tensor) -> bool:
@@ -23,7 +118,10 @@ def capturable(t: torch.Tensor) -> bool:
 
 
 def capturing() -> bool:
-    """A stream capture is in progress (then callers run eagerly and are captured in it)."""
+    """A stream capture is in progress, real or simulated (then callers run eagerly and are
+    captured in it, and must not read tensor values on the host)."""
+    if _simulated_depth:
+        return True
     return not SIMULATE and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
@@ -61,10 +159,13 @@ def warm_up(fn, n: int) -> None:
 class _Simulated:
     def __init__(self, body):
         self.body = body
-        self.out = body()
+        with refuse_host_reads():
+            self.out = body()
 
     def replay(self):
-        for dst, src in zip(pytree.tree_leaves(self.out), pytree.tree_leaves(self.body())):
+        with refuse_host_reads():
+            outs = self.body()
+        for dst, src in zip(pytree.tree_leaves(self.out), pytree.tree_leaves(outs)):
             if isinstance(dst, torch.Tensor):
                 dst.copy_(src)
 

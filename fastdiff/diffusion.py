@@ -106,6 +106,8 @@ def sample(model, diffusion: GaussianDiffusion, labels: torch.Tensor, *, solver:
         x = torch.randn(shape, generator=gen)
     x = (x * table.init_noise_sigma).to(device)
     guided = guidance_scale != 1.0 and c.num_classes > 0
+    if c.num_classes and hasattr(model, "check_labels"):
+        model.check_labels(labels)          # on the host, once: the captured step cannot
     null = torch.full_like(labels, c.num_classes)
     model_cond = {"labels": (torch.cat([null, labels]) if guided else labels).to(device)}
     model_cond.update({k: (torch.cat([v, v]) if guided else v) for k, v in cond.items()

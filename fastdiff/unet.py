@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastdiff import ops
+from fastdiff import capture, ops
 
 
 @dataclass
@@ -200,10 +200,8 @@ class UNet(nn.Module):
             if labels.shape != (x.shape[0],) or labels.dtype != torch.long:
                 raise ValueError(f"UNet: 'labels' must be int64 of shape ({x.shape[0]},), got "
                                  f"{labels.dtype} {tuple(labels.shape)}")
-            if labels.numel() and not (0 <= int(labels.min()) and int(labels.max()) <= c.num_classes):
-                raise ValueError(f"UNet: 'labels' must be in [0, {c.num_classes}] "
-                                 f"({c.num_classes} = unconditional), got values "
-                                 f"{int(labels.min())}..{int(labels.max())}")
+            if not capture.capturing():     # a host read: refused inside a CUDA graph
+                self.check_labels(labels)
         if c.context_dim:
             if context is None or context.dim() != 3 or context.shape[0] != x.shape[0] \
                     or context.shape[2] != c.context_dim:
@@ -216,6 +214,15 @@ class UNet(nn.Module):
                 got = None if low_res is None else tuple(low_res.shape)
                 raise ValueError(f"UNet: 'low_res' must have shape (B={x.shape[0]}, "
                                  f"{c.cond_channels}, s, s) with s dividing {c.image_size}, got {got}")
+
+    def check_labels(self, labels: torch.Tensor) -> None:
+        """Raises ValueError unless every label is in [0, num_classes]. Reads the values on the
+        host: samplers call it once before capturing a step in a CUDA graph (the forward's own
+        check is skipped inside a capture, which refuses host reads)."""
+        n = self.config.num_classes
+        if labels.numel() and not (0 <= int(labels.min()) and int(labels.max()) <= n):
+            raise ValueError(f"UNet: 'labels' must be in [0, {n}] ({n} = unconditional), got "
+                             f"values {int(labels.min())}..{int(labels.max())}")
 
     def forward(self, x, t, labels=None, context=None, context_mask=None, low_res=None):
         self._check(x, labels, context, low_res)
