@@ -8,7 +8,7 @@ gathered from device tables with it, so the captured step is replayed S times wi
 and no host sync; the progress bar and per-step callbacks run on the host between replays.
 
 Caching: one graph per signature (sample shape and dtype, conditioning shapes, guidance scale,
-solver flags, number of steps); a new resolution or batch size is a new capture. All graphs share
+solver flags, number of steps, whether the noise is seeded); a new resolution or batch size is a new capture. All graphs share
 one memory pool; ``close()`` frees it. Graphs read the model's parameters in place, so in-place
 weight updates take effect; a parameter replaced by a new tensor triggers a new capture. Noise
 inside a graph comes from the default CUDA generator, or, when the caller passes a generator
@@ -177,8 +177,10 @@ class SamplingEngine:
             if self._gen is None:
                 self._gen = torch.Generator(device=x.device)
             gen = self._gen
+        # Which generator the graph draws from is part of the key: a graph captured for an
+        # unseeded call draws from the default generator and cannot serve a seeded one.
         key = (_sig(x), tuple((k, _sig(v) if isinstance(v, torch.Tensor) else v)
-                              for k, v in sorted(cond.items())),
+                              for k, v in sorted(cond.items())), generator is not None,
                guided, float(guidance_scale), len(table), table.needs_noise, table.needs_prev_x0,
                table.clip_sample, float(table.clip_sample_range), timestep_dtype)
         ptrs = capture.addresses(self.parameters())

@@ -200,6 +200,48 @@ def test_graph_replays_are_reproducible_with_noise(dev):
     assert eng.captures == 1
 
 
+def test_seeded_graph_is_reproducible_whatever_ran_before(dev):
+    """A seeded call draws the same sample on a fresh engine, after an unseeded call and twice
+    in a row. (The graph cache key once ignored which generator a graph draws from: after an
+    unseeded call, seeded calls replayed a graph drawing from the default generator.)"""
+    table = GaussianDiffusion().step_table("ddpm", 6)
+    x = torch.randn(2, 3, 16, 16, device=dev)
+
+    def seeded(eng):
+        return eng.sample(x, table, generator=torch.Generator().manual_seed(5))
+
+    fresh = seeded(_toy(dev)[0])
+    eng, _ = _toy(dev)
+    unseeded = eng.sample(x, table)                    # the default generator's noise
+    first, second = seeded(eng), seeded(eng)
+    for out in (first, second):
+        torch.testing.assert_close(out, fresh, rtol=0, atol=0)
+    assert not torch.equal(unseeded, fresh)
+    assert eng.captures == 2                           # one graph per generator kind
+    assert not torch.equal(eng.sample(x, table), unseeded)   # unseeded still draws afresh
+
+
+def test_seeded_sample_pipeline_is_reproducible_after_an_unseeded_call(dev):
+    dtype = torch.float16 if dev == "cuda" else torch.float32
+    unet = zoo.build_unet("sd15", width=0.1, sample_size=16, layers_per_block=1, device=dev,
+                          dtype=dtype)
+    pipe = _sd_pipe(unet, "DDPMScheduler").to(dev)
+    g = torch.Generator().manual_seed(0)
+    kw = dict(prompt_embeds=torch.randn(1, 77, 768, generator=g).to(dev, dtype),
+              negative_prompt_embeds=torch.randn(1, 77, 768, generator=g).to(dev, dtype),
+              height=128, width=128, num_inference_steps=3, guidance_scale=5.0,
+              latents=torch.randn(1, 4, 16, 16, generator=g).to(dev, dtype))
+
+    def seeded():
+        return engine.sample_pipeline(pipe, **kw, generator=torch.Generator().manual_seed(5))
+
+    fresh = seeded()
+    unet.__dict__.pop("_fastdiff_engine").close()      # a fresh engine for the next calls
+    engine.sample_pipeline(pipe, **kw)
+    for _ in range(2):
+        torch.testing.assert_close(seeded(), fresh, rtol=0, atol=0)
+
+
 def test_graph_new_shape_is_a_new_capture(dev):
     eng, conv = _toy(dev)
     table = GaussianDiffusion().step_table("ddim", 5)
