@@ -8,6 +8,7 @@
 #include <dlfcn.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
@@ -95,13 +96,26 @@ void check_cu(CUresult res, const char* what) {
 }
 
 // ---- the registry ----
+// Entries are shared: a launch holds the entries it resolved while it loads and launches them
+// outside the lock, so a concurrent use_directory / clear_registry drops only the registry's
+// references. Alive counts Entry objects (tests/test_prebuilt.py checks the ownership with it).
+std::atomic<int64_t> g_live_entries{0};
+
+struct Alive {
+  Alive() { ++g_live_entries; }
+  Alive(const Alive&) { ++g_live_entries; }
+  Alive& operator=(const Alive&) = default;
+  ~Alive() { --g_live_entries; }
+};
+
 struct Entry {
   int64_t arch;
   std::string path, name;
   std::vector<std::string> param_names;
   std::vector<int64_t> param_bytes, aligned;
   int64_t num_warps, shared, global_scratch, profile_scratch;
-  std::unordered_map<int, CUfunction> loaded;  // per device index
+  std::unordered_map<int, CUfunction> loaded;  // per device index; read and written under the lock
+  Alive alive;
 };
 
 struct DeviceInfo {
@@ -111,8 +125,8 @@ struct DeviceInfo {
 struct State {
   std::mutex mu;
   // key -> entries in registration order (the manifest lists a kernel's most aligned variant
-  // first); unique_ptr keeps entries in place while the vectors grow.
-  std::unordered_map<std::string, std::vector<std::unique_ptr<Entry>>> kernels;
+  // first).
+  std::unordered_map<std::string, std::vector<std::shared_ptr<Entry>>> kernels;
   std::vector<int64_t> archs;                      // sorted, distinct
   std::unordered_map<int, DeviceInfo> devices;     // per device index
   int mode = -1;
@@ -155,7 +169,7 @@ void add_entry(State& st, const std::string& key, Entry e) {
   if (!std::binary_search(st.archs.begin(), st.archs.end(), e.arch)) {
     st.archs.insert(std::upper_bound(st.archs.begin(), st.archs.end(), e.arch), e.arch);
   }
-  st.kernels[key].push_back(std::make_unique<Entry>(std::move(e)));
+  st.kernels[key].push_back(std::make_shared<Entry>(std::move(e)));
 }
 
 std::vector<std::string> split(const std::string& s, char sep) {
@@ -250,25 +264,26 @@ std::string arch_list(const std::vector<int64_t>& archs) {
 }
 
 // The entry for `l` on `arch`: an exact architecture first, else the newest one of the same
-// major version below it (a cubin for sm_80 runs on sm_86 and sm_89). Caller holds the lock.
-Entry* find(State& st, const Launch& l, int64_t arch, std::string& why) {
+// major version below it (a cubin for sm_80 runs on sm_86 and sm_89). Caller holds the lock;
+// the entry returned stays alive as long as the caller keeps it, whatever the registry does.
+std::shared_ptr<Entry> find(State& st, const Launch& l, int64_t arch, std::string& why) {
   ensure_index(st);
   auto it = st.kernels.find(l.key);
   if (it == st.kernels.end()) {
     why = "kernel " + l.key + " is not prebuilt";
     return nullptr;
   }
-  std::vector<Entry*> cands;
+  std::vector<std::shared_ptr<Entry>> cands;
   for (auto& e : it->second) {
-    if (e->arch <= arch && e->arch / 10 == arch / 10) cands.push_back(e.get());
+    if (e->arch <= arch && e->arch / 10 == arch / 10) cands.push_back(e);
   }
   std::stable_sort(cands.begin(), cands.end(),
-                   [](const Entry* a, const Entry* b) { return a->arch > b->arch; });
+                   [](const auto& a, const auto& b) { return a->arch > b->arch; });
   if (cands.empty()) {
     why = "kernel " + l.key + " is not prebuilt for sm_" + std::to_string(arch);
     return nullptr;
   }
-  for (Entry* e : cands) {
+  for (auto& e : cands) {
     std::string m = mismatch(*e, l);
     if (m.empty()) return e;
     if (why.empty()) why = m;
@@ -418,7 +433,7 @@ Selection select(const Launch& l, int64_t arch) {
   State& st = state();
   std::lock_guard<std::mutex> g(st.mu);
   Selection s;
-  if (Entry* e = find(st, l, arch, s.reason)) {
+  if (auto e = find(st, l, arch, s.reason)) {
     s.path = e->path;
     s.reason.clear();
   }
@@ -449,13 +464,15 @@ std::optional<std::string> launch(const std::vector<Launch>& launches, const at:
               "are unavailable: ", driver().error);
   c10::DeviceGuard guard(device);
   State& st = state();
-  std::vector<std::pair<Entry*, CUfunction>> fns;
+  // The entries are held (shared) until the launches are done: the lock is released before
+  // the driver calls, and a registry change meanwhile must not free what is being launched.
+  std::vector<std::pair<std::shared_ptr<const Entry>, CUfunction>> fns;
   {
     std::lock_guard<std::mutex> g(st.mu);
     const DeviceInfo& info = device_info(st, device.index());
     for (const Launch& l : launches) {
       std::string why;
-      Entry* e = find(st, l, info.arch, why);
+      std::shared_ptr<Entry> e = find(st, l, info.arch, why);
       if (!e) return why;
       if (e->shared > info.shared_optin) {
         return "kernel " + l.key + " needs " + std::to_string(e->shared) +
@@ -510,6 +527,27 @@ std::optional<std::string> launch(const std::vector<Launch>& launches, const at:
              "cuLaunchKernel");
   }
   return std::nullopt;
+}
+
+int64_t live_entries() { return g_live_entries.load(); }
+
+HoldReport hold_and_read(const Launch& l, int64_t arch, int64_t reads, bool change_registry) {
+  State& st = state();
+  HoldReport r;
+  std::shared_ptr<const Entry> e;
+  {
+    std::lock_guard<std::mutex> g(st.mu);
+    e = find(st, l, arch, r.why);
+    if (!e) return r;
+    r.name = e->name;
+  }
+  if (change_registry) clear_registry();
+  r.live = live_entries();
+  for (int64_t i = 0; i < reads; ++i) {
+    r.intact += e->name == r.name && e->param_names.size() == l.args.size() &&
+                e->param_bytes.size() == l.args.size() + 2;
+  }
+  return r;
 }
 
 }  // namespace fastdiff::aot

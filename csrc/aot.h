@@ -87,6 +87,18 @@ std::optional<std::string> unavailable(const at::Device& device);
 // unavailable(device) returned nothing (each op checks that once, before planning).
 std::optional<std::string> launch(const std::vector<Launch>& launches, const at::Device& device);
 
+// For the tests of the registry's ownership (launch() itself needs a GPU): resolves `l` on
+// `arch` as launch() does, releases the lock, clears the registry when `change_registry` (as a
+// concurrent use_directory would between the resolution and the driver calls), then reads the
+// resolved entry `reads` times. name: the entry's kernel (empty and why set when none);
+// live: Entry objects alive after the change; intact: reads that found the entry unchanged.
+struct HoldReport {
+  std::string name, why;
+  int64_t live = 0, intact = 0;
+};
+HoldReport hold_and_read(const Launch& l, int64_t arch, int64_t reads, bool change_registry);
+int64_t live_entries();
+
 // Python bindings of the above (for fastdiff/prebuilt.py and the CPU tests).
 void bind(pybind11::module& m);
 

@@ -340,6 +340,17 @@ void bind(pybind11::module& m) {
     Selection s = select(launch_from_py(launch), arch);
     return pybind11::make_tuple(s.path, s.reason);
   }, "The registered cubin a planned launch would run on sm_<arch>, or why none.");
+  m.def("_aot_hold_and_read", [](const pybind11::dict& launch, int64_t arch, int64_t reads,
+                                 bool change_registry) {
+    const Launch l = launch_from_py(launch);
+    HoldReport r;
+    {
+      pybind11::gil_scoped_release nogil;  // other Python threads may change the registry
+      r = hold_and_read(l, arch, reads, change_registry);
+    }
+    return pybind11::make_tuple(r.name, r.why, r.live, r.intact);
+  }, "Tests: the registry's ownership of what a launch resolved (see aot.h).");
+  m.def("_aot_live_entries", &live_entries);
   m.def("_aot_plan_group_norm_silu",
         [](const at::Tensor& x, int64_t num_groups, const std::optional<at::Tensor>& weight,
            const std::optional<at::Tensor>& bias, double eps,

@@ -484,3 +484,68 @@ def test_installed_cubins_cover_every_plan():
                     assert widths == entries[os.path.basename(path)]["ptx_param_bytes"]
     finally:
         prebuilt.load_if_cuda()
+
+
+# ---- the registry's ownership of what a launch resolved ----
+
+def _fake_kernel(tmp_path, n):
+    """An index of n fake kernels k<i> (no cubin is loaded: selection only) and a launch of k0."""
+    lines = ["\t".join([f"k{i}(*fp32,i32)[B=1]", "80", "k.cubin", f"k{i}", "x_ptr,n", "8,4,8,8",
+                        "0", "4", "0", "0", "0"]) for i in range(n)]
+    (tmp_path / "index.tsv").write_text("\n".join(lines) + "\n")
+    return {"key": "k0(*fp32,i32)[B=1]", "grid": (1, 1, 1),
+            "args": [("x_ptr", "ptr", 4096), ("n", "i32", 7)]}
+
+
+def test_a_resolved_entry_survives_a_registry_change(tmp_path):
+    """launch() resolves its kernels under the registry's lock and launches them after releasing
+    it; a use_directory / clear_registry in between must not free them (they were unique_ptrs
+    owned by the registry alone)."""
+    la = _fake_kernel(tmp_path, 3)
+    try:
+        _C._aot_use_directory(str(tmp_path))
+        before = _C._aot_live_entries()
+        assert before >= 3
+        name, why, live, intact = _C._aot_hold_and_read(la, 80, 100, True)
+        assert (name, why, intact) == ("k0", "", 100)
+        assert live == before - 2          # the registry dropped all three; the held one lives
+        assert _C._aot_count() == 0 and _C._aot_live_entries() == before - 3   # freed after
+    finally:
+        prebuilt.load_if_cuda()
+
+
+def test_concurrent_registry_changes_and_resolutions(tmp_path):
+    """Threads resolving and reading entries (GIL released) while others replace and clear the
+    registry: every resolution either finds an intact entry or says the kernel is missing."""
+    import threading
+
+    la = _fake_kernel(tmp_path, 50)
+    errors, results = [], []
+
+    def resolve():
+        try:
+            for _ in range(300):
+                results.append(_C._aot_hold_and_read(la, 80, 200, False))
+        except Exception as err:          # noqa: BLE001 - reported by the assertion below
+            errors.append(err)
+
+    def churn():
+        try:
+            for i in range(300):
+                _C._aot_use_directory(str(tmp_path)) if i % 3 else _C._aot_clear()
+        except Exception as err:          # noqa: BLE001
+            errors.append(err)
+
+    try:
+        threads = [threading.Thread(target=f) for f in (resolve, resolve, churn, churn)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        found = [r for r in results if r[0]]
+        assert all(r[3] == 200 for r in found)
+        assert all("is not prebuilt" in r[1] for r in results if not r[0])
+        assert len(results) == 600 and found
+    finally:
+        prebuilt.load_if_cuda()
