@@ -1,0 +1,104 @@
+"""benchmarks/gpu.sh keeps to its deadline and leaves a report when a phase is cut off: run here
+in quick mode with a tiny deadline and one phase made too slow (GPU_SLOW_PHASE), as a lent GPU
+machine would stop a run. And what it relies on: pytest-benchmark writes its JSON when pytest is
+interrupted by SIGINT, with benchmarks/gpu_plugin.py's counts and partial marks."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytest.importorskip("pytest_benchmark")
+pytestmark = pytest.mark.skipif(shutil.which("timeout") is None or shutil.which("bash") is None,
+                                reason="needs bash and coreutils' timeout")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_gpu_sh_cuts_the_slow_phase_at_the_deadline_and_reports_the_rest(tmp_path):
+    out = tmp_path / "out"
+    deadline, grace = 45, 5
+    env = {**os.environ, "OUT": str(out), "QUICK": "1", "PYTHON": sys.executable,
+           "GPU_SKIP_BUILD": "1",             # this package is installed already
+           "PHASES": "tests,kernels,e2e", "GPU_SLOW_PHASE": "kernels",
+           "GPU_DEADLINE": str(deadline), "GPU_GRACE": str(grace), "GPU_REPORT_S": "8",
+           "GPU_MIN_PHASE": "1", "TMPDIR": str(tmp_path),
+           "CUDA_VISIBLE_DEVICES": ""}        # the CPU run, also on a machine with a GPU
+    t0 = time.monotonic()
+    r = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu.sh")], env=env,
+                       capture_output=True, text=True, timeout=3 * deadline)
+    elapsed = time.monotonic() - t0
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert elapsed <= deadline + grace, f"gpu.sh took {elapsed:.0f} s:\n{r.stdout[-3000:]}"
+
+    results = json.loads((out / "results.json").read_text())
+    phases = {p["phase"]: p for p in results["phases"]}
+    assert list(phases) == ["tests", "kernels", "e2e"]
+    tests = phases["tests"]                   # pytest -m cuda: all skipped without a GPU
+    assert tests["status"] == "ok" and tests["failed"] == tests["errors"] == 0
+    assert tests["skipped"] > 100
+    kernels = phases["kernels"]               # its first test ran, then it slept
+    assert kernels["status"] == "cut" and kernels["passed"] == 1, kernels
+    assert phases["e2e"]["status"] == "skipped" and "too little time" in phases["e2e"]["note"]
+    rows = results["rows"]
+    assert len(rows) == 1 and rows[0]["kind"] == "kernel" and not rows[0]["partial"]
+    assert "raw" not in results and results["environment"]["git_commit"]
+
+    md = (out / "results.md").read_text()
+    assert "| kernels | cut |" in md and "| op case | system |" in md
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert len(files) <= 8, files
+    assert {"log", "results.json", "results.md", "chart.png"} <= {p.name for p in files}
+    assert not list(tmp_path.glob("fastdiff-gpu.*"))  # the raw JSON's folder is gone
+    summary = r.stdout[r.stdout.index("==== summary"):]
+    assert "| kernels | cut |" in summary and "| e2e | skipped |" in summary
+    assert (out / "log").read_text().rstrip().endswith(r.stdout.rstrip().splitlines()[-1])
+
+
+SUITE = """
+import time
+
+def test_fast(benchmark):
+    benchmark.pedantic(time.sleep, args=(0.001,), rounds=3)
+
+def test_slow(benchmark):
+    benchmark.pedantic(time.sleep, args=(0.2,), rounds=1000)
+
+def test_never_reached(benchmark):
+    benchmark(time.sleep, 0.001)
+"""
+
+
+def test_pytest_benchmark_writes_its_json_when_interrupted(tmp_path):
+    (tmp_path / "test_suite.py").write_text(SUITE)
+    status, partial, raw = (tmp_path / n for n in ("status.json", "partial.json", "raw.json"))
+    env = {**os.environ, "PYTHONPATH": ROOT, "FASTDIFF_PHASE_STATUS": str(status),
+           "FASTDIFF_PHASE_PARTIAL": str(partial)}
+    p = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          "-p", "benchmarks.gpu_plugin", "--benchmark-json", str(raw),
+                          "test_suite.py"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    try:
+        for _ in range(600):                  # until test_fast is done, then into test_slow
+            if status.exists() and json.loads(status.read_text())["passed"] == 1:
+                break
+            time.sleep(0.05)
+        time.sleep(1.0)
+        p.send_signal(signal.SIGINT)
+        log, _ = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 2, log             # pytest: interrupted
+    benchmarks = {b["name"]: b for b in json.loads(raw.read_text())["benchmarks"]}
+    assert set(benchmarks) == {"test_fast", "test_slow"}, log
+    assert "partial" not in benchmarks["test_fast"]["extra_info"]
+    slow = benchmarks["test_slow"]            # the rounds it had when interrupted
+    assert slow["extra_info"]["partial"] and 1 <= slow["stats"]["rounds"] < 1000
+    counts = json.loads(status.read_text())
+    assert counts["passed"] == 1 and counts["done"] and counts["exitstatus"] == 2
+    # the spare written after each test, for a run killed outright
+    assert [b["name"] for b in json.loads(partial.read_text())["benchmarks"]] == ["test_fast"]
