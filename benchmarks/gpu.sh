@@ -44,6 +44,7 @@ export PY=${PYTHON:-python3} SITE=${GPU_SITE:-/tmp/site} PYTHONUNBUFFERED=1
 export OUT=${OUT:-bench-results/gpu-$(date +%Y%m%d-%H%M%S)}
 export FASTDIFF_GIT_COMMIT=${FASTDIFF_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 mkdir -p "$OUT" || exit 1
+rm -f "$OUT"/{log,tests.log,bench.log,aot.jsonl,results.json,results.md,chart.png}
 RAW=$(mktemp -d "${TMPDIR:-/tmp}/fastdiff-gpu.XXXXXX") || exit 1
 exec > >(tee "$OUT/log") 2>&1
 tee_pid=$!
@@ -74,9 +75,6 @@ for p in $ORDER; do [[ $want == *" $p "* ]] && selected+=("$p"); done
 
 quick=()
 [ "$QUICK" = 1 ] && quick=(--bench-quick)
-if ls .whl/*.whl >/dev/null 2>&1; then
-  export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
-fi
 echo "fastdiff gpu.sh: phases ${selected[*]}; deadline ${DEADLINE} s, grace ${GRACE} s;" \
      "commit $FASTDIFF_GIT_COMMIT; OUT=$OUT$( [ "$QUICK" = 1 ] && echo "; QUICK cases")"
 
@@ -188,10 +186,15 @@ for name in "${selected[@]}"; do
         fi
         echo "building fastdiff against torch $("$PY" -c "import torch; print(torch.__version__)")"
         "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e .
+        ls .whl/*.whl >/dev/null 2>&1 && export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
         "$PY" -c "import diffusers, transformers as t; print(\"diffusers\", diffusers.__version__,
                   \"transformers\", t.__version__)" || echo "diffusers does not import: e2e skips"'
-      awk -F'\t' '$1 == "build" && $2 == "ok" {ok = 1} END {exit !ok}' "$RAW/phases.tsv" \
-        || stop="the build failed" ;;
+      if awk -F'\t' '$1 == "build" && $2 == "ok" {ok = 1} END {exit !ok}' "$RAW/phases.tsv"
+      then   # the phases after it import the carried wheels
+        ls .whl/*.whl >/dev/null 2>&1 && export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
+      else
+        stop="the build failed"
+      fi ;;
     tests)
       run_phase tests tests.log env FASTDIFF_AOT=0 "${PYTEST[@]}" -m cuda --maxfail=50 tests ;;
     tests-aot)
@@ -226,3 +229,5 @@ done
 
 report --summary
 echo "total: $(( $(date +%s) - start )) s of the $DEADLINE s deadline"
+[ "$stop" = interrupted ] && exit 130
+exit 0

@@ -79,10 +79,14 @@ def key_ratios(rows) -> list[str]:
         out.append("first call, JIT time / prebuilt time: " + ", ".join(
             f"{r.case} {r.speedup:.1f}x{mark(r)}" for r in first))
     kern = [r for r in rows if r.kind == "kernel" and r.system == "fastdiff" and r.speedup]
+    compiled = {r.case: r for r in rows if r.kind == "kernel" and r.system == "compile"}
     if kern:
         def one(r):
-            roof = "" if r.of_roofline is None else f" ({100 * r.of_roofline:.0f}% of roofline)"
-            return f"{r.case} {r.speedup:.2f}x{roof}{mark(r)}"
+            c = compiled.get(r.case)
+            vs_compile = ("" if c is None
+                          else f", vs compile {c.seconds / r.seconds:.2f}x{mark(c)}")
+            roof = "" if r.of_roofline is None else f", {100 * r.of_roofline:.0f}% of roofline"
+            return f"{r.case} {r.speedup:.2f}x{mark(r)}{vs_compile}{roof}"
         out.append("kernels, fastdiff vs eager/SDPA: " + "; ".join(one(r) for r in kern))
     by = {(r.case, r.system): r for r in rows if r.kind == "e2e"}
     for case in dict.fromkeys(c for c, _ in by):
