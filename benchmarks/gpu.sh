@@ -6,7 +6,7 @@
 # report rewritten after every phase, a short summary printed last.
 #
 #   OUT=$OUT GPU_DEADLINE=420 bash benchmarks/gpu.sh       on the GPU machine (device tool)
-#   PHASES=compile GPU_DEADLINE=240 bash benchmarks/gpu.sh  torch.compile baselines: a 2nd call
+#   PHASES=compile GPU_DEADLINE=200 bash benchmarks/gpu.sh  torch.compile baselines: a 2nd call
 #   QUICK=1 bash benchmarks/gpu.sh                          the suite's tiny cases (runs on CPU)
 #
 # Phases, in this order (PHASES="a,b" picks; default: all but the compile ones), with caps in s:
