@@ -1,85 +1,233 @@
 #!/usr/bin/env bash
-# The one GPU entry point: build, CUDA tests, the benchmark suite; results under $OUT.
+# The one GPU entry point, built around a lent GPU machine's budget (15 min in all, 10 min per
+# command; BENCHMARKS.md "GPU runs" says how to call it): one global deadline counted from the
+# start, phases in order of value, each limited by the time left and stopped with SIGINT (then
+# SIGKILL after a grace period) so pytest and pytest-benchmark write what they measured, the
+# report rewritten after every phase, a short summary printed last.
 #
-#   bash benchmarks/gpu.sh            on a lent GPU machine (torch, triton, nvcc there; no
-#                                     internet): wheels for what is missing are carried in .whl/
-#   QUICK=1 bash benchmarks/gpu.sh    the same steps with the suite's quick cases (tries it on CPU)
+#   OUT=$OUT GPU_DEADLINE=420 bash benchmarks/gpu.sh       on the GPU machine (device tool)
+#   PHASES=compile GPU_DEADLINE=200 bash benchmarks/gpu.sh  torch.compile baselines: a 2nd call
+#   QUICK=1 bash benchmarks/gpu.sh                          the suite's tiny cases (runs on CPU)
 #
-# Writes $OUT (default bench-results/gpu-<time>): log, tests.log, results.json (device, torch,
-# triton and CUDA versions, git commit, every raw timing), results.md, chart.png. Phases run
-# cheapest first, each under its own time limit, so a slow torch.compile cannot cost the rest:
-# total well under 10 minutes. A summary table is printed last.
+# Phases, in this order (PHASES="a,b" picks; default: all but the compile ones), with caps in s:
+#   build      150  carried wheels (.whl/) into /tmp/site; pip install -e . against the machine's
+#                   torch (no .git there: pass FASTDIFF_GIT_COMMIT)
+#   tests      100  pytest -m cuda on the Triton JIT path (FASTDIFF_AOT=0)
+#   tests-aot  120  pytest -m cuda with FASTDIFF_AOT=require: the cubins carried in
+#                   kernels/cubins (FASTDIFF_CUDA_ARCHS=90 make cubins, here), else compiled
+#                   there for the device's arch first
+#   first-call  75  benchmarks/test_first_call.py: first call, first image, prebuilt vs JIT
+#   kernels     75  benchmarks/test_kernels.py at SD1.5 shapes, fp16: fastdiff vs eager / SDPA
+#   e2e        240  benchmarks/test_e2e.py: SD1.5 U-Net 512x512, CFG 7.5, DDIM 50, batch 1 then
+#                   4: diffusers eager, fastdiff.accelerate, the engine
+#   kernels-compile 150, e2e-compile 400   (PHASES=compile: build + these) torch.compile
+#                   baselines, with eager / diffusers and the engine timed in the same run
+# A phase gets min(cap, time left - GPU_GRACE - GPU_REPORT_S) and is skipped, with a line
+# saying so, when that is under GPU_MIN_PHASE. So the script ends by the deadline.
+#
+# Environment: OUT (default bench-results/gpu-<time>), GPU_DEADLINE (420), GPU_GRACE (15),
+# GPU_REPORT_S (10, kept for the last report), GPU_MIN_PHASE (20), GPU_CAPS ("e2e=300,tests=60"),
+# GPU_SKIP_BUILD=1 (the package is installed already), GPU_SLOW_PHASE=<phase> (that phase's
+# pytest sleeps after its first test: tests/test_gpu_script.py), QUICK=1, PYTHON (python3).
+# $OUT gets at most 7 files: log (all of stdout), tests.log and bench.log (the pytest output of
+# the test and benchmark phases), aot.jsonl (when cubins are compiled there), results.json,
+# results.md, chart.png. Raw pytest-benchmark JSON stays in a temporary folder outside $OUT.
 set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT=${OUT:-bench-results/gpu-$(date +%Y%m%d-%H%M%S)}
-# no .git on the GPU machine: pass the commit measured (FASTDIFF_GIT_COMMIT=$(git rev-parse HEAD))
-export FASTDIFF_GIT_COMMIT=${FASTDIFF_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
-mkdir -p "$OUT"
-PY=${PYTHON:-python3}
-export PYTHONUNBUFFERED=1
-exec > >(tee "$OUT/log") 2>&1
 start=$(date +%s)
-phase() { echo "== $1 ($(( $(date +%s) - start )) s)"; }
+cd "$(dirname "$0")/.."
+DEADLINE=${GPU_DEADLINE:-420}
+GRACE=${GPU_GRACE:-15}
+REPORT_S=${GPU_REPORT_S:-10}
+MIN_PHASE=${GPU_MIN_PHASE:-20}
+QUICK=${QUICK:-0}
+export PY=${PYTHON:-python3} SITE=${GPU_SITE:-/tmp/site} PYTHONUNBUFFERED=1
+export OUT=${OUT:-bench-results/gpu-$(date +%Y%m%d-%H%M%S)}
+export FASTDIFF_GIT_COMMIT=${FASTDIFF_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
+mkdir -p "$OUT" || exit 1
+rm -f "$OUT"/{log,tests.log,bench.log,aot.jsonl,results.json,results.md,chart.png}
+RAW=$(mktemp -d "${TMPDIR:-/tmp}/fastdiff-gpu.XXXXXX") || exit 1
+exec > >(tee "$OUT/log") 2>&1
+tee_pid=$!
+trap 'rm -rf "$RAW"; exec >&- 2>&-; wait "$tee_pid" 2>/dev/null' EXIT
 
-if ls .whl/*.whl >/dev/null 2>&1; then
-  phase "installing carried wheels"
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-phase "building fastdiff against torch $("$PY" -c 'import torch; print(torch.__version__)')"
-"$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 1
-"$PY" -c "import fastdiff, torch; print('fastdiff', fastdiff.__version__, 'cuda', torch.cuda.is_available())"
+declare -A CAP=([build]=150 [tests]=100 [tests-aot]=120 [first-call]=75 [kernels]=75 [e2e]=240
+                [kernels-compile]=150 [e2e-compile]=400)
+ORDER="build tests tests-aot first-call kernels e2e kernels-compile e2e-compile"
+caps=${GPU_CAPS:-}
+for kv in ${caps//,/ }; do
+  [ -n "${CAP[${kv%%=*}]+x}" ] || { echo "GPU_CAPS: no phase '${kv%%=*}'"; exit 2; }
+  CAP[${kv%%=*}]=${kv#*=}
+done
+want=" "
+phases=${PHASES:-default}
+for p in ${phases//,/ }; do
+  case $p in
+    default) want+="build tests tests-aot first-call kernels e2e " ;;
+    compile) want+="build kernels-compile e2e-compile " ;;
+    all) want+="$ORDER " ;;
+    *) [ -n "${CAP[$p]+x}" ] || { echo "PHASES: no phase '$p' (phases: $ORDER)"; exit 2; }
+       want+="$p " ;;
+  esac
+done
+[ "${GPU_SKIP_BUILD:-0}" = 1 ] && want=${want// build / }
+selected=()
+for p in $ORDER; do [[ $want == *" $p "* ]] && selected+=("$p"); done
 
-arch=$("$PY" -c "import torch; M, m = torch.cuda.get_device_capability(); print(M * 10 + m)" 2>/dev/null)
-if [ -n "$arch" ]; then
-  phase "prebuilt kernels for sm_$arch (as the wheel carries them) into kernels/cubins"
-  env -u TRITON_INTERPRET "$PY" -m fastdiff.kernels.aot --arch "$arch" --emit kernels/cubins \
-    --jobs "$(nproc)" > "$OUT/aot.jsonl" || echo "AOT compile failed: see $OUT/aot.jsonl"
-  "$PY" -m fastdiff info
-fi
+quick=()
+[ "$QUICK" = 1 ] && quick=(--bench-quick)
+echo "fastdiff gpu.sh: phases ${selected[*]}; deadline ${DEADLINE} s, grace ${GRACE} s;" \
+     "commit $FASTDIFF_GIT_COMMIT; OUT=$OUT$( [ "$QUICK" = 1 ] && echo "; QUICK cases")"
 
-quick=""
-[ "${QUICK:-0}" = 1 ] && quick="--bench-quick"
-if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  phase "CUDA tests"
-  timeout 240 "$PY" -m pytest -q -p no:cacheprovider tests -m cuda -x 2>&1 | tee "$OUT/tests.log" | tail -5
-  phase "CUDA tests, prebuilt kernels required (FASTDIFF_AOT=require)"
-  FASTDIFF_AOT=require timeout 240 "$PY" -m pytest -q -p no:cacheprovider tests -m cuda 2>&1 \
-    | tee "$OUT/tests-aot.log" | tail -5
-else
-  echo "no GPU: the CUDA tests are skipped; the suite runs its CPU paths"
-fi
+stop=""     # why the remaining phases are skipped
+cur=""      # the running phase's timeout process
+on_signal() { stop="interrupted"; [ -n "$cur" ] && kill -INT "$cur" 2>/dev/null; }
+trap on_signal INT TERM
 
-bench() {  # bench NAME LIMIT_S pytest-args...
-  local name=$1 limit=$2; shift 2
-  phase "suite: $name (limit ${limit}s)"
-  timeout "$limit" "$PY" -m pytest -q -p no:cacheprovider $quick \
-    --benchmark-json "$OUT/raw-$name.json" --benchmark-columns=median,rounds "$@" | tail -3
+record() {  # record PHASE STATUS SECONDS LIMIT EXIT NOTE
+  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$@" >> "$RAW/phases.tsv"
+  echo "-- $1: $2 after $3 s${6:+ ($6)}"
 }
-bench first-call 150 benchmarks/test_first_call.py
-bench kernels 150 benchmarks/test_kernels.py -k "not compile"
-bench e2e 150 benchmarks/test_e2e.py -k "not compile"
-bench kernels-compile 120 benchmarks/test_kernels.py -k "compile"
-bench e2e-compile 150 benchmarks/test_e2e.py -k "compile"
 
-phase "report"
-"$PY" - "$OUT" <<'PY'
-import glob, json, sys
-from fastdiff import bench
-out = sys.argv[1]
-raws = []
-for p in sorted(glob.glob(f"{out}/raw-*.json")):
-    try:
-        raws.append(bench.load_raw(p))
-    except ValueError:                 # empty: that phase ran nothing or hit its time limit
-        print(f"(no results in {p})")
-if not raws:
-    sys.exit("no benchmark results")
-merged = dict(raws[0], benchmarks=[b for r in raws for b in r["benchmarks"]])
-env = merged.get("fastdiff_env") or bench.environment()
-md, _ = bench.write_results(merged, out, f"fastdiff bench on {env['device']}")
-print(f"\n{env['device']}; torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}; "
-      f"commit {env['git_commit']}\n\n{md}")
+report() {  # rewrites results.json / results.md / chart.png in $OUT
+  local args=("$RAW" "$OUT" --deadline "$DEADLINE")
+  [ "$QUICK" = 1 ] && args+=(--quick)
+  timeout -k 5 60 "$PY" benchmarks/gpu_report.py "${args[@]}" "$@" || echo "(report failed)"
+}
+
+# run_phase NAME LOG COMMAND...: COMMAND under the phase's limit; LOG (in $OUT) gets its output,
+# or stdout when LOG is "-". Returns 1 when the phase did not run.
+run_phase() {
+  local name=$1 log=$2; shift 2
+  local now left limit cap=${CAP[$name]} rc secs status note=""
+  now=$(date +%s)
+  left=$(( start + DEADLINE - now - GRACE - REPORT_S ))
+  limit=$(( cap < left ? cap : left ))
+  if [ -n "$stop" ]; then
+    record "$name" skipped 0 "" "" "$stop"; return 1
+  elif (( limit < MIN_PHASE )); then
+    record "$name" skipped 0 "" "" "too little time left: $(( left > 0 ? left : 0 )) s"
+    return 1
+  fi
+  echo "== $name: limit $limit s ($(( now - start )) s of $DEADLINE s gone)"
+  local envs=(FASTDIFF_PHASE_STATUS="$RAW/$name.status.json"
+              FASTDIFF_PHASE_PARTIAL="$RAW/$name.partial.json")
+  [ "${GPU_SLOW_PHASE:-}" = "$name" ] && envs+=(FASTDIFF_PHASE_SLOW=1)
+  if [ "$log" = - ]; then
+    env "${envs[@]}" timeout -s INT -k "$GRACE" "$limit" "$@" &
+  else
+    echo "==== $name ($(date -u +%H:%M:%S))" >> "$OUT/$log"
+    env "${envs[@]}" timeout -s INT -k "$GRACE" "$limit" "$@" >> "$OUT/$log" 2>&1 &
+  fi
+  cur=$!
+  while :; do   # wait returns early when this script is signalled; on_signal passes it on
+    wait "$cur"; rc=$?
+    kill -0 "$cur" 2>/dev/null || break
+  done
+  cur=""
+  secs=$(( $(date +%s) - now ))
+  case $rc in
+    0) status=ok ;;
+    5) status=ok; note="no tests selected" ;;
+    124) status=cut
+         if [ "$limit" = "$cap" ]; then note="at its $cap s cap"; else note="at the deadline"; fi ;;
+    137) status=cut; note="killed $GRACE s after SIGINT: results up to its last finished test" ;;
+    1) status=failed; note="tests failed" ;;
+    *) status=failed; note="exit $rc" ;;
+  esac
+  [ "$stop" = interrupted ] && { status=cut; note="interrupted"; }
+  if [ "$log" != - ]; then   # the outcome: failures and pytest's last line
+    sed -n '/^==== '"$name"' /,$p' "$OUT/$log" | grep -E '^(FAILED|ERROR) ' | head -n 10
+    tail -n 1 "$OUT/$log"
+  fi
+  record "$name" "$status" "$secs" "$limit" "$rc" "$note"
+  [ "$name" != "${selected[-1]}" ] && report
+  return 0
+}
+
+PYTEST=("$PY" -m pytest -q -p no:cacheprovider -p benchmarks.gpu_plugin)
+bench_phase() {  # bench_phase NAME TEST_FILE [pytest args]
+  local name=$1 file=$2; shift 2
+  run_phase "$name" bench.log "${PYTEST[@]}" "${quick[@]}" --benchmark-json "$RAW/$name.json" \
+    --benchmark-columns=median,rounds "$file" "$@"
+}
+
+probe() {  # the device and the versions (env.json); ARCH: the GPU's sm version, or empty
+  ARCH=$(timeout 120 "$PY" - "$RAW/env.json" <<'PY'
+import json, sys
+
+import torch
+
+try:
+    from fastdiff import bench
+except Exception as err:          # noqa: BLE001 - reported; the phases are skipped
+    sys.exit(f"fastdiff does not import: {err}")
+env = bench.environment()
+json.dump(env, open(sys.argv[1], "w"))
+print(f"{env['device']}; torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}",
+      file=sys.stderr)
+if torch.cuda.is_available():
+    major, minor = torch.cuda.get_device_capability()
+    print(major * 10 + minor)
 PY
-phase "done: $OUT"
+  ) || stop="fastdiff does not import"
+  export ARCH
+}
+
+for name in "${selected[@]}"; do
+  [ "$name" != build ] && [ -z "${ARCH+x}" ] && [ -z "$stop" ] && probe
+  case $name in
+    build)
+      run_phase build - bash -c '
+        set -e
+        if ls .whl/*.whl >/dev/null 2>&1; then
+          echo "installing $(ls .whl/*.whl | wc -l) carried wheels into $SITE"
+          "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+            --target "$SITE" .whl/*.whl
+        fi
+        echo "building fastdiff against torch $("$PY" -c "import torch; print(torch.__version__)")"
+        "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e .
+        ls .whl/*.whl >/dev/null 2>&1 && export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
+        "$PY" -c "import diffusers, transformers as t; print(\"diffusers\", diffusers.__version__,
+                  \"transformers\", t.__version__)" || echo "diffusers does not import: e2e skips"'
+      if awk -F'\t' '$1 == "build" && $2 == "ok" {ok = 1} END {exit !ok}' "$RAW/phases.tsv"
+      then   # the phases after it import the carried wheels
+        ls .whl/*.whl >/dev/null 2>&1 && export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
+      else
+        stop="the build failed"
+      fi ;;
+    tests)
+      run_phase tests tests.log env FASTDIFF_AOT=0 "${PYTEST[@]}" -m cuda --maxfail=50 tests ;;
+    tests-aot)
+      run_phase tests-aot tests.log bash -c '
+        m=kernels/cubins/manifest.json
+        if [ -n "$ARCH" ] && [ -f $m ] && "$PY" -c "import json, sys
+sys.exit(int(sys.argv[1]) not in json.load(open(sys.argv[2]))[\"archs\"])" "$ARCH" $m; then
+          echo "prebuilt kernels: the carried kernels/cubins (sm_$ARCH)"
+        elif [ -n "$ARCH" ]; then
+          echo "prebuilt kernels: compiling for sm_$ARCH into kernels/cubins (log: aot.jsonl)"
+          env -u TRITON_INTERPRET "$PY" -m fastdiff.kernels.aot --arch "$ARCH" \
+            --emit kernels/cubins --jobs "$(nproc)" > "$OUT/aot.jsonl" \
+            || { echo "compiling the prebuilt kernels failed: see aot.jsonl"; exit 3; }
+        else
+          echo "no GPU: no prebuilt kernels"
+        fi
+        FASTDIFF_AOT=require exec "$@" -m cuda --maxfail=50 tests' _ "${PYTEST[@]}" ;;
+    first-call)
+      bench_phase first-call benchmarks/test_first_call.py ;;
+    kernels)
+      k="sd15 and not compile"; [ "$QUICK" = 1 ] && k="not compile"
+      bench_phase kernels benchmarks/test_kernels.py -k "$k" ;;
+    e2e)
+      bench_phase e2e benchmarks/test_e2e.py -k "not compile" ;;
+    kernels-compile)
+      k=sd15; [ "$QUICK" = 1 ] && k=""
+      bench_phase kernels-compile benchmarks/test_kernels.py ${k:+-k "$k"} ;;
+    e2e-compile)
+      bench_phase e2e-compile benchmarks/test_e2e.py -k "not accelerate" ;;
+  esac
+done
+
+report --summary
+echo "total: $(( $(date +%s) - start )) s of the $DEADLINE s deadline"
+[ "$stop" = interrupted ] && exit 130
+exit 0

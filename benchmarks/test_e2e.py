@@ -18,7 +18,8 @@ def pipeline(ecase, device, dtype):
     return bench.build_pipeline(ecase, device, dtype)
 
 
-@pytest.mark.parametrize("system", bench.E2E_SYSTEMS)
+# The baseline first: a run cut off mid-case (benchmarks/gpu.sh) still has its ratios.
+@pytest.mark.parametrize("system", ["diffusers", "engine", "accelerate", "compile"])
 def test_sampling(benchmark, ecase, system, pipeline, device, quick):
     import fastdiff
 

@@ -314,6 +314,8 @@ class Row:
     its: float | None = None        # end-to-end: steps / s
     images_s: float | None = None
     ttfi: float | None = None       # end-to-end: time to first image, s
+    rounds: int | None = None
+    partial: bool = False           # its test was cut off (benchmarks/gpu.sh): fewer rounds
 
 
 def rows_from_benchmarks(raw: dict) -> list[Row]:
@@ -327,7 +329,8 @@ def rows_from_benchmarks(raw: dict) -> list[Row]:
         if kind not in ("kernel", "e2e", "first_call"):
             continue
         t = b["stats"]["median"] / info.get("inner", 1)
-        row = Row(kind, info["case"], info["system"], t)
+        row = Row(kind, info["case"], info["system"], t, rounds=b["stats"].get("rounds"),
+                  partial=bool(info.get("partial")))
         if kind == "kernel":
             row.gbs = info["bytes"] / t / 1e9
             if info.get("flops"):
@@ -349,8 +352,12 @@ def rows_from_benchmarks(raw: dict) -> list[Row]:
     return rows
 
 
-def _fmt(v, spec):
-    return "-" if v is None else format(v, spec)
+def _fmt(v, spec, unit=""):
+    return "-" if v is None else format(v, spec) + unit
+
+
+def _system(r: Row) -> str:
+    return f"{r.system} (cut: {r.rounds} rounds)" if r.partial else r.system
 
 
 def table(rows: list[Row]) -> str:
@@ -361,23 +368,24 @@ def table(rows: list[Row]) -> str:
         out += ["| op case | system | median | GB/s | TFLOP/s | of roofline | vs eager |",
                 "|---|---|---:|---:|---:|---:|---:|"]
         for r in kernels:
-            out.append(f"| {r.case} | {r.system} | {r.seconds * 1e3:.4f} ms | {_fmt(r.gbs, '.1f')}"
-                       f" | {_fmt(r.tflops, '.2f')} | "
+            out.append(f"| {r.case} | {_system(r)} | {r.seconds * 1e3:.4f} ms | "
+                       f"{_fmt(r.gbs, '.1f')} | {_fmt(r.tflops, '.2f')} | "
                        f"{'-' if r.of_roofline is None else f'{100 * r.of_roofline:.0f}%'} | "
-                       f"{_fmt(r.speedup, '.2f')}x |")
+                       f"{_fmt(r.speedup, '.2f', 'x')} |")
     e2e = [r for r in rows if r.kind == "e2e"]
     if e2e:
         out += ["", "| sampling case | system | per image set | it/s | images/s | first image |"
                 " vs diffusers |", "|---|---|---:|---:|---:|---:|---:|"]
         for r in e2e:
-            out.append(f"| {r.case} | {r.system} | {r.seconds:.3f} s | {r.its:.2f} | "
-                       f"{r.images_s:.3f} | {_fmt(r.ttfi, '.2f')} s | {_fmt(r.speedup, '.2f')}x |")
+            out.append(f"| {r.case} | {_system(r)} | {r.seconds:.3f} s | {r.its:.2f} | "
+                       f"{r.images_s:.3f} | {_fmt(r.ttfi, '.2f', ' s')} | "
+                       f"{_fmt(r.speedup, '.2f', 'x')} |")
     first = [r for r in rows if r.kind == "first_call"]
     if first:
         out += ["", "| first call (cold process) | path | median | vs JIT |", "|---|---|---:|---:|"]
         for r in first:
-            out.append(f"| {r.case} | {r.system} | {r.seconds * 1e3:.2f} ms | "
-                       f"{_fmt(r.speedup, '.1f')}x |")
+            out.append(f"| {r.case} | {_system(r)} | {r.seconds * 1e3:.2f} ms | "
+                       f"{_fmt(r.speedup, '.1f', 'x')} |")
     return "\n".join(out)
 
 
@@ -431,22 +439,27 @@ def chart(rows: list[Row], path: str, title: str = "") -> None:
     img.save(path)
 
 
-def write_results(raw: dict, out_dir: str, title: str = "") -> tuple[str, list[Row]]:
-    """results.json (environment, rows, raw timings), results.md and chart.png in out_dir."""
+def write_results(raw: dict, out_dir: str, title: str = "", *, extra: dict | None = None,
+                  notes: str = "", keep_raw: bool = True) -> tuple[str, list[Row]]:
+    """results.json (environment, rows, ``extra``'s keys and, with keep_raw, the raw timings),
+    results.md (``notes`` above the tables) and, when there are rows, chart.png in out_dir."""
     from fastdiff.checkpoint import atomic_write_json
 
     os.makedirs(out_dir, exist_ok=True)
     rows = rows_from_benchmarks(raw)
     md = table(rows)
-    atomic_write_json({"environment": raw.get("fastdiff_env"),
-                       "rows": [asdict(r) for r in rows], "raw": raw},
+    atomic_write_json({"environment": raw.get("fastdiff_env"), **(extra or {}),
+                       "rows": [asdict(r) for r in rows], **({"raw": raw} if keep_raw else {})},
                       os.path.join(out_dir, "results.json"))
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         env = raw.get("fastdiff_env") or {}
         f.write(f"Device: {env.get('device')}; torch {env.get('torch')}, triton "
                 f"{env.get('triton')}, CUDA {env.get('cuda')}; commit {env.get('git_commit')}\n\n")
+        if notes:
+            f.write(notes + "\n\n")
         f.write(md + "\n")
-    chart(rows, os.path.join(out_dir, "chart.png"), title)
+    if rows:
+        chart(rows, os.path.join(out_dir, "chart.png"), title)
     return md, rows
 
 
