@@ -51,7 +51,8 @@ class BuildPyWithCubins(build_py):
 
 
 setup(
-    packages=["fastdiff", "fastdiff.kernels"],
+    packages=["fastdiff", "fastdiff.kernels", "fastdiff.integrations",
+              "fastdiff.integrations.diffusers"],
     package_dir={"fastdiff": "fastdiff", "fastdiff.kernels": "kernels"},
     # The shipped digits model (safetensors weights + JSON config) and the U-Net configs.
     package_data={"fastdiff": ["weights/*.safetensors", "weights/*.json", "configs/*.json"]},

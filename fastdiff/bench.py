@@ -113,7 +113,7 @@ class KernelCase:
 
 def _unet_shapes(name: str, image: int, latent_scale: int):
     """(channels, resolution, heads or head dim, has_attention, cross_dim) per U-Net level."""
-    from fastdiff import zoo
+    from fastdiff.integrations.diffusers import zoo
 
     c = zoo.config(name)["unet"]
     res = image // latent_scale
@@ -258,7 +258,7 @@ def build_pipeline(case: E2ECase, device: str, dtype):
     """An SD pipeline (no text encoder, no VAE) on a random-weight U-Net of the case's size."""
     import diffusers
 
-    from fastdiff import zoo
+    from fastdiff.integrations.diffusers import zoo
 
     over = {"sample_size": case.image // 8}
     if case.layers_per_block:
@@ -280,7 +280,6 @@ def e2e_fn(case: E2ECase, system: str, pipe, pe, ne, compile_mode: str | None = 
     """A callable running one full sampling loop of ``case`` on ``system`` (prepared here: the
     pipeline is accelerated, compiled or left stock)."""
     import fastdiff
-    from fastdiff import engine
 
     kw = dict(prompt_embeds=pe, negative_prompt_embeds=ne, height=case.image, width=case.image,
               num_inference_steps=case.steps, guidance_scale=7.5)
@@ -294,7 +293,7 @@ def e2e_fn(case: E2ECase, system: str, pipe, pe, ne, compile_mode: str | None = 
                             generator=torch.Generator().manual_seed(1)).images
     if system == "engine":
         fastdiff.accelerate(pipe, cuda_graphs=False)
-        return lambda: engine.sample_pipeline(pipe, **kw,
+        return lambda: fastdiff.sample_pipeline(pipe, **kw,
                                               generator=torch.Generator().manual_seed(1))
     raise ValueError(f"'system' must be one of {E2E_SYSTEMS}, got {system!r}")
 

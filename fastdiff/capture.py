@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import traceback
+from collections import OrderedDict
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -185,3 +186,79 @@ def capture(body, pool, generator: torch.Generator | None = None):
     with torch.cuda.graph(graph, pool=pool):
         out = body()
     return graph, out
+
+
+class Captured:
+    """One cached graph: ``replay()`` reruns it; ``out`` its outputs (overwritten in place by
+    every replay); ``state`` what its builder keeps with it (static input buffers)."""
+    __slots__ = ("graph", "out", "state")
+
+    def __init__(self, graph, out, state):
+        self.graph, self.out, self.state = graph, out, state
+
+    def replay(self) -> None:
+        self.graph.replay()
+
+
+class GraphCache:
+    """Graphs captured per key, the one cache of the engine and the U-Net graph wrapper.
+
+    An LRU of at most ``max_graphs`` graphs sharing one memory pool (``close`` frees it). The
+    graphs read the tensors of ``weights()`` in place, so in-place updates (``load_state_dict``,
+    LoRA fusion) are seen at the next replay; ``check_weights`` compares their addresses with
+    those the graphs were captured with and, when one was replaced by a new tensor, drops every
+    graph so the next ``get`` captures again. Callers check once per sampling call, not per
+    step."""
+
+    def __init__(self, weights=lambda: (), max_graphs: int = 8, warmup: int = 2, what="graphs"):
+        self.weights = weights
+        self.max_graphs = max_graphs
+        self.warmup = warmup
+        self.what = what
+        self.entries: OrderedDict = OrderedDict()
+        self.pool = None
+        self.captures = 0
+        self.replays = 0
+        self._addresses = None
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def close(self) -> None:
+        """Drops every graph, its buffers and the shared memory pool."""
+        self.entries.clear()
+        self.pool = None
+        self._addresses = None
+
+    def check_weights(self) -> None:
+        now = addresses(self.weights())
+        if self._addresses is not None and now != self._addresses and self.entries:
+            from fastdiff.ops import log_once
+
+            log_once(f"weights were replaced by new tensors: {self.what} captured again")
+            self.entries.clear()
+        self._addresses = now
+
+    def get(self, key, build, generator: torch.Generator | None = None) -> Captured:
+        """The graph of ``key``; on a miss ``build()`` returns ``(state, body, reset)``: the
+        buffers body reads and writes, the body to capture (warmed up first), and a function
+        that restores the buffers after the warm-up runs (or None). generator: one the body
+        draws from besides the default (see ``capture``)."""
+        entry = self.entries.get(key)
+        if entry is not None:
+            self.entries.move_to_end(key)
+            return entry
+        if self._addresses is None:
+            self._addresses = addresses(self.weights())
+        if self.pool is None:
+            self.pool = new_pool()
+        state, body, reset = build()
+        warm_up(body, self.warmup)
+        if reset is not None:
+            reset()
+        graph, out = capture(body, self.pool, generator)
+        entry = self.entries[key] = Captured(graph, out, state)
+        self.captures += 1
+        if len(self.entries) > self.max_graphs:
+            self.entries.popitem(last=False)
+        return entry

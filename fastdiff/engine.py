@@ -19,15 +19,11 @@ then drawn only at the steps whose row uses it, in the order diffusers' schedule
 """
 from __future__ import annotations
 
-import logging
-from collections import OrderedDict
 from typing import Callable
 
 import torch
 
 from fastdiff import capture, ops, schedules
-
-logger = logging.getLogger("fastdiff")
 
 
 def _sig(t: torch.Tensor):
@@ -46,8 +42,6 @@ class _Static:
         self.scale = table.model_input_scale.to(device=dev, dtype=torch.float32).clone()
         self.prev_x0 = torch.zeros_like(x) if needs_prev else None
         self.cond = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in cond.items()}
-        self.graph = None
-        self.ptrs = None
 
     def load(self, x, table, cond, timestep_dtype):
         dev = self.x.device
@@ -77,18 +71,17 @@ class SamplingEngine:
                  warmup: int = 2):
         self.model_fn = model_fn
         self.cuda_graphs = cuda_graphs
-        self.parameters = parameters or (lambda: [])
-        self.max_graphs = max_graphs
-        self.warmup = warmup
-        self._graphs: OrderedDict = OrderedDict()
-        self._pool = None
+        self.graphs = capture.GraphCache(parameters or (lambda: []), max_graphs, warmup,
+                                         "sampling graphs")
         self._gen = None
-        self.captures = 0
+
+    @property
+    def captures(self) -> int:
+        return self.graphs.captures
 
     def close(self) -> None:
         """Drops every captured graph, its buffers and the shared memory pool."""
-        self._graphs.clear()
-        self._pool = None
+        self.graphs.close()
         self._gen = None
 
     # ---------------------------------------------------------------- one step
@@ -148,16 +141,17 @@ class SamplingEngine:
             desc = progress_bar if isinstance(progress_bar, str) else f"sampling ({table.solver})"
             steps = tqdm(steps, desc=desc, leave=False)
         if use_graph:
-            s, gen = self._graph_for(x, table, cond, guided, guidance_scale, generator,
-                                     timestep_dtype)
+            graph = self._graph_for(x, table, cond, guided, guidance_scale, generator,
+                                    timestep_dtype)
+            s = graph.state
         else:
             s = _Static(x, table, cond, timestep_dtype, table.needs_prev_x0)
             c = table.coeffs
             draws = ((c[:, schedules.COEF_H] != 0) | (c[:, schedules.COEF_KN] != 0)).tolist()
         for i in steps:
             if use_graph:
-                s.graph.replay()
-                x0 = s.x0
+                graph.replay()
+                x0 = graph.out
             else:
                 x0 = self._step(s, table, guided, guidance_scale, generator,
                                 table.needs_noise and draws[i])
@@ -183,38 +177,21 @@ class SamplingEngine:
                               for k, v in sorted(cond.items())), generator is not None,
                guided, float(guidance_scale), len(table), table.needs_noise, table.needs_prev_x0,
                table.clip_sample, float(table.clip_sample_range), timestep_dtype)
-        ptrs = capture.addresses(self.parameters())
-        s = self._graphs.get(key)
-        if s is not None and s.ptrs != ptrs:
-            logger.info("fastdiff: model weights were replaced by new tensors; recapturing")
-            self._graphs.clear()
-            s = None
-        if s is None:
-            s = self._capture(x, table, cond, guided, guidance_scale, gen, timestep_dtype)
-            s.ptrs = ptrs
-            self._graphs[key] = s
-            if len(self._graphs) > self.max_graphs:
-                self._graphs.popitem(last=False)
-        self._graphs.move_to_end(key)
-        s.load(x, table, cond, timestep_dtype)
+        def build():
+            s = _Static(x, table, cond, timestep_dtype, table.needs_prev_x0)
+
+            def body():
+                return self._step(s, table, guided, guidance_scale, gen, table.needs_noise)
+
+            return s, body, lambda: s.load(x, table, cond, timestep_dtype)
+
+        self.graphs.check_weights()                    # once per call: graphs read them in place
+        graph = self.graphs.get(key, build, gen if gen is self._gen else None)
+        graph.state.load(x, table, cond, timestep_dtype)
         if generator is not None:
             gen.manual_seed(int(torch.randint(0, 2 ** 62, (1,), generator=generator,
                                               device=generator.device)))
-        return s, gen
-
-    def _capture(self, x, table, cond, guided, guidance_scale, gen, timestep_dtype):
-        if self._pool is None:
-            self._pool = capture.new_pool()
-        s = _Static(x, table, cond, timestep_dtype, table.needs_prev_x0)
-
-        def body():
-            return self._step(s, table, guided, guidance_scale, gen, table.needs_noise)
-
-        capture.warm_up(body, self.warmup)
-        s.load(x, table, cond, timestep_dtype)
-        s.graph, s.x0 = capture.capture(body, self._pool, gen if gen is self._gen else None)
-        self.captures += 1
-        return s
+        return graph
 
 
 # ---------------------------------------------------------------- model adapters
@@ -224,89 +201,3 @@ def fastdiff_model_fn(model):
     def fn(x, t, labels=None, **cond):
         return model(x, t.float(), labels, **cond)
     return fn
-
-
-def diffusers_unet_fn(unet):
-    """model_fn for a diffusers UNet2DModel / UNet2DConditionModel. Calls the class's forward
-    (not a CUDA-graph wrapper installed by ``accelerate``): the engine captures the whole step."""
-    forward = type(unet).forward
-    cond_model = type(unet).__name__ != "UNet2DModel"
-
-    def fn(x, t, encoder_hidden_states=None, text_embeds=None, time_ids=None, class_labels=None):
-        if not cond_model:
-            return forward(unet, x, t, class_labels=class_labels, return_dict=False)[0]
-        added = ({"text_embeds": text_embeds, "time_ids": time_ids}
-                 if text_embeds is not None else None)
-        return forward(unet, x, t, encoder_hidden_states, class_labels=class_labels,
-                       added_cond_kwargs=added, return_dict=False)[0]
-    return fn
-
-
-def engine_for(unet, *, cuda_graphs: bool = True) -> SamplingEngine:
-    """A SamplingEngine over a diffusers U-Net (accelerated or not), kept on the U-Net so its
-    graphs are reused by later calls."""
-    eng = unet.__dict__.get("_fastdiff_engine")
-    if eng is None or eng.cuda_graphs != cuda_graphs:
-        eng = SamplingEngine(diffusers_unet_fn(unet), cuda_graphs=cuda_graphs,
-                             parameters=lambda: list(unet.parameters()))
-        object.__setattr__(unet, "_fastdiff_engine", eng)
-    return eng
-
-
-@torch.no_grad()
-def sample_pipeline(pipe, *, num_inference_steps: int = 50, guidance_scale: float = 7.5,
-                    prompt_embeds: torch.Tensor | None = None,
-                    negative_prompt_embeds: torch.Tensor | None = None,
-                    added_cond_kwargs: dict | None = None, negative_added_cond_kwargs=None,
-                    batch_size: int | None = None, height: int | None = None,
-                    width: int | None = None, generator: torch.Generator | None = None,
-                    latents: torch.Tensor | None = None, eta: float = 0.0,
-                    callback: Callable | None = None, progress_bar: bool = False) -> torch.Tensor:
-    """A diffusers pipeline's denoising loop on the engine: returns the final latents.
-
-    For text-conditioned pipelines (StableDiffusion, StableDiffusionXL) pass ``prompt_embeds``
-    (and for guidance ``negative_prompt_embeds``; SDXL also ``added_cond_kwargs`` =
-    {'text_embeds', 'time_ids'} and their negatives); for unconditional ones (DDPMPipeline,
-    DDIMPipeline) pass ``batch_size``. The initial latents are drawn as the pipeline draws them
-    (``randn_tensor`` with the same generator), and on CPU the noise of every step too, so the
-    result equals ``pipe(..., output_type='latent')`` up to rounding.
-    """
-    from diffusers.utils.torch_utils import randn_tensor
-
-    unet, sched = pipe.unet, pipe.scheduler
-    param = next(unet.parameters())
-    device, dtype = param.device, param.dtype
-    c = unet.config
-    cond_model = prompt_embeds is not None
-    if cond_model:
-        n = prompt_embeds.shape[0]
-        scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1) if getattr(
-            pipe, "vae", None) is not None else 8
-        h = (height or c.sample_size * scale) // scale
-        w = (width or c.sample_size * scale) // scale
-    else:
-        if batch_size is None:
-            raise ValueError("pass 'prompt_embeds' (text-conditioned) or 'batch_size'")
-        n, h, w = batch_size, c.sample_size, c.sample_size
-    guided = cond_model and guidance_scale > 1.0
-    if guided and negative_prompt_embeds is None:
-        negative_prompt_embeds = torch.zeros_like(prompt_embeds)
-    sched.set_timesteps(num_inference_steps, device=device)
-    table = schedules.table_from_scheduler(sched, eta=eta)
-    shape = (n, c.in_channels, h, w)
-    if latents is None:
-        latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-    x = latents.to(device=device, dtype=dtype) * sched.init_noise_sigma
-    cond = {}
-    if cond_model:
-        cat = (lambda u, v: torch.cat([u, v])) if guided else (lambda u, v: v)  # noqa: E731
-        cond["encoder_hidden_states"] = cat(negative_prompt_embeds, prompt_embeds).to(device, dtype)
-        if added_cond_kwargs:
-            neg = negative_added_cond_kwargs or {k: torch.zeros_like(v)
-                                                 for k, v in added_cond_kwargs.items()}
-            for k in ("text_embeds", "time_ids"):
-                cond[k] = cat(neg[k], added_cond_kwargs[k]).to(device, dtype)
-    eng = engine_for(unet)
-    return eng.sample(x, table, cond, guidance_scale=guidance_scale if guided else 1.0,
-                      guided=guided, generator=generator, timestep_dtype=sched.timesteps.dtype,
-                      callback=callback, progress_bar=progress_bar)

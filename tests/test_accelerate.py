@@ -16,8 +16,8 @@ pytest.importorskip("transformers")      # StableDiffusion(XL)Pipeline needs it 
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0  # noqa: E402
 
 import fastdiff  # noqa: E402
-from fastdiff import pipelines as acc  # noqa: E402
-from fastdiff import zoo  # noqa: E402
+from fastdiff.integrations import diffusers as acc  # noqa: E402
+from fastdiff.integrations.diffusers import zoo  # noqa: E402
 
 STEPS = 3
 
@@ -230,7 +230,7 @@ def test_unsupported_scheduler_runs_stock_and_logs(sd_unet, caplog):
     """SD1.5's own PNDM scheduler is not fused: its step is kept, the reason logged once."""
     pipe = _sd_pipe(sd_unet, _sched("sd15", "PNDMScheduler", {}))
     pe, ne = _embeds(1, 768)
-    acc._logged.clear()
+    fastdiff.ops._logged.clear()
     with caplog.at_level(logging.INFO, logger="fastdiff"):
         _assert_parity(pipe, lambda: torch.as_tensor(pipe(
             prompt_embeds=pe, negative_prompt_embeds=ne, height=64, width=64,
@@ -274,7 +274,7 @@ def test_attention_processor_matches_sdpa(head_dim, heads, cross, caplog):
         attn.set_processor(AttnProcessor2_0())
         ref = attn(x, ctx, attention_mask=mask)
         attn.set_processor(acc.FastdiffAttnProcessor())
-        acc._logged.clear()
+        fastdiff.ops._logged.clear()
         with caplog.at_level(logging.INFO, logger="fastdiff"):
             out = attn(x, ctx, attention_mask=mask)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)

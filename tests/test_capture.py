@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import fastdiff
-from fastdiff import capture, cli, engine, zoo
+from fastdiff import capture, cli, engine
+from fastdiff.integrations.diffusers import zoo
 from fastdiff.__main__ import main
 from fastdiff.diffusion import GaussianDiffusion, sample
 
@@ -222,7 +223,7 @@ def test_sample_pipeline_under_capture(sim, request, model, kind, cfg, noisy, fu
     kw, stock = _inputs(model)
 
     def run():
-        return engine.sample_pipeline(pipe, **kw, generator=torch.Generator().manual_seed(1))
+        return fastdiff.sample_pipeline(pipe, **kw, generator=torch.Generator().manual_seed(1))
 
     if fused:
         fastdiff.accelerate(pipe)

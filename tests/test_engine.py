@@ -9,7 +9,8 @@ diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 import fastdiff  # noqa: E402
-from fastdiff import capture, engine, schedules, zoo  # noqa: E402
+from fastdiff import capture, engine, schedules  # noqa: E402
+from fastdiff.integrations.diffusers import zoo  # noqa: E402
 from fastdiff.diffusion import GaussianDiffusion  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
@@ -47,7 +48,7 @@ def test_sample_pipeline_matches_stock_sd15(sd_unet, kind, cfg):
     ref = pipe(**kw, output_type="latent", generator=torch.Generator().manual_seed(1)).images
     fastdiff.accelerate(pipe)
     try:
-        out = engine.sample_pipeline(pipe, **kw, generator=torch.Generator().manual_seed(1))
+        out = fastdiff.sample_pipeline(pipe, **kw, generator=torch.Generator().manual_seed(1))
     finally:
         fastdiff.restore(pipe)
     _close(out, ref)
@@ -69,7 +70,7 @@ def test_sample_pipeline_sdxl_and_unguided():
                    negative_pooled_prompt_embeds=npool, height=128, width=128,
                    num_inference_steps=3, guidance_scale=guidance, output_type="latent",
                    generator=torch.Generator().manual_seed(1)).images
-        out = engine.sample_pipeline(
+        out = fastdiff.sample_pipeline(
             pipe, prompt_embeds=pe, negative_prompt_embeds=ne, height=128, width=128,
             added_cond_kwargs={"text_embeds": pp, "time_ids": time_ids},
             negative_added_cond_kwargs={"text_embeds": npool, "time_ids": time_ids},
@@ -88,7 +89,7 @@ def test_sample_pipeline_ddpm_unconditional():
     pipe.set_progress_bar_config(disable=True)
     ref = pipe(batch_size=2, num_inference_steps=5, output_type="np",
                generator=torch.Generator().manual_seed(3)).images
-    out = engine.sample_pipeline(pipe, batch_size=2, num_inference_steps=5,
+    out = fastdiff.sample_pipeline(pipe, batch_size=2, num_inference_steps=5,
                                  generator=torch.Generator().manual_seed(3))
     out = (out / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
     assert abs(out - ref).max() < 1e-4
@@ -233,11 +234,11 @@ def test_seeded_sample_pipeline_is_reproducible_after_an_unseeded_call(dev):
               latents=torch.randn(1, 4, 16, 16, generator=g).to(dev, dtype))
 
     def seeded():
-        return engine.sample_pipeline(pipe, **kw, generator=torch.Generator().manual_seed(5))
+        return fastdiff.sample_pipeline(pipe, **kw, generator=torch.Generator().manual_seed(5))
 
     fresh = seeded()
     unet.__dict__.pop("_fastdiff_engine").close()      # a fresh engine for the next calls
-    engine.sample_pipeline(pipe, **kw)
+    fastdiff.sample_pipeline(pipe, **kw)
     for _ in range(2):
         torch.testing.assert_close(seeded(), fresh, rtol=0, atol=0)
 
@@ -277,11 +278,11 @@ def test_graph_memory_is_freed(dev):
         before = torch.cuda.memory_allocated()
     for n in (1, 2, 4):
         eng.sample(torch.randn(n, 3, 64, 64, device=dev), table)
-    assert len(eng._graphs) == 3
+    assert len(eng.graphs) == 3
     if dev == "cuda":
         assert torch.cuda.memory_allocated() > before
     eng.close()
-    assert not eng._graphs and eng._pool is None
+    assert not eng.graphs and eng.graphs.pool is None
     if dev == "cuda":
         del eng, conv
         gc.collect()
@@ -301,7 +302,7 @@ def test_accelerated_unet_graphs(dev):
     with torch.no_grad():
         ref = unet(x, 10, ctx).sample
         fastdiff.accelerate(unet)
-        graphs = unet.__dict__[fastdiff.pipelines.STATE_ATTR].graphs
+        graphs = unet.__dict__[fastdiff.integrations.diffusers.STATE_ATTR].graphs
         fused = unet(x, 10, ctx).sample
         assert graphs.captures == 1
         torch.testing.assert_close(fused, ref, rtol=tol, atol=tol)
@@ -316,7 +317,7 @@ def test_accelerated_unet_graphs(dev):
         out2 = unet(x, 10, ctx).sample
         fastdiff.restore(unet)
         torch.testing.assert_close(out2, unet(x, 10, ctx).sample, rtol=tol, atol=tol)
-        assert not graphs.graphs and graphs.pool is None
+        assert not graphs.graphs and graphs.graphs.pool is None
     assert "forward" not in unet.__dict__
 
 
@@ -333,9 +334,9 @@ def test_accelerated_pipeline_on_graphs_matches_stock(dev):
     ref = pipe(**kw, output_type="latent", generator=torch.Generator().manual_seed(1)).images
     fastdiff.accelerate(pipe)
     out_pipe = pipe(**kw, output_type="latent", generator=torch.Generator().manual_seed(1)).images
-    graphs = pipe.__dict__[fastdiff.pipelines.STATE_ATTR].graphs
+    graphs = pipe.__dict__[fastdiff.integrations.diffusers.STATE_ATTR].graphs
     assert graphs.captures == 1 and graphs.replays == 6
-    out_eng = engine.sample_pipeline(pipe, **kw, generator=torch.Generator().manual_seed(1))
+    out_eng = fastdiff.sample_pipeline(pipe, **kw, generator=torch.Generator().manual_seed(1))
     assert pipe.unet._fastdiff_engine.captures == 1
     fastdiff.restore(pipe)
     tol = 0.02 if dev == "cuda" else 1e-4

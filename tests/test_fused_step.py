@@ -7,7 +7,7 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
-from fastdiff import pipelines  # noqa: E402
+from fastdiff.integrations.diffusers import schedulers  # noqa: E402
 
 CASES = [
     ("DDPMScheduler", {}, {}),
@@ -30,7 +30,7 @@ def _pair(kind, cfg, steps):
     b = cls.from_config(a.config)
     for s in (a, b):
         s.set_timesteps(steps)
-    b.step = pipelines.FusedStep(b)
+    b.step = schedulers.FusedStep(b)
     return a, b
 
 
@@ -111,7 +111,7 @@ def test_fused_step_keeps_the_schedulers_errors():
     with pytest.raises(ValueError, match="integer indices"):
         b.step(torch.randn(1, 4, 2, 2), 3, torch.randn(1, 4, 2, 2))
     c = diffusers.DDIMScheduler()
-    c.step = pipelines.FusedStep(c)
+    c.step = schedulers.FusedStep(c)
     with pytest.raises(ValueError, match="set_timesteps"):
         c.step(torch.randn(1, 4, 2, 2), 3, torch.randn(1, 4, 2, 2))
 
@@ -130,9 +130,9 @@ def test_fused_step_after_set_timesteps_again():
 def test_row_of_a_timestep_view_is_found_without_reading_it():
     _, b = _pair("DDIMScheduler", {}, 5)
     step = b.step
-    _, index_of, _ = step._table("table", eta=0.0, use_clipped_model_output=False)
+    _, index_of, _ = step.table("table", eta=0.0, use_clipped_model_output=False)
     for i, t in enumerate(b.timesteps):                   # views into scheduler.timesteps
-        assert step._index_of(t, index_of) == i
-        assert step._index_of(t.clone(), index_of) == i   # a copy: looked up by value
-        assert step._index_of(int(t), index_of) == i
-    assert step._index_of(torch.tensor(3), index_of) is None
+        assert step.index_of(t, index_of) == i
+        assert step.index_of(t.clone(), index_of) == i   # a copy: looked up by value
+        assert step.index_of(int(t), index_of) == i
+    assert step.index_of(torch.tensor(3), index_of) is None

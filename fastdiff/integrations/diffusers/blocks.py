@@ -1,0 +1,214 @@
+"""diffusers' U-Net blocks on fastdiff's fused ops (installed by ``accelerate``).
+
+Every ``ResnetBlock2D`` runs its two GroupNorm+SiLU pairs on ``group_norm_silu`` (the time
+embedding enters as the op's ``pre_bias`` in 'default' mode, as ``scale``/``shift`` in
+'scale_shift' mode), the U-Net's ``conv_norm_out`` + ``conv_act`` become one call, and every
+``Attention`` whose processor is diffusers' default gets ``FastdiffAttnProcessor``. Only
+forwards and processors are swapped: parameters, buffers and state_dict keys are untouched.
+With autograd recording, diffusers' own code runs (the fused ops have no backward).
+"""
+from __future__ import annotations
+
+import functools
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastdiff import ops
+from fastdiff.ops import log_once
+
+MAX_HEAD_DIM = 256
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _grad_needed(module: nn.Module, *tensors) -> bool:
+    """The fused ops have no backward: with autograd recording, diffusers' own code runs."""
+    if not torch.is_grad_enabled():
+        return False
+    if any(t is not None and t.requires_grad for t in tensors):
+        return True
+    return any(p.requires_grad for p in module.parameters(recurse=False))
+
+
+def _gn_args(norm: nn.GroupNorm):
+    return norm.num_groups, norm.weight, norm.bias, norm.eps
+
+
+# ---------------------------------------------------------------- ResnetBlock2D
+
+def _resnet_forward(self, input_tensor, temb, *args, **kwargs):
+    """diffusers' ResnetBlock2D.forward with norm1+SiLU and (temb add)+norm2(+scale-shift)+SiLU
+    fused; the rest (resampling, convs, dropout, shortcut) is the module's own."""
+    orig = type(self).forward
+    if (_grad_needed(self, input_tensor, temb) or input_tensor.dtype not in DTYPES
+            or (temb is not None and self.time_emb_proj is None)):
+        return orig(self, input_tensor, temb, *args, **kwargs)
+    h = ops.group_norm_silu(input_tensor.contiguous(), *_gn_args(self.norm1))
+    if self.upsample is not None:
+        if h.shape[0] >= 64:
+            input_tensor = input_tensor.contiguous()
+        input_tensor = self.upsample(input_tensor)
+        h = self.upsample(h)
+    elif self.downsample is not None:
+        input_tensor = self.downsample(input_tensor)
+        h = self.downsample(h)
+    h = self.conv1(h)
+    if temb is not None:
+        if not self.skip_time_act:
+            temb = self.nonlinearity(temb)
+        temb = self.time_emb_proj(temb)
+    if self.time_embedding_norm == "scale_shift":
+        if temb is None:
+            raise ValueError("`temb` should not be None when `time_embedding_norm` is scale_shift")
+        scale, shift = torch.chunk(temb, 2, dim=1)
+        h = ops.group_norm_silu(h.contiguous(), *_gn_args(self.norm2), scale=scale, shift=shift)
+    else:
+        h = ops.group_norm_silu(h.contiguous(), *_gn_args(self.norm2), pre_bias=temb)
+    h = self.dropout(h)
+    h = self.conv2(h)
+    if self.conv_shortcut is not None:
+        if self.training:
+            input_tensor = input_tensor.contiguous()
+        input_tensor = self.conv_shortcut(input_tensor)
+    return (input_tensor + h) / self.output_scale_factor
+
+
+def _resnet_supported(m) -> str | None:
+    if not (isinstance(m.norm1, nn.GroupNorm) and isinstance(m.norm2, nn.GroupNorm)):
+        return "ResnetBlock2D without GroupNorm norms"
+    if not isinstance(m.nonlinearity, nn.SiLU):
+        return f"ResnetBlock2D with activation {type(m.nonlinearity).__name__} (SiLU is fused)"
+    if m.time_embedding_norm not in ("default", "scale_shift"):
+        return f"ResnetBlock2D with time_embedding_norm={m.time_embedding_norm!r}"
+    return None
+
+
+def _norm_out_forward(self, x):
+    """conv_norm_out with the SiLU of conv_act fused (conv_act's forward becomes the identity)."""
+    if _grad_needed(self, x) or x.dtype not in DTYPES:
+        return F.silu(F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps))
+    return ops.group_norm_silu(x.contiguous(), *_gn_args(self))
+
+
+def _identity_forward(self, x):
+    return x
+
+
+# ---------------------------------------------------------------- attention
+
+class FastdiffAttnProcessor:
+    """diffusers' AttnProcessor2_0 with the attention product on ``fastdiff.attention``.
+
+    Supports spatial_norm, group_norm, norm_cross, norm_q/norm_k, residual_connection,
+    rescale_output_factor and additive or boolean attention masks. Head dims above 256 and
+    autograd fall back to ``F.scaled_dot_product_attention``.
+    """
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 temb=None, *args, **kwargs):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        fused_gn = (attn.group_norm is not None and input_ndim == 4
+                    and not _grad_needed(attn.group_norm, hidden_states)
+                    and hidden_states.dtype in DTYPES)
+        if fused_gn:
+            hidden_states = ops.group_norm_silu(hidden_states.contiguous(),
+                                                *_gn_args(attn.group_norm), silu=False)
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        batch_size, sequence_length, _ = (hidden_states.shape if encoder_hidden_states is None
+                                          else encoder_hidden_states.shape)
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length,
+                                                         batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1,
+                                                 attention_mask.shape[-1])
+        if attn.group_norm is not None and not fused_gn:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        inner_dim = key.shape[-1]
+        head_dim = inner_dim // attn.heads
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if (head_dim > MAX_HEAD_DIM or query.dtype not in DTYPES
+                or _grad_needed(attn, query, key, value)):
+            if head_dim > MAX_HEAD_DIM:
+                log_once(f"attention head dim {head_dim} > {MAX_HEAD_DIM}: SDPA used")
+            hidden_states = F.scaled_dot_product_attention(query, key, value,
+                                                           attn_mask=attention_mask)
+        else:
+            hidden_states = ops.attention(query, key, value, attention_mask)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.to(query.dtype)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height,
+                                                                    width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+def _attention_supported(m) -> str | None:
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    proc = m.processor
+    if isinstance(proc, FastdiffAttnProcessor):
+        return None
+    if type(proc) not in (AttnProcessor, AttnProcessor2_0):
+        return (f"attention processor {type(proc).__name__} kept (only diffusers' default is "
+                "replaced)")
+    if not getattr(m, "scale_qk", True):
+        return "Attention with scale_qk=False kept"
+    return None
+
+
+def patch_unet(unet: nn.Module, undo: list) -> dict:
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.resnet import ResnetBlock2D
+
+    counts = {"resnets": 0, "attention": 0, "norm_out": 0}
+    for m in unet.modules():
+        if isinstance(m, ResnetBlock2D) and "forward" not in m.__dict__:
+            reason = _resnet_supported(m)
+            if reason:
+                log_once(reason + ": diffusers' forward kept")
+                continue
+            m.forward = types.MethodType(_resnet_forward, m)
+            undo.append(functools.partial(m.__dict__.pop, "forward", None))
+            counts["resnets"] += 1
+        elif isinstance(m, Attention) and not isinstance(m.processor, FastdiffAttnProcessor):
+            reason = _attention_supported(m)
+            if reason:
+                log_once(reason)
+                continue
+            orig = m.processor
+            m.set_processor(FastdiffAttnProcessor())
+            undo.append(functools.partial(m.set_processor, orig))
+            counts["attention"] += 1
+    norm, act = getattr(unet, "conv_norm_out", None), getattr(unet, "conv_act", None)
+    if (isinstance(norm, nn.GroupNorm) and isinstance(act, nn.SiLU)
+            and "forward" not in norm.__dict__):
+        norm.forward = types.MethodType(_norm_out_forward, norm)
+        act.forward = types.MethodType(_identity_forward, act)
+        undo.append(functools.partial(norm.__dict__.pop, "forward", None))
+        undo.append(functools.partial(act.__dict__.pop, "forward", None))
+        counts["norm_out"] += 1
+    return counts
