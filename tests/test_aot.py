@@ -9,11 +9,12 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from fastdiff.kernels import attention, denoise_step, group_norm_silu
+from fastdiff.kernels import aot, attention, denoise_step, group_norm_silu
 
 # Shared memory per block (bytes) a kernel may use. The sm_80 compile is held to sm_86/sm_89's
 # 99 KB (A100 allows 163 KB), since the wheel's sm_86/89 cubins are the same code and use the
@@ -80,6 +81,18 @@ def test_launchers_choose_only_listed_configs():
                 assert _key(cfg) in listed, (dt, f)
 
 
+def test_records_carry_the_compiled_num_warps(monkeypatch):
+    """The launcher's block size (index.tsv's num_warps) is what the cubin was compiled for,
+    read from its metadata, not the configuration's request."""
+    md = SimpleNamespace(num_warps=8, shared=0, name="k", num_ctas=1, global_scratch_size=0,
+                         profile_scratch_size=0)
+    fake = SimpleNamespace(asm={"ptx": ".entry k(.param .u64 a)", "cubin": b"\0"}, metadata=md)
+    monkeypatch.setattr(aot, "compile_config", lambda cfg, arch: fake)
+    rec = aot._compile_one("denoise_step", 0, 80, False)
+    assert rec["ok"], rec.get("error")
+    assert rec["num_warps"] == 8 != denoise_step.aot_configs()[0]["num_warps"]
+
+
 def test_launch_params_match_the_ptx_entry(compiled):
     """The parameter list a launcher packs (aot.launch_params: non-constexpr arguments, then the
     two scratch pointers) has the count and byte widths of the kernel's PTX .entry."""
@@ -104,5 +117,7 @@ def test_emit_writes_cubins_and_a_manifest(tmp_path):
     assert len(manifest["kernels"]) == len(denoise_step.aot_configs())
     for k in manifest["kernels"]:
         assert (out / k["file"]).stat().st_size == k["cubin_bytes"]
+    index = [line.split("\t") for line in (out / "index.tsv").read_text().splitlines()]
+    assert [int(cells[7]) for cells in index] == [k["num_warps"] for k in manifest["kernels"]]
     text = "\n".join(info_lines(str(out)))
     assert f"{len(manifest['kernels'])} prebuilt kernels" in text and "sm_80" in text
