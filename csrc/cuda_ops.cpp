@@ -11,7 +11,10 @@
 
 #include <c10/core/DeviceGuard.h>
 
+#include <algorithm>
+#include <array>
 #include <cmath>
+#include <numeric>
 
 #include "aot.h"
 #include "fastdiff.h"
@@ -58,6 +61,13 @@ std::string key_of(const std::string& kernel, const std::vector<Arg>& args,
   return aot::make_key(kernel, types, constexprs);
 }
 
+struct Plan {
+  std::vector<Launch> launches;
+  std::vector<at::Tensor> outputs;  // what the op returns
+  std::vector<at::Tensor> keep;     // buffers the launches use (alive until they are enqueued)
+  std::string why;                  // why no prebuilt cubin can run it (empty: one may)
+};
+
 // ---- group_norm_silu: kernels/group_norm_silu.py ----
 constexpr int64_t kGnBlock = 1024, kGnMaxSplit = 32;
 
@@ -66,12 +76,6 @@ at::Tensor f32_or(const std::optional<at::Tensor>& t, double fill, at::IntArrayR
   if (!t) return at::full(shape, fill, at::TensorOptions().dtype(at::kFloat).device(dev));
   return t->to(at::kFloat).contiguous();
 }
-
-struct Plan {
-  std::vector<Launch> launches;
-  std::vector<at::Tensor> outputs;  // what the op returns
-  std::vector<at::Tensor> keep;     // buffers the launches use (alive until they are enqueued)
-};
 
 Plan plan_group_norm_silu(const at::Tensor& x, int64_t num_groups,
                           const std::optional<at::Tensor>& weight,
@@ -119,29 +123,42 @@ Plan plan_group_norm_silu(const at::Tensor& x, int64_t num_groups,
 
 // ---- attention: kernels/attention.py ----
 constexpr double kLog2e = 1.4426950408889634;
+// The head dims with prebuilt cubins (attention.py's PREBUILT_HEAD_DIMS, which says why).
+constexpr std::array<int64_t, 12> kAttnHeadDims{8, 16, 32, 40, 48, 64, 72, 80, 96, 128, 160, 256};
+// (BLOCK_M, BLOCK_N) for padded head dims 16, 32, 64, 128, 256 (attention.py's _TILES): 2-byte
+// inputs without and with a bias, fp32.
+constexpr int64_t kAttnTiles[3][5][2] = {
+    {{128, 64}, {128, 64}, {128, 64}, {128, 64}, {64, 32}},
+    {{128, 64}, {128, 64}, {128, 32}, {128, 32}, {64, 32}},
+    {{64, 64}, {64, 64}, {64, 32}, {64, 32}, {32, 16}}};
 
-Plan plan_attention(at::Tensor q, at::Tensor k, at::Tensor v,
+int64_t log2_of(int64_t p) {
+  int64_t l = 0;
+  while ((int64_t{1} << l) < p) ++l;
+  return l;
+}
+
+Plan plan_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     const std::optional<at::Tensor>& attn_bias, std::optional<double> scale) {
   const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3), Lk = k.size(2);
   at::Tensor out = at::empty({B, H, Lq, D}, q.options());
-  if (D == 1) {  // a head dim of 1 may carry any stride; the kernel assumes unit stride
-    q = q.contiguous();
-    k = k.contiguous();
-    v = v.contiguous();
-  }
-  // (BLOCK_M, BLOCK_N) per padded head dim for 2-byte inputs; fp32 halves BLOCK_M (<= 64), and
-  // BLOCK_N from D = 128 on (attention.py's _TILES and _config).
   const int64_t block_d = std::max<int64_t>(16, next_power_of_2(D));
-  int64_t bm = block_d == 256 ? 64 : 128, bn = block_d == 256 ? 32 : 64;
   const bool ieee = q.scalar_type() == at::kFloat;
-  if (ieee) {
-    bm = std::min<int64_t>(bm, 64);
-    if (block_d >= 128) bn /= 2;
+  const auto& tile = kAttnTiles[ieee ? 2 : attn_bias ? 1 : 0][log2_of(block_d) - 4];
+  const int64_t bm = tile[0], bn = tile[1];
+  // VEC (attention.py, vec_of): elements per 16 bytes, down to the largest power of two that
+  // divides every q/k/v stride of dims 0-2 the kernel multiplies by a nonzero index.
+  const int64_t vec16 = 16 / static_cast<int64_t>(q.element_size());
+  int64_t vec = vec16;
+  for (const at::Tensor* t : {&q, &k, &v}) {
+    for (int d = 0; d < 3; ++d) {
+      if (t->size(d) > 1) vec = std::gcd(vec, t->stride(d));
+    }
   }
   at::Tensor bias = q;
   std::array<int64_t, 4> bstrides{0, 0, 0, 0};
-  if (attn_bias) {
-    bias = attn_bias->to(at::kFloat).expand({B, H, Lq, Lk});
+  if (attn_bias) {  // a view: broadcast dims get stride 0; read in its own dtype
+    bias = attn_bias->expand({B, H, Lq, Lk});
     for (int i = 0; i < 4; ++i) bstrides[i] = bias.stride(i);
   }
   const double s = scale ? *scale : 1.0 / std::sqrt(static_cast<double>(D));
@@ -154,13 +171,21 @@ Plan plan_attention(at::Tensor q, at::Tensor k, at::Tensor v,
                         Arg::i64("svn", v.stride(2)), Arg::i64("sbb", bstrides[0]),
                         Arg::i64("sbh", bstrides[1]), Arg::i64("sbm", bstrides[2]),
                         Arg::i64("sbn", bstrides[3]), Arg::i32("H", H), Arg::i32("Lq", Lq),
-                        Arg::i32("Lk", Lk), Arg::i32("D", D), Arg::f32("qk_scale", s * kLog2e)};
+                        Arg::i32("Lk", Lk), Arg::f32("qk_scale", s * kLog2e)};
   const std::string t = ptr_type(q.scalar_type());
   std::string key = key_of("_attention_kernel", args,
-                           {t, t, t, attn_bias ? "*fp32" : t, t},
-                           {{"HAS_BIAS", attn_bias.has_value()}, {"IEEE", ieee},
-                            {"BLOCK_M", bm}, {"BLOCK_N", bn}, {"BLOCK_D", block_d}});
-  return {{{key, {cdiv(Lq, bm), B * H, 1}, args}}, {out}, {q, k, v, bias}};
+                           {t, t, t, attn_bias ? ptr_type(attn_bias->scalar_type()) : t, t},
+                           {{"D", D}, {"VEC", vec}, {"HAS_BIAS", attn_bias.has_value()},
+                            {"IEEE", ieee}, {"BLOCK_M", bm}, {"BLOCK_N", bn},
+                            {"BLOCK_D", block_d}});
+  // Grid axis 0 (up to 2**31 - 1): B * H alone may exceed axis 1's 65,535.
+  Plan p{{{key, {B * H * cdiv(Lq, bm), 1, 1}, args}}, {out}, {}, {}};
+  if (!std::binary_search(kAttnHeadDims.begin(), kAttnHeadDims.end(), D)) {
+    p.why = "no cubin for head dim " + std::to_string(D);
+  } else if (vec != vec16) {
+    p.why = "no cubin for q/k/v strides that are not multiples of 16 bytes";
+  }
+  return p;
 }
 
 // ---- denoise_step: kernels/denoise_step.py ----
@@ -189,7 +214,7 @@ Plan plan_denoise_step(const at::Tensor& model_output, const at::Tensor& sample,
                            {t, t, t, t, "*fp32", ptr_type(step_index.scalar_type()), t, t},
                            {{"GUIDED", guided}, {"HAS_NOISE", noise.has_value()},
                             {"HAS_PREV", prev_x0.has_value()}, {"BLOCK", kStepBlock}});
-  return {{{key, {cdiv(numel, kStepBlock), 1, 1}, args}}, {out, x0}, {}};
+  return {{{key, {cdiv(numel, kStepBlock), 1, 1}, args}}, {out, x0}, {}, {}};
 }
 
 // ---- the CUDA kernels: prebuilt, else the JIT twin ----
@@ -202,7 +227,7 @@ std::optional<std::string> try_prebuilt(const char* op, const at::Device& device
   auto why = aot::unavailable(device);
   if (!why) {
     Plan p = make_plan();
-    why = aot::launch(p.launches, device);
+    why = p.why.empty() ? aot::launch(p.launches, device) : std::optional<std::string>(p.why);
     if (!why) {
       outputs = std::move(p.outputs);
       return std::nullopt;
@@ -349,14 +374,14 @@ void bind(pybind11::module& m) {
                                 apply_silu);
           Plan p = plan_group_norm_silu(x, num_groups, weight, bias, eps, pre_bias, scale, shift,
                                         apply_silu);
-          return pybind11::make_tuple(plan_to_py(p), p.outputs, p.keep);
+          return pybind11::make_tuple(plan_to_py(p), p.outputs, p.keep, p.why);
         });
   m.def("_aot_plan_attention",
         [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
            const std::optional<at::Tensor>& attn_bias, std::optional<double> scale) {
           check_attention(q, k, v, attn_bias, scale);
           Plan p = plan_attention(q, k, v, attn_bias, scale);
-          return pybind11::make_tuple(plan_to_py(p), p.outputs, p.keep);
+          return pybind11::make_tuple(plan_to_py(p), p.outputs, p.keep, p.why);
         });
   m.def("_aot_plan_denoise_step",
         [](const at::Tensor& model_output, const at::Tensor& sample, const at::Tensor& coeffs,
@@ -367,7 +392,7 @@ void bind(pybind11::module& m) {
                              guidance_scale, clip_sample, clip_sample_range, write_x0);
           Plan p = plan_denoise_step(model_output, sample, coeffs, step_index, noise, prev_x0,
                                      guidance_scale, clip_sample, clip_sample_range, write_x0);
-          return pybind11::make_tuple(plan_to_py(p), p.outputs, p.keep);
+          return pybind11::make_tuple(plan_to_py(p), p.outputs, p.keep, p.why);
         });
 }
 
