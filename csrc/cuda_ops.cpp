@@ -69,12 +69,11 @@ struct Plan {
 };
 
 // ---- group_norm_silu: kernels/group_norm_silu.py ----
-constexpr int64_t kGnBlock = 1024, kGnMaxSplit = 32;
+constexpr int64_t kGnMaxSplit = 32;
 
-at::Tensor f32_or(const std::optional<at::Tensor>& t, double fill, at::IntArrayRef shape,
-                  const at::Device& dev) {
-  if (!t) return at::full(shape, fill, at::TensorOptions().dtype(at::kFloat).device(dev));
-  return t->to(at::kFloat).contiguous();
+// How the kernels read an optional per-channel tensor: 0 absent, 1 float32, 2 x's dtype.
+int64_t gn_kind(const std::optional<at::Tensor>& t) {
+  return !t ? 0 : t->scalar_type() == at::kFloat ? 1 : 2;
 }
 
 Plan plan_group_norm_silu(const at::Tensor& x, int64_t num_groups,
@@ -86,39 +85,55 @@ Plan plan_group_norm_silu(const at::Tensor& x, int64_t num_groups,
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3), G = num_groups;
   const int64_t cg = C / G;
   const bool cl = !x.is_contiguous();
-  const at::Device dev = x.device();
+  const int64_t rows = cl ? 128 : 64, cols = cl ? 8 : 16;  // TILE
   at::Tensor y = at::empty_like(x);
-  at::Tensor w = f32_or(weight, 1.0, {C}, dev), b = f32_or(bias, 0.0, {C}, dev);
+  const int64_t nrows = cl ? HW * cdiv(cg, cols) : cg * cdiv(HW, cols);
+  TORCH_CHECK_VALUE(nrows < (int64_t{1} << 31), "fastdiff.group_norm_silu: a group of C/G * H * W",
+                    " = ", cg * HW, " elements is beyond the CUDA kernels' ", int64_t{1} << 31,
+                    " rows of ", cols);
+  const int64_t tiles = cdiv(nrows, rows);
+  int64_t split = std::min(kGnMaxSplit, tiles);
+  const int64_t chunk = cdiv(tiles, split);  // tiles per program
+  split = cdiv(tiles, chunk);
+  at::Tensor part = at::empty({N * G, split, 3}, x.options().dtype(at::kFloat));
+  const int64_t vec16 = 16 / static_cast<int64_t>(x.element_size());
+  const int64_t vec = (cl ? cg : HW) % vec16 == 0 ? vec16 : 1;
   const bool has_ss = scale.has_value() || shift.has_value();
-  at::Tensor sc = has_ss ? f32_or(scale, 0.0, {N, C}, dev) : w;
-  at::Tensor sh = has_ss ? f32_or(shift, 0.0, {N, C}, dev) : w;
-  at::Tensor pre = pre_bias ? f32_or(pre_bias, 0.0, {N, C}, dev) : w;
-  const int64_t total = cg * HW;
-  int64_t split = std::min(kGnMaxSplit, cdiv(total, kGnBlock));
-  const int64_t chunk = cdiv(cdiv(total, split), kGnBlock) * kGnBlock;
-  split = cdiv(total, chunk);
-  at::Tensor part = at::empty({N * G, split, 3}, at::TensorOptions().dtype(at::kFloat).device(dev));
+  // Absent tensors: x stands in (kind 0: never read), so the argument types stay the same.
+  auto or_x = [&](const std::optional<at::Tensor>& t) { return t ? *t : x; };
   const std::string t = ptr_type(x.scalar_type());
   const std::array<int64_t, 3> grid{N * G, split, 1};
-  std::vector<Arg> common{Arg::i64("HW", HW), Arg::i64("C", C), Arg::i64("G", G),
-                          Arg::i64("CG", cg), Arg::i64("chunk", chunk), Arg::i64("split", split)};
+  std::vector<Arg> common{Arg::i32("HW", HW), Arg::i32("C", C), Arg::i32("G", G),
+                          Arg::i32("CG", cg), Arg::i32("chunk", chunk), Arg::i32("split", split)};
+  const std::vector<std::pair<std::string, int64_t>> shape{
+      {"VEC", vec}, {"ROWS", rows}, {"COLS", cols}};
 
-  std::vector<Arg> sargs{Arg::ptr("x_ptr", x), Arg::ptr("pre_ptr", pre), Arg::ptr("part_ptr", part)};
-  sargs.insert(sargs.end(), common.begin(), common.end());
-  std::string skey = key_of("_stats", sargs, {t, "*fp32", "*fp32"},
-                            {{"CL", cl}, {"HAS_PRE", pre_bias.has_value()}, {"BLOCK", kGnBlock}});
-
-  std::vector<Arg> aargs{Arg::ptr("x_ptr", x), Arg::ptr("y_ptr", y), Arg::ptr("w_ptr", w),
-                         Arg::ptr("b_ptr", b), Arg::ptr("pre_ptr", pre),
-                         Arg::ptr("scale_ptr", sc), Arg::ptr("shift_ptr", sh),
+  std::vector<Arg> sargs{Arg::ptr("x_ptr", x), Arg::ptr("pre_ptr", or_x(pre_bias)),
                          Arg::ptr("part_ptr", part)};
+  sargs.insert(sargs.end(), common.begin(), common.end());
+  sargs.push_back(Arg::i32("pre_kind", gn_kind(pre_bias)));
+  std::vector<std::pair<std::string, int64_t>> scx{{"CL", cl}, {"HAS_PRE", pre_bias.has_value()}};
+  scx.insert(scx.end(), shape.begin(), shape.end());
+  std::string skey = key_of("_stats", sargs, {t, "*fp32", "*fp32"}, scx);
+
+  std::vector<Arg> aargs{Arg::ptr("x_ptr", x), Arg::ptr("y_ptr", y),
+                         Arg::ptr("w_ptr", or_x(weight)), Arg::ptr("b_ptr", or_x(bias)),
+                         Arg::ptr("pre_ptr", or_x(pre_bias)), Arg::ptr("scale_ptr", or_x(scale)),
+                         Arg::ptr("shift_ptr", or_x(shift)), Arg::ptr("part_ptr", part)};
   aargs.insert(aargs.end(), common.begin(), common.end());
   aargs.push_back(Arg::f32("eps", eps));
+  aargs.push_back(Arg::i32("w_kind", gn_kind(weight)));
+  aargs.push_back(Arg::i32("b_kind", gn_kind(bias)));
+  aargs.push_back(Arg::i32("pre_kind", gn_kind(pre_bias)));
+  aargs.push_back(Arg::i32("scale_kind", gn_kind(scale)));
+  aargs.push_back(Arg::i32("shift_kind", gn_kind(shift)));
+  std::vector<std::pair<std::string, int64_t>> acx{
+      {"CL", cl}, {"HAS_PRE", pre_bias.has_value()}, {"HAS_SS", has_ss}, {"SILU", apply_silu},
+      {"SPLIT_P2", kGnMaxSplit}};
+  acx.insert(acx.end(), shape.begin(), shape.end());
   std::string akey = key_of("_apply", aargs, {t, t, "*fp32", "*fp32", "*fp32", "*fp32", "*fp32",
-                                              "*fp32"},
-                            {{"CL", cl}, {"HAS_PRE", pre_bias.has_value()}, {"HAS_SS", has_ss},
-                             {"SILU", apply_silu}, {"SPLIT_P2", kGnMaxSplit}, {"BLOCK", kGnBlock}});
-  return {{{skey, grid, sargs}, {akey, grid, aargs}}, {y}, {w, b, sc, sh, pre, part}};
+                                              "*fp32"}, acx);
+  return {{{skey, grid, sargs}, {akey, grid, aargs}}, {y}, {part}, {}};
 }
 
 // ---- attention: kernels/attention.py ----

@@ -77,8 +77,8 @@ def test_launchers_choose_only_listed_configs():
             f = [bool(flags >> i & 1) for i in range(3)]  # guided, noise, prev_x0
             for index_dtype in (torch.int64, torch.int32):
                 assert _key(denoise_step._config(dt, *f, index_dtype)) in listed, (dt, f)
-        for flags in range(16):
-            f = [bool(flags >> i & 1) for i in range(4)]
+        for flags in range(32):
+            f = [bool(flags >> i & 1) for i in range(5)]  # cl, pre, scale/shift, silu, aligned
             for cfg in group_norm_silu._configs(dt, *f):
                 assert _key(cfg) in listed, (dt, f)
 

@@ -3,6 +3,7 @@
 CI has no GPU, so the parts a launch depends on are checked on CPU tensors:
 - the C++ plan of every op call (kernel key, grid, arguments in order) equals the Triton
   launcher's plan (kernels/*.py) for awkward shapes, dtypes, layouts and optional inputs;
+- a plan launches exactly its kernels: no conversion, fill or copy of the inputs on the side;
 - the arguments C++ packs have the count and byte widths of the PTX entry Triton generated for
   the cubin the launch selects (cubins emitted for sm_80 here);
 - selection: architectures, alignment variants, 32-bit limits, mismatched parameter lists.
@@ -17,6 +18,7 @@ import sys
 import pytest
 import torch
 import triton
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastdiff import _C, ops, prebuilt, reference
 from fastdiff.kernels import aot, attention, denoise_step, group_norm_silu
@@ -211,9 +213,11 @@ def test_every_cpp_key_is_a_listed_configuration():
     listed = {aot.kernel_key(c) for m in aot.MODULES.values() for c in m.aot_configs()}
     seen = set()
     for dt in DTYPES:
-        for flags in range(16):
-            cl, pre, ss, silu = (bool(flags >> i & 1) for i in range(4))
-            _, args = _gn_case(dt, (1, 4, 2, 2), 2, cl=cl, pre=pre, ss="both" if ss else None,
+        for flags in range(32):
+            cl, pre, ss, silu, odd = (bool(flags >> i & 1) for i in range(5))
+            # odd: rows not 16 bytes apart (H*W = 15 in NCHW, C/G = 3 in channels_last)
+            shape, groups = ((1, 6, 3, 5), 2) if odd else ((1, 16, 4, 4), 2)
+            _, args = _gn_case(dt, shape, groups, cl=cl, pre=pre, ss="both" if ss else None,
                                silu=silu)
             seen |= {la["key"] for la in _C._aot_plan_group_norm_silu(*args)[0]}
         for d in range(1, 257):
@@ -240,6 +244,24 @@ def test_attention_plans_say_why_no_cubin():
                     "no cubin for q/k/v strides that are not multiples of 16 bytes"]
 
 
+class _Work(TorchDispatchMode):
+    """Records every aten op that does work: not an allocation, a view or a metadata query."""
+    FREE = {torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default,
+            torch.ops.aten.empty_like.default, torch.ops.aten.new_empty.default}
+
+    def __init__(self):
+        super().__init__()
+        self.ran = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func not in self.FREE and not func.is_view:
+            self.ran.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+LAUNCHES = {"group_norm_silu": 2, "attention": 1, "denoise_step": 1}
+
+
 def _all_cases():
     for case in GN_CASES:
         yield "group_norm_silu", group_norm_silu, _C._aot_plan_group_norm_silu, _gn_case(**case)
@@ -247,6 +269,18 @@ def _all_cases():
         yield "attention", attention, _C._aot_plan_attention, _attn_case(**case)
     for case in STEP_CASES:
         yield "denoise_step", denoise_step, _C._aot_plan_denoise_step, _step_case(**case)
+
+
+def test_plans_launch_their_kernels_and_nothing_else():
+    """No conversion, fill, expand-copy or contiguous-copy of an input runs beside the launches:
+    small tensors, biases and masks are read in their own dtype and layout by the kernels."""
+    for op, module, cpp, (_, args) in _all_cases():
+        for name, plan in (("python", lambda: module.plan(*args)[0]),
+                           ("c++", lambda: cpp(*args)[0])):
+            with _Work() as work:
+                launches = plan()
+            assert work.ran == [], f"{op} {name} plan ran {work.ran}"
+            assert len(launches) == LAUNCHES[op], f"{op} {name}"
 
 
 def test_attention_grid_takes_70000_heads():
