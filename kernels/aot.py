@@ -8,7 +8,8 @@ compiled kernel (used by the tests), and with ``--emit DIR`` writes the cubins a
 
 ``--sass`` adds a summary of each kernel's machine code to its line (``sass``: registers, stack,
 static shared memory, global loads, async copies (LDGSTS) and stores by width in bits, HMMA and
-HGMMA counts, spill stores/loads).
+HGMMA counts, spill stores/loads): tests/test_aot.py checks load widths, tensor-core
+instructions and spills from it, and scripts/sass_table.py writes BENCHMARKS.md's table.
 
 setup.py runs it from the source tree (as ``python -m kernels.aot``) to build the wheel's cubins.
 
