@@ -3,10 +3,11 @@
 #   make test    install with the test extras, build, run the test suite
 # Also: make demo (the fused ops against torch), make bench (the benchmark suite),
 #       make wheel (dist/*.whl with prebuilt cubins), make cubins (the same cubins into the
-#       source tree, for an editable install on a GPU machine).
+#       source tree, for an editable install on a GPU machine), make sass-table (BENCHMARKS.md's
+#       table of registers, shared memory, spills and load widths of every kernel family).
 PYTHON ?= python3
 
-.PHONY: sample demo test install install-test bench wheel cubins
+.PHONY: sample demo test install install-test bench wheel cubins sass-table
 
 install:
 	PYTHON=$(PYTHON) bash scripts/install.sh
@@ -33,3 +34,6 @@ wheel: install
 cubins: install
 	env -u TRITON_INTERPRET $(PYTHON) -m fastdiff.kernels.aot --emit kernels/cubins \
 	  --jobs $$(nproc) --archs-from-env > /dev/null
+
+sass-table: install
+	env -u TRITON_INTERPRET $(PYTHON) scripts/sass_table.py --write BENCHMARKS.md --jobs $$(nproc)

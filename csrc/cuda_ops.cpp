@@ -11,7 +11,10 @@
 
 #include <c10/core/DeviceGuard.h>
 
+#include <algorithm>
+#include <array>
 #include <cmath>
+#include <numeric>
 
 #include "aot.h"
 #include "fastdiff.h"
@@ -58,20 +61,20 @@ std::string key_of(const std::string& kernel, const std::vector<Arg>& args,
   return aot::make_key(kernel, types, constexprs);
 }
 
-// ---- group_norm_silu: kernels/group_norm_silu.py ----
-constexpr int64_t kGnBlock = 1024, kGnMaxSplit = 32;
-
-at::Tensor f32_or(const std::optional<at::Tensor>& t, double fill, at::IntArrayRef shape,
-                  const at::Device& dev) {
-  if (!t) return at::full(shape, fill, at::TensorOptions().dtype(at::kFloat).device(dev));
-  return t->to(at::kFloat).contiguous();
-}
-
 struct Plan {
   std::vector<Launch> launches;
   std::vector<at::Tensor> outputs;  // what the op returns
   std::vector<at::Tensor> keep;     // buffers the launches use (alive until they are enqueued)
+  std::string why;                  // why no prebuilt cubin can run it (empty: one may)
 };
+
+// ---- group_norm_silu: kernels/group_norm_silu.py ----
+constexpr int64_t kGnMaxSplit = 32;
+
+// How the kernels read an optional per-channel tensor: 0 absent, 1 float32, 2 x's dtype.
+int64_t gn_kind(const std::optional<at::Tensor>& t) {
+  return !t ? 0 : t->scalar_type() == at::kFloat ? 1 : 2;
+}
 
 Plan plan_group_norm_silu(const at::Tensor& x, int64_t num_groups,
                           const std::optional<at::Tensor>& weight,
@@ -82,66 +85,95 @@ Plan plan_group_norm_silu(const at::Tensor& x, int64_t num_groups,
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3), G = num_groups;
   const int64_t cg = C / G;
   const bool cl = !x.is_contiguous();
-  const at::Device dev = x.device();
+  const int64_t rows = cl ? 128 : 64, cols = cl ? 8 : 16;  // TILE
   at::Tensor y = at::empty_like(x);
-  at::Tensor w = f32_or(weight, 1.0, {C}, dev), b = f32_or(bias, 0.0, {C}, dev);
+  const int64_t nrows = cl ? HW * cdiv(cg, cols) : cg * cdiv(HW, cols);
+  TORCH_CHECK_VALUE(nrows < (int64_t{1} << 31), "fastdiff.group_norm_silu: a group of C/G * H * W",
+                    " = ", cg * HW, " elements is beyond the CUDA kernels' ", int64_t{1} << 31,
+                    " rows of ", cols);
+  const int64_t tiles = cdiv(nrows, rows);
+  int64_t split = std::min(kGnMaxSplit, tiles);
+  const int64_t chunk = cdiv(tiles, split);  // tiles per program
+  split = cdiv(tiles, chunk);
+  at::Tensor part = at::empty({N * G, split, 3}, x.options().dtype(at::kFloat));
+  const int64_t vec16 = 16 / static_cast<int64_t>(x.element_size());
+  const int64_t vec = (cl ? cg : HW) % vec16 == 0 ? vec16 : 1;
   const bool has_ss = scale.has_value() || shift.has_value();
-  at::Tensor sc = has_ss ? f32_or(scale, 0.0, {N, C}, dev) : w;
-  at::Tensor sh = has_ss ? f32_or(shift, 0.0, {N, C}, dev) : w;
-  at::Tensor pre = pre_bias ? f32_or(pre_bias, 0.0, {N, C}, dev) : w;
-  const int64_t total = cg * HW;
-  int64_t split = std::min(kGnMaxSplit, cdiv(total, kGnBlock));
-  const int64_t chunk = cdiv(cdiv(total, split), kGnBlock) * kGnBlock;
-  split = cdiv(total, chunk);
-  at::Tensor part = at::empty({N * G, split, 3}, at::TensorOptions().dtype(at::kFloat).device(dev));
+  // Absent tensors: x stands in (kind 0: never read), so the argument types stay the same.
+  auto or_x = [&](const std::optional<at::Tensor>& t) { return t ? *t : x; };
   const std::string t = ptr_type(x.scalar_type());
   const std::array<int64_t, 3> grid{N * G, split, 1};
-  std::vector<Arg> common{Arg::i64("HW", HW), Arg::i64("C", C), Arg::i64("G", G),
-                          Arg::i64("CG", cg), Arg::i64("chunk", chunk), Arg::i64("split", split)};
+  std::vector<Arg> common{Arg::i32("HW", HW), Arg::i32("C", C), Arg::i32("G", G),
+                          Arg::i32("CG", cg), Arg::i32("chunk", chunk), Arg::i32("split", split)};
+  const std::vector<std::pair<std::string, int64_t>> shape{
+      {"VEC", vec}, {"ROWS", rows}, {"COLS", cols}};
 
-  std::vector<Arg> sargs{Arg::ptr("x_ptr", x), Arg::ptr("pre_ptr", pre), Arg::ptr("part_ptr", part)};
-  sargs.insert(sargs.end(), common.begin(), common.end());
-  std::string skey = key_of("_stats", sargs, {t, "*fp32", "*fp32"},
-                            {{"CL", cl}, {"HAS_PRE", pre_bias.has_value()}, {"BLOCK", kGnBlock}});
-
-  std::vector<Arg> aargs{Arg::ptr("x_ptr", x), Arg::ptr("y_ptr", y), Arg::ptr("w_ptr", w),
-                         Arg::ptr("b_ptr", b), Arg::ptr("pre_ptr", pre),
-                         Arg::ptr("scale_ptr", sc), Arg::ptr("shift_ptr", sh),
+  std::vector<Arg> sargs{Arg::ptr("x_ptr", x), Arg::ptr("pre_ptr", or_x(pre_bias)),
                          Arg::ptr("part_ptr", part)};
+  sargs.insert(sargs.end(), common.begin(), common.end());
+  sargs.push_back(Arg::i32("pre_kind", gn_kind(pre_bias)));
+  std::vector<std::pair<std::string, int64_t>> scx{{"CL", cl}, {"HAS_PRE", pre_bias.has_value()}};
+  scx.insert(scx.end(), shape.begin(), shape.end());
+  std::string skey = key_of("_stats", sargs, {t, "*fp32", "*fp32"}, scx);
+
+  std::vector<Arg> aargs{Arg::ptr("x_ptr", x), Arg::ptr("y_ptr", y),
+                         Arg::ptr("w_ptr", or_x(weight)), Arg::ptr("b_ptr", or_x(bias)),
+                         Arg::ptr("pre_ptr", or_x(pre_bias)), Arg::ptr("scale_ptr", or_x(scale)),
+                         Arg::ptr("shift_ptr", or_x(shift)), Arg::ptr("part_ptr", part)};
   aargs.insert(aargs.end(), common.begin(), common.end());
   aargs.push_back(Arg::f32("eps", eps));
+  aargs.push_back(Arg::i32("w_kind", gn_kind(weight)));
+  aargs.push_back(Arg::i32("b_kind", gn_kind(bias)));
+  aargs.push_back(Arg::i32("pre_kind", gn_kind(pre_bias)));
+  aargs.push_back(Arg::i32("scale_kind", gn_kind(scale)));
+  aargs.push_back(Arg::i32("shift_kind", gn_kind(shift)));
+  std::vector<std::pair<std::string, int64_t>> acx{
+      {"CL", cl}, {"HAS_PRE", pre_bias.has_value()}, {"HAS_SS", has_ss}, {"SILU", apply_silu},
+      {"SPLIT_P2", kGnMaxSplit}};
+  acx.insert(acx.end(), shape.begin(), shape.end());
   std::string akey = key_of("_apply", aargs, {t, t, "*fp32", "*fp32", "*fp32", "*fp32", "*fp32",
-                                              "*fp32"},
-                            {{"CL", cl}, {"HAS_PRE", pre_bias.has_value()}, {"HAS_SS", has_ss},
-                             {"SILU", apply_silu}, {"SPLIT_P2", kGnMaxSplit}, {"BLOCK", kGnBlock}});
-  return {{{skey, grid, sargs}, {akey, grid, aargs}}, {y}, {w, b, sc, sh, pre, part}};
+                                              "*fp32"}, acx);
+  return {{{skey, grid, sargs}, {akey, grid, aargs}}, {y}, {part}, {}};
 }
 
 // ---- attention: kernels/attention.py ----
 constexpr double kLog2e = 1.4426950408889634;
+// The head dims with prebuilt cubins (attention.py's PREBUILT_HEAD_DIMS, which says why).
+constexpr std::array<int64_t, 12> kAttnHeadDims{8, 16, 32, 40, 48, 64, 72, 80, 96, 128, 160, 256};
+// (BLOCK_M, BLOCK_N) for padded head dims 16, 32, 64, 128, 256 (attention.py's _TILES): 2-byte
+// inputs without and with a bias, fp32.
+constexpr int64_t kAttnTiles[3][5][2] = {
+    {{128, 64}, {128, 64}, {128, 64}, {128, 64}, {64, 32}},
+    {{128, 64}, {128, 64}, {128, 32}, {128, 32}, {64, 32}},
+    {{64, 64}, {64, 64}, {64, 32}, {64, 32}, {32, 16}}};
 
-Plan plan_attention(at::Tensor q, at::Tensor k, at::Tensor v,
+int64_t log2_of(int64_t p) {
+  int64_t l = 0;
+  while ((int64_t{1} << l) < p) ++l;
+  return l;
+}
+
+Plan plan_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     const std::optional<at::Tensor>& attn_bias, std::optional<double> scale) {
   const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3), Lk = k.size(2);
   at::Tensor out = at::empty({B, H, Lq, D}, q.options());
-  if (D == 1) {  // a head dim of 1 may carry any stride; the kernel assumes unit stride
-    q = q.contiguous();
-    k = k.contiguous();
-    v = v.contiguous();
-  }
-  // (BLOCK_M, BLOCK_N) per padded head dim for 2-byte inputs; fp32 halves BLOCK_M (<= 64), and
-  // BLOCK_N from D = 128 on (attention.py's _TILES and _config).
   const int64_t block_d = std::max<int64_t>(16, next_power_of_2(D));
-  int64_t bm = block_d == 256 ? 64 : 128, bn = block_d == 256 ? 32 : 64;
   const bool ieee = q.scalar_type() == at::kFloat;
-  if (ieee) {
-    bm = std::min<int64_t>(bm, 64);
-    if (block_d >= 128) bn /= 2;
+  const auto& tile = kAttnTiles[ieee ? 2 : attn_bias ? 1 : 0][log2_of(block_d) - 4];
+  const int64_t bm = tile[0], bn = tile[1];
+  // VEC (attention.py, vec_of): elements per 16 bytes, down to the largest power of two that
+  // divides every q/k/v stride of dims 0-2 the kernel multiplies by a nonzero index.
+  const int64_t vec16 = 16 / static_cast<int64_t>(q.element_size());
+  int64_t vec = vec16;
+  for (const at::Tensor* t : {&q, &k, &v}) {
+    for (int d = 0; d < 3; ++d) {
+      if (t->size(d) > 1) vec = std::gcd(vec, t->stride(d));
+    }
   }
   at::Tensor bias = q;
   std::array<int64_t, 4> bstrides{0, 0, 0, 0};
-  if (attn_bias) {
-    bias = attn_bias->to(at::kFloat).expand({B, H, Lq, Lk});
+  if (attn_bias) {  // a view: broadcast dims get stride 0; read in its own dtype
+    bias = attn_bias->expand({B, H, Lq, Lk});
     for (int i = 0; i < 4; ++i) bstrides[i] = bias.stride(i);
   }
   const double s = scale ? *scale : 1.0 / std::sqrt(static_cast<double>(D));
@@ -154,13 +186,21 @@ Plan plan_attention(at::Tensor q, at::Tensor k, at::Tensor v,
                         Arg::i64("svn", v.stride(2)), Arg::i64("sbb", bstrides[0]),
                         Arg::i64("sbh", bstrides[1]), Arg::i64("sbm", bstrides[2]),
                         Arg::i64("sbn", bstrides[3]), Arg::i32("H", H), Arg::i32("Lq", Lq),
-                        Arg::i32("Lk", Lk), Arg::i32("D", D), Arg::f32("qk_scale", s * kLog2e)};
+                        Arg::i32("Lk", Lk), Arg::f32("qk_scale", s * kLog2e)};
   const std::string t = ptr_type(q.scalar_type());
   std::string key = key_of("_attention_kernel", args,
-                           {t, t, t, attn_bias ? "*fp32" : t, t},
-                           {{"HAS_BIAS", attn_bias.has_value()}, {"IEEE", ieee},
-                            {"BLOCK_M", bm}, {"BLOCK_N", bn}, {"BLOCK_D", block_d}});
-  return {{{key, {cdiv(Lq, bm), B * H, 1}, args}}, {out}, {q, k, v, bias}};
+                           {t, t, t, attn_bias ? ptr_type(attn_bias->scalar_type()) : t, t},
+                           {{"D", D}, {"VEC", vec}, {"HAS_BIAS", attn_bias.has_value()},
+                            {"IEEE", ieee}, {"BLOCK_M", bm}, {"BLOCK_N", bn},
+                            {"BLOCK_D", block_d}});
+  // Grid axis 0 (up to 2**31 - 1): B * H alone may exceed axis 1's 65,535.
+  Plan p{{{key, {B * H * cdiv(Lq, bm), 1, 1}, args}}, {out}, {}, {}};
+  if (!std::binary_search(kAttnHeadDims.begin(), kAttnHeadDims.end(), D)) {
+    p.why = "no cubin for head dim " + std::to_string(D);
+  } else if (vec != vec16) {
+    p.why = "no cubin for q/k/v strides that are not multiples of 16 bytes";
+  }
+  return p;
 }
 
 // ---- denoise_step: kernels/denoise_step.py ----
@@ -189,7 +229,7 @@ Plan plan_denoise_step(const at::Tensor& model_output, const at::Tensor& sample,
                            {t, t, t, t, "*fp32", ptr_type(step_index.scalar_type()), t, t},
                            {{"GUIDED", guided}, {"HAS_NOISE", noise.has_value()},
                             {"HAS_PREV", prev_x0.has_value()}, {"BLOCK", kStepBlock}});
-  return {{{key, {cdiv(numel, kStepBlock), 1, 1}, args}}, {out, x0}, {}};
+  return {{{key, {cdiv(numel, kStepBlock), 1, 1}, args}}, {out, x0}, {}, {}};
 }
 
 // ---- the CUDA kernels: prebuilt, else the JIT twin ----
@@ -202,7 +242,7 @@ std::optional<std::string> try_prebuilt(const char* op, const at::Device& device
   auto why = aot::unavailable(device);
   if (!why) {
     Plan p = make_plan();
-    why = aot::launch(p.launches, device);
+    why = p.why.empty() ? aot::launch(p.launches, device) : std::optional<std::string>(p.why);
     if (!why) {
       outputs = std::move(p.outputs);
       return std::nullopt;
@@ -360,14 +400,14 @@ void bind(pybind11::module& m) {
                                 apply_silu);
           Plan p = plan_group_norm_silu(x, num_groups, weight, bias, eps, pre_bias, scale, shift,
                                         apply_silu);
-          return pybind11::make_tuple(plan_to_py(p), p.outputs, p.keep);
+          return pybind11::make_tuple(plan_to_py(p), p.outputs, p.keep, p.why);
         });
   m.def("_aot_plan_attention",
         [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
            const std::optional<at::Tensor>& attn_bias, std::optional<double> scale) {
           check_attention(q, k, v, attn_bias, scale);
           Plan p = plan_attention(q, k, v, attn_bias, scale);
-          return pybind11::make_tuple(plan_to_py(p), p.outputs, p.keep);
+          return pybind11::make_tuple(plan_to_py(p), p.outputs, p.keep, p.why);
         });
   m.def("_aot_plan_denoise_step",
         [](const at::Tensor& model_output, const at::Tensor& sample, const at::Tensor& coeffs,
@@ -378,7 +418,7 @@ void bind(pybind11::module& m) {
                              guidance_scale, clip_sample, clip_sample_range, write_x0);
           Plan p = plan_denoise_step(model_output, sample, coeffs, step_index, noise, prev_x0,
                                      guidance_scale, clip_sample, clip_sample_range, write_x0);
-          return pybind11::make_tuple(plan_to_py(p), p.outputs, p.keep);
+          return pybind11::make_tuple(plan_to_py(p), p.outputs, p.keep, p.why);
         });
 }
 

@@ -4,7 +4,12 @@ triton.compile with a GPUTarget needs no GPU. Run as a program it prints one JSO
 compiled kernel (used by the tests), and with ``--emit DIR`` writes the cubins and a
 ``manifest.json`` describing how to launch each (the basis for shipping prebuilt kernels):
 
-    python -m fastdiff.kernels.aot --arch 80 --arch 90 [--emit DIR] [--jobs N]
+    python -m fastdiff.kernels.aot --arch 80 --arch 90 [--emit DIR] [--jobs N] [--sass]
+
+``--sass`` adds a summary of each kernel's machine code to its line (``sass``: registers, stack,
+static shared memory, global loads, async copies (LDGSTS) and stores by width in bits, HMMA and
+HGMMA counts, spill stores/loads): tests/test_aot.py checks load widths, tensor-core
+instructions and spills from it, and scripts/sass_table.py writes BENCHMARKS.md's table.
 
 setup.py runs it from the source tree (as ``python -m kernels.aot``) to build the wheel's cubins.
 
@@ -23,9 +28,13 @@ import json
 import multiprocessing
 import os
 import re
+import struct
+import subprocess
 import sys
+import tempfile
 
 import triton
+from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -100,21 +109,24 @@ def compile_config(cfg, arch: int):
                           options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
 
 
-def _compile_one(op: str, index: int, arch: int, emit: bool) -> dict:
+def _compile_one(op: str, index: int, arch: int, emit: bool, sass: bool = False) -> dict:
     """Compiles configuration ``index`` of ``op`` for ``arch``: a summary dict (with the cubin
-    when ``emit``); a failure is reported in it, not raised."""
+    when ``emit``; with its resource usage and machine code, ``_text``, when ``sass``); a
+    failure is reported in it, not raised."""
     cfg = MODULES[op].aot_configs()[index]
     params = launch_params(cfg["signature"], cfg["constexprs"])
     names = [p["name"] for p in params]
     rec = {"op": op, "kernel": cfg["fn"].__name__, "key": kernel_key(cfg), "arch": arch,
            "signature": cfg["signature"], "constexprs": cfg["constexprs"],
            "aligned": [names.index(a) for a in cfg.get("aligned", ())],
-           "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+           "num_stages": cfg["num_stages"]}
     try:
         k = compile_config(cfg, arch)
         ptx = k.asm["ptx"]
         md = k.metadata
-        rec.update(ok=True, shared=md.shared, cubin_bytes=len(k.asm["cubin"]),
+        # num_warps: what the cubin was compiled for (the launcher's block size), not the request.
+        rec.update(ok=True, num_warps=md.num_warps, shared=md.shared,
+                   cubin_bytes=len(k.asm["cubin"]),
                    mma=sorted(set(re.findall(r"\b(mma\.sync|wgmma\.mma_async)", ptx))),
                    name=md.name, num_ctas=md.num_ctas,
                    global_scratch_size=md.global_scratch_size,
@@ -122,25 +134,123 @@ def _compile_one(op: str, index: int, arch: int, emit: bool) -> dict:
                    ptx_param_bytes=ptx_param_bytes(ptx, md.name))
         if emit:
             rec["cubin"] = k.asm["cubin"]
+        if sass:
+            rec["sass"] = resource_usage(k.asm["cubin"])
+            rec["_text"] = text_section(k.asm["cubin"], md.name)
     except Exception as err:  # noqa: BLE001 - the report names the configuration
         rec.update(ok=False, error=f"{type(err).__name__}: {err}"[:2000])
     return rec
 
 
-def compile_all(archs, ops=None, emit=False, jobs=1):
+def compile_all(archs, ops=None, emit=False, jobs=1, sass=False):
     """Yields a summary dict per (op, configuration, arch) in a fixed order (the manifest's:
     a configuration's most aligned variant first); ``jobs`` > 1 compiles in that many
-    processes."""
+    processes; ``sass`` adds each kernel's machine-code summary (all at the end: see
+    add_sass)."""
     work = [(op, i, arch) for op, mod in MODULES.items() if not ops or op in ops
             for i in range(len(mod.aot_configs())) for arch in archs]
     if jobs <= 1:
-        for w in work:
-            yield _compile_one(*w, emit)
-        return
-    # spawn: a fresh interpreter per worker (Triton's compiler state is not fork-safe).
-    ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
-        yield from pool.map(_compile_one, *zip(*work), [emit] * len(work), chunksize=4)
+        records = (_compile_one(*w, emit, sass) for w in work)
+    else:
+        # spawn: a fresh interpreter per worker (Triton's compiler state is not fork-safe).
+        ctx = multiprocessing.get_context("spawn")
+        pool = concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx)
+        records = pool.map(_compile_one, *zip(*work), [emit] * len(work), [sass] * len(work),
+                           chunksize=4)
+    try:
+        if sass:
+            records = add_sass(list(records))
+        yield from records
+    finally:
+        if jobs > 1:
+            pool.shutdown()
+
+
+# ---- machine code (SASS) summaries ----
+
+def text_section(cubin: bytes, name: str) -> bytes:
+    """The machine code of kernel ``name``: section ``.text.<name>`` of the cubin (ELF64)."""
+    shoff, = struct.unpack_from("<Q", cubin, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", cubin, 0x3A)
+    headers = [struct.unpack_from("<IIQQQQIIQQ", cubin, shoff + i * shentsize)
+               for i in range(shnum)]
+    names = headers[shstrndx][4]
+    want = f".text.{name}".encode()
+    for h in headers:
+        start = names + h[0]
+        if cubin[start:cubin.index(b"\0", start)] == want:
+            return cubin[h[4]:h[4] + h[5]]
+    raise ValueError(f"no section .text.{name} in the cubin")
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """Registers, stack (bytes of local memory per thread: spills) and static shared memory, as
+    cuobjdump reports them."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([knobs.nvidia.cuobjdump.path, "-res-usage", f.name],
+                             capture_output=True, text=True, check=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
+    return {"regs": int(m[1]), "stack": int(m[2]), "static_shared": int(m[3]),
+            "local": int(m[4])}
+
+
+_WIDTHS = {"U8": 8, "S8": 8, "U16": 16, "S16": 16, "64": 64, "128": 128}
+_OPCODE = re.compile(r"/\*([0-9a-f]+)\*/\s+(?:@!?U?P[0-9T]+\s+)?([A-Z][A-Z0-9_.]*)")
+
+
+def summarize(sass: str) -> dict:
+    """Counts the instructions the tests check in a kernel's disassembly: global loads,
+    LDGSTS (async global -> shared copies) and global stores by width in bits; HMMA, HGMMA;
+    STL/LDL (local memory: spills)."""
+    out = {"ldg": {}, "ldgsts": {}, "stg": {}, "hmma": 0, "hgmma": 0, "stl": 0, "ldl": 0}
+    for _, op in _OPCODE.findall(sass):
+        parts = op.split(".")
+        head = parts[0]
+        if head in ("LDG", "LDGSTS", "STG"):
+            bits = next((_WIDTHS[p] for p in parts[1:] if p in _WIDTHS), 32)
+            counts = out[head.lower()]
+            counts[str(bits)] = counts.get(str(bits), 0) + 1
+        elif head in ("HMMA", "HGMMA", "STL", "LDL"):
+            out[head.lower()] += 1
+    return out
+
+
+def add_sass(records: list[dict]) -> list[dict]:
+    """Fills in each compiled record's ``sass`` summary from its machine code (``_text``).
+    nvdisasm takes ~0.3 s of set-up per call whatever the size, so each architecture's kernels
+    are disassembled together, as one raw instruction stream, and split again by offset."""
+    by_arch: dict[int, list[dict]] = {}
+    for rec in records:
+        if rec.get("ok") and "_text" in rec:
+            by_arch.setdefault(rec["arch"], []).append(rec)
+    for arch, recs in by_arch.items():
+        starts, blob = [], bytearray()
+        for rec in recs:
+            starts.append(len(blob))
+            blob += rec.pop("_text")
+        with tempfile.NamedTemporaryFile(suffix=".bin") as f:
+            f.write(blob)
+            f.flush()
+            # sm_90 code is compiled as sm_90a (wgmma); the raw decoder needs to know.
+            isa = f"SM{arch}" + ("a" if arch >= 90 else "")
+            out = subprocess.run([knobs.nvidia.nvdisasm.path, "-b", isa, f.name],
+                                 capture_output=True, text=True, check=True).stdout
+        lines = [[] for _ in recs]
+        ends = starts[1:] + [len(blob)]
+        i = 0
+        for line in out.splitlines():
+            m = _OPCODE.search(line)
+            if not m:
+                continue
+            addr = int(m[1], 16)
+            while addr >= ends[i]:
+                i += 1
+            lines[i].append(line)
+        for rec, text in zip(recs, lines):
+            rec["sass"].update(summarize("\n".join(text)))
+    return records
 
 
 def emit(records, out_dir: str) -> dict:
@@ -153,7 +263,7 @@ def emit(records, out_dir: str) -> dict:
         fname = f"{rec['kernel']}-{digest[:16]}-sm{rec['arch']}.cubin"
         with open(os.path.join(out_dir, fname), "wb") as f:
             f.write(cubin)
-        entries.append({**{k: v for k, v in rec.items() if k not in ("ok", "mma")},
+        entries.append({**{k: v for k, v in rec.items() if k not in ("ok", "mma", "sass")},
                         "file": fname, "sha256": digest})
     manifest = {"triton": triton.__version__, "archs": sorted({e["arch"] for e in entries}),
                 "kernels": entries}
@@ -161,6 +271,7 @@ def emit(records, out_dir: str) -> dict:
     # load_index), one line per single-CTA kernel, tab-separated:
     #   key arch file name param_names ptx_param_bytes aligned num_warps shared
     #   global_scratch_size profile_scratch_size        (lists comma-separated, possibly empty)
+    # num_warps and shared are the compiled kernel's (metadata): the block the launch needs.
     lines = []
     for e in entries:
         if e["num_ctas"] != 1:
@@ -189,6 +300,8 @@ def main(argv=None):
     p.add_argument("--op", action="append", choices=sorted(MODULES))
     p.add_argument("--emit", metavar="DIR", help="write the cubins and manifest.json into DIR")
     p.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
+    p.add_argument("--sass", action="store_true",
+                   help="add a summary of each kernel's machine code (load widths, MMA, spills)")
     p.add_argument("--archs-from-env", action="store_true",
                    help="the architectures of FASTDIFF_CUDA_ARCHS (default "
                         f"{','.join(map(str, DEFAULT_ARCHS))}) instead of --arch")
@@ -204,7 +317,7 @@ def main(argv=None):
     else:
         archs = args.arch or [80, 90]
     failed, done = 0, []
-    for rec in compile_all(archs, args.op, emit=bool(args.emit), jobs=args.jobs):
+    for rec in compile_all(archs, args.op, emit=bool(args.emit), jobs=args.jobs, sass=args.sass):
         failed += not rec["ok"]
         print(json.dumps({k: v for k, v in rec.items() if k != "cubin"}), flush=True)
         if rec["ok"]:

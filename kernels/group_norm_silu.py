@@ -4,61 +4,116 @@ Two launches. ``_stats`` splits every (n, group) into chunks so that a GPU is fi
 N * G is small (2 x 32 = 64 groups against 132 SMs): each program reduces one chunk, tile by
 tile, exactly (mean, then squared deviations of the tile held in registers) and merges tiles
 with Chan's formula; ``_apply`` merges a group's chunk partials the same way and writes
-``silu((x + pre - mean) * rstd * w + b) * (1 + scale) + shift`` for its chunk. NCHW and
-channels_last are read in place through strides, each in its coalesced order.
+``silu((x + pre - mean) * rstd * w + b) * (1 + scale) + shift`` for its chunk.
+
+A group is walked in rows of COLS elements that are contiguous in memory: NCHW rows are COLS
+pixels of one channel, channels_last rows COLS channels of one pixel; a tile is ROWS such rows.
+Row starts are computed once per row (no division per element), and the planner passes VEC, the
+elements per 16 bytes when H*W (NCHW) or C/G (channels_last) is a multiple of it, else 1: every
+row then starts on a VEC boundary and x is read, y written, in 16-byte accesses. weight, bias,
+pre_bias, scale and shift are read in their own dtype (float32 or x's, a runtime ``*_kind``
+each; 0 = absent), so a call launches these two kernels and nothing else.
 """
 import torch
 import triton
 import triton.language as tl
 
-from . import pointers, run, variant
+from . import run
 
-BLOCK = 1024
-NUM_WARPS = 4
 MAX_SPLIT = 32          # chunks per group: enough programs to fill a GPU, few partials to merge
+NUM_WARPS = 4
+# (ROWS, COLS) of a tile, 1024 elements: NCHW rows of 16 pixels (H*W = 16, 64, 144, 4096, ...
+# fill them), channels_last rows of 8 channels (C/G = 8, 16, 40 fill them; 10 and 20 fill 5/8).
+TILE = {False: (64, 16), True: (128, 8)}
 _TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 @triton.jit
-def _tile(x_ptr, pre_ptr, start, t, chunk, n, g, HW, C, CG,
-          CL: tl.constexpr, HAS_PRE: tl.constexpr, BLOCK: tl.constexpr):
-    """Tile t of the chunk that begins at element ``start`` of group (n, g): x (+ pre_bias) in
-    fp32, with memory offsets, channels and the mask. NCHW walks spatially within a channel,
-    channels_last walks channels within a pixel: both read contiguous memory."""
-    r = t + tl.arange(0, BLOCK)
-    e = start + r
-    mask = (e < CG * HW) & (r < chunk)
-    if CL:
-        c = g * CG + e % CG
-        off = (n * HW + e // CG) * C + c
+def _param(ptr, kind, idx, mask, default, X_DTYPE: tl.constexpr):
+    """A per-channel value in fp32, read from float32 (kind 1) or x's dtype (kind 2), or
+    ``default`` where the tensor is absent (kind 0). A branch, not two masked loads: only one
+    set of addresses is live (fewer registers)."""
+    if kind == 2:
+        v = tl.load(ptr.to(tl.pointer_type(X_DTYPE), bitcast=True) + idx, mask=mask,
+                    other=default).to(tl.float32)
     else:
-        c = g * CG + e // HW
-        off = (n * C + c) * HW + e % HW
-    v = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
-    if HAS_PRE:
-        v += tl.load(pre_ptr + n * C + c, mask=mask, other=0.0)
-    return v, off, c, mask
+        v = tl.load(ptr.to(tl.pointer_type(tl.float32), bitcast=True) + idx,
+                    mask=mask & (kind == 1), other=default)
+    return v
 
 
 @triton.jit
-def _stats(x_ptr, pre_ptr, part_ptr, HW, C, G, CG, chunk, split,
-           CL: tl.constexpr, HAS_PRE: tl.constexpr, BLOCK: tl.constexpr):
+def _tile(x_ptr, pre_ptr, pre_kind, tile, n, g, HW, C, CG,
+          CL: tl.constexpr, HAS_PRE: tl.constexpr, VEC: tl.constexpr, ROWS: tl.constexpr,
+          COLS: tl.constexpr):
+    """Tile ``tile`` of group (n, g): x (+ pre_bias) in fp32 [ROWS, COLS], the memory offsets,
+    the channels (per row for NCHW, per element for channels_last), the mask and the mask of
+    the channels' shape."""
+    # Sizes are 32-bit (rows per group < 2**31: plan() checks), memory offsets 64-bit.
+    j = tile * ROWS + tl.arange(0, ROWS)   # rows of the group, in memory order
+    col = tl.arange(0, COLS)
+    # VEC divides every row start, every row's length and the group's start (the planner's
+    # guarantee; Triton cannot derive it from runtime sizes).
+    if CL:
+        per = tl.cdiv(CG, COLS)            # rows per pixel
+        p = j // per
+        c0 = (j - p * per) * COLS          # the row's first channel within the group
+        nrows = HW * per
+        start = tl.multiple_of(p.to(tl.int64) * C + c0, VEC)
+        length = tl.multiple_of(CG - c0, VEC)
+        base = tl.multiple_of(n.to(tl.int64) * HW * C + g * CG, VEC)
+    else:
+        per = tl.cdiv(HW, COLS)            # rows per channel
+        ch = j // per
+        p0 = (j - ch * per) * COLS         # the row's first pixel
+        nrows = CG * per
+        start = tl.multiple_of(ch.to(tl.int64) * HW + p0, VEC)
+        length = tl.multiple_of(HW - p0, VEC)
+        base = tl.multiple_of((n.to(tl.int64) * C + g * CG) * HW, VEC)
+    rmask = (j < nrows)[:, None]
+    mask = rmask & (col[None, :] < length[:, None])
+    off = base + start[:, None] + col[None, :]
+    if CL:
+        c = g * CG + c0[:, None] + col[None, :]
+        cmask = mask
+    else:
+        c = (g * CG + ch)[:, None]
+        cmask = rmask
+    v = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    if HAS_PRE:  # masked-off elements stay 0 (the statistics sum whole tiles)
+        v = tl.where(mask, v + _param(pre_ptr, pre_kind, n * C + c, cmask, 0.0,
+                                      x_ptr.dtype.element_ty), 0.0)
+    return v, off, c, mask, cmask
+
+
+@triton.jit
+def _tiles(HW, CG, CL: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """The number of tiles of a group."""
+    if CL:
+        return tl.cdiv(HW * tl.cdiv(CG, COLS), ROWS)
+    return tl.cdiv(CG * tl.cdiv(HW, COLS), ROWS)
+
+
+@triton.jit
+def _stats(x_ptr, pre_ptr, part_ptr, HW, C, G, CG, chunk, split, pre_kind,
+           CL: tl.constexpr, HAS_PRE: tl.constexpr, VEC: tl.constexpr, ROWS: tl.constexpr,
+           COLS: tl.constexpr):
     ng = tl.program_id(0)
     s = tl.program_id(1)
     n = ng // G
     g = ng % G
-    start = s.to(tl.int64) * chunk
     cnt = 0.0
     mean = 0.0
     m2 = 0.0
-    for t in range(0, chunk, BLOCK):
-        v, off, c, mask = _tile(x_ptr, pre_ptr, start, t, chunk, n, g, HW, C, CG, CL, HAS_PRE,
-                                BLOCK)
-        k = tl.sum(mask.to(tl.float32), axis=0)
+    first = s * chunk
+    for tile in range(first, tl.minimum(first + chunk, _tiles(HW, CG, CL, ROWS, COLS))):
+        v, off, c, mask, cmask = _tile(x_ptr, pre_ptr, pre_kind, tile, n, g, HW, C, CG, CL,
+                                       HAS_PRE, VEC, ROWS, COLS)
+        k = tl.sum(mask.to(tl.float32))
         k_safe = tl.maximum(k, 1.0)
-        tmean = tl.sum(v, axis=0) / k_safe
+        tmean = tl.sum(v) / k_safe
         d = tl.where(mask, v - tmean, 0.0)
-        tm2 = tl.sum(d * d, axis=0)
+        tm2 = tl.sum(d * d)
         tot = tl.maximum(cnt + k, 1.0)
         delta = tmean - mean
         mean += delta * k / tot
@@ -72,9 +127,9 @@ def _stats(x_ptr, pre_ptr, part_ptr, HW, C, G, CG, chunk, split,
 
 @triton.jit
 def _apply(x_ptr, y_ptr, w_ptr, b_ptr, pre_ptr, scale_ptr, shift_ptr, part_ptr,
-           HW, C, G, CG, chunk, split, eps,
+           HW, C, G, CG, chunk, split, eps, w_kind, b_kind, pre_kind, scale_kind, shift_kind,
            CL: tl.constexpr, HAS_PRE: tl.constexpr, HAS_SS: tl.constexpr, SILU: tl.constexpr,
-           SPLIT_P2: tl.constexpr, BLOCK: tl.constexpr):
+           SPLIT_P2: tl.constexpr, VEC: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
     ng = tl.program_id(0)
     s = tl.program_id(1)
     n = ng // G
@@ -92,40 +147,53 @@ def _apply(x_ptr, y_ptr, w_ptr, b_ptr, pre_ptr, scale_ptr, shift_ptr, part_ptr,
     m2 = tl.sum(m2s + cnts * dev * dev, axis=0)
     rstd = 1.0 / tl.sqrt(m2 / total_cnt + eps)
 
-    start = s.to(tl.int64) * chunk
-    for t in range(0, chunk, BLOCK):
-        v, off, c, mask = _tile(x_ptr, pre_ptr, start, t, chunk, n, g, HW, C, CG, CL, HAS_PRE,
-                                BLOCK)
-        y = (v - mean) * rstd * tl.load(w_ptr + c, mask=mask, other=1.0) \
-            + tl.load(b_ptr + c, mask=mask, other=0.0)
+    xt = x_ptr.dtype.element_ty
+    first = s * chunk
+    for tile in range(first, tl.minimum(first + chunk, _tiles(HW, CG, CL, ROWS, COLS))):
+        v, off, c, mask, cmask = _tile(x_ptr, pre_ptr, pre_kind, tile, n, g, HW, C, CG, CL,
+                                       HAS_PRE, VEC, ROWS, COLS)
+        a = rstd * _param(w_ptr, w_kind, c, cmask, 1.0, xt)
+        y = (v - mean) * a + _param(b_ptr, b_kind, c, cmask, 0.0, xt)
         if HAS_SS:
-            y = y * (1.0 + tl.load(scale_ptr + n * C + c, mask=mask, other=0.0)) \
-                + tl.load(shift_ptr + n * C + c, mask=mask, other=0.0)
+            y = y * (1.0 + _param(scale_ptr, scale_kind, n * C + c, cmask, 0.0, xt)) \
+                + _param(shift_ptr, shift_kind, n * C + c, cmask, 0.0, xt)
         if SILU:
             y = y * tl.sigmoid(y)
         tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-_COMMON = {"HW": "i64", "C": "i64", "G": "i64", "CG": "i64", "chunk": "i64", "split": "i64"}
+# 32-bit sizes, as Triton's JIT types them (and without 64-bit divisions, whose library calls
+# made ptxas spill); a size beyond 32 bits takes the JIT, which compiles a 64-bit variant.
+_COMMON = {"HW": "i32", "C": "i32", "G": "i32", "CG": "i32", "chunk": "i32", "split": "i32"}
+# weight, bias, pre_bias, scale, shift: any dtype the op accepts, read per their *_kind; the
+# prebuilt signature names one pointer type for them (a pointer is an address either way).
+_SMALL = "*fp32"
 
 
-def _configs(dtype, cl, has_pre, has_ss, silu):
+def _configs(dtype, cl, has_pre, has_ss, silu, aligned=True):
     """The (stats, apply) configurations for one call; the launcher uses nothing else.
 
-    ``aligned`` is the common case (16-byte aligned tensors, H*W and C multiples of 16, as in
-    every diffusion U-Net); aot_configs() adds a variant that assumes aligned pointers only."""
+    ``aligned``: rows start 16 bytes apart or more (VEC = elements per 16 bytes), the common
+    case (H*W a multiple of 8 in NCHW, C/G in channels_last); else VEC = 1. Prebuilt, both
+    assume 16-byte aligned x, y and partials (the JIT specializes them as it finds them)."""
     t = "*" + _TL_DTYPES[dtype]
+    rows, cols = TILE[cl]
+    shape = {"VEC": 16 // dtype.itemsize if aligned else 1, "ROWS": rows, "COLS": cols}
     stats = {"fn": _stats, "num_warps": NUM_WARPS, "num_stages": 1,
-             "signature": {"x_ptr": t, "pre_ptr": "*fp32", "part_ptr": "*fp32", **_COMMON},
-             "constexprs": {"CL": cl, "HAS_PRE": has_pre, "BLOCK": BLOCK}}
+             "signature": {"x_ptr": t, "pre_ptr": _SMALL, "part_ptr": "*fp32", **_COMMON,
+                           "pre_kind": "i32"},
+             "constexprs": {"CL": cl, "HAS_PRE": has_pre, **shape},
+             "aligned": ("x_ptr", "part_ptr")}
     apply = {"fn": _apply, "num_warps": NUM_WARPS, "num_stages": 1,
-             "signature": {"x_ptr": t, "y_ptr": t, "w_ptr": "*fp32", "b_ptr": "*fp32",
-                           "pre_ptr": "*fp32", "scale_ptr": "*fp32", "shift_ptr": "*fp32",
-                           "part_ptr": "*fp32", **_COMMON, "eps": "fp32"},
+             "signature": {"x_ptr": t, "y_ptr": t, "w_ptr": _SMALL, "b_ptr": _SMALL,
+                           "pre_ptr": _SMALL, "scale_ptr": _SMALL, "shift_ptr": _SMALL,
+                           "part_ptr": "*fp32", **_COMMON, "eps": "fp32", "w_kind": "i32",
+                           "b_kind": "i32", "pre_kind": "i32", "scale_kind": "i32",
+                           "shift_kind": "i32"},
              "constexprs": {"CL": cl, "HAS_PRE": has_pre, "HAS_SS": has_ss, "SILU": silu,
-                            "SPLIT_P2": MAX_SPLIT, "BLOCK": BLOCK}}
-    # chunk is a multiple of BLOCK by construction.
-    return tuple(variant(c, pointers(c) + ("HW", "C", "chunk")) for c in (stats, apply))
+                            "SPLIT_P2": MAX_SPLIT, **shape},
+             "aligned": ("x_ptr", "y_ptr", "part_ptr")}
+    return stats, apply
 
 
 def aot_configs():
@@ -134,18 +202,18 @@ def aot_configs():
     for dt in _TL_DTYPES:
         for cl in (False, True):
             for pre in (False, True):
-                for ss in (False, True):
-                    for silu in (False, True):
-                        stats, apply = _configs(dt, cl, pre, ss, silu)
-                        out[("stats", dt, cl, pre)] = stats
-                        out[("apply", dt, cl, pre, ss, silu)] = apply
-    return [v for c in out.values() for v in (c, variant(c, pointers(c) + ("chunk",)))]
+                for aligned in (True, False):
+                    for ss in (False, True):
+                        for silu in (False, True):
+                            stats, apply = _configs(dt, cl, pre, ss, silu, aligned)
+                            out[("stats", dt, cl, pre, aligned)] = stats
+                            out[("apply", dt, cl, pre, aligned, ss, silu)] = apply
+    return list(out.values())
 
 
-def _f32(t, fill, shape, device):
-    if t is None:
-        return torch.full(shape, fill, dtype=torch.float32, device=device)
-    return t.to(torch.float32).contiguous()
+def _kind(t):
+    """How the kernels read an optional per-channel tensor: 0 absent, 1 float32, 2 x's dtype."""
+    return 0 if t is None else 1 if t.dtype == torch.float32 else 2
 
 
 def plan(x, num_groups, weight, bias, eps, pre_bias, scale, shift, apply_silu):
@@ -155,23 +223,26 @@ def plan(x, num_groups, weight, bias, eps, pre_bias, scale, shift, apply_silu):
     HW, G = H * W, num_groups
     cg = C // G
     cl = not x.is_contiguous()
-    dev = x.device
-    w = _f32(weight, 1.0, (C,), dev)
-    b = _f32(bias, 0.0, (C,), dev)
+    rows, cols = TILE[cl]
+    nrows = HW * triton.cdiv(cg, cols) if cl else cg * triton.cdiv(HW, cols)
+    if nrows >= 2**31:
+        raise ValueError(f"fastdiff.group_norm_silu: a group of C/G * H * W = {cg * HW} "
+                         f"elements is beyond the CUDA kernels' {2**31} rows of {cols}")
+    tiles = triton.cdiv(nrows, rows)
+    split = min(MAX_SPLIT, tiles)
+    chunk = triton.cdiv(tiles, split)      # tiles per program
+    split = triton.cdiv(tiles, chunk)
+    part = torch.empty((N * G, split, 3), dtype=torch.float32, device=x.device)
+    aligned = (cg if cl else HW) % (16 // x.element_size()) == 0
     has_ss = scale is not None or shift is not None
-    sc = _f32(scale, 0.0, (N, C), dev) if has_ss else w
-    sh = _f32(shift, 0.0, (N, C), dev) if has_ss else w
-    pre = _f32(pre_bias, 0.0, (N, C), dev) if pre_bias is not None else w
-    total = cg * HW
-    split = min(MAX_SPLIT, triton.cdiv(total, BLOCK))
-    chunk = triton.cdiv(triton.cdiv(total, split), BLOCK) * BLOCK
-    split = triton.cdiv(total, chunk)
-    part = torch.empty((N * G, split, 3), dtype=torch.float32, device=dev)
-    stats, apply = _configs(x.dtype, cl, pre_bias is not None, has_ss, bool(apply_silu))
+    stats, apply = _configs(x.dtype, cl, pre_bias is not None, has_ss, bool(apply_silu), aligned)
+    # Absent tensors: x stands in (kind 0: never read), so the argument types stay the same.
+    w, b, pre, sc, sh = (x if t is None else t for t in (weight, bias, pre_bias, scale, shift))
     grid = (N * G, split, 1)
     common = [HW, C, G, cg, chunk, split]
-    return [(stats, grid, [x, pre, part, *common]),
-            (apply, grid, [x, y, w, b, pre, sc, sh, part, *common, float(eps)])], y
+    return [(stats, grid, [x, pre, part, *common, _kind(pre_bias)]),
+            (apply, grid, [x, y, w, b, pre, sc, sh, part, *common, float(eps), _kind(weight),
+                           _kind(bias), _kind(pre_bias), _kind(scale), _kind(shift)])], y
 
 
 def group_norm_silu(x, num_groups, weight, bias, eps, pre_bias, scale, shift, apply_silu):

@@ -3,17 +3,20 @@
 triton.compile with a GPUTarget needs no GPU, so this catches kernels that only fail on real
 hardware (unsupported ops, shared memory over the limit) on a CPU-only machine. The compiles
 run in fresh interpreters (the test session may run Triton interpreted), one per architecture,
-side by side. The attention kernel must use tensor-core MMA instructions for 16-bit inputs.
+side by side, with a summary of each cubin's machine code (SASS, ``aot --sass``), which the
+tests hold to what the kernels are written for: 16-byte global loads of the big tensors,
+tensor-core instructions for 16-bit attention, no register spills.
 """
 import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from fastdiff.kernels import attention, denoise_step, group_norm_silu
+from fastdiff.kernels import aot, attention, denoise_step, group_norm_silu
 
 # Shared memory per block (bytes) a kernel may use. The sm_80 compile is held to sm_86/sm_89's
 # 99 KB (A100 allows 163 KB), since the wheel's sm_86/89 cubins are the same code and use the
@@ -27,8 +30,9 @@ MODULES = {"group_norm_silu": group_norm_silu, "attention": attention,
 def compiled():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     procs = {arch: subprocess.Popen([sys.executable, "-m", "fastdiff.kernels.aot", "--arch",
-                                     str(arch)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    text=True, env=env) for arch in SMEM_LIMIT}
+                                     str(arch), "--sass"], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True, env=env)
+             for arch in SMEM_LIMIT}
     records = []
     for arch, p in procs.items():
         out, err = p.communicate(timeout=600)
@@ -50,34 +54,124 @@ def test_every_config_compiles(compiled, op, arch):
         assert r["shared"] <= SMEM_LIMIT[arch], f"{label}: {r['shared']} B shared memory"
 
 
-def test_attention_uses_tensor_cores(compiled):
-    half = [r for r in compiled if r["op"] == "attention" and r["signature"]["q_ptr"] != "*fp32"]
-    assert half
-    for r in half:
-        assert r["mma"], f"attention sm_{r['arch']} {r['constexprs']}: no MMA instruction"
-
-
 def _key(cfg):
     return (cfg["fn"].__name__, repr(sorted(cfg["signature"].items())),
             repr(sorted(cfg["constexprs"].items())), cfg["num_warps"], cfg["num_stages"])
 
 
 def test_launchers_choose_only_listed_configs():
-    """Every configuration the launchers' config functions can return is in aot_configs()."""
+    """Every configuration the launchers' config functions can return for a prebuilt call is in
+    aot_configs() (attention at other head dims, or without 16-byte rows, runs on the JIT)."""
     dtypes = (torch.float32, torch.float16, torch.bfloat16)
     listed = {_key(c) for m in MODULES.values() for c in m.aot_configs()}
     for dt in dtypes:
         for d in range(1, 257):
-            for hb in (False, True):
-                assert _key(attention._config(dt, d, hb)) in listed, (dt, d, hb)
+            for bias in (None, dt, torch.float32):
+                key = _key(attention._config(dt, d, bias))
+                assert (key in listed) == (d in attention.PREBUILT_HEAD_DIMS), (dt, d, bias)
         for flags in range(8):
             f = [bool(flags >> i & 1) for i in range(3)]  # guided, noise, prev_x0
             for index_dtype in (torch.int64, torch.int32):
                 assert _key(denoise_step._config(dt, *f, index_dtype)) in listed, (dt, f)
-        for flags in range(16):
-            f = [bool(flags >> i & 1) for i in range(4)]
+        for flags in range(32):
+            f = [bool(flags >> i & 1) for i in range(5)]  # cl, pre, scale/shift, silu, aligned
             for cfg in group_norm_silu._configs(dt, *f):
                 assert _key(cfg) in listed, (dt, f)
+
+
+_BYTES = {"*fp32": 4, "*fp16": 2, "*bf16": 2}
+
+
+def _label(r):
+    return f"{r['op']} sm_{r['arch']} {r['key']}"
+
+
+def _wide(s):
+    """16-byte global loads: LDG.128, and LDGSTS.128 (cp.async into shared memory)."""
+    return s["ldg"].get("128", 0) + s["ldgsts"].get("128", 0)
+
+
+def _vectors(r, elements):
+    """16-byte accesses per thread for a tile of ``elements`` of the kernel's data dtype."""
+    sig = r["signature"]
+    data = sig.get("x_ptr") or sig.get("q_ptr")
+    return elements * _BYTES[data] // 16 // (32 * r["num_warps"])
+
+
+def test_attention_reads_q_k_v_in_16_byte_loads_on_tensor_cores(compiled):
+    """Q, K and V in 16-byte loads (LDG.128 or LDGSTS.128: every prebuilt configuration assumes
+    16-byte rows), at least one per 16 bytes of a Q tile, a K tile and a V tile; narrower loads
+    only for the bias, which may broadcast or stride; HMMA (sm_80) or HGMMA (sm_90) for 16-bit
+    inputs."""
+    recs = [r for r in compiled if r["op"] == "attention"]
+    assert len(recs) == len(SMEM_LIMIT) * len(attention.aot_configs())
+    for r in recs:
+        cx, s = r["constexprs"], r["sass"]
+        need = _vectors(r, (cx["BLOCK_M"] + 2 * cx["BLOCK_N"]) * cx["BLOCK_D"])
+        assert _wide(s) >= need, f"{_label(r)}: {s['ldg']} {s['ldgsts']}, {need} needed"
+        narrow = {b for kind in ("ldg", "ldgsts") for b in s[kind] if b != "128"}
+        bias = {str(8 * _BYTES[r["signature"]["bias_ptr"]])} if cx["HAS_BIAS"] else set()
+        assert narrow <= bias, f"{_label(r)}: {s['ldg']} {s['ldgsts']}"
+        if r["signature"]["q_ptr"] != "*fp32":
+            mma = s["hmma"] if r["arch"] < 90 else s["hgmma"] + s["hmma"]
+            assert mma > 0, f"{_label(r)}: no tensor-core instruction"
+
+
+def test_group_norm_and_denoise_step_move_data_in_16_byte_accesses(compiled):
+    """Where rows are 16-byte aligned (group_norm_silu's VEC > 1; denoise_step's numel % 16 ==
+    0 variant), x is read, and y written, in 16-byte accesses: one per 16 bytes of a tile."""
+    checked = 0
+    for r in compiled:
+        cx, s = r["constexprs"], r["sass"]
+        names = [p["name"] for p in r["params"]]
+        if r["op"] == "group_norm_silu" and cx["VEC"] > 1:
+            n = _vectors(r, cx["ROWS"] * cx["COLS"])
+            assert s["ldg"].get("128", 0) >= n, f"{_label(r)}: {s['ldg']}"
+            if r["kernel"] == "_apply":
+                assert s["stg"] == {"128": n}, f"{_label(r)}: {s['stg']}"
+        elif r["op"] == "denoise_step" and "numel" in [names[i] for i in r["aligned"]]:
+            inputs = 2 + cx["GUIDED"] + cx["HAS_NOISE"] + cx["HAS_PREV"]
+            n = _vectors(r, cx["BLOCK"])
+            assert s["ldg"].get("128", 0) >= inputs * n, f"{_label(r)}: {s['ldg']}"
+            assert s["stg"] == {"128": 2 * n}, f"{_label(r)}: {s['stg']}"  # out, x0
+        else:
+            continue
+        checked += 1
+    half = len(group_norm_silu.aot_configs()) // 2 + len(denoise_step.aot_configs()) // 2
+    assert checked == len(SMEM_LIMIT) * half
+
+
+def _allowed_stack(r):
+    """Bytes of local memory (spills) a configuration may use: 0 for all but those named."""
+    cx = r["constexprs"]
+    if (r["op"] == "attention" and r["arch"] == 80 and r["signature"]["q_ptr"] == "*fp32"
+            and cx["HAS_BIAS"] and cx["D"] in (40, 48)):
+        # ptxas keeps 128 registers and parks 3 values live across the key loop in 16 bytes,
+        # stored once before the loop and loaded once after it: no local traffic inside it.
+        return 16
+    return 0
+
+
+def test_no_register_spills(compiled):
+    for r in compiled:
+        s, allowed = r["sass"], _allowed_stack(r)
+        if allowed:
+            assert s["stack"] <= allowed, f"{_label(r)}: {s['stack']} B of stack"
+        else:
+            assert s["stack"] == 0 and s["stl"] == 0 and s["ldl"] == 0, \
+                f"{_label(r)}: {s['stack']} B of stack, {s['stl']} STL, {s['ldl']} LDL"
+
+
+def test_records_carry_the_compiled_num_warps(monkeypatch):
+    """The launcher's block size (index.tsv's num_warps) is what the cubin was compiled for,
+    read from its metadata, not the configuration's request."""
+    md = SimpleNamespace(num_warps=8, shared=0, name="k", num_ctas=1, global_scratch_size=0,
+                         profile_scratch_size=0)
+    fake = SimpleNamespace(asm={"ptx": ".entry k(.param .u64 a)", "cubin": b"\0"}, metadata=md)
+    monkeypatch.setattr(aot, "compile_config", lambda cfg, arch: fake)
+    rec = aot._compile_one("denoise_step", 0, 80, False)
+    assert rec["ok"], rec.get("error")
+    assert rec["num_warps"] == 8 != denoise_step.aot_configs()[0]["num_warps"]
 
 
 def test_launch_params_match_the_ptx_entry(compiled):
@@ -104,5 +198,7 @@ def test_emit_writes_cubins_and_a_manifest(tmp_path):
     assert len(manifest["kernels"]) == len(denoise_step.aot_configs())
     for k in manifest["kernels"]:
         assert (out / k["file"]).stat().st_size == k["cubin_bytes"]
+    index = [line.split("\t") for line in (out / "index.tsv").read_text().splitlines()]
+    assert [int(cells[7]) for cells in index] == [k["num_warps"] for k in manifest["kernels"]]
     text = "\n".join(info_lines(str(out)))
     assert f"{len(manifest['kernels'])} prebuilt kernels" in text and "sm_80" in text

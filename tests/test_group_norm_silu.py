@@ -99,3 +99,14 @@ def test_large_offset_statistics_are_stable(backend):
     y = run_op(backend, "group_norm_silu", x, 2, None, None, 1e-6, None, None, None, False)
     ref = reference.group_norm_silu(x, 2, eps=1e-6, apply_silu=False)
     assert (y.double() - ref).abs().max().item() < 1e-2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_small_tensors_of_mixed_dtypes(backend):
+    """Each small tensor in its own dtype, x's or float32, as the kernels read them."""
+    x, w, b, p, sc, sh = _inputs(2, 8, 4, 4, torch.bfloat16, True, True, True)
+    w, p, sh = w.bfloat16(), p.bfloat16(), sh.bfloat16()  # b and sc stay float32
+    y = run_op(backend, "group_norm_silu", x, 2, w, b, 1e-5, p, sc, sh, True)
+    ref = reference.group_norm_silu(x, 2, w, b, 1e-5, p, sc, sh, True)
+    assert_close_to_ref(y, ref, _torch_same_dtype(x, 2, w.float(), b, 1e-5, p, sc, sh, True),
+                        2e-2)

@@ -3,6 +3,7 @@
 CI has no GPU, so the parts a launch depends on are checked on CPU tensors:
 - the C++ plan of every op call (kernel key, grid, arguments in order) equals the Triton
   launcher's plan (kernels/*.py) for awkward shapes, dtypes, layouts and optional inputs;
+- a plan launches exactly its kernels: no conversion, fill or copy of the inputs on the side;
 - the arguments C++ packs have the count and byte widths of the PTX entry Triton generated for
   the cubin the launch selects (cubins emitted for sm_80 here);
 - selection: architectures, alignment variants, 32-bit limits, mismatched parameter lists.
@@ -16,6 +17,8 @@ import sys
 
 import pytest
 import torch
+import triton
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastdiff import _C, ops, prebuilt, reference
 from fastdiff.kernels import aot, attention, denoise_step, group_norm_silu
@@ -68,7 +71,7 @@ def _py_plan(module, *args):
 
 
 def _cpp_plan(fn, *args):
-    launches, _, _ = fn(*args)
+    launches = fn(*args)[0]
     res = []
     for launch in launches:
         packed = []
@@ -134,6 +137,10 @@ def _attn_case(dtype, B, H, Lq, Lk, D, bias=None, scale=None, layout="bhld", see
         q = torch.randn(B, Lq, H, D, generator=g).to(dtype).transpose(1, 2)
         k = torch.randn(B, Lk, H, D, generator=g).to(dtype).transpose(1, 2)
         v = torch.randn(B, Lk, H, D, generator=g).to(dtype).transpose(1, 2)
+    elif layout == "padded":  # rows D + 1 elements apart: no 16-byte row starts
+        q = torch.randn(B, H, Lq, D + 1, generator=g).to(dtype)[..., :D]
+        k = torch.randn(B, H, Lk, D + 1, generator=g).to(dtype)[..., :D]
+        v = torch.randn(B, H, Lk, D + 1, generator=g).to(dtype)[..., :D]
     else:
         q = torch.randn(B, H, Lq, D, generator=g).to(dtype)
         k = torch.randn(B, H, Lk, D, generator=g).to(dtype)
@@ -143,6 +150,8 @@ def _attn_case(dtype, B, H, Lq, Lk, D, bias=None, scale=None, layout="bhld", see
         inputs["bias"] = torch.randn(B, 1, 1, Lk, generator=g)
     elif bias == "full":
         inputs["bias"] = torch.randn(B, H, Lq, Lk, generator=g).to(dtype)
+    elif bias == "keys_same":  # a key-padding mask in q's dtype, as ops.attention makes them
+        inputs["bias"] = torch.randn(B, 1, 1, Lk, generator=g).to(dtype)
     return inputs, (q, k, v, inputs.get("bias"), scale)
 
 
@@ -154,6 +163,7 @@ ATTN_CASES = [
     dict(dtype=torch.float16, B=3, H=5, Lq=9, Lk=300, D=100),
     dict(dtype=torch.bfloat16, B=1, H=2, Lq=5, Lk=6, D=256, bias="full"),
     dict(dtype=torch.float32, B=1, H=4, Lq=16, Lk=16, D=80, layout="blhd"),
+    dict(dtype=torch.float16, B=1, H=2, Lq=9, Lk=9, D=64, layout="padded", bias="keys_same"),
 ]
 
 
@@ -197,19 +207,28 @@ def test_denoise_step_plan_matches_the_launcher(case):
 
 
 def test_every_cpp_key_is_a_listed_configuration():
-    """Keys C++ can build for each op and flag combination name a configuration aot.py builds."""
+    """Keys C++ can build for each op and flag combination name a configuration aot.py builds,
+    and every listed configuration is reachable; attention at a head dim without cubins says
+    so (the op then runs the JIT)."""
     listed = {aot.kernel_key(c) for m in aot.MODULES.values() for c in m.aot_configs()}
     seen = set()
     for dt in DTYPES:
-        for flags in range(16):
-            cl, pre, ss, silu = (bool(flags >> i & 1) for i in range(4))
-            _, args = _gn_case(dt, (1, 4, 2, 2), 2, cl=cl, pre=pre, ss="both" if ss else None,
+        for flags in range(32):
+            cl, pre, ss, silu, odd = (bool(flags >> i & 1) for i in range(5))
+            # odd: rows not 16 bytes apart (H*W = 15 in NCHW, C/G = 3 in channels_last)
+            shape, groups = ((1, 6, 3, 5), 2) if odd else ((1, 16, 4, 4), 2)
+            _, args = _gn_case(dt, shape, groups, cl=cl, pre=pre, ss="both" if ss else None,
                                silu=silu)
             seen |= {la["key"] for la in _C._aot_plan_group_norm_silu(*args)[0]}
-        for d in (1, 16, 17, 32, 33, 64, 65, 128, 129, 256):
-            for bias in (None, "keys"):
+        for d in range(1, 257):
+            for bias in (None, "keys", "keys_same"):
                 _, args = _attn_case(dt, 1, 1, 3, 3, d, bias=bias)
-                seen |= {la["key"] for la in _C._aot_plan_attention(*args)[0]}
+                launches, _, _, why = _C._aot_plan_attention(*args)
+                if d in attention.PREBUILT_HEAD_DIMS:
+                    assert why == "", (dt, d, bias)
+                    seen |= {la["key"] for la in launches}
+                else:
+                    assert why == f"no cubin for head dim {d}", (dt, d, bias)
         for flags in range(8):
             guided, noise, prev = (bool(flags >> i & 1) for i in range(3))
             for it in (torch.int64, torch.int32):
@@ -217,6 +236,65 @@ def test_every_cpp_key_is_a_listed_configuration():
                 seen |= {la["key"] for la in _C._aot_plan_denoise_step(*args)[0]}
     assert seen <= listed, sorted(seen - listed)[:5]
     assert len(seen) == len(listed)  # and every listed configuration is reachable
+
+
+def test_attention_plans_say_why_no_cubin():
+    whys = [_C._aot_plan_attention(*_attn_case(**case)[1])[3] for case in ATTN_CASES]
+    assert whys == ["", "", "no cubin for head dim 1", "", "no cubin for head dim 100", "", "",
+                    "no cubin for q/k/v strides that are not multiples of 16 bytes"]
+
+
+class _Work(TorchDispatchMode):
+    """Records every aten op that does work: not an allocation, a view or a metadata query."""
+    FREE = {torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default,
+            torch.ops.aten.empty_like.default, torch.ops.aten.new_empty.default}
+
+    def __init__(self):
+        super().__init__()
+        self.ran = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func not in self.FREE and not func.is_view:
+            self.ran.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+LAUNCHES = {"group_norm_silu": 2, "attention": 1, "denoise_step": 1}
+
+
+def _all_cases():
+    for case in GN_CASES:
+        yield "group_norm_silu", group_norm_silu, _C._aot_plan_group_norm_silu, _gn_case(**case)
+    for case in ATTN_CASES:
+        yield "attention", attention, _C._aot_plan_attention, _attn_case(**case)
+    for case in STEP_CASES:
+        yield "denoise_step", denoise_step, _C._aot_plan_denoise_step, _step_case(**case)
+
+
+def test_plans_launch_their_kernels_and_nothing_else():
+    """No conversion, fill, expand-copy or contiguous-copy of an input runs beside the launches:
+    small tensors, biases and masks are read in their own dtype and layout by the kernels."""
+    for op, module, cpp, (_, args) in _all_cases():
+        for name, plan in (("python", lambda: module.plan(*args)[0]),
+                           ("c++", lambda: cpp(*args)[0])):
+            with _Work() as work:
+                launches = plan()
+            assert work.ran == [], f"{op} {name} plan ran {work.ran}"
+            assert len(launches) == LAUNCHES[op], f"{op} {name}"
+
+
+def test_attention_grid_takes_70000_heads():
+    """B * H = 70,000 is beyond grid axis 1's 65,535: the programs go on axis 0 (2**31 - 1),
+    in both plans alike."""
+    B, H, Lq, Lk, D = 700, 100, 3, 2, 8
+    q = torch.zeros(1, 1, 1, D, dtype=torch.float16).expand(B, H, Lq, D)
+    kv = torch.zeros(1, 1, 1, D, dtype=torch.float16).expand(B, H, Lk, D)
+    args = (q, kv, kv, None, None)
+    _compare(attention, _C._aot_plan_attention, {"q": q, "kv": kv}, args)
+    (cfg, grid, _), = attention.plan(*args)[0]
+    assert grid == (B * H * triton.cdiv(Lq, cfg["constexprs"]["BLOCK_M"]), 1, 1)
+    x, y, z = _C._aot_plan_attention(*args)[0][0]["grid"]
+    assert x <= 2**31 - 1 and y <= 65535 and z <= 65535
 
 
 # ---- selection, against cubins Triton compiled for sm_80 ----
@@ -239,12 +317,12 @@ def sm80(tmp_path_factory):
 
 
 def _plans():
-    for case in GN_CASES:
-        yield "group_norm_silu", _C._aot_plan_group_norm_silu(*_gn_case(**case)[1])[0]
-    for case in ATTN_CASES:
-        yield "attention", _C._aot_plan_attention(*_attn_case(**case)[1])[0]
-    for case in STEP_CASES:
-        yield "denoise_step", _C._aot_plan_denoise_step(*_step_case(**case)[1])[0]
+    """(op, launches) of every case above that has prebuilt kernels (not attention's JIT-only
+    head dims and strides: test_attention_plans_say_why_no_cubin)."""
+    for op, _, cpp, (_, args) in _all_cases():
+        launches, _, _, why = cpp(*args)
+        if not why:
+            yield op, launches
 
 
 _WIDTH = {"ptr": 8, "i64": 8, "i32": 4, "fp32": 4}
@@ -285,6 +363,13 @@ def test_selection_by_architecture(sm80):
     for arch in (75, 90, 100):
         path, why = _C._aot_select(la, arch)
         assert not path and f"not prebuilt for sm_{arch}" in why
+
+
+def test_selection_takes_70000_heads(sm80):
+    q = torch.zeros(1, 1, 1, 8, dtype=torch.bfloat16).expand(700, 100, 3, 8)
+    la = _C._aot_plan_attention(q, q, q, None, None)[0][0]
+    path, why = _C._aot_select(la, 80)
+    assert path, why
 
 
 def test_selection_rejects_what_the_cubin_cannot_take(sm80):
