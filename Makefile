@@ -25,7 +25,7 @@ test: install-test
 	$(PYTHON) -m pytest -q
 
 bench: install-test
-	$(PYTHON) -m fastdiff bench --out bench-results
+	$(PYTHON) benchmarks/run.py --out bench-results
 
 # Both compile for FASTDIFF_CUDA_ARCHS (default 80,86,89,90).
 wheel: install

@@ -1,6 +1,6 @@
 """Benchmark set-up: device and dtype, quick mode, the environment in the JSON.
 
-    pytest benchmarks [--bench-quick] --benchmark-json out.json     (or: fastdiff bench)
+    pytest benchmarks [--bench-quick] --benchmark-json out.json   (or: python benchmarks/run.py)
 
 Quick mode (``--bench-quick`` or FASTDIFF_BENCH_QUICK=1) runs tiny cases to check that the suite
 runs (CI), not how fast anything is.
@@ -10,7 +10,8 @@ import os
 import pytest
 import torch
 
-from fastdiff import bench
+import cases
+import report
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.float16 if DEVICE == "cuda" else torch.float32
@@ -28,11 +29,11 @@ def is_quick(config) -> bool:
 def pytest_generate_tests(metafunc):
     quick = is_quick(metafunc.config)
     if "kcase" in metafunc.fixturenames:
-        cases = bench.kernel_cases(quick)
-        metafunc.parametrize("kcase", cases, ids=[c.id for c in cases])
+        ks = cases.kernel_cases(quick)
+        metafunc.parametrize("kcase", ks, ids=[c.id for c in ks])
     if "ecase" in metafunc.fixturenames:
-        cases = bench.e2e_cases(quick, DEVICE)
-        metafunc.parametrize("ecase", cases, ids=[c.id for c in cases], scope="module")
+        es = cases.e2e_cases(quick, DEVICE)
+        metafunc.parametrize("ecase", es, ids=[c.id for c in es], scope="module")
 
 
 @pytest.fixture(scope="session")
@@ -56,5 +57,5 @@ def sync():
 
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):
-    output_json["fastdiff_env"] = bench.environment()
+    output_json["fastdiff_env"] = report.environment()
     output_json["fastdiff_env"]["quick"] = is_quick(config)

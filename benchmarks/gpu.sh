@@ -157,11 +157,13 @@ import json, sys
 
 import torch
 
+sys.path.insert(0, "benchmarks")
 try:
-    from fastdiff import bench
+    import fastdiff  # noqa: F401
+    import report
 except Exception as err:          # noqa: BLE001 - reported; the phases are skipped
     sys.exit(f"fastdiff does not import: {err}")
-env = bench.environment()
+env = report.environment()
 json.dump(env, open(sys.argv[1], "w"))
 print(f"{env['device']}; torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}",
       file=sys.stderr)

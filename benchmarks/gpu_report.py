@@ -4,7 +4,7 @@ medians), results.md and chart.png in OUT.
 
     python benchmarks/gpu_report.py RAW OUT [--summary]
 
-RAW is gpu.sh's scratch folder (outside OUT): env.json (fastdiff.bench.environment() of the
+RAW is gpu.sh's scratch folder (outside OUT): env.json (report.environment() of the
 machine), phases.tsv (one line per phase: name, status, seconds, limit, exit code, note),
 <phase>.status.json (counts, benchmarks/gpu_plugin.py), <phase>.json (pytest-benchmark's
 --benchmark-json) or, where that is missing or empty (a phase killed), <phase>.partial.json.
@@ -117,21 +117,22 @@ def main(argv=None) -> int:
     phases = read_phases(args.raw)
     extra = {"deadline_s": args.deadline, "phases": phases}
     try:
-        from fastdiff import bench
+        import fastdiff  # noqa: F401  (write_results needs it: the build phase made it)
+        import report
     except Exception as err:              # the build failed: the phases, and why
         print(f"gpu_report: fastdiff does not import ({err}); phases only")
-        bench, rows = None, []
+        report, rows = None, []
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "results.json"), "w") as f:
             json.dump({"environment": env, **extra, "rows": []}, f, indent=1)
         with open(os.path.join(args.out, "results.md"), "w") as f:
             f.write(f"fastdiff does not import: {err}\n\n{phase_table(phases)}\n")
-    if bench is not None:
+    if report is not None:
         raw = {"fastdiff_env": env, "benchmarks": read_benchmarks(args.raw, phases)}
-        rows = bench.rows_from_benchmarks(raw)
+        rows = report.rows_from_benchmarks(raw)
         notes = "\n\n".join([phase_table(phases), *key_ratios(rows)])
         title = f"fastdiff gpu.sh{' (quick)' if args.quick else ''} on {env.get('device')}"
-        bench.write_results(raw, args.out, title, extra=extra, notes=notes, keep_raw=False)
+        report.write_results(raw, args.out, title, extra=extra, notes=notes)
     if args.summary:
         print(f"\n==== summary: {env.get('device')}; torch {env.get('torch')}, triton "
               f"{env.get('triton')}, CUDA {env.get('cuda')}; commit {env.get('git_commit')}"

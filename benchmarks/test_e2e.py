@@ -7,7 +7,7 @@ import time
 import pytest
 
 from conftest import sync
-from fastdiff import bench
+import cases
 
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
@@ -15,7 +15,7 @@ pytest.importorskip("transformers")
 
 @pytest.fixture(scope="module")
 def pipeline(ecase, device, dtype):
-    return bench.build_pipeline(ecase, device, dtype)
+    return cases.build_pipeline(ecase, device, dtype)
 
 
 # The baseline first: a run cut off mid-case (benchmarks/gpu.sh) still has its ratios.
@@ -28,7 +28,7 @@ def test_sampling(benchmark, ecase, system, pipeline, device, quick):
     pipe, pe, ne = pipeline
     unet = pipe.unet
     try:
-        fn = bench.e2e_fn(ecase, system, pipe, pe, ne)
+        fn = cases.e2e_fn(ecase, system, pipe, pe, ne)
         t0 = time.perf_counter()
         fn()
         sync()

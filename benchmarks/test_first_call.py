@@ -91,7 +91,7 @@ def test_first_call(benchmark, cold, op, path):
 def test_time_to_first_image(benchmark, cold, path):
     """The shipped digits model, 50 DDIM steps with guidance, one image: everything from the
     first kernel launch to the image (compile or load, CUDA-graph capture, the steps)."""
-    from fastdiff.cli import load_model
+    from fastdiff.digits.cli import load_model
     from fastdiff.diffusion import GaussianDiffusion, sample
 
     model = load_model(device="cuda")

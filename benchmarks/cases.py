@@ -1,0 +1,241 @@
+"""The benchmark suite's cases and the systems each is timed on (benchmarks/test_*.py).
+
+Kernel cases are the op shapes of real U-Nets, derived from their public configurations
+(``fastdiff.integrations.diffusers.zoo``): SD1.5 at 512x512, SDXL at 1024x1024, DDPM-CIFAR10 at
+32x32 and the shipped digits model at 8x8, each with the CFG batch (2 x images). Every case is
+timed for three systems in the same run: ``fastdiff`` (the fused op), ``eager`` (the torch code
+it replaces) and ``compile`` (``torch.compile`` of that same eager code). End-to-end cases time
+the denoising loop of a diffusers pipeline (SD1.5 architecture, random weights) for: stock
+diffusers eager, diffusers with ``torch.compile(unet, mode="max-autotune")``,
+``fastdiff.accelerate(pipe)`` and the fastdiff engine (``fastdiff.sample_pipeline``, whole steps
+in CUDA graphs). Timing is pytest-benchmark's; on CUDA every timed call ends with a synchronize
+and runs the op ``inner`` times, so a kernel's time is the round's time / inner.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+KERNEL_SYSTEMS = ("fastdiff", "eager", "compile")
+E2E_SYSTEMS = ("engine", "accelerate", "diffusers", "compile")
+
+
+# ---------------------------------------------------------------- kernel cases
+
+@dataclass
+class KernelCase:
+    op: str                      # group_norm_silu | attention | denoise_step
+    model: str                   # sd15@512 ...
+    shape: tuple
+    groups: int = 32
+    quick: bool = False
+    label: str = field(default="", compare=False)
+
+    @property
+    def id(self) -> str:
+        return f"{self.op}[{self.model} {self.label or 'x'.join(map(str, self.shape))}]"
+
+    def bytes(self, itemsize: int) -> int:
+        n = math.prod(self.shape)
+        if self.op == "group_norm_silu":
+            return 2 * n * itemsize                              # x read, y written
+        if self.op == "attention":
+            b, h, lq, lk, d = self.shape
+            return (2 * b * h * lq * d + 2 * b * h * lk * d) * itemsize
+        return (2 * n + n + n) * itemsize                        # [u; c] read, x read, out
+
+    def flops(self) -> int:
+        if self.op == "attention":
+            b, h, lq, lk, d = self.shape
+            return 4 * b * h * lq * lk * d
+        return 0
+
+
+def _unet_shapes(name: str, image: int, latent_scale: int):
+    """(channels, resolution, heads or head dim, has_attention, cross_dim) per U-Net level."""
+    from fastdiff.integrations.diffusers import zoo
+
+    c = zoo.config(name)["unet"]
+    res = image // latent_scale
+    levels = []
+    heads = c.get("attention_head_dim")
+    for i, (ch, kind) in enumerate(zip(c["block_out_channels"], c["down_block_types"])):
+        h = heads[i] if isinstance(heads, list) else heads
+        if name == "sd15":
+            head_dim = ch // h                                   # SD1.5: the entry is heads
+        elif name == "sdxl":
+            head_dim = 64
+        else:
+            head_dim = ch                                        # DDPM: one head
+        levels.append((ch, res, head_dim, "Attn" in kind, c.get("cross_attention_dim")))
+        res //= 2
+    return levels
+
+
+def kernel_cases(quick: bool = False) -> list[KernelCase]:
+    """The op shapes of the four models at batch 1 with CFG (model batch 2)."""
+    B = 2
+    cases: list[KernelCase] = []
+    models = [("sd15", 512, 8), ("sdxl", 1024, 8), ("ddpm_cifar10", 32, 1)]
+    for name, image, scale in models:
+        tag = f"{name}@{image}"
+        levels = _unet_shapes(name, image, scale)
+        # GroupNorm: the first and the last level (largest and smallest spatial size)
+        for ch, res, *_ in (levels[0], levels[-1]):
+            cases.append(KernelCase("group_norm_silu", tag, (B, ch, res, res)))
+        for ch, res, hd, attn, cross in levels:
+            if not attn:
+                continue
+            heads = ch // hd
+            cases.append(KernelCase("attention", tag, (B, heads, res * res, res * res, hd),
+                                    label=f"self D={hd} L={res * res}"))
+            if cross and name != "ddpm_cifar10":
+                cases.append(KernelCase("attention", tag, (B, heads, res * res, 77, hd),
+                                        label=f"cross D={hd} L={res * res}x77"))
+        c = 3 if name == "ddpm_cifar10" else 4
+        cases.append(KernelCase("denoise_step", tag, (B // 2, c, image // scale, image // scale)))
+    # the shipped digits model: 8x8, groups 8, attention at 4x4 (head dim 32), batch 2 x 10
+    cases += [KernelCase("group_norm_silu", "digits@8", (20, 32, 8, 8), groups=8, quick=True),
+              KernelCase("attention", "digits@8", (20, 2, 16, 16, 32), quick=True,
+                         label="self D=32 L=16"),
+              KernelCase("denoise_step", "digits@8", (10, 1, 8, 8), quick=True)]
+    if quick:
+        cases = [c for c in cases if c.quick]
+        cases.append(KernelCase("group_norm_silu", "cifar-block", (2, 128, 32, 32), quick=True))
+    return cases
+
+
+L2_BYTES = 50e6
+
+
+def kernel_fn(case: KernelCase, system: str, device: str, dtype: torch.dtype):
+    """A zero-argument callable running ``case`` once on ``system`` (inputs made here).
+
+    On CUDA the callable cycles through enough copies of the inputs to total 3x the L2 cache
+    (50 MB on H100/H200), so bandwidth figures are not L2 hits.
+    """
+    from fastdiff import ops
+
+    g = torch.Generator().manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, generator=g).to(device, dtype)  # noqa: E731
+    if case.op == "group_norm_silu":
+        G = case.groups
+
+        def make():
+            return rnd(*case.shape), rnd(case.shape[1]), rnd(case.shape[1])
+        fused = lambda x, w, b: ops.group_norm_silu(x, G, w, b)  # noqa: E731
+        fn = lambda x, w, b: F.silu(F.group_norm(x, G, w, b))  # noqa: E731
+    elif case.op == "attention":
+        bsz, h, lq, lk, d = case.shape
+
+        def make():
+            return rnd(bsz, h, lq, d), rnd(bsz, h, lk, d), rnd(bsz, h, lk, d)
+        fused, fn = ops.attention, F.scaled_dot_product_attention
+    else:
+        n = case.shape[0]
+        # one DDIM-like row: x0 = P_x x + P_m e; out = K_x x + K_0 x0 + K_m e
+        row = [0.0, 1.2, -0.3, 0.0, 0.9, 0.4, 0.0, 0.0]
+        coeffs = torch.tensor([row], dtype=torch.float32, device=device)
+        idx = torch.zeros(1, dtype=torch.int64, device=device)
+
+        def make():
+            return rnd(2 * n, *case.shape[1:]), rnd(*case.shape)
+        fused = lambda m, x: ops.denoise_step(m, x, coeffs, idx, guidance_scale=7.5)  # noqa: E731
+
+        def fn(m, x):
+            u, c = m.chunk(2)
+            e = u + 7.5 * (c - u)
+            x0 = row[1] * x + row[2] * e
+            return row[3] * x + row[4] * x0 + row[5] * e
+    if system == "fastdiff":
+        fn = fused
+    elif system == "compile":
+        fn = torch.compile(fn, dynamic=False)
+    elif system != "eager":
+        raise ValueError(f"'system' must be one of {KERNEL_SYSTEMS}, got {system!r}")
+    copies = 1
+    if device == "cuda":
+        copies = max(1, min(32, math.ceil(3 * L2_BYTES / case.bytes(dtype.itemsize))))
+    sets = [make() for _ in range(copies)]
+    if copies == 1:
+        args = sets[0]
+        return lambda: fn(*args)
+    state = {"i": 0}
+
+    def call():
+        state["i"] = (state["i"] + 1) % copies
+        return fn(*sets[state["i"]])
+    return call
+
+
+# ---------------------------------------------------------------- end-to-end cases
+
+@dataclass
+class E2ECase:
+    model: str = "sd15"
+    image: int = 512
+    batch: int = 1
+    steps: int = 50
+    width: float = 1.0
+    layers_per_block: int | None = None
+    quick: bool = False
+
+    @property
+    def id(self) -> str:
+        w = "" if self.width == 1 else f" width {self.width}"
+        return f"{self.model}@{self.image}{w} batch {self.batch}, DDIM {self.steps}, CFG"
+
+
+def e2e_cases(quick: bool, device: str) -> list[E2ECase]:
+    if quick:
+        return [E2ECase(image=64, steps=2, width=0.25, layers_per_block=1, quick=True)]
+    if device == "cuda":
+        return [E2ECase(batch=1), E2ECase(batch=4)]
+    return [E2ECase(image=256, steps=4, width=0.5, layers_per_block=1)]
+
+
+def build_pipeline(case: E2ECase, device: str, dtype):
+    """An SD pipeline (no text encoder, no VAE) on a random-weight U-Net of the case's size."""
+    import diffusers
+
+    from fastdiff.integrations.diffusers import zoo
+
+    over = {"sample_size": case.image // 8}
+    if case.layers_per_block:
+        over["layers_per_block"] = case.layers_per_block
+    unet = zoo.build_unet(case.model, width=case.width, device=device, dtype=dtype, **over)
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=None, text_encoder=None, tokenizer=None, unet=unet,
+        scheduler=zoo.build_scheduler(case.model, "DDIMScheduler"), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(0)
+    dim = unet.config.cross_attention_dim
+    pe = torch.randn(case.batch, 77, dim, generator=g).to(device, dtype)
+    ne = torch.randn(case.batch, 77, dim, generator=g).to(device, dtype)
+    return pipe, pe, ne
+
+
+def e2e_fn(case: E2ECase, system: str, pipe, pe, ne, compile_mode: str | None = None):
+    """A callable running one full sampling loop of ``case`` on ``system`` (prepared here: the
+    pipeline is accelerated, compiled or left stock)."""
+    import fastdiff
+
+    kw = dict(prompt_embeds=pe, negative_prompt_embeds=ne, height=case.image, width=case.image,
+              num_inference_steps=case.steps, guidance_scale=7.5)
+    if system in ("diffusers", "compile", "accelerate"):
+        if system == "compile":
+            mode = compile_mode or ("max-autotune" if pe.is_cuda else None)
+            pipe.unet = torch.compile(pipe.unet, mode=mode)
+        elif system == "accelerate":
+            fastdiff.accelerate(pipe)
+        return lambda: pipe(**kw, output_type="latent",
+                            generator=torch.Generator().manual_seed(1)).images
+    if system == "engine":
+        fastdiff.accelerate(pipe, cuda_graphs=False)
+        return lambda: fastdiff.sample_pipeline(pipe, **kw,
+                                              generator=torch.Generator().manual_seed(1))
+    raise ValueError(f"'system' must be one of {E2E_SYSTEMS}, got {system!r}")
