@@ -52,10 +52,11 @@ class BuildPyWithCubins(build_py):
 
 setup(
     packages=["fastdiff", "fastdiff.kernels", "fastdiff.integrations",
-              "fastdiff.integrations.diffusers"],
+              "fastdiff.integrations.diffusers", "fastdiff.digits"],
     package_dir={"fastdiff": "fastdiff", "fastdiff.kernels": "kernels"},
     # The shipped digits model (safetensors weights + JSON config) and the U-Net configs.
-    package_data={"fastdiff": ["weights/*.safetensors", "weights/*.json", "configs/*.json"]},
+    package_data={"fastdiff": ["configs/*.json"],
+                  "fastdiff.digits": ["weights/*.safetensors", "weights/*.json"]},
     ext_modules=[
         CppExtension(
             "fastdiff._C",

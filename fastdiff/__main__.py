@@ -4,7 +4,6 @@
     fastdiff eval     conditional accuracy and FD of samples against real digits
     fastdiff train    train a digits model (checkpoints, resume; torchrun: DDP)
     fastdiff generate draw many samples into shards (torchrun: sharded across ranks)
-    fastdiff bench    the benchmark suite: a table, results JSON and a PNG chart
     fastdiff info     what this install has: extension, versions, devices, prebuilt kernels
     fastdiff demo     run the three fused ops against torch and print agreement and time
 """
@@ -20,7 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="run the fused ops against torch: agreement and time")
     demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     demo.add_argument("--repeats", type=int, default=20, help="timed calls per op (median kept)")
-    from fastdiff import cli
+    sub.add_parser("info", help="what this install has: extension, versions, devices, "
+                   "prebuilt kernels")
+    from fastdiff.digits import cli            # the digits application's commands
 
     cli.add_subcommands(sub)
     args = parser.parse_args(argv)
@@ -28,6 +29,11 @@ def main(argv: list[str] | None = None) -> int:
         from fastdiff.demo import run_demo
 
         return run_demo(args.device, args.repeats)
+    if args.command == "info":
+        from fastdiff.info import info_lines
+
+        print("\n".join(info_lines()))
+        return 0
     try:
         return cli.run(args)
     except (ValueError, FileNotFoundError) as err:   # bad options or files: no traceback

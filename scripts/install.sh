@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs fastdiff and what it needs into the current Python, then builds the C++ extension.
-#   scripts/install.sh          the library (and triton, numpy, ninja)
+#   scripts/install.sh          the library and the digits application (scikit-learn, pillow)
 #   scripts/install.sh test     plus the test and benchmark extras (pytest, diffusers, numpy<2.4)
 # torch: the one already installed is kept (a GPU machine's own CUDA build); where none is,
 # the CPU wheel torch==2.13.0 is installed, never a multi-GB CUDA build.
@@ -19,7 +19,7 @@ trap 'rm -f "$torch_pin"' EXIT
 if ! "$PY" -c "import triton" 2>/dev/null; then
   "$PY" -m pip install -q -c "$torch_pin" triton==3.6.0
 fi
-extra=""
+extra="[digits]"
 if [ "${1:-}" = "test" ]; then
   extra="[test]"
 fi

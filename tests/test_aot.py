@@ -185,7 +185,7 @@ def test_launch_params_match_the_ptx_entry(compiled):
 
 
 def test_emit_writes_cubins_and_a_manifest(tmp_path):
-    from fastdiff.cli import info_lines
+    from fastdiff.info import info_lines
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "cubins"

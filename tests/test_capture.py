@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import fastdiff
-from fastdiff import capture, cli, engine
+from fastdiff import capture, engine
+from fastdiff.digits import cli
 from fastdiff.integrations.diffusers import zoo
 from fastdiff.__main__ import main
 from fastdiff.diffusion import GaussianDiffusion, sample
@@ -136,7 +137,7 @@ def test_fastdiff_sample_command_under_capture(sim, tmp_path, capsys):
 
 
 def test_generate_under_capture(sim, tmp_path):
-    from fastdiff.generate import generate, load
+    from fastdiff.digits.generate import generate, load
 
     generate(cli.load_model(), str(tmp_path), 3, shard_size=2, batch_size=2, steps=2,
              progress=False)

@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from fastdiff import cli, digits
+from fastdiff.digits import cli
+from fastdiff.digits import data as digits
 from fastdiff.diffusion import GaussianDiffusion, sample
 
 PER_CLASS = 20   # 200 samples: the whole check stays well under a minute on 2 cores

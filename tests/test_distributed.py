@@ -15,9 +15,9 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from fastdiff import generate as gen_mod
-from fastdiff.cli import load_model
-from fastdiff.train import CHECKPOINT, TrainConfig, train
+from fastdiff.digits import generate as gen_mod
+from fastdiff.digits.cli import load_model
+from fastdiff.digits.train import CHECKPOINT, TrainConfig, train
 from fastdiff.unet import UNetConfig
 
 TIMEOUT = 240
@@ -125,8 +125,8 @@ import sys
 from dataclasses import replace
 sys.path.insert(0, {tests!r})
 from test_distributed import TINY
-from fastdiff import distributed
-from fastdiff.train import train
+from fastdiff.digits import distributed
+from fastdiff.digits.train import train
 ctx = distributed.init("cpu")
 train({out!r}, replace(TINY, steps={steps}), progress=False, ctx=ctx)
 ctx.close()
@@ -170,6 +170,6 @@ def test_ddp_checkpoint_resumes_on_another_world_size(tmp_path):
 
 
 def test_train_batch_must_divide_across_ranks(tmp_path):
-    from fastdiff.distributed import Context
+    from fastdiff.digits.distributed import Context
     with pytest.raises(ValueError, match="'batch_size' \\(8\\) must be divisible"):
         train(str(tmp_path), TINY, progress=False, ctx=Context(world_size=3))

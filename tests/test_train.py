@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fastdiff.checkpoint import load_safetensors_metadata
-from fastdiff.train import CHECKPOINT, TrainConfig, train
+from fastdiff.digits.train import CHECKPOINT, TrainConfig, train
 from fastdiff.unet import UNet, UNetConfig
 
 TINY = TrainConfig(steps=6, ckpt_every=2, batch_size=8, model=UNetConfig(
@@ -35,7 +35,7 @@ def test_killed_process_leaves_a_whole_checkpoint(tmp_path):
     code = (f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
             "from dataclasses import replace\n"
             "from test_train import TINY\n"
-            "from fastdiff.train import train\n"
+            "from fastdiff.digits.train import train\n"
             f"train({str(out)!r}, replace(TINY, steps=10**6), progress=False)\n")
     proc = subprocess.Popen([sys.executable, "-c", code])
     ckpt = out / CHECKPOINT

@@ -18,6 +18,9 @@ NUM_CLASSES = 10
 
 def load(split: str = "train"):
     """Images (N, 1, 8, 8) float32 in [-1, 1] and labels (N,) int64; a fixed 75/25 split."""
+    from fastdiff.digits import require
+
+    require("sklearn")
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 

@@ -64,7 +64,7 @@ def generate(model, out_dir: str, num: int, *, labels=None, shard_size: int = 25
     barrier (between the run-file check and the work, and before the manifest).
     """
     from fastdiff.diffusion import GaussianDiffusion, sample
-    from fastdiff.image import save_grid
+    from fastdiff.digits.image import save_grid
 
     if num < 1:
         raise ValueError(f"'num' must be >= 1, got {num}")

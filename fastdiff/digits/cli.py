@@ -1,4 +1,4 @@
-"""Subcommands of ``fastdiff`` around the shipped digits model: sample, eval, train."""
+"""Subcommands of ``fastdiff`` around the shipped digits model: sample, eval, train, generate."""
 from __future__ import annotations
 
 import json
@@ -40,15 +40,6 @@ def add_subcommands(sub) -> None:
     g.add_argument("--device", choices=("cuda", "cpu"), default=None,
                    help="default: cuda when available (one GPU per rank: LOCAL_RANK)")
     _sampling_args(g)
-    sub.add_parser("info", help="what this install has: extension, versions, devices, "
-                   "prebuilt kernels")
-    b = sub.add_parser("bench", help="run the benchmark suite (source tree's benchmarks/): "
-                       "table, results.json, chart.png")
-    b.add_argument("--suite", choices=("kernels", "e2e", "all"), default="all")
-    b.add_argument("--quick", action="store_true", help="tiny cases: checks the suite runs")
-    b.add_argument("--out", default="bench-results", help="output folder")
-    b.add_argument("-k", dest="select", default=None,
-                   help="only cases matching this pytest -k expression (e.g. 'sd15 and attention')")
     t = sub.add_parser("train", help="train a digits model (resumes from <out>/checkpoint)")
     t.add_argument("--out", default="runs/digits", help="output folder")
     t.add_argument("--steps", type=int, default=None)
@@ -71,8 +62,8 @@ def _sampling_args(p) -> None:
 
 
 def run(args) -> int:
-    return {"sample": _sample, "eval": _eval, "train": _train, "generate": _generate,
-            "bench": _bench, "info": _info}[args.command](args)
+    return {"sample": _sample, "eval": _eval, "train": _train, "generate": _generate}[
+        args.command](args)
 
 
 def load_model(path: str = WEIGHTS, device="cpu"):
@@ -100,7 +91,7 @@ def _draw(model, labels, args):
 
 
 def _sample(args) -> int:
-    from fastdiff.image import save_grid
+    from fastdiff.digits.image import save_grid
 
     model = load_model(args.weights)
     num = args.num if args.num is not None else (16 if args.label else 8)
@@ -128,12 +119,12 @@ def _sample(args) -> int:
 
 
 def _eval(args) -> int:
-    from fastdiff import digits
+    from fastdiff.digits import data
 
     model = load_model(args.weights)
     labels = [lab for lab in range(10) for _ in range(args.num_per_class)]
     x, _ = _draw(model, labels, args)
-    metrics = digits.evaluate(x, torch.tensor(labels))
+    metrics = data.evaluate(x, torch.tensor(labels))
     metrics.update(solver=args.solver, steps=args.steps, guidance=args.guidance, seed=args.seed)
     print(json.dumps(metrics, indent=1))
     return 0
@@ -142,14 +133,14 @@ def _eval(args) -> int:
 def _train(args) -> int:
     from dataclasses import replace
 
-    from fastdiff.train import TrainConfig, train
+    from fastdiff.digits.train import TrainConfig, train
 
     cfg = TrainConfig()
     if args.steps:
         cfg = replace(cfg, steps=args.steps)
     if args.batch_size:
         cfg = replace(cfg, batch_size=args.batch_size)
-    from fastdiff import distributed
+    from fastdiff.digits import distributed
 
     ctx = distributed.init(args.device)
     try:
@@ -163,8 +154,8 @@ def _train(args) -> int:
 
 
 def _generate(args) -> int:
-    from fastdiff import distributed
-    from fastdiff.generate import generate
+    from fastdiff.digits import distributed
+    from fastdiff.digits.generate import generate
 
     ctx = distributed.init(args.device)
     try:
@@ -186,98 +177,4 @@ def _generate(args) -> int:
         else:
             print(f"{summary['missing']} of {summary['shards']} shards still to draw: run the "
                   "same command again to continue")
-    return 0
-
-
-BENCH_FILES = {"kernels": ["test_kernels.py"], "e2e": ["test_e2e.py"],
-               "all": ["test_kernels.py", "test_e2e.py"]}
-
-
-def benchmarks_dir() -> str:
-    """benchmarks/ of the source tree this fastdiff was installed from (not in the wheel)."""
-    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
-    if not os.path.isfile(os.path.join(here, "test_kernels.py")):
-        raise FileNotFoundError(
-            f"the benchmark suite was not found at {here}: 'fastdiff bench' runs from a source "
-            "checkout (git clone, then pip install --no-build-isolation -e .)")
-    return here
-
-
-def _bench(args) -> int:
-    import pytest
-
-    from fastdiff import bench
-
-    root = benchmarks_dir()
-    os.makedirs(args.out, exist_ok=True)
-    raw = os.path.join(os.path.abspath(args.out), "benchmarks-raw.json")
-    argv = [os.path.join(root, f) for f in BENCH_FILES[args.suite]]
-    argv += ["-q", "-p", "no:cacheprovider", "--benchmark-json", raw,
-             "--benchmark-columns=median,iqr,rounds", "--benchmark-sort=name"]
-    if args.quick:
-        argv.append("--bench-quick")
-    if args.select:
-        argv += ["-k", args.select]
-    code = pytest.main(argv)
-    if code not in (0, 5) or not os.path.exists(raw):
-        print(f"fastdiff bench: the suite failed (pytest exit {int(code)})", file=sys.stderr)
-        return int(code) or 1
-    env = bench.environment()
-    title = f"fastdiff bench ({args.suite}{', quick' if args.quick else ''}) on {env['device']}"
-    md, _ = bench.write_results(bench.load_raw(raw), args.out, title)
-    print("\n" + md)
-    print(f"\nwrote {args.out}/results.json, results.md, chart.png ({env['device']}, torch "
-          f"{env['torch']}, commit {(env['git_commit'] or '?')[:10]})")
-    return 0
-
-
-def info_lines(cubin_dir: str | None = None) -> list[str]:
-    """What this install has: the extension and its ops, versions, devices, prebuilt kernels."""
-    import fastdiff
-    from fastdiff import _C, prebuilt
-
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "not installed"
-    lines = [f"fastdiff {fastdiff.__version__} at {os.path.dirname(fastdiff.__file__)}",
-             f"extension: {_C.__file__}",
-             f"torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton_version}"]
-    for op in ("group_norm_silu", "attention", "denoise_step"):
-        keys = [k for k in ("CPU", "CUDA", "Meta")
-                if torch._C._dispatch_has_kernel_for_dispatch_key(f"fastdiff::{op}", k)]
-        lines.append(f"op fastdiff.{op}: {', '.join(keys)}")
-    if torch.cuda.is_available():
-        cap = torch.cuda.get_device_capability()
-        lines.append(f"GPU: {torch.cuda.get_device_name()} (sm_{cap[0]}{cap[1]})")
-    else:
-        lines.append("GPU: none (the CPU kernels run)")
-    cubin_dir = cubin_dir or prebuilt.cubin_dir()
-    m = prebuilt.manifest(cubin_dir)
-    if m is not None:
-        archs = ", ".join(f"sm_{a}" for a in m["archs"])
-        lines.append(f"{len(m['kernels'])} prebuilt kernels (triton {m['triton']}) for {archs} "
-                     f"in {cubin_dir}")
-        for arch in m["archs"]:
-            ks = [k for k in m["kernels"] if k["arch"] == arch]
-            size = sum(k["cubin_bytes"] for k in ks)
-            lines.append(f"  sm_{arch}: {len(ks)} cubins, {size / 2**20:.1f} MiB "
-                         f"({', '.join(sorted({k['kernel'] for k in ks}))})")
-        mode = {0: "off", 1: "on", 2: "require"}[_C._aot_mode()]
-        lines.append(f"prebuilt mode: {mode} (FASTDIFF_AOT); registered now: {_C._aot_count()}")
-        if torch.cuda.is_available():
-            major, minor = torch.cuda.get_device_capability()
-            arch = major * 10 + minor
-            fit = [a for a in m["archs"] if a <= arch and a // 10 == major]
-            lines.append(f"this GPU (sm_{arch}) runs " + (f"the sm_{max(fit)} cubins" if fit else
-                                                          "the Triton JIT (no cubins for it)"))
-    else:
-        lines.append("prebuilt kernels: none (CUDA ops compile with the Triton JIT on first use;"
-                     " `pip wheel .` or `make cubins` builds them)")
-    return lines
-
-
-def _info(args) -> int:
-    print("\n".join(info_lines()))
     return 0

@@ -1,4 +1,4 @@
-"""Writing image grids as PNG (pillow)."""
+"""Writing image grids as PNG (pillow: the digits extra)."""
 from __future__ import annotations
 
 import torch
@@ -9,8 +9,9 @@ def save_grid(images: torch.Tensor, path: str, cols: int, scale: int = 4, pad: i
 
     Single-channel images are drawn dark-on-light, as the digits are written.
     """
-    from PIL import Image
+    from fastdiff.digits import require
 
+    Image = require("PIL.Image")
     n, c, h, w = images.shape
     rows = (n + cols - 1) // cols
     x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

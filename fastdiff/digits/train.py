@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from fastdiff import digits
+from fastdiff.digits import data as digits
 from fastdiff.checkpoint import atomic_save_safetensors, load_safetensors, load_safetensors_metadata
 from fastdiff.diffusion import EMA, GaussianDiffusion
 from fastdiff.unet import UNet, UNetConfig
@@ -73,7 +73,7 @@ def train(out_dir: str, cfg: TrainConfig | None = None, resume: bool = True,
           progress: bool = True, stop_after: int | None = None, ctx=None) -> UNet:
     """Trains (or resumes) into ``out_dir``; returns the EMA model.
 
-    ctx: a ``fastdiff.distributed.Context`` (torchrun): the model is wrapped in
+    ctx: a ``fastdiff.digits.distributed.Context`` (torchrun): the model is wrapped in
     DistributedDataParallel, each of the W ranks takes cfg.batch_size / W samples of every global
     batch (torch's DistributedSampler over the data, reshuffled per epoch), rank 0 alone writes
     checkpoints, and any world size resumes any checkpoint. The global batch and its noise are
@@ -82,7 +82,7 @@ def train(out_dir: str, cfg: TrainConfig | None = None, resume: bool = True,
     """
     from torch.utils.data.distributed import DistributedSampler
 
-    from fastdiff.distributed import Context
+    from fastdiff.digits.distributed import Context
 
     cfg = cfg or TrainConfig()
     ctx = ctx or Context()
