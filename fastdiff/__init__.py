@@ -18,8 +18,9 @@ except ImportError as err:  # pragma: no cover - exercised only on a broken inst
 
 from fastdiff.engine import SamplingEngine  # noqa: E402
 from fastdiff.ops import attention, denoise_step, group_norm_silu  # noqa: E402
-from fastdiff.integrations.diffusers import accelerate, restore, sample_pipeline  # noqa: E402
+from fastdiff.integrations.diffusers import (  # noqa: E402
+    accelerate, explain, restore, sample_pipeline)
 
 __version__ = "0.1.0"
-__all__ = ["SamplingEngine", "accelerate", "attention", "denoise_step", "group_norm_silu",
-           "restore", "sample_pipeline"]
+__all__ = ["SamplingEngine", "accelerate", "attention", "denoise_step", "explain",
+           "group_norm_silu", "restore", "sample_pipeline"]

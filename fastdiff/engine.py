@@ -8,8 +8,9 @@ gathered from device tables with it, so the captured step is replayed S times wi
 and no host sync; the progress bar and per-step callbacks run on the host between replays.
 
 Caching: one graph per signature (sample shape and dtype, conditioning shapes, guidance scale,
-solver flags, number of steps, whether the noise is seeded); a new resolution or batch size is a new capture. All graphs share
-one memory pool; ``close()`` frees it. Graphs read the model's parameters in place, so in-place
+solver flags, number of steps, whether the noise is seeded) in a ``capture.GraphCache``; a new
+resolution or batch size is a new capture. All graphs share one memory pool; ``close()`` frees
+it. Graphs read the model's parameters in place, so in-place
 weight updates take effect; a parameter replaced by a new tensor triggers a new capture. Noise
 inside a graph comes from the default CUDA generator, or, when the caller passes a generator
 (CPU or CUDA), from the engine's own generator registered with the graphs and seeded from the

@@ -177,12 +177,15 @@ def ddim_table(alphas_cumprod: np.ndarray, timesteps, num_train_timesteps: int,
 def dpmpp_2m_table(sigmas: np.ndarray, timesteps, prediction_type: str = "epsilon",
                    algorithm_type: str = "dpmsolver++", solver_type: str = "midpoint",
                    solver_order: int = 2, lower_order_final: bool = True,
-                   euler_at_final: bool = False, final_sigmas_type: str = "zero") -> StepTable:
+                   euler_at_final: bool = False, final_sigmas_type: str = "zero",
+                   start: int = 0) -> StepTable:
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) as diffusers' DPMSolverMultistepScheduler.
 
     sigmas: (S + 1,) with sigma = sqrt((1 - alpha-bar) / alpha-bar), the last one final.
-    Order selection as diffusers: first order at step 0 and, under lower_order_final, at the last
-    step; the multistep update reads the previous step's x0 (``prev_x0``)."""
+    Order selection as diffusers: first order at the first step taken (``start``: a loop that
+    begins later, as img2img's does, has no history there) and, under lower_order_final, at the
+    last step; the multistep update reads the previous step's x0 (``prev_x0``). The table holds
+    the rows from ``start`` on."""
     _check_prediction(prediction_type)
     if algorithm_type not in ("dpmsolver++", "sde-dpmsolver++"):
         raise ValueError("'algorithm_type' must be 'dpmsolver++' or 'sde-dpmsolver++', got "
@@ -199,10 +202,10 @@ def dpmpp_2m_table(sigmas: np.ndarray, timesteps, prediction_type: str = "epsilo
         lambdas = np.log(alphas) - np.log(sigmas_t)
     sde = algorithm_type == "sde-dpmsolver++"
     rows = []
-    for i in range(S):
+    for i in range(start, S):
         lower_final = i == S - 1 and (euler_at_final or (lower_order_final and S < 15)
                                       or final_sigmas_type == "zero")
-        first = solver_order == 1 or i == 0 or lower_final
+        first = solver_order == 1 or i == start or lower_final
         a_t, s_t, s_s0 = alphas[i + 1], sigmas_t[i + 1], sigmas_t[i]
         h = lambdas[i + 1] - lambdas[i]
         px, pm = _x0_from_alpha_sigma(prediction_type, alphas[i], sigmas_t[i])
@@ -224,8 +227,9 @@ def dpmpp_2m_table(sigmas: np.ndarray, timesteps, prediction_type: str = "epsilo
             # D1 = (x0 - prev_x0) / r0
             k0, kp = c0 + c1 / r0, -c1 / r0
         rows.append([0.0, px, pm, kx, k0, 0.0, kp, kn])
-    return StepTable(algorithm_type, _table(rows), torch.as_tensor(np.asarray(timesteps)),
-                     torch.ones(S, dtype=torch.float64), needs_noise=sde,
+    return StepTable(algorithm_type, _table(rows),
+                     torch.as_tensor(np.asarray(timesteps))[start:],
+                     torch.ones(S - start, dtype=torch.float64), needs_noise=sde,
                      needs_prev_x0=solver_order == 2)
 
 
@@ -262,13 +266,26 @@ def euler_table(sigmas: np.ndarray, timesteps, prediction_type: str = "epsilon",
 
 def table_from_scheduler(scheduler, eta: float = 0.0, use_clipped_model_output: bool = False,
                          s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"),
-                         s_noise: float = 1.0) -> StepTable:
+                         s_noise: float = 1.0, start: int = 0) -> StepTable:
     """The table of a diffusers scheduler on which ``set_timesteps`` has been called.
 
     Supports DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler (dpmsolver++ and
     sde-dpmsolver++, order <= 2) and EulerDiscreteScheduler; the step-call options (eta, churn)
-    are arguments here because diffusers passes them to ``step``.
+    are arguments here because diffusers passes them to ``step``. start: the step a loop begins
+    at (img2img skips the first ones): the rows from there on, as the scheduler steps them
+    when its first ``step`` call is that one.
     """
+    table = _full_table(scheduler, eta, use_clipped_model_output, s_churn, s_tmin, s_tmax,
+                        s_noise, start)
+    if start and len(table) != len(scheduler.timesteps) - start:
+        table = StepTable(**{**table.__dict__, "coeffs": table.coeffs[start:],
+                             "timesteps": table.timesteps[start:],
+                             "model_input_scale": table.model_input_scale[start:]})
+    return table
+
+
+def _full_table(scheduler, eta, use_clipped_model_output, s_churn, s_tmin, s_tmax, s_noise,
+                start):
     name = type(scheduler).__name__
     cfg = scheduler.config
     if getattr(scheduler, "num_inference_steps", None) is None:
@@ -287,7 +304,8 @@ def table_from_scheduler(scheduler, eta: float = 0.0, use_clipped_model_output: 
     if name == "DPMSolverMultistepScheduler":
         return dpmpp_2m_table(scheduler.sigmas.double().cpu().numpy(), ts, cfg.prediction_type,
                               cfg.algorithm_type, cfg.solver_type, cfg.solver_order,
-                              cfg.lower_order_final, cfg.euler_at_final, cfg.final_sigmas_type)
+                              cfg.lower_order_final, cfg.euler_at_final, cfg.final_sigmas_type,
+                              start)
     if name == "EulerDiscreteScheduler":
         return euler_table(scheduler.sigmas.double().cpu().numpy(), ts, cfg.prediction_type,
                            s_churn, s_tmin, s_tmax, s_noise, float(scheduler.init_noise_sigma))

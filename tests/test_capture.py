@@ -16,6 +16,7 @@ import torch
 import fastdiff
 from fastdiff import capture, engine
 from fastdiff.digits import cli
+from fastdiff.integrations import diffusers as acc
 from fastdiff.integrations.diffusers import zoo
 from fastdiff.__main__ import main
 from fastdiff.diffusion import GaussianDiffusion, sample
@@ -191,14 +192,10 @@ def _inputs(model):
     pe, ne = torch.randn(1, 77, dim, generator=g), torch.randn(1, 77, dim, generator=g)
     kw = dict(prompt_embeds=pe, negative_prompt_embeds=ne, height=128, width=128,
               num_inference_steps=3, guidance_scale=5.0)
-    stock = {}
     if model == "sdxl":
-        pp, npool = torch.randn(1, 1280, generator=g), torch.randn(1, 1280, generator=g)
-        ids = torch.tensor([[128.0, 128.0, 0.0, 0.0, 128.0, 128.0]])
-        kw.update(added_cond_kwargs={"text_embeds": pp, "time_ids": ids},
-                  negative_added_cond_kwargs={"text_embeds": npool, "time_ids": ids})
-        stock = dict(pooled_prompt_embeds=pp, negative_pooled_prompt_embeds=npool)
-    return kw, stock
+        kw.update(pooled_prompt_embeds=torch.randn(1, 1280, generator=g),
+                  negative_pooled_prompt_embeds=torch.randn(1, 1280, generator=g))
+    return kw
 
 
 def _cases():
@@ -221,7 +218,7 @@ def test_sample_pipeline_under_capture(sim, request, model, kind, cfg, noisy, fu
     accelerated (fused blocks and attention) except in the stock-unet case."""
     unet = request.getfixturevalue(f"{model}_unet")
     pipe = _pipe(model, unet, kind, cfg)
-    kw, stock = _inputs(model)
+    kw = _inputs(model)
 
     def run():
         return fastdiff.sample_pipeline(pipe, **kw, generator=torch.Generator().manual_seed(1))
@@ -231,15 +228,14 @@ def test_sample_pipeline_under_capture(sim, request, model, kind, cfg, noisy, fu
     try:
         out = run()
         again = run() if noisy else None
-        assert unet._fastdiff_engine.captures == 1 and torch.isfinite(out).all()
+        assert acc.engine_for(unet).captures == 1 and torch.isfinite(out).all()
     finally:
         fastdiff.restore(pipe)
-        unet.__dict__.pop("_fastdiff_engine", None)
+        acc.pipeline._ENGINES.pop(unet, None)
     if noisy:
         torch.testing.assert_close(again, out, rtol=0, atol=0)
         return
-    stock_kw = {k: v for k, v in kw.items() if "added_cond" not in k}
-    ref = pipe(**stock_kw, **stock, output_type="latent",
+    ref = pipe(**kw, output_type="latent",
                generator=torch.Generator().manual_seed(1)).images
     err = (out - ref).abs().max().item()
     assert err <= 1e-4 * max(1.0, ref.abs().max().item()), f"max error {err:.3g}"

@@ -10,6 +10,7 @@ pytest.importorskip("transformers")
 
 import fastdiff  # noqa: E402
 from fastdiff import capture, engine, schedules  # noqa: E402
+from fastdiff.integrations import diffusers as acc  # noqa: E402
 from fastdiff.integrations.diffusers import zoo  # noqa: E402
 from fastdiff.diffusion import GaussianDiffusion  # noqa: E402
 
@@ -71,9 +72,8 @@ def test_sample_pipeline_sdxl_and_unguided():
                    num_inference_steps=3, guidance_scale=guidance, output_type="latent",
                    generator=torch.Generator().manual_seed(1)).images
         out = fastdiff.sample_pipeline(
-            pipe, prompt_embeds=pe, negative_prompt_embeds=ne, height=128, width=128,
-            added_cond_kwargs={"text_embeds": pp, "time_ids": time_ids},
-            negative_added_cond_kwargs={"text_embeds": npool, "time_ids": time_ids},
+            pipe, prompt_embeds=pe, pooled_prompt_embeds=pp, negative_prompt_embeds=ne,
+            negative_pooled_prompt_embeds=npool, height=128, width=128,
             num_inference_steps=3, guidance_scale=guidance,
             generator=torch.Generator().manual_seed(1))
         _close(out, ref)
@@ -237,7 +237,7 @@ def test_seeded_sample_pipeline_is_reproducible_after_an_unseeded_call(dev):
         return fastdiff.sample_pipeline(pipe, **kw, generator=torch.Generator().manual_seed(5))
 
     fresh = seeded()
-    unet.__dict__.pop("_fastdiff_engine").close()      # a fresh engine for the next calls
+    acc.pipeline._ENGINES.pop(unet).close()            # a fresh engine for the next calls
     fastdiff.sample_pipeline(pipe, **kw)
     for _ in range(2):
         torch.testing.assert_close(seeded(), fresh, rtol=0, atol=0)
@@ -337,7 +337,7 @@ def test_accelerated_pipeline_on_graphs_matches_stock(dev):
     graphs = pipe.__dict__[fastdiff.integrations.diffusers.STATE_ATTR].graphs
     assert graphs.captures == 1 and graphs.replays == 6
     out_eng = fastdiff.sample_pipeline(pipe, **kw, generator=torch.Generator().manual_seed(1))
-    assert pipe.unet._fastdiff_engine.captures == 1
+    assert acc.engine_for(pipe.unet).captures == 1
     fastdiff.restore(pipe)
     tol = 0.02 if dev == "cuda" else 1e-4
     for out in (out_pipe, out_eng):

@@ -1,7 +1,8 @@
 """fastdiff in Hugging Face diffusers: everything that knows about diffusers lives here.
 
-- ``pipeline.py``: ``accelerate`` / ``restore`` (in place, undoable) and ``sample_pipeline`` (a
-  pipeline's denoising loop on the sampling engine, whole steps in CUDA graphs);
+- ``pipeline.py``: ``accelerate`` / ``restore`` / ``explain`` (in place, undoable, reported)
+  and ``sample_pipeline`` (a pipeline's denoising loop on the sampling engine, whole steps in
+  CUDA graphs);
 - ``blocks.py``: ResnetBlock2D, conv_norm_out and attention processors on the fused ops;
 - ``schedulers.py``: a scheduler's ``step`` as one ``denoise_step`` call, one adapter per
   scheduler family;
@@ -11,10 +12,13 @@
 diffusers itself is imported only when one of these functions runs, so ``import fastdiff``
 works without it.
 """
-from .blocks import FastdiffAttnProcessor
+from . import pipeline
+from .blocks import FastdiffAttnProcessor, FastdiffFusedAttnProcessor
 from .graphs import GraphedUNet
-from .pipeline import STATE_ATTR, accelerate, engine_for, restore, sample_pipeline
+from .pipeline import (STATE_ATTR, Report, accelerate, engine_for, explain, restore,
+                       sample_pipeline)
 from .schedulers import FusedStep
 
-__all__ = ["STATE_ATTR", "FastdiffAttnProcessor", "FusedStep", "GraphedUNet", "accelerate",
-           "engine_for", "restore", "sample_pipeline"]
+__all__ = ["STATE_ATTR", "FastdiffAttnProcessor", "FastdiffFusedAttnProcessor", "FusedStep",
+           "GraphedUNet", "Report", "accelerate", "engine_for", "explain", "pipeline", "restore",
+           "sample_pipeline"]

@@ -2,15 +2,16 @@
 
 Every ``ResnetBlock2D`` runs its two GroupNorm+SiLU pairs on ``group_norm_silu`` (the time
 embedding enters as the op's ``pre_bias`` in 'default' mode, as ``scale``/``shift`` in
-'scale_shift' mode), the U-Net's ``conv_norm_out`` + ``conv_act`` become one call, and every
-``Attention`` whose processor is diffusers' default gets ``FastdiffAttnProcessor``. Only
-forwards and processors are swapped: parameters, buffers and state_dict keys are untouched.
-With autograd recording, diffusers' own code runs (the fused ops have no backward).
+'scale_shift' mode), a model's ``conv_norm_out`` + ``conv_act`` become one call, and every
+``Attention`` whose processor is diffusers' default gets ``FastdiffAttnProcessor`` (or, after
+``fuse_qkv_projections``, ``FastdiffFusedAttnProcessor``). This works on any model made of these
+blocks: U-Nets, ControlNets, the VAE's encoder and decoder. Only forwards and processors are
+swapped: parameters, buffers and state_dict keys are untouched. A swapped forward is a
+``Patched`` object holding its module (not a closure), so a deep copy or a pickle of the model
+carries forwards bound to the copy. With autograd recording on a block's inputs or parameters,
+diffusers' own code runs.
 """
 from __future__ import annotations
-
-import functools
-import types
 
 import torch
 import torch.nn.functional as F
@@ -23,13 +24,26 @@ MAX_HEAD_DIM = 256
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+class Patched:
+    """An attribute of ``module`` (its ``forward``, a hook) replaced by a call of
+    ``fn(module, *extra, ...)``. A plain object holding its module: deep copies and pickles of the
+    model get one bound to their own module (a bound method or closure would keep the original)."""
+
+    def __init__(self, module, fn, *extra):
+        self.module, self.fn, self.extra = module, fn, extra
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(self.module, *self.extra, *args, **kwargs)
+
+
 def _grad_needed(module: nn.Module, *tensors) -> bool:
-    """The fused ops have no backward: with autograd recording, diffusers' own code runs."""
+    """With autograd recording on the inputs or on any parameter of the block (its convs, a
+    LoRA layer inside them), diffusers' own code runs."""
     if not torch.is_grad_enabled():
         return False
     if any(t is not None and t.requires_grad for t in tensors):
         return True
-    return any(p.requires_grad for p in module.parameters(recurse=False))
+    return any(p.requires_grad for p in module.parameters())
 
 
 def _gn_args(norm: nn.GroupNorm):
@@ -64,8 +78,9 @@ def _resnet_forward(self, input_tensor, temb, *args, **kwargs):
             raise ValueError("`temb` should not be None when `time_embedding_norm` is scale_shift")
         scale, shift = torch.chunk(temb, 2, dim=1)
         h = ops.group_norm_silu(h.contiguous(), *_gn_args(self.norm2), scale=scale, shift=shift)
-    else:
-        h = ops.group_norm_silu(h.contiguous(), *_gn_args(self.norm2), pre_bias=temb)
+    else:   # 'default' adds the time embedding before the norm; other modes ignore it
+        pre = temb if self.time_embedding_norm == "default" else None
+        h = ops.group_norm_silu(h.contiguous(), *_gn_args(self.norm2), pre_bias=pre)
     h = self.dropout(h)
     h = self.conv2(h)
     if self.conv_shortcut is not None:
@@ -80,8 +95,6 @@ def _resnet_supported(m) -> str | None:
         return "ResnetBlock2D without GroupNorm norms"
     if not isinstance(m.nonlinearity, nn.SiLU):
         return f"ResnetBlock2D with activation {type(m.nonlinearity).__name__} (SiLU is fused)"
-    if m.time_embedding_norm not in ("default", "scale_shift"):
-        return f"ResnetBlock2D with time_embedding_norm={m.time_embedding_norm!r}"
     return None
 
 
@@ -105,6 +118,7 @@ class FastdiffAttnProcessor:
     rescale_output_factor and additive or boolean attention masks. Head dims above 256 and
     autograd fall back to ``F.scaled_dot_product_attention``.
     """
+    fused_projections = False        # FastdiffFusedAttnProcessor: q, k, v from to_qkv / to_kv
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  temb=None, *args, **kwargs):
@@ -130,13 +144,19 @@ class FastdiffAttnProcessor:
                                                  attention_mask.shape[-1])
         if attn.group_norm is not None and not fused_gn:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
+        if self.fused_projections and encoder_hidden_states is None:
+            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        else:
+            query = attn.to_q(hidden_states)
+            if encoder_hidden_states is None:
+                encoder_hidden_states = hidden_states
+            elif attn.norm_cross:
+                encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+            if self.fused_projections:
+                key, value = attn.to_kv(encoder_hidden_states).chunk(2, dim=-1)
+            else:
+                key = attn.to_k(encoder_hidden_states)
+                value = attn.to_v(encoder_hidden_states)
         inner_dim = key.shape[-1]
         head_dim = inner_dim // attn.heads
         query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
@@ -166,49 +186,68 @@ class FastdiffAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
-def _attention_supported(m) -> str | None:
-    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+class FastdiffFusedAttnProcessor(FastdiffAttnProcessor):
+    """diffusers' FusedAttnProcessor2_0 (after ``fuse_qkv_projections``) on the fused ops."""
+    fused_projections = True
+
+
+def _replacement(m):
+    """The fastdiff processor for Attention ``m``, or why its processor is kept."""
+    from diffusers.models import attention_processor as ap
 
     proc = m.processor
-    if isinstance(proc, FastdiffAttnProcessor):
-        return None
-    if type(proc) not in (AttnProcessor, AttnProcessor2_0):
-        return (f"attention processor {type(proc).__name__} kept (only diffusers' default is "
-                "replaced)")
+    kind = {ap.AttnProcessor: FastdiffAttnProcessor, ap.AttnProcessor2_0: FastdiffAttnProcessor,
+            ap.FusedAttnProcessor2_0: FastdiffFusedAttnProcessor}.get(type(proc))
+    if kind is None:
+        return None, (f"attention processor {type(proc).__name__} kept (only diffusers' default "
+                      "processors are replaced)")
     if not getattr(m, "scale_qk", True):
-        return "Attention with scale_qk=False kept"
-    return None
+        return None, "Attention with scale_qk=False kept"
+    return kind, None
 
 
-def patch_unet(unet: nn.Module, undo: list) -> dict:
+def patch_attention(root: nn.Module, state) -> tuple[int, list[str]]:
+    """Gives every Attention in ``root`` with a default processor the fastdiff one; records the
+    processor it had in ``state.processors``. Returns (how many, reasons for those kept)."""
     from diffusers.models.attention_processor import Attention
+
+    n, kept = 0, []
+    for m in root.modules():
+        if not isinstance(m, Attention) or isinstance(m.processor, FastdiffAttnProcessor):
+            continue
+        kind, reason = _replacement(m)
+        if kind is None:
+            kept.append(reason)
+            continue
+        state.processors.append((m, m.processor))
+        m.set_processor(kind())
+        n += 1
+    return n, kept
+
+
+def patch_modules(root: nn.Module, state) -> tuple[dict, list[str]]:
+    """Patches every ResnetBlock2D, Attention and conv_norm_out + conv_act pair in ``root``,
+    recording what it set in ``state`` (``patched``: (module, attribute) pairs; ``processors``).
+    Returns the counts and the reasons for what was left alone."""
     from diffusers.models.resnet import ResnetBlock2D
 
     counts = {"resnets": 0, "attention": 0, "norm_out": 0}
-    for m in unet.modules():
+    kept = []
+    for m in root.modules():
         if isinstance(m, ResnetBlock2D) and "forward" not in m.__dict__:
             reason = _resnet_supported(m)
             if reason:
-                log_once(reason + ": diffusers' forward kept")
+                kept.append(reason + ": diffusers' forward kept")
                 continue
-            m.forward = types.MethodType(_resnet_forward, m)
-            undo.append(functools.partial(m.__dict__.pop, "forward", None))
+            m.forward = Patched(m, _resnet_forward)
+            state.patched.append((m, "forward"))
             counts["resnets"] += 1
-        elif isinstance(m, Attention) and not isinstance(m.processor, FastdiffAttnProcessor):
-            reason = _attention_supported(m)
-            if reason:
-                log_once(reason)
-                continue
-            orig = m.processor
-            m.set_processor(FastdiffAttnProcessor())
-            undo.append(functools.partial(m.set_processor, orig))
-            counts["attention"] += 1
-    norm, act = getattr(unet, "conv_norm_out", None), getattr(unet, "conv_act", None)
-    if (isinstance(norm, nn.GroupNorm) and isinstance(act, nn.SiLU)
-            and "forward" not in norm.__dict__):
-        norm.forward = types.MethodType(_norm_out_forward, norm)
-        act.forward = types.MethodType(_identity_forward, act)
-        undo.append(functools.partial(norm.__dict__.pop, "forward", None))
-        undo.append(functools.partial(act.__dict__.pop, "forward", None))
-        counts["norm_out"] += 1
-    return counts
+        norm, act = getattr(m, "conv_norm_out", None), getattr(m, "conv_act", None)
+        if (isinstance(norm, nn.GroupNorm) and isinstance(act, nn.SiLU)
+                and "forward" not in norm.__dict__):
+            norm.forward = Patched(norm, _norm_out_forward)
+            act.forward = Patched(act, _identity_forward)
+            state.patched += [(norm, "forward"), (act, "forward")]
+            counts["norm_out"] += 1
+    counts["attention"], more = patch_attention(root, state)
+    return counts, kept + more

@@ -9,14 +9,15 @@ addresses: a parameter replaced by a new tensor means new captures; in-place upd
 The addresses are checked at every call of a bare U-Net, and once per call of an accelerated
 pipeline (``hold_weights``), not per step. Calls that cannot be captured run eagerly and the
 reason is logged once: a tensor argument off the GPU, autograd recording, a stream capture
-already in progress (the sampling engine capturing a whole step).
+already in progress (the sampling engine capturing a whole step); under ``torch.compile`` the
+plain forward is traced. A deep copy or pickle of the U-Net gets a wrapper of its own over the
+copy, with no graphs (graphs belong to the buffers they were captured with).
 """
 from __future__ import annotations
 
 import contextlib
 import inspect
 import itertools
-import weakref
 
 import torch
 from torch.utils import _pytree as pytree
@@ -40,7 +41,7 @@ class GraphedUNet:
     """Callable replacing ``unet.forward``: replays CUDA graphs on CUDA, runs eagerly elsewhere."""
 
     def __init__(self, unet: torch.nn.Module, max_graphs: int = 8, warmup: int = 2):
-        self._unet = weakref.ref(unet)
+        self.unet = unet
         self._forward = type(unet).forward
         self._signature = inspect.signature(self._forward)
         params = list(self._signature.parameters.values())[1:]           # without self
@@ -49,12 +50,16 @@ class GraphedUNet:
         self._defaults = {p.name: p.default for p in params
                           if p.default is not p.empty and p.kind != p.VAR_KEYWORD}
         self._bindings: dict = {}
-        self.graphs = capture.GraphCache(
-            lambda: itertools.chain(unet.parameters(), unet.buffers()), max_graphs, warmup,
-            "U-Net CUDA graphs")
+        self.graphs = capture.GraphCache(self._weights, max_graphs, warmup, "U-Net CUDA graphs")
         self._weights_held = False
         # a timestep given as a Python number becomes the tensor the model itself would make
         self._int_timesteps = type(unet).__name__ == "UNet2DModel"
+
+    def _weights(self):
+        return itertools.chain(self.unet.parameters(), self.unet.buffers())
+
+    def __reduce__(self):
+        return type(self), (self.unet, self.graphs.max_graphs, self.graphs.warmup)
 
     @property
     def captures(self) -> int:
@@ -102,7 +107,9 @@ class GraphedUNet:
         return call
 
     def __call__(self, *args, **kwargs):
-        unet = self._unet()
+        unet = self.unet
+        if torch.compiler.is_compiling():           # torch.compile traces the plain forward
+            return self._forward(unet, *args, **kwargs)
         call = self._bind(args, kwargs)
         sample = call.get("sample") if call is not None else None
         if (not isinstance(sample, torch.Tensor) or not capture.capturable(sample)

@@ -12,7 +12,6 @@ and the reason is logged once.
 """
 from __future__ import annotations
 
-import functools
 import inspect
 import logging
 import sys
@@ -39,6 +38,12 @@ class Family:
     indexed by timestep, no noise, no history, no state)."""
     output_class = ""            # the step's output class in the scheduler's module
     noise_dtype = None           # dtype of the drawn noise (None: the model output's)
+
+    def unsupported(self, cfg) -> str | None:
+        """Why a scheduler with config ``cfg`` cannot be fused (None: it can)."""
+        if cfg.get("thresholding", False):
+            return "thresholding=True"
+        return None
 
     def options(self, s, a: dict, timestep) -> dict:
         """The table options of this call (its step arguments); raises _Unfused."""
@@ -69,10 +74,10 @@ class Family:
 class DDPM(Family):
     output_class = "DDPMSchedulerOutput"
 
-    def options(self, s, a, timestep):
-        if s.config.variance_type not in ("fixed_small", "fixed_small_log", "fixed_large"):
-            raise _Unfused(f"variance_type={s.config.variance_type!r}")
-        return {}
+    def unsupported(self, cfg):
+        if cfg.variance_type not in ("fixed_small", "fixed_small_log", "fixed_large"):
+            return f"variance_type={cfg.variance_type!r}"
+        return super().unsupported(cfg)
 
     def draws(self, s, table, i, opts):
         return bool(table.timesteps[i] > 0)
@@ -106,12 +111,10 @@ class _StepIndexed(Family):
 class DPMSolverMultistep(_StepIndexed):
     noise_dtype = torch.float32
 
-    def options(self, s, a, timestep):
-        cfg = s.config
+    def unsupported(self, cfg):
         if cfg.algorithm_type not in ("dpmsolver++", "sde-dpmsolver++") or cfg.solver_order > 2:
-            raise _Unfused(f"algorithm_type={cfg.algorithm_type!r}, solver_order="
-                           f"{cfg.solver_order}")
-        return {}
+            return f"algorithm_type={cfg.algorithm_type!r}, solver_order={cfg.solver_order}"
+        return super().unsupported(cfg)
 
     def draws(self, s, table, i, opts):
         return s.config.algorithm_type == "sde-dpmsolver++"
@@ -173,10 +176,23 @@ class FusedStep:
         self.scheduler = scheduler
         self.name = type(scheduler).__name__
         self.family = FAMILIES[self.name]
-        self.original = type(scheduler).step.__get__(scheduler)
-        functools.update_wrapper(self, self.original)
         self._signature = inspect.signature(self.original)
         self._cache: dict = {}
+
+    @property
+    def original(self):
+        """The scheduler's own step (looked up on its class: copies rebind to the copy)."""
+        return type(self.scheduler).step.__get__(self.scheduler)
+
+    @property
+    def __signature__(self):           # pipelines inspect step's parameters (eta, generator)
+        return self._signature
+
+    def __getstate__(self):            # deep copies and pickles: the scheduler, no cached tables
+        return {"scheduler": self.scheduler}
+
+    def __setstate__(self, state):
+        self.__init__(state["scheduler"])
 
     def table(self, kind="table", **opts):
         """(table, {timestep: row}, {device: (coefficients, row indices)}) of the scheduler's
@@ -234,8 +250,9 @@ class FusedStep:
             raise _Unfused()                                   # diffusers' own error
         if model_output.shape != sample.shape or model_output.dtype not in DTYPES:
             raise _Unfused("model output shaped or typed unlike the sample")
-        if s.config.get("thresholding", False):
-            raise _Unfused("thresholding")
+        reason = fam.unsupported(s.config)
+        if reason:
+            raise _Unfused(reason)
         if (model_output.requires_grad or sample.requires_grad) and torch.is_grad_enabled():
             raise _Unfused("autograd")
         if model_output.device != sample.device:
@@ -272,16 +289,24 @@ class FusedStep:
         return fam.output(s, prev, x0, a["return_dict"])
 
 
-def patch(scheduler) -> bool:
-    """Installs FusedStep as ``scheduler.step``; False (logged) for a scheduler without one."""
+def unsupported(scheduler) -> str | None:
+    """Why ``scheduler``'s step cannot be fused (None: it can)."""
+    name = type(scheduler).__name__
+    if name not in FAMILIES:
+        return f"scheduler {name} not supported (fused: {', '.join(FAMILIES)})"
+    reason = FAMILIES[name].unsupported(scheduler.config)
+    return f"{name} with {reason} cannot be fused" if reason else None
+
+
+def patch(scheduler) -> str | None:
+    """Installs FusedStep as ``scheduler.step``; returns why not (the scheduler's own step is
+    then used) or None."""
     if isinstance(scheduler.__dict__.get("step"), FusedStep):
-        return True
-    if type(scheduler).__name__ not in FAMILIES:
-        log_once(f"scheduler {type(scheduler).__name__} not supported (expected one of "
-                 f"{', '.join(FAMILIES)}); its own step is used")
-        return False
-    scheduler.step = FusedStep(scheduler)
-    return True
+        return None
+    reason = unsupported(scheduler)
+    if reason is None:
+        scheduler.step = FusedStep(scheduler)
+    return reason
 
 
 def unpatch(scheduler) -> None:
