@@ -275,13 +275,44 @@ def table_from_scheduler(scheduler, eta: float = 0.0, use_clipped_model_output: 
     at (img2img skips the first ones): the rows from there on, as the scheduler steps them
     when its first ``step`` call is that one.
     """
-    table = _full_table(scheduler, eta, use_clipped_model_output, s_churn, s_tmin, s_tmax,
-                        s_noise, start)
+    _check_schedule(scheduler)
+    try:
+        table = _full_table(scheduler, eta, use_clipped_model_output, s_churn, s_tmin, s_tmax,
+                            s_noise, start)
+    except (ZeroDivisionError, OverflowError) as err:
+        raise ValueError(f"{type(scheduler).__name__}: degenerate schedule ({err}) with "
+                         f"{_settings(scheduler.config)}") from None
     if start and len(table) != len(scheduler.timesteps) - start:
         table = StepTable(**{**table.__dict__, "coeffs": table.coeffs[start:],
                              "timesteps": table.timesteps[start:],
                              "model_input_scale": table.model_input_scale[start:]})
     return table
+
+
+def _settings(cfg) -> str:
+    keys = ("beta_start", "beta_end", "beta_schedule", "trained_betas", "rescale_betas_zero_snr",
+            "prediction_type", "timestep_spacing")
+    return ", ".join(f"{k}={cfg[k]!r}" for k in keys if k in cfg and cfg[k] is not None)
+
+
+def _check_schedule(scheduler) -> None:
+    """Refuses, naming the scheduler's settings, a schedule whose steps are undefined: cumulative
+    alphas outside [0, 1] (betas >= 1 before the end, e.g. beta_end > 1), or a zero one (zero
+    terminal SNR) where an epsilon prediction must be divided by it. diffusers' own step returns
+    non-finite values there; FusedStep then runs that step."""
+    name = type(scheduler).__name__
+    cfg = scheduler.config
+    if name not in ("DDPMScheduler", "DDIMScheduler"):
+        return                                          # sigma-parametrised: finite sigmas
+    ac = scheduler.alphas_cumprod.double()[scheduler.timesteps.long().cpu()]
+    if not (torch.isfinite(ac).all() and (ac >= 0).all() and (ac <= 1).all()):
+        raise ValueError(f"{name}: alphas_cumprod leaves [0, 1] (betas reach 1: "
+                         f"{_settings(cfg)}); its steps are undefined")
+    if cfg.prediction_type == "epsilon" and (ac == 0).any():
+        why = ("zero terminal SNR" if cfg.get("rescale_betas_zero_snr") else
+               "a beta reaches 1")
+        raise ValueError(f"{name}: alphas_cumprod is 0 at a sampled timestep ({why}) and an "
+                         f"epsilon prediction cannot give x0 there ({_settings(cfg)})")
 
 
 def _full_table(scheduler, eta, use_clipped_model_output, s_churn, s_tmin, s_tmax, s_noise,

@@ -145,3 +145,38 @@ def test_bad_options_are_named():
         schedules.dpmpp_2m_table(np.array([2.0, 1.0, 0.0]), [9, 0], solver_order=3)
     with pytest.raises(ValueError, match="set_timesteps"):
         schedules.table_from_scheduler(diffusers.DDIMScheduler())
+
+
+@pytest.mark.parametrize("kind", ["DDIMScheduler", "DDPMScheduler"])
+@pytest.mark.parametrize("cfg,match", [
+    ({"beta_end": 2.0}, "a beta reaches 1.*beta_end=2.0"),
+    ({"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"},
+     "zero terminal SNR.*rescale_betas_zero_snr=True"),
+])
+def test_degenerate_schedules_are_refused_naming_the_setting(kind, cfg, match):
+    """Found by diffusers' own scheduler tests with the fused step installed: these raised
+    ZeroDivisionError inside fastdiff, where diffusers' step returns non-finite values. The table
+    is refused, so FusedStep runs diffusers' own step (equal to it by construction)."""
+    from fastdiff.integrations.diffusers import schedulers as fused
+
+    sched = getattr(diffusers, kind)(**cfg)
+    sched.set_timesteps(10)
+    with pytest.raises(ValueError, match=match):
+        schedules.table_from_scheduler(sched)
+    stock = getattr(diffusers, kind)(**cfg)
+    stock.set_timesteps(10)
+    step = fused.FusedStep(sched)
+    x, eps = torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 4)
+    t = sched.timesteps[0]
+    a = step(eps, t, x, generator=torch.Generator().manual_seed(0)).prev_sample
+    b = stock.step(eps, t, x, generator=torch.Generator().manual_seed(0)).prev_sample
+    torch.testing.assert_close(a, b, equal_nan=True)
+
+
+def test_zero_terminal_snr_with_v_prediction_is_fused():
+    cfg = dict(rescale_betas_zero_snr=True, timestep_spacing="trailing",
+               prediction_type="v_prediction")
+    sched = diffusers.DDIMScheduler(**cfg)
+    sched.set_timesteps(10)
+    table = schedules.table_from_scheduler(sched)
+    assert torch.isfinite(table.coeffs).all()
