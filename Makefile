@@ -7,7 +7,7 @@
 #       table of registers, shared memory, spills and load widths of every kernel family).
 PYTHON ?= python3
 
-.PHONY: sample demo test install install-test bench wheel cubins sass-table
+.PHONY: sample demo test install install-test bench wheel cubins sass-table roofline
 
 install:
 	PYTHON=$(PYTHON) bash scripts/install.sh
@@ -26,6 +26,11 @@ test: install-test
 
 bench: install-test
 	$(PYTHON) benchmarks/run.py --out bench-results
+
+# A roofline model of one U-Net step (SD1.5, SDXL, DDPM-CIFAR10; diffusers, accelerate, engine)
+# on meta tensors: kernels, FLOPs, bytes, floor times on H100/H200. No GPU; under a minute.
+roofline: install-test
+	$(PYTHON) benchmarks/roofline.py
 
 # Both compile for FASTDIFF_CUDA_ARCHS (default 80,86,89,90).
 wheel: install

@@ -1,0 +1,137 @@
+"""The roofline model (benchmarks/roofline.py) counts the kernels of a tiny U-Net step as a hand
+count does, and accelerate removes kernels and memory-bound bytes.
+
+The tiny U-Net (fp16, CFG model batch 2, 8x8 sample, 7 context tokens of width 32):
+  conv_in 4->32; down 0: CrossAttnDownBlock2D(32) = 1 resnet + 1 transformer + a stride-2 conv;
+  down 1: DownBlock2D(32->64) = 1 resnet (1x1 shortcut); mid: resnet, transformer, resnet (64);
+  up 0: UpBlock2D(64) = 2 resnets on cat(h, skip) (128->64, 96->64: shortcuts) + upsampler;
+  up 1: CrossAttnUpBlock2D(32) = 2 x (resnet on cat(h, skip) (96->32, 64->32: shortcuts) +
+  transformer); conv_norm_out + SiLU, conv_out 32->4.
+By hand:
+  resnets           1 + 1 + 2 + 2 + 2 = 8
+  transformers      1 + 1 (mid) + 2 = 4, one BasicTransformerBlock each
+  convolutions      conv_in 1 + resnets 2 x 8 + shortcuts 5 + down/upsampler 2
+                    + transformers' proj_in/proj_out (1x1 convs) 2 x 4 + conv_out 1 = 33
+  GroupNorms        resnets 2 x 8 + transformers 4 + conv_norm_out 1 = 21
+  attention         4 transformers x (self + cross) = 8, one fused kernel each
+  LayerNorms        4 transformers x 3 = 12
+  concatenations    4 skips + 2 in the sinusoidal time embedding + the pipeline's [x; x] = 7
+  SiLU (eager)      resnets 2 x 8 on features + 8 on the time embedding + 1 in the time MLP
+                    + conv_act 1 = 26; accelerate fuses 2 per resnet and conv_act: 9 remain
+  accelerate        -3 per resnet (2 SiLU, the time-embedding add) - conv_act 1
+                    - DDIM's 6 elementwise ops + 1 denoise_step = 30 kernels fewer
+"""
+import os
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "benchmarks")
+if not os.path.isfile(os.path.join(BENCHMARKS, "roofline.py")):   # tests copied beside a wheel
+    pytest.skip("the roofline model lives in the source tree's benchmarks/",
+                allow_module_level=True)
+sys.path.insert(0, BENCHMARKS)
+import roofline  # noqa: E402
+
+SPEC = {"resolution": 8, "down": 1, "guided": True, "context": (7, 32), "scheduler": "sd15"}
+
+
+@pytest.fixture(scope="module")
+def steps():
+    import diffusers
+
+    with torch.device("meta"):
+        unet = diffusers.UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+            block_out_channels=(32, 64), norm_num_groups=8, cross_attention_dim=32,
+            attention_head_dim=8,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).to(torch.float16).eval()
+    return roofline.record(unet, SPEC, batch=2, dtype=torch.float16)
+
+
+def count(kernels, op, where=None):
+    return sum(k.op == op and (where is None or k.where == where) for k in kernels)
+
+
+def test_hand_count_of_the_stock_step(steps):
+    ks = steps["diffusers"]
+    assert count(ks, "aten.convolution") == 33
+    assert count(ks, "aten.native_group_norm") == 21
+    assert count(ks, "sdpa") == 8
+    assert count(ks, "aten.native_layer_norm") == 12
+    assert count(ks, "aten.cat") == 7
+    assert count(ks, "aten.silu") == 26
+    assert count(ks, "aten.upsample_nearest2d") == 1
+    # SDPA stays one kernel: nothing of its math decomposition is recorded
+    ops = {k.op for k in ks}
+    assert not ops & {"aten.bmm", "aten.baddbmm", "aten._softmax", "aten._safe_softmax"}
+    # views, reshapes, expands and detach launch nothing
+    assert not ops & {"aten.view", "aten._unsafe_view", "aten.expand", "aten.t",
+                      "aten.transpose", "aten.permute", "aten.unsqueeze", "aten.detach",
+                      "aten.split", "aten.slice"}
+    # the guidance combine u + s (c - u) and DDIM's step (eta 0) as eager elementwise ops
+    assert [k.op for k in ks if k.where == "CFG combine"] == ["aten.sub", "aten.mul", "aten.add"]
+    assert [k.op for k in ks if k.where == "scheduler step"] == [
+        "aten.mul", "aten.sub", "aten.div", "aten.mul", "aten.mul", "aten.add"]
+
+
+def test_flops_and_bytes_of_single_kernels(steps):
+    ks = steps["diffusers"]
+    conv_in = next(k for k in ks if k.op == "aten.convolution")
+    # 2 x 32 x 8 x 8 outputs, each 4 channels x 3 x 3 multiply-adds, 2 FLOPs each
+    assert conv_in.flops == 2 * (2 * 32 * 8 * 8) * (4 * 3 * 3)
+    # reads x (2x4x8x8), weight (32x4x3x3), bias (32); writes 2x32x8x8; fp16
+    assert conv_in.bytes == 2 * (2 * 4 * 64 + 32 * 4 * 9 + 32 + 2 * 32 * 64)
+    gn = next(k for k in ks if k.op == "aten.native_group_norm")
+    # first resnet's norm1 on 2x32x8x8, 8 groups: x read, weight+bias read, y written,
+    # mean and rstd (2x8 each) written; fp16
+    assert gn.bytes == 2 * (2 * 32 * 64 + 2 * 32 + 2 * 32 * 64 + 2 * 2 * 8)
+    assert gn.flops == 2 * 32 * 64 + 2 * 2 * 8              # ~1 per output element
+    self_attn = next(k for k in ks if k.op == "sdpa")
+    # level 0 self-attention: B 2, 8 heads of dim 4, 64 queries and keys: 4 B H Lq Lk D
+    assert self_attn.flops == 4 * 2 * 8 * 64 * 64 * 4
+    assert self_attn.bytes == 4 * (2 * 8 * 64 * 4) * 2      # q, k, v read, out written
+    cross = [k for k in ks if k.op == "sdpa"][1]
+    assert cross.flops == 4 * 2 * 8 * 64 * 7 * 4
+    mm = next(k for k in ks if k.op == "aten.mm")           # to_q: (2*64, 32) @ (32, 32)
+    assert mm.flops == 2 * 128 * 32 * 32
+    residual = next(k for k in ks if k.op == "aten.add" and k.where == "ResnetBlock2D"
+                    and "->" not in k.shape)
+    assert residual.flops == 2 * 32 * 64 and residual.bytes == 3 * 2 * (2 * 32 * 64)
+
+
+def test_accelerate_fuses_norms_attention_and_the_step(steps):
+    d, a, e = steps["diffusers"], steps["accelerate"], steps["engine"]
+    assert count(a, "fastdiff.group_norm_silu") == 17        # resnets 16 + conv_norm_out
+    assert count(a, "aten.native_group_norm") == 4           # the transformers' own norm
+    assert count(a, "fastdiff.attention") == 8 and count(a, "sdpa") == 0
+    assert count(a, "aten.silu") == 9
+    assert count(a, "aten.convolution") == 33
+    assert [k.op for k in a if k.where == "scheduler step"] == ["fastdiff.denoise_step"]
+    assert len(d) - len(a) == 8 * 3 + 1 + 6 - 1
+    dev = roofline.ROOFLINES["H100"]
+    mem = lambda ks: sum(k.bytes for k in ks if k.memory_bound(dev))  # noqa: E731
+    assert mem(a) < mem(d)
+    # engine: the guidance moves into denoise_step; input scaling, step-index gathers and the
+    # state updates come in: index_select x2, cast, mul, cat, denoise_step, copy_, add_
+    outside = [k.op for k in e if k.where == "engine"]
+    assert outside == ["aten.index_select", "aten._to_copy", "aten.mul", "aten.index_select",
+                       "aten.cat", "fastdiff.denoise_step", "aten.copy_", "aten.add_"]
+    assert len(e) - len(a) == len(outside) - 5               # was: cat, 3 CFG ops, denoise_step
+    assert mem(e) == pytest.approx(mem(a), rel=0.01)
+
+
+def test_roofline_arithmetic():
+    dev = {"copy_gbs": 1000.0, "matmul_tflops": 100.0}           # ridge 100 FLOP/B
+    assert roofline.ridge(dev) == 100
+    slow_copy = roofline.Kernel("aten.add", "x", "s", flops=1e6, bytes=1e8)
+    assert slow_copy.memory_bound(dev) and slow_copy.floor_s(dev) == pytest.approx(1e-4)
+    gemm = roofline.Kernel("aten.mm", "x", "s", flops=1e12, bytes=1e6)
+    assert not gemm.memory_bound(dev) and gemm.floor_s(dev) == pytest.approx(1e-2)
+    s = roofline.summary([slow_copy, gemm])
+    assert s["kernels"] == 2 and s["memory_bound_mb"] == pytest.approx(100.0)
+    assert s["top_memory_bound"][0]["share"] == pytest.approx(1.0)
