@@ -28,7 +28,8 @@ Systems (DDIM, eta = 0; guided models with CFG, model batch [uncond; cond]):
   the patched U-Net, one ``denoise_step`` with the guidance inside, state updates. Its CUDA
   graph removes launch gaps, not kernels.
 
-    python benchmarks/roofline.py [--models sd15 sdxl ddpm_cifar10] [--batch 2] [--json PATH]
+    python benchmarks/roofline.py [--models sd15 sdxl ddpm_cifar10] [--batch 2]
+        [--resolution PX] [--dtype fp16] [--top 10] [--group-by shape|block] [--json PATH]
 """
 from __future__ import annotations
 
@@ -523,7 +524,8 @@ def main(argv=None) -> dict:
     p.add_argument("--batch", type=int, default=2,
                    help="U-Net batch per step (guided models: [uncond; cond], so 2 = 1 image)")
     p.add_argument("--resolution", type=int, default=None,
-                   help="image side in pixels (default: each model's native resolution)")
+                   help="image side in pixels for every model listed (default: each "
+                        "model's native resolution)")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp16")
     p.add_argument("--top", type=int, default=10, help="memory-bound contributors listed")
     p.add_argument("--group-by", choices=("shape", "block"), default="shape",
