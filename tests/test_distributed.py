@@ -122,7 +122,7 @@ def small_run(tmp_path):
     model = load_model()
     args = {"shard_size": 4, "batch_size": 4, "steps": 2, "progress": False, "model_name": "m"}
     gen_mod.generate(model, str(tmp_path), 8, **args)
-    return tmp_path, lambda: gen_mod.generate(model, str(tmp_path), 8, **args)
+    return tmp_path, lambda **kw: gen_mod.generate(model, str(tmp_path), 8, **args, **kw)
 
 
 def _flip_sample_byte(path, samples):
@@ -140,8 +140,17 @@ def test_rerun_draws_a_corrupt_shard_again(small_run, caplog):
     summary = rerun()
     again = gen_mod.load(str(out))
     assert all(np.array_equal(again[k], ref[k]) for k in ref)
-    assert summary["redrawn"] == 1 and summary["skipped"] == 1
+    assert summary["corrupt"] == 1 and summary["skipped"] == 1 and summary["written"] == 1
     assert f"shard {shard} is corrupt" in caplog.text
+    # both corrupt, one shard allowed: the other is removed and left to the next rerun
+    for k, path in enumerate(sorted(out.glob("shard-*.npz"))):
+        _flip_sample_byte(path, ref["samples"][4 * k:])
+    summary = rerun(max_shards=1)
+    assert (summary["corrupt"], summary["written"], summary["missing"]) == (2, 1, 1)
+    assert not (out / "shard-00001.npz").exists() and not (out / "manifest.json").exists()
+    rerun()
+    again = gen_mod.load(str(out))
+    assert all(np.array_equal(again[k], ref[k]) for k in ref)
 
 
 def test_load_verifies_the_manifest_and_every_shard(small_run):

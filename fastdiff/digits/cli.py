@@ -265,9 +265,10 @@ def _generate(args) -> int:
                            progress=ctx.is_main, model_name=os.path.basename(args.weights))
     finally:
         ctx.close()
-    redrawn = f", drew {summary['redrawn']} corrupt ones again" if summary["redrawn"] else ""
+    corrupt = (f", removed {summary['corrupt']} corrupt ones to draw again"
+               if summary["corrupt"] else "")
     print(f"rank {ctx.rank}/{ctx.world_size}: wrote {summary['written']} shards, skipped "
-          f"{summary['skipped']} already there{redrawn}, {summary['seconds']:.1f} s",
+          f"{summary['skipped']} already there{corrupt}, {summary['seconds']:.1f} s",
           file=sys.stderr)
     if ctx.is_main:
         if "manifest" in summary:

@@ -7,7 +7,7 @@ consecutive samples go round-robin to the ranks; each shard is written as
 ``shard-00042.npz`` (``samples`` float32 NCHW in [-1, 1], ``images`` uint8 NHWC, ``labels``,
 ``indices``, and ``sha256``: a checksum of the others), atomically (temp file, fsync, rename),
 optionally with a PNG grid. A rerun verifies the shards already there and skips them (a corrupt
-one is drawn again, with a warning naming it), so a killed run resumes. When every shard exists,
+one is removed, with a warning naming it, and drawn again), so a killed run resumes. When every shard exists,
 rank 0 verifies them all and writes ``manifest.json`` (settings, shards, sha256 of each file,
 and a sha256 of the manifest itself); ``load`` checks all of it, naming the file at fault.
 """
@@ -148,7 +148,7 @@ def generate(model, out_dir: str, num: int, *, labels=None, shard_size: int = 25
     n_shards = -(-num // shard_size)
     mine = [k for k in range(n_shards) if k % world_size == rank]
     diffusion = GaussianDiffusion()
-    written = skipped = redrawn = 0
+    written = skipped = corrupt = 0
     bar = None
     if progress:
         from tqdm import tqdm
@@ -157,20 +157,22 @@ def generate(model, out_dir: str, num: int, *, labels=None, shard_size: int = 25
     for k in mine:
         lo, hi = k * shard_size, min((k + 1) * shard_size, num)
         path = os.path.join(out_dir, shard_name(k))
-        bad = None
         if os.path.exists(path):
             try:
                 read_shard(path, lo, hi, settings)
-            except ValueError as err:
-                bad = err
-        if os.path.exists(path) and bad is None:
+            except ValueError as err:                  # garbage: removed, drawn again
+                log.warning("%s; removed it, to be drawn again", err)
+                os.unlink(path)
+                corrupt += 1
+                try:                                   # the run is no longer complete
+                    os.unlink(os.path.join(out_dir, MANIFEST))
+                except FileNotFoundError:
+                    pass
+        if os.path.exists(path):
             skipped += 1
         else:
             if max_shards is not None and written >= max_shards:
                 break
-            if bad is not None:
-                log.warning("%s; drawing it again", bad)
-                redrawn += 1
             xs = []
             for b in range(lo, hi, batch_size):
                 idx = range(b, min(b + batch_size, hi))
@@ -198,7 +200,7 @@ def generate(model, out_dir: str, num: int, *, labels=None, shard_size: int = 25
     barrier()
     missing = [k for k in range(n_shards) if not os.path.exists(os.path.join(out_dir,
                                                                               shard_name(k)))]
-    summary = {"rank": rank, "written": written, "skipped": skipped, "redrawn": redrawn,
+    summary = {"rank": rank, "written": written, "skipped": skipped, "corrupt": corrupt,
                "seconds": seconds, "missing": len(missing), "shards": n_shards}
     if rank == 0 and not missing:
         shards = []
