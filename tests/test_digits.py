@@ -66,8 +66,8 @@ def test_sample_command_rejects_unknown_labels(tmp_path):
 
 
 @pytest.mark.parametrize("argv,msg", [
-    (["--num", "0"], "--num must be >= 1, got 0"),
-    (["--steps", "0"], "'num_steps' must be in \\[1, 1000\\], got 0"),
+    (["--num", "0"], "--num must be in 1..4096 \\(samples drawn at once\\), got 0"),
+    (["--steps", "0"], "--steps must be in 1..1000 \\(the model's diffusion timesteps\\), got 0"),
     (["--weights", "/nonexistent/w.safetensors"], "not found"),
 ])
 def test_sample_command_reports_bad_options(tmp_path, argv, msg):

@@ -116,6 +116,88 @@ def test_generation_bad_input(tmp_path):
         gen_mod.generate(model, str(tmp_path), 4, labels=[12])
 
 
+@pytest.fixture
+def small_run(tmp_path):
+    """8 samples in 2 shards, 2 steps each: a finished run in about a second."""
+    model = load_model()
+    args = {"shard_size": 4, "batch_size": 4, "steps": 2, "progress": False, "model_name": "m"}
+    gen_mod.generate(model, str(tmp_path), 8, **args)
+    return tmp_path, lambda **kw: gen_mod.generate(model, str(tmp_path), 8, **args, **kw)
+
+
+def _flip_sample_byte(path, samples):
+    data = bytearray(path.read_bytes())
+    data[data.find(samples.tobytes()[:16]) + 5] ^= 0xFF      # inside the 'samples' array
+    path.write_bytes(bytes(data))
+
+
+def test_rerun_draws_a_corrupt_shard_again(small_run, caplog):
+    """Was: a shard with flipped bytes was skipped on rerun, its sha256 put in the manifest."""
+    out, rerun = small_run
+    ref = gen_mod.load(str(out))
+    shard = out / "shard-00001.npz"
+    _flip_sample_byte(shard, ref["samples"][4:])
+    summary = rerun()
+    again = gen_mod.load(str(out))
+    assert all(np.array_equal(again[k], ref[k]) for k in ref)
+    assert summary["corrupt"] == 1 and summary["skipped"] == 1 and summary["written"] == 1
+    assert f"shard {shard} is corrupt" in caplog.text
+    # both corrupt, one shard allowed: the other is removed and left to the next rerun
+    for k, path in enumerate(sorted(out.glob("shard-*.npz"))):
+        _flip_sample_byte(path, ref["samples"][4 * k:])
+    summary = rerun(max_shards=1)
+    assert (summary["corrupt"], summary["written"], summary["missing"]) == (2, 1, 1)
+    assert not (out / "shard-00001.npz").exists() and not (out / "manifest.json").exists()
+    rerun()
+    again = gen_mod.load(str(out))
+    assert all(np.array_equal(again[k], ref[k]) for k in ref)
+
+
+def test_load_verifies_the_manifest_and_every_shard(small_run):
+    """Was: load read the shards without looking at the manifest's sha256s; errors named no file."""
+    out, _ = small_run
+    manifest, shard = out / "manifest.json", out / "shard-00001.npz"
+    ref = gen_mod.load(str(out))
+    text, good = manifest.read_text(), shard.read_bytes()
+
+    _flip_sample_byte(shard, ref["samples"][4:])
+    with pytest.raises(ValueError, match=f"shard {shard} is corrupt: its sha256 differs from the "
+                       f"one in {manifest}"):
+        gen_mod.load(str(out))
+    shard.write_bytes((out / "shard-00000.npz").read_bytes())    # a whole shard, the wrong one
+    with pytest.raises(ValueError, match=f"shard {shard} is corrupt"):
+        gen_mod.load(str(out))
+    shard.write_bytes(good)
+    manifest.write_text(text.replace('"steps": 2', '"steps": 3'))
+    with pytest.raises(ValueError, match=f"manifest {manifest} is corrupt: its content"):
+        gen_mod.load(str(out))
+    m = json.loads(text)
+    m["shards"][1]["sha256"] = "0" * 64
+    manifest.write_text(json.dumps(m))
+    with pytest.raises(ValueError, match=f"manifest {manifest} is corrupt"):
+        gen_mod.load(str(out))
+    manifest.write_text(text)
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match=f"shard {shard} listed in {manifest} not found"):
+        gen_mod.load(str(out))
+
+
+def test_invalid_generation_writes_nothing(tmp_path):
+    """Was: steps=0 wrote run.json before failing, and the folder refused the corrected rerun;
+    max_shards=-1 wrote nothing and reported success."""
+    model, out = load_model(), tmp_path / "g"
+    for kwargs, msg in [({"steps": 0}, "'num_steps' must be in \\[1, 1000\\], got 0"),
+                        ({"max_shards": -1}, "'max_shards' must be >= 1"),
+                        ({"guidance": float("nan")}, "'guidance' must be finite"),
+                        ({"seed": -1}, "'seed' must be in"),
+                        ({"solver": "foo"}, "'solver' must be one of")]:
+        with pytest.raises(ValueError, match=msg):
+            gen_mod.generate(model, str(out), 4, shard_size=4, progress=False, **kwargs)
+    assert not out.exists()
+    gen_mod.generate(model, str(out), 4, shard_size=4, steps=1, progress=False)
+    assert gen_mod.load(str(out))["samples"].shape == (4, 1, 8, 8)
+
+
 TINY = TrainConfig(steps=3, ckpt_every=1, batch_size=8, model=UNetConfig(
     image_size=8, base_channels=16, channel_mult=(1, 2), attn_resolutions=(4,), head_dim=8,
     groups=4, num_classes=10, dropout=0.0))

@@ -1,5 +1,6 @@
 """Training: an interrupted run resumes to exactly the weights of an uninterrupted one."""
 import os
+import re
 import subprocess
 import sys
 import time
@@ -8,7 +9,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from fastdiff.checkpoint import load_safetensors_metadata
+from fastdiff.checkpoint import load_safetensors, load_safetensors_metadata
+from fastdiff.diffusion import EMA, GaussianDiffusion
 from fastdiff.digits.train import CHECKPOINT, TrainConfig, train
 from fastdiff.unet import UNet, UNetConfig
 
@@ -63,3 +65,78 @@ def test_checkpoint_from_another_config_is_refused(tmp_path):
     other = TrainConfig(steps=6, ckpt_every=2, batch_size=4, model=TINY.model)
     with pytest.raises(ValueError, match="another training config"):
         train(str(tmp_path), other, progress=False)
+
+
+def _flip_last_byte(path):
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF                      # the end of the last tensor's payload
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_payload_bytes_are_refused_naming_the_file(tmp_path):
+    """Was: a checkpoint (or model) with a flipped byte loaded, and training went on from it."""
+    train(str(tmp_path), replace(TINY, steps=2), progress=False)
+    ckpt, weights = tmp_path / CHECKPOINT, tmp_path / "model.safetensors"
+    _flip_last_byte(ckpt)
+    with pytest.raises(ValueError, match=f"checkpoint {re.escape(str(ckpt))} is corrupt: its "
+                       "payload does not match the sha256"):
+        train(str(tmp_path), TINY, progress=False)
+    _flip_last_byte(weights)
+    with pytest.raises(ValueError, match=f"{re.escape(str(weights))} is corrupt"):
+        UNet.load(str(weights))
+
+
+def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    """Was: a NaN loss trained on and saved an all-NaN model."""
+    real, calls = GaussianDiffusion.loss, []
+
+    def loss(self, *args, **kwargs):
+        calls.append(None)
+        return real(self, *args, **kwargs) * (float("nan") if len(calls) == 5 else 1.0)
+
+    monkeypatch.setattr(GaussianDiffusion, "loss", loss)
+    with pytest.raises(FloatingPointError, match="non-finite loss \\(nan\\) at step 5; .* keeps "
+                       "the last good checkpoint \\(step 4\\)"):
+        train(str(tmp_path), TINY, progress=False)
+    assert _step(tmp_path / CHECKPOINT) == 4 and not (tmp_path / "model.safetensors").exists()
+    state = load_safetensors(str(tmp_path / CHECKPOINT))
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_non_finite_weights_are_never_checkpointed(tmp_path, monkeypatch):
+    """Finite loss, weights turned NaN by the update (as an overflowing gradient does)."""
+    real, calls = EMA.update, []
+
+    def update(self, model):
+        calls.append(None)
+        if len(calls) == 4:
+            with torch.no_grad():
+                next(model.parameters()).fill_(float("inf"))
+        real(self, model)
+
+    monkeypatch.setattr(EMA, "update", update)
+    with pytest.raises(FloatingPointError, match="non-finite weights at step 4; .* keeps the "
+                       "last good checkpoint"):
+        train(str(tmp_path), TINY, progress=False)
+    assert _step(tmp_path / CHECKPOINT) == 2
+
+
+def test_stale_temp_files_of_killed_checkpoint_writes_are_removed(tmp_path):
+    """Was: a kill during a checkpoint write left a checkpoint-sized .tmp file forever."""
+    stale = [".tmp-k3j2checkpoint.safetensors", ".tmp-9xq1model.safetensors", ".tmp-aa0model.json"]
+    for name in stale:
+        (tmp_path / name).write_bytes(b"\0" * 1000)
+    (tmp_path / ".tmp-notes.txt").write_text("not ours")
+    train(str(tmp_path), replace(TINY, steps=1), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".tmp-notes.txt", CHECKPOINT, "model.json", "model.safetensors"]
+
+
+def test_bad_config_writes_nothing(tmp_path):
+    for cfg, msg in [(replace(TINY, batch_size=0), "'batch_size' must be >= 1"),
+                     (replace(TINY, batch_size=4000), "'batch_size' \\(4000\\) exceeds the data"),
+                     (replace(TINY, ckpt_every=0), "'ckpt_every' must be >= 1"),
+                     (replace(TINY, steps=-1), "'steps' must be >= 0")]:
+        with pytest.raises(ValueError, match=msg):
+            train(str(tmp_path / "run"), cfg, progress=False)
+    assert not (tmp_path / "run").exists()

@@ -1,8 +1,10 @@
 """``fastdiff train``: DDPM training on the digits with checkpoints that survive a kill.
 
 Every ``ckpt_every`` steps the whole state (weights, EMA weights, Adam moments, step, both RNG
-states) is written atomically to ``<out>/checkpoint.safetensors``; ``resume=True`` continues
-from it and ends with exactly the weights of an uninterrupted run with the same seed. Training
+states) is written atomically, with a sha256 of its payload, to ``<out>/checkpoint.safetensors``;
+``resume=True`` verifies and continues from it and ends with exactly the weights of an
+uninterrupted run with the same seed. A non-finite loss (or non-finite weights at a checkpoint)
+stops the run with ``FloatingPointError`` and leaves the last good checkpoint in place. Training
 runs the U-Net on plain torch ops (the fused ops have no autograd); the result is saved as
 ``<out>/model.safetensors`` + ``model.json`` (EMA weights), ready for fused sampling.
 """
@@ -14,9 +16,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from fastdiff.digits import data as digits
-from fastdiff.checkpoint import atomic_save_safetensors, load_safetensors, load_safetensors_metadata
+from fastdiff.checkpoint import atomic_save_safetensors, read_safetensors
 from fastdiff.diffusion import EMA, GaussianDiffusion
+from fastdiff.digits import data as digits
 from fastdiff.unet import UNet, UNetConfig
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -29,14 +31,22 @@ class TrainConfig:
     lr: float = 5e-4
     ema_decay: float = 0.999
     p_uncond: float = 0.15          # condition dropout for classifier-free guidance
-    ckpt_every: int = 500
+    ckpt_every: int = 100          # a kill loses at most this many steps
     seed: int = 0
     model: UNetConfig = field(default_factory=lambda: UNetConfig(
         image_size=8, base_channels=32, channel_mult=(1, 2), attn_resolutions=(4,),
         head_dim=32, groups=8, num_classes=10, dropout=0.1))
 
 
+def _check_finite(step, model, ema, path):
+    for name, m in (("weights", model), ("EMA weights", ema.model)):
+        if not all(torch.isfinite(p).all() for p in m.parameters()):
+            raise FloatingPointError(f"training diverged: non-finite {name} at step {step}; "
+                                     f"{path} keeps the last good checkpoint")
+
+
 def _save(path, step, cfg, model, ema, opt, gen):
+    _check_finite(step, model, ema, path)
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     tensors.update({f"ema.{k}": v for k, v in ema.model.state_dict().items()})
     for i, st in opt.state_dict()["state"].items():
@@ -49,8 +59,7 @@ def _save(path, step, cfg, model, ema, opt, gen):
 
 
 def _load(path, cfg, model, ema, opt, gen) -> int:
-    state = load_safetensors(path)
-    meta = load_safetensors_metadata(path)
+    state, meta = read_safetensors(path, require_checksum=True)
     saved = json.loads(meta.get("train_config", "{}"))
     # the run's length and checkpoint interval may change on resume (train longer); not the rest
     same = lambda d: {k: v for k, v in d.items() if k not in ("steps", "ckpt_every")}  # noqa: E731
@@ -87,11 +96,16 @@ def train(out_dir: str, cfg: TrainConfig | None = None, resume: bool = True,
     cfg = cfg or TrainConfig()
     ctx = ctx or Context()
     W, rank, device = ctx.world_size, ctx.rank, ctx.device
+    # every check before anything is written to out_dir
+    for name in ("batch_size", "ckpt_every"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"'{name}' must be >= 1, got {getattr(cfg, name)}")
+    if cfg.steps < 0:
+        raise ValueError(f"'steps' must be >= 0, got {cfg.steps}")
     if cfg.batch_size % W:
         raise ValueError(f"'batch_size' ({cfg.batch_size}) must be divisible by the number of "
                          f"ranks ({W})")
     b = cfg.batch_size // W
-    os.makedirs(out_dir, exist_ok=True)
     torch.manual_seed(cfg.seed + rank)                     # dropout masks differ per rank
     gen = torch.Generator().manual_seed(cfg.seed)          # shared: t, noise, label dropout
     x_all, y_all = digits.load("train")
@@ -109,6 +123,9 @@ def train(out_dir: str, cfg: TrainConfig | None = None, resume: bool = True,
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     ckpt = os.path.join(out_dir, CHECKPOINT)
     start = _load(ckpt, cfg, model, ema, opt, gen) if resume and os.path.exists(ckpt) else 0
+    os.makedirs(out_dir, exist_ok=True)
+    if ctx.is_main:
+        remove_stale_temp_files(out_dir)
     net = model
     if ctx.distributed:
         from torch.nn.parallel import DistributedDataParallel
@@ -123,6 +140,7 @@ def train(out_dir: str, cfg: TrainConfig | None = None, resume: bool = True,
         bar = tqdm(total=cfg.steps, initial=start, desc="training", unit="step")
     epoch, order = -1, None
     shape = (cfg.batch_size, *x_all.shape[1:])
+    done = start
     for step in range(start, cfg.steps):
         if step // per_epoch != epoch:
             epoch = step // per_epoch
@@ -138,14 +156,26 @@ def train(out_dir: str, cfg: TrainConfig | None = None, resume: bool = True,
         labels = y_all[idx].clone()
         labels[drop.to(device)] = cfg.model.num_classes
         loss = diffusion.loss(net, x_all[idx], labels, t=t.to(device), noise=noise.to(device))
+        total = loss.detach().clone()
+        if ctx.distributed:                    # every rank stops together, or none does
+            import torch.distributed as dist
+
+            dist.all_reduce(total)
+        done = step + 1
+        if not torch.isfinite(total):
+            if bar is not None:
+                bar.close()
+            raise FloatingPointError(
+                f"training diverged: non-finite loss ({total.item() / W}) at step {done}; "
+                + (f"{ckpt} keeps the last good checkpoint (step {_saved_step(ckpt)})"
+                   if os.path.exists(ckpt) else "no checkpoint had been written yet"))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         ema.update(model)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-        done = step + 1
+            bar.set_postfix(loss=f"{total.item() / W:.4f}")
         if (done % cfg.ckpt_every == 0 or done == cfg.steps) and ctx.is_main:
             _save(ckpt, done, cfg, model, ema, opt, gen)
         if stop_after is not None and done >= stop_after:
@@ -154,5 +184,23 @@ def train(out_dir: str, cfg: TrainConfig | None = None, resume: bool = True,
         bar.close()
     ctx.barrier()
     if ctx.is_main:
+        _check_finite(done, model, ema, ckpt)
         ema.model.save(os.path.join(out_dir, "model.safetensors"))
     return ema.model
+
+
+def remove_stale_temp_files(out_dir: str) -> list[str]:
+    """Deletes the temp files a kill during a checkpoint or model write left in ``out_dir``
+    (``.tmp-*`` beside the files train writes; each one is as large as a checkpoint)."""
+    ours = (CHECKPOINT, "model.safetensors", "model.json")
+    removed = [n for n in os.listdir(out_dir) if n.startswith(".tmp-") and n.endswith(ours)]
+    for name in removed:
+        os.unlink(os.path.join(out_dir, name))
+    return removed
+
+
+def _saved_step(path: str) -> str:
+    try:
+        return read_safetensors(path)[1].get("step", "?")
+    except (OSError, ValueError):
+        return "?"
