@@ -36,8 +36,8 @@ class BuildPyWithCubins(build_py):
             return
         out = os.path.join(self.build_lib, "fastdiff", "kernels", "cubins")
         shutil.rmtree(out, ignore_errors=True)
-        # kernels/aot.py reads FASTDIFF_CUDA_ARCHS (default 80,86,89,90; "none" for none).
-        cmd = [sys.executable, "-m", "kernels.aot", "--emit", out, "--archs-from-env",
+        # kernels/prebuild.py reads FASTDIFF_CUDA_ARCHS (default 80,86,89,90; "none" for none).
+        cmd = [sys.executable, "-m", "kernels.prebuild", "--emit", out, "--archs-from-env",
                "--jobs", str(os.cpu_count() or 1)]
         print(f"fastdiff: compiling the Triton kernels into {out}", flush=True)
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

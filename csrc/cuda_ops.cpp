@@ -3,8 +3,8 @@
 //
 // Each op checks its arguments (ops.cpp), plans its launches exactly as its Triton launcher in
 // kernels/*.py does (the same kernel, constexprs, grid and arguments; tests/test_prebuilt.py
-// compares the two plans on CPU tensors) and launches the prebuilt cubins (aot.cpp). When they
-// cannot run (see aot.h), the op calls its private twin fastdiff::_<op>_jit, whose CUDA kernel
+// compares the two plans on CPU tensors) and launches the prebuilt cubins (prebuilt.cpp). When
+// they cannot run (see prebuilt.h), the op calls its private twin fastdiff::_<op>_jit, whose CUDA kernel
 // is the Triton launcher registered in fastdiff/ops.py, passing the reason, which is logged once.
 #include <torch/extension.h>
 #include <torch/library.h>
@@ -16,14 +16,14 @@
 #include <cmath>
 #include <numeric>
 
-#include "aot.h"
+#include "prebuilt.h"
 #include "fastdiff.h"
 
 namespace fastdiff {
 namespace {
 
-using aot::Arg;
-using aot::Launch;
+using prebuilt::Arg;
+using prebuilt::Launch;
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -52,13 +52,13 @@ std::string key_of(const std::string& kernel, const std::vector<Arg>& args,
   size_t p = 0;
   for (const Arg& a : args) {
     switch (a.kind) {
-      case aot::Kind::Ptr: types.push_back(ptr_types.at(p++)); break;
-      case aot::Kind::I32: types.emplace_back("i32"); break;
-      case aot::Kind::I64: types.emplace_back("i64"); break;
-      case aot::Kind::F32: types.emplace_back("fp32"); break;
+      case prebuilt::Kind::Ptr: types.push_back(ptr_types.at(p++)); break;
+      case prebuilt::Kind::I32: types.emplace_back("i32"); break;
+      case prebuilt::Kind::I64: types.emplace_back("i64"); break;
+      case prebuilt::Kind::F32: types.emplace_back("fp32"); break;
     }
   }
-  return aot::make_key(kernel, types, constexprs);
+  return prebuilt::make_key(kernel, types, constexprs);
 }
 
 struct Plan {
@@ -114,7 +114,7 @@ Plan plan_group_norm_silu(const at::Tensor& x, int64_t num_groups,
   sargs.push_back(Arg::i32("pre_kind", gn_kind(pre_bias)));
   std::vector<std::pair<std::string, int64_t>> scx{{"CL", cl}, {"HAS_PRE", pre_bias.has_value()}};
   scx.insert(scx.end(), shape.begin(), shape.end());
-  std::string skey = key_of("_stats", sargs, {t, "*fp32", "*fp32"}, scx);
+  std::string skey = key_of("group_norm_silu_stats", sargs, {t, "*fp32", "*fp32"}, scx);
 
   std::vector<Arg> aargs{Arg::ptr("x_ptr", x), Arg::ptr("y_ptr", y),
                          Arg::ptr("w_ptr", or_x(weight)), Arg::ptr("b_ptr", or_x(bias)),
@@ -131,7 +131,7 @@ Plan plan_group_norm_silu(const at::Tensor& x, int64_t num_groups,
       {"CL", cl}, {"HAS_PRE", pre_bias.has_value()}, {"HAS_SS", has_ss}, {"SILU", apply_silu},
       {"SPLIT_P2", kGnMaxSplit}};
   acx.insert(acx.end(), shape.begin(), shape.end());
-  std::string akey = key_of("_apply", aargs, {t, t, "*fp32", "*fp32", "*fp32", "*fp32", "*fp32",
+  std::string akey = key_of("group_norm_silu_apply", aargs, {t, t, "*fp32", "*fp32", "*fp32", "*fp32", "*fp32",
                                               "*fp32"}, acx);
   return {{{skey, grid, sargs}, {akey, grid, aargs}}, {y}, {part}, {}};
 }
@@ -188,7 +188,7 @@ Plan plan_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
                         Arg::i64("sbn", bstrides[3]), Arg::i32("H", H), Arg::i32("Lq", Lq),
                         Arg::i32("Lk", Lk), Arg::f32("qk_scale", s * kLog2e)};
   const std::string t = ptr_type(q.scalar_type());
-  std::string key = key_of("_attention_kernel", args,
+  std::string key = key_of("attention_fwd", args,
                            {t, t, t, attn_bias ? ptr_type(attn_bias->scalar_type()) : t, t},
                            {{"D", D}, {"VEC", vec}, {"HAS_BIAS", attn_bias.has_value()},
                             {"IEEE", ieee}, {"BLOCK_M", bm}, {"BLOCK_N", bn},
@@ -225,7 +225,7 @@ Plan plan_denoise_step(const at::Tensor& model_output, const at::Tensor& sample,
                         Arg::f32("guidance", guidance_scale), Arg::f32("clip_lo", -r),
                         Arg::f32("clip_hi", r), Arg::i32("write_x0", write_x0)};
   const std::string t = ptr_type(sample.scalar_type());
-  std::string key = key_of("_denoise_step_kernel", args,
+  std::string key = key_of("denoise_step", args,
                            {t, t, t, t, "*fp32", ptr_type(step_index.scalar_type()), t, t},
                            {{"GUIDED", guided}, {"HAS_NOISE", noise.has_value()},
                             {"HAS_PREV", prev_x0.has_value()}, {"BLOCK", kStepBlock}});
@@ -239,17 +239,17 @@ Plan plan_denoise_step(const at::Tensor& model_output, const at::Tensor& sample,
 template <typename MakePlan>
 std::optional<std::string> try_prebuilt(const char* op, const at::Device& device,
                                         MakePlan make_plan, std::vector<at::Tensor>& outputs) {
-  auto why = aot::unavailable(device);
+  auto why = prebuilt::unavailable(device);
   if (!why) {
     Plan p = make_plan();
-    why = p.why.empty() ? aot::launch(p.launches, device) : std::optional<std::string>(p.why);
+    why = p.why.empty() ? prebuilt::launch(p.launches, device) : std::optional<std::string>(p.why);
     if (!why) {
       outputs = std::move(p.outputs);
       return std::nullopt;
     }
   }
-  TORCH_CHECK(aot::mode() != 2, "fastdiff.", op, ": FASTDIFF_AOT=require, but the prebuilt "
-              "kernels cannot run: ", *why);
+  TORCH_CHECK(prebuilt::mode() != prebuilt::Mode::Require, "fastdiff.", op,
+              ": FASTDIFF_PREBUILT=require, but the prebuilt kernels cannot run: ", *why);
   return why;
 }
 
@@ -333,9 +333,9 @@ pybind11::list plan_to_py(const Plan& p) {
   for (const Launch& l : p.launches) {
     pybind11::list args;
     for (const Arg& a : l.args) {
-      const char* kind = a.kind == aot::Kind::Ptr ? "ptr"
-                         : a.kind == aot::Kind::I32 ? "i32"
-                         : a.kind == aot::Kind::I64 ? "i64" : "fp32";
+      const char* kind = a.kind == prebuilt::Kind::Ptr ? "ptr"
+                         : a.kind == prebuilt::Kind::I32 ? "i32"
+                         : a.kind == prebuilt::Kind::I64 ? "i64" : "fp32";
       args.append(pybind11::make_tuple(a.name, kind, a.bits));
     }
     pybind11::dict d;
@@ -356,8 +356,8 @@ Launch launch_from_py(const pybind11::dict& d) {
   for (auto item : d["args"].cast<pybind11::list>()) {
     auto t = item.cast<std::tuple<std::string, std::string, uint64_t>>();
     const std::string& k = std::get<1>(t);
-    aot::Kind kind = k == "ptr" ? aot::Kind::Ptr : k == "i32" ? aot::Kind::I32
-                     : k == "i64" ? aot::Kind::I64 : aot::Kind::F32;
+    prebuilt::Kind kind = k == "ptr" ? prebuilt::Kind::Ptr : k == "i32" ? prebuilt::Kind::I32
+                     : k == "i64" ? prebuilt::Kind::I64 : prebuilt::Kind::F32;
     l.args.push_back({std::get<0>(t), kind, std::get<2>(t)});
   }
   return l;
@@ -365,22 +365,22 @@ Launch launch_from_py(const pybind11::dict& d) {
 
 }  // namespace
 
-namespace aot {
+namespace prebuilt {
 
 void bind(pybind11::module& m) {
-  m.def("_aot_register", &register_kernel, "Registers one prebuilt kernel (fastdiff.prebuilt).");
-  m.def("_aot_use_directory", &use_directory, pybind11::arg("directory"),
+  m.def("_prebuilt_register", &register_kernel, "Registers one prebuilt kernel (fastdiff.prebuilt).");
+  m.def("_prebuilt_use_directory", &use_directory, pybind11::arg("directory"),
         pybind11::arg("lazy") = false);
-  m.def("_aot_clear", &clear_registry);
-  m.def("_aot_count", &registry_size);
-  m.def("_aot_forget_loaded", &forget_loaded);
-  m.def("_aot_mode", &mode);
-  m.def("_aot_set_mode", &set_mode);
-  m.def("_aot_select", [](const pybind11::dict& launch, int64_t arch) {
+  m.def("_prebuilt_clear", &clear_registry);
+  m.def("_prebuilt_count", &registry_size);
+  m.def("_prebuilt_forget_loaded", &forget_loaded);
+  m.def("_prebuilt_mode", &mode_name, "The prebuilt mode: 'off', 'on' or 'require'.");
+  m.def("_prebuilt_set_mode", &set_mode, "Sets the prebuilt mode; returns the previous one.");
+  m.def("_prebuilt_select", [](const pybind11::dict& launch, int64_t arch) {
     Selection s = select(launch_from_py(launch), arch);
     return pybind11::make_tuple(s.path, s.reason);
   }, "The registered cubin a planned launch would run on sm_<arch>, or why none.");
-  m.def("_aot_hold_and_read", [](const pybind11::dict& launch, int64_t arch, int64_t reads,
+  m.def("_prebuilt_hold_and_read", [](const pybind11::dict& launch, int64_t arch, int64_t reads,
                                  bool change_registry) {
     const Launch l = launch_from_py(launch);
     HoldReport r;
@@ -389,9 +389,9 @@ void bind(pybind11::module& m) {
       r = hold_and_read(l, arch, reads, change_registry);
     }
     return pybind11::make_tuple(r.name, r.why, r.live, r.intact);
-  }, "Tests: the registry's ownership of what a launch resolved (see aot.h).");
-  m.def("_aot_live_entries", &live_entries);
-  m.def("_aot_plan_group_norm_silu",
+  }, "Tests: the registry's ownership of what a launch resolved (see prebuilt.h).");
+  m.def("_prebuilt_live_entries", &live_entries);
+  m.def("_prebuilt_plan_group_norm_silu",
         [](const at::Tensor& x, int64_t num_groups, const std::optional<at::Tensor>& weight,
            const std::optional<at::Tensor>& bias, double eps,
            const std::optional<at::Tensor>& pre_bias, const std::optional<at::Tensor>& scale,
@@ -402,14 +402,14 @@ void bind(pybind11::module& m) {
                                         apply_silu);
           return pybind11::make_tuple(plan_to_py(p), p.outputs, p.keep, p.why);
         });
-  m.def("_aot_plan_attention",
+  m.def("_prebuilt_plan_attention",
         [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
            const std::optional<at::Tensor>& attn_bias, std::optional<double> scale) {
           check_attention(q, k, v, attn_bias, scale);
           Plan p = plan_attention(q, k, v, attn_bias, scale);
           return pybind11::make_tuple(plan_to_py(p), p.outputs, p.keep, p.why);
         });
-  m.def("_aot_plan_denoise_step",
+  m.def("_prebuilt_plan_denoise_step",
         [](const at::Tensor& model_output, const at::Tensor& sample, const at::Tensor& coeffs,
            const at::Tensor& step_index, const std::optional<at::Tensor>& noise,
            const std::optional<at::Tensor>& prev_x0, double guidance_scale, bool clip_sample,
@@ -422,7 +422,7 @@ void bind(pybind11::module& m) {
         });
 }
 
-}  // namespace aot
+}  // namespace prebuilt
 }  // namespace fastdiff
 
 TORCH_LIBRARY_FRAGMENT(fastdiff, m) {

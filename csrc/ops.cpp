@@ -6,7 +6,7 @@
 #include <cmath>
 #include <sstream>
 
-#include "aot.h"
+#include "prebuilt.h"
 #include "fastdiff.h"
 
 namespace fastdiff {
@@ -299,5 +299,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("check_group_norm_silu", &fastdiff::check_group_norm_silu);
   m.def("check_attention", &fastdiff::check_attention);
   m.def("check_denoise_step", &fastdiff::check_denoise_step);
-  fastdiff::aot::bind(m);
+  fastdiff::prebuilt::bind(m);
 }

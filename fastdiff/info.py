@@ -39,8 +39,8 @@ def info_lines(cubin_dir: str | None = None) -> list[str]:
             size = sum(k["cubin_bytes"] for k in ks)
             lines.append(f"  sm_{arch}: {len(ks)} cubins, {size / 2**20:.1f} MiB "
                          f"({', '.join(sorted({k['kernel'] for k in ks}))})")
-        mode = {0: "off", 1: "on", 2: "require"}[_C._aot_mode()]
-        lines.append(f"prebuilt mode: {mode} (FASTDIFF_AOT); registered now: {_C._aot_count()}")
+        lines.append(f"prebuilt mode: {_C._prebuilt_mode()} (FASTDIFF_PREBUILT); registered now: "
+                     f"{_C._prebuilt_count()}")
         if torch.cuda.is_available():
             major, minor = torch.cuda.get_device_capability()
             arch = major * 10 + minor
@@ -49,5 +49,5 @@ def info_lines(cubin_dir: str | None = None) -> list[str]:
                                                           "the Triton JIT (no cubins for it)"))
     else:
         lines.append("prebuilt kernels: none (CUDA ops compile with the Triton JIT on first use;"
-                     " `pip wheel .` or `make cubins` builds them)")
+                     " `pip wheel .` or `make prebuilt` builds them)")
     return lines

@@ -19,19 +19,17 @@ import torch
 import triton
 import triton.language as tl
 
-from . import run
-
 _TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr,
-                      sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
-                      sbb, sbh, sbm, sbn, H, Lq, Lk, qk_scale,
-                      D: tl.constexpr, VEC: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_D: tl.constexpr):
+def attention_fwd(q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr,
+                  sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
+                  sbb, sbh, sbm, sbn, H, Lq, Lk, qk_scale,
+                  D: tl.constexpr, VEC: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_D: tl.constexpr):
     num_m = tl.cdiv(Lq, BLOCK_M)
     pid = tl.program_id(0)
     bh = pid // num_m
@@ -97,7 +95,7 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr,
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per (element size, bias or not) and padded head dim,
 # chosen so that no configuration spills registers on sm_80 or sm_90, Q/K/V tiles give every
 # thread 16 bytes or more to load, and every one fits the 99 KB of shared memory a block may use
-# on sm_86/sm_89 (tests/test_aot.py checks all three in the compiled code). 2-byte inputs: 8
+# on sm_86/sm_89 (tests/test_prebuild.py checks all three in the compiled code). 2-byte inputs: 8
 # warps hold the 16-byte Q loads and the pipelined K/V tiles without spills (4 at D <= 16, where
 # 8 would leave 8 bytes per thread). With a bias the pipeline stages its tile in shared memory
 # too (fp32: 32 KB per 128 x 64 tile and stage) and holds an address per element: BLOCK_N 32
@@ -131,7 +129,7 @@ def vec_of(dtype, *tensors):
 
 
 def _config(dtype, D, bias_dtype=None, vec=None):
-    """The one place that maps a call to a compiled configuration (aot_configs lists those of
+    """The one place that maps a call to a compiled configuration (prebuilt_configs lists those of
     PREBUILT_HEAD_DIMS): q/k/v dtype, head dim, bias dtype (None: no bias) and VEC (default:
     16 bytes' worth, what every prebuilt configuration assumes)."""
     block_d = max(16, triton.next_power_of_2(D))
@@ -147,22 +145,24 @@ def _config(dtype, D, bias_dtype=None, vec=None):
                   "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": block_d}
     # Prebuilt: 16-byte aligned q/k/v/o (the bias is read element by element; its pointer may
     # be anything), as Triton's JIT specializes them.
-    return {"fn": _attention_kernel, "signature": signature, "constexprs": constexprs,
+    return {"fn": attention_fwd, "signature": signature, "constexprs": constexprs,
             "num_warps": warps, "num_stages": stages,
             "aligned": ("q_ptr", "k_ptr", "v_ptr", "o_ptr")}
 
 
-def aot_configs():
+def prebuilt_configs():
     """Every prebuilt configuration: dtype x PREBUILT_HEAD_DIMS x bias (none, q's dtype, fp32)."""
     return [_config(dt, d, b) for dt in _TL_DTYPES for d in PREBUILT_HEAD_DIMS
             for b in dict.fromkeys((None, dt, torch.float32))]
 
 
 def plan(q, k, v, attn_bias, scale):
-    """The launch of a call, [(config, grid, args)], and the output; inputs non-empty."""
+    """The launch of a call, [(config, grid, args)], and the output."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     out = torch.empty((B, H, Lq, D), dtype=q.dtype, device=q.device)
+    if q.numel() == 0:
+        return [], out
     cfg = _config(q.dtype, D, None if attn_bias is None else attn_bias.dtype,
                   vec_of(q.dtype, q, k, v))
     if attn_bias is not None:  # a view: broadcast dims get stride 0; read in its own dtype
@@ -177,12 +177,3 @@ def plan(q, k, v, attn_bias, scale):
             float(s) * LOG2E]
     return [(cfg, grid, args)], out
 
-
-def attention(q, k, v, attn_bias, scale):
-    """Launch on checked inputs (csrc/ops.cpp): q (B, H, Lq, D), k/v (B, H, Lk, D)."""
-    if q.numel() == 0:
-        return torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    launches, out = plan(q, k, v, attn_bias, scale)
-    for cfg, grid, args in launches:
-        run(cfg, grid, args)
-    return out

@@ -1,6 +1,6 @@
 // fastdiff: launching prebuilt (ahead-of-time compiled) Triton kernels from C++.
 //
-// The wheel carries cubins compiled by kernels/aot.py for sm_80/86/89/90 with manifest.json and
+// The wheel carries cubins compiled by kernels/prebuild.py for sm_80/86/89/90 with manifest.json and
 // index.tsv; fastdiff/prebuilt.py names their directory at import (use_directory) and the index
 // is read here at the first CUDA call. An op's CUDA implementation (cuda_ops.cpp) plans its launches (a Launch:
 // the kernel's key, grid and arguments in signature order) and hands them to launch(), which
@@ -20,7 +20,7 @@
 #include <string>
 #include <vector>
 
-namespace fastdiff::aot {
+namespace fastdiff::prebuilt {
 
 // How a parameter is passed: a device pointer (8 bytes), a 32- or 64-bit int, or fp32 bits.
 enum class Kind : uint8_t { Ptr, I32, I64, F32 };
@@ -42,16 +42,20 @@ struct Launch {
   std::vector<Arg> args;          // the non-constexpr parameters, in signature order
 };
 
-// The kernel key, identical to kernels/aot.py's kernel_key():
+// The kernel key, identical to kernels/prebuild.py's kernel_key():
 //   "<kernel>(<type>,<type>,...)[NAME=<int>,...]" with constexprs in signature order.
 std::string make_key(const std::string& kernel, const std::vector<std::string>& types,
                      const std::vector<std::pair<std::string, int64_t>>& constexprs);
 
-// 0: never (always the Triton JIT), 1: when prebuilt (default), 2: required (an op that cannot
-// run prebuilt raises instead of falling back; for tests). Initially from FASTDIFF_AOT
-// ("0"/"off", "1"/"on", "require").
-int mode();
-void set_mode(int m);
+// When the CUDA ops launch the prebuilt kernels: Off, never (always the Triton JIT); On, when
+// they can (the default); Require, always (an op that cannot run them raises instead of falling
+// back; the GPU tests use it). Named "off" ("0"), "on" ("1") and "require"; initially from
+// FASTDIFF_PREBUILT, or its older name FASTDIFF_AOT.
+enum class Mode { Off, On, Require };
+Mode mode();
+std::string mode_name();
+// Sets the mode by name; returns the previous one's name.
+std::string set_mode(const std::string& name);
 
 // Registers one compiled kernel (called by fastdiff/prebuilt.py for each manifest entry).
 // param_bytes: the widths of every parameter incl. the two scratch pointers (from the PTX);
@@ -61,7 +65,7 @@ void register_kernel(const std::string& key, int64_t arch, const std::string& pa
                      const std::vector<int64_t>& param_bytes, const std::vector<int64_t>& aligned,
                      int64_t num_warps, int64_t shared, int64_t global_scratch_size,
                      int64_t profile_scratch_size);
-// Registers the kernels of <dir>/index.tsv (kernels/aot.py writes it beside the cubins),
+// Registers the kernels of <dir>/index.tsv (kernels/prebuild.py writes it beside the cubins),
 // replacing what was registered; lazy: at the first use instead (fastdiff's import costs
 // nothing). Returns how many were registered, or -1 when lazy.
 int64_t use_directory(const std::string& dir, bool lazy);
@@ -102,4 +106,4 @@ int64_t live_entries();
 // Python bindings of the above (for fastdiff/prebuilt.py and the CPU tests).
 void bind(pybind11::module& m);
 
-}  // namespace fastdiff::aot
+}  // namespace fastdiff::prebuilt
