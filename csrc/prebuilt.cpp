@@ -350,27 +350,40 @@ CUfunction load(Entry& e, int index, const DeviceInfo& info) {
 
 }  // namespace
 
-Arg Arg::ptr(const char* name, const at::Tensor& t) {
-  return {name, Kind::Ptr, reinterpret_cast<uint64_t>(t.data_ptr())};
+Arg Arg::ptr(const char* name, const at::Tensor& t, const char* type) {
+  std::string dtype;
+  switch (t.scalar_type()) {
+    case at::kFloat: dtype = "*fp32"; break;
+    case at::kHalf: dtype = "*fp16"; break;
+    case at::kBFloat16: dtype = "*bf16"; break;
+    case at::kLong: dtype = "*i64"; break;
+    case at::kInt: dtype = "*i32"; break;
+    default: TORCH_CHECK(type, "fastdiff: no kernel type for dtype ", t.scalar_type());
+  }
+  return {name, Kind::Ptr, reinterpret_cast<uint64_t>(t.data_ptr()), type ? type : dtype};
 }
-Arg Arg::i32(const char* name, int64_t v) { return {name, Kind::I32, static_cast<uint64_t>(v)}; }
-Arg Arg::i64(const char* name, int64_t v) { return {name, Kind::I64, static_cast<uint64_t>(v)}; }
+Arg Arg::i32(const char* name, int64_t v) {
+  return {name, Kind::I32, static_cast<uint64_t>(v), "i32"};
+}
+Arg Arg::i64(const char* name, int64_t v) {
+  return {name, Kind::I64, static_cast<uint64_t>(v), "i64"};
+}
 Arg Arg::f32(const char* name, double v) {
   const float f = static_cast<float>(v);
   uint32_t b;
   std::memcpy(&b, &f, 4);
-  return {name, Kind::F32, b};
+  return {name, Kind::F32, b, "fp32"};
 }
 
-std::string make_key(const std::string& kernel, const std::vector<std::string>& types,
-                     const std::vector<std::pair<std::string, int64_t>>& constexprs) {
+Launch make_launch(const std::string& kernel, std::array<int64_t, 3> grid, std::vector<Arg> args,
+                   const std::vector<std::pair<std::string, int64_t>>& constexprs) {
   std::string k = kernel + "(";
-  for (size_t i = 0; i < types.size(); ++i) k += (i ? "," : "") + types[i];
+  for (size_t i = 0; i < args.size(); ++i) k += (i ? "," : "") + args[i].type;
   k += ")[";
   for (size_t i = 0; i < constexprs.size(); ++i) {
     k += (i ? "," : "") + constexprs[i].first + "=" + std::to_string(constexprs[i].second);
   }
-  return k + "]";
+  return {k + "]", grid, std::move(args)};
 }
 
 Mode mode() {

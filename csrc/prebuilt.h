@@ -1,11 +1,12 @@
-// fastdiff: launching prebuilt (ahead-of-time compiled) Triton kernels from C++.
+// fastdiff: launching the prebuilt kernels (Triton kernels compiled ahead of time) from C++.
 //
-// The wheel carries cubins compiled by kernels/prebuild.py for sm_80/86/89/90 with manifest.json and
-// index.tsv; fastdiff/prebuilt.py names their directory at import (use_directory) and the index
-// is read here at the first CUDA call. An op's CUDA implementation (cuda_ops.cpp) plans its launches (a Launch:
-// the kernel's key, grid and arguments in signature order) and hands them to launch(), which
-// launches each cubin with cuLaunchKernel on the current torch stream. libcuda is opened at the
-// first launch, so the extension imports on machines without a GPU or driver.
+// The wheel carries cubins compiled by kernels/prebuild.py for sm_80/86/89/90 with manifest.json
+// and index.tsv; fastdiff/prebuilt.py names their directory at import (use_directory) and the
+// index is read here at the first CUDA call. An op's CUDA kernel (Entry in ops.h) plans its
+// launches (a Launch: the kernel's key, grid and arguments in signature order) and hands them
+// to launch(), which launches each cubin with cuLaunchKernel on the current torch stream.
+// libcuda is opened at the first launch, so the extension imports on machines without a GPU or
+// driver.
 //
 // launch() launches nothing and returns the reason when any planned kernel is not prebuilt for
 // the device (another architecture, an argument that breaks the cubin's alignment assumption,
@@ -29,8 +30,10 @@ struct Arg {
   std::string name;  // the kernel's parameter name (checked against the manifest at load)
   Kind kind;
   uint64_t bits;     // pointer value, two's complement integer, or the float's bits
+  std::string type;  // its Triton type in the kernel's key ("*fp16", "i32", ...)
 
-  static Arg ptr(const char* name, const at::Tensor& t);
+  // A pointer's type is its tensor's dtype, unless `type` names another.
+  static Arg ptr(const char* name, const at::Tensor& t, const char* type = nullptr);
   static Arg i32(const char* name, int64_t v);
   static Arg i64(const char* name, int64_t v);
   static Arg f32(const char* name, double v);
@@ -42,10 +45,11 @@ struct Launch {
   std::vector<Arg> args;          // the non-constexpr parameters, in signature order
 };
 
-// The kernel key, identical to kernels/prebuild.py's kernel_key():
-//   "<kernel>(<type>,<type>,...)[NAME=<int>,...]" with constexprs in signature order.
-std::string make_key(const std::string& kernel, const std::vector<std::string>& types,
-                     const std::vector<std::pair<std::string, int64_t>>& constexprs);
+// The launch of `kernel` (its Python name) with these arguments and constexprs (both in
+// signature order). Its key is kernels/prebuild.py's kernel_key():
+//   "<kernel>(<type>,<type>,...)[NAME=<int>,...]".
+Launch make_launch(const std::string& kernel, std::array<int64_t, 3> grid, std::vector<Arg> args,
+                   const std::vector<std::pair<std::string, int64_t>>& constexprs);
 
 // When the CUDA ops launch the prebuilt kernels: Off, never (always the Triton JIT); On, when
 // they can (the default); Require, always (an op that cannot run them raises instead of falling
@@ -102,8 +106,5 @@ struct HoldReport {
 };
 HoldReport hold_and_read(const Launch& l, int64_t arch, int64_t reads, bool change_registry);
 int64_t live_entries();
-
-// Python bindings of the above (for fastdiff/prebuilt.py and the CPU tests).
-void bind(pybind11::module& m);
 
 }  // namespace fastdiff::prebuilt

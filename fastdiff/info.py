@@ -19,7 +19,8 @@ def info_lines(cubin_dir: str | None = None) -> list[str]:
     lines = [f"fastdiff {fastdiff.__version__} at {os.path.dirname(fastdiff.__file__)}",
              f"extension: {_C.__file__}",
              f"torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton_version}"]
-    for op in ("group_norm_silu", "attention", "denoise_step"):
+    names = torch._C._dispatch_get_all_op_names()
+    for op in sorted(n.split("::")[1] for n in names if n.startswith("fastdiff::")):
         keys = [k for k in ("CPU", "CUDA", "Meta")
                 if torch._C._dispatch_has_kernel_for_dispatch_key(f"fastdiff::{op}", k)]
         lines.append(f"op fastdiff.{op}: {', '.join(keys)}")

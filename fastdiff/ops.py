@@ -1,13 +1,13 @@
-"""The three fused ops: Python entry points, and the Triton JIT path of their CUDA kernels.
+"""The three fused ops: their Python entry points.
 
 Each op is one dispatcher op, ``torch.ops.fastdiff.<name>``, whose schema, argument checks, CPU
 kernel (C++), Meta kernel (shapes only, for torch.compile and graph capture) and CUDA kernel
-live in csrc/. On CUDA the op launches the wheel's prebuilt cubins from C++ (csrc/prebuilt.cpp);
-where they cannot run (no wheel, another GPU architecture, an unaligned tensor) it calls its
-twin ``torch.ops.fastdiff._<name>_jit``, registered here with the Triton launcher of
-``fastdiff.kernels``, and the reason is logged once. ``FASTDIFF_PREBUILT=0`` (or
-``set_prebuilt("off")``) always takes the JIT; ``require`` raises instead of falling back.
-``FASTDIFF_AOT`` is an older name of ``FASTDIFF_PREBUILT``.
+live in csrc/<name>.cpp. On CUDA the op launches the wheel's prebuilt cubins from C++
+(csrc/prebuilt.cpp); where they cannot run (no wheel, another GPU architecture, an unaligned
+tensor) it runs the Triton JIT (``fastdiff.kernels.launch``) and logs why, once per reason
+(``log_once``). ``FASTDIFF_PREBUILT=0`` (or ``set_prebuilt("off")``) always takes the JIT;
+``require`` raises instead of falling back. ``FASTDIFF_AOT`` is an older name of
+``FASTDIFF_PREBUILT``.
 
 Each op also gets a thin Python function that accepts the shapes models naturally have
 ((N, C, 1, 1) time embeddings, boolean or 2-D/3-D attention masks).
@@ -18,48 +18,19 @@ import logging
 
 import torch
 
-from fastdiff import _C, kernels, prebuilt
+from fastdiff import _C, prebuilt
 
 logger = logging.getLogger("fastdiff")
 _logged: set[str] = set()
 
 
 def log_once(reason: str) -> None:
-    """Logs a fallback reason the first time it occurs (INFO, logger 'fastdiff')."""
+    """Logs a fallback reason the first time it occurs (INFO, logger 'fastdiff'). The C++ ops
+    call it when the prebuilt kernels cannot run a call."""
     if reason not in _logged:
         _logged.add(reason)
         logger.info("fastdiff: %s", reason)
 
-
-def _jit(op: str, why: str) -> None:
-    if why:
-        log_once(f"{op}: prebuilt kernels not used ({why}); the Triton JIT compiles it")
-
-
-def _group_norm_silu_jit(x, num_groups, weight, bias, eps, pre_bias, scale, shift, apply_silu,
-                         why):
-    _jit("group_norm_silu", why)
-    return kernels.launch("group_norm_silu", x, num_groups, weight, bias, eps, pre_bias, scale,
-                          shift, apply_silu)
-
-
-def _attention_jit(q, k, v, attn_bias, scale, why):
-    _jit("attention", why)
-    return kernels.launch("attention", q, k, v, attn_bias, scale)
-
-
-def _denoise_step_jit(model_output, sample, coeffs, step_index, noise, prev_x0, guidance_scale,
-                      clip_sample, clip_sample_range, write_x0, why):
-    _jit("denoise_step", why)
-    return kernels.launch("denoise_step", model_output, sample, coeffs, step_index, noise,
-                          prev_x0, guidance_scale, clip_sample, clip_sample_range, write_x0)
-
-
-# The inputs were checked by the public op (csrc/cuda_ops.cpp) before it called its twin.
-_lib = torch.library.Library("fastdiff", "IMPL")
-_lib.impl("_group_norm_silu_jit", _group_norm_silu_jit, "CUDA")
-_lib.impl("_attention_jit", _attention_jit, "CUDA")
-_lib.impl("_denoise_step_jit", _denoise_step_jit, "CUDA")
 
 def set_prebuilt(mode: str) -> str:
     """Whether the CUDA ops launch the prebuilt cubins: 'on' (when they can; the default),

@@ -10,6 +10,11 @@ strides left to the JIT). ``launch`` runs a plan through Triton's JIT: the C++ o
 the prebuilt cubins cannot run. csrc/<op>.cpp plans the same launches in C++ for the cubins;
 tests/test_prebuilt.py checks that both plans agree.
 
+Launch constants (tiles, block sizes, tables) are written once, here: each public UPPER_CASE
+constant of kernels/<op>.py whose value is a literal number, or tuples of them, is also the C++
+constant ``fastdiff::config::<op>::NAME``, in the header setup.py generates when it builds the
+extension; the C++ plans read them from there and never restate them.
+
 A configuration is a dict: ``fn`` (the kernel), ``signature`` (parameter -> Triton type),
 ``constexprs``, ``num_warps``, ``num_stages`` and ``aligned``, the parameters a prebuilt cubin
 assumes divisible by 16 (pointers: 16-byte aligned), as Triton's JIT specializes them. The JIT

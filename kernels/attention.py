@@ -92,8 +92,9 @@ def attention_fwd(q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr,
     tl.store(o, out.to(o_ptr.dtype.element_ty), mask=q_mask)
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per (element size, bias or not) and padded head dim,
-# chosen so that no configuration spills registers on sm_80 or sm_90, Q/K/V tiles give every
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kind of call (2-byte inputs without a bias, with
+# one; fp32 inputs, with or without) and padded head dim BLOCK_D (16, 32, 64, 128, 256), chosen
+# so that no configuration spills registers on sm_80 or sm_90, Q/K/V tiles give every
 # thread 16 bytes or more to load, and every one fits the 99 KB of shared memory a block may use
 # on sm_86/sm_89 (tests/test_prebuild.py checks all three in the compiled code). 2-byte inputs: 8
 # warps hold the 16-byte Q loads and the pipelined K/V tiles without spills (4 at D <= 16, where
@@ -101,12 +102,9 @@ def attention_fwd(q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr,
 # too (fp32: 32 KB per 128 x 64 tile and stage) and holds an address per element: BLOCK_N 32
 # from D = 64 on, 2 stages below. fp32: IEEE dots run on FMA units with their operands in
 # registers, hence smaller tiles (at D = 256, BLOCK_M 32: 64 left a 6.6 KB stack on sm_90).
-_TILES = {(2, False): {16: (128, 64, 4, 3), 32: (128, 64, 8, 3), 64: (128, 64, 8, 3),
-                       128: (128, 64, 8, 2), 256: (64, 32, 8, 2)},
-          (2, True): {16: (128, 64, 4, 2), 32: (128, 64, 8, 2), 64: (128, 32, 8, 3),
-                      128: (128, 32, 8, 2), 256: (64, 32, 8, 2)}}
-_TILES[4, False] = _TILES[4, True] = {16: (64, 64, 8, 2), 32: (64, 64, 8, 2), 64: (64, 32, 8, 2),
-                                      128: (64, 32, 8, 2), 256: (32, 16, 8, 1)}
+TILES = (((128, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 3), (128, 64, 8, 2), (64, 32, 8, 2)),
+         ((128, 64, 4, 2), (128, 64, 8, 2), (128, 32, 8, 3), (128, 32, 8, 2), (64, 32, 8, 2)),
+         ((64, 64, 8, 2), (64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 8, 2), (32, 16, 8, 1)))
 
 # Head dims compiled into the wheel (each one configuration per dtype and bias dtype); any
 # other D in [1, 256] runs on the Triton JIT. 40/80/160: SD 1.x (8 heads on 320/640/1280
@@ -133,7 +131,8 @@ def _config(dtype, D, bias_dtype=None, vec=None):
     PREBUILT_HEAD_DIMS): q/k/v dtype, head dim, bias dtype (None: no bias) and VEC (default:
     16 bytes' worth, what every prebuilt configuration assumes)."""
     block_d = max(16, triton.next_power_of_2(D))
-    bm, bn, warps, stages = _TILES[dtype.itemsize, bias_dtype is not None][block_d]
+    kind = 2 if dtype == torch.float32 else int(bias_dtype is not None)
+    bm, bn, warps, stages = TILES[kind][block_d.bit_length() - 5]
     t = "*" + _TL_DTYPES[dtype]
     strides = {n: "i64" for n in ("sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn",
                                   "sbb", "sbh", "sbm", "sbn")}

@@ -1,7 +1,7 @@
 """Triton kernel for fastdiff::denoise_step: guidance combine + solver update + noise, one pass.
 
 The solver is not known here: it lives in the per-step coefficient table (columns in
-fastdiff/schedules.py, semantics in csrc/fastdiff.h, StepCoef), so one kernel serves DDPM, DDIM,
+fastdiff/schedules.py, semantics in csrc/denoise_step.cpp), so one kernel serves DDPM, DDIM,
 DPM-Solver++ and Euler. With m the (guided) model output, x the sample and n the noise:
 
     x_hat = x + H * n;  x0 = clip(P_x * x_hat + P_m * m);  out = K_x * x_hat + K_0 * x0 + K_m * m

@@ -21,9 +21,10 @@ import triton.language as tl
 
 MAX_SPLIT = 32          # chunks per group: enough programs to fill a GPU, few partials to merge
 NUM_WARPS = 4
-# (ROWS, COLS) of a tile, 1024 elements: NCHW rows of 16 pixels (H*W = 16, 64, 144, 4096, ...
-# fill them), channels_last rows of 8 channels (C/G = 8, 16, 40 fill them; 10 and 20 fill 5/8).
-TILE = {False: (64, 16), True: (128, 8)}
+# (ROWS, COLS) of a tile, 1024 elements, for NCHW and channels_last: NCHW rows of 16 pixels
+# (H*W = 16, 64, 144, 4096, ... fill them), channels_last rows of 8 channels (C/G = 8, 16, 40
+# fill them; 10 and 20 fill 5/8).
+TILE = ((64, 16), (128, 8))
 _TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 

@@ -513,6 +513,37 @@ def test_cuda_denoise_step_prebuilt(gpu_cubins, case):
     torch.testing.assert_close(a_out, j_out)
 
 
+@pytest.mark.skipif(HAS_CUDA, reason="the GPU tests run the CUDA kernels on CUDA tensors")
+def test_cuda_kernel_falls_back_to_the_jit_and_says_why_once(caplog):
+    """The ops' CUDA kernel run on CPU tensors, where no prebuilt kernel can run (no driver, or
+    none registered): it runs the Triton JIT launcher (interpreted here) with the same
+    arguments and logs why once per reason; 'off' takes the JIT without a word; 'require'
+    raises instead."""
+    calls = [(_C._cuda_kernel_denoise_step, torch.ops.fastdiff.denoise_step,
+              _step_case(torch.float32, (2, 3, 5), guided=True, noise=True, guidance=3.0,
+                         write_x0=True)[1]),
+             (_C._cuda_kernel_group_norm_silu, torch.ops.fastdiff.group_norm_silu,
+              _gn_case(torch.float32, (2, 8, 4, 4), 4)[1])]
+    ops._logged.clear()
+    prev = ops.set_prebuilt("on")
+    try:
+        with caplog.at_level("INFO", logger="fastdiff"):
+            for cuda_kernel, op, args in calls:
+                for _ in range(2):
+                    torch.testing.assert_close(cuda_kernel(*args), op(*args), rtol=1e-5,
+                                               atol=1e-5)
+            ops.set_prebuilt("off")
+            calls[0][0](*calls[0][2])
+        lines = [r.getMessage() for r in caplog.records if "not used" in r.getMessage()]
+        assert [line.split(":")[1] for line in lines] == [" denoise_step", " group_norm_silu"]
+        assert all("prebuilt kernels not used (" in line for line in lines), lines
+        ops.set_prebuilt("require")
+        with pytest.raises(RuntimeError, match="FASTDIFF_PREBUILT=require, but the prebuilt"):
+            calls[0][0](*calls[0][2])
+    finally:
+        ops.set_prebuilt(prev)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 def test_cuda_unaligned_input_falls_back_once(gpu_cubins, caplog):
