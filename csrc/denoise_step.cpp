@@ -3,8 +3,8 @@
 //
 // The solver is not known here: it lives in the per-step coefficient table (float32, (S, 8);
 // columns as fastdiff/schedules.py's COEF_*), so one loop serves DDPM, DDIM, DPM-Solver++ and
-// Euler. With m the model output (guided: [uncond; cond] combined as u + s * (c - u)), x the
-// sample and n the noise of this step:
+// Euler. With m the model output (guided: [uncond; cond], twice the sample's batch, combined as
+// u + s * (c - u)), x the sample and n the noise of this step:
 //   x_hat = x + H * n                          (Euler "churn"; 0 for other solvers)
 //   x0    = P_x * x_hat + P_m * m              (prediction type -> predicted x0)
 //   x0c   = clip(x0, -r, r) if clip_sample else x0
@@ -33,7 +33,7 @@ struct DenoiseStep {  // a call's arguments, in schema order
   static constexpr char name[] = "denoise_step";
   using Sig = Out(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                   const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double,
-                  bool, double, bool);
+                  bool, double, bool, std::optional<bool>);
   const at::Tensor& model_output;
   const at::Tensor& sample;
   const at::Tensor& coeffs;
@@ -44,12 +44,15 @@ struct DenoiseStep {  // a call's arguments, in schema order
   bool clip_sample;
   double clip_sample_range;
   bool write_x0;
+  std::optional<bool> guided;  // absent: guided when model_output has twice the batch of sample
 };
 
 const at::Tensor& subject(const DenoiseStep& a) { return a.sample; }
 
 // After check(): whether model_output is [uncond; cond].
-bool is_guided(const DenoiseStep& a) { return a.model_output.size(0) == 2 * a.sample.size(0); }
+bool is_guided(const DenoiseStep& a) {
+  return a.guided.value_or(a.model_output.size(0) == 2 * a.sample.size(0));
+}
 
 void check(const DenoiseStep& a) {
   const char* op = DenoiseStep::name;
@@ -69,11 +72,13 @@ void check(const DenoiseStep& a) {
            "argument 'model_output' must be contiguous, got strides ", model_output.strides());
   bool same_rest = model_output.dim() == sample.dim() &&
                    model_output.sizes().slice(1) == sample.sizes().slice(1);
-  const bool guided = same_rest && N > 0 && model_output.size(0) == 2 * N;
+  // Guided as the caller says, else when model_output has twice the batch.
+  const bool guided = a.guided.value_or(same_rest && N > 0 && model_output.size(0) == 2 * N);
   FD_CHECK(same_rest && model_output.size(0) == (guided ? 2 * N : N), op,
            "argument 'model_output' must have the shape of 'sample' ", shape_str(sample),
            " or, for classifier-free guidance, twice its batch ([uncond; cond]), got ",
-           shape_str(model_output));
+           shape_str(model_output), !a.guided ? "" : guided ? " with guided=True"
+                                                            : " with guided=False");
   FD_CHECK(std::isfinite(a.guidance_scale), op, "argument 'guidance_scale' must be finite, got ",
            a.guidance_scale);
   FD_CHECK(guided || a.guidance_scale == 1.0, op, "argument 'guidance_scale'=", a.guidance_scale,

@@ -93,13 +93,16 @@ def denoise_step(model_output: torch.Tensor, sample: torch.Tensor, coeffs: torch
                  step_index: torch.Tensor, noise: torch.Tensor | None = None,
                  prev_x0: torch.Tensor | None = None, guidance_scale: float = 1.0,
                  clip_sample: bool = False, clip_sample_range: float = 1.0,
-                 write_x0: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                 write_x0: bool = False, guided: bool | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One fused sampler step: guidance combine, solver update and noise (see schedules.py).
 
     model_output: like ``sample`` (N, ...) or, guided, (2N, ...) = [uncond; cond] combined as
-    ``u + guidance_scale * (c - u)``. coeffs: (S, 8) float32 table from ``fastdiff.schedules``;
+    ``u + guidance_scale * (c - u)``; ``guided`` says which (None: guided when model_output has
+    twice the batch of sample). coeffs: (S, 8) float32 table from ``fastdiff.schedules``;
     step_index: one-element int tensor on the sample's device (no host sync). A missing
     ``noise`` or ``prev_x0`` counts as zeros. Returns (next sample, predicted x0 or empty).
     """
     return torch.ops.fastdiff.denoise_step(model_output, sample, coeffs, step_index, noise, prev_x0,
-                                           guidance_scale, clip_sample, clip_sample_range, write_x0)
+                                           guidance_scale, clip_sample, clip_sample_range, write_x0,
+                                           guided)

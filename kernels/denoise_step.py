@@ -112,10 +112,11 @@ def prebuilt_configs():
 
 
 def plan(model_output, sample, coeffs, step_index, noise, prev_x0, guidance_scale, clip_sample,
-         clip_sample_range, write_x0):
+         clip_sample_range, write_x0, guided=None):
     """The launch of one sampler step, [(config, grid, args)], and its outputs.
 
-    model_output: (N, ...) or, guided, (2N, ...) = [uncond; cond]; sample, noise, prev_x0:
+    model_output: (N, ...) or, guided, (2N, ...) = [uncond; cond] (guided=None: guided when
+    model_output has twice the batch of sample); sample, noise, prev_x0:
     (N, ...), contiguous, one dtype; coeffs: (S, 8) float32; step_index: one-element int32/int64
     tensor on the sample's device, never read on the host. Outputs: (next sample (N, ...), x0c
     (N, ...) or an empty tensor when write_x0 is False); NaN everywhere if step_index is not in
@@ -126,7 +127,8 @@ def plan(model_output, sample, coeffs, step_index, noise, prev_x0, guidance_scal
     if sample.numel() == 0:
         return [], (out, x0)
     numel = sample.numel()
-    guided = model_output.shape[0] == 2 * sample.shape[0]
+    if guided is None:
+        guided = model_output.shape[0] == 2 * sample.shape[0]
     cfg = _config(sample.dtype, guided, noise is not None, prev_x0 is not None, step_index.dtype)
     r = float(clip_sample_range) if clip_sample else float("inf")
     # Absent inputs and x0 get a stand-in pointer that is never touched (constexpr flags, a

@@ -142,6 +142,14 @@ def test_denoise_step_rejects(over, msg):
     _all_paths(step, _C.check_denoise_step, step_args(**over), msg)
 
 
+@pytest.mark.parametrize("mo_batch,guided", [(2, True), (4, False)])
+def test_denoise_step_explicit_guided_must_match_the_batch(mo_batch, guided):
+    """guided=True needs model_output = [uncond; cond] (batch 2N), guided=False batch N."""
+    args = step_args(model_output=_x(mo_batch, 3, 4)) + [guided]
+    msg = f"got \\[{mo_batch}, 3, 4\\] with guided={guided}"
+    _all_paths(step, _C.check_denoise_step, args, msg)
+
+
 def test_step_index_out_of_range_on_cpu():
     for idx in (-1, 4):
         with pytest.raises(ValueError, match=f"'step_index'={idx} is out of range for 'coeffs' with 4"):

@@ -145,6 +145,21 @@ def test_step_index_is_read_from_the_tensor(backend, index_dtype):
         assert_close_to_ref(x0, ref_x0, t_x0, _tol(atol, rtol, ref_x0), what=f"step {i} x0")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_explicit_guided_gives_the_inferred_step(backend):
+    """guided=True / False, as the engine and the diffusers step pass it, gives the step that
+    inferring it from the batch sizes gives."""
+    g = torch.Generator().manual_seed(13)
+    coeffs = _table(g)
+    for guided in (True, False):
+        mo, x, noise, _ = _inputs(g, torch.float32, (2, 3, 4), guided, True, False)
+        args = (mo, x, coeffs, torch.tensor(1), noise, None, 3.0 if guided else 1.0, False, 1.0,
+                True)
+        explicit = run_op(backend, "denoise_step", *args, guided)
+        for got, want in zip(explicit, run_op(backend, "denoise_step", *args)):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] != "cpp"])
 @pytest.mark.parametrize("index,index_dtype", [
     (-1, torch.int64),
