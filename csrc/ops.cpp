@@ -43,18 +43,13 @@ std::vector<void (*)(pybind11::module&)>& op_bindings() {
   return all;
 }
 
-namespace {
-
-const char* const kKindNames[] = {"ptr", "i32", "i64", "fp32"};  // prebuilt::Kind, in order
-
-}  // namespace
-
 pybind11::list to_py(const std::vector<prebuilt::Launch>& launches) {
   pybind11::list out;
   for (const prebuilt::Launch& l : launches) {
     pybind11::list args;
     for (const prebuilt::Arg& a : l.args) {
-      args.append(pybind11::make_tuple(a.name, kKindNames[static_cast<int>(a.kind)], a.bits));
+      const char* kind = prebuilt::kKindNames[static_cast<int>(a.kind)];
+      args.append(pybind11::make_tuple(a.name, kind, a.bits));
     }
     pybind11::dict d;
     d["key"] = l.key;
@@ -75,9 +70,10 @@ prebuilt::Launch launch_from_py(const pybind11::dict& d) {
   l.grid = {g[0], g[1], g[2]};
   for (auto item : d["args"].cast<pybind11::list>()) {
     auto [name, kind, bits] = item.cast<std::tuple<std::string, std::string, uint64_t>>();
-    const auto* k = std::find(std::begin(kKindNames), std::end(kKindNames), kind);
-    TORCH_CHECK_VALUE(k != std::end(kKindNames), "fastdiff: no argument kind '", kind, "'");
-    l.args.push_back({name, static_cast<prebuilt::Kind>(k - std::begin(kKindNames)), bits});
+    const auto& names = prebuilt::kKindNames;
+    const auto* k = std::find(std::begin(names), std::end(names), kind);
+    TORCH_CHECK_VALUE(k != std::end(names), "fastdiff: no argument kind '", kind, "'");
+    l.args.push_back({name, static_cast<prebuilt::Kind>(k - std::begin(names)), bits});
   }
   return l;
 }

@@ -158,16 +158,6 @@ Mode mode_from_env() {
 
 int64_t width(Kind k) { return (k == Kind::I32 || k == Kind::F32) ? 4 : 8; }
 
-const char* kind_name(Kind k) {
-  switch (k) {
-    case Kind::Ptr: return "pointer";
-    case Kind::I32: return "i32";
-    case Kind::I64: return "i64";
-    case Kind::F32: return "fp32";
-  }
-  return "?";
-}
-
 void add_entry(State& st, const std::string& key, Entry e) {
   for (int64_t i : e.aligned) {
     TORCH_CHECK_VALUE(i >= 0 && i < static_cast<int64_t>(e.param_names.size()), "fastdiff: "
@@ -239,7 +229,7 @@ std::string mismatch(const Entry& e, const Launch& l) {
     if (a.name != e.param_names[i] || width(a.kind) != e.param_bytes[i]) {
       why << "parameter " << i << " of the prebuilt " << e.name << " is '" << e.param_names[i]
           << "' (" << e.param_bytes[i] << " bytes), the launch packs '" << a.name << "' ("
-          << kind_name(a.kind) << ")";
+          << kKindNames[static_cast<int>(a.kind)] << ")";
       return why.str();
     }
     if (a.kind == Kind::I32) {

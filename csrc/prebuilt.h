@@ -25,6 +25,7 @@ namespace fastdiff::prebuilt {
 
 // How a parameter is passed: a device pointer (8 bytes), a 32- or 64-bit int, or fp32 bits.
 enum class Kind : uint8_t { Ptr, I32, I64, F32 };
+inline const char* const kKindNames[] = {"ptr", "i32", "i64", "fp32"};  // by Kind
 
 struct Arg {
   std::string name;  // the kernel's parameter name (checked against the manifest at load)
