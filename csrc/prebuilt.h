@@ -87,8 +87,9 @@ struct Selection {
 };
 Selection select(const Launch& l, int64_t arch);
 
-// Why prebuilt kernels cannot run on this device at all (mode off, no driver, architecture not
-// built), or nothing when they may. Checked before an op allocates anything for a plan.
+// Why prebuilt kernels cannot run on this device at all (no driver, architecture not built; an
+// empty reason: mode off, the JIT asked for), or nothing when they may. Checked before an op
+// allocates anything for a plan.
 std::optional<std::string> unavailable(const at::Device& device);
 
 // Launches every planned kernel in order on the device's current stream, or none of them and

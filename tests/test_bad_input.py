@@ -1,6 +1,6 @@
 """Every argument check of the three ops: a clear ValueError naming the argument.
 
-The checks live in csrc/ops.cpp and run before any kernel on every backend (CPU, CUDA, and the
+The checks live in csrc/<op>.cpp and run before any kernel on every backend (CPU, CUDA, and the
 Meta kernels that torch.compile uses), so they are exercised here through the CPU dispatcher,
 the Meta dispatcher, and the check functions the CUDA path calls.
 """
