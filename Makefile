@@ -1,13 +1,15 @@
 # Two commands do all set-up and run (see README.md):
 #   make sample  install, build, draw digits from the shipped model into digits.png
 #   make test    install with the test extras, build, run the test suite
-# Also: make demo (the fused ops against torch), make bench (the benchmark suite),
-#       make wheel (dist/*.whl with prebuilt cubins), make cubins (the same cubins into the
-#       source tree, for an editable install on a GPU machine), make sass-table (BENCHMARKS.md's
-#       table of registers, shared memory, spills and load widths of every kernel family).
+# Also: make demo (the fused ops against torch), make bench (the benchmark suite), make roofline
+#       (a model of where a U-Net step's GPU time goes),
+#       make wheel (dist/*.whl with the prebuilt kernels: cubins), make prebuilt (the same cubins
+#       into the source tree, for an editable install on a GPU machine; `make cubins` is an older
+#       name), make sass-table (BENCHMARKS.md's table of registers, shared memory, spills and load
+#       widths of every kernel family).
 PYTHON ?= python3
 
-.PHONY: sample demo test install install-test bench wheel cubins sass-table roofline
+.PHONY: sample demo test install install-test bench roofline wheel prebuilt cubins sass-table
 
 install:
 	PYTHON=$(PYTHON) bash scripts/install.sh
@@ -36,9 +38,11 @@ roofline: install-test
 wheel: install
 	$(PYTHON) -m pip wheel --no-build-isolation --no-deps . -w dist/
 
-cubins: install
-	env -u TRITON_INTERPRET $(PYTHON) -m fastdiff.kernels.aot --emit kernels/cubins \
+prebuilt: install
+	env -u TRITON_INTERPRET $(PYTHON) -m fastdiff.kernels.prebuild --emit kernels/cubins \
 	  --jobs $$(nproc) --archs-from-env > /dev/null
+
+cubins: prebuilt
 
 sass-table: install
 	env -u TRITON_INTERPRET $(PYTHON) scripts/sass_table.py --write BENCHMARKS.md --jobs $$(nproc)

@@ -12,9 +12,9 @@
 # Phases, in this order (PHASES="a,b" picks; default: all but the compile ones), with caps in s:
 #   build      150  carried wheels (.whl/) into /tmp/site; pip install -e . against the machine's
 #                   torch (no .git there: pass FASTDIFF_GIT_COMMIT)
-#   tests      100  pytest -m cuda on the Triton JIT path (FASTDIFF_AOT=0)
-#   tests-aot  120  pytest -m cuda with FASTDIFF_AOT=require: the cubins carried in
-#                   kernels/cubins (FASTDIFF_CUDA_ARCHS=90 make cubins, here), else compiled
+#   tests      100  pytest -m cuda on the Triton JIT path (FASTDIFF_PREBUILT=0)
+#   tests-prebuilt 120  pytest -m cuda with FASTDIFF_PREBUILT=require: the cubins carried in
+#                   kernels/cubins (FASTDIFF_CUDA_ARCHS=90 make prebuilt, here), else compiled
 #                   there for the device's arch first
 #   first-call  75  benchmarks/test_first_call.py: first call, first image, prebuilt vs JIT
 #   kernels     75  benchmarks/test_kernels.py at SD1.5 shapes, fp16: fastdiff vs eager / SDPA
@@ -30,7 +30,7 @@
 # GPU_SKIP_BUILD=1 (the package is installed already), GPU_SLOW_PHASE=<phase> (that phase's
 # pytest sleeps after its first test: tests/test_gpu_script.py), QUICK=1, PYTHON (python3).
 # $OUT gets at most 7 files: log (all of stdout), tests.log and bench.log (the pytest output of
-# the test and benchmark phases), aot.jsonl (when cubins are compiled there), results.json,
+# the test and benchmark phases), prebuild.jsonl (when cubins are compiled there), results.json,
 # results.md, chart.png. Raw pytest-benchmark JSON stays in a temporary folder outside $OUT.
 set -uo pipefail
 start=$(date +%s)
@@ -44,15 +44,15 @@ export PY=${PYTHON:-python3} SITE=${GPU_SITE:-/tmp/site} PYTHONUNBUFFERED=1
 export OUT=${OUT:-bench-results/gpu-$(date +%Y%m%d-%H%M%S)}
 export FASTDIFF_GIT_COMMIT=${FASTDIFF_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 mkdir -p "$OUT" || exit 1
-rm -f "$OUT"/{log,tests.log,bench.log,aot.jsonl,results.json,results.md,chart.png}
+rm -f "$OUT"/{log,tests.log,bench.log,prebuild.jsonl,results.json,results.md,chart.png}
 RAW=$(mktemp -d "${TMPDIR:-/tmp}/fastdiff-gpu.XXXXXX") || exit 1
 exec > >(tee "$OUT/log") 2>&1
 tee_pid=$!
 trap 'rm -rf "$RAW"; exec >&- 2>&-; wait "$tee_pid" 2>/dev/null' EXIT
 
-declare -A CAP=([build]=150 [tests]=100 [tests-aot]=120 [first-call]=75 [kernels]=75 [e2e]=240
+declare -A CAP=([build]=150 [tests]=100 [tests-prebuilt]=120 [first-call]=75 [kernels]=75 [e2e]=240
                 [kernels-compile]=150 [e2e-compile]=400)
-ORDER="build tests tests-aot first-call kernels e2e kernels-compile e2e-compile"
+ORDER="build tests tests-prebuilt first-call kernels e2e kernels-compile e2e-compile"
 caps=${GPU_CAPS:-}
 for kv in ${caps//,/ }; do
   [ -n "${CAP[${kv%%=*}]+x}" ] || { echo "GPU_CAPS: no phase '${kv%%=*}'"; exit 2; }
@@ -62,7 +62,7 @@ want=" "
 phases=${PHASES:-default}
 for p in ${phases//,/ }; do
   case $p in
-    default) want+="build tests tests-aot first-call kernels e2e " ;;
+    default) want+="build tests tests-prebuilt first-call kernels e2e " ;;
     compile) want+="build kernels-compile e2e-compile " ;;
     all) want+="$ORDER " ;;
     *) [ -n "${CAP[$p]+x}" ] || { echo "PHASES: no phase '$p' (phases: $ORDER)"; exit 2; }
@@ -198,22 +198,22 @@ for name in "${selected[@]}"; do
         stop="the build failed"
       fi ;;
     tests)
-      run_phase tests tests.log env FASTDIFF_AOT=0 "${PYTEST[@]}" -m cuda --maxfail=50 tests ;;
-    tests-aot)
-      run_phase tests-aot tests.log bash -c '
+      run_phase tests tests.log env FASTDIFF_PREBUILT=0 "${PYTEST[@]}" -m cuda --maxfail=50 tests ;;
+    tests-prebuilt)
+      run_phase tests-prebuilt tests.log bash -c '
         m=kernels/cubins/manifest.json
         if [ -n "$ARCH" ] && [ -f $m ] && "$PY" -c "import json, sys
 sys.exit(int(sys.argv[1]) not in json.load(open(sys.argv[2]))[\"archs\"])" "$ARCH" $m; then
           echo "prebuilt kernels: the carried kernels/cubins (sm_$ARCH)"
         elif [ -n "$ARCH" ]; then
-          echo "prebuilt kernels: compiling for sm_$ARCH into kernels/cubins (log: aot.jsonl)"
-          env -u TRITON_INTERPRET "$PY" -m fastdiff.kernels.aot --arch "$ARCH" \
-            --emit kernels/cubins --jobs "$(nproc)" > "$OUT/aot.jsonl" \
-            || { echo "compiling the prebuilt kernels failed: see aot.jsonl"; exit 3; }
+          echo "prebuilt kernels: compiling for sm_$ARCH into kernels/cubins (log: prebuild.jsonl)"
+          env -u TRITON_INTERPRET "$PY" -m fastdiff.kernels.prebuild --arch "$ARCH" \
+            --emit kernels/cubins --jobs "$(nproc)" > "$OUT/prebuild.jsonl" \
+            || { echo "compiling the prebuilt kernels failed: see prebuild.jsonl"; exit 3; }
         else
           echo "no GPU: no prebuilt kernels"
         fi
-        FASTDIFF_AOT=require exec "$@" -m cuda --maxfail=50 tests' _ "${PYTEST[@]}" ;;
+        FASTDIFF_PREBUILT=require exec "$@" -m cuda --maxfail=50 tests' _ "${PYTEST[@]}" ;;
     first-call)
       bench_phase first-call benchmarks/test_first_call.py ;;
     kernels)

@@ -25,16 +25,16 @@ PATHS = ("prebuilt", "jit")
 def _kernels():
     from fastdiff.kernels import attention, denoise_step, group_norm_silu
 
-    return [group_norm_silu._stats, group_norm_silu._apply, attention._attention_kernel,
-            denoise_step._denoise_step_kernel]
+    return [group_norm_silu.group_norm_silu_stats, group_norm_silu.group_norm_silu_apply,
+            attention.attention_fwd, denoise_step.denoise_step]
 
 
 @pytest.fixture(scope="module")
 def cold(tmp_path_factory):
     """set-up for one round of ``path``: the state of a new process."""
     prebuilt.load_if_cuda()
-    if _C._aot_count() == 0:
-        pytest.skip("no prebuilt kernels installed (pip wheel . / make cubins)")
+    if _C._prebuilt_count() == 0:
+        pytest.skip("no prebuilt kernels installed (pip wheel . / make prebuilt)")
     root = tmp_path_factory.mktemp("triton-cache")
     saved = os.environ.get("TRITON_CACHE_DIR")
 
@@ -45,7 +45,7 @@ def cold(tmp_path_factory):
             for k in _kernels():
                 k.device_caches.clear()
         else:
-            _C._aot_forget_loaded()
+            _C._prebuilt_forget_loaded()
         ops.set_prebuilt("require" if path == "prebuilt" else "off")
 
     yield reset
@@ -124,8 +124,8 @@ def test_warm_call_overhead(benchmark, path):
     median is the host's time per call: C++ op -> cuLaunchKernel vs C++ op -> Python -> the
     Triton launcher."""
     prebuilt.load_if_cuda()
-    if _C._aot_count() == 0:
-        pytest.skip("no prebuilt kernels installed (pip wheel . / make cubins)")
+    if _C._prebuilt_count() == 0:
+        pytest.skip("no prebuilt kernels installed (pip wheel . / make prebuilt)")
     args = _small_step()
     prev = ops.set_prebuilt("require" if path == "prebuilt" else "off")
     try:

@@ -1,6 +1,6 @@
 """What planning a launch costs on the host, C++ vs Python (runs on CPU, no GPU needed).
 
-The CUDA op plans in C++ (csrc/cuda_ops.cpp) what the Triton launcher plans in Python
+The CUDA op plans in C++ (csrc/<op>.cpp) what the Triton launcher plans in Python
 (kernels/*.py plan()): same outputs allocated, same arguments. Timed here on CPU tensors, side by
 side; the launch itself (cuLaunchKernel vs Triton's Python launcher) needs a GPU
 (benchmarks/test_first_call.py::test_warm_call_overhead).
@@ -26,8 +26,8 @@ def _gn_args():
             torch.randn(2, 32, generator=g), True)
 
 
-CASES = {"denoise_step": (_step_args, _C._aot_plan_denoise_step, denoise_step.plan),
-         "group_norm_silu": (_gn_args, _C._aot_plan_group_norm_silu, group_norm_silu.plan)}
+CASES = {"denoise_step": (_step_args, _C._prebuilt_plan_denoise_step, denoise_step.plan),
+         "group_norm_silu": (_gn_args, _C._prebuilt_plan_group_norm_silu, group_norm_silu.plan)}
 
 
 @pytest.mark.parametrize("system", ["cpp", "python"])

@@ -1,8 +1,14 @@
-// CPU kernel for fastdiff::attention (contract in fastdiff.h).
+// fastdiff::attention: softmax(q k^T * scale + attn_bias) v. Schema in ops.cpp; Triton kernel
+// and plan in kernels/attention.py.
 //
-// Flash-style: for a block of query rows, walk the keys in blocks; S = Q K^T (BLAS), add the
-// bias, update the running row max / row sum (online softmax, fp32) and O += P V (BLAS).
-// No (Lq, Lk) score matrix is ever materialised. fp16/bf16 inputs run through float copies.
+// q: (B, H, Lq, D), k/v: (B, H, Lk, D), any strides with stride(-1) == 1. attn_bias: 4-D, each
+// dim 1 or full size (broadcast), dtype q's or float32. Returns a contiguous (B, H, Lq, D)
+// tensor of q's dtype. A row whose keys are all -inf gives 0.
+//
+// The CPU kernel is flash-style: for a block of query rows, walk the keys in blocks; S = Q K^T
+// (BLAS), add the bias, update the running row max / row sum (online softmax, fp32) and
+// O += P V (BLAS). No (Lq, Lk) score matrix is ever materialised. fp16/bf16 inputs run through
+// float copies.
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -10,12 +16,83 @@
 #include <cmath>
 #include <cstdlib>
 #include <limits>
+#include <numeric>
 #include <vector>
 
-#include "fastdiff.h"
+#include "ops.h"
 
 namespace fastdiff {
 namespace {
+
+struct Attention {  // a call's arguments, in schema order
+  static constexpr char name[] = "attention";
+  using Sig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                         const std::optional<at::Tensor>&, std::optional<double>);
+  const at::Tensor& q;
+  const at::Tensor& k;
+  const at::Tensor& v;
+  const std::optional<at::Tensor>& attn_bias;
+  std::optional<double> scale;
+};
+
+const at::Tensor& subject(const Attention& a) { return a.q; }
+
+void check(const Attention& a) {
+  const char* op = Attention::name;
+  const at::Tensor &q = a.q, &k = a.k, &v = a.v;
+  const std::pair<const at::Tensor*, const char*> qkv[] = {{&q, "q"}, {&k, "k"}, {&v, "v"}};
+  for (auto [t, name] : qkv) {
+    FD_CHECK(t->dim() == 4, op, "argument '", name, "' must be a 4-D tensor (B, H, L, D), got shape ",
+             shape_str(*t));
+    FD_CHECK(is_float_dtype(t->scalar_type()), op, "argument '", name,
+             "' must have dtype float32, float16 or bfloat16, got ", dtype_str(t->scalar_type()));
+    FD_CHECK(t->scalar_type() == q.scalar_type(), op, "argument '", name,
+             "' must have the dtype of 'q' (", dtype_str(q.scalar_type()), "), got ", dtype_str(t->scalar_type()));
+    check_same_device(op, q, "q", *t, name);
+    FD_CHECK(t->size(3) == 1 || t->stride(3) == 1, op, "argument '", name,
+             "' must have stride 1 in its last dimension (head dim), got strides ", t->strides());
+  }
+  const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3), Lk = k.size(2);
+  FD_CHECK(k.size(0) == B && v.size(0) == B, op,
+           "arguments 'q', 'k', 'v' must share the batch size (dim 0), got q ", shape_str(q),
+           ", k ", shape_str(k), ", v ", shape_str(v));
+  FD_CHECK(k.size(1) == H && v.size(1) == H, op,
+           "arguments 'q', 'k', 'v' must share the head count (dim 1), got q ", shape_str(q),
+           ", k ", shape_str(k), ", v ", shape_str(v));
+  FD_CHECK(k.size(3) == D && v.size(3) == D, op,
+           "arguments 'q', 'k', 'v' must share the head dim (dim 3), got q ", shape_str(q), ", k ",
+           shape_str(k), ", v ", shape_str(v));
+  FD_CHECK(v.size(2) == Lk, op, "arguments 'k' and 'v' must have the same length (dim 2), got k ",
+           shape_str(k), ", v ", shape_str(v));
+  FD_CHECK(D >= 1 && D <= 256, op, "head dim (dim 3 of 'q') must be in [1, 256], got ", D);
+  FD_CHECK(Lk >= 1, op, "argument 'k' must have at least one key (dim 2), got shape ",
+           shape_str(k));
+  if (a.attn_bias) {
+    const at::Tensor& b = *a.attn_bias;
+    check_same_device(op, q, "q", b, "attn_bias");
+    FD_CHECK(b.scalar_type() == q.scalar_type() || b.scalar_type() == at::kFloat, op,
+             "argument 'attn_bias' must be an additive mask of dtype ", dtype_str(q.scalar_type()),
+             " (as q) or float32, got ", dtype_str(b.scalar_type()),
+             " (fastdiff.ops.attention converts boolean masks)");
+    const int64_t full[4] = {B, H, Lq, Lk};
+    bool ok = b.dim() == 4;
+    for (int i = 0; ok && i < 4; ++i) ok = b.size(i) == 1 || b.size(i) == full[i];
+    FD_CHECK(ok, op, "argument 'attn_bias' must be 4-D and broadcastable to (B, H, Lq, Lk) = ",
+             at::IntArrayRef(full), " (each dim 1 or full), got shape ", shape_str(b));
+  }
+  if (a.scale) {
+    FD_CHECK(std::isfinite(*a.scale) && *a.scale > 0, op,
+             "argument 'scale' must be finite and positive, got ", *a.scale);
+  }
+}
+
+at::Tensor empty(const Attention& a) { return at::empty(a.q.sizes(), a.q.options()); }
+
+double scale_of(const Attention& a) {
+  return a.scale ? *a.scale : 1.0 / std::sqrt(static_cast<double>(a.q.size(3)));
+}
+
+// ---- CPU kernel ----
 
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kBlockM = 64;   // query rows per task
@@ -131,12 +208,10 @@ void attention_f32(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   });
 }
 
-}  // namespace
-
-at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                         const std::optional<at::Tensor>& attn_bias, std::optional<double> scale) {
-  const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3), Lk = k.size(2);
-  const float s = static_cast<float>(scale ? *scale : 1.0 / std::sqrt(static_cast<double>(D)));
+at::Tensor cpu(const Attention& a) {
+  if (a.q.numel() == 0) return empty(a);
+  const int64_t B = a.q.size(0), H = a.q.size(1), Lq = a.q.size(2), D = a.q.size(3);
+  const int64_t Lk = a.k.size(2);
   // Float views: no copy for float32 inputs (strides kept); fp16/bf16 are converted once.
   // BLAS needs unit-stride rows at least D apart; only odd layouts (a head dim of 1 with any
   // stride, overlapping rows) fail that and are copied.
@@ -144,12 +219,75 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Ten
     at::Tensor f = t.to(at::kFloat);
     return (f.stride(3) != 1 || f.stride(2) < D) ? f.contiguous() : f;
   };
-  at::Tensor qf = f32(q), kf = f32(k), vf = f32(v);
   std::optional<at::Tensor> bias;
-  if (attn_bias) bias = attn_bias->to(at::kFloat).expand({B, H, Lq, Lk});
-  at::Tensor out = at::empty({B, H, Lq, D}, q.options().dtype(at::kFloat));
-  attention_f32(qf, kf, vf, bias, s, out);
-  return q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type());
+  if (a.attn_bias) bias = a.attn_bias->to(at::kFloat).expand({B, H, Lq, Lk});
+  at::Tensor out = at::empty({B, H, Lq, D}, a.q.options().dtype(at::kFloat));
+  attention_f32(f32(a.q), f32(a.k), f32(a.v), bias, static_cast<float>(scale_of(a)), out);
+  return a.q.scalar_type() == at::kFloat ? out : out.to(a.q.scalar_type());
 }
 
+// ---- CUDA plan: kernels/attention.py ----
+
+int64_t log2_ceil(int64_t n) {
+  int64_t l = 0;
+  while ((int64_t{1} << l) < n) ++l;
+  return l;
+}
+
+Plan<at::Tensor> plan(const Attention& a) {
+  namespace cfg = config::attention;
+  const at::Tensor &q = a.q, &k = a.k, &v = a.v;
+  const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3), Lk = k.size(2);
+  at::Tensor out = empty(a);
+  const int64_t log2_d = std::max<int64_t>(4, log2_ceil(D));  // BLOCK_D: D padded, >= 16
+  const bool ieee = q.scalar_type() == at::kFloat;
+  const auto& tile = cfg::TILES[ieee ? 2 : a.attn_bias.has_value()][log2_d - 4];
+  // VEC (attention.py, vec_of): elements per 16 bytes, down to the largest power of two that
+  // divides every q/k/v stride of dims 0-2 the kernel multiplies by a nonzero index.
+  const int64_t vec16 = 16 / static_cast<int64_t>(q.element_size());
+  int64_t vec = vec16;
+  for (const at::Tensor* t : {&q, &k, &v}) {
+    for (int d = 0; d < 3; ++d) {
+      if (t->size(d) > 1) vec = std::gcd(vec, t->stride(d));
+    }
+  }
+  at::Tensor bias = q;
+  std::array<int64_t, 4> bstrides{0, 0, 0, 0};
+  if (a.attn_bias) {  // a view: broadcast dims get stride 0; read in its own dtype
+    bias = a.attn_bias->expand({B, H, Lq, Lk});
+    for (int i = 0; i < 4; ++i) bstrides[i] = bias.stride(i);
+  }
+  using prebuilt::Arg;
+  // Grid axis 0 (up to 2**31 - 1): B * H alone may exceed axis 1's 65,535.
+  Plan<at::Tensor> p{{prebuilt::make_launch(
+      "attention_fwd", {B * H * cdiv(Lq, tile[0]), 1, 1},
+      {Arg::ptr("q_ptr", q), Arg::ptr("k_ptr", k), Arg::ptr("v_ptr", v),
+       Arg::ptr("bias_ptr", bias), Arg::ptr("o_ptr", out), Arg::i64("sqb", q.stride(0)),
+       Arg::i64("sqh", q.stride(1)), Arg::i64("sqm", q.stride(2)), Arg::i64("skb", k.stride(0)),
+       Arg::i64("skh", k.stride(1)), Arg::i64("skn", k.stride(2)), Arg::i64("svb", v.stride(0)),
+       Arg::i64("svh", v.stride(1)), Arg::i64("svn", v.stride(2)), Arg::i64("sbb", bstrides[0]),
+       Arg::i64("sbh", bstrides[1]), Arg::i64("sbm", bstrides[2]), Arg::i64("sbn", bstrides[3]),
+       Arg::i32("H", H), Arg::i32("Lq", Lq), Arg::i32("Lk", Lk),
+       Arg::f32("qk_scale", scale_of(a) * cfg::LOG2E)},
+      {{"D", D}, {"VEC", vec}, {"HAS_BIAS", a.attn_bias.has_value()}, {"IEEE", ieee},
+       {"BLOCK_M", tile[0]}, {"BLOCK_N", tile[1]}, {"BLOCK_D", int64_t{1} << log2_d}})},
+      out, {}, ""};
+  if (!std::binary_search(std::begin(cfg::PREBUILT_HEAD_DIMS), std::end(cfg::PREBUILT_HEAD_DIMS),
+                          D)) {
+    p.why = "no cubin for head dim " + std::to_string(D);
+  } else if (vec != vec16) {
+    p.why = "no cubin for q/k/v strides that are not multiples of 16 bytes";
+  }
+  return p;
+}
+
+// One implementation for every backend (ops.h), and the Python bindings.
+const auto impl = &Entry<Attention>::run;
+[[maybe_unused]] const bool bound = add_bindings<Attention>();
+
+}  // namespace
 }  // namespace fastdiff
+
+TORCH_LIBRARY_IMPL(fastdiff, CPU, m) { m.impl("attention", fastdiff::impl); }
+TORCH_LIBRARY_IMPL(fastdiff, Meta, m) { m.impl("attention", fastdiff::impl); }
+TORCH_LIBRARY_IMPL(fastdiff, CUDA, m) { m.impl("attention", fastdiff::impl); }

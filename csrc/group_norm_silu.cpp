@@ -1,8 +1,16 @@
-// CPU kernel for fastdiff::group_norm_silu (contract in fastdiff.h).
+// fastdiff::group_norm_silu: GroupNorm with optional fusions, then SiLU. Schema in ops.cpp;
+// Triton kernels and plan in kernels/group_norm_silu.py.
 //
-// Statistics are exact two-pass sums over data that is in cache: per channel (NCHW) or per
-// block of rows (channels_last), then merged across channels/blocks with Chan's formula in
-// double. Everything per (n, c) is then folded into y = silu((x - m) * a + b), one fused pass.
+// x: (N, C, H, W), contiguous NCHW or channels_last; returns the same dtype and memory format.
+// weight/bias: (C,) or absent (1 and 0). pre_bias/scale/shift: (N, C), contiguous, or absent;
+// the small tensors are x's dtype or float32.
+//   h = x + pre_bias[n, c]; y = (h - mean_g) * rstd_g * weight[c] + bias[c]
+//   y = y * (1 + scale[n, c]) + shift[n, c]; y = silu(y) if apply_silu
+//
+// The CPU kernel's statistics are exact two-pass sums over data that is in cache: per channel
+// (NCHW) or per block of rows (channels_last), then merged across channels/blocks with Chan's
+// formula in double. Everything per (n, c) is then folded into y = silu((x - m) * a + b), one
+// fused pass.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -10,10 +18,69 @@
 #include <cmath>
 #include <vector>
 
-#include "fastdiff.h"
+#include "ops.h"
 
 namespace fastdiff {
 namespace {
+
+struct GroupNormSilu {  // a call's arguments, in schema order
+  static constexpr char name[] = "group_norm_silu";
+  using Sig = at::Tensor(const at::Tensor&, int64_t, const std::optional<at::Tensor>&,
+                         const std::optional<at::Tensor>&, double,
+                         const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                         const std::optional<at::Tensor>&, bool);
+  const at::Tensor& x;
+  int64_t num_groups;
+  const std::optional<at::Tensor>& weight;
+  const std::optional<at::Tensor>& bias;
+  double eps;
+  const std::optional<at::Tensor>& pre_bias;
+  const std::optional<at::Tensor>& scale;
+  const std::optional<at::Tensor>& shift;
+  bool apply_silu;
+};
+
+const at::Tensor& subject(const GroupNormSilu& a) { return a.x; }
+
+// A small per-channel or per-(n, c) tensor: exact shape, dtype of x or float32, contiguous.
+void check_small(const at::Tensor& x, const at::Tensor& t, const char* name,
+                 at::IntArrayRef expected) {
+  const char* op = GroupNormSilu::name;
+  check_same_device(op, x, "x", t, name);
+  FD_CHECK(t.sizes() == expected, op, "argument '", name, "' must have shape ", expected, ", got ",
+           shape_str(t));
+  FD_CHECK(t.scalar_type() == x.scalar_type() || t.scalar_type() == at::kFloat, op, "argument '",
+           name, "' must have dtype ", dtype_str(x.scalar_type()), " (as x) or float32, got ", dtype_str(t.scalar_type()));
+  FD_CHECK(t.is_contiguous(), op, "argument '", name, "' must be contiguous, got strides ",
+           t.strides());
+}
+
+void check(const GroupNormSilu& a) {
+  const char* op = GroupNormSilu::name;
+  const at::Tensor& x = a.x;
+  FD_CHECK(x.dim() == 4, op, "argument 'x' must be a 4-D tensor (N, C, H, W), got shape ",
+           shape_str(x));
+  FD_CHECK(is_float_dtype(x.scalar_type()), op,
+           "argument 'x' must have dtype float32, float16 or bfloat16, got ", dtype_str(x.scalar_type()));
+  FD_CHECK(x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast), op,
+           "argument 'x' must be contiguous (NCHW) or channels_last, got strides ", x.strides(),
+           " for shape ", shape_str(x));
+  const int64_t N = x.size(0), C = x.size(1);
+  FD_CHECK(a.num_groups > 0, op, "argument 'num_groups' must be positive, got ", a.num_groups);
+  FD_CHECK(C % a.num_groups == 0, op, "the channel count C=", C,
+           " of argument 'x' must be divisible by argument 'num_groups'=", a.num_groups);
+  FD_CHECK(std::isfinite(a.eps) && a.eps >= 0, op, "argument 'eps' must be finite and >= 0, got ",
+           a.eps);
+  if (a.weight) check_small(x, *a.weight, "weight", {C});
+  if (a.bias) check_small(x, *a.bias, "bias", {C});
+  if (a.pre_bias) check_small(x, *a.pre_bias, "pre_bias", {N, C});
+  if (a.scale) check_small(x, *a.scale, "scale", {N, C});
+  if (a.shift) check_small(x, *a.shift, "shift", {N, C});
+}
+
+at::Tensor empty(const GroupNormSilu& a) { return at::empty_like(a.x); }
+
+// ---- CPU kernel ----
 
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kW = Vec::size();
@@ -196,34 +263,101 @@ std::vector<float> floats(const std::optional<at::Tensor>& t) {
   return std::vector<float>(f.data_ptr<float>(), f.data_ptr<float>() + f.numel());
 }
 
-}  // namespace
-
-at::Tensor group_norm_silu_cpu(const at::Tensor& x, int64_t num_groups,
-                               const std::optional<at::Tensor>& weight,
-                               const std::optional<at::Tensor>& bias, double eps,
-                               const std::optional<at::Tensor>& pre_bias,
-                               const std::optional<at::Tensor>& scale,
-                               const std::optional<at::Tensor>& shift, bool apply_silu) {
+at::Tensor cpu(const GroupNormSilu& a) {
+  const at::Tensor& x = a.x;
+  at::Tensor y = empty(a);
+  if (x.numel() == 0) return y;
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
   // A tensor with C == 1 or HW == 1 is both; NCHW is then the right reading.
   const bool cl = !x.is_contiguous();
-  at::Tensor y = at::empty_like(x);
-  const std::vector<float> w = floats(weight), b = floats(bias), pre = floats(pre_bias),
-                           s = floats(scale), sh = floats(shift);
+  const std::vector<float> w = floats(a.weight), b = floats(a.bias), pre = floats(a.pre_bias),
+                           s = floats(a.scale), sh = floats(a.shift);
   auto ptr = [](const std::vector<float>& v) { return v.empty() ? nullptr : v.data(); };
-  const Params p{ptr(w), ptr(b), ptr(pre), ptr(s), ptr(sh), static_cast<float>(eps)};
+  const Params p{ptr(w), ptr(b), ptr(pre), ptr(s), ptr(sh), static_cast<float>(a.eps)};
+  const int64_t G = a.num_groups;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_norm_silu_cpu", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
     if (cl) {
-      apply_silu ? channels_last<scalar_t, true>(xp, yp, N, C, HW, num_groups, p)
-                 : channels_last<scalar_t, false>(xp, yp, N, C, HW, num_groups, p);
+      a.apply_silu ? channels_last<scalar_t, true>(xp, yp, N, C, HW, G, p)
+                   : channels_last<scalar_t, false>(xp, yp, N, C, HW, G, p);
     } else {
-      apply_silu ? nchw<scalar_t, true>(xp, yp, N, C, HW, num_groups, p)
-                 : nchw<scalar_t, false>(xp, yp, N, C, HW, num_groups, p);
+      a.apply_silu ? nchw<scalar_t, true>(xp, yp, N, C, HW, G, p)
+                   : nchw<scalar_t, false>(xp, yp, N, C, HW, G, p);
     }
   });
   return y;
 }
 
+// ---- CUDA plan: kernels/group_norm_silu.py ----
+
+// How the kernels read an optional per-channel tensor: 0 absent, 1 float32, 2 x's dtype.
+int64_t kind(const std::optional<at::Tensor>& t) {
+  return !t ? 0 : t->scalar_type() == at::kFloat ? 1 : 2;
+}
+
+Plan<at::Tensor> plan(const GroupNormSilu& a) {
+  namespace cfg = config::group_norm_silu;
+  const at::Tensor& x = a.x;
+  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3), G = a.num_groups;
+  const int64_t cg = C / G;
+  const bool cl = !x.is_contiguous();
+  const int64_t rows = cfg::TILE[cl][0], cols = cfg::TILE[cl][1];
+  at::Tensor y = empty(a);
+  const int64_t nrows = cl ? HW * cdiv(cg, cols) : cg * cdiv(HW, cols);
+  TORCH_CHECK_VALUE(nrows < (int64_t{1} << 31), "fastdiff.group_norm_silu: a group of C/G * H * W",
+                    " = ", cg * HW, " elements is beyond the CUDA kernels' ", int64_t{1} << 31,
+                    " rows of ", cols);
+  const int64_t tiles = cdiv(nrows, rows);
+  int64_t split = std::min(cfg::MAX_SPLIT, tiles);
+  const int64_t chunk = cdiv(tiles, split);  // tiles per program
+  split = cdiv(tiles, chunk);
+  at::Tensor part = at::empty({N * G, split, 3}, x.options().dtype(at::kFloat));
+  const int64_t vec16 = 16 / static_cast<int64_t>(x.element_size());
+  const int64_t vec = (cl ? cg : HW) % vec16 == 0 ? vec16 : 1;
+  const bool has_pre = a.pre_bias.has_value();
+  using prebuilt::Arg;
+  // The small tensors: any dtype the op accepts, read per their kind; the prebuilt signature
+  // names one pointer type for them. Absent ones: x stands in (kind 0: never read).
+  auto small = [&](const char* name, const std::optional<at::Tensor>& t) {
+    return Arg::ptr(name, t.value_or(x), "*fp32");
+  };
+  const std::vector<Arg> common{Arg::i32("HW", HW), Arg::i32("C", C), Arg::i32("G", G),
+                                Arg::i32("CG", cg), Arg::i32("chunk", chunk),
+                                Arg::i32("split", split)};
+  std::vector<Arg> stats{Arg::ptr("x_ptr", x), small("pre_ptr", a.pre_bias),
+                         Arg::ptr("part_ptr", part)};
+  stats.insert(stats.end(), common.begin(), common.end());
+  stats.push_back(Arg::i32("pre_kind", kind(a.pre_bias)));
+  std::vector<Arg> apply{Arg::ptr("x_ptr", x), Arg::ptr("y_ptr", y), small("w_ptr", a.weight),
+                         small("b_ptr", a.bias), small("pre_ptr", a.pre_bias),
+                         small("scale_ptr", a.scale), small("shift_ptr", a.shift),
+                         Arg::ptr("part_ptr", part)};
+  apply.insert(apply.end(), common.begin(), common.end());
+  apply.insert(apply.end(), {Arg::f32("eps", a.eps), Arg::i32("w_kind", kind(a.weight)),
+                             Arg::i32("b_kind", kind(a.bias)),
+                             Arg::i32("pre_kind", kind(a.pre_bias)),
+                             Arg::i32("scale_kind", kind(a.scale)),
+                             Arg::i32("shift_kind", kind(a.shift))});
+  const std::array<int64_t, 3> grid{N * G, split, 1};
+  const bool has_ss = a.scale.has_value() || a.shift.has_value();
+  return {{prebuilt::make_launch("group_norm_silu_stats", grid, std::move(stats),
+                                 {{"CL", cl}, {"HAS_PRE", has_pre}, {"VEC", vec},
+                                  {"ROWS", rows}, {"COLS", cols}}),
+           prebuilt::make_launch("group_norm_silu_apply", grid, std::move(apply),
+                                 {{"CL", cl}, {"HAS_PRE", has_pre}, {"HAS_SS", has_ss},
+                                  {"SILU", a.apply_silu}, {"SPLIT_P2", cfg::MAX_SPLIT},
+                                  {"VEC", vec}, {"ROWS", rows}, {"COLS", cols}})},
+          y, {part}, ""};
+}
+
+// One implementation for every backend (ops.h), and the Python bindings.
+const auto impl = &Entry<GroupNormSilu>::run;
+[[maybe_unused]] const bool bound = add_bindings<GroupNormSilu>();
+
+}  // namespace
 }  // namespace fastdiff
+
+TORCH_LIBRARY_IMPL(fastdiff, CPU, m) { m.impl("group_norm_silu", fastdiff::impl); }
+TORCH_LIBRARY_IMPL(fastdiff, Meta, m) { m.impl("group_norm_silu", fastdiff::impl); }
+TORCH_LIBRARY_IMPL(fastdiff, CUDA, m) { m.impl("group_norm_silu", fastdiff::impl); }

@@ -102,7 +102,7 @@ class SamplingEngine:
                                 ).to(s.x.device)
         x, x0 = ops.denoise_step(out.contiguous(), s.x, s.coeffs, idx, noise, s.prev_x0,
                                  guidance_scale if guided else 1.0, table.clip_sample,
-                                 table.clip_sample_range, write_x0=True)
+                                 table.clip_sample_range, write_x0=True, guided=guided)
         s.x.copy_(x)
         if s.prev_x0 is not None:
             s.prev_x0.copy_(x0)

@@ -19,7 +19,8 @@ def info_lines(cubin_dir: str | None = None) -> list[str]:
     lines = [f"fastdiff {fastdiff.__version__} at {os.path.dirname(fastdiff.__file__)}",
              f"extension: {_C.__file__}",
              f"torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton_version}"]
-    for op in ("group_norm_silu", "attention", "denoise_step"):
+    names = torch._C._dispatch_get_all_op_names()
+    for op in sorted(n.split("::")[1] for n in names if n.startswith("fastdiff::")):
         keys = [k for k in ("CPU", "CUDA", "Meta")
                 if torch._C._dispatch_has_kernel_for_dispatch_key(f"fastdiff::{op}", k)]
         lines.append(f"op fastdiff.{op}: {', '.join(keys)}")
@@ -39,8 +40,8 @@ def info_lines(cubin_dir: str | None = None) -> list[str]:
             size = sum(k["cubin_bytes"] for k in ks)
             lines.append(f"  sm_{arch}: {len(ks)} cubins, {size / 2**20:.1f} MiB "
                          f"({', '.join(sorted({k['kernel'] for k in ks}))})")
-        mode = {0: "off", 1: "on", 2: "require"}[_C._aot_mode()]
-        lines.append(f"prebuilt mode: {mode} (FASTDIFF_AOT); registered now: {_C._aot_count()}")
+        lines.append(f"prebuilt mode: {_C._prebuilt_mode()} (FASTDIFF_PREBUILT); registered now: "
+                     f"{_C._prebuilt_count()}")
         if torch.cuda.is_available():
             major, minor = torch.cuda.get_device_capability()
             arch = major * 10 + minor
@@ -49,5 +50,5 @@ def info_lines(cubin_dir: str | None = None) -> list[str]:
                                                           "the Triton JIT (no cubins for it)"))
     else:
         lines.append("prebuilt kernels: none (CUDA ops compile with the Triton JIT on first use;"
-                     " `pip wheel .` or `make cubins` builds them)")
+                     " `pip wheel .` or `make prebuilt` builds them)")
     return lines

@@ -1,12 +1,13 @@
-"""The three fused ops: Python entry points, and the Triton JIT path of their CUDA kernels.
+"""The three fused ops: their Python entry points.
 
 Each op is one dispatcher op, ``torch.ops.fastdiff.<name>``, whose schema, argument checks, CPU
 kernel (C++), Meta kernel (shapes only, for torch.compile and graph capture) and CUDA kernel
-live in csrc/. On CUDA the op launches the wheel's prebuilt cubins from C++ (csrc/aot.cpp);
-where they cannot run (no wheel, another GPU architecture, an unaligned tensor) it calls its
-twin ``torch.ops.fastdiff._<name>_jit``, registered here with the Triton launcher of
-``fastdiff.kernels``, and the reason is logged once. ``FASTDIFF_AOT=0`` (or
-``set_prebuilt("off")``) always takes the JIT; ``require`` raises instead of falling back.
+live in csrc/<name>.cpp. On CUDA the op launches the wheel's prebuilt cubins from C++
+(csrc/prebuilt.cpp); where they cannot run (no wheel, another GPU architecture, an unaligned
+tensor) it runs the Triton JIT (``fastdiff.kernels.launch``) and logs why, once per reason
+(``log_once``). ``FASTDIFF_PREBUILT=0`` (or ``set_prebuilt("off")``) always takes the JIT;
+``require`` raises instead of falling back. ``FASTDIFF_AOT`` is an older name of
+``FASTDIFF_PREBUILT``.
 
 Each op also gets a thin Python function that accepts the shapes models naturally have
 ((N, C, 1, 1) time embeddings, boolean or 2-D/3-D attention masks).
@@ -24,60 +25,18 @@ _logged: set[str] = set()
 
 
 def log_once(reason: str) -> None:
-    """Logs a fallback reason the first time it occurs (INFO, logger 'fastdiff')."""
+    """Logs a fallback reason the first time it occurs (INFO, logger 'fastdiff'). The C++ ops
+    call it when the prebuilt kernels cannot run a call."""
     if reason not in _logged:
         _logged.add(reason)
         logger.info("fastdiff: %s", reason)
 
 
-def _jit(op: str, why: str) -> None:
-    if why:
-        log_once(f"{op}: prebuilt kernels not used ({why}); the Triton JIT compiles it")
-
-
-def _group_norm_silu_jit(x, num_groups, weight, bias, eps, pre_bias, scale, shift, apply_silu,
-                         why):
-    _jit("group_norm_silu", why)
-    from fastdiff.kernels.group_norm_silu import group_norm_silu as launch
-
-    return launch(x, num_groups, weight, bias, eps, pre_bias, scale, shift, apply_silu)
-
-
-def _attention_jit(q, k, v, attn_bias, scale, why):
-    _jit("attention", why)
-    from fastdiff.kernels.attention import attention as launch
-
-    return launch(q, k, v, attn_bias, scale)
-
-
-def _denoise_step_jit(model_output, sample, coeffs, step_index, noise, prev_x0, guidance_scale,
-                      clip_sample, clip_sample_range, write_x0, why):
-    _jit("denoise_step", why)
-    from fastdiff.kernels.denoise_step import denoise_step as launch
-
-    return launch(model_output, sample, coeffs, step_index, noise, prev_x0, guidance_scale,
-                  clip_sample, clip_sample_range, write_x0)
-
-
-# The inputs were checked by the public op (csrc/cuda_ops.cpp) before it called its twin.
-_lib = torch.library.Library("fastdiff", "IMPL")
-_lib.impl("_group_norm_silu_jit", _group_norm_silu_jit, "CUDA")
-_lib.impl("_attention_jit", _attention_jit, "CUDA")
-_lib.impl("_denoise_step_jit", _denoise_step_jit, "CUDA")
-
-_MODES = {"off": 0, "on": 1, "require": 2}
-
-
 def set_prebuilt(mode: str) -> str:
     """Whether the CUDA ops launch the prebuilt cubins: 'on' (when they can; the default),
     'off' (always the Triton JIT) or 'require' (raise where they cannot). Returns the previous
-    mode. The initial mode comes from FASTDIFF_AOT (0/off, 1/on, require)."""
-    if mode not in _MODES:
-        raise ValueError(f"set_prebuilt: argument 'mode' must be one of {sorted(_MODES)}, "
-                         f"got {mode!r}")
-    previous = {v: k for k, v in _MODES.items()}[_C._aot_mode()]
-    _C._aot_set_mode(_MODES[mode])
-    return previous
+    mode. The initial mode comes from FASTDIFF_PREBUILT (0/off, 1/on, require)."""
+    return _C._prebuilt_set_mode(mode)
 
 
 prebuilt.load_if_cuda()
@@ -134,13 +93,16 @@ def denoise_step(model_output: torch.Tensor, sample: torch.Tensor, coeffs: torch
                  step_index: torch.Tensor, noise: torch.Tensor | None = None,
                  prev_x0: torch.Tensor | None = None, guidance_scale: float = 1.0,
                  clip_sample: bool = False, clip_sample_range: float = 1.0,
-                 write_x0: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                 write_x0: bool = False, guided: bool | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One fused sampler step: guidance combine, solver update and noise (see schedules.py).
 
     model_output: like ``sample`` (N, ...) or, guided, (2N, ...) = [uncond; cond] combined as
-    ``u + guidance_scale * (c - u)``. coeffs: (S, 8) float32 table from ``fastdiff.schedules``;
+    ``u + guidance_scale * (c - u)``; ``guided`` says which (None: guided when model_output has
+    twice the batch of sample). coeffs: (S, 8) float32 table from ``fastdiff.schedules``;
     step_index: one-element int tensor on the sample's device (no host sync). A missing
     ``noise`` or ``prev_x0`` counts as zeros. Returns (next sample, predicted x0 or empty).
     """
     return torch.ops.fastdiff.denoise_step(model_output, sample, coeffs, step_index, noise, prev_x0,
-                                           guidance_scale, clip_sample, clip_sample_range, write_x0)
+                                           guidance_scale, clip_sample, clip_sample_range, write_x0,
+                                           guided)

@@ -1,11 +1,11 @@
 """The prebuilt kernels: cubins compiled ahead of time into the wheel, named to the C++
-launcher (csrc/aot.cpp) when fastdiff is imported on a machine with a GPU.
+launcher (csrc/prebuilt.cpp) when fastdiff is imported on a machine with a GPU.
 
 A wheel built by ``pip wheel .`` carries ``fastdiff/kernels/cubins/``: one cubin per (kernel
 configuration, alignment variant, architecture), ``manifest.json`` (everything about each) and
-``index.tsv`` (what the launcher reads at the first CUDA call). kernels/aot.py writes all three;
-FASTDIFF_CUDA_ARCHS picks the architectures (default 80,86,89,90). A source or editable install
-has none until ``make cubins``; the CUDA ops then run the Triton JIT.
+``index.tsv`` (what the launcher reads at the first CUDA call). kernels/prebuild.py writes all
+three; FASTDIFF_CUDA_ARCHS picks the architectures (default 80,86,89,90). A source or editable
+install has none until ``make prebuilt``; the CUDA ops then run the Triton JIT.
 """
 from __future__ import annotations
 
@@ -36,12 +36,12 @@ def manifest(directory: str | None = None) -> dict | None:
 def load(directory: str | None = None) -> int:
     """Registers every prebuilt kernel of ``directory`` (default: the package's) with the C++
     launcher, replacing what was registered before. Returns how many were registered."""
-    return _C._aot_use_directory(directory or cubin_dir(), lazy=False)
+    return _C._prebuilt_use_directory(directory or cubin_dir(), lazy=False)
 
 
 def load_if_cuda() -> None:
     """At import: where a GPU could run them, names the package's cubins to the C++ launcher,
     which reads their index (index.tsv) at the first CUDA call, so importing costs nothing."""
-    _C._aot_clear()
+    _C._prebuilt_clear()
     if torch.cuda.is_available():
-        _C._aot_use_directory(cubin_dir(), lazy=True)
+        _C._prebuilt_use_directory(cubin_dir(), lazy=True)

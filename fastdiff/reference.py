@@ -1,7 +1,7 @@
 """Plain-torch float64 references for the fused ops: what every kernel is tested against.
 
 Each takes the op's arguments (any dtype, any device) and returns float64 results computed with
-unfused torch operations, following the definitions in csrc/fastdiff.h.
+unfused torch operations, following the definitions in csrc/<op>.cpp.
 """
 from __future__ import annotations
 
@@ -50,11 +50,14 @@ def attention(q, k, v, attn_bias=None, scale=None):
 
 
 def denoise_step(model_output, sample, coeffs, step_index, noise=None, prev_x0=None,
-                 guidance_scale=1.0, clip_sample=False, clip_sample_range=1.0, write_x0=False):
-    """The coefficient-table step of csrc/fastdiff.h (StepCoef) in float64."""
+                 guidance_scale=1.0, clip_sample=False, clip_sample_range=1.0, write_x0=False,
+                 guided=None):
+    """The coefficient-table step of csrc/denoise_step.cpp in float64."""
     c = coeffs.detach().to(torch.float64).cpu()[int(step_index.reshape(-1)[0])]
     m, x = _f64(model_output), _f64(sample)
-    if m.shape[0] == 2 * x.shape[0]:
+    if guided is None:
+        guided = m.shape[0] == 2 * x.shape[0]
+    if guided:
         u, cond = m.chunk(2)
         m = u + guidance_scale * (cond - u)
     n = _f64(noise) if noise is not None else torch.zeros_like(x)

@@ -19,19 +19,17 @@ import torch
 import triton
 import triton.language as tl
 
-from . import run
-
 _TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr,
-                      sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
-                      sbb, sbh, sbm, sbn, H, Lq, Lk, qk_scale,
-                      D: tl.constexpr, VEC: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_D: tl.constexpr):
+def attention_fwd(q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr,
+                  sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
+                  sbb, sbh, sbm, sbn, H, Lq, Lk, qk_scale,
+                  D: tl.constexpr, VEC: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_D: tl.constexpr):
     num_m = tl.cdiv(Lq, BLOCK_M)
     pid = tl.program_id(0)
     bh = pid // num_m
@@ -94,21 +92,19 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr,
     tl.store(o, out.to(o_ptr.dtype.element_ty), mask=q_mask)
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per (element size, bias or not) and padded head dim,
-# chosen so that no configuration spills registers on sm_80 or sm_90, Q/K/V tiles give every
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kind of call (2-byte inputs without a bias, with
+# one; fp32 inputs, with or without) and padded head dim BLOCK_D (16, 32, 64, 128, 256), chosen
+# so that no configuration spills registers on sm_80 or sm_90, Q/K/V tiles give every
 # thread 16 bytes or more to load, and every one fits the 99 KB of shared memory a block may use
-# on sm_86/sm_89 (tests/test_aot.py checks all three in the compiled code). 2-byte inputs: 8
+# on sm_86/sm_89 (tests/test_prebuild.py checks all three in the compiled code). 2-byte inputs: 8
 # warps hold the 16-byte Q loads and the pipelined K/V tiles without spills (4 at D <= 16, where
 # 8 would leave 8 bytes per thread). With a bias the pipeline stages its tile in shared memory
 # too (fp32: 32 KB per 128 x 64 tile and stage) and holds an address per element: BLOCK_N 32
 # from D = 64 on, 2 stages below. fp32: IEEE dots run on FMA units with their operands in
 # registers, hence smaller tiles (at D = 256, BLOCK_M 32: 64 left a 6.6 KB stack on sm_90).
-_TILES = {(2, False): {16: (128, 64, 4, 3), 32: (128, 64, 8, 3), 64: (128, 64, 8, 3),
-                       128: (128, 64, 8, 2), 256: (64, 32, 8, 2)},
-          (2, True): {16: (128, 64, 4, 2), 32: (128, 64, 8, 2), 64: (128, 32, 8, 3),
-                      128: (128, 32, 8, 2), 256: (64, 32, 8, 2)}}
-_TILES[4, False] = _TILES[4, True] = {16: (64, 64, 8, 2), 32: (64, 64, 8, 2), 64: (64, 32, 8, 2),
-                                      128: (64, 32, 8, 2), 256: (32, 16, 8, 1)}
+TILES = (((128, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 3), (128, 64, 8, 2), (64, 32, 8, 2)),
+         ((128, 64, 4, 2), (128, 64, 8, 2), (128, 32, 8, 3), (128, 32, 8, 2), (64, 32, 8, 2)),
+         ((64, 64, 8, 2), (64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 8, 2), (32, 16, 8, 1)))
 
 # Head dims compiled into the wheel (each one configuration per dtype and bias dtype); any
 # other D in [1, 256] runs on the Triton JIT. 40/80/160: SD 1.x (8 heads on 320/640/1280
@@ -131,11 +127,12 @@ def vec_of(dtype, *tensors):
 
 
 def _config(dtype, D, bias_dtype=None, vec=None):
-    """The one place that maps a call to a compiled configuration (aot_configs lists those of
+    """The one place that maps a call to a compiled configuration (prebuilt_configs lists those of
     PREBUILT_HEAD_DIMS): q/k/v dtype, head dim, bias dtype (None: no bias) and VEC (default:
     16 bytes' worth, what every prebuilt configuration assumes)."""
     block_d = max(16, triton.next_power_of_2(D))
-    bm, bn, warps, stages = _TILES[dtype.itemsize, bias_dtype is not None][block_d]
+    kind = 2 if dtype == torch.float32 else int(bias_dtype is not None)
+    bm, bn, warps, stages = TILES[kind][block_d.bit_length() - 5]
     t = "*" + _TL_DTYPES[dtype]
     strides = {n: "i64" for n in ("sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn",
                                   "sbb", "sbh", "sbm", "sbn")}
@@ -147,22 +144,24 @@ def _config(dtype, D, bias_dtype=None, vec=None):
                   "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": block_d}
     # Prebuilt: 16-byte aligned q/k/v/o (the bias is read element by element; its pointer may
     # be anything), as Triton's JIT specializes them.
-    return {"fn": _attention_kernel, "signature": signature, "constexprs": constexprs,
+    return {"fn": attention_fwd, "signature": signature, "constexprs": constexprs,
             "num_warps": warps, "num_stages": stages,
             "aligned": ("q_ptr", "k_ptr", "v_ptr", "o_ptr")}
 
 
-def aot_configs():
+def prebuilt_configs():
     """Every prebuilt configuration: dtype x PREBUILT_HEAD_DIMS x bias (none, q's dtype, fp32)."""
     return [_config(dt, d, b) for dt in _TL_DTYPES for d in PREBUILT_HEAD_DIMS
             for b in dict.fromkeys((None, dt, torch.float32))]
 
 
 def plan(q, k, v, attn_bias, scale):
-    """The launch of a call, [(config, grid, args)], and the output; inputs non-empty."""
+    """The launch of a call, [(config, grid, args)], and the output."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     out = torch.empty((B, H, Lq, D), dtype=q.dtype, device=q.device)
+    if q.numel() == 0:
+        return [], out
     cfg = _config(q.dtype, D, None if attn_bias is None else attn_bias.dtype,
                   vec_of(q.dtype, q, k, v))
     if attn_bias is not None:  # a view: broadcast dims get stride 0; read in its own dtype
@@ -177,12 +176,3 @@ def plan(q, k, v, attn_bias, scale):
             float(s) * LOG2E]
     return [(cfg, grid, args)], out
 
-
-def attention(q, k, v, attn_bias, scale):
-    """Launch on checked inputs (csrc/ops.cpp): q (B, H, Lq, D), k/v (B, H, Lk, D)."""
-    if q.numel() == 0:
-        return torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    launches, out = plan(q, k, v, attn_bias, scale)
-    for cfg, grid, args in launches:
-        run(cfg, grid, args)
-    return out

@@ -1,7 +1,7 @@
 """Triton kernel for fastdiff::denoise_step: guidance combine + solver update + noise, one pass.
 
 The solver is not known here: it lives in the per-step coefficient table (columns in
-fastdiff/schedules.py, semantics in csrc/fastdiff.h, StepCoef), so one kernel serves DDPM, DDIM,
+fastdiff/schedules.py, semantics in csrc/denoise_step.cpp), so one kernel serves DDPM, DDIM,
 DPM-Solver++ and Euler. With m the (guided) model output, x the sample and n the noise:
 
     x_hat = x + H * n;  x0 = clip(P_x * x_hat + P_m * m);  out = K_x * x_hat + K_0 * x0 + K_m * m
@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import pointers, run, variant
+from . import pointers, variant
 
 # 16 elements per thread: four 16-byte loads per fp32 input (two for 16-bit dtypes) in flight.
 BLOCK = 2048
@@ -31,10 +31,10 @@ _TL_INDEX = {torch.int64: "i64", torch.int32: "i32"}
 # write_x0 is a runtime 0/1 int (the interpreter takes no bool arguments), never specialized as
 # a constant so that both values run the same compiled kernel.
 @triton.jit(do_not_specialize=["write_x0"])
-def _denoise_step_kernel(mo_ptr, x_ptr, noise_ptr, prev_ptr, coef_ptr, idx_ptr, out_ptr, x0_ptr,
-                         numel, num_steps, guidance, clip_lo, clip_hi, write_x0,
-                         GUIDED: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_PREV: tl.constexpr,
-                         BLOCK: tl.constexpr):
+def denoise_step(mo_ptr, x_ptr, noise_ptr, prev_ptr, coef_ptr, idx_ptr, out_ptr, x0_ptr,
+                 numel, num_steps, guidance, clip_lo, clip_hi, write_x0,
+                 GUIDED: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_PREV: tl.constexpr,
+                 BLOCK: tl.constexpr):
     # 64-bit block start (numel may exceed 2**31), 32-bit offsets inside the block.
     start = tl.program_id(0).to(tl.int64) * BLOCK
     offs = tl.arange(0, BLOCK)
@@ -89,7 +89,7 @@ def _config(dtype, guided, has_noise, has_prev, index_dtype=torch.int64):
 
     The signature is the one Triton's JIT picks for ordinary inputs (numel < 2**31). Prebuilt,
     it assumes 16-byte aligned pointers and numel % 16 == 0, as the JIT specializes them, so the
-    cubin has the JIT's vectorized code; aot_configs() adds a variant for any numel.
+    cubin has the JIT's vectorized code; prebuilt_configs() adds a variant for any numel.
     """
     t = "*" + _TL_DTYPES[dtype]
     signature = {"mo_ptr": t, "x_ptr": t, "noise_ptr": t, "prev_ptr": t, "coef_ptr": "*fp32",
@@ -98,12 +98,12 @@ def _config(dtype, guided, has_noise, has_prev, index_dtype=torch.int64):
                  "clip_hi": "fp32", "write_x0": "i32"}
     constexprs = {"GUIDED": bool(guided), "HAS_NOISE": bool(has_noise),
                   "HAS_PREV": bool(has_prev), "BLOCK": BLOCK}
-    cfg = {"fn": _denoise_step_kernel, "signature": signature, "constexprs": constexprs,
+    cfg = {"fn": denoise_step, "signature": signature, "constexprs": constexprs,
            "num_warps": NUM_WARPS, "num_stages": NUM_STAGES}
     return variant(cfg, pointers(cfg) + ("numel",))
 
 
-def aot_configs():
+def prebuilt_configs():
     """Every configuration the launcher can choose: dtype x index dtype x the three flags that
     decide which inputs are read (clipping, write_x0 and the guidance scale are runtime values)."""
     return [v for dt in _TL_DTYPES for it in _TL_INDEX for g in (False, True)
@@ -111,33 +111,24 @@ def aot_configs():
             for c in [_config(dt, g, n, p, it)] for v in (c, variant(c, pointers(c)))]
 
 
-def denoise_step(model_output, sample, coeffs, step_index, noise, prev_x0, guidance_scale,
-                 clip_sample, clip_sample_range, write_x0):
-    """One sampler step on inputs checked by csrc/ops.cpp (check_denoise_step).
+def plan(model_output, sample, coeffs, step_index, noise, prev_x0, guidance_scale, clip_sample,
+         clip_sample_range, write_x0, guided=None):
+    """The launch of one sampler step, [(config, grid, args)], and its outputs.
 
-    model_output: (N, ...) or, guided, (2N, ...) = [uncond; cond]; sample, noise, prev_x0:
+    model_output: (N, ...) or, guided, (2N, ...) = [uncond; cond] (guided=None: guided when
+    model_output has twice the batch of sample); sample, noise, prev_x0:
     (N, ...), contiguous, one dtype; coeffs: (S, 8) float32; step_index: one-element int32/int64
-    tensor on the sample's device, never read on the host. Returns (next sample (N, ...), x0c
+    tensor on the sample's device, never read on the host. Outputs: (next sample (N, ...), x0c
     (N, ...) or an empty tensor when write_x0 is False); NaN everywhere if step_index is not in
     [0, S).
     """
-    if sample.numel() == 0:
-        return torch.empty_like(sample), (torch.empty_like(sample) if write_x0
-                                          else sample.new_empty(0))
-    launches, outputs = plan(model_output, sample, coeffs, step_index, noise, prev_x0,
-                             guidance_scale, clip_sample, clip_sample_range, write_x0)
-    for cfg, grid, args in launches:
-        run(cfg, grid, args)
-    return outputs
-
-
-def plan(model_output, sample, coeffs, step_index, noise, prev_x0, guidance_scale, clip_sample,
-         clip_sample_range, write_x0):
-    """The launch of a call, [(config, grid, args)], and (out, x0); sample non-empty."""
     out = torch.empty_like(sample)
     x0 = torch.empty_like(sample) if write_x0 else sample.new_empty(0)
+    if sample.numel() == 0:
+        return [], (out, x0)
     numel = sample.numel()
-    guided = model_output.shape[0] == 2 * sample.shape[0]
+    if guided is None:
+        guided = model_output.shape[0] == 2 * sample.shape[0]
     cfg = _config(sample.dtype, guided, noise is not None, prev_x0 is not None, step_index.dtype)
     r = float(clip_sample_range) if clip_sample else float("inf")
     # Absent inputs and x0 get a stand-in pointer that is never touched (constexpr flags, a

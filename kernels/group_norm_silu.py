@@ -1,10 +1,11 @@
 """Triton kernels for fastdiff::group_norm_silu.
 
-Two launches. ``_stats`` splits every (n, group) into chunks so that a GPU is filled even when
-N * G is small (2 x 32 = 64 groups against 132 SMs): each program reduces one chunk, tile by
-tile, exactly (mean, then squared deviations of the tile held in registers) and merges tiles
-with Chan's formula; ``_apply`` merges a group's chunk partials the same way and writes
-``silu((x + pre - mean) * rstd * w + b) * (1 + scale) + shift`` for its chunk.
+Two launches. ``group_norm_silu_stats`` splits every (n, group) into chunks so that a GPU is
+filled even when N * G is small (2 x 32 = 64 groups against 132 SMs): each program reduces one
+chunk, tile by tile, exactly (mean, then squared deviations of the tile held in registers) and
+merges tiles with Chan's formula; ``group_norm_silu_apply`` merges a group's chunk partials the
+same way and writes ``silu((x + pre - mean) * rstd * w + b) * (1 + scale) + shift`` for its
+chunk.
 
 A group is walked in rows of COLS elements that are contiguous in memory: NCHW rows are COLS
 pixels of one channel, channels_last rows COLS channels of one pixel; a tile is ROWS such rows.
@@ -18,13 +19,12 @@ import torch
 import triton
 import triton.language as tl
 
-from . import run
-
 MAX_SPLIT = 32          # chunks per group: enough programs to fill a GPU, few partials to merge
 NUM_WARPS = 4
-# (ROWS, COLS) of a tile, 1024 elements: NCHW rows of 16 pixels (H*W = 16, 64, 144, 4096, ...
-# fill them), channels_last rows of 8 channels (C/G = 8, 16, 40 fill them; 10 and 20 fill 5/8).
-TILE = {False: (64, 16), True: (128, 8)}
+# (ROWS, COLS) of a tile, 1024 elements, for NCHW and channels_last: NCHW rows of 16 pixels
+# (H*W = 16, 64, 144, 4096, ... fill them), channels_last rows of 8 channels (C/G = 8, 16, 40
+# fill them; 10 and 20 fill 5/8).
+TILE = ((64, 16), (128, 8))
 _TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
@@ -95,9 +95,9 @@ def _tiles(HW, CG, CL: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
 
 
 @triton.jit
-def _stats(x_ptr, pre_ptr, part_ptr, HW, C, G, CG, chunk, split, pre_kind,
-           CL: tl.constexpr, HAS_PRE: tl.constexpr, VEC: tl.constexpr, ROWS: tl.constexpr,
-           COLS: tl.constexpr):
+def group_norm_silu_stats(x_ptr, pre_ptr, part_ptr, HW, C, G, CG, chunk, split, pre_kind,
+                          CL: tl.constexpr, HAS_PRE: tl.constexpr, VEC: tl.constexpr,
+                          ROWS: tl.constexpr, COLS: tl.constexpr):
     ng = tl.program_id(0)
     s = tl.program_id(1)
     n = ng // G
@@ -126,10 +126,11 @@ def _stats(x_ptr, pre_ptr, part_ptr, HW, C, G, CG, chunk, split, pre_kind,
 
 
 @triton.jit
-def _apply(x_ptr, y_ptr, w_ptr, b_ptr, pre_ptr, scale_ptr, shift_ptr, part_ptr,
-           HW, C, G, CG, chunk, split, eps, w_kind, b_kind, pre_kind, scale_kind, shift_kind,
-           CL: tl.constexpr, HAS_PRE: tl.constexpr, HAS_SS: tl.constexpr, SILU: tl.constexpr,
-           SPLIT_P2: tl.constexpr, VEC: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+def group_norm_silu_apply(x_ptr, y_ptr, w_ptr, b_ptr, pre_ptr, scale_ptr, shift_ptr, part_ptr,
+                          HW, C, G, CG, chunk, split, eps, w_kind, b_kind, pre_kind, scale_kind,
+                          shift_kind, CL: tl.constexpr, HAS_PRE: tl.constexpr,
+                          HAS_SS: tl.constexpr, SILU: tl.constexpr, SPLIT_P2: tl.constexpr,
+                          VEC: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
     ng = tl.program_id(0)
     s = tl.program_id(1)
     n = ng // G
@@ -179,12 +180,12 @@ def _configs(dtype, cl, has_pre, has_ss, silu, aligned=True):
     t = "*" + _TL_DTYPES[dtype]
     rows, cols = TILE[cl]
     shape = {"VEC": 16 // dtype.itemsize if aligned else 1, "ROWS": rows, "COLS": cols}
-    stats = {"fn": _stats, "num_warps": NUM_WARPS, "num_stages": 1,
+    stats = {"fn": group_norm_silu_stats, "num_warps": NUM_WARPS, "num_stages": 1,
              "signature": {"x_ptr": t, "pre_ptr": _SMALL, "part_ptr": "*fp32", **_COMMON,
                            "pre_kind": "i32"},
              "constexprs": {"CL": cl, "HAS_PRE": has_pre, **shape},
              "aligned": ("x_ptr", "part_ptr")}
-    apply = {"fn": _apply, "num_warps": NUM_WARPS, "num_stages": 1,
+    apply = {"fn": group_norm_silu_apply, "num_warps": NUM_WARPS, "num_stages": 1,
              "signature": {"x_ptr": t, "y_ptr": t, "w_ptr": _SMALL, "b_ptr": _SMALL,
                            "pre_ptr": _SMALL, "scale_ptr": _SMALL, "shift_ptr": _SMALL,
                            "part_ptr": "*fp32", **_COMMON, "eps": "fp32", "w_kind": "i32",
@@ -196,7 +197,7 @@ def _configs(dtype, cl, has_pre, has_ss, silu, aligned=True):
     return stats, apply
 
 
-def aot_configs():
+def prebuilt_configs():
     """Every configuration the launcher can choose (stats kernels listed once each)."""
     out = {}
     for dt in _TL_DTYPES:
@@ -217,9 +218,11 @@ def _kind(t):
 
 
 def plan(x, num_groups, weight, bias, eps, pre_bias, scale, shift, apply_silu):
-    """The two launches of a call, [(config, grid, args)], and the output; x non-empty."""
+    """The two launches of a call, [(config, grid, args)], and the output."""
     N, C, H, W = x.shape
     y = torch.empty_like(x)
+    if x.numel() == 0:
+        return [], y
     HW, G = H * W, num_groups
     cg = C // G
     cl = not x.is_contiguous()
@@ -244,12 +247,3 @@ def plan(x, num_groups, weight, bias, eps, pre_bias, scale, shift, apply_silu):
             (apply, grid, [x, y, w, b, pre, sc, sh, part, *common, float(eps), _kind(weight),
                            _kind(bias), _kind(pre_bias), _kind(scale), _kind(shift)])], y
 
-
-def group_norm_silu(x, num_groups, weight, bias, eps, pre_bias, scale, shift, apply_silu):
-    """Launch on checked inputs (csrc/ops.cpp): x (N, C, H, W) contiguous or channels_last."""
-    if x.numel() == 0:
-        return torch.empty_like(x)
-    launches, y = plan(x, num_groups, weight, bias, eps, pre_bias, scale, shift, apply_silu)
-    for cfg, grid, args in launches:
-        run(cfg, grid, args)
-    return y

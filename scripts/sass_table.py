@@ -1,6 +1,6 @@
 """BENCHMARKS.md's table of what the compiler made of each kernel family (``make sass-table``).
 
-Compiles every prebuilt configuration for sm_80 and sm_90 with kernels/aot.py's machine-code
+Compiles every prebuilt configuration for sm_80 and sm_90 with kernels/prebuild.py's machine-code
 summary (``--sass``; no GPU needed) and groups the configurations into families: attention by
 dtype and head dim (its bias variants together), group_norm_silu by kernel, dtype, layout and
 VEC (its fusion flags together), denoise_step by dtype and alignment variant. Per family and
@@ -17,7 +17,7 @@ import re
 import sys
 from collections import defaultdict
 
-from fastdiff.kernels import aot
+from fastdiff.kernels import prebuild
 
 BEGIN = "<!-- sass-table: begin (scripts/sass_table.py writes this) -->"
 END = "<!-- sass-table: end -->"
@@ -33,7 +33,7 @@ def family(r):
     if r["op"] == "group_norm_silu":
         dt = _DT[sig["x_ptr"]]
         layout = "channels_last" if cx["CL"] else "NCHW"
-        k = r["kernel"].lstrip("_")
+        k = r["kernel"].removeprefix("group_norm_silu_")
         return ((1, dt, cx["CL"], -cx["VEC"], k),
                 f"group_norm_silu {k} {dt} {layout} VEC={cx['VEC']}")
     dt = _DT[sig["x_ptr"]]
@@ -107,7 +107,7 @@ def main(argv=None):
     p.add_argument("--write", metavar="MARKDOWN", help="replace the table between the markers")
     args = p.parse_args(argv)
     archs = args.arch or [80, 90]
-    records = list(aot.compile_all(archs, jobs=args.jobs, sass=True))
+    records = list(prebuild.compile_all(archs, jobs=args.jobs, sass=True))
     failed = [r["key"] for r in records if not r["ok"]]
     if failed:
         sys.exit(f"sass_table.py: {len(failed)} configurations failed to compile: {failed[:3]}")

@@ -15,12 +15,10 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import importlib  # noqa: E402
-
 import pytest  # noqa: E402
 
 import fastdiff  # noqa: E402,F401
-from fastdiff import _C  # noqa: E402
+from fastdiff import _C, kernels  # noqa: E402
 
 BACKENDS = [
     pytest.param("cpp", id="cpp"),
@@ -46,8 +44,7 @@ def run_op(backend: str, name: str, *args):
         torch.cuda.synchronize()
     elif backend == "triton":
         getattr(_C, f"check_{name}")(*args)
-        launcher = getattr(importlib.import_module(f"fastdiff.kernels.{name}"), name)
-        out = launcher(*args)
+        out = kernels.launch(name, *args)
     else:
         raise ValueError(backend)
     if isinstance(out, (tuple, list)):

@@ -1,6 +1,6 @@
 """Every argument check of the three ops: a clear ValueError naming the argument.
 
-The checks live in csrc/ops.cpp and run before any kernel on every backend (CPU, CUDA, and the
+The checks live in csrc/<op>.cpp and run before any kernel on every backend (CPU, CUDA, and the
 Meta kernels that torch.compile uses), so they are exercised here through the CPU dispatcher,
 the Meta dispatcher, and the check functions the CUDA path calls.
 """
@@ -140,6 +140,14 @@ def test_attention_rejects(over, msg):
 @pytest.mark.parametrize("over,msg", _cases(STEP_BAD))
 def test_denoise_step_rejects(over, msg):
     _all_paths(step, _C.check_denoise_step, step_args(**over), msg)
+
+
+@pytest.mark.parametrize("mo_batch,guided", [(2, True), (4, False)])
+def test_denoise_step_explicit_guided_must_match_the_batch(mo_batch, guided):
+    """guided=True needs model_output = [uncond; cond] (batch 2N), guided=False batch N."""
+    args = step_args(model_output=_x(mo_batch, 3, 4)) + [guided]
+    msg = f"got \\[{mo_batch}, 3, 4\\] with guided={guided}"
+    _all_paths(step, _C.check_denoise_step, args, msg)
 
 
 def test_step_index_out_of_range_on_cpu():

@@ -1,5 +1,6 @@
 """fastdiff::denoise_step on every backend against the float64 reference of the coefficient-table
-step (csrc/fastdiff.h, StepCoef), the device-side step index, and the Triton kernel's AOT builds.
+step (csrc/denoise_step.cpp), the device-side step index, and the Triton kernel's prebuilt
+builds.
 
 (tests/test_schedules.py checks the tables themselves; tests/test_bad_input.py the argument
 checks.)
@@ -16,6 +17,7 @@ from triton.runtime.jit import mangle_type
 
 from fastdiff import reference
 from fastdiff.kernels import denoise_step as kernel
+from fastdiff.kernels import launch
 from fastdiff.schedules import COEF_H, COEF_K0, COEF_KM, COEF_KN, COEF_KP, COEF_KX, COEF_PM, COEF_PX
 
 DTYPES = [
@@ -143,6 +145,21 @@ def test_step_index_is_read_from_the_tensor(backend, index_dtype):
         assert_close_to_ref(x0, ref_x0, t_x0, _tol(atol, rtol, ref_x0), what=f"step {i} x0")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_explicit_guided_gives_the_inferred_step(backend):
+    """guided=True / False, as the engine and the diffusers step pass it, gives the step that
+    inferring it from the batch sizes gives."""
+    g = torch.Generator().manual_seed(13)
+    coeffs = _table(g)
+    for guided in (True, False):
+        mo, x, noise, _ = _inputs(g, torch.float32, (2, 3, 4), guided, True, False)
+        args = (mo, x, coeffs, torch.tensor(1), noise, None, 3.0 if guided else 1.0, False, 1.0,
+                True)
+        explicit = run_op(backend, "denoise_step", *args, guided)
+        for got, want in zip(explicit, run_op(backend, "denoise_step", *args)):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] != "cpp"])
 @pytest.mark.parametrize("index,index_dtype", [
     (-1, torch.int64),
@@ -208,9 +225,9 @@ def _key(cfg):
 
 @pytest.mark.skipif(HAS_CUDA, reason="patches the interpreted launch")
 def test_launcher_runs_only_listed_configs(monkeypatch):
-    """Each launch's argument types, constexprs and warps are one of aot_configs()."""
-    listed = {_key(c) for c in kernel.aot_configs()}
-    real = kernel._denoise_step_kernel
+    """Each launch's argument types, constexprs and warps are one of prebuilt_configs()."""
+    listed = {_key(c) for c in kernel.prebuilt_configs()}
+    real = kernel.denoise_step
     seen = []
 
     class Recorder:
@@ -225,15 +242,15 @@ def test_launcher_runs_only_listed_configs(monkeypatch):
                 return real[grid](*args, num_warps=num_warps, num_stages=num_stages, **constexprs)
             return launch
 
-    monkeypatch.setattr(kernel, "_denoise_step_kernel", Recorder())
+    monkeypatch.setattr(kernel, "denoise_step", Recorder())
     g = torch.Generator().manual_seed(1)
     coeffs = _table(g)
     for dtype, _, _ in DTYPES:
         for guided, has_noise, has_prev, clip, write_x0 in CASES:
             for step, index_dtype in STEPS:
                 mo, x, noise, prev = _inputs(g, dtype, (2, 5), guided, has_noise, has_prev)
-                kernel.denoise_step(mo, x, coeffs, torch.tensor(step, dtype=index_dtype), noise,
-                                    prev, 2.0 if guided else 1.0, clip, 1.0, write_x0)
+                launch("denoise_step", mo, x, coeffs, torch.tensor(step, dtype=index_dtype),
+                       noise, prev, 2.0 if guided else 1.0, clip, 1.0, write_x0)
     assert len(seen) == len(DTYPES) * len(CASES) * len(STEPS)
     assert set(seen) <= listed, set(seen) - listed
 
@@ -243,9 +260,9 @@ def test_launcher_runs_only_listed_configs(monkeypatch):
 _COMPILE_SCRIPT = """
 import json, re, sys, torch
 from fastdiff.kernels import denoise_step as kernel
-from fastdiff.kernels.aot import compile_config
+from fastdiff.kernels.prebuild import compile_config
 arch = int(sys.argv[1])
-for cfg in kernel.aot_configs():
+for cfg in kernel.prebuilt_configs():
     if "numel" not in cfg["aligned"]:
         continue
     k = compile_config(cfg, arch)
@@ -266,8 +283,8 @@ def test_every_config_compiles_ahead_of_time(arch):
     """Every listed configuration's aligned variant (the case the JIT sees for whole images)
     builds a cubin for sm_80/sm_90 on this GPU-less machine, with 16-byte vector loads and
     stores and NaN-propagating min/max; the 64-bit numel variant (over 2**31 elements,
-    unaligned) builds too. tests/test_aot.py compiles the pointers-only variants."""
-    configs = kernel.aot_configs()
+    unaligned) builds too. tests/test_prebuild.py compiles the pointers-only variants."""
+    configs = kernel.prebuilt_configs()
     aligned = [c for c in configs if "numel" in c["aligned"]]
     assert len(aligned) == 3 * 2 * 2**3  # dtypes x index dtypes x (guided, noise, prev_x0)
     assert len(configs) == 2 * len(aligned)

@@ -1,4 +1,4 @@
-"""The prebuilt-kernel path (csrc/aot.cpp, csrc/cuda_ops.cpp, fastdiff/prebuilt.py).
+"""The prebuilt-kernel path (csrc/prebuilt.cpp, the C++ plans, fastdiff/prebuilt.py).
 
 CI has no GPU, so the parts a launch depends on are checked on CPU tensors:
 - the C++ plan of every op call (kernel key, grid, arguments in order) equals the Triton
@@ -21,7 +21,7 @@ import triton
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastdiff import _C, ops, prebuilt, reference
-from fastdiff.kernels import aot, attention, denoise_step, group_norm_silu
+from fastdiff.kernels import attention, denoise_step, group_norm_silu, prebuild
 
 # The quick CPU subset tests/test_wheel.py runs in a fresh install of the wheel.
 pytestmark = pytest.mark.quick
@@ -55,7 +55,8 @@ def _py_plan(module, *args):
     launches, _ = module.plan(*args)
     res = []
     for cfg, grid, values in launches:
-        names = [p["name"] for p in aot.launch_params(cfg["signature"], cfg["constexprs"])[:-2]]
+        params = prebuild.launch_params(cfg["signature"], cfg["constexprs"])
+        names = [p["name"] for p in params[:-2]]
         assert len(names) == len(values), cfg["fn"].__name__
         packed = []
         for (name, value) in zip(names, values):
@@ -66,7 +67,7 @@ def _py_plan(module, *args):
                 packed.append((name, "fp32", _f32_bits(float(value))))
             else:
                 packed.append((name, "int", int(value)))
-        res.append((aot.kernel_key(cfg), grid, packed))
+        res.append((prebuild.kernel_key(cfg), grid, packed))
     return res
 
 
@@ -128,7 +129,7 @@ GN_CASES = [
 @pytest.mark.parametrize("case", GN_CASES, ids=lambda c: f"{c['shape']}")
 def test_group_norm_silu_plan_matches_the_launcher(case):
     inputs, args = _gn_case(**case)
-    _compare(group_norm_silu, _C._aot_plan_group_norm_silu, inputs, args)
+    _compare(group_norm_silu, _C._prebuilt_plan_group_norm_silu, inputs, args)
 
 
 def _attn_case(dtype, B, H, Lq, Lk, D, bias=None, scale=None, layout="bhld", seed=0):
@@ -170,7 +171,7 @@ ATTN_CASES = [
 @pytest.mark.parametrize("case", ATTN_CASES, ids=lambda c: f"{c['dtype']}-D{c['D']}")
 def test_attention_plan_matches_the_launcher(case):
     inputs, args = _attn_case(**case)
-    _compare(attention, _C._aot_plan_attention, inputs, args)
+    _compare(attention, _C._prebuilt_plan_attention, inputs, args)
 
 
 def _step_case(dtype, shape, guided=False, noise=False, prev=False, index_dtype=torch.int64,
@@ -203,14 +204,15 @@ STEP_CASES = [
 @pytest.mark.parametrize("case", STEP_CASES, ids=lambda c: f"{c['dtype']}-{c['shape']}")
 def test_denoise_step_plan_matches_the_launcher(case):
     inputs, args = _step_case(**case)
-    _compare(denoise_step, _C._aot_plan_denoise_step, inputs, args)
+    _compare(denoise_step, _C._prebuilt_plan_denoise_step, inputs, args)
 
 
 def test_every_cpp_key_is_a_listed_configuration():
-    """Keys C++ can build for each op and flag combination name a configuration aot.py builds,
-    and every listed configuration is reachable; attention at a head dim without cubins says
-    so (the op then runs the JIT)."""
-    listed = {aot.kernel_key(c) for m in aot.MODULES.values() for c in m.aot_configs()}
+    """Keys C++ can build for each op and flag combination name a configuration prebuild.py
+    builds, and every listed configuration is reachable; attention at a head dim without cubins
+    says so (the op then runs the JIT)."""
+    listed = {prebuild.kernel_key(c) for m in prebuild.MODULES.values()
+              for c in m.prebuilt_configs()}
     seen = set()
     for dt in DTYPES:
         for flags in range(32):
@@ -219,11 +221,11 @@ def test_every_cpp_key_is_a_listed_configuration():
             shape, groups = ((1, 6, 3, 5), 2) if odd else ((1, 16, 4, 4), 2)
             _, args = _gn_case(dt, shape, groups, cl=cl, pre=pre, ss="both" if ss else None,
                                silu=silu)
-            seen |= {la["key"] for la in _C._aot_plan_group_norm_silu(*args)[0]}
+            seen |= {la["key"] for la in _C._prebuilt_plan_group_norm_silu(*args)[0]}
         for d in range(1, 257):
             for bias in (None, "keys", "keys_same"):
                 _, args = _attn_case(dt, 1, 1, 3, 3, d, bias=bias)
-                launches, _, _, why = _C._aot_plan_attention(*args)
+                launches, _, _, why = _C._prebuilt_plan_attention(*args)
                 if d in attention.PREBUILT_HEAD_DIMS:
                     assert why == "", (dt, d, bias)
                     seen |= {la["key"] for la in launches}
@@ -233,13 +235,13 @@ def test_every_cpp_key_is_a_listed_configuration():
             guided, noise, prev = (bool(flags >> i & 1) for i in range(3))
             for it in (torch.int64, torch.int32):
                 _, args = _step_case(dt, (2, 3), guided, noise, prev, it)
-                seen |= {la["key"] for la in _C._aot_plan_denoise_step(*args)[0]}
+                seen |= {la["key"] for la in _C._prebuilt_plan_denoise_step(*args)[0]}
     assert seen <= listed, sorted(seen - listed)[:5]
     assert len(seen) == len(listed)  # and every listed configuration is reachable
 
 
 def test_attention_plans_say_why_no_cubin():
-    whys = [_C._aot_plan_attention(*_attn_case(**case)[1])[3] for case in ATTN_CASES]
+    whys = [_C._prebuilt_plan_attention(*_attn_case(**case)[1])[3] for case in ATTN_CASES]
     assert whys == ["", "", "no cubin for head dim 1", "", "no cubin for head dim 100", "", "",
                     "no cubin for q/k/v strides that are not multiples of 16 bytes"]
 
@@ -264,11 +266,12 @@ LAUNCHES = {"group_norm_silu": 2, "attention": 1, "denoise_step": 1}
 
 def _all_cases():
     for case in GN_CASES:
-        yield "group_norm_silu", group_norm_silu, _C._aot_plan_group_norm_silu, _gn_case(**case)
+        yield ("group_norm_silu", group_norm_silu, _C._prebuilt_plan_group_norm_silu,
+               _gn_case(**case))
     for case in ATTN_CASES:
-        yield "attention", attention, _C._aot_plan_attention, _attn_case(**case)
+        yield "attention", attention, _C._prebuilt_plan_attention, _attn_case(**case)
     for case in STEP_CASES:
-        yield "denoise_step", denoise_step, _C._aot_plan_denoise_step, _step_case(**case)
+        yield "denoise_step", denoise_step, _C._prebuilt_plan_denoise_step, _step_case(**case)
 
 
 def test_plans_launch_their_kernels_and_nothing_else():
@@ -290,10 +293,10 @@ def test_attention_grid_takes_70000_heads():
     q = torch.zeros(1, 1, 1, D, dtype=torch.float16).expand(B, H, Lq, D)
     kv = torch.zeros(1, 1, 1, D, dtype=torch.float16).expand(B, H, Lk, D)
     args = (q, kv, kv, None, None)
-    _compare(attention, _C._aot_plan_attention, {"q": q, "kv": kv}, args)
+    _compare(attention, _C._prebuilt_plan_attention, {"q": q, "kv": kv}, args)
     (cfg, grid, _), = attention.plan(*args)[0]
     assert grid == (B * H * triton.cdiv(Lq, cfg["constexprs"]["BLOCK_M"]), 1, 1)
-    x, y, z = _C._aot_plan_attention(*args)[0][0]["grid"]
+    x, y, z = _C._prebuilt_plan_attention(*args)[0][0]["grid"]
     assert x <= 2**31 - 1 and y <= 65535 and z <= 65535
 
 
@@ -301,16 +304,16 @@ def test_attention_grid_takes_70000_heads():
 
 @pytest.fixture(scope="module")
 def sm80(tmp_path_factory):
-    """All kernels emitted for sm_80 (Triton's cache makes this quick after test_aot) and
+    """All kernels emitted for sm_80 (Triton's cache makes this quick after test_prebuild) and
     registered; the registry is emptied again afterwards."""
     out = tmp_path_factory.mktemp("cubins")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-m", "fastdiff.kernels.aot", "--arch", "80", "--emit",
-                        str(out), "--jobs", str(min(os.cpu_count() or 1, 4))],
+    r = subprocess.run([sys.executable, "-m", "fastdiff.kernels.prebuild", "--arch", "80",
+                        "--emit", str(out), "--jobs", str(min(os.cpu_count() or 1, 4))],
                        capture_output=True, text=True, env=env, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     n = prebuilt.load(str(out))
-    assert n == _C._aot_count() > 0
+    assert n == _C._prebuilt_count() > 0
     manifest = json.loads((out / "manifest.json").read_text())
     yield {k["file"]: k for k in manifest["kernels"]}
     prebuilt.load_if_cuda()
@@ -331,7 +334,7 @@ _WIDTH = {"ptr": 8, "i64": 8, "i32": 4, "fp32": 4}
 def test_packed_arguments_match_the_ptx_of_the_selected_cubin(sm80):
     for op, launches in _plans():
         for la in launches:
-            path, why = _C._aot_select(la, 80)
+            path, why = _C._prebuilt_select(la, 80)
             assert path, f"{op}: {la['key']}: {why}"
             entry = sm80[os.path.basename(path)]
             widths = [_WIDTH[kind] for _, kind, _ in la["args"]] + [8, 8]
@@ -341,9 +344,9 @@ def test_packed_arguments_match_the_ptx_of_the_selected_cubin(sm80):
 
 def test_selection_prefers_the_aligned_variant_and_falls_back(sm80):
     # numel 4*64*64 (a multiple of 16) -> the variant assuming it; 3*5*7 -> pointers only.
-    aligned = _C._aot_plan_denoise_step(*_step_case(torch.float16, (1, 4, 64, 64))[1])[0][0]
-    odd = _C._aot_plan_denoise_step(*_step_case(torch.float16, (3, 5, 7))[1])[0][0]
-    a, o = (sm80[os.path.basename(_C._aot_select(la, 80)[0])] for la in (aligned, odd))
+    aligned = _C._prebuilt_plan_denoise_step(*_step_case(torch.float16, (1, 4, 64, 64))[1])[0][0]
+    odd = _C._prebuilt_plan_denoise_step(*_step_case(torch.float16, (3, 5, 7))[1])[0][0]
+    a, o = (sm80[os.path.basename(_C._prebuilt_select(la, 80)[0])] for la in (aligned, odd))
     names = [p["name"] for p in a["params"]]
     assert "numel" in [names[i] for i in a["aligned"]]
     assert "numel" not in [names[i] for i in o["aligned"]] and o["aligned"]
@@ -351,50 +354,61 @@ def test_selection_prefers_the_aligned_variant_and_falls_back(sm80):
     base = torch.randn(1 + 2 * 4 * 8 * 8)
     sample = base[1:].view(2, 4, 8, 8)
     _, args = _step_case(torch.float32, (2, 4, 8, 8))
-    la = _C._aot_plan_denoise_step(args[0], sample, *args[2:])[0][0]
-    path, why = _C._aot_select(la, 80)
+    la = _C._prebuilt_plan_denoise_step(args[0], sample, *args[2:])[0][0]
+    path, why = _C._prebuilt_select(la, 80)
     assert not path and "'x_ptr' is not 16-byte aligned" in why
 
 
 def test_selection_by_architecture(sm80):
-    la = _C._aot_plan_denoise_step(*_step_case(torch.float32, (2, 4, 8, 8))[1])[0][0]
+    la = _C._prebuilt_plan_denoise_step(*_step_case(torch.float32, (2, 4, 8, 8))[1])[0][0]
     for arch in (80, 86, 89):  # an sm_80 cubin runs on every 8.x GPU
-        assert _C._aot_select(la, arch)[0].endswith("-sm80.cubin")
+        assert _C._prebuilt_select(la, arch)[0].endswith("-sm80.cubin")
     for arch in (75, 90, 100):
-        path, why = _C._aot_select(la, arch)
+        path, why = _C._prebuilt_select(la, arch)
         assert not path and f"not prebuilt for sm_{arch}" in why
 
 
 def test_selection_takes_70000_heads(sm80):
     q = torch.zeros(1, 1, 1, 8, dtype=torch.bfloat16).expand(700, 100, 3, 8)
-    la = _C._aot_plan_attention(q, q, q, None, None)[0][0]
-    path, why = _C._aot_select(la, 80)
+    la = _C._prebuilt_plan_attention(q, q, q, None, None)[0][0]
+    path, why = _C._prebuilt_select(la, 80)
     assert path, why
 
 
 def test_selection_rejects_what_the_cubin_cannot_take(sm80):
-    la = _C._aot_plan_denoise_step(*_step_case(torch.float32, (2, 4, 8, 8))[1])[0][0]
+    la = _C._prebuilt_plan_denoise_step(*_step_case(torch.float32, (2, 4, 8, 8))[1])[0][0]
     big = dict(la, args=[(n, k, 2**31 if n == "numel" else b) for n, k, b in la["args"]])
-    assert "'numel'=2147483648 needs 64 bits" in _C._aot_select(big, 80)[1]
+    assert "'numel'=2147483648 needs 64 bits" in _C._prebuilt_select(big, 80)[1]
     renamed = dict(la, args=[("sample" if n == "x_ptr" else n, k, b) for n, k, b in la["args"]])
-    assert "is 'x_ptr'" in _C._aot_select(renamed, 80)[1]
+    assert "is 'x_ptr'" in _C._prebuilt_select(renamed, 80)[1]
     short = dict(la, args=la["args"][:-1])
-    assert "takes 16 parameters, the launch packs 13" in _C._aot_select(short, 80)[1]
+    assert "takes 16 parameters, the launch packs 13" in _C._prebuilt_select(short, 80)[1]
     wide = dict(la, grid=(1, 70000, 1))
-    assert "exceeds CUDA's limits" in _C._aot_select(wide, 80)[1]
-    assert "is not prebuilt" in _C._aot_select(dict(la, key="nope()[]"), 80)[1]
+    assert "exceeds CUDA's limits" in _C._prebuilt_select(wide, 80)[1]
+    assert "is not prebuilt" in _C._prebuilt_select(dict(la, key="nope()[]"), 80)[1]
 
 
 def test_mode_and_info():
-    assert _C._aot_mode() in (0, 1, 2)
+    assert _C._prebuilt_mode() in ("off", "on", "require")
     before = ops.set_prebuilt("off")
     try:
-        assert _C._aot_mode() == 0 and ops.set_prebuilt("require") == "off"
-        assert _C._aot_mode() == 2
+        assert _C._prebuilt_mode() == "off" and ops.set_prebuilt("require") == "off"
+        assert _C._prebuilt_mode() == "require"
     finally:
         ops.set_prebuilt(before)
     with pytest.raises(ValueError, match="argument 'mode' must be one of"):
         ops.set_prebuilt("fast")
+
+
+@pytest.mark.parametrize("env,mode", [({"FASTDIFF_AOT": "require"}, "require"),
+                                      ({"FASTDIFF_PREBUILT": "0", "FASTDIFF_AOT": "1"}, "off")])
+def test_mode_from_the_environment(env, mode):
+    """FASTDIFF_PREBUILT sets the initial mode; FASTDIFF_AOT, its older name, still works."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("FASTDIFF_")}
+    code = "import fastdiff; print(fastdiff._C._prebuilt_mode())"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**clean, **env}, timeout=300)
+    assert r.stdout.strip() == mode, r.stderr[-2000:]
 
 
 def test_index_is_read_lazily_and_checked(tmp_path):
@@ -402,21 +416,21 @@ def test_index_is_read_lazily_and_checked(tmp_path):
                        "4", "0", "0", "0"])
     (tmp_path / "index.tsv").write_text(line + "\n" + line.replace("\t80\t", "\t90\t") + "\n")
     try:
-        assert _C._aot_use_directory(str(tmp_path), lazy=True) == -1
-        assert _C._aot_count() == 2  # read at the first use
+        assert _C._prebuilt_use_directory(str(tmp_path), lazy=True) == -1
+        assert _C._prebuilt_count() == 2  # read at the first use
         la = {"key": "k(*fp32,i32)[B=1]", "grid": (1, 1, 1),
               "args": [("x_ptr", "ptr", 4096), ("n", "i32", 7)]}
-        assert _C._aot_select(la, 90)[0] == str(tmp_path / "k.cubin")
+        assert _C._prebuilt_select(la, 90)[0] == str(tmp_path / "k.cubin")
         (tmp_path / "index.tsv").write_text("k()[]\t80\tk.cubin\n")
         with pytest.raises(RuntimeError, match="index.tsv line 1 has 3 fields, expected 11"):
-            _C._aot_use_directory(str(tmp_path))
+            _C._prebuilt_use_directory(str(tmp_path))
     finally:
         prebuilt.load_if_cuda()
 
 
 def test_registration_rejects_bad_metadata():
     with pytest.raises(ValueError, match="aligned parameter index 5 out of range"):
-        _C._aot_register("k()[]", 80, "/nonexistent", "k", ["a"], [8, 8, 8], [5], 4, 0, 0, 0)
+        _C._prebuilt_register("k()[]", 80, "/nonexistent", "k", ["a"], [8, 8, 8], [5], 4, 0, 0, 0)
 
 
 # ---- on a GPU: the prebuilt path, required, against references and the JIT ----
@@ -430,8 +444,8 @@ def gpu_cubins(tmp_path_factory):
     if m is None or not any(a <= arch and a // 10 == major for a in m["archs"]):
         out = tmp_path_factory.mktemp("gpu-cubins")
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        r = subprocess.run([sys.executable, "-m", "fastdiff.kernels.aot", "--arch", str(arch),
-                            "--emit", str(out), "--jobs", str(os.cpu_count() or 1)],
+        r = subprocess.run([sys.executable, "-m", "fastdiff.kernels.prebuild", "--arch",
+                            str(arch), "--emit", str(out), "--jobs", str(os.cpu_count() or 1)],
                            capture_output=True, text=True, env=env, timeout=1800)
         assert r.returncode == 0, r.stderr[-3000:]
         prebuilt.load(str(out))
@@ -464,11 +478,11 @@ def _both_paths(fn):
 def test_cuda_group_norm_silu_prebuilt(gpu_cubins, case):
     _, args = _gn_case(**case)
     cuda_args = _on(args, "cuda")
-    aot_out, jit_out = _both_paths(lambda: torch.ops.fastdiff.group_norm_silu(*cuda_args))
+    prebuilt_out, jit_out = _both_paths(lambda: torch.ops.fastdiff.group_norm_silu(*cuda_args))
     ref = reference.group_norm_silu(*args)
     tol = 1e-4 if args[0].dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(aot_out.cpu().double(), ref, rtol=tol, atol=tol)
-    torch.testing.assert_close(aot_out, jit_out)  # the same kernel code, compiled twice
+    torch.testing.assert_close(prebuilt_out.cpu().double(), ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(prebuilt_out, jit_out)  # the same kernel code, compiled twice
 
 
 @pytest.mark.cuda
@@ -477,11 +491,11 @@ def test_cuda_group_norm_silu_prebuilt(gpu_cubins, case):
 def test_cuda_attention_prebuilt(gpu_cubins, case):
     _, args = _attn_case(**case)
     cuda_args = _on(args, "cuda")
-    aot_out, jit_out = _both_paths(lambda: torch.ops.fastdiff.attention(*cuda_args))
+    prebuilt_out, jit_out = _both_paths(lambda: torch.ops.fastdiff.attention(*cuda_args))
     ref = reference.attention(*args)
     tol = 1e-4 if args[0].dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(aot_out.cpu().double(), ref.double(), rtol=tol, atol=tol)
-    torch.testing.assert_close(aot_out, jit_out)
+    torch.testing.assert_close(prebuilt_out.cpu().double(), ref.double(), rtol=tol, atol=tol)
+    torch.testing.assert_close(prebuilt_out, jit_out)
 
 
 @pytest.mark.cuda
@@ -497,6 +511,37 @@ def test_cuda_denoise_step_prebuilt(gpu_cubins, case):
     torch.testing.assert_close(a_out.cpu(), c_out, rtol=tol, atol=tol)
     torch.testing.assert_close(a_x0.cpu(), c_x0, rtol=tol, atol=tol)
     torch.testing.assert_close(a_out, j_out)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the GPU tests run the CUDA kernels on CUDA tensors")
+def test_cuda_kernel_falls_back_to_the_jit_and_says_why_once(caplog):
+    """The ops' CUDA kernel run on CPU tensors, where no prebuilt kernel can run (no driver, or
+    none registered): it runs the Triton JIT launcher (interpreted here) with the same
+    arguments and logs why once per reason; 'off' takes the JIT without a word; 'require'
+    raises instead."""
+    calls = [(_C._cuda_kernel_denoise_step, torch.ops.fastdiff.denoise_step,
+              _step_case(torch.float32, (2, 3, 5), guided=True, noise=True, guidance=3.0,
+                         write_x0=True)[1]),
+             (_C._cuda_kernel_group_norm_silu, torch.ops.fastdiff.group_norm_silu,
+              _gn_case(torch.float32, (2, 8, 4, 4), 4)[1])]
+    ops._logged.clear()
+    prev = ops.set_prebuilt("on")
+    try:
+        with caplog.at_level("INFO", logger="fastdiff"):
+            for cuda_kernel, op, args in calls:
+                for _ in range(2):
+                    torch.testing.assert_close(cuda_kernel(*args), op(*args), rtol=1e-5,
+                                               atol=1e-5)
+            ops.set_prebuilt("off")
+            calls[0][0](*calls[0][2])
+        lines = [r.getMessage() for r in caplog.records if "not used" in r.getMessage()]
+        assert [line.split(":")[1] for line in lines] == [" denoise_step", " group_norm_silu"]
+        assert all("prebuilt kernels not used (" in line for line in lines), lines
+        ops.set_prebuilt("require")
+        with pytest.raises(RuntimeError, match="FASTDIFF_PREBUILT=require, but the prebuilt"):
+            calls[0][0](*calls[0][2])
+    finally:
+        ops.set_prebuilt(prev)
 
 
 @pytest.mark.cuda
@@ -520,7 +565,7 @@ def test_cuda_unaligned_input_falls_back_once(gpu_cubins, caplog):
     torch.testing.assert_close(out.cpu(), ref, rtol=1e-5, atol=1e-5)
     prev = ops.set_prebuilt("require")
     try:
-        with pytest.raises(RuntimeError, match="FASTDIFF_AOT=require"):
+        with pytest.raises(RuntimeError, match="FASTDIFF_PREBUILT=require"):
             torch.ops.fastdiff.denoise_step(args[0], sample, *args[2:])
     finally:
         ops.set_prebuilt(prev)
@@ -562,7 +607,7 @@ def test_installed_cubins_cover_every_plan():
         for arch in m["archs"]:
             for op, launches in _plans():
                 for la in launches:
-                    path, why = _C._aot_select(la, arch)
+                    path, why = _C._prebuilt_select(la, arch)
                     assert path, f"sm_{arch} {op}: {why}"
                     assert os.path.dirname(path) == prebuilt.cubin_dir()
                     widths = [_WIDTH[kind] for _, kind, _ in la["args"]] + [8, 8]
@@ -588,13 +633,14 @@ def test_a_resolved_entry_survives_a_registry_change(tmp_path):
     owned by the registry alone)."""
     la = _fake_kernel(tmp_path, 3)
     try:
-        _C._aot_use_directory(str(tmp_path))
-        before = _C._aot_live_entries()
+        _C._prebuilt_use_directory(str(tmp_path))
+        before = _C._prebuilt_live_entries()
         assert before >= 3
-        name, why, live, intact = _C._aot_hold_and_read(la, 80, 100, True)
+        name, why, live, intact = _C._prebuilt_hold_and_read(la, 80, 100, True)
         assert (name, why, intact) == ("k0", "", 100)
         assert live == before - 2          # the registry dropped all three; the held one lives
-        assert _C._aot_count() == 0 and _C._aot_live_entries() == before - 3   # freed after
+        assert _C._prebuilt_count() == 0
+        assert _C._prebuilt_live_entries() == before - 3   # freed after
     finally:
         prebuilt.load_if_cuda()
 
@@ -611,10 +657,10 @@ def test_concurrent_registry_changes_and_resolutions(tmp_path):
 
     def resolve():
         try:
-            results.append(_C._aot_hold_and_read(la, 80, 200, False))
+            results.append(_C._prebuilt_hold_and_read(la, 80, 200, False))
             started.wait()
             for i in range(100_000):
-                results.append(_C._aot_hold_and_read(la, 80, 200, False))
+                results.append(_C._prebuilt_hold_and_read(la, 80, 200, False))
                 if churned.is_set() and i >= 100:
                     break
         except Exception as err:          # noqa: BLE001 - reported by the assertion below
@@ -624,14 +670,14 @@ def test_concurrent_registry_changes_and_resolutions(tmp_path):
         try:
             started.wait()
             for i in range(300):
-                _C._aot_clear() if i % 3 == 2 else _C._aot_use_directory(str(tmp_path))
+                _C._prebuilt_clear() if i % 3 == 2 else _C._prebuilt_use_directory(str(tmp_path))
         except Exception as err:          # noqa: BLE001
             errors.append(err)
         finally:
             churned.set()
 
     try:
-        _C._aot_use_directory(str(tmp_path))
+        _C._prebuilt_use_directory(str(tmp_path))
         threads = [threading.Thread(target=f) for f in (resolve, resolve, churn, churn)]
         for t in threads:
             t.start()

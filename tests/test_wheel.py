@@ -5,7 +5,7 @@ quick CPU subset of the tests (`-m quick`).
 The fresh environment reuses this interpreter's installed packages (torch, triton, pytest,
 ...) through a .pth file instead of downloading them (the tests are offline); fastdiff itself
 comes only from the wheel. The wheel here is built for sm_80 and sm_90 (FASTDIFF_CUDA_ARCHS),
-whose kernels tests/test_aot.py has just compiled into Triton's cache: the default wheel adds
+whose kernels tests/test_prebuild.py has just compiled into Triton's cache: the default wheel adds
 sm_86 and sm_89, another 3-4 minutes of compiling on CI's 2 cores (BENCHMARKS.md), which would
 take the suite near 15 minutes. The default architectures are checked separately.
 """
@@ -66,8 +66,8 @@ def _clean_env():
 
 
 def test_archs_from_the_environment():
-    """setup.py compiles for FASTDIFF_CUDA_ARCHS as kernels/aot.py parses it."""
-    from fastdiff.kernels.aot import parse_archs
+    """setup.py compiles for FASTDIFF_CUDA_ARCHS as kernels/prebuild.py parses it."""
+    from fastdiff.kernels.prebuild import parse_archs
 
     assert parse_archs(None) == [80, 86, 89, 90]  # the default wheel
     assert parse_archs("80;sm_90") == [80, 90] and parse_archs("none") == []

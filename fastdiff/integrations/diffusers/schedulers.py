@@ -284,7 +284,7 @@ class FusedStep:
         prev, x0 = ops.denoise_step(
             model_output.contiguous(), sample.to(out_dtype).contiguous(), coeffs, idx[i], noise,
             None if prev_x0 is None else prev_x0.to(out_dtype).contiguous(), 1.0,
-            table.clip_sample, table.clip_sample_range, write_x0=True)
+            table.clip_sample, table.clip_sample_range, write_x0=True, guided=False)
         fam.advance(s, x0)
         return fam.output(s, prev, x0, a["return_dict"])
 

@@ -1,7 +1,7 @@
 // Prebuilt Triton kernels: the registry, the CUDA driver (opened at first use) and the launch.
-// See aot.h. No CUDA headers: the few driver types and enums needed are declared here, so the
+// See prebuilt.h. No CUDA headers: the few driver types and enums needed are declared here, so the
 // extension builds with a CPU-only torch and imports where there is no driver.
-#include "aot.h"
+#include "prebuilt.h"
 
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
@@ -19,7 +19,7 @@
 #include <sstream>
 #include <unordered_map>
 
-namespace fastdiff::aot {
+namespace fastdiff::prebuilt {
 namespace {
 
 // ---- the CUDA driver API, declared by hand (values from cuda.h) ----
@@ -129,7 +129,7 @@ struct State {
   std::unordered_map<std::string, std::vector<std::shared_ptr<Entry>>> kernels;
   std::vector<int64_t> archs;                      // sorted, distinct
   std::unordered_map<int, DeviceInfo> devices;     // per device index
-  int mode = -1;
+  std::optional<Mode> mode;
   std::string pending_dir;  // a cubin directory whose index.tsv is read at the first use
 };
 
@@ -138,26 +138,25 @@ State& state() {
   return s;
 }
 
-int mode_from_env() {
-  const char* v = std::getenv("FASTDIFF_AOT");
-  if (!v) return 1;
-  std::string s(v);
-  if (s == "0" || s == "off" || s == "false") return 0;
-  if (s == "require" || s == "2") return 2;
-  return 1;
+// The modes by name; the first name of each is the one reported.
+const std::pair<const char*, Mode> kModes[] = {
+    {"off", Mode::Off}, {"on", Mode::On}, {"require", Mode::Require}, {"0", Mode::Off},
+    {"1", Mode::On}, {"false", Mode::Off}, {"2", Mode::Require}};
+
+std::optional<Mode> parse_mode(const std::string& s) {
+  for (const auto& [name, m] : kModes) {
+    if (s == name) return m;
+  }
+  return std::nullopt;
+}
+
+Mode mode_from_env() {
+  const char* v = std::getenv("FASTDIFF_PREBUILT");
+  if (!v) v = std::getenv("FASTDIFF_AOT");
+  return (v ? parse_mode(v) : std::nullopt).value_or(Mode::On);
 }
 
 int64_t width(Kind k) { return (k == Kind::I32 || k == Kind::F32) ? 4 : 8; }
-
-const char* kind_name(Kind k) {
-  switch (k) {
-    case Kind::Ptr: return "pointer";
-    case Kind::I32: return "i32";
-    case Kind::I64: return "i64";
-    case Kind::F32: return "fp32";
-  }
-  return "?";
-}
 
 void add_entry(State& st, const std::string& key, Entry e) {
   for (int64_t i : e.aligned) {
@@ -188,7 +187,7 @@ std::vector<int64_t> ints(const std::string& s) {
   return out;
 }
 
-// Registers every kernel of <dir>/index.tsv (written by kernels/aot.py; format there).
+// Registers every kernel of <dir>/index.tsv (written by kernels/prebuild.py; format there).
 // Caller holds the lock.
 int64_t load_index(State& st, const std::string& dir) {
   std::ifstream f(dir + "/index.tsv");
@@ -200,7 +199,7 @@ int64_t load_index(State& st, const std::string& dir) {
     if (line.empty()) continue;
     auto c = split(line, '\t');
     TORCH_CHECK(c.size() == 11, "fastdiff: ", dir, "/index.tsv line ", lineno, " has ", c.size(),
-                " fields, expected 11 (a damaged install? reinstall, or set FASTDIFF_AOT=0)");
+                " fields, expected 11 (a damaged install? reinstall, or set FASTDIFF_PREBUILT=0)");
     Entry e{std::stoll(c[1]), dir + "/" + c[2], c[3], split(c[4], ','), ints(c[5]), ints(c[6]),
             std::stoll(c[7]), std::stoll(c[8]), std::stoll(c[9]), std::stoll(c[10]), {}};
     add_entry(st, c[0], std::move(e));
@@ -230,7 +229,7 @@ std::string mismatch(const Entry& e, const Launch& l) {
     if (a.name != e.param_names[i] || width(a.kind) != e.param_bytes[i]) {
       why << "parameter " << i << " of the prebuilt " << e.name << " is '" << e.param_names[i]
           << "' (" << e.param_bytes[i] << " bytes), the launch packs '" << a.name << "' ("
-          << kind_name(a.kind) << ")";
+          << kKindNames[static_cast<int>(a.kind)] << ")";
       return why.str();
     }
     if (a.kind == Kind::I32) {
@@ -341,42 +340,66 @@ CUfunction load(Entry& e, int index, const DeviceInfo& info) {
 
 }  // namespace
 
-Arg Arg::ptr(const char* name, const at::Tensor& t) {
-  return {name, Kind::Ptr, reinterpret_cast<uint64_t>(t.data_ptr())};
+Arg Arg::ptr(const char* name, const at::Tensor& t, const char* type) {
+  std::string dtype;
+  switch (t.scalar_type()) {
+    case at::kFloat: dtype = "*fp32"; break;
+    case at::kHalf: dtype = "*fp16"; break;
+    case at::kBFloat16: dtype = "*bf16"; break;
+    case at::kLong: dtype = "*i64"; break;
+    case at::kInt: dtype = "*i32"; break;
+    default: TORCH_CHECK(type, "fastdiff: no kernel type for dtype ", t.scalar_type());
+  }
+  return {name, Kind::Ptr, reinterpret_cast<uint64_t>(t.data_ptr()), type ? type : dtype};
 }
-Arg Arg::i32(const char* name, int64_t v) { return {name, Kind::I32, static_cast<uint64_t>(v)}; }
-Arg Arg::i64(const char* name, int64_t v) { return {name, Kind::I64, static_cast<uint64_t>(v)}; }
+Arg Arg::i32(const char* name, int64_t v) {
+  return {name, Kind::I32, static_cast<uint64_t>(v), "i32"};
+}
+Arg Arg::i64(const char* name, int64_t v) {
+  return {name, Kind::I64, static_cast<uint64_t>(v), "i64"};
+}
 Arg Arg::f32(const char* name, double v) {
   const float f = static_cast<float>(v);
   uint32_t b;
   std::memcpy(&b, &f, 4);
-  return {name, Kind::F32, b};
+  return {name, Kind::F32, b, "fp32"};
 }
 
-std::string make_key(const std::string& kernel, const std::vector<std::string>& types,
-                     const std::vector<std::pair<std::string, int64_t>>& constexprs) {
+Launch make_launch(const std::string& kernel, std::array<int64_t, 3> grid, std::vector<Arg> args,
+                   const std::vector<std::pair<std::string, int64_t>>& constexprs) {
   std::string k = kernel + "(";
-  for (size_t i = 0; i < types.size(); ++i) k += (i ? "," : "") + types[i];
+  for (size_t i = 0; i < args.size(); ++i) k += (i ? "," : "") + args[i].type;
   k += ")[";
   for (size_t i = 0; i < constexprs.size(); ++i) {
     k += (i ? "," : "") + constexprs[i].first + "=" + std::to_string(constexprs[i].second);
   }
-  return k + "]";
+  return {k + "]", grid, std::move(args)};
 }
 
-int mode() {
+Mode mode() {
   State& st = state();
   std::lock_guard<std::mutex> g(st.mu);
-  if (st.mode < 0) st.mode = mode_from_env();
-  return st.mode;
+  if (!st.mode) st.mode = mode_from_env();
+  return *st.mode;
 }
 
-void set_mode(int m) {
-  TORCH_CHECK_VALUE(m >= 0 && m <= 2, "fastdiff: AOT mode must be 0 (off), 1 (on) or 2 "
-                    "(require), got ", m);
+std::string mode_name() {
+  const Mode m = mode();
+  for (const auto& [name, each] : kModes) {
+    if (each == m) return name;
+  }
+  return "?";
+}
+
+std::string set_mode(const std::string& name) {
+  const std::optional<Mode> m = parse_mode(name);
+  TORCH_CHECK_VALUE(m, "set_prebuilt: argument 'mode' must be one of 'off', 'on', 'require', "
+                    "got '", name, "'");
+  std::string previous = mode_name();
   State& st = state();
   std::lock_guard<std::mutex> g(st.mu);
   st.mode = m;
+  return previous;
 }
 
 void register_kernel(const std::string& key, int64_t arch, const std::string& path,
@@ -441,13 +464,13 @@ Selection select(const Launch& l, int64_t arch) {
 }
 
 std::optional<std::string> unavailable(const at::Device& device) {
-  if (mode() == 0) return std::string();  // asked for: the JIT runs without a log line
+  if (mode() == Mode::Off) return std::string();  // asked for: the JIT runs without a log line
   State& st = state();
   std::lock_guard<std::mutex> g(st.mu);
   ensure_index(st);
   if (st.kernels.empty()) {
     return std::string("no prebuilt kernels are installed (a source or editable install; "
-                       "`pip wheel .` builds them into the wheel, `make cubins` into the tree)");
+                       "`pip wheel .` builds them into the wheel, `make prebuilt` into the tree)");
   }
   const Driver& d = driver();
   if (!d.error.empty()) return d.error;
@@ -460,7 +483,7 @@ std::optional<std::string> unavailable(const at::Device& device) {
 }
 
 std::optional<std::string> launch(const std::vector<Launch>& launches, const at::Device& device) {
-  TORCH_CHECK(driver().error.empty(), "fastdiff: aot::launch called although prebuilt kernels "
+  TORCH_CHECK(driver().error.empty(), "fastdiff: prebuilt::launch called although prebuilt kernels "
               "are unavailable: ", driver().error);
   c10::DeviceGuard guard(device);
   State& st = state();
@@ -550,4 +573,4 @@ HoldReport hold_and_read(const Launch& l, int64_t arch, int64_t reads, bool chan
   return r;
 }
 
-}  // namespace fastdiff::aot
+}  // namespace fastdiff::prebuilt

@@ -3,7 +3,7 @@
 triton.compile with a GPUTarget needs no GPU, so this catches kernels that only fail on real
 hardware (unsupported ops, shared memory over the limit) on a CPU-only machine. The compiles
 run in fresh interpreters (the test session may run Triton interpreted), one per architecture,
-side by side, with a summary of each cubin's machine code (SASS, ``aot --sass``), which the
+side by side, with a summary of each cubin's machine code (SASS, ``prebuild --sass``), which the
 tests hold to what the kernels are written for: 16-byte global loads of the big tensors,
 tensor-core instructions for 16-bit attention, no register spills.
 """
@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fastdiff.kernels import aot, attention, denoise_step, group_norm_silu
+from fastdiff.kernels import attention, denoise_step, group_norm_silu, prebuild
 
 # Shared memory per block (bytes) a kernel may use. The sm_80 compile is held to sm_86/sm_89's
 # 99 KB (A100 allows 163 KB), since the wheel's sm_86/89 cubins are the same code and use the
@@ -29,7 +29,7 @@ MODULES = {"group_norm_silu": group_norm_silu, "attention": attention,
 @pytest.fixture(scope="module")
 def compiled():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    procs = {arch: subprocess.Popen([sys.executable, "-m", "fastdiff.kernels.aot", "--arch",
+    procs = {arch: subprocess.Popen([sys.executable, "-m", "fastdiff.kernels.prebuild", "--arch",
                                      str(arch), "--sass"], stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True, env=env)
              for arch in SMEM_LIMIT}
@@ -37,7 +37,7 @@ def compiled():
     for arch, p in procs.items():
         out, err = p.communicate(timeout=600)
         lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-        assert lines, f"sm_{arch}: the AOT compiler printed nothing; stderr:\n{err[-3000:]}"
+        assert lines, f"sm_{arch}: the prebuild printed nothing; stderr:\n{err[-3000:]}"
         records += lines
     return records
 
@@ -46,7 +46,7 @@ def compiled():
 @pytest.mark.parametrize("op", sorted(MODULES))
 def test_every_config_compiles(compiled, op, arch):
     recs = [r for r in compiled if r["op"] == op and r["arch"] == arch]
-    assert len(recs) == len(MODULES[op].aot_configs())
+    assert len(recs) == len(MODULES[op].prebuilt_configs())
     for r in recs:
         label = f"{op} sm_{arch} {r['kernel']} {r['constexprs']} {r['signature']}"
         assert r["ok"], f"{label}: {r.get('error')}"
@@ -61,9 +61,9 @@ def _key(cfg):
 
 def test_launchers_choose_only_listed_configs():
     """Every configuration the launchers' config functions can return for a prebuilt call is in
-    aot_configs() (attention at other head dims, or without 16-byte rows, runs on the JIT)."""
+    prebuilt_configs() (attention at other head dims, or without 16-byte rows, runs on the JIT)."""
     dtypes = (torch.float32, torch.float16, torch.bfloat16)
-    listed = {_key(c) for m in MODULES.values() for c in m.aot_configs()}
+    listed = {_key(c) for m in MODULES.values() for c in m.prebuilt_configs()}
     for dt in dtypes:
         for d in range(1, 257):
             for bias in (None, dt, torch.float32):
@@ -104,7 +104,7 @@ def test_attention_reads_q_k_v_in_16_byte_loads_on_tensor_cores(compiled):
     only for the bias, which may broadcast or stride; HMMA (sm_80) or HGMMA (sm_90) for 16-bit
     inputs."""
     recs = [r for r in compiled if r["op"] == "attention"]
-    assert len(recs) == len(SMEM_LIMIT) * len(attention.aot_configs())
+    assert len(recs) == len(SMEM_LIMIT) * len(attention.prebuilt_configs())
     for r in recs:
         cx, s = r["constexprs"], r["sass"]
         need = _vectors(r, (cx["BLOCK_M"] + 2 * cx["BLOCK_N"]) * cx["BLOCK_D"])
@@ -127,7 +127,7 @@ def test_group_norm_and_denoise_step_move_data_in_16_byte_accesses(compiled):
         if r["op"] == "group_norm_silu" and cx["VEC"] > 1:
             n = _vectors(r, cx["ROWS"] * cx["COLS"])
             assert s["ldg"].get("128", 0) >= n, f"{_label(r)}: {s['ldg']}"
-            if r["kernel"] == "_apply":
+            if r["kernel"] == "group_norm_silu_apply":
                 assert s["stg"] == {"128": n}, f"{_label(r)}: {s['stg']}"
         elif r["op"] == "denoise_step" and "numel" in [names[i] for i in r["aligned"]]:
             inputs = 2 + cx["GUIDED"] + cx["HAS_NOISE"] + cx["HAS_PREV"]
@@ -137,7 +137,7 @@ def test_group_norm_and_denoise_step_move_data_in_16_byte_accesses(compiled):
         else:
             continue
         checked += 1
-    half = len(group_norm_silu.aot_configs()) // 2 + len(denoise_step.aot_configs()) // 2
+    half = len(group_norm_silu.prebuilt_configs()) // 2 + len(denoise_step.prebuilt_configs()) // 2
     assert checked == len(SMEM_LIMIT) * half
 
 
@@ -168,14 +168,14 @@ def test_records_carry_the_compiled_num_warps(monkeypatch):
     md = SimpleNamespace(num_warps=8, shared=0, name="k", num_ctas=1, global_scratch_size=0,
                          profile_scratch_size=0)
     fake = SimpleNamespace(asm={"ptx": ".entry k(.param .u64 a)", "cubin": b"\0"}, metadata=md)
-    monkeypatch.setattr(aot, "compile_config", lambda cfg, arch: fake)
-    rec = aot._compile_one("denoise_step", 0, 80, False)
+    monkeypatch.setattr(prebuild, "compile_config", lambda cfg, arch: fake)
+    rec = prebuild._compile_one("denoise_step", 0, 80, False)
     assert rec["ok"], rec.get("error")
-    assert rec["num_warps"] == 8 != denoise_step.aot_configs()[0]["num_warps"]
+    assert rec["num_warps"] == 8 != denoise_step.prebuilt_configs()[0]["num_warps"]
 
 
 def test_launch_params_match_the_ptx_entry(compiled):
-    """The parameter list a launcher packs (aot.launch_params: non-constexpr arguments, then the
+    """The parameter list a launcher packs (prebuild.launch_params: non-constexpr arguments, then the
     two scratch pointers) has the count and byte widths of the kernel's PTX .entry."""
     for r in compiled:
         sizes = [p["bytes"] for p in r["params"]]
@@ -189,13 +189,13 @@ def test_emit_writes_cubins_and_a_manifest(tmp_path):
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "cubins"
-    r = subprocess.run([sys.executable, "-m", "fastdiff.kernels.aot", "--arch", "80", "--op",
+    r = subprocess.run([sys.executable, "-m", "fastdiff.kernels.prebuild", "--arch", "80", "--op",
                         "denoise_step", "--emit", str(out)], capture_output=True, text=True,
                        env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["archs"] == [80]
-    assert len(manifest["kernels"]) == len(denoise_step.aot_configs())
+    assert len(manifest["kernels"]) == len(denoise_step.prebuilt_configs())
     for k in manifest["kernels"]:
         assert (out / k["file"]).stat().st_size == k["cubin_bytes"]
     index = [line.split("\t") for line in (out / "index.tsv").read_text().splitlines()]

@@ -1,17 +1,18 @@
-"""Ahead-of-time compilation of every launch configuration of fastdiff's Triton kernels.
+"""Prebuilding: every launch configuration of fastdiff's Triton kernels compiled ahead of time.
 
 triton.compile with a GPUTarget needs no GPU. Run as a program it prints one JSON line per
 compiled kernel (used by the tests), and with ``--emit DIR`` writes the cubins and a
 ``manifest.json`` describing how to launch each (the basis for shipping prebuilt kernels):
 
-    python -m fastdiff.kernels.aot --arch 80 --arch 90 [--emit DIR] [--jobs N] [--sass]
+    python -m fastdiff.kernels.prebuild --arch 80 --arch 90 [--emit DIR] [--jobs N] [--sass]
 
 ``--sass`` adds a summary of each kernel's machine code to its line (``sass``: registers, stack,
 static shared memory, global loads, async copies (LDGSTS) and stores by width in bits, HMMA and
-HGMMA counts, spill stores/loads): tests/test_aot.py checks load widths, tensor-core
+HGMMA counts, spill stores/loads): tests/test_prebuild.py checks load widths, tensor-core
 instructions and spills from it, and scripts/sass_table.py writes BENCHMARKS.md's table.
 
-setup.py runs it from the source tree (as ``python -m kernels.aot``) to build the wheel's cubins.
+setup.py runs it from the source tree (as ``python -m kernels.prebuild``) to build the wheel's
+cubins (``make prebuilt`` into kernels/cubins/).
 
 Launch ABI of a Triton 3.6 cubin (``launch_params``): the non-constexpr arguments in signature
 order (pointers as 8-byte device addresses, scalars in their own width, floats as their bits),
@@ -24,9 +25,11 @@ that cannot be compiled.
 import argparse
 import concurrent.futures
 import hashlib
+import importlib
 import json
 import multiprocessing
 import os
+import pkgutil
 import re
 import struct
 import subprocess
@@ -38,10 +41,15 @@ from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import attention, denoise_step, group_norm_silu
 
-MODULES = {"group_norm_silu": group_norm_silu, "attention": attention,
-           "denoise_step": denoise_step}
+def _op_modules():
+    """kernels/<op>.py by op name: the modules of this package with prebuilt_configs()."""
+    names = [m.name for m in pkgutil.iter_modules(importlib.import_module(__package__).__path__)]
+    mods = {n: importlib.import_module(f"{__package__}.{n}") for n in names if n != "prebuild"}
+    return {n: m for n, m in mods.items() if hasattr(m, "prebuilt_configs")}
+
+
+MODULES = _op_modules()
 # The architectures a wheel carries unless FASTDIFF_CUDA_ARCHS says otherwise.
 DEFAULT_ARCHS = (80, 86, 89, 90)
 
@@ -72,7 +80,7 @@ _PTX_BYTES = {"u64": 8, "b64": 8, "s64": 8, "f64": 8, "u32": 4, "b32": 4, "s32":
 
 
 def kernel_key(cfg) -> str:
-    """The name csrc/cuda_ops.cpp looks a planned launch up by (aot::make_key):
+    """The name the C++ plans look a launch up by (csrc/prebuilt.cpp, make_launch):
     ``<kernel>(<types of the non-constexpr parameters>)[<constexpr>=<int>,...]``."""
     types = [p["type"] for p in launch_params(cfg["signature"], cfg["constexprs"])[:-2]]
     cx = ",".join(f"{k}={int(v)}" for k, v in cfg["constexprs"].items())
@@ -113,7 +121,7 @@ def _compile_one(op: str, index: int, arch: int, emit: bool, sass: bool = False)
     """Compiles configuration ``index`` of ``op`` for ``arch``: a summary dict (with the cubin
     when ``emit``; with its resource usage and machine code, ``_text``, when ``sass``); a
     failure is reported in it, not raised."""
-    cfg = MODULES[op].aot_configs()[index]
+    cfg = MODULES[op].prebuilt_configs()[index]
     params = launch_params(cfg["signature"], cfg["constexprs"])
     names = [p["name"] for p in params]
     rec = {"op": op, "kernel": cfg["fn"].__name__, "key": kernel_key(cfg), "arch": arch,
@@ -148,7 +156,7 @@ def compile_all(archs, ops=None, emit=False, jobs=1, sass=False):
     processes; ``sass`` adds each kernel's machine-code summary (all at the end: see
     add_sass)."""
     work = [(op, i, arch) for op, mod in MODULES.items() if not ops or op in ops
-            for i in range(len(mod.aot_configs())) for arch in archs]
+            for i in range(len(mod.prebuilt_configs())) for arch in archs]
     if jobs <= 1:
         records = (_compile_one(*w, emit, sass) for w in work)
     else:
@@ -267,7 +275,7 @@ def emit(records, out_dir: str) -> dict:
                         "file": fname, "sha256": digest})
     manifest = {"triton": triton.__version__, "archs": sorted({e["arch"] for e in entries}),
                 "kernels": entries}
-    # index.tsv: what the C++ launcher reads at the first CUDA call (csrc/aot.cpp,
+    # index.tsv: what the C++ launcher reads at the first CUDA call (csrc/prebuilt.cpp,
     # load_index), one line per single-CTA kernel, tab-separated:
     #   key arch file name param_names ptx_param_bytes aligned num_warps shared
     #   global_scratch_size profile_scratch_size        (lists comma-separated, possibly empty)
@@ -294,7 +302,7 @@ def emit(records, out_dir: str) -> dict:
 
 def main(argv=None):
     if os.environ.get("TRITON_INTERPRET") == "1":
-        sys.exit("fastdiff.kernels.aot: unset TRITON_INTERPRET to compile kernels")
+        sys.exit("fastdiff.kernels.prebuild: unset TRITON_INTERPRET to compile kernels")
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, action="append", help="SM version, e.g. 80, 90")
     p.add_argument("--op", action="append", choices=sorted(MODULES))

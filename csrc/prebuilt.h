@@ -1,11 +1,12 @@
-// fastdiff: launching prebuilt (ahead-of-time compiled) Triton kernels from C++.
+// fastdiff: launching the prebuilt kernels (Triton kernels compiled ahead of time) from C++.
 //
-// The wheel carries cubins compiled by kernels/aot.py for sm_80/86/89/90 with manifest.json and
-// index.tsv; fastdiff/prebuilt.py names their directory at import (use_directory) and the index
-// is read here at the first CUDA call. An op's CUDA implementation (cuda_ops.cpp) plans its launches (a Launch:
-// the kernel's key, grid and arguments in signature order) and hands them to launch(), which
-// launches each cubin with cuLaunchKernel on the current torch stream. libcuda is opened at the
-// first launch, so the extension imports on machines without a GPU or driver.
+// The wheel carries cubins compiled by kernels/prebuild.py for sm_80/86/89/90 with manifest.json
+// and index.tsv; fastdiff/prebuilt.py names their directory at import (use_directory) and the
+// index is read here at the first CUDA call. An op's CUDA kernel (Entry in ops.h) plans its
+// launches (a Launch: the kernel's key, grid and arguments in signature order) and hands them
+// to launch(), which launches each cubin with cuLaunchKernel on the current torch stream.
+// libcuda is opened at the first launch, so the extension imports on machines without a GPU or
+// driver.
 //
 // launch() launches nothing and returns the reason when any planned kernel is not prebuilt for
 // the device (another architecture, an argument that breaks the cubin's alignment assumption,
@@ -20,17 +21,20 @@
 #include <string>
 #include <vector>
 
-namespace fastdiff::aot {
+namespace fastdiff::prebuilt {
 
 // How a parameter is passed: a device pointer (8 bytes), a 32- or 64-bit int, or fp32 bits.
 enum class Kind : uint8_t { Ptr, I32, I64, F32 };
+inline const char* const kKindNames[] = {"ptr", "i32", "i64", "fp32"};  // by Kind
 
 struct Arg {
   std::string name;  // the kernel's parameter name (checked against the manifest at load)
   Kind kind;
   uint64_t bits;     // pointer value, two's complement integer, or the float's bits
+  std::string type;  // its Triton type in the kernel's key ("*fp16", "i32", ...)
 
-  static Arg ptr(const char* name, const at::Tensor& t);
+  // A pointer's type is its tensor's dtype, unless `type` names another.
+  static Arg ptr(const char* name, const at::Tensor& t, const char* type = nullptr);
   static Arg i32(const char* name, int64_t v);
   static Arg i64(const char* name, int64_t v);
   static Arg f32(const char* name, double v);
@@ -42,16 +46,21 @@ struct Launch {
   std::vector<Arg> args;          // the non-constexpr parameters, in signature order
 };
 
-// The kernel key, identical to kernels/aot.py's kernel_key():
-//   "<kernel>(<type>,<type>,...)[NAME=<int>,...]" with constexprs in signature order.
-std::string make_key(const std::string& kernel, const std::vector<std::string>& types,
-                     const std::vector<std::pair<std::string, int64_t>>& constexprs);
+// The launch of `kernel` (its Python name) with these arguments and constexprs (both in
+// signature order). Its key is kernels/prebuild.py's kernel_key():
+//   "<kernel>(<type>,<type>,...)[NAME=<int>,...]".
+Launch make_launch(const std::string& kernel, std::array<int64_t, 3> grid, std::vector<Arg> args,
+                   const std::vector<std::pair<std::string, int64_t>>& constexprs);
 
-// 0: never (always the Triton JIT), 1: when prebuilt (default), 2: required (an op that cannot
-// run prebuilt raises instead of falling back; for tests). Initially from FASTDIFF_AOT
-// ("0"/"off", "1"/"on", "require").
-int mode();
-void set_mode(int m);
+// When the CUDA ops launch the prebuilt kernels: Off, never (always the Triton JIT); On, when
+// they can (the default); Require, always (an op that cannot run them raises instead of falling
+// back; the GPU tests use it). Named "off" ("0"), "on" ("1") and "require"; initially from
+// FASTDIFF_PREBUILT, or its older name FASTDIFF_AOT.
+enum class Mode { Off, On, Require };
+Mode mode();
+std::string mode_name();
+// Sets the mode by name; returns the previous one's name.
+std::string set_mode(const std::string& name);
 
 // Registers one compiled kernel (called by fastdiff/prebuilt.py for each manifest entry).
 // param_bytes: the widths of every parameter incl. the two scratch pointers (from the PTX);
@@ -61,7 +70,7 @@ void register_kernel(const std::string& key, int64_t arch, const std::string& pa
                      const std::vector<int64_t>& param_bytes, const std::vector<int64_t>& aligned,
                      int64_t num_warps, int64_t shared, int64_t global_scratch_size,
                      int64_t profile_scratch_size);
-// Registers the kernels of <dir>/index.tsv (kernels/aot.py writes it beside the cubins),
+// Registers the kernels of <dir>/index.tsv (kernels/prebuild.py writes it beside the cubins),
 // replacing what was registered; lazy: at the first use instead (fastdiff's import costs
 // nothing). Returns how many were registered, or -1 when lazy.
 int64_t use_directory(const std::string& dir, bool lazy);
@@ -78,8 +87,9 @@ struct Selection {
 };
 Selection select(const Launch& l, int64_t arch);
 
-// Why prebuilt kernels cannot run on this device at all (mode off, no driver, architecture not
-// built), or nothing when they may. Checked before an op allocates anything for a plan.
+// Why prebuilt kernels cannot run on this device at all (no driver, architecture not built; an
+// empty reason: mode off, the JIT asked for), or nothing when they may. Checked before an op
+// allocates anything for a plan.
 std::optional<std::string> unavailable(const at::Device& device);
 
 // Launches every planned kernel in order on the device's current stream, or none of them and
@@ -99,7 +109,4 @@ struct HoldReport {
 HoldReport hold_and_read(const Launch& l, int64_t arch, int64_t reads, bool change_registry);
 int64_t live_entries();
 
-// Python bindings of the above (for fastdiff/prebuilt.py and the CPU tests).
-void bind(pybind11::module& m);
-
-}  // namespace fastdiff::aot
+}  // namespace fastdiff::prebuilt
