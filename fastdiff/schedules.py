@@ -3,7 +3,7 @@
 A sampler step of any supported solver is, per element, an affine map of a few tensors with
 per-step scalar coefficients. ``denoise_step`` reads one row of such a table (``step_index`` is a
 device tensor, so a captured CUDA graph can be replayed for every step). Columns of a row, kept in
-sync with csrc/fastdiff.h (StepCoef) and kernels/denoise_step.py:
+sync with csrc/denoise_step.cpp and kernels/denoise_step.py:
 
     x_hat = x + H * n                                  (Euler "churn", else H = 0)
     x0    = P_x * x_hat + P_m * m                      (m: guided model output)
