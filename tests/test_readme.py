@@ -8,6 +8,8 @@ import pytest
 
 pytest.importorskip("diffusers")
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+if not os.path.isfile(README):                    # tests copied beside an installed wheel
+    pytest.skip("README.md is in the source tree", allow_module_level=True)
 
 
 def _programs():
