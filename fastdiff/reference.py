@@ -69,3 +69,35 @@ def denoise_step(model_output, sample, coeffs, step_index, noise=None, prev_x0=N
     if prev_x0 is not None:
         out = out + c[COEF_KP] * _f64(prev_x0)
     return out, (x0 if write_x0 else x0.new_empty(0))
+
+
+def denoise_step_v2(model_output, sample, coeffs, step_index, noise=None, state=None,
+                    guidance_scale=1.0, clip_sample=False, clip_sample_range=1.0, guided=None):
+    """The version-2 row of fastdiff.schedules (ROW_*) in float64: returns (out, x0c, new state);
+    state is (K, *sample.shape) with K <= SLOTS (None: no slots), returned updated, not changed
+    in place."""
+    from fastdiff import schedules as S
+
+    c = coeffs.detach().to(torch.float64).cpu()[int(step_index.reshape(-1)[0])]
+    m, x = _f64(model_output), _f64(sample)
+    if guided is None:
+        guided = m.shape[0] == 2 * x.shape[0]
+    if guided:
+        u, cond = m.chunk(2)
+        m = u + guidance_scale * (cond - u)
+    zero = torch.zeros_like(x)
+    slots = [zero] * S.SLOTS
+    k = 0 if state is None else state.shape[0]
+    for j in range(k):
+        slots[j] = _f64(state[j])
+    v = [x, m, _f64(noise) if noise is not None else zero, *slots]
+    x0 = sum(c[S.ROW_P + i] * v[i] for i in range(S.NUM_V))
+    if clip_sample:
+        x0 = x0.clamp(-clip_sample_range, clip_sample_range)
+    out = sum(c[S.ROW_O + i] * v[i] for i in range(S.NUM_V)) + c[S.ROW_O + S.NUM_V] * x0
+    new = None if state is None else _f64(state).clone()
+    for j in range(k):
+        if c[S.ROW_W + j] != 0:
+            r = c[S.ROW_S + j * (S.NUM_V + 1):S.ROW_S + (j + 1) * (S.NUM_V + 1)]
+            new[j] = sum(r[i] * v[i] for i in range(S.NUM_V)) + r[S.NUM_V] * x0
+    return out, x0, new

@@ -342,3 +342,44 @@ def _full_table(scheduler, eta, use_clipped_model_output, s_churn, s_tmin, s_tma
                            s_churn, s_tmin, s_tmax, s_noise, float(scheduler.init_noise_sigma))
     raise ValueError(f"scheduler {name} is not supported; expected DDPMScheduler, DDIMScheduler, "
                      "DPMSolverMultistepScheduler or EulerDiscreteScheduler")
+
+
+# ---------------------------------------------------------------- the step row, version 2
+# One row per model evaluation, over the inputs v = (x, m, n, s_0, ..., s_3): the sample, the
+# (guided) model output, this step's noise and four state slots (multistep histories, a saved
+# sample, a derivative: whatever the solver keeps between evaluations). A row is three affine
+# maps of v and the slot updates:
+#   x0  = sum_k P_k v_k,  x0c = clip(x0, -r, r) if clip_sample else x0     (the returned x0)
+#   out = sum_k O_k v_k + O_x0 * x0c                                       (the next sample)
+#   s_j <- sum_k S_jk v_k + S_j,x0 * x0c   for every slot j with W_j != 0  (old slots read)
+# Unwritten slots keep their values; coefficients of slots a call does not pass must be 0. The
+# table grows with the solvers (one kernel still serves all); solvers that keep no state use
+# only P and O. ROW_* are the column offsets; a table is (S, ROW_LEN) float32.
+SLOTS = 4
+V_X, V_M, V_N = 0, 1, 2                     # v index of x, m and n; slot j is V_S + j
+V_S = 3
+NUM_V = V_S + SLOTS                         # 7 inputs; index NUM_V in O and S rows: x0c
+ROW_P = 0
+ROW_O = ROW_P + NUM_V
+ROW_W = ROW_O + NUM_V + 1
+ROW_S = ROW_W + SLOTS
+ROW_LEN = ROW_S + SLOTS * (NUM_V + 1)       # 51
+
+
+def step_row(p=None, o=None, writes=None) -> list[float]:
+    """A row from named coefficients: p and o map input names ('x', 'm', 'n', 's0'..'s3'; o
+    also 'x0') to coefficients; writes maps a slot index to such a mapping (its new value)."""
+    names = {"x": V_X, "m": V_M, "n": V_N, **{f"s{j}": V_S + j for j in range(SLOTS)},
+             "x0": NUM_V}
+    row = [0.0] * ROW_LEN
+    for k, c in (p or {}).items():
+        if k == "x0":
+            raise ValueError("x0 cannot depend on itself")
+        row[ROW_P + names[k]] = float(c)
+    for k, c in (o or {}).items():
+        row[ROW_O + names[k]] = float(c)
+    for j, coefs in (writes or {}).items():
+        row[ROW_W + j] = 1.0
+        for k, c in coefs.items():
+            row[ROW_S + j * (NUM_V + 1) + names[k]] = float(c)
+    return row
