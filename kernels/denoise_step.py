@@ -100,7 +100,14 @@ def _config(dtype, guided, has_noise, has_prev, index_dtype=torch.int64):
                   "HAS_PREV": bool(has_prev), "BLOCK": BLOCK}
     cfg = {"fn": denoise_step, "signature": signature, "constexprs": constexprs,
            "num_warps": NUM_WARPS, "num_stages": NUM_STAGES}
-    return variant(cfg, pointers(cfg) + ("numel",))
+    return variant(cfg, _vector_pointers(cfg) + ("numel",))
+
+
+def _vector_pointers(cfg):
+    """The pointers whose alignment the vectorized code uses: all but idx_ptr, whose one element
+    is read alone, and which is often an element of an index table (idx[i], 8 bytes into it:
+    the H200's first run refused the prebuilt kernel for that)."""
+    return tuple(p for p in pointers(cfg) if p != "idx_ptr")
 
 
 def prebuilt_configs():
@@ -108,7 +115,7 @@ def prebuilt_configs():
     decide which inputs are read (clipping, write_x0 and the guidance scale are runtime values)."""
     return [v for dt in _TL_DTYPES for it in _TL_INDEX for g in (False, True)
             for n in (False, True) for p in (False, True)
-            for c in [_config(dt, g, n, p, it)] for v in (c, variant(c, pointers(c)))]
+            for c in [_config(dt, g, n, p, it)] for v in (c, variant(c, _vector_pointers(c)))]
 
 
 def plan(model_output, sample, coeffs, step_index, noise, prev_x0, guidance_scale, clip_sample,
