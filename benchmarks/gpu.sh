@@ -20,6 +20,8 @@
 #   kernels     75  benchmarks/test_kernels.py at SD1.5 shapes, fp16: fastdiff vs eager / SDPA
 #   e2e        240  benchmarks/test_e2e.py: SD1.5 U-Net 512x512, CFG 7.5, DDIM 50, batch 1 then
 #                   4: diffusers eager, fastdiff.accelerate, the engine
+#   tune       150  only when named (PHASES=default,tune): benchmarks/tune.py, launch-parameter
+#                   sweeps of attention and group_norm_silu against SDPA / eager (tune.json)
 #   kernels-compile 150, e2e-compile 400   (PHASES=compile: build + these) torch.compile
 #                   baselines, with eager / diffusers and the engine timed in the same run
 # A phase gets min(cap, time left - GPU_GRACE - GPU_REPORT_S) and is skipped, with a line
@@ -27,11 +29,12 @@
 #
 # Environment: OUT (default bench-results/gpu-<time>), GPU_DEADLINE (420), GPU_GRACE (15),
 # GPU_REPORT_S (10, kept for the last report), GPU_MIN_PHASE (20), GPU_CAPS ("e2e=300,tests=60"),
-# GPU_SKIP_BUILD=1 (the package is installed already), GPU_SLOW_PHASE=<phase> (that phase's
+# GPU_SKIP_BUILD=1 (the package is installed already), GPU_TEST_PATHS (the tests phase's test
+# files, default tests: a rerun can pick up where a cut phase stopped), GPU_SLOW_PHASE=<phase> (that phase's
 # pytest sleeps after its first test: tests/test_gpu_script.py), QUICK=1, PYTHON (python3).
-# $OUT gets at most 7 files: log (all of stdout), tests.log and bench.log (the pytest output of
-# the test and benchmark phases), prebuild.jsonl (when cubins are compiled there), results.json,
-# results.md, chart.png. Raw pytest-benchmark JSON stays in a temporary folder outside $OUT.
+# $OUT gets at most 8 files: log (all of stdout), tests.log and bench.log (the pytest output of
+# the test and benchmark phases, tune's too), prebuild.jsonl (when cubins are compiled there),
+# results.json, results.md, chart.png, tune.json (the tune phase). Raw pytest-benchmark JSON stays in a temporary folder outside $OUT.
 set -uo pipefail
 start=$(date +%s)
 cd "$(dirname "$0")/.."
@@ -51,8 +54,8 @@ tee_pid=$!
 trap 'rm -rf "$RAW"; exec >&- 2>&-; wait "$tee_pid" 2>/dev/null' EXIT
 
 declare -A CAP=([build]=150 [tests]=100 [tests-prebuilt]=120 [first-call]=75 [kernels]=75 [e2e]=240
-                [kernels-compile]=150 [e2e-compile]=400)
-ORDER="build tests tests-prebuilt first-call kernels e2e kernels-compile e2e-compile"
+                [tune]=150 [kernels-compile]=150 [e2e-compile]=400)
+ORDER="build tests tests-prebuilt first-call kernels e2e tune kernels-compile e2e-compile"
 caps=${GPU_CAPS:-}
 for kv in ${caps//,/ }; do
   [ -n "${CAP[${kv%%=*}]+x}" ] || { echo "GPU_CAPS: no phase '${kv%%=*}'"; exit 2; }
@@ -198,7 +201,9 @@ for name in "${selected[@]}"; do
         stop="the build failed"
       fi ;;
     tests)
-      run_phase tests tests.log env FASTDIFF_PREBUILT=0 "${PYTEST[@]}" -m cuda --maxfail=50 tests ;;
+      # shellcheck disable=SC2086  # GPU_TEST_PATHS: a list of test files (default: tests)
+      run_phase tests tests.log env FASTDIFF_PREBUILT=0 "${PYTEST[@]}" -m cuda --maxfail=50 \
+        ${GPU_TEST_PATHS:-tests} ;;
     tests-prebuilt)
       run_phase tests-prebuilt tests.log bash -c '
         m=kernels/cubins/manifest.json
@@ -221,6 +226,9 @@ sys.exit(int(sys.argv[1]) not in json.load(open(sys.argv[2]))[\"archs\"])" "$ARC
       bench_phase kernels benchmarks/test_kernels.py -k "$k" ;;
     e2e)
       bench_phase e2e benchmarks/test_e2e.py -k "not compile" ;;
+    tune)   # SIGINT at the limit: tune.py writes tune.json with what it timed
+      run_phase tune bench.log "$PY" benchmarks/tune.py --out "$OUT/tune.json" \
+        --budget $(( ${CAP[tune]} - 10 )) $( [ "$QUICK" = 1 ] && echo --dry ) ;;
     kernels-compile)
       k=sd15; [ "$QUICK" = 1 ] && k=""
       bench_phase kernels-compile benchmarks/test_kernels.py ${k:+-k "$k"} ;;
