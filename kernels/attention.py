@@ -102,7 +102,12 @@ def attention_fwd(q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr,
 # too (fp32: 32 KB per 128 x 64 tile and stage) and holds an address per element: BLOCK_N 32
 # from D = 64 on, 2 stages below. fp32: IEEE dots run on FMA units with their operands in
 # registers, hence smaller tiles (at D = 256, BLOCK_M 32: 64 left a 6.6 KB stack on sm_90).
-TILES = (((128, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 3), (128, 64, 8, 2), (64, 32, 8, 2)),
+# Measured on an H200 (benchmarks/tune.py, 2026-11-30, fp16, 2 x 8 heads, no bias): at D = 80,
+# L = 1024, 3 stages instead of 2 at BLOCK_D 128 took 35.8 us to 28.7 us (96 KB of shared
+# memory on sm_80: under the 99 KB). At D = 160, L = 256, (64, 32, 4 warps, 3 stages) took
+# 23.6 us to 13.9 us on sm_90 but needs 100 KB and spills on sm_80: a per-architecture tile
+# table is left to do. At D = 40 the tiles here were the grid's best (199 us; SDPA 163 us).
+TILES = (((128, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 3), (128, 64, 8, 3), (64, 32, 8, 2)),
          ((128, 64, 4, 2), (128, 64, 8, 2), (128, 32, 8, 3), (128, 32, 8, 2), (64, 32, 8, 2)),
          ((64, 64, 8, 2), (64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 8, 2), (32, 16, 8, 1)))
 
