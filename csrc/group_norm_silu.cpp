@@ -7,9 +7,9 @@
 //   h = x + pre_bias[n, c]; y = (h - mean_g) * rstd_g * weight[c] + bias[c]
 //   y = y * (1 + scale[n, c]) + shift[n, c]; y = silu(y) if apply_silu
 //
-// The CPU kernel's statistics are exact two-pass sums over data that is in cache: per channel
-// (NCHW) or per block of rows (channels_last), then merged across channels/blocks with Chan's
-// formula in double. Everything per (n, c) is then folded into y = silu((x - m) * a + b), one
+// The CPU kernel's statistics are shifted, corrected two-pass sums over data that is in cache
+// (moments() below): per channel (NCHW) or per block of rows (channels_last), then merged across
+// channels/blocks with Chan's formula in double. Everything per (n, c) is then folded into y = silu((x - m) * a + b), one
 // fused pass.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -97,25 +97,48 @@ const float* as_float(const T* src, int64_t n, std::vector<float>& buf) {
   }
 }
 
-float sum(const float* x, int64_t n) {
-  Vec acc(0.f);
-  int64_t i = 0;
-  for (; i + kW <= n; i += kW) acc += Vec::loadu(x + i);
-  float s = at::vec::vec_reduce_all<float>(std::plus<Vec>(), acc);
-  for (; i < n; ++i) s += x[i];
-  return s;
+// Statistics exact enough for any group (large means, tiny or zero variances, long groups):
+// sums of x - shift (the shift a value of the data, so a constant group sums to exactly 0), in
+// float lanes over blocks of kBlock elements, the blocks added in double; then the corrected
+// two-pass form M2 = sum((x - m)^2) - sum(x - m)^2 / n around the float-rounded mean m.
+constexpr int64_t kBlock = 2048;
+
+// sum(x[i] - shift) and, with kSquares, sum((x[i] - shift)^2) over n elements.
+template <bool kSquares>
+void shifted_sums(const float* x, int64_t n, float shift, double* s1, double* s2) {
+  const Vec m(shift);
+  double t1 = 0, t2 = 0;
+  for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
+    const int64_t e = std::min(n, i0 + kBlock);
+    Vec a1(0.f), a2(0.f);
+    int64_t i = i0;
+    for (; i + kW <= e; i += kW) {
+      const Vec d = Vec::loadu(x + i) - m;
+      a1 += d;
+      if constexpr (kSquares) a2 = at::vec::fmadd(d, d, a2);
+    }
+    float b1 = at::vec::vec_reduce_all<float>(std::plus<Vec>(), a1), b2 = 0.f;
+    if constexpr (kSquares) b2 = at::vec::vec_reduce_all<float>(std::plus<Vec>(), a2);
+    for (; i < e; ++i) {
+      const float d = x[i] - shift;
+      b1 += d;
+      b2 += d * d;
+    }
+    t1 += b1;
+    t2 += b2;
+  }
+  *s1 = t1;
+  if (s2) *s2 = t2;
 }
 
-float sum_sq_dev(const float* x, int64_t n, float mean) {
-  Vec acc(0.f), m(mean);
-  int64_t i = 0;
-  for (; i + kW <= n; i += kW) {
-    Vec d = Vec::loadu(x + i) - m;
-    acc = at::vec::fmadd(d, d, acc);
-  }
-  float s = at::vec::vec_reduce_all<float>(std::plus<Vec>(), acc);
-  for (; i < n; ++i) s += (x[i] - mean) * (x[i] - mean);
-  return s;
+// Mean and M2 (sum of squared deviations) of n > 0 contiguous floats.
+void moments(const float* x, int64_t n, double* mean, double* m2) {
+  double s1, s2;
+  shifted_sums<false>(x, n, x[0], &s1, nullptr);
+  const float m = static_cast<float>(x[0] + s1 / n);
+  shifted_sums<true>(x, n, m, &s1, &s2);
+  *mean = m + s1 / n;
+  *m2 = std::max(0.0, s2 - s1 * s1 / n);
 }
 
 inline float silu(float z) { return z / (1.f + std::exp(-z)); }
@@ -159,26 +182,28 @@ inline void fold(const Params& p, int64_t n, int64_t c, int64_t C, double mean, 
   const double pre = p.pre ? p.pre[n * C + c] : 0.0;
   const double s = p.scale ? 1.0 + p.scale[n * C + c] : 1.0;
   const double sh = p.shift ? p.shift[n * C + c] : 0.0;
+  // m is the shifted mean rounded to float; what rounding dropped (lo) moves into beta, so that
+  // (x - m) * a, exact for x near m, loses nothing to it (a large mean with a tiny spread).
   *m = static_cast<float>(mean - pre);
-  *a = static_cast<float>(rstd * w * s);
-  *beta = static_cast<float>(b * s + sh);
+  const double lo = (mean - pre) - *m, scale = rstd * w * s;
+  *a = static_cast<float>(scale);
+  *beta = static_cast<float>(b * s + sh - lo * scale);
 }
 
 template <typename T, bool kSilu>
 void nchw(const T* x, T* y, int64_t N, int64_t C, int64_t HW, int64_t G, const Params& p) {
   const int64_t Cg = C / G;
   at::parallel_for(0, N * G, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf, mean_c(Cg), m2_c(Cg);
+    std::vector<float> buf;
+    std::vector<double> mean_c(Cg), m2_c(Cg);
     for (int64_t ng = begin; ng < end; ++ng) {
       const int64_t n = ng / G, c0 = (ng % G) * Cg;
       const T* xg = x + (n * C + c0) * HW;
-      // The whole group as float (in place for float input); it stays in cache for both passes.
+      // The whole group as float (in place for float input); it stays in cache for the passes.
       const float* xf = as_float(xg, Cg * HW, buf);
       double gmean = 0;
       for (int64_t j = 0; j < Cg; ++j) {
-        const float* xc = xf + j * HW;
-        mean_c[j] = sum(xc, HW) / HW;
-        m2_c[j] = sum_sq_dev(xc, HW, mean_c[j]);
+        moments(xf + j * HW, HW, &mean_c[j], &m2_c[j]);
         gmean += mean_c[j] + (p.pre ? p.pre[n * C + c0 + j] : 0.f);
       }
       gmean /= Cg;
@@ -204,22 +229,39 @@ void channels_last(const T* x, T* y, int64_t N, int64_t C, int64_t HW, int64_t G
   // Blocks of rows small enough to stay in cache between the two statistics passes.
   const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(HW, (32 << 10) / C));
   const int64_t nblk = (HW + rows - 1) / rows;
-  std::vector<float> bmean(N * nblk * C), bm2(N * nblk * C);
+  // Per block and channel, as moments() does along a channel: sums of x minus the block's first
+  // row, then the corrected two-pass M2 around the float-rounded mean; in double once per block.
+  std::vector<double> bmean(N * nblk * C), bm2(N * nblk * C);
   at::parallel_for(0, N * nblk, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf, acc(C);
+    std::vector<float> buf, s1(C), s2(C), m(C);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / nblk, r0 = (t % nblk) * rows, r = std::min(rows, HW - r0);
       const float* xf = as_float(x + (n * HW + r0) * C, r * C, buf);
-      float* mean = bmean.data() + t * C;
-      float* m2 = bm2.data() + t * C;
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t i = 0; i < r; ++i) at::vec::map2<float>([](Vec a, Vec v) { return a + v; },
-                                                           acc.data(), acc.data(), xf + i * C, C);
-      for (int64_t c = 0; c < C; ++c) mean[c] = acc[c] / r;
-      std::fill(m2, m2 + C, 0.f);
+      std::fill(s1.begin(), s1.end(), 0.f);
       for (int64_t i = 0; i < r; ++i) {
-        at::vec::map3<float>([](Vec s, Vec v, Vec m) { return at::vec::fmadd(v - m, v - m, s); },
-                             m2, m2, xf + i * C, mean, C);
+        at::vec::map3<float>([](Vec a, Vec v, Vec sh) { return a + (v - sh); }, s1.data(),
+                             s1.data(), xf + i * C, xf, C);
+      }
+      for (int64_t c = 0; c < C; ++c) m[c] = static_cast<float>(xf[c] + double(s1[c]) / r);
+      std::fill(s1.begin(), s1.end(), 0.f);
+      std::fill(s2.begin(), s2.end(), 0.f);
+      for (int64_t i = 0; i < r; ++i) {  // one sweep, both sums
+        const float* row = xf + i * C;
+        int64_t c = 0;
+        for (; c + kW <= C; c += kW) {
+          const Vec d = Vec::loadu(row + c) - Vec::loadu(m.data() + c);
+          (Vec::loadu(s1.data() + c) + d).store(s1.data() + c);
+          at::vec::fmadd(d, d, Vec::loadu(s2.data() + c)).store(s2.data() + c);
+        }
+        for (; c < C; ++c) {
+          const float d = row[c] - m[c];
+          s1[c] += d;
+          s2[c] += d * d;
+        }
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        bmean[t * C + c] = m[c] + double(s1[c]) / r;
+        bm2[t * C + c] = std::max(0.0, double(s2[c]) - double(s1[c]) * s1[c] / r);
       }
     }
   });

@@ -2,10 +2,11 @@
 
 Two launches. ``group_norm_silu_stats`` splits every (n, group) into chunks so that a GPU is
 filled even when N * G is small (2 x 32 = 64 groups against 132 SMs): each program reduces one
-chunk, tile by tile, exactly (mean, then squared deviations of the tile held in registers) and
-merges tiles with Chan's formula; ``group_norm_silu_apply`` merges a group's chunk partials the
-same way and writes ``silu((x + pre - mean) * rstd * w + b) * (1 + scale) + shift`` for its
-chunk.
+chunk, tile by tile, exactly (mean, then squared deviations of the tile held in registers, in
+the corrected two-pass form) and merges tiles with Chan's formula, all on x minus the group's
+first value, so that a large mean with a small spread (or none) keeps its digits in fp32;
+``group_norm_silu_apply`` merges a group's chunk partials the same way and writes
+``silu((x + pre - mean) * rstd * w + b) * (1 + scale) + shift`` for its chunk.
 
 A group is walked in rows of COLS elements that are contiguous in memory: NCHW rows are COLS
 pixels of one channel, channels_last rows COLS channels of one pixel; a tile is ROWS such rows.
@@ -87,6 +88,20 @@ def _tile(x_ptr, pre_ptr, pre_kind, tile, n, g, HW, C, CG,
 
 
 @triton.jit
+def _shift(x_ptr, pre_ptr, pre_kind, n, g, HW, C, CG, CL: tl.constexpr, HAS_PRE: tl.constexpr):
+    """The group's first value (x + pre_bias), fp32: both kernels work on x minus it, so that a
+    group with a large mean and a small spread (or none) keeps its digits in fp32 sums."""
+    if CL:
+        base = n.to(tl.int64) * HW * C + g * CG
+    else:
+        base = (n.to(tl.int64) * C + g * CG) * HW
+    k = tl.load(x_ptr + base).to(tl.float32)
+    if HAS_PRE:
+        k += _param(pre_ptr, pre_kind, n * C + g * CG, True, 0.0, x_ptr.dtype.element_ty)
+    return k
+
+
+@triton.jit
 def _tiles(HW, CG, CL: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
     """The number of tiles of a group."""
     if CL:
@@ -105,15 +120,20 @@ def group_norm_silu_stats(x_ptr, pre_ptr, part_ptr, HW, C, G, CG, chunk, split, 
     cnt = 0.0
     mean = 0.0
     m2 = 0.0
+    shift = _shift(x_ptr, pre_ptr, pre_kind, n, g, HW, C, CG, CL, HAS_PRE)
     first = s * chunk
     for tile in range(first, tl.minimum(first + chunk, _tiles(HW, CG, CL, ROWS, COLS))):
         v, off, c, mask, cmask = _tile(x_ptr, pre_ptr, pre_kind, tile, n, g, HW, C, CG, CL,
                                        HAS_PRE, VEC, ROWS, COLS)
+        v = tl.where(mask, v - shift, 0.0)
         k = tl.sum(mask.to(tl.float32))
         k_safe = tl.maximum(k, 1.0)
         tmean = tl.sum(v) / k_safe
+        # Corrected two-pass: what the rounded tile mean left over refines it and M2.
         d = tl.where(mask, v - tmean, 0.0)
-        tm2 = tl.sum(d * d)
+        dsum = tl.sum(d)
+        tm2 = tl.maximum(tl.sum(d * d) - dsum * dsum / k_safe, 0.0)
+        tmean += dsum / k_safe
         tot = tl.maximum(cnt + k, 1.0)
         delta = tmean - mean
         mean += delta * k / tot
@@ -147,6 +167,7 @@ def group_norm_silu_apply(x_ptr, y_ptr, w_ptr, b_ptr, pre_ptr, scale_ptr, shift_
     dev = means - mean
     m2 = tl.sum(m2s + cnts * dev * dev, axis=0)
     rstd = 1.0 / tl.sqrt(m2 / total_cnt + eps)
+    shift = _shift(x_ptr, pre_ptr, pre_kind, n, g, HW, C, CG, CL, HAS_PRE)
 
     xt = x_ptr.dtype.element_ty
     first = s * chunk
@@ -154,7 +175,7 @@ def group_norm_silu_apply(x_ptr, y_ptr, w_ptr, b_ptr, pre_ptr, scale_ptr, shift_
         v, off, c, mask, cmask = _tile(x_ptr, pre_ptr, pre_kind, tile, n, g, HW, C, CG, CL,
                                        HAS_PRE, VEC, ROWS, COLS)
         a = rstd * _param(w_ptr, w_kind, c, cmask, 1.0, xt)
-        y = (v - mean) * a + _param(b_ptr, b_kind, c, cmask, 0.0, xt)
+        y = ((v - shift) - mean) * a + _param(b_ptr, b_kind, c, cmask, 0.0, xt)
         if HAS_SS:
             y = y * (1.0 + _param(scale_ptr, scale_kind, n * C + c, cmask, 0.0, xt)) \
                 + _param(shift_ptr, shift_kind, n * C + c, cmask, 0.0, xt)
