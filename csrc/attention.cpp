@@ -1,7 +1,7 @@
-// fastdiff::attention: softmax(q k^T * scale + attn_bias) v. Schema in ops.cpp; Triton kernel
+// fastdiff::attention: softmax(q k^T * scale + attn_mask) v. Schema in ops.cpp; Triton kernel
 // and plan in kernels/attention.py.
 //
-// q: (B, H, Lq, D), k/v: (B, H, Lk, D), any strides with stride(-1) == 1. attn_bias: 4-D, each
+// q: (B, H, Lq, D), k/v: (B, H, Lk, D), any strides with stride(-1) == 1. attn_mask: 4-D, each
 // dim 1 or full size (broadcast), dtype q's or float32. Returns a contiguous (B, H, Lq, D)
 // tensor of q's dtype. A row whose keys are all -inf gives 0.
 //
@@ -13,6 +13,7 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <limits>
@@ -31,7 +32,7 @@ struct Attention {  // a call's arguments, in schema order
   const at::Tensor& q;
   const at::Tensor& k;
   const at::Tensor& v;
-  const std::optional<at::Tensor>& attn_bias;
+  const std::optional<at::Tensor>& attn_mask;
   std::optional<double> scale;
 };
 
@@ -67,22 +68,26 @@ void check(const Attention& a) {
   FD_CHECK(D >= 1 && D <= 256, op, "head dim (dim 3 of 'q') must be in [1, 256], got ", D);
   FD_CHECK(Lk >= 1, op, "argument 'k' must have at least one key (dim 2), got shape ",
            shape_str(k));
-  if (a.attn_bias) {
-    const at::Tensor& b = *a.attn_bias;
-    check_same_device(op, q, "q", b, "attn_bias");
+  if (a.attn_mask) {
+    const at::Tensor& b = *a.attn_mask;
+    check_same_device(op, q, "q", b, "attn_mask");
     FD_CHECK(b.scalar_type() == q.scalar_type() || b.scalar_type() == at::kFloat, op,
-             "argument 'attn_bias' must be an additive mask of dtype ", dtype_str(q.scalar_type()),
-             " (as q) or float32, got ", dtype_str(b.scalar_type()),
-             " (fastdiff.ops.attention converts boolean masks)");
+             "argument 'attn_mask' must be an additive mask of dtype ", dtype_str(q.scalar_type()),
+             q.scalar_type() == at::kFloat ? " (as q)" : " (as q) or float32", ", got ",
+             dtype_str(b.scalar_type()), " (fastdiff.ops.attention converts boolean masks)");
     const int64_t full[4] = {B, H, Lq, Lk};
     bool ok = b.dim() == 4;
     for (int i = 0; ok && i < 4; ++i) ok = b.size(i) == 1 || b.size(i) == full[i];
-    FD_CHECK(ok, op, "argument 'attn_bias' must be 4-D and broadcastable to (B, H, Lq, Lk) = ",
+    FD_CHECK(ok, op, "argument 'attn_mask' must be 4-D and broadcastable to (B, H, Lq, Lk) = ",
              at::IntArrayRef(full), " (each dim 1 or full), got shape ", shape_str(b));
   }
   if (a.scale) {
-    FD_CHECK(std::isfinite(*a.scale) && *a.scale > 0, op,
-             "argument 'scale' must be finite and positive, got ", *a.scale);
+    // The kernels use scale * log2(e) in float32: it must stay a normal float32 number.
+    const double s2 = *a.scale * config::attention::LOG2E;
+    FD_CHECK(std::isfinite(*a.scale) && s2 >= std::numeric_limits<float>::min() &&
+                 s2 <= std::numeric_limits<float>::max(),
+             op, "argument 'scale' must be positive and, times log2(e), within float32's normal ",
+             "range [1.18e-38, 3.4e38] (it is used in float32), got ", *a.scale);
   }
 }
 
@@ -117,7 +122,10 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const 
           int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
   // FASTDIFF_NO_BLAS=1 forces the fallback (tests use it to cover that path).
   static const bool use_blas = sgemm_ != nullptr && std::getenv("FASTDIFF_NO_BLAS") == nullptr;
-  if (use_blas) {
+  // sgemm_ takes 32-bit ints: a size or leading dimension beyond them (a size-1 dim with a huge
+  // stride, which torch still calls contiguous) would be truncated, so at::mm takes the call.
+  constexpr int64_t kMax = std::numeric_limits<int>::max();
+  if (use_blas && std::max({m, n, k, lda, ldb, ldc}) <= kMax) {
     const int im = m, in = n, ik = k, ilda = lda, ildb = ldb, ildc = ldc;
     sgemm_(ta ? "T" : "N", tb ? "T" : "N", &im, &in, &ik, &alpha, a, &ilda, b, &ildb, &beta, c,
            &ildc);
@@ -220,7 +228,7 @@ at::Tensor cpu(const Attention& a) {
     return (f.stride(3) != 1 || f.stride(2) < D) ? f.contiguous() : f;
   };
   std::optional<at::Tensor> bias;
-  if (a.attn_bias) bias = a.attn_bias->to(at::kFloat).expand({B, H, Lq, Lk});
+  if (a.attn_mask) bias = a.attn_mask->to(at::kFloat).expand({B, H, Lq, Lk});
   at::Tensor out = at::empty({B, H, Lq, D}, a.q.options().dtype(at::kFloat));
   attention_f32(f32(a.q), f32(a.k), f32(a.v), bias, static_cast<float>(scale_of(a)), out);
   return a.q.scalar_type() == at::kFloat ? out : out.to(a.q.scalar_type());
@@ -241,7 +249,7 @@ Plan<at::Tensor> plan(const Attention& a) {
   at::Tensor out = empty(a);
   const int64_t log2_d = std::max<int64_t>(4, log2_ceil(D));  // BLOCK_D: D padded, >= 16
   const bool ieee = q.scalar_type() == at::kFloat;
-  const auto& tile = cfg::TILES[ieee ? 2 : a.attn_bias.has_value()][log2_d - 4];
+  const auto& tile = cfg::TILES[ieee ? 2 : a.attn_mask.has_value()][log2_d - 4];
   // VEC (attention.py, vec_of): elements per 16 bytes, down to the largest power of two that
   // divides every q/k/v stride of dims 0-2 the kernel multiplies by a nonzero index.
   const int64_t vec16 = 16 / static_cast<int64_t>(q.element_size());
@@ -253,8 +261,8 @@ Plan<at::Tensor> plan(const Attention& a) {
   }
   at::Tensor bias = q;
   std::array<int64_t, 4> bstrides{0, 0, 0, 0};
-  if (a.attn_bias) {  // a view: broadcast dims get stride 0; read in its own dtype
-    bias = a.attn_bias->expand({B, H, Lq, Lk});
+  if (a.attn_mask) {  // a view: broadcast dims get stride 0; read in its own dtype
+    bias = a.attn_mask->expand({B, H, Lq, Lk});
     for (int i = 0; i < 4; ++i) bstrides[i] = bias.stride(i);
   }
   using prebuilt::Arg;
@@ -269,7 +277,7 @@ Plan<at::Tensor> plan(const Attention& a) {
        Arg::i64("sbh", bstrides[1]), Arg::i64("sbm", bstrides[2]), Arg::i64("sbn", bstrides[3]),
        Arg::i32("H", H), Arg::i32("Lq", Lq), Arg::i32("Lk", Lk),
        Arg::f32("qk_scale", scale_of(a) * cfg::LOG2E)},
-      {{"D", D}, {"VEC", vec}, {"HAS_BIAS", a.attn_bias.has_value()}, {"IEEE", ieee},
+      {{"D", D}, {"VEC", vec}, {"HAS_BIAS", a.attn_mask.has_value()}, {"IEEE", ieee},
        {"BLOCK_M", tile[0]}, {"BLOCK_N", tile[1]}, {"BLOCK_D", int64_t{1} << log2_d}})},
       out, {}, ""};
   if (!std::binary_search(std::begin(cfg::PREBUILT_HEAD_DIMS), std::end(cfg::PREBUILT_HEAD_DIMS),

@@ -16,6 +16,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "ops.h"
@@ -50,7 +51,9 @@ void check_small(const at::Tensor& x, const at::Tensor& t, const char* name,
   FD_CHECK(t.sizes() == expected, op, "argument '", name, "' must have shape ", expected, ", got ",
            shape_str(t));
   FD_CHECK(t.scalar_type() == x.scalar_type() || t.scalar_type() == at::kFloat, op, "argument '",
-           name, "' must have dtype ", dtype_str(x.scalar_type()), " (as x) or float32, got ", dtype_str(t.scalar_type()));
+           name, "' must have dtype ", dtype_str(x.scalar_type()),
+           x.scalar_type() == at::kFloat ? " (as x)" : " (as x) or float32", ", got ",
+           dtype_str(t.scalar_type()));
   FD_CHECK(t.is_contiguous(), op, "argument '", name, "' must be contiguous, got strides ",
            t.strides());
 }
@@ -69,8 +72,11 @@ void check(const GroupNormSilu& a) {
   FD_CHECK(a.num_groups > 0, op, "argument 'num_groups' must be positive, got ", a.num_groups);
   FD_CHECK(C % a.num_groups == 0, op, "the channel count C=", C,
            " of argument 'x' must be divisible by argument 'num_groups'=", a.num_groups);
-  FD_CHECK(std::isfinite(a.eps) && a.eps >= 0, op, "argument 'eps' must be finite and >= 0, got ",
-           a.eps);
+  // eps is added in float32 on the GPU: a value that float32 rounds to 0 or infinity is refused.
+  FD_CHECK(a.eps == 0 || (a.eps >= std::numeric_limits<float>::min() &&
+                          a.eps <= std::numeric_limits<float>::max()),
+           op, "argument 'eps' must be 0 or within float32's normal range [1.18e-38, 3.4e38] ",
+           "(it is used in float32), got ", a.eps);
   if (a.weight) check_small(x, *a.weight, "weight", {C});
   if (a.bias) check_small(x, *a.bias, "bias", {C});
   if (a.pre_bias) check_small(x, *a.pre_bias, "pre_bias", {N, C});

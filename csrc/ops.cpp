@@ -24,6 +24,14 @@ std::string dtype_str(at::ScalarType t) {
     case at::kLong: return "int64";
     case at::kInt: return "int32";
     case at::kBool: return "bool";
+    case at::kByte: return "uint8";
+    case at::kChar: return "int8";
+    case at::kShort: return "int16";
+    case at::kComplexHalf: return "complex32";
+    case at::kComplexFloat: return "complex64";
+    case at::kComplexDouble: return "complex128";
+    case at::kFloat8_e4m3fn: return "float8_e4m3fn";
+    case at::kFloat8_e5m2: return "float8_e5m2";
     default: return c10::toString(t);
   }
 }
@@ -87,7 +95,7 @@ TORCH_LIBRARY(fastdiff, m) {
       "group_norm_silu(Tensor x, int num_groups, Tensor? weight=None, Tensor? bias=None, "
       "float eps=1e-5, Tensor? pre_bias=None, Tensor? scale=None, Tensor? shift=None, "
       "bool apply_silu=True) -> Tensor");
-  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? attn_bias=None, float? scale=None) -> Tensor");
+  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask=None, float? scale=None) -> Tensor");
   m.def(
       "denoise_step(Tensor model_output, Tensor sample, Tensor coeffs, Tensor step_index, "
       "Tensor? noise=None, Tensor? prev_x0=None, float guidance_scale=1.0, bool clip_sample=False, "

@@ -53,6 +53,24 @@ def _per_channel(t: torch.Tensor | None, n: int, c: int) -> torch.Tensor | None:
     return t.contiguous() if t.dim() == 2 else t  # wrong shapes are reported by the op
 
 
+def check_types(op: str, tensors: dict | None = None, ints: dict | None = None,
+                reals: dict | None = None) -> None:
+    """TypeError naming the argument for a value of the wrong kind (a list where a tensor goes, a
+    float where an int goes), before any of it is used; None passes (optional arguments)."""
+    def fail(name, want, v):
+        raise TypeError(f"fastdiff.{op}: argument '{name}' must be {want}, got "
+                        f"{type(v).__name__} {v!r:.60}")
+    for name, v in (tensors or {}).items():
+        if v is not None and not isinstance(v, torch.Tensor):
+            fail(name, "a torch.Tensor", v)
+    for name, v in (ints or {}).items():
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            fail(name, "an int", v)
+    for name, v in (reals or {}).items():
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            fail(name, "a real number (int or float)", v)
+
+
 def group_norm_silu(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,
                     bias: torch.Tensor | None = None, eps: float = 1e-5, *,
                     pre_bias: torch.Tensor | None = None, scale: torch.Tensor | None = None,
@@ -63,6 +81,9 @@ def group_norm_silu(x: torch.Tensor, num_groups: int, weight: torch.Tensor | Non
     ``weight``/``bias``. x: (N, C, H, W), contiguous or channels_last; pre_bias, scale, shift:
     (N, C) or (N, C, 1, 1). Returns x's dtype and memory format.
     """
+    check_types("group_norm_silu",
+                dict(x=x, weight=weight, bias=bias, pre_bias=pre_bias, scale=scale, shift=shift),
+                dict(num_groups=num_groups), dict(eps=eps))
     n, c = (x.shape[0], x.shape[1]) if x.dim() >= 2 else (0, 0)
     return torch.ops.fastdiff.group_norm_silu(
         x, num_groups, weight, bias, eps, _per_channel(pre_bias, n, c),
@@ -79,6 +100,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     stride in the head dim, so only tensors without one (e.g. a transposed (B, C, L) view) are
     copied.
     """
+    check_types("attention", dict(q=q, k=k, v=v, attn_mask=attn_mask), reals=dict(scale=scale))
     q, k, v = (t.contiguous() if t.dim() == 4 and t.stride(-1) != 1 else t for t in (q, k, v))
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:

@@ -39,12 +39,12 @@ def group_norm_silu(x, num_groups, weight=None, bias=None, eps=1e-5, pre_bias=No
     return y * torch.sigmoid(y) if apply_silu else y
 
 
-def attention(q, k, v, attn_bias=None, scale=None):
-    """softmax(q k^T * scale + attn_bias) v in float64; rows with every key at -inf give 0."""
+def attention(q, k, v, attn_mask=None, scale=None):
+    """softmax(q k^T * scale + attn_mask) v in float64; rows with every key at -inf give 0."""
     q, k, v = _f64(q), _f64(k), _f64(v)
     s = (q @ k.transpose(-1, -2)) * (scale if scale is not None else 1 / math.sqrt(q.shape[-1]))
-    if attn_bias is not None:
-        s = s + _f64(attn_bias)
+    if attn_mask is not None:
+        s = s + _f64(attn_mask)
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)
     return p @ v
 

@@ -160,17 +160,17 @@ def prebuilt_configs():
             for b in dict.fromkeys((None, dt, torch.float32))]
 
 
-def plan(q, k, v, attn_bias, scale):
+def plan(q, k, v, attn_mask, scale):
     """The launch of a call, [(config, grid, args)], and the output."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     out = torch.empty((B, H, Lq, D), dtype=q.dtype, device=q.device)
     if q.numel() == 0:
         return [], out
-    cfg = _config(q.dtype, D, None if attn_bias is None else attn_bias.dtype,
+    cfg = _config(q.dtype, D, None if attn_mask is None else attn_mask.dtype,
                   vec_of(q.dtype, q, k, v))
-    if attn_bias is not None:  # a view: broadcast dims get stride 0; read in its own dtype
-        bias = attn_bias.expand(B, H, Lq, Lk)
+    if attn_mask is not None:  # a view: broadcast dims get stride 0; read in its own dtype
+        bias = attn_mask.expand(B, H, Lq, Lk)
         bstrides = bias.stride()
     else:
         bias, bstrides = q, (0, 0, 0, 0)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fastdiff  # noqa: F401
-from fastdiff import _C
+from fastdiff import _C, ops
 
 # The quick CPU subset tests/test_wheel.py runs in a fresh install of the wheel.
 pytestmark = pytest.mark.quick
@@ -36,9 +36,11 @@ GN_BAD = [
     ({"x": _x(2, 8, 3, 6)[..., ::2]}, "'x' must be contiguous \\(NCHW\\) or channels_last"),
     ({"num_groups": 0}, "'num_groups' must be positive"),
     ({"num_groups": 3}, "C=8 of argument 'x' must be divisible by argument 'num_groups'=3"),
-    ({"eps": float("nan")}, "'eps' must be finite"),
+    ({"eps": float("nan")}, "'eps' must be 0 or within float32's normal range"),
+    ({"eps": 1e-50}, "'eps' must be 0 or within float32's normal range .* got 1e-50"),
+    ({"eps": -1e-5}, "'eps' must be 0 or within float32's normal range"),
     ({"weight": _x(7)}, "'weight' must have shape \\[8\\]"),
-    ({"bias": _x(8, dtype=torch.float16)}, "'bias' must have dtype float32 \\(as x\\) or float32"),
+    ({"bias": _x(8, dtype=torch.float16)}, "'bias' must have dtype float32 \\(as x\\), got float16"),
     ({"pre_bias": _x(2, 8, 2)[..., 0]}, "'pre_bias' must be contiguous"),
     ({"scale": _x(1, 8)}, "'scale' must have shape \\[2, 8\\]"),
     ({"shift": _x(2, 4)}, "'shift' must have shape \\[2, 8\\]"),
@@ -47,7 +49,7 @@ GN_BAD = [
 
 
 def attn_args(**over):
-    a = dict(q=_x(2, 3, 5, 8), k=_x(2, 3, 7, 8), v=_x(2, 3, 7, 8), attn_bias=None, scale=None)
+    a = dict(q=_x(2, 3, 5, 8), k=_x(2, 3, 7, 8), v=_x(2, 3, 7, 8), attn_mask=None, scale=None)
     a.update(over)
     return list(a.values())
 
@@ -65,11 +67,15 @@ ATTN_BAD = [
     ({"q": _x(1, 1, 2, 300), "k": _x(1, 1, 2, 300), "v": _x(1, 1, 2, 300)},
      "head dim \\(dim 3 of 'q'\\) must be in \\[1, 256\\], got 300"),
     ({"k": _x(2, 3, 0, 8), "v": _x(2, 3, 0, 8)}, "'k' must have at least one key"),
-    ({"attn_bias": torch.zeros(2, 1, 1, 7, dtype=torch.bool)}, "'attn_bias' must be an additive mask"),
-    ({"attn_bias": _x(2, 1, 7)}, "'attn_bias' must be 4-D and broadcastable"),
-    ({"attn_bias": _x(2, 1, 1, 6)}, "'attn_bias' must be 4-D and broadcastable"),
-    ({"attn_bias": torch.zeros(2, 1, 1, 7, device="meta")}, "'attn_bias' must be on the same device"),
-    ({"scale": -1.0}, "'scale' must be finite and positive"),
+    ({"attn_mask": torch.zeros(2, 1, 1, 7, dtype=torch.bool)}, "'attn_mask' must be an additive mask"),
+    ({"attn_mask": _x(2, 1, 7)}, "'attn_mask' must be 4-D and broadcastable"),
+    ({"attn_mask": _x(2, 1, 1, 6)}, "'attn_mask' must be 4-D and broadcastable"),
+    ({"attn_mask": torch.zeros(2, 1, 1, 7, device="meta")}, "'attn_mask' must be on the same device"),
+    ({"scale": -1.0}, "'scale' must be positive and, times log2\\(e\\), within float32"),
+    ({"scale": 1e39}, "'scale' must be positive .* got 1e\\+39"),
+    ({"scale": 1e-50}, "'scale' must be positive .* \\(it is used in float32\\)"),
+    ({"attn_mask": torch.zeros(2, 1, 1, 7, dtype=torch.uint8)}, "got uint8"),
+    ({"q": _x(2, 3, 5, 8).to(torch.complex64)}, "'q' must have dtype float32, float16 or bfloat16, got complex64"),
 ]
 
 
@@ -160,5 +166,35 @@ def test_valid_arguments_pass_the_checks():
     _C.check_group_norm_silu(*gn_args())
     _C.check_group_norm_silu(*gn_args(x=_x(2, 8, 3, 3).to(memory_format=torch.channels_last),
                                       pre_bias=_x(2, 8), scale=_x(2, 8), shift=_x(2, 8)))
-    _C.check_attention(*attn_args(attn_bias=_x(2, 1, 1, 7)))
+    _C.check_attention(*attn_args(attn_mask=_x(2, 1, 1, 7)))
     _C.check_denoise_step(*step_args(model_output=_x(4, 3, 4), guidance_scale=3.0, noise=_x(2, 3, 4)))
+
+
+# ---- the Python entry points: a TypeError naming the argument before anything is used ----
+
+@pytest.mark.parametrize("call,msg", [
+    (lambda: ops.group_norm_silu([1.0], 2), "'x' must be a torch.Tensor, got list"),
+    (lambda: ops.group_norm_silu(_x(1, 4, 2, 2), 2.0), "'num_groups' must be an int, got float"),
+    (lambda: ops.group_norm_silu(_x(1, 4, 2, 2), True), "'num_groups' must be an int, got bool"),
+    (lambda: ops.group_norm_silu(_x(1, 4, 2, 2), 2, [1.0] * 4), "'weight' must be a torch.Tensor"),
+    (lambda: ops.group_norm_silu(_x(1, 4, 2, 2), 2, eps="1e-5"), "'eps' must be a real number"),
+    (lambda: ops.group_norm_silu(_x(1, 4, 2, 2), 2, scale=1.0), "'scale' must be a torch.Tensor"),
+    (lambda: ops.attention([1.0], _x(1, 1, 2, 8), _x(1, 1, 2, 8)), "'q' must be a torch.Tensor"),
+    (lambda: ops.attention(*[_x(1, 1, 2, 8)] * 3, [[0.0]]), "'attn_mask' must be a torch.Tensor"),
+    (lambda: ops.attention(*[_x(1, 1, 2, 8)] * 3, scale="0.1"), "'scale' must be a real number"),
+])
+def test_python_entry_points_raise_type_errors(call, msg):
+    with pytest.raises(TypeError, match=msg):
+        call()
+
+
+def test_blas_never_sees_a_truncated_leading_dimension():
+    # A size-1 key dim with a stride >= 2**31: torch calls it contiguous, the CPU kernel keeps it
+    # as a view, and sgemm_'s 32-bit leading dimension would be truncated (MKL: an error, and a
+    # result off by 2.2). Such calls take at::mm.
+    from fastdiff import reference
+    q = _x(1, 1, 4, 8)
+    kv = _x(8).as_strided((1, 1, 1, 8), (1, 1, 2**31, 1))
+    assert kv.is_contiguous()
+    out = attn(q, kv, kv, None, None)
+    torch.testing.assert_close(out.double(), reference.attention(q, kv, kv), rtol=1e-5, atol=1e-5)
