@@ -263,11 +263,15 @@ FAMILIES: dict[str, Family] = {"DDPMScheduler": DDPM(), "DDIMScheduler": DDIM(),
 # calls (the slots). Those without a docstring's worth of difference are plain step-indexed.
 
 class PNDM(Family):
-    """PLMS (and, with skip_prk_steps=False, the Runge-Kutta warm-up): the row is the call
-    counter; three past outputs and the first step's sample live in the slots."""
+    """PLMS: the row is the call counter; the past outputs (and the first step's sample) live in
+    the slots. With skip_prk_steps=False the 12 warm-up calls run diffusers' step, the
+    PLMS calls after them fused (a table starting mid-run)."""
 
     def position(self, rows, s, timestep):
         c = s.counter
+        if tables.prk_warmup(s):
+            raise _Unfused("skip_prk_steps=False: the Runge-Kutta warm-up keeps five tensors "
+                           "between calls (a row has four slots); fused after it")
         if c >= len(s.timesteps):
             return None
         if _timestep_index(s.timesteps, timestep, at=c) != c:
@@ -382,7 +386,7 @@ class Rows:
     def table(self, pos: int, opts: dict):
         """(coeffs, info, {device: (coeffs, row indices)}, row) for the call at index ``pos``:
         the run's table when the scheduler's bookkeeping is what the table expects there, else
-        a new one from here, where the scheduler carries no tensors (a run's first call)."""
+        a new one from here (a run's first call, or the first after diffusers' own steps)."""
         s = self.scheduler
         key = (id(s.timesteps), len(s.timesteps), getattr(s, "num_inference_steps", None),
                tuple(sorted(opts.items())))
@@ -398,9 +402,6 @@ class Rows:
                     s.__dict__.get(k) == v for k, v in info.expects[row].items()):
                 self.start = start
                 return (*hit[1:], row)
-        held = tables.holds_state(s)
-        if held:
-            raise _Unfused(f"the scheduler's {held} is not what a table of this run holds")
         start = 0 if type(s).__name__ in tables.TIMESTEP_INDEXED else pos
         try:
             coeffs, info = tables.table_for(s, start=start, **opts)

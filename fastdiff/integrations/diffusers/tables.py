@@ -71,7 +71,7 @@ class TableInfo:
 
     start: the index in ``scheduler.timesteps`` of the first call (call c is index start + c);
     timesteps: the timestep each call is given; slots: state slots used (K);
-    draws: whether call c draws noise (as diffusers' step does, even where its coefficient is
+    draws[c]: whether call c draws noise (as diffusers' step does, even where its coefficient is
     0, so a generator stream stays the same) and noise_dtype its dtype (None: the model
     output's); output_class / output_fields: the step's output, and x0_field the field the row's
     x0 is (pred_original_sample, LCM's denoised; None: the step returns prev_sample alone);
@@ -124,8 +124,9 @@ def _slot_paths(layout) -> dict:
 
 def _settings(cfg, keys=None) -> str:
     keys = keys or ("beta_schedule", "prediction_type", "timestep_spacing", "algorithm_type",
-                    "solver_order", "rescale_betas_zero_snr", "final_sigmas_type",
-                    "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+                    "solver_type", "solver_order", "variance_type", "rescale_betas_zero_snr",
+                    "final_sigmas_type", "use_karras_sigmas", "use_exponential_sigmas",
+                    "use_beta_sigmas")
     return ", ".join(f"{k}={cfg[k]!r}" for k in keys if k in cfg and cfg[k] is not None)
 
 
@@ -155,7 +156,8 @@ def refusal(scheduler, step_kwargs: dict | None = None) -> str | None:
 
 def table_for(scheduler, start: int | None = None, **step_kwargs):
     """(coeffs (calls, ROW_LEN) float32, TableInfo) of a scheduler on which ``set_timesteps``
-    (and ``set_begin_index``, if the loop starts later) was called and no step taken since.
+    (and ``set_begin_index``, if the loop starts later) was called: the calls from its current
+    state on (a table may start mid-run: the tensors it holds then are the first slots).
 
     step_kwargs: the options each ``step`` call gets (eta, s_churn, ...). start: the index in
     ``scheduler.timesteps`` of the first call (default: the scheduler's begin or step index, else
@@ -179,13 +181,22 @@ def table_for(scheduler, start: int | None = None, **step_kwargs):
     return _probe(scheduler, start, step_kwargs)
 
 
-def holds_state(scheduler) -> str | None:
-    """The first carried attribute of ``scheduler`` that holds a tensor (None: none does, so a
-    table can start here)."""
-    for n in LAYOUTS.get(type(scheduler).__name__, ()):
-        if _holds_tensor(scheduler.__dict__.get(n)):
-            return n
-    return None
+def carried(scheduler) -> tuple[str, ...]:
+    """The attributes that carry tensors between ``scheduler``'s calls from here on. PNDM after
+    its Runge-Kutta warm-up keeps the warm-up's last sample, never read again: not carried."""
+    name = type(scheduler).__name__
+    if (name == "PNDMScheduler" and not scheduler.config.skip_prk_steps
+            and scheduler.counter >= len(scheduler.prk_timesteps)):
+        return ("ets", "cur_model_output")
+    return LAYOUTS[name]
+
+
+def prk_warmup(scheduler) -> bool:
+    """Whether PNDM's next call is in its Runge-Kutta warm-up (skip_prk_steps=False), which
+    keeps five tensors between calls 9 and 10 (three past outputs, the step's first sample and
+    the running sum of its stages); a row has four slots."""
+    return (type(scheduler).__name__ == "PNDMScheduler" and not scheduler.config.skip_prk_steps
+            and scheduler.counter < len(scheduler.prk_timesteps))
 
 
 def _cpu_copy(scheduler):
@@ -235,8 +246,8 @@ def _patched_randn(module, noise, drawn):
 
 def _probe(scheduler, start: int, step_kwargs: dict):
     name = type(scheduler).__name__
-    carried = LAYOUTS[name]
     s = _cpu_copy(scheduler)
+    carried = globals()["carried"](s)
     calls = len(s.timesteps) - start
     if calls <= 0:
         raise ValueError(f"{name}: no steps from index {start} of {len(s.timesteps)}")
@@ -245,10 +256,10 @@ def _probe(scheduler, start: int, step_kwargs: dict):
             raise ValueError(f"{name}: the table's first call is index {start}, the scheduler "
                              f"is at {s._step_index}")
         s._step_index = start                 # as _init_step_index leaves it at the first call
-    held = holds_state(s)
-    if held:
-        raise ValueError(f"{name}: a table starts where the scheduler carries no tensors "
-                         f"({held} holds one: build it before the run's first step)")
+    if prk_warmup(s):
+        raise ValueError(f"{name}: skip_prk_steps=False (the Runge-Kutta warm-up, calls 0 to "
+                         f"{len(s.prk_timesteps) - 1}, keeps five tensors between calls; a row "
+                         f"has {S.SLOTS} slots): its table starts after the warm-up")
     module = sys.modules[type(s).__module__]
     basis = np.zeros((_BATCH, S.NUM_V))
     basis[:S.NUM_V] = np.eye(S.NUM_V)
@@ -258,7 +269,7 @@ def _probe(scheduler, start: int, step_kwargs: dict):
     def column(k):
         return basis_t[:, k].reshape(_SHAPE).clone()
 
-    layout = {n: ("value", copy.deepcopy(s.__dict__.get(n))) for n in carried}
+    layout = _held(s, carried)
     if "is_scale_input_called" in s.__dict__:
         s.is_scale_input_called = True            # the copy's warning is not the pipeline's
     initial = copy.deepcopy(layout)
@@ -276,9 +287,10 @@ def _probe(scheduler, start: int, step_kwargs: dict):
             try:
                 out = type(s).step(s, column(S.V_M), t, column(S.V_X), return_dict=True,
                                    **step_kwargs)
-            except (ValueError, NotImplementedError, TypeError, IndexError) as err:
+            except Exception as err:                    # noqa: BLE001 - diffusers' own failure
+                name_err = f"{type(err).__name__}: {err}"
                 raise ValueError(f"{name}'s own step fails at call {c} ({_settings(s.config)}):"
-                                 f" {err}") from None
+                                 f" {name_err}") from None
         if len(drawn) > 1:
             raise ValueError(f"{name}: call {c} draws noise {len(drawn)} times; a row has one")
         draws.append(bool(drawn))
@@ -331,6 +343,32 @@ def _probe(scheduler, start: int, step_kwargs: dict):
                      next(iter(noise_dtypes)) if noise_dtypes else None, out_class, fields,
                      x0_field, initial, layouts, afters, expects)
     return torch.tensor(coeffs, dtype=torch.float32), info
+
+
+def _held(s, carried) -> dict:
+    """The layout of what ``s`` carries now: a table may start mid-run (after calls diffusers'
+    own step made), its held tensors in the first slots (the adapter copies them in)."""
+    layout, j = {}, 0
+    for n in carried:
+        v = s.__dict__.get(n)
+        if torch.is_tensor(v):
+            layout[n], j = ("slot", j), j + 1
+        elif isinstance(v, (list, tuple)) and any(map(torch.is_tensor, v)):
+            slots = []
+            for e in v:
+                if e is None:
+                    slots.append(None)
+                elif torch.is_tensor(e):
+                    slots.append(j)
+                    j += 1
+                else:
+                    raise ValueError(f"{type(s).__name__}.{n} holds {type(e).__name__}")
+            layout[n] = ("list", tuple(slots))
+        else:
+            layout[n] = ("value", copy.deepcopy(v))
+    if j > S.SLOTS:
+        raise ValueError(f"{type(s).__name__} holds {j} tensors; a row has {S.SLOTS} slots")
+    return layout
 
 
 def _holds_batch_tensor(v) -> bool:
