@@ -31,9 +31,10 @@ class _Unfused(Exception):
     """The call runs the scheduler's own step; ``reason`` is logged (None: silently, e.g. to
     let the scheduler raise its own error)."""
 
-    def __init__(self, reason: str | None = None):
+    def __init__(self, reason: str | None = None, warn: bool = False):
         super().__init__(reason)
         self.reason = reason
+        self.warn = warn                 # a refused configuration (WARNING), not a call's detail
 
 
 class Family:
@@ -78,6 +79,14 @@ class Family:
     # reference.denoise_step_v2's signature runs it, finish() leaves the scheduler as its own
     # step would; RowStep drives the three.
     int_timesteps_error = False  # the step refuses integer timesteps (diffusers' Euler family)
+
+    def unsupported_rows(self, cfg) -> str | None:
+        """Why a scheduler with config ``cfg`` cannot run as version-2 rows (None: it can).
+        The version-1 families keep ``unsupported`` for FusedStep's 8-column rows; the
+        version-2 families' ``unsupported`` is this."""
+        return tables.config_refusal(self.scheduler_name, cfg)
+
+    scheduler_name = ""          # set in FAMILIES_V2
 
     def table_options(self, s, a: dict) -> dict:
         """The step arguments that shape the table (eta, churn, order, ...); raises _Unfused."""
@@ -262,7 +271,15 @@ FAMILIES: dict[str, Family] = {"DDPMScheduler": DDPM(), "DDIMScheduler": DDIM(),
 # Each runs its rows from tables.table_for; tables.LAYOUTS names what a family carries between
 # calls (the slots). Those without a docstring's worth of difference are plain step-indexed.
 
-class PNDM(Family):
+
+class _V2:
+    """Mixin of the families that exist only as version-2 rows: ``unsupported`` is theirs."""
+
+    def unsupported(self, cfg):
+        return self.unsupported_rows(cfg)
+
+
+class PNDM(_V2, Family):
     """PLMS: the row is the call counter; the past outputs (and the first step's sample) live in
     the slots. With skip_prk_steps=False the 12 warm-up calls run diffusers' step, the
     PLMS calls after them fused (a table starting mid-run)."""
@@ -279,49 +296,49 @@ class PNDM(Family):
         return c
 
 
-class EulerAncestralDiscrete(_StepIndexed):
+class EulerAncestralDiscrete(_V2, _StepIndexed):
     """Euler ancestral: noise every step, no state."""
     int_timesteps_error = True
 
 
-class EDMEuler(_StepIndexed):
+class EDMEuler(_V2, _StepIndexed):
     """EDM Euler, churn as step options; no state."""
     int_timesteps_error = True
 
 
-class LCM(_StepIndexed):
+class LCM(_V2, _StepIndexed):
     """LCM: boundary-condition scalings; noise at every call but the last; returns denoised."""
 
 
-class HeunDiscrete(_StepIndexed):
+class HeunDiscrete(_V2, _StepIndexed):
     """Two evaluations a step (one row each): the saved sample and derivative in two slots."""
 
 
-class KDPM2Discrete(_StepIndexed):
+class KDPM2Discrete(_V2, _StepIndexed):
     """Two evaluations a step: the saved sample in one slot."""
 
 
-class KDPM2AncestralDiscrete(_StepIndexed):
+class KDPM2AncestralDiscrete(_V2, _StepIndexed):
     """Two evaluations a step, noise at the second: the saved sample in one slot."""
 
 
-class UniPCMultistep(_StepIndexed):
+class UniPCMultistep(_V2, _StepIndexed):
     """UniPC predictor-corrector: the past data predictions (order) and the last sample."""
 
 
-class DPMSolverSinglestep(_StepIndexed):
+class DPMSolverSinglestep(_V2, _StepIndexed):
     """Singlestep DPM-Solver: the outputs of the current step's stages and its first sample."""
 
 
-class DEISMultistep(_StepIndexed):
+class DEISMultistep(_V2, _StepIndexed):
     """DEIS: the past outputs in a ring of slots."""
 
 
-class EDMDPMSolverMultistep(_StepIndexed):
+class EDMDPMSolverMultistep(_V2, _StepIndexed):
     """DPM-Solver(++) on EDM sigmas: the past data predictions in a ring of slots."""
 
 
-class LMSDiscrete(_StepIndexed):
+class LMSDiscrete(_V2, _StepIndexed):
     """Linear multistep: the past derivatives (up to ``order``) in a ring of slots."""
 
 
@@ -340,6 +357,8 @@ FAMILIES_V2: dict[str, Family] = {
     "EDMDPMSolverMultistepScheduler": EDMDPMSolverMultistep(),
     "LMSDiscreteScheduler": LMSDiscrete(),
 }
+for _name, _family in FAMILIES_V2.items():
+    _family.scheduler_name = _name
 
 
 def _timestep_index(ts, timestep, at: int | None = None) -> int | None:
@@ -440,21 +459,30 @@ class Rows:
         return buf
 
 
+def v2_executor():
+    """THE switch point of the version-2 rows: the function that runs one row (arguments and
+    results as reference.denoise_step_v2: returns (out, x0, new state)). The float64 reference
+    until torch.ops.fastdiff.denoise_step executes v2 rows; then this returns the op."""
+    return reference.denoise_step_v2
+
+
 class RowStep:
     """A scheduler's step as one version-2 row call: Family.plan, the executor, Family.finish.
 
     ``executor`` has reference.denoise_step_v2's signature and returns (out, x0, new state);
-    until ops.denoise_step reads version-2 rows the reference is the executor (tests), and
-    FusedStep takes this path over when it does. Calls a table cannot serve run the
-    scheduler's own step, the reason logged once."""
+    default: ``v2_executor()`` (the reference until the op reads version-2 rows; FusedStep
+    takes this path over when it does). Calls a table cannot serve run the scheduler's own
+    step, the reason logged once; a configuration the family refuses (``unsupported``) is
+    logged at WARNING once per scheduler."""
 
     def __init__(self, scheduler, executor=None):
         self.scheduler = scheduler
         self.name = type(scheduler).__name__
         self.family = FAMILIES_V2[self.name]
         self.rows = Rows(scheduler)
-        self.executor = executor or reference.denoise_step_v2
+        self.executor = executor or v2_executor()
         self._signature = inspect.signature(self.original)
+        self._warned: set = set()
 
     @property
     def original(self):
@@ -468,17 +496,44 @@ class RowStep:
         try:
             return self._run(model_output, timestep, sample, *args, **kwargs)
         except _Unfused as why:
-            if why.reason:
-                log_once(f"{self.name}.step: {why.reason}; diffusers' step used")
+            self._fallback(why)
             return self.original(model_output, timestep, sample, *args, **kwargs)
 
-    def _run(self, model_output, timestep, sample, *args, **kwargs):
+    def guided(self, model_outputs, guidance_scale: float, timestep, sample, *args, **kwargs):
+        """The step of the classifier-free guided output u + g (c - u), with
+        ``model_outputs`` = [u; c] (2B, ...) combined inside the row call (as the op does)."""
+        try:
+            return self._run(model_outputs, timestep, sample, *args, guidance=guidance_scale,
+                             **kwargs)
+        except _Unfused as why:
+            self._fallback(why)
+            u, c = model_outputs.chunk(2)
+            return self.original(u + guidance_scale * (c - u), timestep, sample, *args, **kwargs)
+
+    def _fallback(self, why) -> None:
+        if why.reason and why.warn:
+            if why.reason not in self._warned:
+                self._warned.add(why.reason)
+                logging.getLogger("fastdiff").warning("fastdiff: %s.step: %s; diffusers' step "
+                                                      "used (not fused)", self.name, why.reason)
+        elif why.reason:
+            log_once(f"{self.name}.step: {why.reason}; diffusers' step used")
+
+    def _run(self, model_output, timestep, sample, *args, guidance=None, **kwargs):
         s, fam = self.scheduler, self.family
+        pair = model_output
+        if guidance is not None:
+            if pair.shape[0] != 2 * sample.shape[0]:
+                raise _Unfused("guided model outputs not [uncond; cond] of the sample's batch")
+            model_output = pair[:sample.shape[0]]
         bound = self._signature.bind(model_output, timestep, sample, *args, **kwargs)
         bound.apply_defaults()
         a = bound.arguments
         if getattr(s, "timesteps", None) is None:
             raise _Unfused()                                   # diffusers' own error
+        why = fam.unsupported_rows(s.config)
+        if why:
+            raise _Unfused(f"{self.name} with {why} cannot be v2 rows", warn=True)
         if model_output.shape != sample.shape or model_output.dtype not in DTYPES:
             raise _Unfused("model output shaped or typed unlike the sample")
         if (model_output.requires_grad or sample.requires_grad) and torch.is_grad_enabled():
@@ -489,9 +544,10 @@ class RowStep:
         info = planned.info
         out_dtype = model_output.dtype
         prev, x0, state = self.executor(
-            model_output.contiguous(), sample.to(out_dtype).contiguous(), planned.coeffs,
-            planned.index, planned.noise, planned.state, 1.0, info.clip_sample,
-            info.clip_sample_range, guided=False)
+            pair.contiguous(), sample.to(out_dtype).contiguous(), planned.coeffs,
+            planned.index, planned.noise, planned.state,
+            1.0 if guidance is None else float(guidance), info.clip_sample,
+            info.clip_sample_range, guided=guidance is not None)
         fam.finish(self.rows, s, planned, state)
         return fam.output_v2(info, prev.to(out_dtype), x0.to(out_dtype), a["return_dict"])
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import sys
 from contextlib import contextmanager
 
@@ -30,7 +29,7 @@ import torch
 
 from fastdiff import schedules as S
 
-__all__ = ["LAYOUTS", "TableInfo", "refusal", "table_for"]
+__all__ = ["LAYOUTS", "TableInfo", "config_refusal", "refusal", "table_for"]
 
 # Which attributes of each family hold tensors between calls (everything else a step changes is
 # plain bookkeeping: counters, orders, step index, timesteps, Heun's dt).
@@ -132,9 +131,18 @@ def _settings(cfg, keys=None) -> str:
 
 def refusal(scheduler, step_kwargs: dict | None = None) -> str | None:
     """The setting (named) that makes ``scheduler``'s step not a row, or None."""
-    name = type(scheduler).__name__
-    cfg = scheduler.config
-    kw = step_kwargs or {}
+    why = config_refusal(type(scheduler).__name__, scheduler.config)
+    if why:
+        return why
+    for k, v in (step_kwargs or {}).items():
+        if torch.is_tensor(v) or not isinstance(v, (bool, int, float, str, type(None))):
+            return f"step argument {k} (a tensor or object, not a table option)"
+    return None
+
+
+def config_refusal(name: str, cfg) -> str | None:
+    """The configuration setting (named, with why) that makes scheduler ``name``'s step not a
+    row, or None."""
     if name not in LAYOUTS:
         return f"scheduler {name} (tables exist for {', '.join(LAYOUTS)})"
     if cfg.get("thresholding", False):
@@ -145,9 +153,6 @@ def refusal(scheduler, step_kwargs: dict | None = None) -> str | None:
         return f"variance_type={cfg.variance_type!r} (the variance comes from the model output)"
     if name == "UniPCMultistepScheduler" and cfg.get("solver_p") is not None:
         return "solver_p (another scheduler's step inside UniPC's)"
-    for k, v in kw.items():
-        if torch.is_tensor(v) or not isinstance(v, (bool, int, float, str, type(None))):
-            return f"step argument {k} (a tensor or object, not a table option)"
     return None
 
 
