@@ -40,12 +40,16 @@ def _err(a, b):
 
 
 def chain(cls, cfg, steps=10, step_kw=None, set_kw=None, guided=False, dtype=torch.float32,
-          rtol=RTOL, min_calls=10):
-    """Runs the rows and diffusers side by side; returns (calls, the rows' last sample)."""
+          rtol=RTOL, min_calls=10, begin=0, own_first=0):
+    """Runs the rows and diffusers side by side; returns the RowStep. begin: the loop starts at
+    that index (img2img: set_begin_index); own_first: the first calls of the rows' scheduler
+    run diffusers' step (the rows take over from the state it leaves)."""
     cls = getattr(diffusers, cls)
     a, b = cls.from_config(cfg), cls.from_config(cfg)       # as a pipeline loads it
     for s in (a, b):
         s.set_timesteps(steps, **(set_kw or {}))
+        if begin:
+            s.set_begin_index(begin)
     step = SC.RowStep(a)
     assert step.family.unsupported_rows(a.config) is None
     x0 = torch.randn(SHAPE, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
@@ -54,9 +58,13 @@ def chain(cls, cfg, steps=10, step_kw=None, set_kw=None, guided=False, dtype=tor
     kw = dict(step_kw or {})
     takes_gen = "generator" in cls.step.__code__.co_varnames
     calls = 0
-    for k, t in enumerate(b.timesteps):
+    for k, t in enumerate(b.timesteps[begin:]):
         ia, ib = a.scale_model_input(xa, t), b.scale_model_input(xb, t)
-        if guided:
+        if k < own_first:
+            oa = step.original(_model(ia, t, k, 1), t, xa, **kw,
+                               **({"generator": ga} if takes_gen else {}))
+            mb = _model(ib, t, k, 1)
+        elif guided:
             ua, ca = _model(ia, t, k, 1), _model(ia, t, k, 2)
             ub, cb = _model(ib, t, k, 1), _model(ib, t, k, 2)
             oa = step.guided(torch.cat([ua, ca]), 7.5, t, xa, **kw,
@@ -77,7 +85,7 @@ def chain(cls, cfg, steps=10, step_kw=None, set_kw=None, guided=False, dtype=tor
         calls += 1
     assert calls >= min_calls
     assert step.rows.start is not None                  # the rows ran (not diffusers' step)
-    return calls, xa
+    return step
 
 
 def _no_fallback(caplog):
@@ -221,3 +229,136 @@ def test_rows_match_diffusers(case, guided, caplog):
     caplog.set_level(logging.INFO, logger="fastdiff")
     chain(cls, cfg, steps, step_kw, set_kw, guided=guided, rtol=RTOLS.get(case, RTOL))
     _no_fallback(caplog)
+
+
+# ---------------------------------------------------------------- custom schedules, mid-run starts
+
+MORE = {
+    "euler-custom-sigmas": ("EulerDiscreteScheduler", dict(SD), None, None,
+                            dict(sigmas=[14.6, 9.0, 6.0, 4.0, 2.7, 1.8, 1.1, 0.7, 0.4, 0.2,
+                                         0.08, 0.03])),
+    "dpm-o2-custom-timesteps": ("DPMSolverMultistepScheduler", dict(SD), None, None,
+                                dict(timesteps=[999, 900, 800, 700, 600, 500, 400, 300, 200,
+                                                120, 60, 20])),
+    "heun-custom-timesteps": ("HeunDiscreteScheduler", dict(SD), None, None,
+                              dict(timesteps=[999, 800, 600, 400, 250, 100])),
+    # EDMEulerScheduler's sigmas are the ramp in [0, 1] its sigma_schedule maps
+    "edm-euler-custom-ramp": ("EDMEulerScheduler", dict(EDM), None, None,
+                              dict(sigmas=torch.tensor([0.0, 0.05, 0.15, 0.3, 0.45, 0.6, 0.72,
+                                                        0.82, 0.9, 0.96, 1.0]))),
+}
+
+
+@pytest.mark.parametrize("case", list(MORE))
+def test_custom_schedules(case, caplog):
+    cls, cfg, steps, step_kw, set_kw = MORE[case]
+    caplog.set_level(logging.INFO, logger="fastdiff")
+    chain(cls, cfg, steps, step_kw, set_kw)
+    _no_fallback(caplog)
+
+
+@pytest.mark.parametrize("case", ["dpm-o2-dpmsolver++", "unipc-o3-bh2", "heun", "pndm-sd15",
+                                  "euler-a"])
+def test_img2img_begin_index(case, caplog):
+    """A loop that starts later (img2img's strength): the table starts at the begin index."""
+    cls, cfg, steps, step_kw, set_kw = CASES[case]
+    caplog.set_level(logging.INFO, logger="fastdiff")
+    if cls == "PNDMScheduler":
+        pytest.skip("PNDMScheduler has no set_begin_index (its counter restarts at 0)")
+    begin = 4
+    step = chain(cls, cfg, 14, step_kw, set_kw, begin=begin)
+    assert step.rows.start == begin
+    _no_fallback(caplog)
+
+
+@pytest.mark.parametrize("case,own", [("dpm-o3-dpmsolver++", 2), ("unipc-o3-bh2", 3),
+                                      ("unipc-o2-bh1", 1), ("heun", 3), ("kdpm2-a", 1),
+                                      ("pndm-sd15", 2), ("dpm-single-o3-dpmsolver++", 4),
+                                      ("deis-o3", 2), ("lms", 3)])
+def test_rows_take_over_from_diffusers(case, own, caplog):
+    """The first calls run diffusers' own step; the rows start from the tensors it holds then
+    (they become the table's first slots)."""
+    cls, cfg, steps, step_kw, set_kw = CASES[case]
+    caplog.set_level(logging.INFO, logger="fastdiff")
+    step = chain(cls, cfg, steps, step_kw, set_kw, own_first=own)
+    assert step.rows.start == own
+    _no_fallback(caplog)
+
+
+def test_pndm_prk_warmup_then_rows(caplog):
+    """skip_prk_steps=False: the Runge-Kutta warm-up (12 calls, five tensors kept between some)
+    runs diffusers' step, said once; the PLMS calls after it run as rows."""
+    caplog.set_level(logging.INFO, logger="fastdiff")
+    step = chain("PNDMScheduler", dict(SD15_PNDM, skip_prk_steps=False), 10)
+    assert step.rows.start == 12
+    said = [r.getMessage() for r in caplog.records if "Runge-Kutta" in r.getMessage()]
+    assert len(said) == 1
+
+
+# ---------------------------------------------------------------- settings that are not rows
+
+REFUSED = {
+    "dpm-thresholding": ("DPMSolverMultistepScheduler", dict(SD, thresholding=True),
+                         "thresholding=True"),
+    "unipc-thresholding": ("UniPCMultistepScheduler", dict(SD, thresholding=True),
+                           "thresholding=True"),
+    "deis-thresholding": ("DEISMultistepScheduler", dict(SD, thresholding=True),
+                          "thresholding=True"),
+    "dpm-single-thresholding": ("DPMSolverSinglestepScheduler", dict(SD, thresholding=True),
+                                "thresholding=True"),
+    "edm-dpm-thresholding": ("EDMDPMSolverMultistepScheduler", dict(EDM, thresholding=True),
+                             "thresholding=True"),
+    "lcm-thresholding": ("LCMScheduler", dict(SD, thresholding=True), "thresholding=True"),
+    "ddpm-thresholding": ("DDPMScheduler", dict(SD, thresholding=True), "thresholding=True"),
+    "lcm-clip": ("LCMScheduler", dict(SD, clip_sample=True), "clip_sample=True"),
+    "heun-clip": ("HeunDiscreteScheduler", dict(SD, clip_sample=True), "clip_sample=True"),
+    "ddpm-learned-range": ("DDPMScheduler", dict(SD, variance_type="learned_range"),
+                           "variance_type='learned_range'"),
+    "unipc-solver-p": ("UniPCMultistepScheduler", dict(SD), "solver_p"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_refused_settings_warn_and_run_diffusers(case, caplog):
+    """The family names the setting (unsupported / unsupported_rows); the step logs it once at
+    WARNING and runs diffusers' own step, so the results are diffusers' exactly."""
+    name, cfg, why = REFUSED[case]
+    cls = getattr(diffusers, name)
+    if case == "unipc-solver-p":
+        a, b = (cls(**cfg, solver_p=diffusers.DPMSolverSinglestepScheduler(**SD))
+                for _ in range(2))
+    else:
+        a, b = cls.from_config(cfg), cls.from_config(cfg)
+    fam = SC.FAMILIES_V2[name]
+    reason = fam.unsupported_rows(a.config)
+    assert reason and why in reason
+    if name not in SC.FAMILIES:                       # a v2-only family: unsupported is the same
+        assert fam.unsupported(a.config) == reason
+    for s in (a, b):
+        s.set_timesteps(10)
+        if case == "unipc-solver-p":
+            s.solver_p.set_timesteps(10)
+    step = SC.RowStep(a)
+    caplog.set_level(logging.INFO, logger="fastdiff")
+    chans = 8 if "learned" in case else 4
+    xa = xb = torch.randn(SHAPE, generator=torch.Generator().manual_seed(7)) * float(
+        b.init_noise_sigma)
+    takes_gen = "generator" in cls.step.__code__.co_varnames
+    ga, gb = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    for k, t in enumerate(b.timesteps):
+        m = torch.randn((1, chans, 8, 8), generator=torch.Generator().manual_seed(k))
+        oa = step(m, t, a.scale_model_input(xa, t), **({"generator": ga} if takes_gen else {}))
+        ob = b.step(m, t, b.scale_model_input(xb, t), **({"generator": gb} if takes_gen else {}))
+        assert torch.equal(oa.prev_sample, ob.prev_sample)
+        xa, xb = oa.prev_sample, ob.prev_sample
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING and why in r.getMessage()]
+    assert len(warned) == 1, [r.getMessage() for r in caplog.records]
+    assert step.rows.start is None                   # no table was built
+
+
+def test_tables_refuse_by_name():
+    """table_for names the setting too (for callers that build tables themselves)."""
+    s = diffusers.DPMSolverMultistepScheduler.from_config(dict(SD, thresholding=True))
+    s.set_timesteps(10)
+    with pytest.raises(ValueError, match="thresholding=True"):
+        tables.table_for(s)
