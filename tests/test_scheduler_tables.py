@@ -362,3 +362,13 @@ def test_tables_refuse_by_name():
     s.set_timesteps(10)
     with pytest.raises(ValueError, match="thresholding=True"):
         tables.table_for(s)
+
+
+@pytest.mark.parametrize("case", ["pndm-sd15", "euler-a", "euler-karras-churn", "edm-euler",
+                                  "dpm-o2-sde-dpmsolver++", "heun", "unipc-o2-bh2", "lcm",
+                                  "ddim-eta"])
+def test_half_outputs_keep_diffusers_dtypes(case):
+    """float16 model outputs: the outputs come back in the dtypes diffusers' step returns (the
+    Euler family's x0 stays float32, its upcast) and agree to half precision."""
+    cls, cfg, steps, step_kw, set_kw = CASES[case]
+    chain(cls, cfg, steps, step_kw, set_kw, dtype=torch.float16, rtol=1e-2)

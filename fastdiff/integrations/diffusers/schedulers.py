@@ -549,7 +549,9 @@ class RowStep:
             1.0 if guidance is None else float(guidance), info.clip_sample,
             info.clip_sample_range, guided=guidance is not None)
         fam.finish(self.rows, s, planned, state)
-        return fam.output_v2(info, prev.to(out_dtype), x0.to(out_dtype), a["return_dict"])
+        dp, dx = (out_dtype if d is None else torch.promote_types(d, out_dtype)
+                  for d in info.out_dtypes)
+        return fam.output_v2(info, prev.to(dp), x0.to(dx), a["return_dict"])
 
 
 class FusedStep:

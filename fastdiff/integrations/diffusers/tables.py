@@ -80,6 +80,8 @@ class TableInfo:
     set both and the scheduler is as its own step leaves it. expects[c]: the scheduler's integer
     bookkeeping before call c (step index, counters, orders), which an adapter checks before
     it trusts the table's slots. clip_sample(_range): the row's x0 clip (DDPM/DDIM only).
+    out_dtypes: the dtypes the step promotes the model output's with for prev_sample and x0
+    (None: the model output's own).
     """
 
     scheduler: str
@@ -98,6 +100,7 @@ class TableInfo:
     clip_sample: bool = False
     clip_sample_range: float = 1.0
     source: str = "probe"
+    out_dtypes: tuple = (None, None)     # prev_sample's and x0's (None: the model output's)
 
     @property
     def calls(self) -> int:
@@ -278,6 +281,7 @@ def _probe(scheduler, start: int, step_kwargs: dict):
     if "is_scale_input_called" in s.__dict__:
         s.is_scale_input_called = True            # the copy's warning is not the pipeline's
     initial = copy.deepcopy(layout)
+    dtypes = _output_dtypes(s, layout, column, module, s.timesteps[start], step_kwargs)
     rows, draws, layouts, afters, timesteps, expects = [], [], [], [], [], []
     noise_dtypes, out_class, fields, x0_field, used = set(), None, None, None, 0
     for c in range(calls):
@@ -346,8 +350,25 @@ def _probe(scheduler, start: int, step_kwargs: dict):
                          f"degenerate schedule with {_settings(s.config)}")
     info = TableInfo(name, start, timesteps, used, draws,
                      next(iter(noise_dtypes)) if noise_dtypes else None, out_class, fields,
-                     x0_field, initial, layouts, afters, expects)
+                     x0_field, initial, layouts, afters, expects, out_dtypes=dtypes)
     return torch.tensor(coeffs, dtype=torch.float32), info
+
+
+def _output_dtypes(s, layout, column, module, t, step_kwargs) -> tuple:
+    """The dtypes the step returns prev_sample and its x0 in, read from one float16 call on a
+    copy: None where it is the inputs' dtype, else the dtype the step promotes the inputs with
+    (Euler's x0 is computed from its float32 upcast of the sample: float32 for half inputs)."""
+    d = copy.deepcopy(s)
+    _install(d, layout, lambda k: column(k).half())
+    try:
+        with _patched_randn(module, column(S.V_N).half(), []):
+            out = type(d).step(d, column(S.V_M).half(), t, column(S.V_X).half(),
+                               return_dict=True, **step_kwargs)
+    except Exception:                                   # noqa: BLE001 - e.g. a half solve
+        return (None, None)
+    x0 = next((getattr(out, f) for f in ("pred_original_sample", "denoised")
+               if torch.is_tensor(getattr(out, f, None))), out.prev_sample)
+    return tuple(None if v.dtype == torch.float16 else v.dtype for v in (out.prev_sample, x0))
 
 
 def _held(s, carried) -> dict:
