@@ -285,12 +285,22 @@ def test_rows_take_over_from_diffusers(case, own, caplog):
     _no_fallback(caplog)
 
 
-def test_pndm_prk_warmup_then_rows(caplog):
-    """skip_prk_steps=False: the Runge-Kutta warm-up (12 calls, five tensors kept between some)
-    runs diffusers' step, said once; the PLMS calls after it run as rows."""
+def test_pndm_prk_warmup_then_rows(caplog, monkeypatch):
+    """skip_prk_steps=False: the warm-up's first two Runge-Kutta steps (calls 0-7) are rows;
+    its last (calls 8-11, five tensors live between calls) runs diffusers' step, said once;
+    the PLMS calls after it are rows again."""
     caplog.set_level(logging.INFO, logger="fastdiff")
+    ran = []
+    own = SC.reference.denoise_step_v2
+
+    def counting(*args, **kwargs):
+        ran.append(int(args[3]))
+        return own(*args, **kwargs)
+
+    monkeypatch.setattr(SC, "v2_executor", lambda: counting)
     step = chain("PNDMScheduler", dict(SD15_PNDM, skip_prk_steps=False), 10)
     assert step.rows.start == 12
+    assert ran == list(range(8)) + list(range(len(step.scheduler.timesteps) - 12))
     said = [r.getMessage() for r in caplog.records if "Runge-Kutta" in r.getMessage()]
     assert len(said) == 1
 

@@ -281,14 +281,16 @@ class _V2:
 
 class PNDM(_V2, Family):
     """PLMS: the row is the call counter; the past outputs (and the first step's sample) live in
-    the slots. With skip_prk_steps=False the 12 warm-up calls run diffusers' step, the
-    PLMS calls after them fused (a table starting mid-run)."""
+    the slots. With skip_prk_steps=False the warm-up's first two Runge-Kutta steps (calls 0 to
+    7) are rows too; its last one (calls 8 to 11, five tensors live) runs diffusers' step, the
+    PLMS calls after it rows again (a table starting mid-run)."""
 
     def position(self, rows, s, timestep):
         c = s.counter
         if tables.prk_warmup(s):
-            raise _Unfused("skip_prk_steps=False: the Runge-Kutta warm-up keeps five tensors "
-                           "between calls (a row has four slots); fused after it")
+            raise _Unfused("skip_prk_steps=False: the warm-up's last Runge-Kutta step (calls 8 "
+                           "to 11) keeps five tensors between calls (a row has four slots); "
+                           "fused before and after it")
         if c >= len(s.timesteps):
             return None
         if _timestep_index(s.timesteps, timestep, at=c) != c:
@@ -437,15 +439,8 @@ class Rows:
         own step ran in between) copies of its carried tensors."""
         if info.slots == 0:
             return None
-        dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
-        buf = self.state
-        if (buf is None or buf.shape != (info.slots, *like.shape) or buf.dtype != dtype
-                or buf.device != like.device):
-            buf = torch.zeros((info.slots, *like.shape), dtype=dtype, device=like.device)
-            self.views = {}
-        elif fresh:
-            buf.zero_()                        # no stale non-finite values under zero weights
         s = self.scheduler
+        sources = {}
         for j, path in info.slot_of(row).items():
             t = getattr(s, path[0], None)
             if len(path) == 2:
@@ -453,8 +448,21 @@ class Rows:
             if not torch.is_tensor(t) or t.shape != like.shape:
                 raise _Unfused(f"the scheduler's {'.'.join(map(str, path))} is not the tensor "
                                "its table reads")
-            if t is not self.views.get(j):
-                buf[j].copy_(t)
+            sources[j] = t
+        dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+        buf = self.state
+        if (fresh or buf is None or buf.shape != (info.slots, *like.shape) or buf.dtype != dtype
+                or buf.device != like.device):
+            # a new table (or layout): a new zeroed buffer (no stale non-finite values under
+            # zero weights); the scheduler's tensors may be views of the old one, still intact
+            buf = torch.zeros((info.slots, *like.shape), dtype=dtype, device=like.device)
+            self.views = {}
+        moved = {j: t for j, t in sources.items() if t is not self.views.get(j)}
+        ptr = buf.untyped_storage().data_ptr()
+        moved = {j: t.clone() if t.untyped_storage().data_ptr() == ptr else t
+                 for j, t in moved.items()}           # a view of another slot: read it first
+        for j, t in moved.items():
+            buf[j].copy_(t)
         self.state = buf
         return buf
 

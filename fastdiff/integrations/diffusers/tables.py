@@ -200,11 +200,15 @@ def carried(scheduler) -> tuple[str, ...]:
 
 
 def prk_warmup(scheduler) -> bool:
-    """Whether PNDM's next call is in its Runge-Kutta warm-up (skip_prk_steps=False), which
-    keeps five tensors between calls 9 and 10 (three past outputs, the step's first sample and
-    the running sum of its stages); a row has four slots."""
-    return (type(scheduler).__name__ == "PNDMScheduler" and not scheduler.config.skip_prk_steps
-            and scheduler.counter < len(scheduler.prk_timesteps))
+    """Whether PNDM's next call is in the last Runge-Kutta step of its warm-up
+    (skip_prk_steps=False: calls 8 to 11), after whose first call five tensors are live (three
+    past outputs, the step's first sample and the running sum of its stages); a row has four
+    slots. The two RK steps before it (calls 0 to 7) keep four and are rows."""
+    if type(scheduler).__name__ != "PNDMScheduler" or scheduler.config.skip_prk_steps:
+        return False
+    prk = getattr(scheduler, "prk_timesteps", None)
+    n = 0 if prk is None else len(prk)
+    return n - 4 <= scheduler.counter < n
 
 
 def _cpu_copy(scheduler):
@@ -265,9 +269,10 @@ def _probe(scheduler, start: int, step_kwargs: dict):
                              f"is at {s._step_index}")
         s._step_index = start                 # as _init_step_index leaves it at the first call
     if prk_warmup(s):
-        raise ValueError(f"{name}: skip_prk_steps=False (the Runge-Kutta warm-up, calls 0 to "
-                         f"{len(s.prk_timesteps) - 1}, keeps five tensors between calls; a row "
-                         f"has {S.SLOTS} slots): its table starts after the warm-up")
+        n = len(s.prk_timesteps)
+        raise ValueError(f"{name}: skip_prk_steps=False (the warm-up's last Runge-Kutta step, "
+                         f"calls {n - 4} to {n - 1}, keeps five tensors between calls; a row "
+                         f"has {S.SLOTS} slots): a table starts after it")
     module = sys.modules[type(s).__module__]
     basis = np.zeros((_BATCH, S.NUM_V))
     basis[:S.NUM_V] = np.eye(S.NUM_V)
@@ -331,6 +336,8 @@ def _probe(scheduler, start: int, step_kwargs: dict):
         try:
             layout, writes = _allocate(layout, new)
         except _TooManySlots as err:
+            if name == "PNDMScheduler" and c > 0 and prk_warmup(s):
+                break              # the table ends before the RK step that keeps five tensors
             hint = (" (skip_prk_steps=False: the Runge-Kutta warm-up)"
                     if name == "PNDMScheduler" else "")
             raise ValueError(f"{where}: the step keeps {err.needed} tensors between calls"
