@@ -7,6 +7,7 @@ same model outputs (a function of each one's own sample, so errors propagate) an
 (the same generator seed). Guided cases pass [uncond; cond] to the row call, which combines
 them; diffusers gets u + g (c - u). Latents are 1x4x8x8.
 """
+import copy
 import logging
 
 import pytest
@@ -382,3 +383,27 @@ def test_half_outputs_keep_diffusers_dtypes(case):
     Euler family's x0 stays float32, its upcast) and agree to half precision."""
     cls, cfg, steps, step_kw, set_kw = CASES[case]
     chain(cls, cfg, steps, step_kw, set_kw, dtype=torch.float16, rtol=1e-2)
+
+
+def test_accelerate_installs_rows_once_the_op_runs_them(monkeypatch, caplog):
+    """With V2_OP set (the one switch, here to the reference), ``patch`` installs RowStep on a
+    family FusedStep cannot serve, and refuses a setting by name, which accelerate warns about;
+    unset, the version-1 behaviour stays (UniPC is not fused)."""
+    cfg = dict(SD, solver_order=3)
+    assert "not supported" in SC.patch(diffusers.UniPCMultistepScheduler.from_config(cfg))
+    monkeypatch.setattr(SC, "V2_OP", SC.reference.denoise_step_v2)
+    a, b = (diffusers.UniPCMultistepScheduler.from_config(cfg) for _ in range(2))
+    assert SC.patch(a) is None and isinstance(a.__dict__["step"], SC.RowStep)
+    for s in (a, b):
+        s.set_timesteps(10)
+    x = xb = torch.randn(SHAPE, generator=torch.Generator().manual_seed(7))
+    for k, t in enumerate(b.timesteps):
+        x = a.step(_model(x, t, k, 1), t, x).prev_sample
+        xb = b.step(_model(xb, t, k, 1), t, xb).prev_sample
+    assert _err(x, xb) <= RTOL
+    twin = copy.deepcopy(a)
+    assert isinstance(twin.__dict__["step"], SC.RowStep) and twin.step.scheduler is twin
+    SC.unpatch(a)
+    assert "step" not in a.__dict__
+    bad = diffusers.UniPCMultistepScheduler.from_config(dict(cfg, thresholding=True))
+    assert "thresholding=True" in SC.patch(bad) and "step" not in bad.__dict__

@@ -467,11 +467,17 @@ class Rows:
         return buf
 
 
+# THE switch point of the version-2 rows: the op that runs one row, with
+# reference.denoise_step_v2's arguments and results ((out, x0, new state)). None until
+# torch.ops.fastdiff.denoise_step executes v2 rows: RowStep then runs the float64 reference and
+# ``patch`` installs FusedStep (8-column rows) on the four version-1 families only. Set to the op,
+# RowStep runs it and ``patch`` installs RowStep on every family of FAMILIES_V2.
+V2_OP = None
+
+
 def v2_executor():
-    """THE switch point of the version-2 rows: the function that runs one row (arguments and
-    results as reference.denoise_step_v2: returns (out, x0, new state)). The float64 reference
-    until torch.ops.fastdiff.denoise_step executes v2 rows; then this returns the op."""
-    return reference.denoise_step_v2
+    """The function RowStep runs a row with: V2_OP, else the float64 reference."""
+    return V2_OP or reference.denoise_step_v2
 
 
 class RowStep:
@@ -499,6 +505,12 @@ class RowStep:
     @property
     def __signature__(self):
         return self._signature
+
+    def __getstate__(self):            # deep copies and pickles: the scheduler, no tables
+        return {"scheduler": self.scheduler, "executor": self.executor}
+
+    def __setstate__(self, state):
+        self.__init__(state["scheduler"], state["executor"])
 
     def __call__(self, model_output, timestep, sample, *args, **kwargs):
         try:
@@ -682,8 +694,18 @@ class FusedStep:
         return fam.output(s, prev, x0, a["return_dict"])
 
 
+def unsupported_rows(scheduler) -> str | None:
+    """Why ``scheduler``'s step cannot be version-2 rows (RowStep; None: it can)."""
+    name = type(scheduler).__name__
+    if name not in FAMILIES_V2:
+        return f"scheduler {name} not supported (fused: {', '.join(FAMILIES_V2)})"
+    reason = FAMILIES_V2[name].unsupported_rows(scheduler.config)
+    return f"{name} with {reason} cannot be fused" if reason else None
+
+
 def unsupported(scheduler) -> str | None:
-    """Why ``scheduler``'s step cannot be fused (None: it can)."""
+    """Why ``scheduler``'s step cannot be fused as FusedStep's 8-column rows (what the engine's
+    sample_pipeline runs too; None: it can)."""
     name = type(scheduler).__name__
     if name not in FAMILIES:
         return f"scheduler {name} not supported (fused: {', '.join(FAMILIES)})"
@@ -694,8 +716,13 @@ def unsupported(scheduler) -> str | None:
 def patch(scheduler) -> str | None:
     """Installs FusedStep as ``scheduler.step``; returns why not (the scheduler's own step is
     then used) or None."""
-    if isinstance(scheduler.__dict__.get("step"), FusedStep):
+    if isinstance(scheduler.__dict__.get("step"), (FusedStep, RowStep)):
         return None
+    if V2_OP is not None:
+        reason = unsupported_rows(scheduler)
+        if reason is None:
+            scheduler.step = RowStep(scheduler)
+        return reason
     reason = unsupported(scheduler)
     if reason is None:
         scheduler.step = FusedStep(scheduler)
@@ -703,5 +730,5 @@ def patch(scheduler) -> str | None:
 
 
 def unpatch(scheduler) -> None:
-    if isinstance(scheduler.__dict__.get("step"), FusedStep):
+    if isinstance(scheduler.__dict__.get("step"), (FusedStep, RowStep)):
         del scheduler.step
