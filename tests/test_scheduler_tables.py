@@ -41,10 +41,12 @@ def _err(a, b):
 
 
 def chain(cls, cfg, steps=10, step_kw=None, set_kw=None, guided=False, dtype=torch.float32,
-          rtol=RTOL, min_calls=10, begin=0, own_first=0):
+          rtol=RTOL, min_calls=10, begin=0, own_first=0, own=(), noise_kw=None):
     """Runs the rows and diffusers side by side; returns the RowStep. begin: the loop starts at
     that index (img2img: set_begin_index); own_first: the first calls of the rows' scheduler
-    run diffusers' step (the rows take over from the state it leaves)."""
+    run diffusers' step (the rows take over from the state it leaves); own: calls that do too,
+    between rows. noise_kw: the step's noise as a tensor argument (e.g. "variance_noise"), the
+    same drawn for both, instead of a generator."""
     cls = getattr(diffusers, cls)
     a, b = cls.from_config(cfg), cls.from_config(cfg)       # as a pipeline loads it
     for s in (a, b):
@@ -61,7 +63,10 @@ def chain(cls, cfg, steps=10, step_kw=None, set_kw=None, guided=False, dtype=tor
     calls = 0
     for k, t in enumerate(b.timesteps[begin:]):
         ia, ib = a.scale_model_input(xa, t), b.scale_model_input(xb, t)
-        if k < own_first:
+        if noise_kw:
+            kw[noise_kw] = torch.randn(SHAPE, generator=torch.Generator().manual_seed(99 + k))
+            takes_gen = False
+        if k < own_first or k in own:
             oa = step.original(_model(ia, t, k, 1), t, xa, **kw,
                                **({"generator": ga} if takes_gen else {}))
             mb = _model(ib, t, k, 1)
@@ -127,6 +132,10 @@ CASES = {
     "ddpm-v-zsnr-trailing": ("DDPMScheduler", dict(SD, prediction_type="v_prediction",
                                                    rescale_betas_zero_snr=True,
                                                    timestep_spacing="trailing"), 10, None, None),
+    "ddim-v-zsnr-trailing": ("DDIMScheduler", dict(SD, prediction_type="v_prediction",
+                                                   rescale_betas_zero_snr=True,
+                                                   timestep_spacing="trailing",
+                                                   set_alpha_to_one=False), 10, None, None),
     "ddim-eta": ("DDIMScheduler", dict(SD, set_alpha_to_one=False, steps_offset=1), 10,
                  dict(eta=0.7), None),
     "ddim-clip": ("DDIMScheduler", dict(SD, clip_sample=True, clip_sample_range=1.0), 10,
@@ -209,6 +218,17 @@ CASES.update({
                                                rescale_betas_zero_snr=True,
                                                prediction_type="v_prediction",
                                                final_sigmas_type="sigma_min"), 10, None, None),
+    "dpm-o2-beta-sigmas": ("DPMSolverMultistepScheduler", dict(SD, use_beta_sigmas=True), 10,
+                           None, None),
+    "dpm-o2-sample": ("DPMSolverMultistepScheduler", dict(SD, prediction_type="sample"), 10,
+                      None, None),
+    "unipc-o2-sample-exponential": ("UniPCMultistepScheduler",
+                                    dict(SD, prediction_type="sample",
+                                         use_exponential_sigmas=True), 10, None, None),
+    "kdpm2-beta-sigmas": ("KDPM2DiscreteScheduler", dict(SD, use_beta_sigmas=True), 6, None,
+                          None),
+    "lcm-v-trailing": ("LCMScheduler", dict(SD, prediction_type="v_prediction",
+                                            timestep_spacing="trailing"), 10, None, None),
     "deis-o2-karras": ("DEISMultistepScheduler", dict(SD, use_karras_sigmas=True), 10, None,
                        None),
     "dpm-single-o2-karras-v": ("DPMSolverSinglestepScheduler",
@@ -283,6 +303,26 @@ def test_rows_take_over_from_diffusers(case, own, caplog):
     caplog.set_level(logging.INFO, logger="fastdiff")
     step = chain(cls, cfg, steps, step_kw, set_kw, own_first=own)
     assert step.rows.start == own
+    _no_fallback(caplog)
+
+
+@pytest.mark.parametrize("case", ["dpm-o3-dpmsolver++", "unipc-o3-bh2", "heun", "kdpm2-a",
+                                  "pndm-sd15", "dpm-single-o3-dpmsolver++", "lms"])
+def test_rows_diffusers_rows(case, caplog):
+    """Rows, then diffusers' own step for two calls (the scheduler's tensors then views of the
+    rows' state buffer, and new ones), then rows again: the same table, its slots refilled."""
+    cls, cfg, steps, step_kw, set_kw = CASES[case]
+    caplog.set_level(logging.INFO, logger="fastdiff")
+    chain(cls, cfg, steps, step_kw, set_kw, own=(3, 4))
+    _no_fallback(caplog)
+
+
+@pytest.mark.parametrize("case", ["ddim-eta", "dpm-o2-sde-dpmsolver++", "dpm-o3-sde-dpmsolver++"])
+def test_variance_noise_argument(case, caplog):
+    """The noise given as the step's variance_noise (no generator) is the row's noise."""
+    cls, cfg, steps, step_kw, set_kw = CASES[case]
+    caplog.set_level(logging.INFO, logger="fastdiff")
+    chain(cls, cfg, steps, step_kw, set_kw, noise_kw="variance_noise")
     _no_fallback(caplog)
 
 
