@@ -19,6 +19,11 @@ import diffusers  # noqa: E402
 from fastdiff.integrations.diffusers import schedulers as SC  # noqa: E402
 from fastdiff.integrations.diffusers import tables  # noqa: E402
 
+# diffusers' own warnings, not ours: KDPM2's np.log of a tensor (numpy 2), the deprecated
+# algorithm types dpmsolver / sde-dpmsolver (tested while diffusers has them)
+pytestmark = [pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context"),
+              pytest.mark.filterwarnings("ignore:`algorithm_types dpmsolver:FutureWarning")]
+
 SHAPE = (1, 4, 8, 8)
 RTOL = 1e-5
 SD = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
