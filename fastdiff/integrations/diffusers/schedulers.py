@@ -9,6 +9,13 @@ scheduler's state. Adding a scheduler is adding an adapter whose table
 ``schedules.table_from_scheduler`` can build. Calls the fused path cannot serve (thresholding,
 learned variance, solver order 3, a timestep not in the schedule) run the scheduler's own step,
 and the reason is logged once.
+
+Version 2 (issue 14): ``RowStep`` runs every family of ``FAMILIES_V2`` (PNDM, Euler ancestral,
+Heun, KDPM2 (ancestral), UniPC, LCM, DPM-Solver multistep / singlestep, DEIS, EDM, LMS and the
+four above) as one version-2 row per model evaluation, the table read from the scheduler
+itself (``tables.table_for``). ``V2_OP`` is the one switch: None (now) runs the rows with the
+float64 reference and leaves ``patch`` installing FusedStep; the op, once it executes v2 rows,
+runs them and makes ``patch`` install RowStep.
 """
 from __future__ import annotations
 

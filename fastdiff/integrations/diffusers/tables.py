@@ -223,10 +223,6 @@ def _cpu_copy(scheduler):
     return s
 
 
-def _holds_tensor(v) -> bool:
-    return torch.is_tensor(v) or (isinstance(v, (list, tuple)) and any(map(torch.is_tensor, v)))
-
-
 def _fingerprint(v):
     if isinstance(v, (list, tuple)):
         return (type(v), id(v), tuple(_fingerprint(e) for e in v))
