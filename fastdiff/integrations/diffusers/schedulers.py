@@ -9,18 +9,28 @@ scheduler's state. Adding a scheduler is adding an adapter whose table
 ``schedules.table_from_scheduler`` can build. Calls the fused path cannot serve (thresholding,
 learned variance, solver order 3, a timestep not in the schedule) run the scheduler's own step,
 and the reason is logged once.
+
+Version 2 (issue 14): ``RowStep`` runs every family of ``FAMILIES_V2`` (PNDM, Euler ancestral,
+Heun, KDPM2 (ancestral), UniPC, LCM, DPM-Solver multistep / singlestep, DEIS, EDM, LMS and the
+four above) as one version-2 row per model evaluation, the table read from the scheduler
+itself (``tables.table_for``). ``V2_OP`` is the one switch: None (now) runs the rows with the
+float64 reference and leaves ``patch`` installing FusedStep; the op, once it executes v2 rows,
+runs them and makes ``patch`` install RowStep.
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 import sys
+from typing import NamedTuple
 
 import torch
 
-from fastdiff import ops, schedules
+from fastdiff import ops, reference, schedules
 from fastdiff.ops import log_once
 
+from . import tables
 from .blocks import DTYPES
 
 
@@ -28,9 +38,10 @@ class _Unfused(Exception):
     """The call runs the scheduler's own step; ``reason`` is logged (None: silently, e.g. to
     let the scheduler raise its own error)."""
 
-    def __init__(self, reason: str | None = None):
+    def __init__(self, reason: str | None = None, warn: bool = False):
         super().__init__(reason)
         self.reason = reason
+        self.warn = warn                 # a refused configuration (WARNING), not a call's detail
 
 
 class Family:
@@ -70,6 +81,89 @@ class Family:
         cls = getattr(sys.modules[type(s).__module__], self.output_class)
         return cls(prev_sample=prev, pred_original_sample=x0)
 
+    # -- version-2 rows (issue 14): the table is read from the scheduler (tables.table_for).
+    # plan() says what a call is (row, noise, state slots), an executor with
+    # reference.denoise_step_v2's signature runs it, finish() leaves the scheduler as its own
+    # step would; RowStep drives the three.
+    int_timesteps_error = False  # the step refuses integer timesteps (diffusers' Euler family)
+
+    def unsupported_rows(self, cfg) -> str | None:
+        """Why a scheduler with config ``cfg`` cannot run as version-2 rows (None: it can).
+        The version-1 families keep ``unsupported`` for FusedStep's 8-column rows; the
+        version-2 families' ``unsupported`` is this."""
+        return tables.config_refusal(self.scheduler_name, cfg)
+
+    scheduler_name = ""          # set in FAMILIES_V2
+
+    def table_options(self, s, a: dict) -> dict:
+        """The step arguments that shape the table (eta, churn, order, ...); raises _Unfused."""
+        return {k: v for k, v in a.items() if k not in tables.NON_OPTIONS}
+
+    def position(self, rows: "Rows", s, timestep) -> int | None:
+        """Index in scheduler.timesteps of this call. Default: the timestep's own index."""
+        return _timestep_index(s.timesteps, timestep)
+
+    def plan(self, rows: "Rows", s, a: dict, model_output, sample) -> "Planned":
+        """What this call is: its row, noise (drawn here, as the scheduler draws it) and the
+        state slots it reads, gathered from the scheduler's carried tensors. Raises _Unfused."""
+        if self.int_timesteps_error and isinstance(
+                a["timestep"], (int, torch.IntTensor, torch.LongTensor)):
+            raise _Unfused()                                   # diffusers' own error
+        opts = self.table_options(s, a)
+        why = tables.refusal(s, opts)
+        if why:
+            raise _Unfused(why)
+        if getattr(s, "is_scale_input_called", True) is False:
+            logging.getLogger("diffusers").warning(
+                "The `scale_model_input` function should be called before `step` to ensure "
+                "correct denoising. See `StableDiffusionPipeline` for a usage example.")
+        pos = self.position(rows, s, a["timestep"])
+        if pos is None:
+            raise _Unfused(f"timestep {a['timestep']} not in the schedule")
+        coeffs, info, dev, row = rows.table(pos, opts)
+        noise = None
+        if info.draws[row]:
+            noise = a.get("variance_noise")
+            if noise is None:
+                from diffusers.utils.torch_utils import randn_tensor
+
+                noise = randn_tensor(model_output.shape, generator=a.get("generator"),
+                                     device=model_output.device,
+                                     dtype=info.noise_dtype or model_output.dtype)
+            noise = noise.to(device=sample.device, dtype=sample.dtype).contiguous()
+        if sample.device not in dev:
+            dev[sample.device] = (coeffs.to(sample.device),
+                                  torch.arange(info.calls, device=sample.device))
+        dcoeffs, idx = dev[sample.device]
+        state = rows.gather(info, row, sample, fresh=row == 0)
+        return Planned(row, dcoeffs, idx[row], noise, state, info)
+
+    def finish(self, rows: "Rows", s, planned: "Planned", state) -> None:
+        """Leaves the scheduler as its own step would: carried attributes as views of the new
+        state slots, then the bookkeeping the call changed (step index, counters, orders)."""
+        info = planned.info
+        if state is not None:
+            state = state.to(planned.state.dtype)
+            rows.state = state
+            rows.views = {j: state[j] for j in range(state.shape[0])}
+        for name, (kind, v) in info.layouts[planned.row].items():
+            if kind == "slot":
+                setattr(s, name, rows.views[v])
+            elif kind == "list":
+                setattr(s, name, [None if j is None else rows.views[j] for j in v])
+            else:
+                setattr(s, name, copy.deepcopy(v))
+        for k, v in info.after[planned.row].items():
+            setattr(s, k, copy.deepcopy(v))
+
+    def output_v2(self, info, prev, x0, return_dict: bool):
+        values = {"prev_sample": prev}
+        if info.x0_field:
+            values[info.x0_field] = x0
+        if not return_dict:
+            return tuple(values.get(f) for f in info.output_fields)
+        return info.output_class(**values)
+
 
 class DDPM(Family):
     output_class = "DDPMSchedulerOutput"
@@ -86,6 +180,11 @@ class DDPM(Family):
 class DDIM(Family):
     output_class = "DDIMSchedulerOutput"
 
+    def table_options(self, s, a):
+        if a["variance_noise"] is not None and a["generator"] is not None:
+            raise _Unfused()                                   # diffusers' own error
+        return super().table_options(s, a)
+
     def options(self, s, a, timestep):
         if a["variance_noise"] is not None and a["generator"] is not None:
             raise _Unfused()                                   # diffusers' own error
@@ -100,6 +199,11 @@ class _StepIndexed(Family):
     """Schedulers that keep their own step index (DPM-Solver, Euler)."""
 
     def row(self, step, s, timestep, index_of):
+        if s.step_index is None:
+            s._init_step_index(timestep)
+        return s.step_index
+
+    def position(self, rows, s, timestep):
         if s.step_index is None:
             s._init_step_index(timestep)
         return s.step_index
@@ -145,6 +249,7 @@ class DPMSolverMultistep(_StepIndexed):
 
 class EulerDiscrete(_StepIndexed):
     output_class = "EulerDiscreteSchedulerOutput"
+    int_timesteps_error = True
 
     def options(self, s, a, timestep):
         if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
@@ -167,6 +272,313 @@ class EulerDiscrete(_StepIndexed):
 FAMILIES: dict[str, Family] = {"DDPMScheduler": DDPM(), "DDIMScheduler": DDIM(),
                                "DPMSolverMultistepScheduler": DPMSolverMultistep(),
                                "EulerDiscreteScheduler": EulerDiscrete()}
+
+
+# ---------------------------------------------------------------- version-2 families (issue 14)
+# Each runs its rows from tables.table_for; tables.LAYOUTS names what a family carries between
+# calls (the slots). Those without a docstring's worth of difference are plain step-indexed.
+
+
+class _V2:
+    """Mixin of the families that exist only as version-2 rows: ``unsupported`` is theirs."""
+
+    def unsupported(self, cfg):
+        return self.unsupported_rows(cfg)
+
+
+class PNDM(_V2, Family):
+    """PLMS: the row is the call counter; the past outputs (and the first step's sample) live in
+    the slots. With skip_prk_steps=False the warm-up's first two Runge-Kutta steps (calls 0 to
+    7) are rows too; its last one (calls 8 to 11, five tensors live) runs diffusers' step, the
+    PLMS calls after it rows again (a table starting mid-run)."""
+
+    def position(self, rows, s, timestep):
+        c = s.counter
+        if tables.prk_warmup(s):
+            raise _Unfused("skip_prk_steps=False: the warm-up's last Runge-Kutta step (calls 8 "
+                           "to 11) keeps five tensors between calls (a row has four slots); "
+                           "fused before and after it")
+        if c >= len(s.timesteps):
+            return None
+        if _timestep_index(s.timesteps, timestep, at=c) != c:
+            raise _Unfused(f"timestep {timestep} is not the schedule's call {c}")
+        return c
+
+
+class EulerAncestralDiscrete(_V2, _StepIndexed):
+    """Euler ancestral: noise every step, no state."""
+    int_timesteps_error = True
+
+
+class EDMEuler(_V2, _StepIndexed):
+    """EDM Euler, churn as step options; no state."""
+    int_timesteps_error = True
+
+
+class LCM(_V2, _StepIndexed):
+    """LCM: boundary-condition scalings; noise at every call but the last; returns denoised."""
+
+
+class HeunDiscrete(_V2, _StepIndexed):
+    """Two evaluations a step (one row each): the saved sample and derivative in two slots."""
+
+
+class KDPM2Discrete(_V2, _StepIndexed):
+    """Two evaluations a step: the saved sample in one slot."""
+
+
+class KDPM2AncestralDiscrete(_V2, _StepIndexed):
+    """Two evaluations a step, noise at the second: the saved sample in one slot."""
+
+
+class UniPCMultistep(_V2, _StepIndexed):
+    """UniPC predictor-corrector: the past data predictions (order) and the last sample."""
+
+
+class DPMSolverSinglestep(_V2, _StepIndexed):
+    """Singlestep DPM-Solver: the outputs of the current step's stages and its first sample."""
+
+
+class DEISMultistep(_V2, _StepIndexed):
+    """DEIS: the past outputs in a ring of slots."""
+
+
+class EDMDPMSolverMultistep(_V2, _StepIndexed):
+    """DPM-Solver(++) on EDM sigmas: the past data predictions in a ring of slots."""
+
+
+class LMSDiscrete(_V2, _StepIndexed):
+    """Linear multistep: the past derivatives (up to ``order``) in a ring of slots."""
+
+
+FAMILIES_V2: dict[str, Family] = {
+    **FAMILIES,
+    "PNDMScheduler": PNDM(),
+    "EulerAncestralDiscreteScheduler": EulerAncestralDiscrete(),
+    "EDMEulerScheduler": EDMEuler(),
+    "LCMScheduler": LCM(),
+    "HeunDiscreteScheduler": HeunDiscrete(),
+    "KDPM2DiscreteScheduler": KDPM2Discrete(),
+    "KDPM2AncestralDiscreteScheduler": KDPM2AncestralDiscrete(),
+    "UniPCMultistepScheduler": UniPCMultistep(),
+    "DPMSolverSinglestepScheduler": DPMSolverSinglestep(),
+    "DEISMultistepScheduler": DEISMultistep(),
+    "EDMDPMSolverMultistepScheduler": EDMDPMSolverMultistep(),
+    "LMSDiscreteScheduler": LMSDiscrete(),
+}
+for _name, _family in FAMILIES_V2.items():
+    _family.scheduler_name = _name
+
+
+def _timestep_index(ts, timestep, at: int | None = None) -> int | None:
+    """Index of ``timestep`` in the schedule ``ts``: a 0-d view into ``ts`` (what pipelines
+    pass) by its storage offset, without reading the device; else by value (the first match,
+    or ``at`` when that one matches)."""
+    if torch.is_tensor(timestep):
+        if (timestep.dim() == 0 and timestep.dtype == ts.dtype and ts.dim() == 1
+                and ts.stride(0) == 1 and timestep.device == ts.device
+                and timestep.untyped_storage().data_ptr() == ts.untyped_storage().data_ptr()):
+            i = timestep.storage_offset() - ts.storage_offset()
+            if 0 <= i < ts.shape[0]:
+                return i
+        timestep = timestep.item()
+    values = ts.tolist()
+    if at is not None and 0 <= at < len(values) and values[at] == timestep:
+        return at
+    return values.index(timestep) if timestep in values else None
+
+
+class Planned(NamedTuple):
+    """One version-2 call, as the executor takes it: the coefficient table on the sample's
+    device, the row (``index``: the same as a device tensor), the noise (None: none drawn), the
+    state slots (K, *sample.shape) it reads (None: K = 0) and the table's info."""
+    row: int
+    coeffs: torch.Tensor
+    index: torch.Tensor
+    noise: torch.Tensor | None
+    state: torch.Tensor | None
+    info: "tables.TableInfo"
+
+
+class Rows:
+    """Per scheduler: its version-2 tables (by schedule, start and step options) and the state
+    slots, whose views are the scheduler's carried attributes between calls."""
+
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+        self._cache: dict = {}
+        self.start: int | None = None
+        self.state: torch.Tensor | None = None
+        self.views: dict = {}
+
+    def table(self, pos: int, opts: dict):
+        """(coeffs, info, {device: (coeffs, row indices)}, row) for the call at index ``pos``:
+        the run's table when the scheduler's bookkeeping is what the table expects there, else
+        a new one from here (a run's first call, or the first after diffusers' own steps)."""
+        s = self.scheduler
+        key = (id(s.timesteps), len(s.timesteps), getattr(s, "num_inference_steps", None),
+               tuple(sorted(opts.items())))
+        for start in (self.start, pos):
+            if start is None:
+                continue
+            hit = self._cache.get(key + (start,))
+            if hit is None or hit[0] is not s.timesteps:
+                continue
+            info = hit[2]
+            row = pos - info.start
+            if 0 <= row < info.calls and all(
+                    s.__dict__.get(k) == v for k, v in info.expects[row].items()):
+                self.start = start
+                return (*hit[1:], row)
+        start = 0 if type(s).__name__ in tables.TIMESTEP_INDEXED else pos
+        try:
+            coeffs, info = tables.table_for(s, start=start, **opts)
+        except ValueError as err:
+            raise _Unfused(str(err)) from None
+        if len(self._cache) > 8:
+            self._cache.clear()
+        self._cache[key + (start,)] = hit = (s.timesteps, coeffs, info, {})
+        self.start = start
+        return (*hit[1:], pos - start)
+
+    def gather(self, info, row: int, like, fresh: bool):
+        """The state slots call ``row`` reads: the views finish() left, else (the scheduler's
+        own step ran in between) copies of its carried tensors."""
+        if info.slots == 0:
+            return None
+        s = self.scheduler
+        sources = {}
+        for j, path in info.slot_of(row).items():
+            t = getattr(s, path[0], None)
+            if len(path) == 2:
+                t = t[path[1]] if isinstance(t, (list, tuple)) and len(t) > path[1] else None
+            if not torch.is_tensor(t) or t.shape != like.shape:
+                raise _Unfused(f"the scheduler's {'.'.join(map(str, path))} is not the tensor "
+                               "its table reads")
+            sources[j] = t
+        dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+        buf = self.state
+        if (fresh or buf is None or buf.shape != (info.slots, *like.shape) or buf.dtype != dtype
+                or buf.device != like.device):
+            # a new table (or layout): a new zeroed buffer (no stale non-finite values under
+            # zero weights); the scheduler's tensors may be views of the old one, still intact
+            buf = torch.zeros((info.slots, *like.shape), dtype=dtype, device=like.device)
+            self.views = {}
+        moved = {j: t for j, t in sources.items() if t is not self.views.get(j)}
+        ptr = buf.untyped_storage().data_ptr()
+        moved = {j: t.clone() if t.untyped_storage().data_ptr() == ptr else t
+                 for j, t in moved.items()}           # a view of another slot: read it first
+        for j, t in moved.items():
+            buf[j].copy_(t)
+        self.state = buf
+        return buf
+
+
+# THE switch point of the version-2 rows: the op that runs one row, with
+# reference.denoise_step_v2's arguments and results ((out, x0, new state)). None until
+# torch.ops.fastdiff.denoise_step executes v2 rows: RowStep then runs the float64 reference and
+# ``patch`` installs FusedStep (8-column rows) on the four version-1 families only. Set to the op,
+# RowStep runs it and ``patch`` installs RowStep on every family of FAMILIES_V2.
+V2_OP = None
+
+
+def v2_executor():
+    """The function RowStep runs a row with: V2_OP, else the float64 reference."""
+    return V2_OP or reference.denoise_step_v2
+
+
+class RowStep:
+    """A scheduler's step as one version-2 row call: Family.plan, the executor, Family.finish.
+
+    ``executor`` has reference.denoise_step_v2's signature and returns (out, x0, new state);
+    default: ``v2_executor()`` (the reference until the op reads version-2 rows; FusedStep
+    takes this path over when it does). Calls a table cannot serve run the scheduler's own
+    step, the reason logged once; a configuration the family refuses (``unsupported``) is
+    logged at WARNING once per scheduler."""
+
+    def __init__(self, scheduler, executor=None):
+        self.scheduler = scheduler
+        self.name = type(scheduler).__name__
+        self.family = FAMILIES_V2[self.name]
+        self.rows = Rows(scheduler)
+        self.executor = executor or v2_executor()
+        self._signature = inspect.signature(self.original)
+        self._warned: set = set()
+
+    @property
+    def original(self):
+        return type(self.scheduler).step.__get__(self.scheduler)
+
+    @property
+    def __signature__(self):
+        return self._signature
+
+    def __getstate__(self):            # deep copies and pickles: the scheduler, no tables
+        return {"scheduler": self.scheduler, "executor": self.executor}
+
+    def __setstate__(self, state):
+        self.__init__(state["scheduler"], state["executor"])
+
+    def __call__(self, model_output, timestep, sample, *args, **kwargs):
+        try:
+            return self._run(model_output, timestep, sample, *args, **kwargs)
+        except _Unfused as why:
+            self._fallback(why)
+            return self.original(model_output, timestep, sample, *args, **kwargs)
+
+    def guided(self, model_outputs, guidance_scale: float, timestep, sample, *args, **kwargs):
+        """The step of the classifier-free guided output u + g (c - u), with
+        ``model_outputs`` = [u; c] (2B, ...) combined inside the row call (as the op does)."""
+        try:
+            return self._run(model_outputs, timestep, sample, *args, guidance=guidance_scale,
+                             **kwargs)
+        except _Unfused as why:
+            self._fallback(why)
+            u, c = model_outputs.chunk(2)
+            return self.original(u + guidance_scale * (c - u), timestep, sample, *args, **kwargs)
+
+    def _fallback(self, why) -> None:
+        if why.reason and why.warn:
+            if why.reason not in self._warned:
+                self._warned.add(why.reason)
+                logging.getLogger("fastdiff").warning("fastdiff: %s.step: %s; diffusers' step "
+                                                      "used (not fused)", self.name, why.reason)
+        elif why.reason:
+            log_once(f"{self.name}.step: {why.reason}; diffusers' step used")
+
+    def _run(self, model_output, timestep, sample, *args, guidance=None, **kwargs):
+        s, fam = self.scheduler, self.family
+        pair = model_output
+        if guidance is not None:
+            if pair.shape[0] != 2 * sample.shape[0]:
+                raise _Unfused("guided model outputs not [uncond; cond] of the sample's batch")
+            model_output = pair[:sample.shape[0]]
+        bound = self._signature.bind(model_output, timestep, sample, *args, **kwargs)
+        bound.apply_defaults()
+        a = bound.arguments
+        if getattr(s, "timesteps", None) is None:
+            raise _Unfused()                                   # diffusers' own error
+        why = fam.unsupported_rows(s.config)
+        if why:
+            raise _Unfused(f"{self.name} with {why} cannot be v2 rows", warn=True)
+        if model_output.shape != sample.shape or model_output.dtype not in DTYPES:
+            raise _Unfused("model output shaped or typed unlike the sample")
+        if (model_output.requires_grad or sample.requires_grad) and torch.is_grad_enabled():
+            raise _Unfused("autograd")
+        if model_output.device != sample.device:
+            raise _Unfused("model output and sample on different devices")
+        planned = fam.plan(self.rows, s, a, model_output, sample)
+        info = planned.info
+        out_dtype = model_output.dtype
+        prev, x0, state = self.executor(
+            pair.contiguous(), sample.to(out_dtype).contiguous(), planned.coeffs,
+            planned.index, planned.noise, planned.state,
+            1.0 if guidance is None else float(guidance), info.clip_sample,
+            info.clip_sample_range, guided=guidance is not None)
+        fam.finish(self.rows, s, planned, state)
+        dp, dx = (out_dtype if d is None else torch.promote_types(d, out_dtype)
+                  for d in info.out_dtypes)
+        return fam.output_v2(info, prev.to(dp), x0.to(dx), a["return_dict"])
 
 
 class FusedStep:
@@ -289,8 +701,18 @@ class FusedStep:
         return fam.output(s, prev, x0, a["return_dict"])
 
 
+def unsupported_rows(scheduler) -> str | None:
+    """Why ``scheduler``'s step cannot be version-2 rows (RowStep; None: it can)."""
+    name = type(scheduler).__name__
+    if name not in FAMILIES_V2:
+        return f"scheduler {name} not supported (fused: {', '.join(FAMILIES_V2)})"
+    reason = FAMILIES_V2[name].unsupported_rows(scheduler.config)
+    return f"{name} with {reason} cannot be fused" if reason else None
+
+
 def unsupported(scheduler) -> str | None:
-    """Why ``scheduler``'s step cannot be fused (None: it can)."""
+    """Why ``scheduler``'s step cannot be fused as FusedStep's 8-column rows (what the engine's
+    sample_pipeline runs too; None: it can)."""
     name = type(scheduler).__name__
     if name not in FAMILIES:
         return f"scheduler {name} not supported (fused: {', '.join(FAMILIES)})"
@@ -301,8 +723,13 @@ def unsupported(scheduler) -> str | None:
 def patch(scheduler) -> str | None:
     """Installs FusedStep as ``scheduler.step``; returns why not (the scheduler's own step is
     then used) or None."""
-    if isinstance(scheduler.__dict__.get("step"), FusedStep):
+    if isinstance(scheduler.__dict__.get("step"), (FusedStep, RowStep)):
         return None
+    if V2_OP is not None:
+        reason = unsupported_rows(scheduler)
+        if reason is None:
+            scheduler.step = RowStep(scheduler)
+        return reason
     reason = unsupported(scheduler)
     if reason is None:
         scheduler.step = FusedStep(scheduler)
@@ -310,5 +737,5 @@ def patch(scheduler) -> str | None:
 
 
 def unpatch(scheduler) -> None:
-    if isinstance(scheduler.__dict__.get("step"), FusedStep):
+    if isinstance(scheduler.__dict__.get("step"), (FusedStep, RowStep)):
         del scheduler.step
