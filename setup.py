@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 
+import torch
 from setuptools import setup
 from setuptools.command.build_py import build_py
 from torch.utils.cpp_extension import BuildExtension, CppExtension
@@ -100,7 +101,17 @@ class BuildPyWithCubins(build_py):
         print(r.stderr.strip(), flush=True)
 
 
+def torch_requirement() -> str:
+    """The torch the extension loads with: the minor version it is compiled against. Its C++
+    uses libtorch's unstable ABI (issue 17: the stable ABI would widen this), so a wheel built
+    against 2.13 fails to load on 2.11 or 2.15; the metadata states that instead of torch>=2.4."""
+    major, minor = (int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+    return f"torch>={major}.{minor},<{major}.{minor + 1}"
+
+
 setup(
+    install_requires=[torch_requirement(), "triton>=3.0; platform_system == 'Linux'", "numpy",
+                      "ninja", "safetensors", "tqdm"],
     packages=["fastdiff", "fastdiff.kernels", "fastdiff.integrations",
               "fastdiff.integrations.diffusers", "fastdiff.digits"],
     package_dir={"fastdiff": "fastdiff", "fastdiff.kernels": "kernels"},

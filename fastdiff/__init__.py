@@ -6,13 +6,27 @@ kernels; ``fastdiff.ops`` adds the Python-facing functions.
 """
 import torch  # noqa: F401  (loads libtorch before the extension)
 
+
+
+def _built_for() -> str:
+    """The torch requirement this install was built with (its metadata), or ''."""
+    try:
+        from importlib.metadata import requires
+        return next((r for r in requires("fastdiff") or () if r.startswith("torch")), "")
+    except Exception:  # noqa: BLE001 - no metadata (a source tree on sys.path)
+        return ""
+
+
 try:
     from fastdiff import _C  # noqa: F401
 except ImportError as err:  # pragma: no cover - exercised only on a broken install
+    built = _built_for()
     raise ImportError(
         "fastdiff's compiled extension fastdiff._C could not be loaded "
-        f"({err}). Build it against the installed torch from the source tree with\n"
-        "    pip install --no-build-isolation -e .\n"
+        f"({err}). It loads only with the torch it was built for"
+        f"{f' ({built})' if built else ''}; this is torch {torch.__version__}. Install a "
+        "fastdiff built for it, or build one against the installed torch from the source tree "
+        "with\n    pip install --no-build-isolation -e .\n"
         "(torch, ninja and a C++17 compiler are needed)."
     ) from err
 

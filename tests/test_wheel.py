@@ -19,6 +19,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHS = [80, 90]
@@ -85,6 +86,17 @@ def test_wheel_carries_cubins_for_every_requested_arch(wheel):
         assert any(n.endswith(f"-sm{arch}.cubin") for n in cubins), arch
     so = [n for n in names if n.startswith("fastdiff/_C") and n.endswith(".so")]
     assert len(so) == 1
+
+
+def test_wheel_metadata_states_the_torch_it_loads_with(wheel):
+    # The extension uses libtorch's unstable C++ ABI: it loads with the torch minor version it
+    # was built against, and Requires-Dist says exactly that (not torch>=2.4).
+    major, minor = (int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+    with zipfile.ZipFile(wheel) as z:
+        meta = next(z.read(n).decode() for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+    reqs = [line for line in meta.splitlines() if line.startswith("Requires-Dist: torch")]
+    assert reqs == [f"Requires-Dist: torch<{major}.{minor + 1},>={major}.{minor}"] or reqs == [
+        f"Requires-Dist: torch>={major}.{minor},<{major}.{minor + 1}"], reqs
 
 
 def test_wheel_imports_and_reports_what_it_carries(venv, tmp_path):
