@@ -91,7 +91,8 @@ void check_state(const DenoiseStep& a) {
   // The state is written in place: it must not share memory with what the step reads.
   const std::pair<const at::Tensor*, const char*> reads[] = {
       {&a.sample, "sample"}, {&a.model_output, "model_output"},
-      {a.noise ? &*a.noise : nullptr, "noise"}};
+      {a.noise ? &*a.noise : nullptr, "noise"}, {&a.coeffs, "coeffs"},
+      {&a.step_index, "step_index"}};
   for (auto [t, name] : reads) {
     if (t == nullptr) continue;
     FD_CHECK(at::get_overlap_status(state, *t) == at::MemOverlapStatus::No, op,
@@ -140,7 +141,6 @@ void check(const DenoiseStep& a) {
     FD_CHECK(e.is_contiguous(), op, "argument 'noise' must be contiguous, got strides ",
              e.strides());
   }
-  if (a.state) check_state(a);
   const at::Tensor &coeffs = a.coeffs, &step_index = a.step_index;
   check_same_device(op, sample, "sample", coeffs, "coeffs");
   FD_CHECK(coeffs.dim() == 2 && coeffs.size(1) == cfg::ROW_LEN && coeffs.size(0) >= 1, op,
@@ -159,6 +159,7 @@ void check(const DenoiseStep& a) {
     FD_CHECK(std::isfinite(a.clip_sample_range) && a.clip_sample_range > 0, op,
              "argument 'clip_sample_range' must be finite and positive, got ", a.clip_sample_range);
   }
+  if (a.state) check_state(a);  // last: its overlap check needs the other arguments valid
 }
 
 Out empty(const DenoiseStep& a) {
