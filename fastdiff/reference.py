@@ -48,11 +48,11 @@ def attention(q, k, v, attn_bias=None, scale=None):
     return p @ v
 
 
-def denoise_step(model_output, sample, coeffs, step_index, noise=None, state=None,
-                 guidance_scale=1.0, clip_sample=False, clip_sample_range=1.0, guided=None):
+def denoise_step_v2(model_output, sample, coeffs, step_index, noise=None, state=None,
+                    guidance_scale=1.0, clip_sample=False, clip_sample_range=1.0, guided=None):
     """The version-2 row of fastdiff.schedules (ROW_*) in float64: returns (out, x0c, new state);
     state is (K, *sample.shape) with K <= SLOTS (None: no slots), returned updated, not changed
-    in place."""
+    in place. (x0c is always returned: the op's write_x0 only decides whether it is stored.)"""
     c = coeffs.detach().to(torch.float64).cpu()[int(step_index.reshape(-1)[0])]
     m, x = _f64(model_output), _f64(sample)
     if guided is None:
@@ -76,3 +76,7 @@ def denoise_step(model_output, sample, coeffs, step_index, noise=None, state=Non
             r = c[S.ROW_S + j * (S.NUM_V + 1):S.ROW_S + (j + 1) * (S.NUM_V + 1)]
             new[j] = sum(r[i] * v[i] for i in range(S.NUM_V)) + r[S.NUM_V] * x0
     return out, x0, new
+
+
+# The reference of torch.ops.fastdiff.denoise_step, whose rows are version 2.
+denoise_step = denoise_step_v2

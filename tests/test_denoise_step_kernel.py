@@ -1,5 +1,5 @@
 """fastdiff::denoise_step on every backend against the float64 reference of the version-2 step
-row (fastdiff.schedules, "the step row, version 2"; fastdiff.reference.denoise_step): the
+row (fastdiff.schedules, "the step row, version 2"; fastdiff.reference.denoise_step_v2): the
 returned sample and x0, the state slots updated in place (exactly those the row writes), the
 device-side step index, torch.compile with the mutated state, and the Triton kernel's prebuilt
 builds.
@@ -21,7 +21,7 @@ from triton.runtime.jit import mangle_type
 from fastdiff import reference, schedules
 from fastdiff.kernels import denoise_step as kernel
 from fastdiff.kernels import launch
-from fastdiff.schedules import NUM_V, ROW_LEN, ROW_O, ROW_P, ROW_S, ROW_W, SLOTS, V_S
+from fastdiff.schedules import NUM_V, ROW_LEN, ROW_O, ROW_P, ROW_S, ROW_W, SLOTS
 
 DTYPES = [
     # (dtype, atol, rtol); rtol: one rounding of the output at its largest magnitude. With
@@ -103,7 +103,8 @@ def _torch_same_dtype(mo, x, coeffs, i, noise, state, s, clip, r):
     x0 = affine(ROW_P)
     if clip:
         x0 = x0.clamp(-r, r)
-    new = None if state is None else [affine(ROW_S + j * (NUM_V + 1), x0) for j in range(len(state))]
+    new = None if state is None else [affine(ROW_S + j * (NUM_V + 1), x0)
+                                      for j in range(len(state))]
     return affine(ROW_O, x0), x0, new
 
 
@@ -138,7 +139,7 @@ def _check_step(backend, args, tols, what=""):
     before = None if state is None else state.clone()
     with _poisoned():
         out, x0 = run_op(backend, "denoise_step", *args)
-    ref_out, ref_x0, ref_state = reference.denoise_step(mo, x, coeffs, idx, noise, before, s,
+    ref_out, ref_x0, ref_state = reference.denoise_step_v2(mo, x, coeffs, idx, noise, before, s,
                                                         clip, r, *args[10:])
     t_out, t_x0, t_state = _torch_same_dtype(mo, x, coeffs, i, noise, before, s, clip, r)
     atol, rtol = tols
@@ -295,7 +296,7 @@ def test_nan_in_model_output_propagates(backend, clip):
     mo, x, _, state = _inputs(g, torch.float32, (2, 3, 4), True, False, 1)
     mo[3, 1, 2] = float("nan")  # cond half, sample element (1, 1, 2)
     coeffs = _table(g, 1)
-    ref_out, ref_x0, ref_state = reference.denoise_step(mo, x, coeffs, torch.tensor(1), None,
+    ref_out, ref_x0, ref_state = reference.denoise_step_v2(mo, x, coeffs, torch.tensor(1), None,
                                                         state, 2.0, clip, 1.0)
     out, x0 = run_op(backend, "denoise_step", mo, x, coeffs, torch.tensor(1), None, state, 2.0,
                      clip, 1.0, True)
