@@ -203,6 +203,19 @@ def test_a_row_can_shift_a_history(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("k", [0, 2])
+def test_empty_sample(backend, k):
+    """No elements: nothing is launched, the outputs are empty and the (empty) state is
+    accepted with any number of slots."""
+    x = torch.randn(0, 3, 5)
+    state = torch.randn(k, 0, 3, 5) if k else None
+    out, x0 = run_op(backend, "denoise_step", x, x, _table(torch.Generator().manual_seed(2), k),
+                     torch.tensor(1), None, state, 1.0, False, 1.0, True)
+    assert out.shape == x0.shape == x.shape
+    assert state is None or state.shape == (k, 0, 3, 5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
 def test_step_index_is_read_from_the_tensor(backend, index_dtype):
     """The same call with the index tensor updated in place gives the other row's step, as a
