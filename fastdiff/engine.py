@@ -4,14 +4,14 @@ A step is: the model input ``x * scale[i]`` (Euler's input scaling, 1 elsewhere)
 the CFG batch ``[x_in; x_in]`` with the timestep ``timesteps[i]``, the noise draw, and one
 ``denoise_step`` call (guidance combine + solver update + noise; it updates the solver's state
 slots in place), then ``x`` and the step index are updated in place. The step index lives on
-the device and every per-step value is
-gathered from device tables with it, so the captured step is replayed S times with no host work
-and no host sync; the progress bar and per-step callbacks run on the host between replays.
+the device and every per-step value is gathered from device tables with it, so the captured step
+is replayed S times with no host work and no host sync; the progress bar and per-step callbacks
+run on the host between replays.
 
 Caching: one graph per signature (sample shape and dtype, conditioning shapes, guidance scale,
-solver flags, number of steps, whether the noise is seeded) in a ``capture.GraphCache``; a new
-resolution or batch size is a new capture. All graphs share one memory pool; ``close()`` frees
-it. Graphs read the model's parameters in place, so in-place
+solver flags and state slots, number of steps, whether the noise is seeded) in a
+``capture.GraphCache``; a new resolution or batch size is a new capture. All graphs share one
+memory pool; ``close()`` frees it. Graphs read the model's parameters in place, so in-place
 weight updates take effect; a parameter replaced by a new tensor triggers a new capture. Noise
 inside a graph comes from the default CUDA generator, or, when the caller passes a generator
 (CPU or CUDA), from the engine's own generator registered with the graphs and seeded from the
