@@ -154,7 +154,7 @@ def _vector_pointers(cfg):
 def prebuilt_configs():
     """Every configuration the launcher can choose: dtype x index dtype x the number of state
     slots, 0..SLOTS (guidance, noise, clipping and write_x0 are runtime values), each assuming
-    numel % 16 == 0 or not."""
+    numel % 16 == 0 or not; neither assumes the step index aligned (_vector_pointers)."""
     return [v for dt in _TL_DTYPES for it in _TL_INDEX for k in range(SLOTS + 1)
             for c in [_config(dt, k, it)] for v in (c, variant(c, _vector_pointers(c)))]
 
