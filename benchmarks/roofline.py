@@ -358,7 +358,7 @@ def engine_step(rec, unet, sched, latents, cond, guided):
             flat.update({f"{key}.{a}": b for a, b in v.items()})
         else:
             flat[key] = v
-    state = engine._Static(latents, table, flat, sched.timesteps.dtype, table.needs_prev_x0)
+    state = engine._Static(latents, table, flat, sched.timesteps.dtype)
 
     def step():
         with rec.at("engine"):

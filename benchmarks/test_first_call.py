@@ -15,7 +15,7 @@ import tempfile
 import pytest
 import torch
 
-from fastdiff import _C, ops, prebuilt
+from fastdiff import _C, ops, prebuilt, schedules
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -64,7 +64,8 @@ def _inputs(op):
         return ops.group_norm_silu, (r(2, 320, 64, 64), 32, r(320), r(320))
     if op == "attention":
         return ops.attention, (r(2, 8, 4096, 40), r(2, 8, 77, 40), r(2, 8, 77, 40))
-    coeffs = torch.randn(50, 8, device="cuda", generator=g)
+    coeffs = torch.randn(50, schedules.ROW_LEN, device="cuda", generator=g)
+    coeffs[:, schedules.absent_slot_columns(0)] = 0  # no state slots
     return ops.denoise_step, (r(2, 4, 64, 64), r(1, 4, 64, 64), coeffs,
                               torch.tensor(3, device="cuda"), r(1, 4, 64, 64), None, 7.5)
 
@@ -113,7 +114,8 @@ def test_time_to_first_image(benchmark, cold, path):
 def _small_step():
     g = torch.Generator(device="cuda").manual_seed(0)
     r = lambda *s: torch.randn(*s, device="cuda", generator=g, dtype=torch.float16)  # noqa: E731
-    coeffs = torch.randn(50, 8, device="cuda", generator=g)
+    coeffs = torch.randn(50, schedules.ROW_LEN, device="cuda", generator=g)
+    coeffs[:, schedules.absent_slot_columns(0)] = 0  # no state slots
     return (r(2, 4, 8, 8), r(1, 4, 8, 8), coeffs, torch.tensor(3, device="cuda"), r(1, 4, 8, 8),
             None, 7.5, False, 1.0, False)
 

@@ -8,14 +8,16 @@ side; the launch itself (cuLaunchKernel vs Triton's Python launcher) needs a GPU
 import pytest
 import torch
 
-from fastdiff import _C
+from fastdiff import _C, schedules
 from fastdiff.kernels import denoise_step, group_norm_silu
 
 
 def _step_args():
     g = torch.Generator().manual_seed(0)
+    coeffs = torch.randn(50, schedules.ROW_LEN, generator=g)
+    coeffs[:, schedules.absent_slot_columns(0)] = 0  # no state slots
     return (torch.randn(2, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g),
-            torch.randn(50, 8, generator=g), torch.tensor(3), torch.randn(1, 4, 8, 8, generator=g),
+            coeffs, torch.tensor(3), torch.randn(1, 4, 8, 8, generator=g),
             None, 7.5, False, 1.0, False)
 
 

@@ -1,31 +1,41 @@
 // fastdiff::denoise_step: classifier-free guidance, the solver update and the noise in one pass.
 // Schema in ops.cpp; Triton kernel and plan in kernels/denoise_step.py.
 //
-// The solver is not known here: it lives in the per-step coefficient table (float32, (S, 8);
-// columns as fastdiff/schedules.py's COEF_*), so one loop serves DDPM, DDIM, DPM-Solver++ and
-// Euler. With m the model output (guided: [uncond; cond], twice the sample's batch, combined as
-// u + s * (c - u)), x the sample and n the noise of this step:
-//   x_hat = x + H * n                          (Euler "churn"; 0 for other solvers)
-//   x0    = P_x * x_hat + P_m * m              (prediction type -> predicted x0)
-//   x0c   = clip(x0, -r, r) if clip_sample else x0
-//   out   = K_x * x_hat + K_0 * x0c + K_m * m + K_p * prev_x0 + K_n * n
-// Returns (out, x0c or an empty tensor). The row is read at step_index, a tensor: on the CPU an
-// index out of range raises; on the GPU, where checking it would need a sync, the kernel writes
-// NaN.
+// The solver is not known here: it lives in the per-step table of version-2 rows (float32,
+// (S, ROW_LEN); layout and meaning in fastdiff/schedules.py, "the step row, version 2"; float64
+// definition in fastdiff/reference.py), so one loop serves every solver. With m the model output
+// (guided: [uncond; cond], twice the sample's batch, combined as u + s * (c - u)), x the sample,
+// n the noise of this step and s_0..s_{K-1} the K slots of `state` (K, *sample.shape), inputs
+// v = (x, m, n, s_0, ..., s_{K-1}):
+//   x0  = clip(sum_k P_k v_k, -r, r) if clip_sample else sum_k P_k v_k
+//   out = sum_k O_k v_k + O_x0 * x0
+//   s_j <- sum_k S_jk v_k + S_j,x0 * x0   in place, for each slot j < K with W_j != 0
+// All slots are read before any is written (per element: each element is independent). Returns
+// (out, x0 or an empty tensor). The row is read at step_index, a tensor: on the CPU an index out
+// of range raises, and so does a row with a non-zero coefficient on a slot the call does not
+// pass; on the GPU, where checking either would need a sync, an index out of range makes every
+// output and every slot NaN, and coefficients on absent slots are ignored (read as zeros).
 #include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
+#include <sstream>
 
 #include "ops.h"
 
 namespace fastdiff {
 namespace {
 
-enum StepCoef : int64_t {
-  kCoefH = 0, kCoefPx, kCoefPm, kCoefKx, kCoefK0, kCoefKm, kCoefKp, kCoefKn, kNumCoefs
-};
+namespace cfg = config::denoise_step;
+// The row layout (kernels/denoise_step.py's copy of fastdiff.schedules'): inputs v = (x, m, n,
+// s_0..s_3), so slot j is input kVS + j; an O or S row has x0's coefficient at index NUM_V.
+constexpr int kSlots = cfg::SLOTS;
+constexpr int kNumV = cfg::NUM_V;
+constexpr int kVX = 0, kVM = 1, kVN = 2, kVS = 3;
+static_assert(kNumV == kVS + kSlots && cfg::ROW_LEN == cfg::ROW_S + kSlots * (kNumV + 1),
+              "kernels/denoise_step.py's row layout is not schedules' (x, m, n, slots)");
 
 using Out = std::tuple<at::Tensor, at::Tensor>;
 
@@ -39,7 +49,7 @@ struct DenoiseStep {  // a call's arguments, in schema order
   const at::Tensor& coeffs;
   const at::Tensor& step_index;
   const std::optional<at::Tensor>& noise;
-  const std::optional<at::Tensor>& prev_x0;
+  const std::optional<at::Tensor>& state;  // (K, *sample.shape), updated in place
   double guidance_scale;
   bool clip_sample;
   double clip_sample_range;
@@ -52,6 +62,42 @@ const at::Tensor& subject(const DenoiseStep& a) { return a.sample; }
 // After check(): whether model_output is [uncond; cond].
 bool is_guided(const DenoiseStep& a) {
   return a.guided.value_or(a.model_output.size(0) == 2 * a.sample.size(0));
+}
+
+// After check(): the number of state slots the call passes.
+int num_slots(const DenoiseStep& a) {
+  return a.state ? static_cast<int>(a.state->size(0)) : 0;
+}
+
+void check_state(const DenoiseStep& a) {
+  const char* op = DenoiseStep::name;
+  const at::Tensor &sample = a.sample, &state = *a.state;
+  check_same_device(op, sample, "sample", state, "state");
+  std::ostringstream want;
+  want << "(K";
+  for (int64_t d : sample.sizes()) want << ", " << d;
+  want << ")";
+  FD_CHECK(state.dim() == sample.dim() + 1 && state.sizes().slice(1) == sample.sizes(), op,
+           "argument 'state' must have shape (K, *sample.shape) = ", want.str(), ", got ",
+           shape_str(state));
+  FD_CHECK(state.size(0) >= 1 && state.size(0) <= kSlots, op, "argument 'state' must hold 1 to ",
+           kSlots, " slots (its dim 0; None for no state), got ", state.size(0));
+  FD_CHECK(state.scalar_type() == sample.scalar_type(), op,
+           "argument 'state' must have the dtype of 'sample' (", dtype_str(sample.scalar_type()),
+           "), got ", dtype_str(state.scalar_type()));
+  FD_CHECK(state.is_contiguous(), op, "argument 'state' must be contiguous, got strides ",
+           state.strides());
+  if (state.is_meta()) return;  // no memory to overlap
+  // The state is written in place: it must not share memory with what the step reads.
+  const std::pair<const at::Tensor*, const char*> reads[] = {
+      {&a.sample, "sample"}, {&a.model_output, "model_output"},
+      {a.noise ? &*a.noise : nullptr, "noise"}, {&a.coeffs, "coeffs"},
+      {&a.step_index, "step_index"}};
+  for (auto [t, name] : reads) {
+    if (t == nullptr) continue;
+    FD_CHECK(at::get_overlap_status(state, *t) == at::MemOverlapStatus::No, op,
+             "argument 'state' must not share memory with '", name, "' (it is written in place)");
+  }
 }
 
 void check(const DenoiseStep& a) {
@@ -84,24 +130,22 @@ void check(const DenoiseStep& a) {
   FD_CHECK(guided || a.guidance_scale == 1.0, op, "argument 'guidance_scale'=", a.guidance_scale,
            " needs 'model_output' with batch 2*N=", 2 * N, " ([uncond; cond]), got ",
            shape_str(model_output));
-  const std::pair<const std::optional<at::Tensor>*, const char*> extra[] = {
-      {&a.noise, "noise"}, {&a.prev_x0, "prev_x0"}};
-  for (auto [t, name] : extra) {
-    if (!t->has_value()) continue;
-    const at::Tensor& e = t->value();
-    check_same_device(op, sample, "sample", e, name);
-    FD_CHECK(e.sizes() == sample.sizes(), op, "argument '", name, "' must have the shape of 'sample' ",
+  if (a.noise) {
+    const at::Tensor& e = *a.noise;
+    check_same_device(op, sample, "sample", e, "noise");
+    FD_CHECK(e.sizes() == sample.sizes(), op, "argument 'noise' must have the shape of 'sample' ",
              shape_str(sample), ", got ", shape_str(e));
-    FD_CHECK(e.scalar_type() == sample.scalar_type(), op, "argument '", name,
-             "' must have the dtype of 'sample' (", dtype_str(sample.scalar_type()), "), got ", dtype_str(e.scalar_type()));
-    FD_CHECK(e.is_contiguous(), op, "argument '", name, "' must be contiguous, got strides ",
+    FD_CHECK(e.scalar_type() == sample.scalar_type(), op,
+             "argument 'noise' must have the dtype of 'sample' (", dtype_str(sample.scalar_type()),
+             "), got ", dtype_str(e.scalar_type()));
+    FD_CHECK(e.is_contiguous(), op, "argument 'noise' must be contiguous, got strides ",
              e.strides());
   }
   const at::Tensor &coeffs = a.coeffs, &step_index = a.step_index;
   check_same_device(op, sample, "sample", coeffs, "coeffs");
-  FD_CHECK(coeffs.dim() == 2 && coeffs.size(1) == kNumCoefs && coeffs.size(0) >= 1, op,
-           "argument 'coeffs' must have shape (num_steps, ", static_cast<int64_t>(kNumCoefs),
-           "), got ", shape_str(coeffs));
+  FD_CHECK(coeffs.dim() == 2 && coeffs.size(1) == cfg::ROW_LEN && coeffs.size(0) >= 1, op,
+           "argument 'coeffs' must have shape (num_steps, ", cfg::ROW_LEN,
+           ") (fastdiff.schedules' version-2 rows), got ", shape_str(coeffs));
   FD_CHECK(coeffs.scalar_type() == at::kFloat, op, "argument 'coeffs' must have dtype float32, got ",
            dtype_str(coeffs.scalar_type()));
   FD_CHECK(coeffs.is_contiguous(), op, "argument 'coeffs' must be contiguous, got strides ",
@@ -115,6 +159,7 @@ void check(const DenoiseStep& a) {
     FD_CHECK(std::isfinite(a.clip_sample_range) && a.clip_sample_range > 0, op,
              "argument 'clip_sample_range' must be finite and positive, got ", a.clip_sample_range);
   }
+  if (a.state) check_state(a);  // last: its overlap check needs the other arguments valid
 }
 
 Out empty(const DenoiseStep& a) {
@@ -124,74 +169,143 @@ Out empty(const DenoiseStep& a) {
 
 // ---- CPU kernel ----
 
+// One row, as the loop reads it.
 struct Row {
-  float c[kNumCoefs];
+  float p[kNumV];                // x0 = sum_k p[k] v_k
+  float o[kNumV + 1];            // out = sum_k o[k] v_k + o[kNumV] x0
+  float s[kSlots][kNumV + 1];    // new s_j, likewise
+  bool write[kSlots];            // W_j != 0
   float guidance, clip_lo, clip_hi;
 };
 
-// One contiguous range [begin, end) of the flattened sample. Branch-free in the inner loop so
-// that the float32 case vectorizes; the optional inputs are template flags.
-template <typename scalar_t, bool kGuided, bool kNoise, bool kPrev, bool kWriteX0>
-void step_range(const Row& a, const scalar_t* __restrict__ mo, const scalar_t* __restrict__ x,
-                const scalar_t* __restrict__ noise, const scalar_t* __restrict__ prev,
+// sum_k c[k] v[k] over the inputs a call has: x, m, n (when kNoise) and K slots.
+template <int K, bool kNoise>
+inline float affine(const float* c, const float* v) {
+  float y = c[kVX] * v[kVX] + c[kVM] * v[kVM];
+  if constexpr (kNoise) y += c[kVN] * v[kVN];
+  for (int j = 0; j < K; ++j) y += c[kVS + j] * v[kVS + j];
+  return y;
+}
+
+// Elements per tile of a call with state: each tile's new slot values wait in `fresh` until
+// every element of the tile has read the old ones.
+constexpr int64_t kTile = 256;
+
+// One contiguous range [begin, end) of the flattened sample. Branch-free inner loops so that the
+// float32 case vectorizes; the slot count and the optional inputs are template arguments. Slot
+// j of the state is state[j * numel + i].
+template <typename scalar_t, int K, bool kGuided, bool kNoise, bool kWriteX0>
+void step_range(const Row& r, const scalar_t* __restrict__ mo, const scalar_t* __restrict__ x,
+                const scalar_t* __restrict__ noise, scalar_t* __restrict__ state,
                 scalar_t* __restrict__ out, scalar_t* __restrict__ x0_out, int64_t numel,
                 int64_t begin, int64_t end) {
-  const float H = a.c[kCoefH], Px = a.c[kCoefPx], Pm = a.c[kCoefPm], Kx = a.c[kCoefKx],
-              K0 = a.c[kCoefK0], Km = a.c[kCoefKm], Kp = a.c[kCoefKp], Kn = a.c[kCoefKn];
-  const float s = a.guidance, lo = a.clip_lo, hi = a.clip_hi;
-  for (int64_t i = begin; i < end; ++i) {
-    float m = static_cast<float>(mo[i]);
-    if constexpr (kGuided) m = m + s * (static_cast<float>(mo[i + numel]) - m);
-    const float n = kNoise ? static_cast<float>(noise[i]) : 0.f;
-    const float xh = static_cast<float>(x[i]) + H * n;
-    const float x0 = std::min(std::max(Px * xh + Pm * m, lo), hi);
-    float y = Kx * xh + K0 * x0 + Km * m + Kn * n;
-    if constexpr (kPrev) y += Kp * static_cast<float>(prev[i]);
-    out[i] = static_cast<scalar_t>(y);
-    if constexpr (kWriteX0) x0_out[i] = static_cast<scalar_t>(x0);
+  const float g = r.guidance, lo = r.clip_lo, hi = r.clip_hi;
+  float fresh[K > 0 ? K : 1][kTile];
+  for (int64_t t0 = begin, t1; t0 < end; t0 = t1) {
+    t1 = K > 0 ? std::min(end, t0 + kTile) : end;  // no state: one pass, no tiles
+    for (int64_t i = t0; i < t1; ++i) {
+      float v[kNumV];
+      float m = static_cast<float>(mo[i]);
+      if constexpr (kGuided) m = m + g * (static_cast<float>(mo[i + numel]) - m);
+      v[kVX] = static_cast<float>(x[i]);
+      v[kVM] = m;
+      v[kVN] = kNoise ? static_cast<float>(noise[i]) : 0.f;
+      for (int j = 0; j < K; ++j) v[kVS + j] = static_cast<float>(state[j * numel + i]);
+      const float x0 = std::min(std::max(affine<K, kNoise>(r.p, v), lo), hi);
+      out[i] = static_cast<scalar_t>(affine<K, kNoise>(r.o, v) + r.o[kNumV] * x0);
+      if constexpr (kWriteX0) x0_out[i] = static_cast<scalar_t>(x0);
+      for (int j = 0; j < K; ++j) {
+        fresh[j][i - t0] = affine<K, kNoise>(r.s[j], v) + r.s[j][kNumV] * x0;
+      }
+    }
+    for (int j = 0; j < K; ++j) {
+      if (!r.write[j]) continue;
+      scalar_t* __restrict__ s = state + j * numel;
+      for (int64_t i = t0; i < t1; ++i) s[i] = static_cast<scalar_t>(fresh[j][i - t0]);
+    }
   }
 }
 
-// Expands the four runtime flags into template arguments, one at a time, then runs the step.
-template <typename scalar_t, bool... kDone>
-void dispatch_flags(const bool* flags, const Row& a, const scalar_t* mo, const scalar_t* x,
-                    const scalar_t* noise, const scalar_t* prev, scalar_t* out, scalar_t* x0_out,
-                    int64_t numel) {
-  if constexpr (sizeof...(kDone) == 4) {
-    at::parallel_for(0, numel, int64_t{1} << 15, [&](int64_t begin, int64_t end) {
-      step_range<scalar_t, kDone...>(a, mo, x, noise, prev, out, x0_out, numel, begin, end);
+template <typename scalar_t>
+struct Ptrs {
+  const scalar_t *mo, *x, *noise;
+  scalar_t *state, *out, *x0;
+  int64_t numel;
+};
+
+// Expands the three runtime flags (guided, noise, write_x0) into template arguments, one at a
+// time, then runs the step over the whole sample.
+template <typename scalar_t, int K, bool... kDone>
+void dispatch_flags(const bool* flags, const Row& r, const Ptrs<scalar_t>& p) {
+  if constexpr (sizeof...(kDone) == 3) {
+    at::parallel_for(0, p.numel, int64_t{1} << 15, [&](int64_t begin, int64_t end) {
+      step_range<scalar_t, K, kDone...>(r, p.mo, p.x, p.noise, p.state, p.out, p.x0, p.numel,
+                                        begin, end);
     });
   } else if (flags[0]) {
-    dispatch_flags<scalar_t, kDone..., true>(flags + 1, a, mo, x, noise, prev, out, x0_out,
-                                             numel);
+    dispatch_flags<scalar_t, K, kDone..., true>(flags + 1, r, p);
   } else {
-    dispatch_flags<scalar_t, kDone..., false>(flags + 1, a, mo, x, noise, prev, out, x0_out,
-                                              numel);
+    dispatch_flags<scalar_t, K, kDone..., false>(flags + 1, r, p);
   }
+}
+
+template <typename scalar_t>
+void dispatch_slots(int k, const bool* flags, const Row& r, const Ptrs<scalar_t>& p) {
+  static_assert(kSlots == 4, "one case per slot count");
+  switch (k) {
+    case 0: return dispatch_flags<scalar_t, 0>(flags, r, p);
+    case 1: return dispatch_flags<scalar_t, 1>(flags, r, p);
+    case 2: return dispatch_flags<scalar_t, 2>(flags, r, p);
+    case 3: return dispatch_flags<scalar_t, 3>(flags, r, p);
+    default: return dispatch_flags<scalar_t, 4>(flags, r, p);
+  }
+}
+
+// Row idx of the table, checked against the slots the call passes: a coefficient on a slot
+// beyond them would be silently read as zero (schedules.py: they must be 0).
+Row read_row(const DenoiseStep& a, int64_t idx, int k) {
+  const float* c = a.coeffs.data_ptr<float>() + idx * cfg::ROW_LEN;
+  const float* s_rows = c + cfg::ROW_S;
+  for (int j = k; j < kSlots; ++j) {
+    bool used = c[cfg::ROW_P + kVS + j] != 0 || c[cfg::ROW_O + kVS + j] != 0 ||
+                c[cfg::ROW_W + j] != 0;
+    for (int i = 0; i < k; ++i) used = used || s_rows[i * (kNumV + 1) + kVS + j] != 0;
+    FD_CHECK(!used, DenoiseStep::name, "argument 'coeffs' row ", idx, " reads or writes state slot ",
+             j, ", but ", k == 0 ? std::string("no 'state' was passed")
+                                 : "'state' holds " + std::to_string(k) + " slot(s)");
+  }
+  Row r;
+  std::copy(c + cfg::ROW_P, c + cfg::ROW_P + kNumV, r.p);
+  std::copy(c + cfg::ROW_O, c + cfg::ROW_O + kNumV + 1, r.o);
+  for (int j = 0; j < kSlots; ++j) {
+    std::copy(s_rows + j * (kNumV + 1), s_rows + (j + 1) * (kNumV + 1), r.s[j]);
+    r.write[j] = c[cfg::ROW_W + j] != 0;
+  }
+  r.guidance = static_cast<float>(a.guidance_scale);
+  r.clip_lo = a.clip_sample ? static_cast<float>(-a.clip_sample_range) : -INFINITY;
+  r.clip_hi = a.clip_sample ? static_cast<float>(a.clip_sample_range) : INFINITY;
+  return r;
 }
 
 Out cpu(const DenoiseStep& a) {
-  // On the CPU the step index can be read without a device sync: check its range here.
+  // On the CPU the step index and its row can be read without a device sync: check them here.
   const int64_t idx = a.step_index.item<int64_t>();
   FD_CHECK(idx >= 0 && idx < a.coeffs.size(0), DenoiseStep::name, "argument 'step_index'=", idx,
            " is out of range for 'coeffs' with ", a.coeffs.size(0), " steps");
+  const int k = num_slots(a);
+  const Row row = read_row(a, idx, k);
   Out result = empty(a);
   if (a.sample.numel() == 0) return result;
-  Row row;
-  const float* c = a.coeffs.data_ptr<float>() + idx * kNumCoefs;
-  std::copy(c, c + kNumCoefs, row.c);
-  row.guidance = static_cast<float>(a.guidance_scale);
-  row.clip_lo = a.clip_sample ? static_cast<float>(-a.clip_sample_range) : -INFINITY;
-  row.clip_hi = a.clip_sample ? static_cast<float>(a.clip_sample_range) : INFINITY;
   auto& [out, x0] = result;
-  const bool flags[4] = {is_guided(a), a.noise.has_value(), a.prev_x0.has_value(), a.write_x0};
+  const bool flags[3] = {is_guided(a), a.noise.has_value(), a.write_x0};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.sample.scalar_type(),
                                   "denoise_step_cpu", [&] {
-    dispatch_flags<scalar_t>(
-        flags, row, a.model_output.data_ptr<scalar_t>(), a.sample.data_ptr<scalar_t>(),
-        a.noise ? a.noise->data_ptr<scalar_t>() : nullptr,
-        a.prev_x0 ? a.prev_x0->data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),
-        a.write_x0 ? x0.data_ptr<scalar_t>() : nullptr, a.sample.numel());
+    const Ptrs<scalar_t> p{a.model_output.data_ptr<scalar_t>(), a.sample.data_ptr<scalar_t>(),
+                           a.noise ? a.noise->data_ptr<scalar_t>() : nullptr,
+                           a.state ? a.state->data_ptr<scalar_t>() : nullptr,
+                           out.data_ptr<scalar_t>(), a.write_x0 ? x0.data_ptr<scalar_t>() : nullptr,
+                           a.sample.numel()};
+    dispatch_slots<scalar_t>(k, flags, row, p);
   });
   return result;
 }
@@ -199,25 +313,24 @@ Out cpu(const DenoiseStep& a) {
 // ---- CUDA plan: kernels/denoise_step.py ----
 
 Plan<Out> plan(const DenoiseStep& a) {
-  namespace cfg = config::denoise_step;
   Out result = empty(a);
   const auto& [out, x0] = result;
   const int64_t numel = a.sample.numel();
   const double r = a.clip_sample ? a.clip_sample_range : INFINITY;
   using prebuilt::Arg;
-  // Absent inputs and x0 get a stand-in pointer that is never touched (constexpr flags, a
-  // masked-off store), so that the argument types, hence the compiled kernel, stay the same.
+  // Absent inputs and x0 get a stand-in pointer that is never touched (masked off, or no slot
+  // read) so that the argument types, hence the compiled kernel, stay the same.
   prebuilt::Launch launch = prebuilt::make_launch(
       "denoise_step", {cdiv(numel, cfg::BLOCK), 1, 1},
       {Arg::ptr("mo_ptr", a.model_output), Arg::ptr("x_ptr", a.sample),
        Arg::ptr("noise_ptr", a.noise.value_or(a.sample)),
-       Arg::ptr("prev_ptr", a.prev_x0.value_or(a.sample)), Arg::ptr("coef_ptr", a.coeffs),
+       Arg::ptr("state_ptr", a.state.value_or(a.sample)), Arg::ptr("coef_ptr", a.coeffs),
        Arg::ptr("idx_ptr", a.step_index), Arg::ptr("out_ptr", out),
        Arg::ptr("x0_ptr", a.write_x0 ? x0 : out), Arg::i32("numel", numel),
        Arg::i32("num_steps", a.coeffs.size(0)), Arg::f32("guidance", a.guidance_scale),
-       Arg::f32("clip_lo", -r), Arg::f32("clip_hi", r), Arg::i32("write_x0", a.write_x0)},
-      {{"GUIDED", is_guided(a)}, {"HAS_NOISE", a.noise.has_value()},
-       {"HAS_PREV", a.prev_x0.has_value()}, {"BLOCK", cfg::BLOCK}});
+       Arg::f32("clip_lo", -r), Arg::f32("clip_hi", r), Arg::i32("guided", is_guided(a)),
+       Arg::i32("has_noise", a.noise.has_value()), Arg::i32("write_x0", a.write_x0)},
+      {{"NUM_SLOTS", num_slots(a)}, {"BLOCK", cfg::BLOCK}});
   return {{launch}, result, {}, ""};
 }
 

@@ -98,8 +98,9 @@ TORCH_LIBRARY(fastdiff, m) {
   m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask=None, float? scale=None) -> Tensor");
   m.def(
       "denoise_step(Tensor model_output, Tensor sample, Tensor coeffs, Tensor step_index, "
-      "Tensor? noise=None, Tensor? prev_x0=None, float guidance_scale=1.0, bool clip_sample=False, "
-      "float clip_sample_range=1.0, bool write_x0=False, bool? guided=None) "
+      "Tensor? noise=None, Tensor(a!)? state=None, float guidance_scale=1.0, "
+      "bool clip_sample=False, float clip_sample_range=1.0, bool write_x0=False, "
+      "bool? guided=None) "
       "-> (Tensor, Tensor)");
 }
 

@@ -2,15 +2,16 @@
 
 A step is: the model input ``x * scale[i]`` (Euler's input scaling, 1 elsewhere), the model on
 the CFG batch ``[x_in; x_in]`` with the timestep ``timesteps[i]``, the noise draw, and one
-``denoise_step`` call (guidance combine + solver update + noise), then ``x``, ``prev_x0`` and the
-step index are updated in place. The step index lives on the device and every per-step value is
-gathered from device tables with it, so the captured step is replayed S times with no host work
-and no host sync; the progress bar and per-step callbacks run on the host between replays.
+``denoise_step`` call (guidance combine + solver update + noise; it updates the solver's state
+slots in place), then ``x`` and the step index are updated in place. The step index lives on
+the device and every per-step value is gathered from device tables with it, so the captured step
+is replayed S times with no host work and no host sync; the progress bar and per-step callbacks
+run on the host between replays.
 
 Caching: one graph per signature (sample shape and dtype, conditioning shapes, guidance scale,
-solver flags, number of steps, whether the noise is seeded) in a ``capture.GraphCache``; a new
-resolution or batch size is a new capture. All graphs share one memory pool; ``close()`` frees
-it. Graphs read the model's parameters in place, so in-place
+solver flags and state slots, number of steps, whether the noise is seeded) in a
+``capture.GraphCache``; a new resolution or batch size is a new capture. All graphs share one
+memory pool; ``close()`` frees it. Graphs read the model's parameters in place, so in-place
 weight updates take effect; a parameter replaced by a new tensor triggers a new capture. Noise
 inside a graph comes from the default CUDA generator, or, when the caller passes a generator
 (CPU or CUDA), from the engine's own generator registered with the graphs and seeded from the
@@ -34,14 +35,15 @@ def _sig(t: torch.Tensor):
 class _Static:
     """The buffers one captured step reads and writes."""
 
-    def __init__(self, x, table, cond, timestep_dtype, needs_prev):
+    def __init__(self, x, table, cond, timestep_dtype):
         dev = x.device
         self.x = x.clone()
         self.idx = torch.zeros(1, dtype=torch.int64, device=dev)
         self.coeffs = table.coeffs.to(dev).clone()
         self.ts = table.timesteps.to(device=dev, dtype=timestep_dtype).clone()
         self.scale = table.model_input_scale.to(device=dev, dtype=torch.float32).clone()
-        self.prev_x0 = torch.zeros_like(x) if needs_prev else None
+        # The solver's state slots (schedules: "the step row, version 2"), zeros at the start.
+        self.state = x.new_zeros((table.slots, *x.shape)) if table.slots else None
         self.cond = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in cond.items()}
 
     def load(self, x, table, cond, timestep_dtype):
@@ -51,8 +53,8 @@ class _Static:
         self.coeffs.copy_(table.coeffs)
         self.ts.copy_(table.timesteps.to(dtype=timestep_dtype))
         self.scale.copy_(table.model_input_scale.to(torch.float32))
-        if self.prev_x0 is not None:
-            self.prev_x0.zero_()
+        if self.state is not None:
+            self.state.zero_()
         for k, v in cond.items():
             if isinstance(v, torch.Tensor):
                 self.cond[k].copy_(v.to(dev))
@@ -100,12 +102,10 @@ class SamplingEngine:
             dev = generator.device if generator is not None else s.x.device
             noise = torch.randn(s.x.shape, generator=generator, device=dev, dtype=s.x.dtype
                                 ).to(s.x.device)
-        x, x0 = ops.denoise_step(out.contiguous(), s.x, s.coeffs, idx, noise, s.prev_x0,
+        x, x0 = ops.denoise_step(out.contiguous(), s.x, s.coeffs, idx, noise, s.state,
                                  guidance_scale if guided else 1.0, table.clip_sample,
                                  table.clip_sample_range, write_x0=True, guided=guided)
         s.x.copy_(x)
-        if s.prev_x0 is not None:
-            s.prev_x0.copy_(x0)
         idx.add_(1)
         return x0
 
@@ -146,9 +146,8 @@ class SamplingEngine:
                                     timestep_dtype)
             s = graph.state
         else:
-            s = _Static(x, table, cond, timestep_dtype, table.needs_prev_x0)
-            c = table.coeffs
-            draws = ((c[:, schedules.COEF_H] != 0) | (c[:, schedules.COEF_KN] != 0)).tolist()
+            s = _Static(x, table, cond, timestep_dtype)
+            draws = schedules.noise_rows(table.coeffs).tolist()
         for i in steps:
             if use_graph:
                 graph.replay()
@@ -176,10 +175,10 @@ class SamplingEngine:
         # unseeded call draws from the default generator and cannot serve a seeded one.
         key = (_sig(x), tuple((k, _sig(v) if isinstance(v, torch.Tensor) else v)
                               for k, v in sorted(cond.items())), generator is not None,
-               guided, float(guidance_scale), len(table), table.needs_noise, table.needs_prev_x0,
+               guided, float(guidance_scale), len(table), table.needs_noise, table.slots,
                table.clip_sample, float(table.clip_sample_range), timestep_dtype)
         def build():
-            s = _Static(x, table, cond, timestep_dtype, table.needs_prev_x0)
+            s = _Static(x, table, cond, timestep_dtype)
 
             def body():
                 return self._step(s, table, guided, guidance_scale, gen, table.needs_noise)

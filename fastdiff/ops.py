@@ -113,18 +113,21 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def denoise_step(model_output: torch.Tensor, sample: torch.Tensor, coeffs: torch.Tensor,
                  step_index: torch.Tensor, noise: torch.Tensor | None = None,
-                 prev_x0: torch.Tensor | None = None, guidance_scale: float = 1.0,
+                 state: torch.Tensor | None = None, guidance_scale: float = 1.0,
                  clip_sample: bool = False, clip_sample_range: float = 1.0,
                  write_x0: bool = False, guided: bool | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One fused sampler step: guidance combine, solver update and noise (see schedules.py).
+    """One fused sampler step: guidance combine, solver update, noise and the solver's state
+    (the row of ``fastdiff.schedules``, "the step row, version 2").
 
     model_output: like ``sample`` (N, ...) or, guided, (2N, ...) = [uncond; cond] combined as
     ``u + guidance_scale * (c - u)``; ``guided`` says which (None: guided when model_output has
-    twice the batch of sample). coeffs: (S, 8) float32 table from ``fastdiff.schedules``;
+    twice the batch of sample). coeffs: (S, ROW_LEN) float32 table from ``fastdiff.schedules``;
     step_index: one-element int tensor on the sample's device (no host sync). A missing
-    ``noise`` or ``prev_x0`` counts as zeros. Returns (next sample, predicted x0 or empty).
+    ``noise`` counts as zeros. state: (K, *sample.shape), 1 <= K <= 4 slots in sample's dtype
+    (a table's ``slots``; zeros before the first step), updated in place where the row writes
+    them; None when the rows use no slot. Returns (next sample, predicted x0 or empty).
     """
-    return torch.ops.fastdiff.denoise_step(model_output, sample, coeffs, step_index, noise, prev_x0,
+    return torch.ops.fastdiff.denoise_step(model_output, sample, coeffs, step_index, noise, state,
                                            guidance_scale, clip_sample, clip_sample_range, write_x0,
                                            guided)

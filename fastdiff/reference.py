@@ -9,8 +9,7 @@ import math
 
 import torch
 
-from fastdiff.schedules import (COEF_H, COEF_K0, COEF_KM, COEF_KN, COEF_KP, COEF_KX, COEF_PM,
-                                COEF_PX)
+from fastdiff import schedules as S
 
 
 def _f64(t):
@@ -49,35 +48,11 @@ def attention(q, k, v, attn_mask=None, scale=None):
     return p @ v
 
 
-def denoise_step(model_output, sample, coeffs, step_index, noise=None, prev_x0=None,
-                 guidance_scale=1.0, clip_sample=False, clip_sample_range=1.0, write_x0=False,
-                 guided=None):
-    """The coefficient-table step of csrc/denoise_step.cpp in float64."""
-    c = coeffs.detach().to(torch.float64).cpu()[int(step_index.reshape(-1)[0])]
-    m, x = _f64(model_output), _f64(sample)
-    if guided is None:
-        guided = m.shape[0] == 2 * x.shape[0]
-    if guided:
-        u, cond = m.chunk(2)
-        m = u + guidance_scale * (cond - u)
-    n = _f64(noise) if noise is not None else torch.zeros_like(x)
-    xh = x + c[COEF_H] * n
-    x0 = c[COEF_PX] * xh + c[COEF_PM] * m
-    if clip_sample:
-        x0 = x0.clamp(-clip_sample_range, clip_sample_range)
-    out = c[COEF_KX] * xh + c[COEF_K0] * x0 + c[COEF_KM] * m + c[COEF_KN] * n
-    if prev_x0 is not None:
-        out = out + c[COEF_KP] * _f64(prev_x0)
-    return out, (x0 if write_x0 else x0.new_empty(0))
-
-
 def denoise_step_v2(model_output, sample, coeffs, step_index, noise=None, state=None,
                     guidance_scale=1.0, clip_sample=False, clip_sample_range=1.0, guided=None):
     """The version-2 row of fastdiff.schedules (ROW_*) in float64: returns (out, x0c, new state);
     state is (K, *sample.shape) with K <= SLOTS (None: no slots), returned updated, not changed
-    in place."""
-    from fastdiff import schedules as S
-
+    in place. (x0c is always returned: the op's write_x0 only decides whether it is stored.)"""
     c = coeffs.detach().to(torch.float64).cpu()[int(step_index.reshape(-1)[0])]
     m, x = _f64(model_output), _f64(sample)
     if guided is None:
@@ -101,3 +76,7 @@ def denoise_step_v2(model_output, sample, coeffs, step_index, noise=None, state=
             r = c[S.ROW_S + j * (S.NUM_V + 1):S.ROW_S + (j + 1) * (S.NUM_V + 1)]
             new[j] = sum(r[i] * v[i] for i in range(S.NUM_V)) + r[S.NUM_V] * x0
     return out, x0, new
+
+
+# The reference of torch.ops.fastdiff.denoise_step, whose rows are version 2.
+denoise_step = denoise_step_v2

@@ -1,19 +1,26 @@
 """Noise schedules (float64) and the per-step coefficient tables that drive ``denoise_step``.
 
 A sampler step of any supported solver is, per element, an affine map of a few tensors with
-per-step scalar coefficients. ``denoise_step`` reads one row of such a table (``step_index`` is a
-device tensor, so a captured CUDA graph can be replayed for every step). Columns of a row, kept in
-sync with csrc/denoise_step.cpp and kernels/denoise_step.py:
+per-step scalar coefficients: the sample x, the guided model output m, the noise n and up to
+four state slots the solver keeps between model evaluations. ``denoise_step`` reads one row of
+such a table (``step_index`` is a device tensor, so a captured CUDA graph can be replayed for
+every step) and updates the slots in place; the row's layout and meaning are "the step row,
+version 2" at the end of this file (kernels/denoise_step.py keeps a copy of the layout for the
+C++, held to this one by the tests).
+
+The builders below compute, in float64 with the formulas of diffusers' schedulers
+(scheduling_ddpm.py, scheduling_ddim.py, scheduling_dpmsolver_multistep.py,
+scheduling_euler_discrete.py) and the same order-selection rules, the eight coefficients of
+their common form
 
     x_hat = x + H * n                                  (Euler "churn", else H = 0)
-    x0    = P_x * x_hat + P_m * m                      (m: guided model output)
+    x0    = P_x * x_hat + P_m * m
     x0c   = clip(x0, -r, r) if clip_sample else x0
     out   = K_x * x_hat + K_0 * x0c + K_m * m + K_p * prev_x0 + K_n * n
 
-The builders below compute rows in float64 with the formulas of diffusers' schedulers
-(scheduling_ddpm.py, scheduling_ddim.py, scheduling_dpmsolver_multistep.py,
-scheduling_euler_discrete.py) and the same order-selection rules; ``table_from_scheduler`` reads
-a configured diffusers scheduler. The guidance convention is diffusers': m = u + s * (c - u).
+and ``_row`` turns them into a version-2 row (prev_x0 is slot 0, which the multistep rows write
+with x0c). ``table_from_scheduler`` reads a configured diffusers scheduler. The guidance
+convention is diffusers': m = u + s * (c - u).
 """
 from __future__ import annotations
 
@@ -23,8 +30,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-COEF_H, COEF_PX, COEF_PM, COEF_KX, COEF_K0, COEF_KM, COEF_KP, COEF_KN = range(8)
-NUM_COEFS = 8
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
@@ -32,9 +37,12 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 class StepTable:
     """Everything a sampling loop needs, per step i of S.
 
-    coeffs: (S, 8) float32 rows for ``denoise_step``; timesteps: (S,) model timesteps;
-    model_input_scale: (S,) factor applied to the sample before the model (Euler's
-    ``scale_model_input``, 1 elsewhere); init_noise_sigma: std of the initial noise.
+    coeffs: (S, ROW_LEN) float32 rows for ``denoise_step`` ("the step row, version 2");
+    timesteps: (S,) model timesteps; model_input_scale: (S,) factor applied to the sample before
+    the model (Euler's ``scale_model_input``, 1 elsewhere); init_noise_sigma: std of the initial
+    noise. needs_noise: some row reads the noise (``noise_rows`` says which). slots: how many
+    state slots the rows use: a sampling loop passes ``denoise_step`` a state of
+    (slots, *sample.shape), zeros before the first step (none when 0).
     """
 
     solver: str
@@ -45,7 +53,7 @@ class StepTable:
     clip_sample: bool = False
     clip_sample_range: float = 1.0
     needs_noise: bool = False
-    needs_prev_x0: bool = False
+    slots: int = 0
 
     def __len__(self):
         return self.coeffs.shape[0]
@@ -103,9 +111,26 @@ def _eps_from_alpha_sigma(prediction_type, alpha, sigma):
     return 1.0 / sigma, -alpha / sigma
 
 
+def _row(h, px, pm, kx, k0, km, kp, kn, keep_x0=False) -> list[float]:
+    """The version-2 row of the eight coefficients above (float64): x_hat expanded, prev_x0 read
+    from slot 0; keep_x0: the row also writes x0c into slot 0 for the next step to read."""
+    return step_row(p={"x": px, "m": pm, "n": px * h},
+                    o={"x": kx, "m": km, "n": kx * h + kn, "s0": kp, "x0": k0},
+                    writes={0: {"x0": 1.0}} if keep_x0 else None)
+
+
 def _table(rows) -> torch.Tensor:
-    return torch.tensor(np.asarray(rows, dtype=np.float64).reshape(-1, NUM_COEFS),
+    return torch.tensor(np.asarray(rows, dtype=np.float64).reshape(-1, ROW_LEN),
                         dtype=torch.float32)
+
+
+def noise_rows(coeffs: torch.Tensor) -> torch.Tensor:
+    """(S,) bool: the rows of a table that read the noise (a non-zero coefficient of n in the
+    x0, the next sample or a slot the row writes): the steps at which a loop draws it."""
+    c = coeffs.to(torch.float64)
+    written = c[:, ROW_W:ROW_S] != 0
+    slots = (c[:, ROW_S:].reshape(-1, SLOTS, NUM_V + 1)[:, :, V_N] != 0) & written
+    return (c[:, ROW_P + V_N] != 0) | (c[:, ROW_O + V_N] != 0) | slots.any(1)
 
 
 def ddpm_table(alphas_cumprod: np.ndarray, timesteps, prediction_type: str = "epsilon",
@@ -131,11 +156,11 @@ def ddpm_table(alphas_cumprod: np.ndarray, timesteps, prediction_type: str = "ep
             var = beta_t
         else:
             var = max((1 - a_prev) / (1 - a_t) * beta_t, 1e-20)
-        rows.append([0.0, px, pm,
-                     math.sqrt(alpha_t) * (1 - a_prev) / (1 - a_t),   # K_x
-                     math.sqrt(a_prev) * beta_t / (1 - a_t),          # K_0
-                     0.0, 0.0,
-                     math.sqrt(var) if t > 0 else 0.0])               # K_n
+        rows.append(_row(0.0, px, pm,
+                         math.sqrt(alpha_t) * (1 - a_prev) / (1 - a_t),   # K_x
+                         math.sqrt(a_prev) * beta_t / (1 - a_t),          # K_0
+                         0.0, 0.0,
+                         math.sqrt(var) if t > 0 else 0.0))               # K_n
     return StepTable("ddpm", _table(rows), torch.tensor(ts), torch.ones(len(ts), dtype=torch.float64),
                      clip_sample=clip_sample, clip_sample_range=clip_sample_range, needs_noise=True)
 
@@ -168,7 +193,7 @@ def ddim_table(alphas_cumprod: np.ndarray, timesteps, num_train_timesteps: int,
         else:
             ex, em = _eps_from_alpha_sigma(prediction_type, alpha, sigma)
             kx, km = d * ex, d * em
-        rows.append([0.0, px, pm, kx, k0, km, 0.0, std])
+        rows.append(_row(0.0, px, pm, kx, k0, km, 0.0, std))
     return StepTable("ddim", _table(rows), torch.tensor(ts), torch.ones(len(ts), dtype=torch.float64),
                      clip_sample=clip_sample, clip_sample_range=clip_sample_range,
                      needs_noise=eta > 0)
@@ -184,8 +209,9 @@ def dpmpp_2m_table(sigmas: np.ndarray, timesteps, prediction_type: str = "epsilo
     sigmas: (S + 1,) with sigma = sqrt((1 - alpha-bar) / alpha-bar), the last one final.
     Order selection as diffusers: first order at the first step taken (``start``: a loop that
     begins later, as img2img's does, has no history there) and, under lower_order_final, at the
-    last step; the multistep update reads the previous step's x0 (``prev_x0``). The table holds
-    the rows from ``start`` on."""
+    last step; the multistep update reads the previous step's x0 from state slot 0, which every
+    row of a second-order table writes (``slots`` = 1). The table holds the rows from ``start``
+    on."""
     _check_prediction(prediction_type)
     if algorithm_type not in ("dpmsolver++", "sde-dpmsolver++"):
         raise ValueError("'algorithm_type' must be 'dpmsolver++' or 'sde-dpmsolver++', got "
@@ -226,11 +252,11 @@ def dpmpp_2m_table(sigmas: np.ndarray, timesteps, prediction_type: str = "epsilo
                 c1 = a_t * (em1 / h + 1.0)
             # D1 = (x0 - prev_x0) / r0
             k0, kp = c0 + c1 / r0, -c1 / r0
-        rows.append([0.0, px, pm, kx, k0, 0.0, kp, kn])
+        rows.append(_row(0.0, px, pm, kx, k0, 0.0, kp, kn, keep_x0=solver_order == 2))
     return StepTable(algorithm_type, _table(rows),
                      torch.as_tensor(np.asarray(timesteps))[start:],
                      torch.ones(S - start, dtype=torch.float64), needs_noise=sde,
-                     needs_prev_x0=solver_order == 2)
+                     slots=1 if solver_order == 2 else 0)
 
 
 def euler_table(sigmas: np.ndarray, timesteps, prediction_type: str = "epsilon",
@@ -254,7 +280,7 @@ def euler_table(sigmas: np.ndarray, timesteps, prediction_type: str = "epsilon",
         else:
             px, pm = 0.0, 1.0
         dt = sig[i + 1] - s_hat
-        rows.append([h, px, pm, 1.0 + dt / s_hat, -dt / s_hat, 0.0, 0.0, 0.0])
+        rows.append(_row(h, px, pm, 1.0 + dt / s_hat, -dt / s_hat, 0.0, 0.0, 0.0))
     return StepTable("euler", _table(rows), torch.as_tensor(np.asarray(timesteps)),
                      torch.tensor(1.0 / np.sqrt(sig[:-1] ** 2 + 1)),
                      init_noise_sigma=(math.sqrt(sig.max() ** 2 + 1) if init_noise_sigma is None
@@ -383,3 +409,15 @@ def step_row(p=None, o=None, writes=None) -> list[float]:
         for k, c in coefs.items():
             row[ROW_S + j * (NUM_V + 1) + names[k]] = float(c)
     return row
+
+
+def absent_slot_columns(k: int) -> list[int]:
+    """The columns that must be 0 in a row run with k state slots (slots k..SLOTS-1 not passed):
+    their coefficients in the x0 and next-sample maps, their W, and their coefficients in the
+    new values of the k slots passed. (denoise_step checks them on the CPU; on a GPU they are
+    read as zeros.)"""
+    cols = []
+    for j in range(k, SLOTS):
+        cols += [ROW_P + V_S + j, ROW_O + V_S + j, ROW_W + j]
+        cols += [ROW_S + i * (NUM_V + 1) + V_S + j for i in range(k)]
+    return cols

@@ -42,25 +42,29 @@ def jit_only_head_dim(name, args) -> bool:
 
 
 def run_op(backend: str, name: str, *args):
-    """Run op ``name`` with positional schema arguments on ``backend``; outputs come back on CPU."""
+    """Run op ``name`` with positional schema arguments on ``backend``; outputs come back on CPU,
+    and so do the arguments the op updates in place (``Tensor(a!)`` in its schema)."""
     if backend == "cpp":
         out = getattr(torch.ops.fastdiff, name)(*args)
     elif backend == "cuda":
-        cuda_args = [_to(a, "cuda") for a in args]
         op = getattr(torch.ops.fastdiff, name)
-        if jit_only_head_dim(name, cuda_args) and _C._prebuilt_mode() == "require":
+        on_gpu = [_to(a, "cuda") for a in args]
+        if jit_only_head_dim(name, on_gpu) and _C._prebuilt_mode() == "require":
             # FASTDIFF_PREBUILT=require (gpu.sh's tests-prebuilt phase) refuses head dims the
             # wheel has no cubin for, as documented; they run on the JIT under 'on'.
             with pytest.raises(RuntimeError, match=f"no cubin for head dim {args[0].shape[-1]}"):
-                op(*cuda_args)
+                op(*on_gpu)
             prev = ops.set_prebuilt("on")
             try:
-                out = op(*cuda_args)
+                out = op(*on_gpu)
             finally:
                 ops.set_prebuilt(prev)
         else:
-            out = op(*cuda_args)
+            out = op(*on_gpu)
         torch.cuda.synchronize()
+        for a, g, spec in zip(args, on_gpu, op.default._schema.arguments):
+            if isinstance(a, torch.Tensor) and spec.alias_info and spec.alias_info.is_write:
+                a.copy_(g)
     elif backend == "triton":
         getattr(_C, f"check_{name}")(*args)
         out = kernels.launch(name, *args)

@@ -9,6 +9,7 @@ import torch
 
 import fastdiff  # noqa: F401
 from fastdiff import _C, ops
+from fastdiff.schedules import ROW_LEN
 
 # The quick CPU subset tests/test_wheel.py runs in a fresh install of the wheel.
 pytestmark = pytest.mark.quick
@@ -80,9 +81,9 @@ ATTN_BAD = [
 
 
 def step_args(**over):
-    c = torch.zeros(4, 8)
+    c = torch.zeros(4, ROW_LEN)
     a = dict(model_output=_x(2, 3, 4), sample=_x(2, 3, 4), coeffs=c, step_index=torch.tensor(1),
-             noise=None, prev_x0=None, guidance_scale=1.0, clip_sample=False,
+             noise=None, state=None, guidance_scale=1.0, clip_sample=False,
              clip_sample_range=1.0, write_x0=False)
     a.update(over)
     return list(a.values())
@@ -101,12 +102,21 @@ STEP_BAD = [
     ({"guidance_scale": 7.5}, "'guidance_scale'=7.5 needs 'model_output' with batch 2\\*N=4"),
     ({"noise": _x(2, 3, 5)}, "'noise' must have the shape of 'sample'"),
     ({"noise": _x(2, 3, 4, dtype=torch.float16)}, "'noise' must have the dtype of 'sample'"),
-    ({"prev_x0": _x(2, 4, 3).transpose(1, 2)}, "'prev_x0' must be contiguous"),
-    ({"prev_x0": torch.randn(2, 3, 4, device="meta")}, "'prev_x0' must be on the same device"),
-    ({"coeffs": torch.zeros(4, 7)}, "'coeffs' must have shape \\(num_steps, 8\\)"),
-    ({"coeffs": torch.zeros(4, 8, dtype=torch.float64)}, "'coeffs' must have dtype float32"),
-    ({"coeffs": torch.zeros(8, 4).t()}, "'coeffs' must be contiguous"),
-    ({"coeffs": torch.zeros(4, 8, device="meta")}, "'coeffs' must be on the same device"),
+    ({"noise": _x(2, 4, 3).transpose(1, 2)}, "'noise' must be contiguous"),
+    ({"noise": torch.randn(2, 3, 4, device="meta")}, "'noise' must be on the same device"),
+    ({"state": _x(2, 3, 4)}, "'state' must have shape \\(K, \\*sample.shape\\) = "
+                             "\\(K, 2, 3, 4\\), got \\[2, 3, 4\\]"),
+    ({"state": _x(1, 2, 3, 5)}, "'state' must have shape \\(K, \\*sample.shape\\)"),
+    ({"state": _x(5, 2, 3, 4)}, "'state' must hold 1 to 4 slots .*got 5"),
+    ({"state": _x(0, 2, 3, 4)}, "'state' must hold 1 to 4 slots .*got 0"),
+    ({"state": _x(1, 2, 3, 4, dtype=torch.float16)}, "'state' must have the dtype of 'sample'"),
+    ({"state": _x(1, 2, 4, 3).transpose(2, 3)}, "'state' must be contiguous"),
+    ({"state": torch.randn(1, 2, 3, 4, device="meta")}, "'state' must be on the same device"),
+    ({"coeffs": torch.zeros(4, 8)},
+     f"'coeffs' must have shape \\(num_steps, {ROW_LEN}\\) \\(fastdiff.schedules' version-2"),
+    ({"coeffs": torch.zeros(4, ROW_LEN, dtype=torch.float64)}, "'coeffs' must have dtype float32"),
+    ({"coeffs": torch.zeros(ROW_LEN, 4).t()}, "'coeffs' must be contiguous"),
+    ({"coeffs": torch.zeros(4, ROW_LEN, device="meta")}, "'coeffs' must be on the same device"),
     ({"step_index": torch.tensor(1.0)}, "'step_index' must be an int64 or int32 tensor"),
     ({"step_index": torch.tensor([1, 2])}, "'step_index' must hold one element"),
     ({"step_index": torch.tensor(1, device="meta")}, "'step_index' must be on the same device"),
@@ -156,6 +166,29 @@ def test_denoise_step_explicit_guided_must_match_the_batch(mo_batch, guided):
     _all_paths(step, _C.check_denoise_step, args, msg)
 
 
+@pytest.mark.parametrize("name", ["sample", "model_output", "noise", "coeffs"])
+def test_denoise_step_state_must_not_alias_what_it_reads(name):
+    """The state is written in place: sharing memory with an input (all of it, or part) would
+    race on a GPU. Checked on the CPU op and in the check the CUDA path runs (a Meta tensor has
+    no memory to share)."""
+    base = _x(3, 2, 3, 4)
+    over = {"noise": _x(2, 3, 4)}
+    if name == "coeffs":
+        over["coeffs"] = torch.zeros(4, ROW_LEN)
+        over["state"] = over["coeffs"].view(-1)[:24].view(1, 2, 3, 4)  # part of the table
+    else:
+        over[name] = base[1]               # slot 0 of the state, or (model_output) slot 1
+        over["state"] = base[1:3] if name != "model_output" else base[:2]
+    args = step_args(**over)
+    msg = f"argument 'state' must not share memory with '{name}' \\(it is written in place\\)"
+    for run in (step, _C.check_denoise_step):
+        with pytest.raises(ValueError, match=msg):
+            run(*args)
+    # a separate buffer of the same values is fine
+    over["state"] = over["state"].clone()
+    step(*step_args(**over))
+
+
 def test_step_index_out_of_range_on_cpu():
     for idx in (-1, 4):
         with pytest.raises(ValueError, match=f"'step_index'={idx} is out of range for 'coeffs' with 4"):
@@ -168,33 +201,5 @@ def test_valid_arguments_pass_the_checks():
                                       pre_bias=_x(2, 8), scale=_x(2, 8), shift=_x(2, 8)))
     _C.check_attention(*attn_args(attn_mask=_x(2, 1, 1, 7)))
     _C.check_denoise_step(*step_args(model_output=_x(4, 3, 4), guidance_scale=3.0, noise=_x(2, 3, 4)))
-
-
-# ---- the Python entry points: a TypeError naming the argument before anything is used ----
-
-@pytest.mark.parametrize("call,msg", [
-    (lambda: ops.group_norm_silu([1.0], 2), "'x' must be a torch.Tensor, got list"),
-    (lambda: ops.group_norm_silu(_x(1, 4, 2, 2), 2.0), "'num_groups' must be an int, got float"),
-    (lambda: ops.group_norm_silu(_x(1, 4, 2, 2), True), "'num_groups' must be an int, got bool"),
-    (lambda: ops.group_norm_silu(_x(1, 4, 2, 2), 2, [1.0] * 4), "'weight' must be a torch.Tensor"),
-    (lambda: ops.group_norm_silu(_x(1, 4, 2, 2), 2, eps="1e-5"), "'eps' must be a real number"),
-    (lambda: ops.group_norm_silu(_x(1, 4, 2, 2), 2, scale=1.0), "'scale' must be a torch.Tensor"),
-    (lambda: ops.attention([1.0], _x(1, 1, 2, 8), _x(1, 1, 2, 8)), "'q' must be a torch.Tensor"),
-    (lambda: ops.attention(*[_x(1, 1, 2, 8)] * 3, [[0.0]]), "'attn_mask' must be a torch.Tensor"),
-    (lambda: ops.attention(*[_x(1, 1, 2, 8)] * 3, scale="0.1"), "'scale' must be a real number"),
-])
-def test_python_entry_points_raise_type_errors(call, msg):
-    with pytest.raises(TypeError, match=msg):
-        call()
-
-
-def test_blas_never_sees_a_truncated_leading_dimension():
-    # A size-1 key dim with a stride >= 2**31: torch calls it contiguous, the CPU kernel keeps it
-    # as a view, and sgemm_'s 32-bit leading dimension would be truncated (MKL: an error, and a
-    # result off by 2.2). Such calls take at::mm.
-    from fastdiff import reference
-    q = _x(1, 1, 4, 8)
-    kv = _x(8).as_strided((1, 1, 1, 8), (1, 1, 2**31, 1))
-    assert kv.is_contiguous()
-    out = attn(q, kv, kv, None, None)
-    torch.testing.assert_close(out.double(), reference.attention(q, kv, kv), rtol=1e-5, atol=1e-5)
+from fastdiff import _C, ops
+from fastdiff.schedules import ROW_LEN

@@ -1,10 +1,13 @@
-"""fastdiff::denoise_step on every backend against the float64 reference of the coefficient-table
-step (csrc/denoise_step.cpp), the device-side step index, and the Triton kernel's prebuilt
+"""fastdiff::denoise_step on every backend against the float64 reference of the version-2 step
+row (fastdiff.schedules, "the step row, version 2"; fastdiff.reference.denoise_step_v2): the
+returned sample and x0, the state slots updated in place (exactly those the row writes), the
+device-side step index, torch.compile with the mutated state, and the Triton kernel's prebuilt
 builds.
 
 (tests/test_schedules.py checks the tables themselves; tests/test_bad_input.py the argument
 checks.)
 """
+import contextlib
 import json
 import os
 import subprocess
@@ -15,10 +18,10 @@ import torch
 from conftest import BACKENDS, HAS_CUDA, assert_close_to_ref, run_op
 from triton.runtime.jit import mangle_type
 
-from fastdiff import reference
+from fastdiff import reference, schedules
 from fastdiff.kernels import denoise_step as kernel
 from fastdiff.kernels import launch
-from fastdiff.schedules import COEF_H, COEF_K0, COEF_KM, COEF_KN, COEF_KP, COEF_KX, COEF_PM, COEF_PX
+from fastdiff.schedules import NUM_V, ROW_LEN, ROW_O, ROW_P, ROW_S, ROW_W, SLOTS
 
 DTYPES = [
     # (dtype, atol, rtol); rtol: one rounding of the output at its largest magnitude. With
@@ -34,15 +37,20 @@ SHAPES = [
     (1,),            # a single element (Triton specializes numel == 1)
     (2, 3, 33, 37),  # 7326 elements: several blocks and a ragged tail
     (2, 4, 32, 32),  # 8192 elements: an exact multiple of the block, no tail
+    (2, 4, 64, 65),  # 33280 elements: two CPU chunks (grain 2**15) split inside a slot tile
 ]
 
 CASES = [
-    # (guided, noise, prev_x0, clip, write_x0)
-    (True, True, False, True, True),      # guided DDPM with clipping, progressive x0
-    (True, False, True, False, True),     # guided DPM-Solver++ 2M (reads the previous x0)
-    (False, False, False, False, False),  # unguided deterministic DDIM, only the sample out
-    (False, True, True, True, False),     # every optional input, clipped, unguided
+    # (K state slots, guided, noise, clip, write_x0)
+    (0, True, True, True, True),      # DDPM-like: guided, noisy, clipped, progressive x0
+    (0, False, False, False, False),  # deterministic and unguided, only the sample out
+    (1, True, False, False, True),    # DPM-Solver++ 2M: the previous x0 in one slot
+    (2, False, True, True, False),    # two slots (UniPC, DPM-Solver 3), noisy, clipped
+    (3, True, True, False, True),     # three slots
+    (4, True, False, True, True),     # every slot (PNDM's four past outputs), clipped
+    (4, False, True, False, False),   # every slot, unguided and noisy
 ]
+CASE_IDS = ["k0-ddpm", "k0-ddim", "k1-dpm2m", "k2-noisy", "k3", "k4-clip", "k4-noisy"]
 
 NUM_STEPS = 6
 STEPS = [
@@ -50,46 +58,71 @@ STEPS = [
     (1, torch.int64),  # a row of O(1) coefficients
     (4, torch.int32),  # a DDPM-like row at t ~ 999: P_x ~ 1/sqrt(alpha-bar) ~ 150
 ]
+# Which slots a row writes (W_j; any non-zero value writes), odd rows and even rows: they leave
+# different slots untouched, so K = 1 is tested both ways.
+WRITES = ((0.0, 2.0, 0.0, 1.0), (1.0, 0.0, -0.5, 1.0))
 
 
-def _table(g):
-    """(NUM_STEPS, 8) float32 rows: odd rows O(1), even rows with the magnitudes of DDPM near
-    t = 999 (P_x = 1/sqrt(alpha-bar) up to ~160, P_m ~ -P_x), where input rounding is amplified."""
-    c = torch.rand(NUM_STEPS, 8, generator=g, dtype=torch.float64) * 2 - 1
+def _table(g, k):
+    """(NUM_STEPS, ROW_LEN) float32 rows using every coefficient of the inputs a call with k slots
+    has (those of absent slots are 0, as schedules requires): odd rows O(1), even rows with the
+    magnitudes of DDPM near t = 999 (P_x = 1/sqrt(alpha-bar) up to ~160, P_m ~ -P_x), where
+    input rounding is amplified."""
+    c = torch.rand(NUM_STEPS, ROW_LEN, generator=g, dtype=torch.float64) * 2 - 1
     big = c[0::2]
-    big[:, COEF_PX] = 100 + 60 * torch.rand(big.shape[0], generator=g, dtype=torch.float64)
-    big[:, COEF_PM] = -big[:, COEF_PX] * (0.99 + 0.01 * torch.rand(big.shape[0], generator=g,
-                                                                     dtype=torch.float64))
+    big[:, ROW_P] = 100 + 60 * torch.rand(big.shape[0], generator=g, dtype=torch.float64)
+    big[:, ROW_P + 1] = -big[:, ROW_P] * (0.99 + 0.01 * torch.rand(big.shape[0], generator=g,
+                                                                   dtype=torch.float64))
+    for i in range(NUM_STEPS):
+        c[i, ROW_W:ROW_S] = torch.tensor(WRITES[i % 2])
+    c[:, schedules.absent_slot_columns(k)] = 0  # (the new values of absent slots stay: unused)
     return c.float()
 
 
-def _inputs(g, dtype, shape, guided, has_noise, has_prev):
+def _inputs(g, dtype, shape, guided, has_noise, k):
     r = lambda *s: torch.randn(*s, generator=g).to(dtype)  # noqa: E731
     mo = r(2 * shape[0], *shape[1:]) if guided else r(*shape)
-    return mo, r(*shape), (r(*shape) if has_noise else None), (r(*shape) if has_prev else None)
+    return mo, r(*shape), (r(*shape) if has_noise else None), (r(k, *shape) if k else None)
 
 
-def _torch_same_dtype(mo, x, coeffs, i, noise, prev, s, clip, r):
-    """The same step with plain torch ops in the input dtype: the yardstick of the pass rule."""
+def _torch_same_dtype(mo, x, coeffs, i, noise, state, s, clip, r):
+    """The same step with plain torch ops in the input dtype: the yardstick of the pass rule.
+    Returns (out, x0, new slot values or None)."""
     c = [float(v) for v in coeffs[i]]
     m = mo
     if mo.shape[0] == 2 * x.shape[0]:
         u, cond = mo.chunk(2)
         m = u + s * (cond - u)
-    n = noise if noise is not None else torch.zeros_like(x)
-    xh = x + c[COEF_H] * n
-    x0 = c[COEF_PX] * xh + c[COEF_PM] * m
+    v = [x, m, noise if noise is not None else torch.zeros_like(x)]
+    v += list(state) if state is not None else []
+
+    def affine(base, with_x0=None):
+        y = sum(c[base + k] * t for k, t in enumerate(v))
+        return y if with_x0 is None else y + c[base + NUM_V] * with_x0
+
+    x0 = affine(ROW_P)
     if clip:
         x0 = x0.clamp(-r, r)
-    out = c[COEF_KX] * xh + c[COEF_K0] * x0 + c[COEF_KM] * m + c[COEF_KN] * n
-    if prev is not None:
-        out = out + c[COEF_KP] * prev
-    return out, x0
+    new = None if state is None else [affine(ROW_S + j * (NUM_V + 1), x0)
+                                      for j in range(len(state))]
+    return affine(ROW_O, x0), x0, new
 
 
 def _tol(atol, rtol, ref):
     """The atol handed to assert_close_to_ref: atol plus one rounding at the largest |ref|."""
     return atol + rtol * ref.abs().max().item()
+
+
+@contextlib.contextmanager
+def _poisoned():
+    """Outputs the op allocates come filled with NaN (torch's deterministic mode fills
+    uninitialized memory), so an element a kernel leaves unwritten fails the finite check."""
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev)
 
 
 def _skip_triton_bf16(backend, dtype):
@@ -98,51 +131,104 @@ def _skip_triton_bf16(backend, dtype):
                     "nearest): a one-ulp bias that uses up the whole rtol and sometimes more")
 
 
+def _check_step(backend, args, tols, what=""):
+    """Runs the op on backend with poisoned outputs and checks out, x0 and the state (updated
+    where the row writes, bitwise untouched elsewhere) against the reference."""
+    mo, x, coeffs, idx, noise, state, s, clip, r, write_x0 = args[:10]
+    i = int(idx.reshape(-1)[0])
+    before = None if state is None else state.clone()
+    with _poisoned():
+        out, x0 = run_op(backend, "denoise_step", *args)
+    ref_out, ref_x0, ref_state = reference.denoise_step_v2(mo, x, coeffs, idx, noise, before, s,
+                                                        clip, r, *args[10:])
+    t_out, t_x0, t_state = _torch_same_dtype(mo, x, coeffs, i, noise, before, s, clip, r)
+    atol, rtol = tols
+    assert out.dtype == x.dtype
+    assert_close_to_ref(out, ref_out, t_out, _tol(atol, rtol, ref_out), what=f"{what} out")
+    if write_x0:
+        assert x0.dtype == x.dtype
+        assert_close_to_ref(x0, ref_x0, t_x0, _tol(atol, rtol, ref_x0), what=f"{what} x0")
+    else:
+        assert x0.shape == (0,)
+    for j in range(0 if state is None else state.shape[0]):
+        if coeffs[i, ROW_W + j] != 0:
+            assert_close_to_ref(state[j], ref_state[j], t_state[j],
+                                _tol(atol, rtol, ref_state[j]), what=f"{what} slot {j}")
+        else:
+            assert torch.equal(state[j], before[j]), f"{what}: slot {j} (W = 0) was written"
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype,atol,rtol", DTYPES, ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("guided,has_noise,has_prev,clip,write_x0", CASES,
-                         ids=["ddpm", "dpm2m", "ddim", "noguide"])
+@pytest.mark.parametrize("k,guided,has_noise,clip,write_x0", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("step,index_dtype", STEPS, ids=["small-i64", "ddpm999-i32"])
-def test_matches_reference(backend, dtype, atol, rtol, shape, guided, has_noise, has_prev, clip,
+def test_matches_reference(backend, dtype, atol, rtol, shape, k, guided, has_noise, clip,
                            write_x0, step, index_dtype):
     _skip_triton_bf16(backend, dtype)
-    g = torch.Generator().manual_seed(hash((shape, guided, has_noise, step)) % 2**31)
-    coeffs = _table(g)
-    mo, x, noise, prev = _inputs(g, dtype, shape, guided, has_noise, has_prev)
+    g = torch.Generator().manual_seed(hash((shape, k, guided, has_noise, step)) % 2**31)
+    coeffs = _table(g, k)
+    mo, x, noise, state = _inputs(g, dtype, shape, guided, has_noise, k)
     s = 1 + 7 * torch.rand((), generator=g).item() if guided else 1.0
-    args = (mo, x, coeffs, torch.tensor([step], dtype=index_dtype), noise, prev, s, clip, 1.5,
+    args = (mo, x, coeffs, torch.tensor([step], dtype=index_dtype), noise, state, s, clip, 1.5,
             write_x0)
-    out, x0 = run_op(backend, "denoise_step", *args)
-    ref_out, ref_x0 = reference.denoise_step(*args)
-    t_out, t_x0 = _torch_same_dtype(mo, x, coeffs, step, noise, prev, s, clip, 1.5)
-    assert out.dtype == dtype
-    assert_close_to_ref(out, ref_out, t_out, _tol(atol, rtol, ref_out), what=f"{backend} out")
-    if write_x0:
-        assert x0.dtype == dtype
-        assert_close_to_ref(x0, ref_x0, t_x0, _tol(atol, rtol, ref_x0), what=f"{backend} x0")
-    else:
-        assert x0.shape == (0,)
+    _check_step(backend, args, (atol, rtol), what=backend)
+
+
+def test_row_layout_matches_schedules():
+    """kernels/denoise_step.py's literals (the C++ reads them from the generated header) are
+    schedules' layout."""
+    for name in ("SLOTS", "NUM_V", "ROW_P", "ROW_O", "ROW_W", "ROW_S", "ROW_LEN"):
+        assert getattr(kernel, name) == getattr(schedules, name), name
+    assert (schedules.V_X, schedules.V_M, schedules.V_N, schedules.V_S) == (0, 1, 2, 3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_row_can_shift_a_history(backend):
+    """PNDM-like bookkeeping: s0 <- s1, s1 <- s2, s2 <- x0, s3 kept; every slot is read before
+    any is written, so the copies are exact."""
+    x = torch.randn(2, 3, 5, 7)
+    row = schedules.step_row(p={"x": 0.5, "s0": 1.0}, o={"x": 1.0, "s3": 1.0},
+                             writes={0: {"s1": 1.0}, 1: {"s2": 1.0}, 2: {"x0": 1.0}})
+    coeffs = torch.tensor([row])
+    state = torch.randn(4, *x.shape)
+    before = state.clone()
+    out, x0 = run_op(backend, "denoise_step", x, x, coeffs, torch.tensor(0), None, state, 1.0,
+                     False, 1.0, True)
+    assert torch.equal(state[0], before[1]) and torch.equal(state[1], before[2])
+    assert torch.equal(state[3], before[3])
+    torch.testing.assert_close(state[2], 0.5 * x + before[0], rtol=0, atol=0)
+    torch.testing.assert_close(x0, state[2], rtol=0, atol=0)
+    torch.testing.assert_close(out, x + before[3], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("k", [0, 2])
+def test_empty_sample(backend, k):
+    """No elements: nothing is launched, the outputs are empty and the (empty) state is
+    accepted with any number of slots."""
+    x = torch.randn(0, 3, 5)
+    state = torch.randn(k, 0, 3, 5) if k else None
+    out, x0 = run_op(backend, "denoise_step", x, x, _table(torch.Generator().manual_seed(2), k),
+                     torch.tensor(1), None, state, 1.0, False, 1.0, True)
+    assert out.shape == x0.shape == x.shape
+    assert state is None or state.shape == (k, 0, 3, 5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
 def test_step_index_is_read_from_the_tensor(backend, index_dtype):
     """The same call with the index tensor updated in place gives the other row's step, as a
-    replayed CUDA graph needs (nothing about the index is cached on the host)."""
+    replayed CUDA graph needs (nothing about the index is cached on the host); the state carries
+    from call to call."""
     g = torch.Generator().manual_seed(7)
-    coeffs = _table(g)
-    mo, x, noise, _ = _inputs(g, torch.float32, (2, 3, 4), True, True, False)
+    coeffs = _table(g, 2)
+    mo, x, noise, state = _inputs(g, torch.float32, (2, 3, 4), True, True, 2)
     idx = torch.tensor(0, dtype=index_dtype)  # 0-d: any one-element tensor is accepted
     for i in (2, 5, 2):
         idx.fill_(i)
-        args = (mo, x, coeffs, idx, noise, None, 3.0, False, 1.0, True)
-        out, x0 = run_op(backend, "denoise_step", *args)
-        ref_out, ref_x0 = reference.denoise_step(*args)
-        t_out, t_x0 = _torch_same_dtype(mo, x, coeffs, i, noise, None, 3.0, False, 1.0)
-        atol, rtol = DTYPES[0][1:]
-        assert_close_to_ref(out, ref_out, t_out, _tol(atol, rtol, ref_out), what=f"step {i} out")
-        assert_close_to_ref(x0, ref_x0, t_x0, _tol(atol, rtol, ref_x0), what=f"step {i} x0")
+        args = (mo, x, coeffs, idx, noise, state, 3.0, False, 1.0, True)
+        _check_step(backend, args, DTYPES[0][1:], what=f"step {i}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -150,13 +236,15 @@ def test_explicit_guided_gives_the_inferred_step(backend):
     """guided=True / False, as the engine and the diffusers step pass it, gives the step that
     inferring it from the batch sizes gives."""
     g = torch.Generator().manual_seed(13)
-    coeffs = _table(g)
+    coeffs = _table(g, 1)
     for guided in (True, False):
-        mo, x, noise, _ = _inputs(g, torch.float32, (2, 3, 4), guided, True, False)
-        args = (mo, x, coeffs, torch.tensor(1), noise, None, 3.0 if guided else 1.0, False, 1.0,
-                True)
-        explicit = run_op(backend, "denoise_step", *args, guided)
-        for got, want in zip(explicit, run_op(backend, "denoise_step", *args)):
+        mo, x, noise, state = _inputs(g, torch.float32, (2, 3, 4), guided, True, 1)
+        states = [state.clone(), state.clone()]
+        args = (mo, x, coeffs, torch.tensor(1), noise)
+        rest = (3.0 if guided else 1.0, False, 1.0, True)
+        explicit = run_op(backend, "denoise_step", *args, states[0], *rest, guided)
+        inferred = run_op(backend, "denoise_step", *args, states[1], *rest)
+        for got, want in zip((*explicit, states[0]), (*inferred, states[1])):
             torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
@@ -170,21 +258,47 @@ def test_explicit_guided_gives_the_inferred_step(backend):
 ])
 @pytest.mark.parametrize("clip", [False, True], ids=["noclip", "clip"])
 def test_out_of_range_index_gives_nan_on_the_device(backend, index, index_dtype, clip):
-    """The device cannot raise without a host sync: every output element is NaN instead, and
-    clipping must not turn it back into a number."""
+    """The device cannot raise without a host sync: every output element and every state slot
+    is NaN instead (the slots were finite), and clipping must not turn it back into a number."""
     g = torch.Generator().manual_seed(3)
-    mo, x, noise, prev = _inputs(g, torch.float16, (3, 4, 5, 7), True, True, True)
-    out, x0 = run_op(backend, "denoise_step", mo, x, _table(g), torch.tensor([index],
-                     dtype=index_dtype), noise, prev, 2.0, clip, 1.0, True)
-    assert out.isnan().all() and x0.isnan().all()
+    mo, x, noise, state = _inputs(g, torch.float16, (3, 4, 5, 7), True, True, 3)
+    out, x0 = run_op(backend, "denoise_step", mo, x, _table(g, 3), torch.tensor([index],
+                     dtype=index_dtype), noise, state, 2.0, clip, 1.0, True)
+    assert out.isnan().all() and x0.isnan().all() and state.isnan().all()
 
 
 @pytest.mark.parametrize("index", [-1, NUM_STEPS])
 def test_out_of_range_index_raises_on_cpp(index):
     x = torch.randn(2, 3, 4)
+    state = torch.randn(1, 2, 3, 4)
+    before = state.clone()
     with pytest.raises(ValueError, match=f"'step_index'={index} is out of range"):
-        torch.ops.fastdiff.denoise_step(x, x, _table(torch.Generator().manual_seed(0)),
-                                        torch.tensor(index))
+        torch.ops.fastdiff.denoise_step(x, x, _table(torch.Generator().manual_seed(0), 1),
+                                        torch.tensor(index), None, state)
+    assert torch.equal(state, before)
+
+
+def test_coefficients_on_absent_slots_raise_on_cpp():
+    """On the CPU the row is read anyway: each coefficient on a slot the call does not pass
+    (which would be read as zero) raises, naming the row and the slot, and leaves the state as
+    it was; the new values of absent slots are not read."""
+    g = torch.Generator().manual_seed(17)
+    for k in range(SLOTS + 1):
+        coeffs = _table(g, k)
+        mo, x, noise, state = _inputs(g, torch.float32, (2, 3, 4), False, False, k)
+        before = None if state is None else state.clone()
+        why = "no 'state' was passed" if k == 0 else f"'state' holds {k} slot"
+        columns = schedules.absent_slot_columns(k)
+        assert len(columns) == sum(3 + k for _ in range(k, SLOTS))
+        for col in columns:
+            bad = coeffs.clone()
+            bad[2, col] = 0.25
+            with pytest.raises(ValueError, match=f"'coeffs' row 2 reads or writes state slot "
+                                                 f"[{k}-3], but {why}"):
+                torch.ops.fastdiff.denoise_step(mo, x, bad, torch.tensor(2), noise, state)
+            assert state is None or torch.equal(state, before)
+            torch.ops.fastdiff.denoise_step(mo, x, bad, torch.tensor(1), noise,
+                                            None if state is None else state.clone())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -192,13 +306,16 @@ def test_out_of_range_index_raises_on_cpp(index):
 def test_nan_in_model_output_propagates(backend, clip):
     """As in torch.clamp, a NaN stays NaN through the clip (a GPU min/max would drop it)."""
     g = torch.Generator().manual_seed(5)
-    mo, x, _, _ = _inputs(g, torch.float32, (2, 3, 4), True, False, False)
+    mo, x, _, state = _inputs(g, torch.float32, (2, 3, 4), True, False, 1)
     mo[3, 1, 2] = float("nan")  # cond half, sample element (1, 1, 2)
-    args = (mo, x, _table(g), torch.tensor(1), None, None, 2.0, clip, 1.0, True)
-    out, x0 = run_op(backend, "denoise_step", *args)
-    ref_out, ref_x0 = reference.denoise_step(*args)
+    coeffs = _table(g, 1)
+    ref_out, ref_x0, ref_state = reference.denoise_step_v2(mo, x, coeffs, torch.tensor(1), None,
+                                                        state, 2.0, clip, 1.0)
+    out, x0 = run_op(backend, "denoise_step", mo, x, coeffs, torch.tensor(1), None, state, 2.0,
+                     clip, 1.0, True)
     assert torch.equal(out.isnan(), ref_out.isnan()) and out[1, 1, 2].isnan()
     assert torch.equal(x0.isnan(), ref_x0.isnan()) and x0[1, 1, 2].isnan()
+    assert torch.equal(state.isnan(), ref_state.isnan()) and state[0, 1, 1, 2].isnan()
 
 
 def test_compiled_step_matches_eager():
@@ -210,12 +327,37 @@ def test_compiled_step_matches_eager():
         return x, x0
 
     g = torch.Generator().manual_seed(11)
-    coeffs = _table(g) * 0.1
-    mo, x, noise, _ = _inputs(g, torch.float32, (2, 3, 8), True, True, False)
+    coeffs = _table(g, 0) * 0.1
+    mo, x, noise, _ = _inputs(g, torch.float32, (2, 3, 8), True, True, 0)
     torch._dynamo.reset()
     compiled = torch.compile(two_steps, fullgraph=True)
     for got, want in zip(compiled(mo, x, coeffs, noise), two_steps(mo, x, coeffs, noise)):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_compiled_step_updates_the_state_as_eager(compiler):
+    """The state is a mutated optional argument (Tensor(a!)?): torch.compile(fullgraph=True)
+    functionalizes the op (auto_functionalize) and writes the new slots back into the caller's
+    tensor, step after step, as eager does."""
+    def three_steps(mo, x, coeffs, noise, state):
+        for i in (1, 4, 1):
+            x, x0 = torch.ops.fastdiff.denoise_step(mo, x, coeffs, torch.tensor(i), noise, state,
+                                                    3.0, True, 1.0, True)
+        return x, x0
+
+    g = torch.Generator().manual_seed(19)
+    coeffs = _table(g, 2) * 0.1
+    mo, x, noise, state = _inputs(g, torch.float32, (2, 3, 8), True, True, 2)
+    eager_state, compiled_state = state.clone(), state.clone()
+    torch._dynamo.reset()
+    compiled = torch.compile(three_steps, fullgraph=True, backend=compiler)
+    got = compiled(mo, x, coeffs, noise, compiled_state)
+    want = three_steps(mo, x, coeffs, noise, eager_state)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.equal(eager_state, state)
+    torch.testing.assert_close(compiled_state, eager_state, rtol=0, atol=0)
 
 
 def _key(cfg):
@@ -244,13 +386,13 @@ def test_launcher_runs_only_listed_configs(monkeypatch):
 
     monkeypatch.setattr(kernel, "denoise_step", Recorder())
     g = torch.Generator().manual_seed(1)
-    coeffs = _table(g)
     for dtype, _, _ in DTYPES:
-        for guided, has_noise, has_prev, clip, write_x0 in CASES:
+        for k, guided, has_noise, clip, write_x0 in CASES:
+            coeffs = _table(g, k)
             for step, index_dtype in STEPS:
-                mo, x, noise, prev = _inputs(g, dtype, (2, 5), guided, has_noise, has_prev)
+                mo, x, noise, state = _inputs(g, dtype, (2, 5), guided, has_noise, k)
                 launch("denoise_step", mo, x, coeffs, torch.tensor(step, dtype=index_dtype),
-                       noise, prev, 2.0 if guided else 1.0, clip, 1.0, write_x0)
+                       noise, state, 2.0 if guided else 1.0, clip, 1.0, write_x0)
     assert len(seen) == len(DTYPES) * len(CASES) * len(STEPS)
     assert set(seen) <= listed, set(seen) - listed
 
@@ -272,7 +414,7 @@ for cfg in kernel.prebuilt_configs():
                       "vector": "ld.global.v4.b32" in ptx and "st.global.v4.b32" in ptx,
                       "nan_minmax": bool(re.findall(r"\\b(?:max|min)\\.NaN\\.f32", ptx)),
                       "plain_minmax": bool(re.findall(r"\\b(?:max|min)\\.f32", ptx))}))
-big = kernel._config(torch.float16, True, True, True)
+big = kernel._config(torch.float16, kernel.SLOTS)
 big = {**big, "signature": {**big["signature"], "numel": "i64"}, "aligned": ()}
 print(json.dumps({"big": len(compile_config(big, arch).asm["cubin"])}))
 """
@@ -286,7 +428,7 @@ def test_every_config_compiles_ahead_of_time(arch):
     unaligned) builds too. tests/test_prebuild.py compiles the pointers-only variants."""
     configs = kernel.prebuilt_configs()
     aligned = [c for c in configs if "numel" in c["aligned"]]
-    assert len(aligned) == 3 * 2 * 2**3  # dtypes x index dtypes x (guided, noise, prev_x0)
+    assert len(aligned) == 3 * 2 * (SLOTS + 1)  # dtypes x index dtypes x slot counts
     assert len(configs) == 2 * len(aligned)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, str(arch)], capture_output=True,

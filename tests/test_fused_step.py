@@ -1,5 +1,6 @@
 """FusedStep (the scheduler step fastdiff.accelerate installs) against the scheduler's own step,
 call by call: outputs, return types and the scheduler state after every step."""
+import copy
 import dataclasses
 
 import pytest
@@ -91,6 +92,24 @@ def test_fused_step_from_a_begin_index(kind):
         xa = a.step(m, t, a.scale_model_input(xa, t)).prev_sample
         xb = b.step(m, t, b.scale_model_input(xb, t)).prev_sample
         torch.testing.assert_close(xb, xa, rtol=1e-5, atol=1e-5)
+
+
+def test_dpm_history_survives_diffusers_own_steps_and_copies():
+    """The fused DPM-Solver step keeps the previous x0 in the kernel's state slot, which the
+    kernel writes; where diffusers' history moved on without it (its own step ran, the scheduler
+    was deep-copied mid-run), the slot is taken from the scheduler's model_outputs."""
+    a, b = _pair("DPMSolverMultistepScheduler", {}, 8)
+    gen = torch.Generator().manual_seed(0)
+    xa = xb = torch.randn(1, 4, 4, 4, generator=gen)
+    for i, t in enumerate(a.timesteps):
+        m = torch.randn(xa.shape, generator=gen)
+        if i == 4:
+            b = copy.deepcopy(b)                          # a new FusedStep, new slots
+        step = b.step.original if i == 2 else b.step     # diffusers' own step at step 2
+        xa = a.step(m, t, xa).prev_sample
+        xb = step(m, t, xb).prev_sample
+        torch.testing.assert_close(xb, xa, rtol=1e-5, atol=1e-5, msg=f"step {i}")
+    assert isinstance(b.step, schedulers.FusedStep) and b.step._state is not None
 
 
 def test_fused_step_falls_back_for_thresholding_and_learned_variance():

@@ -45,9 +45,15 @@ def test_meta_kernels_keep_layout_and_shapes():
     s = torch.empty(2, 4, 8, 8, device="meta", dtype=torch.float16)
     out, x0 = torch.ops.fastdiff.denoise_step(
         torch.empty(4, 4, 8, 8, device="meta", dtype=torch.float16), s,
-        torch.empty(3, 8, device="meta"), torch.empty((), dtype=torch.long, device="meta"),
+        torch.empty(3, schedules.ROW_LEN, device="meta"),
+        torch.empty((), dtype=torch.long, device="meta"),
         guidance_scale=2.0, write_x0=False)
     assert out.shape == s.shape and out.dtype == torch.float16 and x0.numel() == 0
+    state = torch.empty(2, *s.shape, device="meta", dtype=torch.float16)  # updated in place
+    out, x0 = torch.ops.fastdiff.denoise_step(
+        s, s, torch.empty(3, schedules.ROW_LEN, device="meta"),
+        torch.empty((), dtype=torch.long, device="meta"), None, state, write_x0=True)
+    assert out.shape == x0.shape == s.shape and state.shape == (2, *s.shape)
 
 
 def test_bool_and_low_rank_masks_match_sdpa():

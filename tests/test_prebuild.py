@@ -69,10 +69,9 @@ def test_launchers_choose_only_listed_configs():
             for bias in (None, dt, torch.float32):
                 key = _key(attention._config(dt, d, bias))
                 assert (key in listed) == (d in attention.PREBUILT_HEAD_DIMS), (dt, d, bias)
-        for flags in range(8):
-            f = [bool(flags >> i & 1) for i in range(3)]  # guided, noise, prev_x0
+        for k in range(denoise_step.SLOTS + 1):  # state slots (guided, noise: runtime flags)
             for index_dtype in (torch.int64, torch.int32):
-                assert _key(denoise_step._config(dt, *f, index_dtype)) in listed, (dt, f)
+                assert _key(denoise_step._config(dt, k, index_dtype)) in listed, (dt, k)
         for flags in range(32):
             f = [bool(flags >> i & 1) for i in range(5)]  # cl, pre, scale/shift, silu, aligned
             for cfg in group_norm_silu._configs(dt, *f):
@@ -119,7 +118,10 @@ def test_attention_reads_q_k_v_in_16_byte_loads_on_tensor_cores(compiled):
 
 def test_group_norm_and_denoise_step_move_data_in_16_byte_accesses(compiled):
     """Where rows are 16-byte aligned (group_norm_silu's VEC > 1; denoise_step's numel % 16 ==
-    0 variant), x is read, and y written, in 16-byte accesses: one per 16 bytes of a tile."""
+    0 variant), x is read, and y written, in 16-byte accesses: one per 16 bytes of a tile.
+    denoise_step reads the model output's two halves, the sample, the noise (guidance and noise
+    are runtime flags: the loads are there, masked off when unused) and its NUM_SLOTS state
+    slots, and writes out, x0 and the slots."""
     checked = 0
     for r in compiled:
         cx, s = r["constexprs"], r["sass"]
@@ -130,10 +132,11 @@ def test_group_norm_and_denoise_step_move_data_in_16_byte_accesses(compiled):
             if r["kernel"] == "group_norm_silu_apply":
                 assert s["stg"] == {"128": n}, f"{_label(r)}: {s['stg']}"
         elif r["op"] == "denoise_step" and "numel" in [names[i] for i in r["aligned"]]:
-            inputs = 2 + cx["GUIDED"] + cx["HAS_NOISE"] + cx["HAS_PREV"]
+            inputs = 4 + cx["NUM_SLOTS"]
             n = _vectors(r, cx["BLOCK"])
             assert s["ldg"].get("128", 0) >= inputs * n, f"{_label(r)}: {s['ldg']}"
-            assert s["stg"] == {"128": 2 * n}, f"{_label(r)}: {s['stg']}"  # out, x0
+            outputs = 2 + cx["NUM_SLOTS"]  # out, x0, the slots
+            assert s["stg"] == {"128": outputs * n}, f"{_label(r)}: {s['stg']}"
         else:
             continue
         checked += 1

@@ -20,7 +20,7 @@ import torch
 import triton
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fastdiff import _C, ops, prebuilt, reference
+from fastdiff import _C, ops, prebuilt, reference, schedules
 from fastdiff.kernels import attention, denoise_step, group_norm_silu, prebuild
 
 # The quick CPU subset tests/test_wheel.py runs in a fresh install of the wheel.
@@ -174,19 +174,20 @@ def test_attention_plan_matches_the_launcher(case):
     _compare(attention, _C._prebuilt_plan_attention, inputs, args)
 
 
-def _step_case(dtype, shape, guided=False, noise=False, prev=False, index_dtype=torch.int64,
+def _step_case(dtype, shape, guided=False, noise=False, slots=0, index_dtype=torch.int64,
                clip=False, write_x0=False, guidance=1.0, seed=0):
     g = torch.Generator().manual_seed(seed)
     sample = torch.randn(*shape, generator=g).to(dtype)
     mo = torch.randn(shape[0] * (2 if guided else 1), *shape[1:], generator=g).to(dtype)
-    coeffs = torch.randn(7, 8, generator=g)
+    coeffs = torch.randn(7, schedules.ROW_LEN, generator=g)
+    coeffs[:, schedules.absent_slot_columns(slots)] = 0
     inputs = {"model_output": mo, "sample": sample, "coeffs": coeffs,
               "step_index": torch.tensor(3, dtype=index_dtype)}
     if noise:
         inputs["noise"] = torch.randn(*shape, generator=g).to(dtype)
-    if prev:
-        inputs["prev_x0"] = torch.randn(*shape, generator=g).to(dtype)
-    args = (mo, sample, coeffs, inputs["step_index"], inputs.get("noise"), inputs.get("prev_x0"),
+    if slots:
+        inputs["state"] = torch.randn(slots, *shape, generator=g).to(dtype)
+    args = (mo, sample, coeffs, inputs["step_index"], inputs.get("noise"), inputs.get("state"),
             guidance, clip, 1.5, write_x0)
     return inputs, args
 
@@ -194,10 +195,11 @@ def _step_case(dtype, shape, guided=False, noise=False, prev=False, index_dtype=
 STEP_CASES = [
     dict(dtype=torch.float32, shape=(2, 4, 8, 8)),
     dict(dtype=torch.float16, shape=(1, 4, 64, 64), guided=True, noise=True, guidance=7.5,
-         write_x0=True),
-    dict(dtype=torch.bfloat16, shape=(3, 5, 7), prev=True, index_dtype=torch.int32, clip=True),
-    dict(dtype=torch.float32, shape=(2, 3, 33, 1), guided=True, noise=True, prev=True,
+         write_x0=True, slots=1),
+    dict(dtype=torch.bfloat16, shape=(3, 5, 7), slots=3, index_dtype=torch.int32, clip=True),
+    dict(dtype=torch.float32, shape=(2, 3, 33, 1), guided=True, noise=True, slots=4,
          guidance=2.0, clip=True, write_x0=True),
+    dict(dtype=torch.float16, shape=(1,), slots=2, write_x0=True),
 ]
 
 
@@ -231,11 +233,12 @@ def test_every_cpp_key_is_a_listed_configuration():
                     seen |= {la["key"] for la in launches}
                 else:
                     assert why == f"no cubin for head dim {d}", (dt, d, bias)
-        for flags in range(8):
-            guided, noise, prev = (bool(flags >> i & 1) for i in range(3))
-            for it in (torch.int64, torch.int32):
-                _, args = _step_case(dt, (2, 3), guided, noise, prev, it)
-                seen |= {la["key"] for la in _C._prebuilt_plan_denoise_step(*args)[0]}
+        for flags in range(4):
+            guided, noise = (bool(flags >> i & 1) for i in range(2))
+            for k in range(schedules.SLOTS + 1):
+                for it in (torch.int64, torch.int32):
+                    _, args = _step_case(dt, (2, 3), guided, noise, k, it)
+                    seen |= {la["key"] for la in _C._prebuilt_plan_denoise_step(*args)[0]}
     assert seen <= listed, sorted(seen - listed)[:5]
     assert len(seen) == len(listed)  # and every listed configuration is reachable
 
@@ -394,7 +397,7 @@ def test_selection_rejects_what_the_cubin_cannot_take(sm80):
     renamed = dict(la, args=[("sample" if n == "x_ptr" else n, k, b) for n, k, b in la["args"]])
     assert "is 'x_ptr'" in _C._prebuilt_select(renamed, 80)[1]
     short = dict(la, args=la["args"][:-1])
-    assert "takes 16 parameters, the launch packs 13" in _C._prebuilt_select(short, 80)[1]
+    assert "takes 18 parameters, the launch packs 15" in _C._prebuilt_select(short, 80)[1]
     wide = dict(la, grid=(1, 70000, 1))
     assert "exceeds CUDA's limits" in _C._prebuilt_select(wide, 80)[1]
     assert "is not prebuilt" in _C._prebuilt_select(dict(la, key="nope()[]"), 80)[1]
@@ -519,14 +522,26 @@ def test_cuda_attention_prebuilt(gpu_cubins, case):
 @pytest.mark.parametrize("case", STEP_CASES, ids=lambda c: f"{c['dtype']}-{c['shape']}")
 def test_cuda_denoise_step_prebuilt(gpu_cubins, case):
     _, args = _step_case(**case)
+    state = args[5]
     cuda_args = _on(args, "cuda")
-    (a_out, a_x0), (j_out, _) = _both_paths(
-        lambda: torch.ops.fastdiff.denoise_step(*cuda_args))
-    c_out, c_x0 = torch.ops.fastdiff.denoise_step(*args)
+    # each run updates its own copy of the state in place
+    states = iter([None if state is None else state.to("cuda") for _ in range(2)])
+    runs = []
+
+    def run():
+        runs.append(next(states))
+        return torch.ops.fastdiff.denoise_step(*cuda_args[:5], runs[-1], *cuda_args[6:])
+
+    (a_out, a_x0), (j_out, _) = _both_paths(run)
+    c_state = None if state is None else state.clone()
+    c_out, c_x0 = torch.ops.fastdiff.denoise_step(*args[:5], c_state, *args[6:])
     tol = 1e-5 if a_out.dtype == torch.float32 else 2e-2
     torch.testing.assert_close(a_out.cpu(), c_out, rtol=tol, atol=tol)
     torch.testing.assert_close(a_x0.cpu(), c_x0, rtol=tol, atol=tol)
     torch.testing.assert_close(a_out, j_out)
+    if state is not None:
+        torch.testing.assert_close(runs[0].cpu(), c_state, rtol=tol, atol=tol)
+        torch.testing.assert_close(runs[0], runs[1])
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the GPU tests run the CUDA kernels on CUDA tensors")

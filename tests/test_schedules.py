@@ -86,7 +86,7 @@ def test_chain_matches_diffusers(backend, case):
 
     x0_init = torch.randn(SHAPE, generator=torch.Generator().manual_seed(7))
     x_ref = x_ours = x0_init * float(sched.init_noise_sigma)
-    prev_x0 = None
+    state = torch.zeros(table.slots, *SHAPE) if table.slots else None
     for i, t in enumerate(ref_sched.timesteps):
         # diffusers: guidance, then step (noise from the same seeded stream we pass in)
         u, c = _model_output(i, x_ref).chunk(2)
@@ -97,7 +97,7 @@ def test_chain_matches_diffusers(backend, case):
             kw["generator"] = torch.Generator().manual_seed(1000 + i)
         out = ref_sched.step(u + GUIDANCE * (c - u), t, x_ref, **kw)
         ours, x0 = run_op(backend, "denoise_step", _model_output(i, x_ours), x_ours, table.coeffs,
-                          torch.tensor(i), _noise(i) if table.needs_noise else None, prev_x0,
+                          torch.tensor(i), _noise(i) if table.needs_noise else None, state,
                           GUIDANCE, table.clip_sample, table.clip_sample_range, True)
         scale = 1 + out.prev_sample.abs().max().item()
         torch.testing.assert_close(ours, out.prev_sample, atol=2e-5 * scale, rtol=2e-5,
@@ -105,7 +105,6 @@ def test_chain_matches_diffusers(backend, case):
         if getattr(out, "pred_original_sample", None) is not None:
             torch.testing.assert_close(x0, out.pred_original_sample, atol=2e-5 * scale, rtol=2e-5)
         x_ref, x_ours = out.prev_sample, ours
-        prev_x0 = x0 if table.needs_prev_x0 else None
 
 
 def test_model_input_scale_matches_euler():

@@ -227,7 +227,8 @@ class DPMSolverMultistep(_StepIndexed):
         if s.config.solver_order != 2:
             return hit, None
         prev_x0 = s.model_outputs[-1]
-        second_order = hit[0].coeffs[i, schedules.COEF_KP] != 0
+        # A second-order row reads the previous x0 from slot 0 (out's coefficient of s_0).
+        second_order = hit[0].coeffs[i, schedules.ROW_O + schedules.V_S] != 0
         if second_order and (s.lower_order_nums < 1 or prev_x0 is None):
             return step.table("first_order"), prev_x0      # diffusers' state says 1st order
         return hit, prev_x0
@@ -590,6 +591,10 @@ class FusedStep:
         self.family = FAMILIES[self.name]
         self._signature = inspect.signature(self.original)
         self._cache: dict = {}
+        # The kernel's state slots (DPM-Solver's previous x0), updated in place by each call,
+        # and the x0 of the last call (diffusers' model_outputs[-1] while the slots hold it).
+        self._state: torch.Tensor | None = None
+        self._state_x0: torch.Tensor | None = None
 
     @property
     def original(self):
@@ -621,6 +626,11 @@ class FusedStep:
                 tmp.timesteps, tmp.sigmas, tmp.num_inference_steps = (s.timesteps, s.sigmas,
                                                                       s.num_inference_steps)
                 table = schedules.table_from_scheduler(tmp)
+                # Standing in for second-order rows, they keep x0 in slot 0 as those do.
+                coeffs = table.coeffs.clone()
+                coeffs[:, schedules.ROW_W] = 1.0
+                coeffs[:, schedules.ROW_S + schedules.NUM_V] = 1.0
+                table = schedules.StepTable(**{**table.__dict__, "coeffs": coeffs, "slots": 1})
             else:
                 table = schedules.table_from_scheduler(s, **opts)
             ts = table.timesteps.tolist()
@@ -693,10 +703,23 @@ class FusedStep:
             dev_cache[dev] = (table.coeffs.to(dev), torch.arange(len(table), device=dev))
         coeffs, idx = dev_cache[dev]
         out_dtype = model_output.dtype
+        state = None
+        if table.slots:
+            shape = (table.slots, *sample.shape)
+            st = self._state
+            fresh = (st is None or st.shape != shape or st.dtype != out_dtype
+                     or st.device != dev)
+            if fresh:
+                st = self._state = torch.zeros(shape, dtype=out_dtype, device=dev)
+            # The slots hold the last call's x0; diffusers' history may have moved on without
+            # us (its own step ran, a copy of the scheduler, new timesteps): take its x0.
+            if prev_x0 is not None and (fresh or prev_x0 is not self._state_x0):
+                st[0].copy_(prev_x0)
+            state = st
         prev, x0 = ops.denoise_step(
             model_output.contiguous(), sample.to(out_dtype).contiguous(), coeffs, idx[i], noise,
-            None if prev_x0 is None else prev_x0.to(out_dtype).contiguous(), 1.0,
-            table.clip_sample, table.clip_sample_range, write_x0=True, guided=False)
+            state, 1.0, table.clip_sample, table.clip_sample_range, write_x0=True, guided=False)
+        self._state_x0 = x0 if state is not None else None
         fam.advance(s, x0)
         return fam.output(s, prev, x0, a["return_dict"])
 
