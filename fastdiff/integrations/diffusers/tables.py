@@ -517,11 +517,12 @@ def _clipped_table(scheduler, step_kwargs):
     probed = probed.double()
     p = probed[:, S.ROW_P:S.ROW_P + S.NUM_V]
     o = probed[:, S.ROW_O:S.ROW_O + S.NUM_V]
-    v1 = _analytic_v1(scheduler, step_kwargs)
-    h, px, pm, kx, k0, km, kn = (v1[:, k] for k in (S.COEF_H, S.COEF_PX, S.COEF_PM, S.COEF_KX,
-                                                     S.COEF_K0, S.COEF_KM, S.COEF_KN))
-    ana_p = torch.stack([px, pm, px * h], 1)
-    ana_o = torch.stack([kx + k0 * px, km + k0 * pm, kx * h + kn + k0 * px * h], 1)
+    ana = _analytic(scheduler, step_kwargs)
+    # Its x0 and next-sample maps over x, m, n; the next sample's unclipped map adds x0's weight
+    # (K_0, the x0c column of O) times the x0 map.
+    k0 = ana[:, S.ROW_O + S.NUM_V]
+    ana_p = ana[:, S.ROW_P:S.ROW_P + 3]
+    ana_o = ana[:, S.ROW_O:S.ROW_O + 3] + k0[:, None] * ana_p
     scale = torch.cat([p, o], 1).abs().amax(1, keepdim=True).clamp_min(1.0)
     if not ((torch.cat([ana_p - p[:, :3], ana_o - o[:, :3]], 1)).abs() <= 2e-4 * scale).all():
         raise ValueError(f"{name}: the analytic clipped table disagrees with the scheduler's step "
@@ -543,7 +544,8 @@ def _clipped_table(scheduler, step_kwargs):
     return coeffs.float(), info
 
 
-def _analytic_v1(scheduler, kw):
+def _analytic(scheduler, kw):
+    """fastdiff.schedules' own (version-2, clipped) table of a DDPM or DDIM scheduler, float64."""
     name = type(scheduler).__name__
     cfg = scheduler.config
     S._check_schedule(scheduler)
