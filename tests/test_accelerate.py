@@ -227,8 +227,9 @@ def test_scheduler_swapped_after_accelerate_gets_fused_step(sd_unet):
 
 
 def test_unsupported_scheduler_runs_stock_and_logs(sd_unet, caplog):
-    """SD1.5's own PNDM scheduler is not fused: its step is kept, the reason logged once."""
-    pipe = _sd_pipe(sd_unet, _sched("sd15", "PNDMScheduler", {}))
+    """A scheduler no family covers (TCD) is not fused: its step is kept, the reason logged
+    once."""
+    pipe = _sd_pipe(sd_unet, _sched("sd15", "TCDScheduler", {}))
     pe, ne = _embeds(1, 768)
     fastdiff.ops._logged.clear()
     with caplog.at_level(logging.INFO, logger="fastdiff"):
@@ -236,7 +237,7 @@ def test_unsupported_scheduler_runs_stock_and_logs(sd_unet, caplog):
             prompt_embeds=pe, negative_prompt_embeds=ne, height=64, width=64,
             num_inference_steps=STEPS, output_type="latent",
             generator=torch.Generator().manual_seed(8)).images))
-    assert "scheduler PNDMScheduler not supported" in caplog.text
+    assert "scheduler TCDScheduler not supported" in caplog.text
 
 
 def test_accelerate_rejects_other_objects():

@@ -11,6 +11,7 @@ import pickle
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -58,11 +59,11 @@ def parts(tmp_path_factory):
 
 
 def _scheduler(kind="DDIMScheduler"):
-    return getattr(diffusers, kind)(beta_start=0.00085, beta_end=0.012,
-                                    beta_schedule="scaled_linear", steps_offset=1,
-                                    **{"DDIMScheduler": {"clip_sample": False,
-                                                         "set_alpha_to_one": False},
-                                       "PNDMScheduler": {"skip_prk_steps": True}}.get(kind, {}))
+    # from_config: settings a class does not take (steps_offset) are ignored, as in SD configs
+    return getattr(diffusers, kind).from_config(dict(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+        **{"DDIMScheduler": {"clip_sample": False, "set_alpha_to_one": False},
+           "PNDMScheduler": {"skip_prk_steps": True}}.get(kind, {})))
 
 
 def _pipe(parts, cls="StableDiffusionPipeline", kind="DDIMScheduler", unet=None):
@@ -266,20 +267,20 @@ def test_a_swapped_out_scheduler_keeps_nothing_after_restore(parts):
 # ---------------------------------------------------------------- the report
 
 def test_explain_reports_and_unfused_parts_warn_once_or_raise(parts, caplog, capsys):
-    pipe = _pipe(parts, kind="PNDMScheduler")
+    pipe = _pipe(parts, kind="TCDScheduler")
     with caplog.at_level(logging.WARNING, logger="fastdiff"):
         fastdiff.accelerate(pipe)
         _run(pipe)
         _run(pipe)
-    warned = [r for r in caplog.records if "PNDMScheduler not supported" in r.message]
+    warned = [r for r in caplog.records if "TCDScheduler not supported" in r.message]
     assert len(warned) == 1 and warned[0].levelno == logging.WARNING
     report = fastdiff.explain(pipe)
     text = capsys.readouterr().out
-    assert "unet:" in text and "vae:" in text and "PNDMScheduler: diffusers' step" in text
+    assert "unet:" in text and "vae:" in text and "TCDScheduler: diffusers' step" in text
     assert report.unfused and "CUDA graphs: on" in text
     fastdiff.restore(pipe)
-    with pytest.raises(ValueError, match="strict=True.*PNDMScheduler not supported"):
-        fastdiff.accelerate(_pipe(parts, kind="PNDMScheduler"), strict=True)
+    with pytest.raises(ValueError, match="strict=True.*TCDScheduler not supported"):
+        fastdiff.accelerate(_pipe(parts, kind="TCDScheduler"), strict=True)
     with pytest.raises(ValueError, match="is not accelerated"):
         fastdiff.explain(pipe)
 
@@ -349,3 +350,44 @@ def test_cuda_graph_wrapper_in_fp16_pipelines_matches_stock(model):
     assert pipe.__dict__[acc.STATE_ATTR].graphs.captures >= 1
     fastdiff.restore(pipe)
     _close(out.float(), ref.float(), 2e-2)
+
+
+# ---------------------------------------------------------------- every scheduler family
+
+FAMILY_KINDS = ["PNDMScheduler", "EulerAncestralDiscreteScheduler", "UniPCMultistepScheduler",
+                "LCMScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler",
+                "KDPM2AncestralDiscreteScheduler", "DPMSolverSinglestepScheduler",
+                "DEISMultistepScheduler", "LMSDiscreteScheduler", "DDPMScheduler",
+                "DDIMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler"]
+
+
+@pytest.mark.parametrize("kind", FAMILY_KINDS)
+def test_every_family_runs_one_fused_step_per_model_evaluation(parts, kind):
+    """Issue 14's done-when: the SD pipeline with each family (PNDM: SD1.5's default) runs one
+    denoise_step per model evaluation after accelerate, and equals stock within 2e-3."""
+    unet = _unet()
+    pipe = _pipe(parts, kind=kind, unet=unet)
+    ref = _run(pipe, guidance_scale=5.0)
+    fastdiff.accelerate(pipe)
+    calls = {"unet": 0, "step": 0}
+    step_op = torch.ops.fastdiff.denoise_step
+
+    def counting_forward(*a, **k):
+        calls["unet"] += 1
+        return forward(*a, **k)
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket is step_op:
+                calls["step"] += 1
+            return func(*args, **(kwargs or {}))
+
+    forward = pipe.unet.forward
+    pipe.unet.forward = counting_forward
+    try:
+        with Count():
+            out = _run(pipe, guidance_scale=5.0)
+    finally:
+        del pipe.unet.forward
+    assert calls["unet"] > 0 and calls["step"] == calls["unet"], calls
+    _close(out, ref)

@@ -446,10 +446,11 @@ def test_half_outputs_keep_diffusers_dtypes(case):
 
 
 def test_accelerate_installs_rows_once_the_op_runs_them(monkeypatch, caplog):
-    """With V2_OP set (the one switch, here to the reference), ``patch`` installs RowStep on a
-    family FusedStep cannot serve, and refuses a setting by name, which accelerate warns about;
-    unset, the version-1 behaviour stays (UniPC is not fused)."""
+    """With V2_OP set (the one switch: the op by default, here the reference), ``patch``
+    installs RowStep on a family FusedStep cannot serve, and refuses a setting by name, which
+    accelerate warns about; unset (None), the version-1 behaviour stays (UniPC is not fused)."""
     cfg = dict(SD, solver_order=3)
+    monkeypatch.setattr(SC, "V2_OP", None)
     assert "not supported" in SC.patch(diffusers.UniPCMultistepScheduler.from_config(cfg))
     monkeypatch.setattr(SC, "V2_OP", SC.reference.denoise_step_v2)
     a, b = (diffusers.UniPCMultistepScheduler.from_config(cfg) for _ in range(2))

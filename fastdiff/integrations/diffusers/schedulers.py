@@ -13,9 +13,9 @@ and the reason is logged once.
 Version 2 (issue 14): ``RowStep`` runs every family of ``FAMILIES_V2`` (PNDM, Euler ancestral,
 Heun, KDPM2 (ancestral), UniPC, LCM, DPM-Solver multistep / singlestep, DEIS, EDM, LMS and the
 four above) as one version-2 row per model evaluation, the table read from the scheduler
-itself (``tables.table_for``). ``V2_OP`` is the one switch: None (now) runs the rows with the
-float64 reference and leaves ``patch`` installing FusedStep; the op, once it executes v2 rows,
-runs them and makes ``patch`` install RowStep.
+itself (``tables.table_for``). ``V2_OP`` is the one switch: the op (the default) runs the rows
+and makes ``patch`` install RowStep on every family; None runs them with the float64 reference
+and leaves ``patch`` installing FusedStep on the four version-1 families.
 """
 from __future__ import annotations
 
@@ -475,12 +475,24 @@ class Rows:
         return buf
 
 
-# THE switch point of the version-2 rows: the op that runs one row, with
-# reference.denoise_step_v2's arguments and results ((out, x0, new state)). None until
-# torch.ops.fastdiff.denoise_step executes v2 rows: RowStep then runs the float64 reference and
-# ``patch`` installs FusedStep (8-column rows) on the four version-1 families only. Set to the op,
-# RowStep runs it and ``patch`` installs RowStep on every family of FAMILIES_V2.
-V2_OP = None
+def _op_v2(model_output, sample, coeffs, step_index, noise=None, state=None, guidance_scale=1.0,
+           clip_sample=False, clip_sample_range=1.0, guided=None):
+    """torch.ops.fastdiff.denoise_step with reference.denoise_step_v2's signature: (out, x0c,
+    new state). The op updates its state in place: it gets a copy in the sample's dtype, so the
+    tensors of the scheduler that live in the old buffer stay as they were until
+    Family.finish."""
+    dev, dt = sample.device, sample.dtype
+    st = None if state is None else state.to(device=dev, dtype=dt).clone()
+    n = None if noise is None else noise.to(device=dev, dtype=dt).contiguous()
+    out, x0 = ops.denoise_step(model_output, sample, coeffs.to(dev, torch.float32).contiguous(),
+                               step_index.to(dev), n, st, guidance_scale, clip_sample,
+                               clip_sample_range, write_x0=True, guided=guided)
+    return out, x0, st
+
+
+# The executor of version-2 rows: the op (set to None, RowStep runs the float64 reference and
+# ``patch`` installs FusedStep on the four version-1 families only).
+V2_OP = _op_v2
 
 
 def v2_executor():
@@ -748,14 +760,20 @@ def patch(scheduler) -> str | None:
     then used) or None."""
     if isinstance(scheduler.__dict__.get("step"), (FusedStep, RowStep)):
         return None
-    if V2_OP is not None:
-        reason = unsupported_rows(scheduler)
-        if reason is None:
-            scheduler.step = RowStep(scheduler)
-        return reason
+    # The four version-1 families keep FusedStep (the engine shares its tables); every other
+    # family of FAMILIES_V2 runs as version-2 rows through the op.
     reason = unsupported(scheduler)
     if reason is None:
         scheduler.step = FusedStep(scheduler)
+        return None
+    if V2_OP is not None and type(scheduler).__name__ in FAMILIES_V2:
+        rows_reason = unsupported_rows(scheduler)
+        if rows_reason is None:
+            scheduler.step = RowStep(scheduler)
+        return rows_reason
+    name = type(scheduler).__name__
+    if V2_OP is not None and name not in FAMILIES:
+        return f"scheduler {name} not supported (fused: {', '.join(FAMILIES_V2)})"
     return reason
 
 
