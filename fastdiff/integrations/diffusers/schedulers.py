@@ -401,6 +401,9 @@ class Planned(NamedTuple):
     info: "tables.TableInfo"
 
 
+_TABLES: dict = {}   # schedule content -> (coeffs, TableInfo): see Rows.table
+
+
 class Rows:
     """Per scheduler: its version-2 tables (by schedule, start and step options) and the state
     slots, whose views are the scheduler's carried attributes between calls."""
@@ -432,10 +435,28 @@ class Rows:
                 self.start = start
                 return (*hit[1:], row)
         start = 0 if type(s).__name__ in tables.TIMESTEP_INDEXED else pos
-        try:
-            coeffs, info = tables.table_for(s, start=start, **opts)
-        except ValueError as err:
-            raise _Unfused(str(err)) from None
+        # The same schedule again (a loop calls set_timesteps per image): the table by content,
+        # not rebuilt by probing (~14 ms for 20 PNDM steps on a CPU), for runs from the start.
+        content = None
+        if start == 0:
+            sig = getattr(s, "sigmas", None)
+            content = (type(s).__name__, repr(sorted(s.config.items())),
+                       s.timesteps.detach().cpu().numpy().tobytes(),
+                       None if not torch.is_tensor(sig) else sig.detach().cpu().numpy().tobytes(),
+                       getattr(s, "num_inference_steps", None), tuple(sorted(opts.items())))
+        known = _TABLES.get(content) if content is not None else None
+        if known is not None and all(s.__dict__.get(k) == v
+                                     for k, v in known[1].expects[0].items()):
+            coeffs, info = known
+        else:
+            try:
+                coeffs, info = tables.table_for(s, start=start, **opts)
+            except ValueError as err:
+                raise _Unfused(str(err)) from None
+            if content is not None:
+                if len(_TABLES) > 32:
+                    _TABLES.clear()
+                _TABLES[content] = (coeffs, info)
         if len(self._cache) > 8:
             self._cache.clear()
         self._cache[key + (start,)] = hit = (s.timesteps, coeffs, info, {})
