@@ -152,9 +152,9 @@ class Family:
             elif kind == "list":
                 setattr(s, name, [None if j is None else rows.views[j] for j in v])
             else:
-                setattr(s, name, copy.deepcopy(v))
+                setattr(s, name, _fresh(v))
         for k, v in info.after[planned.row].items():
-            setattr(s, k, copy.deepcopy(v))
+            setattr(s, k, _fresh(v))
 
     def output_v2(self, info, prev, x0, return_dict: bool):
         values = {"prev_sample": prev}
@@ -399,6 +399,11 @@ class Planned(NamedTuple):
     noise: torch.Tensor | None
     state: torch.Tensor | None
     info: "tables.TableInfo"
+
+
+def _fresh(v):
+    """A table's value for a scheduler attribute: itself if immutable, else a copy of it."""
+    return v if isinstance(v, (bool, int, float, str, type(None))) else copy.deepcopy(v)
 
 
 _TABLES: dict = {}   # schedule content -> (coeffs, TableInfo): see Rows.table
