@@ -371,17 +371,26 @@ for _name, _family in FAMILIES_V2.items():
     _family.scheduler_name = _name
 
 
+def _view_index(ts, timestep) -> int | None:
+    """The offset of ``timestep`` in ``ts`` when it is a 0-d view into it (what pipelines pass:
+    an element of scheduler.timesteps), found without reading the device; else None."""
+    if (timestep.dim() == 0 and timestep.dtype == ts.dtype and ts.dim() == 1
+            and ts.stride(0) == 1 and timestep.device == ts.device
+            and timestep.untyped_storage().data_ptr() == ts.untyped_storage().data_ptr()):
+        i = timestep.storage_offset() - ts.storage_offset()
+        if 0 <= i < ts.shape[0]:
+            return i
+    return None
+
+
 def _timestep_index(ts, timestep, at: int | None = None) -> int | None:
     """Index of ``timestep`` in the schedule ``ts``: a 0-d view into ``ts`` (what pipelines
     pass) by its storage offset, without reading the device; else by value (the first match,
     or ``at`` when that one matches)."""
     if torch.is_tensor(timestep):
-        if (timestep.dim() == 0 and timestep.dtype == ts.dtype and ts.dim() == 1
-                and ts.stride(0) == 1 and timestep.device == ts.device
-                and timestep.untyped_storage().data_ptr() == ts.untyped_storage().data_ptr()):
-            i = timestep.storage_offset() - ts.storage_offset()
-            if 0 <= i < ts.shape[0]:
-                return i
+        i = _view_index(ts, timestep)
+        if i is not None:
+            return i
         timestep = timestep.item()
     values = ts.tolist()
     if at is not None and 0 <= at < len(values) and values[at] == timestep:
@@ -682,12 +691,9 @@ class FusedStep:
         without reading the device (no host sync per step)."""
         ts = self.scheduler.timesteps
         if torch.is_tensor(timestep):
-            if (timestep.dim() == 0 and timestep.dtype == ts.dtype and ts.dim() == 1
-                    and ts.stride(0) == 1 and timestep.device == ts.device
-                    and timestep.untyped_storage().data_ptr() == ts.untyped_storage().data_ptr()):
-                i = timestep.storage_offset() - ts.storage_offset()
-                if 0 <= i < ts.shape[0]:
-                    return i
+            i = _view_index(ts, timestep)
+            if i is not None:
+                return i
             timestep = timestep.item()
         return index_of.get(timestep)
 
