@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <sstream>
 
 #include "ops.h"
@@ -125,8 +126,10 @@ void check(const DenoiseStep& a) {
            " or, for classifier-free guidance, twice its batch ([uncond; cond]), got ",
            shape_str(model_output), !a.guided ? "" : guided ? " with guided=True"
                                                             : " with guided=False");
-  FD_CHECK(std::isfinite(a.guidance_scale), op, "argument 'guidance_scale' must be finite, got ",
-           a.guidance_scale);
+  // u + g (c - u) in float32: beyond 1e6 it overflows for ordinary model outputs (all NaN).
+  FD_CHECK(std::isfinite(a.guidance_scale) && std::abs(a.guidance_scale) <= 1e6, op,
+           "argument 'guidance_scale' must be finite and within [-1e6, 1e6] (it is applied in "
+           "float32), got ", a.guidance_scale);
   FD_CHECK(guided || a.guidance_scale == 1.0, op, "argument 'guidance_scale'=", a.guidance_scale,
            " needs 'model_output' with batch 2*N=", 2 * N, " ([uncond; cond]), got ",
            shape_str(model_output));
@@ -156,8 +159,10 @@ void check(const DenoiseStep& a) {
   FD_CHECK(step_index.numel() == 1, op, "argument 'step_index' must hold one element, got shape ",
            shape_str(step_index));
   if (a.clip_sample) {
-    FD_CHECK(std::isfinite(a.clip_sample_range) && a.clip_sample_range > 0, op,
-             "argument 'clip_sample_range' must be finite and positive, got ", a.clip_sample_range);
+    FD_CHECK(std::isfinite(a.clip_sample_range) && a.clip_sample_range > 0 &&
+                 a.clip_sample_range <= std::numeric_limits<float>::max(),
+             op, "argument 'clip_sample_range' must be positive and finite in float32, got ",
+             a.clip_sample_range);
   }
   if (a.state) check_state(a);  // last: its overlap check needs the other arguments valid
 }

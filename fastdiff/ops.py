@@ -128,6 +128,9 @@ def denoise_step(model_output: torch.Tensor, sample: torch.Tensor, coeffs: torch
     (a table's ``slots``; zeros before the first step), updated in place where the row writes
     them; None when the rows use no slot. Returns (next sample, predicted x0 or empty).
     """
+    check_types("denoise_step", dict(model_output=model_output, sample=sample, coeffs=coeffs,
+                                     step_index=step_index, noise=noise, state=state),
+                reals=dict(guidance_scale=guidance_scale, clip_sample_range=clip_sample_range))
     return torch.ops.fastdiff.denoise_step(model_output, sample, coeffs, step_index, noise, state,
                                            guidance_scale, clip_sample, clip_sample_range, write_x0,
                                            guided)

@@ -120,7 +120,9 @@ STEP_BAD = [
     ({"step_index": torch.tensor(1.0)}, "'step_index' must be an int64 or int32 tensor"),
     ({"step_index": torch.tensor([1, 2])}, "'step_index' must hold one element"),
     ({"step_index": torch.tensor(1, device="meta")}, "'step_index' must be on the same device"),
-    ({"clip_sample": True, "clip_sample_range": 0.0}, "'clip_sample_range' must be finite and positive"),
+    ({"clip_sample": True, "clip_sample_range": 0.0}, "'clip_sample_range' must be positive and finite"),
+    ({"clip_sample": True, "clip_sample_range": 1e39}, "'clip_sample_range' must be positive and finite in float32"),
+    ({"guidance_scale": 1e38, "model_output": _x(4, 3, 4)}, "'guidance_scale' must be finite and within \\[-1e6, 1e6\\]"),
 ]
 
 
