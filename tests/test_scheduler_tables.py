@@ -22,7 +22,8 @@ from fastdiff.integrations.diffusers import tables  # noqa: E402
 # diffusers' own warnings, not ours: KDPM2's np.log of a tensor (numpy 2), the deprecated
 # algorithm types dpmsolver / sde-dpmsolver (tested while diffusers has them)
 pytestmark = [pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context"),
-              pytest.mark.filterwarnings("ignore:`algorithm_types=dpmsolver`:FutureWarning")]
+              pytest.mark.filterwarnings("ignore:`algorithm_types=dpmsolver`:FutureWarning"),
+              pytest.mark.filterwarnings("ignore:`algorithm_types dpmsolver:FutureWarning")]
 
 SHAPE = (1, 4, 8, 8)
 RTOL = 1e-5
