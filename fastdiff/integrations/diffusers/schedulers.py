@@ -768,44 +768,44 @@ class FusedStep:
         return fam.output(s, prev, x0, a["return_dict"])
 
 
+def _why_not(scheduler, families: dict, refusal: str) -> str | None:
+    """Why ``scheduler`` is not served by ``families`` (their ``refusal`` method names the
+    setting), or None."""
+    name = type(scheduler).__name__
+    if name not in families:
+        return f"scheduler {name} not supported (fused: {', '.join(families)})"
+    reason = getattr(families[name], refusal)(scheduler.config)
+    return f"{name} with {reason} cannot be fused" if reason else None
+
+
 def unsupported_rows(scheduler) -> str | None:
     """Why ``scheduler``'s step cannot be version-2 rows (RowStep; None: it can)."""
-    name = type(scheduler).__name__
-    if name not in FAMILIES_V2:
-        return f"scheduler {name} not supported (fused: {', '.join(FAMILIES_V2)})"
-    reason = FAMILIES_V2[name].unsupported_rows(scheduler.config)
-    return f"{name} with {reason} cannot be fused" if reason else None
+    return _why_not(scheduler, FAMILIES_V2, "unsupported_rows")
 
 
 def unsupported(scheduler) -> str | None:
     """Why ``scheduler``'s step cannot be fused as FusedStep's 8-column rows (what the engine's
     sample_pipeline runs too; None: it can)."""
-    name = type(scheduler).__name__
-    if name not in FAMILIES:
-        return f"scheduler {name} not supported (fused: {', '.join(FAMILIES)})"
-    reason = FAMILIES[name].unsupported(scheduler.config)
-    return f"{name} with {reason} cannot be fused" if reason else None
+    return _why_not(scheduler, FAMILIES, "unsupported")
 
 
 def patch(scheduler) -> str | None:
-    """Installs FusedStep as ``scheduler.step``; returns why not (the scheduler's own step is
-    then used) or None."""
+    """Installs FusedStep or RowStep as ``scheduler.step``; returns why not (the scheduler's own
+    step is then used) or None."""
     if isinstance(scheduler.__dict__.get("step"), (FusedStep, RowStep)):
         return None
     # The four version-1 families keep FusedStep (the engine shares its tables); every other
     # family of FAMILIES_V2 runs as version-2 rows through the op.
+    # (FAMILIES is a subset of FAMILIES_V2, so the rows' reason is the one to give.)
     reason = unsupported(scheduler)
     if reason is None:
         scheduler.step = FusedStep(scheduler)
         return None
-    if V2_OP is not None and type(scheduler).__name__ in FAMILIES_V2:
-        rows_reason = unsupported_rows(scheduler)
-        if rows_reason is None:
-            scheduler.step = RowStep(scheduler)
-        return rows_reason
-    name = type(scheduler).__name__
-    if V2_OP is not None and name not in FAMILIES:
-        return f"scheduler {name} not supported (fused: {', '.join(FAMILIES_V2)})"
+    if V2_OP is None:
+        return reason
+    reason = unsupported_rows(scheduler)
+    if reason is None:
+        scheduler.step = RowStep(scheduler)
     return reason
 
 
