@@ -147,7 +147,8 @@ class SamplingEngine:
             s = graph.state
         else:
             s = _Static(x, table, cond, timestep_dtype)
-            draws = schedules.noise_rows(table.coeffs).tolist()
+            draws = (schedules.noise_rows(table.coeffs) if table.draws is None
+                     else table.draws).tolist()
         for i in steps:
             if use_graph:
                 graph.replay()

@@ -42,7 +42,9 @@ class StepTable:
     the model (Euler's ``scale_model_input``, 1 elsewhere); init_noise_sigma: std of the initial
     noise. needs_noise: some row reads the noise (``noise_rows`` says which). slots: how many
     state slots the rows use: a sampling loop passes ``denoise_step`` a state of
-    (slots, *sample.shape), zeros before the first step (none when 0).
+    (slots, *sample.shape), zeros before the first step (none when 0). draws: (S,) bool, the
+    steps at which an eager loop draws noise (None: those whose row reads it; a table read from
+    a diffusers scheduler says where its step draws, so a seeded generator's stream matches).
     """
 
     solver: str
@@ -54,6 +56,7 @@ class StepTable:
     clip_sample_range: float = 1.0
     needs_noise: bool = False
     slots: int = 0
+    draws: torch.Tensor | None = None
 
     def __len__(self):
         return self.coeffs.shape[0]
