@@ -152,6 +152,8 @@ SCHEDULERS = [
     ("DDIMScheduler", {}, False),
     ("DDIMScheduler", {"prediction_type": "v_prediction"}, False),
     ("DDPMScheduler", {}, True),
+    ("DDIMScheduler", {"thresholding": True, "sample_max_value": 2.0}, False),
+    ("DDPMScheduler", {"thresholding": True}, True),
     ("DPMSolverMultistepScheduler", {}, False),
     ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, True),
     ("DPMSolverMultistepScheduler", {"solver_order": 1}, False),
