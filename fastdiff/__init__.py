@@ -1,7 +1,7 @@
 """fastdiff: fused kernels and samplers for conditional diffusion U-Nets.
 
 Importing fastdiff loads the C++ extension ``fastdiff._C``, which registers the ops
-``torch.ops.fastdiff.{group_norm_silu, attention, denoise_step}`` with CPU, Meta and CUDA
+``torch.ops.fastdiff.{group_norm_silu, attention, denoise_step, geglu}`` with CPU, Meta and CUDA
 kernels; ``fastdiff.ops`` adds the Python-facing functions.
 """
 import torch  # noqa: F401  (loads libtorch before the extension)
