@@ -100,25 +100,54 @@ void sums(const float* v, int64_t n, float shift, double* s1, double* s2) {
   *s2 = t2;
 }
 
-// One row of C elements. hf: C floats of scratch; w, b: C floats or nullptr.
+// One row of C elements. hf: C floats of scratch (unused for float rows, whose h is read
+// back instead); w, b: C floats or nullptr.
 template <typename T>
 void row(const T* x, const T* r, T* h, T* y, int64_t C, const float* w, const float* b, float eps,
          float* hf) {
-  for (int64_t i = 0; i < C; ++i) {  // the sum, rounded to T as eager torch stores it
-    h[i] = static_cast<T>(static_cast<float>(x[i]) + static_cast<float>(r[i]));
-    hf[i] = static_cast<float>(h[i]);
-  }
   // Statistics around the first element (a large common offset costs no precision), corrected
-  // two-pass: var = (sum d^2 - (sum d)^2 / C) / C, d = h - h[0].
+  // two-pass: var = (sum d^2 - (sum d)^2 / C) / C, d = h - h[0]; the sums in float lanes, their
+  // total in double (rows are at most a few thousand elements).
+  const float shift = static_cast<float>(static_cast<T>(static_cast<float>(x[0]) +
+                                                        static_cast<float>(r[0])));
   double s1, s2;
-  sums(hf, C, hf[0], &s1, &s2);
-  const double mean = hf[0] + s1 / C;
+  const float* hv;  // h as float
+  if constexpr (std::is_same_v<T, float>) {
+    // One sweep: the sum, stored, and both statistics sums; the row stays in L1 for the next.
+    const Vec sv(shift);
+    Vec a1(0.f), a2(0.f);
+    int64_t i = 0;
+    for (; i + kW <= C; i += kW) {
+      const Vec v = Vec::loadu(x + i) + Vec::loadu(r + i);
+      v.store(h + i);
+      const Vec d = v - sv;
+      a1 += d;
+      a2 = at::vec::fmadd(d, d, a2);
+    }
+    s1 = at::vec::vec_reduce_all<float>(std::plus<Vec>(), a1);
+    s2 = at::vec::vec_reduce_all<float>(std::plus<Vec>(), a2);
+    for (; i < C; ++i) {
+      h[i] = x[i] + r[i];
+      const double d = h[i] - shift;
+      s1 += d;
+      s2 += d * d;
+    }
+    hv = h;
+  } else {
+    for (int64_t i = 0; i < C; ++i) {  // the sum, rounded to T as eager torch stores it
+      h[i] = static_cast<T>(static_cast<float>(x[i]) + static_cast<float>(r[i]));
+      hf[i] = static_cast<float>(h[i]);
+    }
+    sums(hf, C, shift, &s1, &s2);
+    hv = hf;
+  }
+  const double mean = shift + s1 / C;
   const double var = std::max(0.0, (s2 - s1 * s1 / C) / C);
   const float m = static_cast<float>(mean), rstd = static_cast<float>(1.0 / std::sqrt(var + eps));
   int64_t i = 0;
   float out[kW];
   for (; i + kW <= C; i += kW) {
-    Vec z = (Vec::loadu(hf + i) - Vec(m)) * Vec(rstd);
+    Vec z = (Vec::loadu(hv + i) - Vec(m)) * Vec(rstd);
     if (w) z = z * Vec::loadu(w + i);
     if (b) z = z + Vec::loadu(b + i);
     if constexpr (std::is_same_v<T, float>) {
@@ -129,7 +158,7 @@ void row(const T* x, const T* r, T* h, T* y, int64_t C, const float* w, const fl
     }
   }
   for (; i < C; ++i) {
-    const float z = (hf[i] - m) * rstd * (w ? w[i] : 1.f) + (b ? b[i] : 0.f);
+    const float z = (hv[i] - m) * rstd * (w ? w[i] : 1.f) + (b ? b[i] : 0.f);
     y[i] = static_cast<T>(z);
   }
 }
@@ -139,7 +168,7 @@ void rows(const T* x, const T* r, T* h, T* y, int64_t R, int64_t C, const float*
           const float* b, float eps) {
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / C);
   at::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> hf(C);
+    std::vector<float> hf(std::is_same_v<T, float> ? 0 : C);
     for (int64_t i = begin; i < end; ++i) {
       row(x + i * C, r + i * C, h + i * C, y + i * C, C, w, b, eps, hf.data());
     }
