@@ -102,6 +102,10 @@ TORCH_LIBRARY(fastdiff, m) {
       "bool clip_sample=False, float clip_sample_range=1.0, bool write_x0=False, "
       "bool? guided=None) "
       "-> (Tensor, Tensor)");
+  m.def("geglu(Tensor x) -> Tensor");
+  m.def(
+      "add_layer_norm(Tensor x, Tensor residual, Tensor? weight=None, Tensor? bias=None, "
+      "float eps=1e-5) -> (Tensor, Tensor)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -1,4 +1,4 @@
-"""The three fused ops: their Python entry points.
+"""The fused ops: their Python entry points.
 
 Each op is one dispatcher op, ``torch.ops.fastdiff.<name>``, whose schema, argument checks, CPU
 kernel (C++), Meta kernel (shapes only, for torch.compile and graph capture) and CUDA kernel
@@ -134,3 +134,31 @@ def denoise_step(model_output: torch.Tensor, sample: torch.Tensor, coeffs: torch
     return torch.ops.fastdiff.denoise_step(model_output, sample, coeffs, step_index, noise, state,
                                            guidance_scale, clip_sample, clip_sample_range, write_x0,
                                            guided)
+
+
+def geglu(x: torch.Tensor) -> torch.Tensor:
+    """diffusers' GEGLU after its projection: ``x[..., :F] * gelu(x[..., F:])`` (exact GELU, the
+    math in fp32) in one pass. x: (..., 2F), the projection's output; returns (..., F). A
+    non-contiguous x is copied first."""
+    if not isinstance(x, torch.Tensor):   # (check_types lets None through: optional arguments)
+        raise TypeError(f"fastdiff.geglu: argument 'x' must be a torch.Tensor, got "
+                        f"{type(x).__name__} {x!r:.60}")
+    if x.dim() >= 1 and not x.is_contiguous():
+        x = x.contiguous()
+    return torch.ops.fastdiff.geglu(x)
+
+
+def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None = None,
+                   bias: torch.Tensor | None = None, eps: float = 1e-5
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A residual add and the LayerNorm after it in one pass: returns ``(h, y)`` with
+    ``h = x + residual`` (x's dtype: the next residual) and ``y = layer_norm(h) * weight + bias``
+    over the last dim (fp32 statistics of h as rounded). x, residual: (..., C), one dtype;
+    weight, bias: (C,) in that dtype, or None. Non-contiguous inputs are copied first."""
+    if not isinstance(x, torch.Tensor) or not isinstance(residual, torch.Tensor):
+        bad, v = ("x", x) if not isinstance(x, torch.Tensor) else ("residual", residual)
+        raise TypeError(f"fastdiff.add_layer_norm: argument '{bad}' must be a torch.Tensor, got "
+                        f"{type(v).__name__} {v!r:.60}")
+    check_types("add_layer_norm", dict(weight=weight, bias=bias), reals=dict(eps=eps))
+    x, residual = (t.contiguous() if t.dim() >= 1 else t for t in (x, residual))
+    return torch.ops.fastdiff.add_layer_norm(x, residual, weight, bias, eps)

@@ -78,5 +78,26 @@ def denoise_step_v2(model_output, sample, coeffs, step_index, noise=None, state=
     return out, x0, new
 
 
+def geglu(x):
+    """x[..., :F] * gelu(x[..., F:]) in float64 (exact GELU: g / 2 * (1 + erf(g / sqrt 2)))."""
+    a, g = _f64(x).chunk(2, dim=-1)
+    return a * (0.5 * g * (1 + torch.erf(g / math.sqrt(2))))
+
+
+def add_layer_norm(x, residual, weight=None, bias=None, eps=1e-5):
+    """(h, y): h = x + residual rounded to x's dtype (as the op returns it), y = LayerNorm of
+    that h over the last dim in float64 (two-pass variance), times weight, plus bias."""
+    h = (x.detach().float() + residual.detach().float()).to(x.dtype)
+    v = _f64(h)
+    mean = v.mean(-1, keepdim=True)
+    var = ((v - mean) ** 2).mean(-1, keepdim=True)
+    y = (v - mean) / torch.sqrt(var + eps)
+    if weight is not None:
+        y = y * _f64(weight)
+    if bias is not None:
+        y = y + _f64(bias)
+    return h, y
+
+
 # The reference of torch.ops.fastdiff.denoise_step, whose rows are version 2.
 denoise_step = denoise_step_v2

@@ -60,7 +60,8 @@ class Report:
             if not any(c.values()):
                 continue                      # a component with none of these blocks
             lines.append(f"  {name}: {c['resnets']} ResnetBlock2D, {c['attention']} attention "
-                         f"processors, {c['norm_out']} norm-out pairs on the fused ops")
+                         f"processors, {c['norm_out']} norm-out pairs, {c['geglu']} GEGLU, "
+                         f"{c['transformer_blocks']} transformer blocks on the fused ops")
         lines.append(f"  scheduler: {self.scheduler}")
         lines.append(f"  CUDA graphs: {self.graphs}")
         lines += [f"  not accelerated: {r}" for r in self.unfused]
@@ -82,7 +83,7 @@ class _State:
     @property
     def counts(self) -> dict:
         """Totals over the components (and 1 when the scheduler's step is fused)."""
-        total = {"resnets": 0, "attention": 0, "norm_out": 0}
+        total = dict.fromkeys(blocks.COUNTS, 0)
         for c in self.report.components.values():
             for k in total:
                 total[k] += c[k]
@@ -154,7 +155,7 @@ def accelerate(obj, *, cuda_graphs: bool = True, strict: bool = False):
     state = obj.__dict__.get(STATE_ATTR) or _State()
     for name, module in _components(obj, pipe).items():
         counts, kept = blocks.patch_modules(module, state)
-        old = state.report.components.get(name, {"resnets": 0, "attention": 0, "norm_out": 0})
+        old = state.report.components.get(name, dict.fromkeys(blocks.COUNTS, 0))
         state.report.components[name] = {k: old[k] + counts[k] for k in counts}
         for reason in kept:
             state.unfused(f"{name}: {reason}", strict)
