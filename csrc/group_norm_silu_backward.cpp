@@ -22,9 +22,11 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "ops.h"
@@ -130,22 +132,24 @@ struct Grads {
   float *dw_nc, *db_nc, *dpre, *dscale, *dshift;
 };
 
-// sum(v[i] - m) and sum((v[i] - m)^2) over n floats.
-void sums(const float* v, int64_t n, float m, double* s1, double* s2) {
+// sum(v[i] - k) and sum((v[i] - k)^2) over n floats, k = v[0]: a value of the data, so the
+// sums stay exact enough for a large mean with a small spread (Chan et al.'s shifted data).
+void shifted_sums(const float* v, int64_t n, double* s1, double* s2) {
+  const float k = v[0];
   double t1 = 0, t2 = 0;
   for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
     const int64_t e = std::min(n, i0 + kBlock);
     Vec a1(0.f), a2(0.f);
     int64_t i = i0;
     for (; i + kW <= e; i += kW) {
-      const Vec d = Vec::loadu(v + i) - Vec(m);
+      const Vec d = Vec::loadu(v + i) - Vec(k);
       a1 += d;
       a2 = at::vec::fmadd(d, d, a2);
     }
     float b1 = at::vec::vec_reduce_all<float>(std::plus<Vec>(), a1);
     float b2 = at::vec::vec_reduce_all<float>(std::plus<Vec>(), a2);
     for (; i < e; ++i) {
-      const float d = v[i] - m;
+      const float d = v[i] - k;
       b1 += d;
       b2 += d * d;
     }
@@ -154,6 +158,41 @@ void sums(const float* v, int64_t n, float m, double* s1, double* s2) {
   }
   *s1 = t1;
   *s2 = t2;
+}
+
+// One NCHW channel's h = x + pre and dy into float buffers (x and dy read from memory once).
+template <typename T>
+void gather_channel(const T* x, const T* dy, float pre, float* h, float* d, int64_t n) {
+  int64_t i = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    for (; i + kW <= n; i += kW) {
+      (Vec::loadu(x + i) + Vec(pre)).store(h + i);
+      Vec::loadu(dy + i).store(d + i);
+    }
+  }
+  for (; i < n; ++i) {
+    h[i] = static_cast<float>(x[i]) + pre;
+    d[i] = static_cast<float>(dy[i]);
+  }
+}
+
+// out[i] = d[i] * f1 + ((h[i] - m) * f2 + f3), written as T.
+template <typename T>
+void dx_channel(const float* h, const float* d, float m, float f1, float f2, float f3, T* out,
+                int64_t n) {
+  int64_t i = 0;
+  for (; i + kW <= n; i += kW) {
+    const Vec r = at::vec::fmadd(Vec::loadu(d + i), Vec(f1),
+                                 at::vec::fmadd(Vec::loadu(h + i) - Vec(m), Vec(f2), Vec(f3)));
+    if constexpr (std::is_same_v<T, float>) {
+      r.store(out + i);
+    } else {
+      float tmp[kW];
+      r.store(tmp);
+      for (int64_t j = 0; j < kW; ++j) out[i + j] = static_cast<T>(tmp[j]);
+    }
+  }
+  for (; i < n; ++i) out[i] = static_cast<T>(d[i] * f1 + ((h[i] - m) * f2 + f3));
 }
 
 // One channel's du = dy * silu'(u), u = (h - m) * a + beta, written over dy (d), with
@@ -199,7 +238,8 @@ void channel_du(const float* h, float* d, int64_t n, float m, float a, float bet
 }
 
 // The gradients of group (n, g): x and dy gathered as float in [channel][pixel] order (h = x +
-// pre_bias), the statistics, the per-channel sums, then dx in one pass over the buffers.
+// pre_bias; the only read of x and dy from memory), the statistics, the per-channel sums (du
+// kept in the dy buffer), then dx in one pass over the buffers.
 // x, dy, dx: (N, C, HW) or, channels_last, (N, HW, C).
 template <typename T, bool kSilu>
 void group_backward(const T* dy, const T* x, T* dx, int64_t n, int64_t g, int64_t C, int64_t HW,
@@ -210,18 +250,13 @@ void group_backward(const T* dy, const T* x, T* dx, int64_t n, int64_t g, int64_
   d.resize(L);
   chan.resize(4 * Cg);
   double *mean_c = chan.data(), *m2_c = mean_c + Cg, *A = m2_c + Cg, *Bm = A + Cg;
-  for (int64_t j = 0; j < Cg; ++j) {
-    const float pre = p.pre ? p.pre[n * C + c0 + j] : 0.f;
-    float *hj = h.data() + j * HW, *dj = d.data() + j * HW;
-    if (!cl) {
+  if (!cl) {
+    for (int64_t j = 0; j < Cg; ++j) {
       const int64_t base = (n * C + c0 + j) * HW;
-      for (int64_t i = 0; i < HW; ++i) {
-        hj[i] = static_cast<float>(x[base + i]) + pre;
-        dj[i] = static_cast<float>(dy[base + i]);
-      }
+      gather_channel(x + base, dy + base, p.pre ? p.pre[n * C + c0 + j] : 0.f,
+                     h.data() + j * HW, d.data() + j * HW, HW);
     }
-  }
-  if (cl) {
+  } else {
     for (int64_t i = 0; i < HW; ++i) {
       const int64_t base = (n * HW + i) * C + c0;
       for (int64_t j = 0; j < Cg; ++j) {
@@ -230,15 +265,13 @@ void group_backward(const T* dy, const T* x, T* dx, int64_t n, int64_t g, int64_
       }
     }
   }
-  // Statistics: per channel, corrected two-pass around its first value, then Chan's merge.
+  // Statistics: per channel, sums around its first value (on data in cache), then Chan's merge.
   double gmean = 0;
   for (int64_t j = 0; j < Cg; ++j) {
     const float* hj = h.data() + j * HW;
     double s1, s2;
-    sums(hj, HW, hj[0], &s1, &s2);
-    const float m = static_cast<float>(hj[0] + s1 / HW);
-    sums(hj, HW, m, &s1, &s2);
-    mean_c[j] = m + s1 / HW;
+    shifted_sums(hj, HW, &s1, &s2);
+    mean_c[j] = hj[0] + s1 / HW;
     m2_c[j] = std::max(0.0, s2 - s1 * s1 / HW);
     gmean += mean_c[j];
   }
@@ -280,19 +313,13 @@ void group_backward(const T* dy, const T* x, T* dx, int64_t n, int64_t g, int64_
     const double c1 = rstd * w * s1;
     if (out.dpre) out.dpre[nc] = static_cast<float>(c1 * A[j] + c2 * HW * (mean_c[j] - m) +
                                                     c3base * HW);
-    const float *hj = h.data() + j * HW, f1 = static_cast<float>(c1), f2 = static_cast<float>(c2),
+    const float f1 = static_cast<float>(c1), f2 = static_cast<float>(c2),
                 f3 = static_cast<float>(c3base);
     float* dj = d.data() + j * HW;
-    int64_t i = 0;
-    for (; i + kW <= HW; i += kW) {
-      const Vec r = at::vec::fmadd(Vec::loadu(dj + i), Vec(f1),
-                                   at::vec::fmadd(Vec::loadu(hj + i) - Vec(m), Vec(f2), Vec(f3)));
-      r.store(dj + i);
-    }
-    for (; i < HW; ++i) dj[i] = dj[i] * f1 + ((hj[i] - m) * f2 + f3);
-    if (!cl) {
-      T* o = dx + (n * C + c) * HW;
-      for (int64_t k = 0; k < HW; ++k) o[k] = static_cast<T>(dj[k]);
+    if (!cl) {  // straight to dx; channels_last is scattered below from the buffer
+      dx_channel<T>(h.data() + j * HW, dj, m, f1, f2, f3, dx + (n * C + c) * HW, HW);
+    } else {
+      dx_channel<float>(h.data() + j * HW, dj, m, f1, f2, f3, dj, HW);
     }
   }
   if (cl) {
