@@ -18,6 +18,7 @@ import logging
 import math
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from fastdiff import _C, prebuilt
 from fastdiff import schedules as S
@@ -144,7 +145,9 @@ def denoise_step(model_output: torch.Tensor, sample: torch.Tensor, coeffs: torch
 # points, torch.ops.fastdiff.* directly, torch.compile's traced graphs) gets it. group_norm_silu
 # and attention use torch.library.register_autograd. denoise_step cannot: it updates ``state``
 # in place and register_autograd refuses non-functional schemas, so its Autograd kernel is
-# registered by hand (_denoise_step_autograd). The formulas are first-order (no double backward).
+# registered by hand (_denoise_step_autograd). attention's and denoise_step's backwards are torch
+# ops, differentiable again (double backward works); group_norm_silu's fused backward op is
+# first order: a gradient of its gradient raises (once_differentiable) rather than be wrong.
 
 def _group_norm_silu_setup(ctx, inputs, output):
     x, num_groups, weight, bias, eps, pre_bias, scale, shift, apply_silu = inputs
@@ -152,6 +155,7 @@ def _group_norm_silu_setup(ctx, inputs, output):
     ctx.args = (num_groups, eps, apply_silu)
 
 
+@once_differentiable
 def _group_norm_silu_backward(ctx, grad):
     """The fused backward (csrc/group_norm_silu_backward.cpp; on CUDA its Triton kernels): one
     call for the gradients of x and of every tensor the forward was given."""

@@ -371,6 +371,19 @@ def test_denoise_step_without_grad_is_untouched():
     torch.testing.assert_close(state[0], m)
 
 
+def test_double_backward():
+    """attention's backward is differentiable again (gradgradcheck); group_norm_silu's fused
+    backward is first order and says so instead of giving a wrong second derivative."""
+    g = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(1, 2, 3, 4, generator=g).requires_grad_() for _ in range(3))
+    assert torch.autograd.gradgradcheck(lambda q, k, v: ops.attention(q, k, v), (q, k, v),
+                                        eps=1e-3, atol=5e-3, rtol=5e-3)
+    x = torch.randn(2, 4, 3, 3, generator=g, requires_grad=True)
+    (gx,) = torch.autograd.grad(ops.group_norm_silu(x, 2).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        gx.sum().backward()
+
+
 def test_opcheck_autograd_registration_and_fake_tensors():
     """torch.library.opcheck: the schema, the autograd registration and the Meta kernels."""
     x = torch.randn(2, 8, 3, 3, requires_grad=True)
