@@ -95,6 +95,10 @@ TORCH_LIBRARY(fastdiff, m) {
       "group_norm_silu(Tensor x, int num_groups, Tensor? weight=None, Tensor? bias=None, "
       "float eps=1e-5, Tensor? pre_bias=None, Tensor? scale=None, Tensor? shift=None, "
       "bool apply_silu=True) -> Tensor");
+  m.def(
+      "group_norm_silu_backward(Tensor grad_y, Tensor x, int num_groups, Tensor? weight, "
+      "Tensor? bias, float eps, Tensor? pre_bias, Tensor? scale, Tensor? shift, "
+      "bool apply_silu) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask=None, float? scale=None) -> Tensor");
   m.def(
       "denoise_step(Tensor model_output, Tensor sample, Tensor coeffs, Tensor step_index, "

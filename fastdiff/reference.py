@@ -1,7 +1,9 @@
 """Plain-torch float64 references for the fused ops: what every kernel is tested against.
 
 Each takes the op's arguments (any dtype, any device) and returns float64 results computed with
-unfused torch operations, following the definitions in csrc/<op>.cpp.
+unfused torch operations, following the definitions in csrc/<op>.cpp. They are differentiable
+(inputs are converted, not detached): autograd through them is the float64 reference of the ops'
+backward formulas (tests/test_autograd.py).
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from fastdiff import schedules as S
 
 
 def _f64(t):
-    return None if t is None else t.detach().to(torch.float64)
+    return None if t is None else t.to(torch.float64)
 
 
 def group_norm_silu(x, num_groups, weight=None, bias=None, eps=1e-5, pre_bias=None, scale=None,

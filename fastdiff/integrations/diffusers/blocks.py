@@ -11,8 +11,8 @@ after it (norm2, norm3) in one ``add_layer_norm``. This works on any model made 
 blocks: U-Nets, ControlNets, the VAE's encoder and decoder. Only forwards and processors are
 swapped: parameters, buffers and state_dict keys are untouched. A swapped forward is a
 ``Patched`` object holding its module (not a closure), so a deep copy or a pickle of the model
-carries forwards bound to the copy. With autograd recording on a block's inputs or parameters,
-diffusers' own code runs.
+carries forwards bound to the copy. The fused ops have autograd formulas (fastdiff/ops.py), so
+training, LoRA and gradient checkpointing run on them too.
 """
 from __future__ import annotations
 
@@ -41,16 +41,6 @@ class Patched:
         return self.fn(self.module, *self.extra, *args, **kwargs)
 
 
-def _grad_needed(module: nn.Module, *tensors) -> bool:
-    """With autograd recording on the inputs or on any parameter of the block (its convs, a
-    LoRA layer inside them), diffusers' own code runs."""
-    if not torch.is_grad_enabled():
-        return False
-    if any(t is not None and t.requires_grad for t in tensors):
-        return True
-    return any(p.requires_grad for p in module.parameters())
-
-
 def _gn_args(norm: nn.GroupNorm):
     return norm.num_groups, norm.weight, norm.bias, norm.eps
 
@@ -61,8 +51,7 @@ def _resnet_forward(self, input_tensor, temb, *args, **kwargs):
     """diffusers' ResnetBlock2D.forward with norm1+SiLU and (temb add)+norm2(+scale-shift)+SiLU
     fused; the rest (resampling, convs, dropout, shortcut) is the module's own."""
     orig = type(self).forward
-    if (_grad_needed(self, input_tensor, temb) or input_tensor.dtype not in DTYPES
-            or (temb is not None and self.time_emb_proj is None)):
+    if (input_tensor.dtype not in DTYPES or (temb is not None and self.time_emb_proj is None)):
         return orig(self, input_tensor, temb, *args, **kwargs)
     h = ops.group_norm_silu(input_tensor.contiguous(), *_gn_args(self.norm1))
     if self.upsample is not None:
@@ -108,7 +97,7 @@ def _resnet_supported(m) -> str | None:
 
 def _norm_out_forward(self, x):
     """conv_norm_out with the SiLU of conv_act fused (conv_act's forward becomes the identity)."""
-    if _grad_needed(self, x) or x.dtype not in DTYPES:
+    if x.dtype not in DTYPES:
         return F.silu(F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps))
     return ops.group_norm_silu(x.contiguous(), *_gn_args(self))
 
@@ -122,7 +111,7 @@ def _identity_forward(self, x):
 def _geglu_forward(self, hidden_states, *args, **kwargs):
     """diffusers' GEGLU.forward: the projection (a Linear: its bias inside the matmul), then
     value * gelu(gate) in one kernel instead of GELU and a product over the halves."""
-    if (args or kwargs or _grad_needed(self, hidden_states) or hidden_states.dtype not in DTYPES
+    if (args or kwargs or hidden_states.dtype not in DTYPES
             or hidden_states.device.type == "npu"):   # (npu: diffusers' own fused kernel)
         return type(self).forward(self, hidden_states, *args, **kwargs)
     return ops.geglu(self.proj(hidden_states))
@@ -145,8 +134,7 @@ def _block_fusable(self, hidden_states, cross_attention_kwargs) -> bool:
             and not (cross_attention_kwargs or {}).keys() & {"gligen", "scale"}
             and all(isinstance(n, nn.LayerNorm) and len(n.normalized_shape) == 1
                     and all(p is None or p.dtype == hidden_states.dtype
-                            for p in (n.weight, n.bias)) for n in norms)
-            and not _grad_needed(self, hidden_states))
+                            for p in (n.weight, n.bias)) for n in norms))
 
 
 def _transformer_block_forward(self, hidden_states, attention_mask=None,
@@ -184,8 +172,8 @@ class FastdiffAttnProcessor:
     """diffusers' AttnProcessor2_0 with the attention product on ``fastdiff.attention``.
 
     Supports spatial_norm, group_norm, norm_cross, norm_q/norm_k, residual_connection,
-    rescale_output_factor and additive or boolean attention masks. Head dims above 256 and
-    autograd fall back to ``F.scaled_dot_product_attention``.
+    rescale_output_factor and additive or boolean attention masks. Head dims above 256 fall
+    back to ``F.scaled_dot_product_attention``; gradients go through the op's autograd formula.
     """
     fused_projections = False        # FastdiffFusedAttnProcessor: q, k, v from to_qkv / to_kv
 
@@ -196,7 +184,6 @@ class FastdiffAttnProcessor:
             hidden_states = attn.spatial_norm(hidden_states, temb)
         input_ndim = hidden_states.ndim
         fused_gn = (attn.group_norm is not None and input_ndim == 4
-                    and not _grad_needed(attn.group_norm, hidden_states)
                     and hidden_states.dtype in DTYPES)
         if fused_gn:
             hidden_states = ops.group_norm_silu(hidden_states.contiguous(),
@@ -235,8 +222,7 @@ class FastdiffAttnProcessor:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-        if (head_dim > MAX_HEAD_DIM or query.dtype not in DTYPES
-                or _grad_needed(attn, query, key, value)):
+        if head_dim > MAX_HEAD_DIM or query.dtype not in DTYPES:
             if head_dim > MAX_HEAD_DIM:
                 log_once(f"attention head dim {head_dim} > {MAX_HEAD_DIM}: SDPA used")
             hidden_states = F.scaled_dot_product_attention(query, key, value,

@@ -723,8 +723,6 @@ class FusedStep:
         reason = fam.unsupported(s.config)
         if reason:
             raise _Unfused(reason)
-        if (model_output.requires_grad or sample.requires_grad) and torch.is_grad_enabled():
-            raise _Unfused("autograd")
         if model_output.device != sample.device:
             raise _Unfused("model output and sample on different devices")
         opts = fam.options(s, a, timestep)
@@ -737,6 +735,11 @@ class FusedStep:
             raise _Unfused(f"timestep {timestep} not in the schedule")
         draw = fam.draws(s, hit[0], i, opts)
         (table, _, dev_cache), prev_x0 = fam.history(self, s, hit, i)
+        if (table.slots and torch.is_grad_enabled()
+                and (model_output.requires_grad or sample.requires_grad)):
+            # denoise_step does not differentiate through its in-place slots (a multistep
+            # history); steps without slots (DDPM, DDIM, Euler) run fused with gradients.
+            raise _Unfused("autograd through the solver's state slots")
 
         noise = None
         if draw:
