@@ -305,8 +305,8 @@ def test_sample_pipeline_equals_the_pipeline(parts, cls, extra):
 
 
 def test_sample_pipeline_refuses_what_it_cannot_run(parts):
-    pipe = _pipe(parts, kind="PNDMScheduler")
-    with pytest.raises(ValueError, match="PNDMScheduler not supported"):
+    pipe = _pipe(parts, kind="TCDScheduler")     # (PNDM, refused before issue 14, now runs)
+    with pytest.raises(ValueError, match="TCDScheduler not supported"):
         fastdiff.sample_pipeline(pipe, prompt=PROMPT, num_inference_steps=2)
     pipe = _pipe(parts, "StableDiffusionControlNetPipeline")
     with pytest.raises(ValueError, match="down_block_additional_residuals"):
