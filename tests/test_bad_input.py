@@ -4,11 +4,13 @@ The checks live in csrc/<op>.cpp and run before any kernel on every backend (CPU
 Meta kernels that torch.compile uses), so they are exercised here through the CPU dispatcher,
 the Meta dispatcher, and the check functions the CUDA path calls.
 """
+import functools
+
 import pytest
 import torch
 
 import fastdiff  # noqa: F401
-from fastdiff import _C, ops
+from fastdiff import ops
 from fastdiff.schedules import ROW_LEN
 
 # The quick CPU subset tests/test_wheel.py runs in a fresh install of the wheel.
@@ -147,17 +149,17 @@ def _all_paths(op, check, args, msg):
 
 @pytest.mark.parametrize("over,msg", _cases(GN_BAD))
 def test_group_norm_silu_rejects(over, msg):
-    _all_paths(gn, _C.check_group_norm_silu, gn_args(**over), msg)
+    _all_paths(gn, functools.partial(ops.check, "group_norm_silu"), gn_args(**over), msg)
 
 
 @pytest.mark.parametrize("over,msg", _cases(ATTN_BAD))
 def test_attention_rejects(over, msg):
-    _all_paths(attn, _C.check_attention, attn_args(**over), msg)
+    _all_paths(attn, functools.partial(ops.check, "attention"), attn_args(**over), msg)
 
 
 @pytest.mark.parametrize("over,msg", _cases(STEP_BAD))
 def test_denoise_step_rejects(over, msg):
-    _all_paths(step, _C.check_denoise_step, step_args(**over), msg)
+    _all_paths(step, functools.partial(ops.check, "denoise_step"), step_args(**over), msg)
 
 
 @pytest.mark.parametrize("mo_batch,guided", [(2, True), (4, False)])
@@ -165,7 +167,7 @@ def test_denoise_step_explicit_guided_must_match_the_batch(mo_batch, guided):
     """guided=True needs model_output = [uncond; cond] (batch 2N), guided=False batch N."""
     args = step_args(model_output=_x(mo_batch, 3, 4)) + [guided]
     msg = f"got \\[{mo_batch}, 3, 4\\] with guided={guided}"
-    _all_paths(step, _C.check_denoise_step, args, msg)
+    _all_paths(step, functools.partial(ops.check, "denoise_step"), args, msg)
 
 
 @pytest.mark.parametrize("name", ["sample", "model_output", "noise", "coeffs"])
@@ -183,7 +185,7 @@ def test_denoise_step_state_must_not_alias_what_it_reads(name):
         over["state"] = base[1:3] if name != "model_output" else base[:2]
     args = step_args(**over)
     msg = f"argument 'state' must not share memory with '{name}' \\(it is written in place\\)"
-    for run in (step, _C.check_denoise_step):
+    for run in (step, functools.partial(ops.check, "denoise_step")):
         with pytest.raises(ValueError, match=msg):
             run(*args)
     # a separate buffer of the same values is fine
@@ -198,10 +200,9 @@ def test_step_index_out_of_range_on_cpu():
 
 
 def test_valid_arguments_pass_the_checks():
-    _C.check_group_norm_silu(*gn_args())
-    _C.check_group_norm_silu(*gn_args(x=_x(2, 8, 3, 3).to(memory_format=torch.channels_last),
+    ops.check("group_norm_silu", *gn_args())
+    ops.check("group_norm_silu", *gn_args(x=_x(2, 8, 3, 3).to(memory_format=torch.channels_last),
                                       pre_bias=_x(2, 8), scale=_x(2, 8), shift=_x(2, 8)))
-    _C.check_attention(*attn_args(attn_mask=_x(2, 1, 1, 7)))
-    _C.check_denoise_step(*step_args(model_output=_x(4, 3, 4), guidance_scale=3.0, noise=_x(2, 3, 4)))
-from fastdiff import _C, ops
-from fastdiff.schedules import ROW_LEN
+    ops.check("attention", *attn_args(attn_mask=_x(2, 1, 1, 7)))
+    ops.check("denoise_step", *step_args(model_output=_x(4, 3, 4), guidance_scale=3.0,
+                                         noise=_x(2, 3, 4)))
