@@ -91,7 +91,9 @@ void check(const Attention& a) {
   }
 }
 
-Tensor empty(const Attention& a) { return torch::stable::new_empty(a.q, a.q.sizes()); }
+Tensor empty(const Attention& a) {
+  return new_contiguous(a.q, {a.q.size(0), a.q.size(1), a.q.size(2), a.q.size(3)});
+}
 
 double scale_of(const Attention& a) {
   return a.scale ? *a.scale : 1.0 / std::sqrt(static_cast<double>(a.q.size(3)));
@@ -213,15 +215,13 @@ void attention_f32(const Tensor& q, const Tensor& k, const Tensor& v,
               for (int64_t j = 0; j < n; ++j) s[j] += br[j * Bias->s3];
             }
           }
-          float blk_max = kNegInf;
-          {
+          float blk_max;
+          {  // the tail as one vector padded with -inf
+            Vec mx(kNegInf);
             int64_t j = 0;
-            if (n >= kW) {
-              Vec mx = Vec::loadu(s);
-              for (j = kW; j + kW <= n; j += kW) mx = simd::maximum(mx, Vec::loadu(s + j));
-              blk_max = simd::reduce_max(mx);
-            }
-            for (; j < n; ++j) blk_max = (s[j] > blk_max || s[j] != s[j]) ? s[j] : blk_max;
+            for (; j + kW <= n; j += kW) mx = simd::maximum(mx, Vec::loadu(s + j));
+            if (j < n) mx = simd::maximum(mx, simd::load_partial(s + j, n - j, kNegInf));
+            blk_max = simd::reduce_max(mx);
           }
           const float new_max = std::max(row_max[i], blk_max);
           // All keys so far at -inf: keep exponents finite; such rows end as 0.
@@ -236,12 +236,9 @@ void attention_f32(const Tensor& q, const Tensor& k, const Tensor& v,
               e.store(s + j);
               acc += e;
             }
-            if (j < n) {  // the tail through one padded vector, so every p is the same exp
-              float tail[kW];
-              for (int64_t t = 0; t < kW; ++t) tail[t] = j + t < n ? s[j + t] - ref : kNegInf;
-              const Vec e = Vec::loadu(tail).exp();
-              e.store(tail);
-              for (int64_t t = 0; j + t < n; ++t) s[j + t] = tail[t];
+            if (j < n) {  // the tail as one vector padded with -inf (exp: 0)
+              const Vec e = (simd::load_partial(s + j, n - j, kNegInf) - Vec(ref)).exp();
+              simd::store_partial(e, s + j, n - j);
               acc += e;
             }
             sum = simd::reduce_add(acc);
@@ -267,13 +264,17 @@ Tensor cpu(const Attention& a) {
   // Float views: no copy for float32 inputs (strides kept); fp16/bf16 are converted once.
   // BLAS needs unit-stride rows at least D apart; only odd layouts (a head dim of 1 with any
   // stride, overlapping rows) fail that and are copied.
-  auto f32 = [D](const Tensor& t) {
-    const Tensor f = torch::stable::to(t, ScalarType::Float);
+  // (A float32 tensor as it is: even a no-op aten::to costs a dispatcher call.)
+  auto as_f32 = [](const Tensor& t) {
+    return t.scalar_type() == ScalarType::Float ? t : torch::stable::to(t, ScalarType::Float);
+  };
+  auto f32 = [D, &as_f32](const Tensor& t) {
+    const Tensor f = as_f32(t);
     return (f.stride(3) != 1 || f.stride(2) < D) ? torch::stable::contiguous(f) : f;
   };
   std::optional<Tensor> bias;  // read with stride 0 along its size-1 (broadcast) dims
-  if (a.attn_mask) bias = torch::stable::to(*a.attn_mask, ScalarType::Float);
-  Tensor out = torch::stable::new_empty(a.q, {B, H, Lq, D}, ScalarType::Float);
+  if (a.attn_mask) bias = as_f32(*a.attn_mask);
+  Tensor out = new_contiguous(a.q, {B, H, Lq, D}, ScalarType::Float);
   attention_f32(f32(a.q), f32(a.k), f32(a.v), bias, static_cast<float>(scale_of(a)), out);
   return a.q.scalar_type() == ScalarType::Float ? out : torch::stable::to(out, a.q.scalar_type());
 }

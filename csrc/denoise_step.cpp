@@ -179,8 +179,7 @@ void check(const DenoiseStep& a) {
 }
 
 Out empty(const DenoiseStep& a) {
-  return {torch::stable::empty_like(a.sample),
-          a.write_x0 ? torch::stable::empty_like(a.sample) : torch::stable::new_empty(a.sample, {0})};
+  return {dense_like(a.sample), a.write_x0 ? dense_like(a.sample) : new_contiguous(a.sample, {0})};
 }
 
 // ---- CPU kernel ----

@@ -85,7 +85,7 @@ void check(const GroupNormSilu& a) {
   if (a.shift) check_small(x, *a.shift, "shift", {N, C});
 }
 
-Tensor empty(const GroupNormSilu& a) { return torch::stable::empty_like(a.x); }
+Tensor empty(const GroupNormSilu& a) { return dense_like(a.x); }
 
 // ---- CPU kernel ----
 
@@ -312,11 +312,17 @@ void channels_last(const T* x, T* y, int64_t N, int64_t C, int64_t HW, int64_t G
   });
 }
 
+// A small tensor (checked: contiguous, a float dtype) as floats, converted here: a dispatcher
+// call per tensor would cost more than the whole op at small sizes.
 std::vector<float> floats(const std::optional<Tensor>& t) {
   if (!t) return {};
-  const Tensor f = torch::stable::contiguous(torch::stable::to(*t, ScalarType::Float));
-  const float* p = f.const_data_ptr<float>();
-  return std::vector<float>(p, p + f.numel());
+  std::vector<float> out;
+  dispatch_float(t->scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* p = t->const_data_ptr<T>();
+    out.assign(p, p + t->numel());
+  });
+  return out;
 }
 
 Tensor cpu(const GroupNormSilu& a) {
@@ -368,7 +374,7 @@ Plan<Tensor> plan(const GroupNormSilu& a) {
   int64_t split = std::min(cfg::MAX_SPLIT, tiles);
   const int64_t chunk = cdiv(tiles, split);  // tiles per program
   split = cdiv(tiles, chunk);
-  Tensor part = torch::stable::new_empty(x, {N * G, split, 3}, ScalarType::Float);
+  Tensor part = new_contiguous(x, {N * G, split, 3}, ScalarType::Float);
   const int64_t vec16 = 16 / static_cast<int64_t>(x.element_size());
   const int64_t vec = (cl ? cg : HW) % vec16 == 0 ? vec16 : 1;
   const bool has_pre = a.pre_bias.has_value();

@@ -91,6 +91,35 @@ void check_same_device(const char* op, const Tensor& ref, const char* ref_name, 
            ref_name, "' (", device_str(ref.device()), "), got ", device_str(t.device()));
 }
 
+Tensor empty_strided(const Tensor& like, const Sizes& sizes, const Sizes& strides,
+                     std::optional<ScalarType> dtype) {
+  using torch::stable::detail::from;
+  using torch::stable::detail::to;
+  const Device d = like.device();
+  AtenTensorHandle h = nullptr;
+  if (aoti_torch_empty_strided(static_cast<int64_t>(sizes.size()), sizes.data(), strides.data(),
+                               to<int32_t>(from(dtype.value_or(like.scalar_type()))),
+                               to<int32_t>(from(d.type())), d.index(), &h) != AOTI_TORCH_SUCCESS) {
+    throw std::runtime_error("fastdiff: aoti_torch_empty_strided failed: " + last_torch_error());
+  }
+  return Tensor(h);
+}
+
+Tensor new_contiguous(const Tensor& like, const Sizes& sizes, std::optional<ScalarType> dtype) {
+  Sizes strides(sizes.size());
+  int64_t s = 1;
+  for (size_t i = sizes.size(); i-- > 0;) {
+    strides[i] = s;
+    s *= std::max<int64_t>(sizes[i], 1);
+  }
+  return empty_strided(like, sizes, strides, dtype);
+}
+
+Tensor dense_like(const Tensor& like) {
+  const auto sz = like.sizes(), st = like.strides();
+  return empty_strided(like, Sizes(sz.begin(), sz.end()), Sizes(st.begin(), st.end()));
+}
+
 bool may_overlap(const Tensor& a, const Tensor& b) {
   if (a.numel() == 0 || b.numel() == 0 || a.device() != b.device()) return false;
   auto range = [](const Tensor& t) {

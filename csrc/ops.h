@@ -84,6 +84,16 @@ void dispatch_float(ScalarType t, F&& f) {
   }
 }
 inline bool is_meta(const Tensor& t) { return t.device().type() == torch::headeronly::DeviceType::Meta; }
+// New uninitialized tensors on `like`'s device (its dtype unless given), by one C shim call
+// (aoti_torch_empty_strided): cheaper than empty_like/new_empty through the dispatcher, which
+// small calls feel. dense_like: the sizes and strides of `like`, which must be dense (the ops
+// check contiguity; for those, empty_like's preserve_format gives the same strides).
+Tensor empty_strided(const Tensor& like, const Sizes& sizes, const Sizes& strides,
+                     std::optional<ScalarType> dtype = std::nullopt);
+Tensor new_contiguous(const Tensor& like, const Sizes& sizes,
+                      std::optional<ScalarType> dtype = std::nullopt);
+Tensor dense_like(const Tensor& like);
+
 // Whether two tensors' memory may overlap: dense tensors (the ops check contiguity first) whose
 // byte ranges intersect. at::get_overlap_status has no stable counterpart.
 bool may_overlap(const Tensor& a, const Tensor& b);
