@@ -155,11 +155,14 @@ inline float silu(float z) { return z / (1.f + std::exp(-z)); }
 // Subtracting the mean before scaling keeps small-variance groups accurate.
 template <typename T, bool kSilu, bool kPerElement>
 void affine_act(const float* x, const float* m, const float* a, const float* b, T* y, int64_t n) {
-  auto vec = [](const float* p, int64_t i) { return kPerElement ? Vec::loadu(p + i) : Vec(*p); };
+  // One value for the range: read once, before the stores to y (which may alias, as far as
+  // the compiler knows, and would make it read them again for every vector).
+  const Vec m1(*m), a1(*a), b1(*b);
+  auto vec = [](const float* p, int64_t i, Vec one) { return kPerElement ? Vec::loadu(p + i) : one; };
   auto one = [](const float* p, int64_t i) { return kPerElement ? p[i] : *p; };
   int64_t i = 0;
   for (; i + kW <= n; i += kW) {
-    Vec z = simd::fmadd(Vec::loadu(x + i) - vec(m, i), vec(a, i), vec(b, i));
+    Vec z = simd::fmadd(Vec::loadu(x + i) - vec(m, i, m1), vec(a, i, a1), vec(b, i, b1));
     if constexpr (kSilu) z = z / (Vec(1.f) + z.neg().exp());
     if constexpr (std::is_same_v<T, float>) {
       z.store(y + i);

@@ -8,7 +8,7 @@
 #include <cstring>
 #include <limits>
 
-#if defined(__AVX2__) || defined(__FMA__)
+#if defined(__AVX__) || defined(__FMA__)
 #include <immintrin.h>
 #endif
 
@@ -25,12 +25,17 @@ struct Vec {
   Vec(f8 x) : v(x) {}
   explicit Vec(float x) : v(f8{} + x) {}
 
+#if defined(__AVX__)
+  static Vec loadu(const float* p) { return Vec(_mm256_loadu_ps(p)); }
+  void store(float* p) const { _mm256_storeu_ps(p, v); }
+#else
   static Vec loadu(const float* p) {
     f8 x;
     std::memcpy(&x, p, sizeof x);
     return x;
   }
   void store(float* p) const { std::memcpy(p, &v, sizeof v); }
+#endif
 
   friend Vec operator+(Vec a, Vec b) { return a.v + b.v; }
   friend Vec operator-(Vec a, Vec b) { return a.v - b.v; }
