@@ -27,7 +27,7 @@ E2E_SYSTEMS = ("engine", "accelerate", "diffusers", "compile")
 
 @dataclass
 class KernelCase:
-    op: str                      # group_norm_silu | attention | denoise_step
+    op: str           # group_norm_silu | attention | denoise_step | geglu | add_layer_norm
     model: str                   # sd15@512 ...
     shape: tuple
     groups: int = 32
@@ -45,6 +45,10 @@ class KernelCase:
         if self.op == "attention":
             b, h, lq, lk, d = self.shape
             return (2 * b * h * lq * d + 2 * b * h * lk * d) * itemsize
+        if self.op == "geglu":
+            return (n + n // 2) * itemsize                       # (..., 2F) read, (..., F)
+        if self.op == "add_layer_norm":
+            return 4 * n * itemsize                              # x, residual read; h, y
         return (2 * n + n + n) * itemsize                        # [u; c] read, x read, out
 
     def flops(self) -> int:
@@ -95,6 +99,10 @@ def kernel_cases(quick: bool = False) -> list[KernelCase]:
             if cross and name != "ddpm_cifar10":
                 cases.append(KernelCase("attention", tag, (B, heads, res * res, 77, hd),
                                         label=f"cross D={hd} L={res * res}x77"))
+                # the transformer's feed-forward: GEGLU on the projection's (B, L, 2 * 4C)
+                cases.append(KernelCase("geglu", tag, (B, res * res, 2 * 4 * ch)))
+                # a residual add and the LayerNorm after it (norm2, norm3)
+                cases.append(KernelCase("add_layer_norm", tag, (B, res * res, ch)))
         c = 3 if name == "ddpm_cifar10" else 4
         cases.append(KernelCase("denoise_step", tag, (B // 2, c, image // scale, image // scale)))
     # the shipped digits model: 8x8, groups 8, attention at 4x4 (head dim 32), batch 2 x 10
@@ -105,6 +113,8 @@ def kernel_cases(quick: bool = False) -> list[KernelCase]:
     if quick:
         cases = [c for c in cases if c.quick]
         cases.append(KernelCase("group_norm_silu", "cifar-block", (2, 128, 32, 32), quick=True))
+        cases.append(KernelCase("geglu", "tiny", (2, 64, 2 * 128), quick=True))
+        cases.append(KernelCase("add_layer_norm", "tiny", (2, 64, 32), quick=True))
     return cases
 
 
@@ -134,6 +144,24 @@ def kernel_fn(case: KernelCase, system: str, device: str, dtype: torch.dtype):
         def make():
             return rnd(bsz, h, lq, d), rnd(bsz, h, lk, d), rnd(bsz, h, lk, d)
         fused, fn = ops.attention, F.scaled_dot_product_attention
+    elif case.op == "geglu":
+        def make():
+            return (rnd(*case.shape),)
+        fused = ops.geglu
+
+        def fn(h):                                   # diffusers' GEGLU after its projection
+            a, gate = h.chunk(2, dim=-1)
+            return a * F.gelu(gate)
+    elif case.op == "add_layer_norm":
+        C = case.shape[-1]
+
+        def make():
+            return rnd(*case.shape), rnd(*case.shape), rnd(C), rnd(C)
+        fused = ops.add_layer_norm
+
+        def fn(x, r, w, b):                          # BasicTransformerBlock: add, then norm2
+            h = x + r
+            return h, F.layer_norm(h, (C,), w, b)
     else:
         n = case.shape[0]
         # one DDIM-like row: x0 = P_x x + P_m e; out = K_x x + K_0 x0 + K_m e

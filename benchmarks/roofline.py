@@ -22,8 +22,9 @@ Systems (DDIM, eta = 0; guided models with CFG, model batch [uncond; cond]):
 - ``diffusers``: the loop body of diffusers' pipelines, eager: ``torch.cat([latents] * 2)``,
   the stock U-Net, the CFG combine ``u + s * (c - u)`` and ``DDIMScheduler.step`` (run on meta
   tensors too);
-- ``accelerate``: the same loop with ``fastdiff.accelerate`` (patched U-Net; the scheduler's
-  step one ``denoise_step``); the pipeline's cat and CFG combine stay;
+- ``accelerate``: the same loop with ``fastdiff.accelerate`` (patched U-Net: group_norm_silu,
+  attention, geglu, add_layer_norm; the scheduler's step one ``denoise_step``); the pipeline's
+  cat and CFG combine stay;
 - ``engine``: ``SamplingEngine``'s step (``fastdiff.sample_pipeline``): input scaling, cat,
   the patched U-Net, one ``denoise_step`` with the guidance inside, state updates. Its CUDA
   graph removes launch gaps, not kernels.
@@ -470,7 +471,7 @@ def op_class(op: str) -> str:
         return "matmul"
     if name in _ATTENTION:
         return "attention"
-    if name in ("native_group_norm", "native_layer_norm", "group_norm_silu"):
+    if name in ("native_group_norm", "native_layer_norm", "group_norm_silu", "add_layer_norm"):
         return "norm"
     if name in ("cat", "clone", "copy", "_to_copy", "index_select", "upsample_nearest2d"):
         return "copy/cast/cat"

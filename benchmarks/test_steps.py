@@ -37,12 +37,20 @@ def _scheduler(kind, fused):
     return s
 
 
+DEVICES = [pytest.param("cpu", id="cpu"),
+           pytest.param("cuda", id="cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+               not torch.cuda.is_available(), reason="needs a CUDA GPU")])]
+
+
 @pytest.mark.parametrize("system", ["diffusers", "fastdiff"])
 @pytest.mark.parametrize("kind", FAMILIES)
-def test_step(benchmark, kind, system):
+@pytest.mark.parametrize("device", DEVICES)
+def test_step(benchmark, kind, system, device):
+    """On CUDA, fp16 (what pipelines run), synchronized once per round."""
     g = torch.Generator().manual_seed(0)
-    pairs = [torch.randn(2, *SHAPE[1:], generator=g) for _ in range(4)]
-    x0 = torch.randn(SHAPE, generator=g)
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    pairs = [torch.randn(2, *SHAPE[1:], generator=g).to(device, dtype) for _ in range(4)]
+    x0 = torch.randn(SHAPE, generator=g).to(device, dtype)
     sched = _scheduler(kind, system == "fastdiff")
     step = sched.step
     rows = isinstance(step, SC.RowStep)
@@ -51,7 +59,7 @@ def test_step(benchmark, kind, system):
     def run():
         sched.set_timesteps(STEPS)
         x = x0 * sched.init_noise_sigma
-        kw = {"generator": torch.Generator().manual_seed(1)} if takes_generator else {}
+        kw = {"generator": torch.Generator(device=device).manual_seed(1)} if takes_generator else {}
         for i, t in enumerate(sched.timesteps):
             pair = pairs[i % 4]
             if rows:
@@ -59,8 +67,10 @@ def test_step(benchmark, kind, system):
             else:
                 u, c = pair.chunk(2)
                 x = step(u + GUIDANCE * (c - u), t, x, return_dict=False, **kw)[0]
+        if device == "cuda":
+            torch.cuda.synchronize()
         return x
 
     run()   # the tables are built on the first schedule (not timed)
-    benchmark.extra_info.update(family=kind, system=system, steps=STEPS)
+    benchmark.extra_info.update(family=kind, system=system, steps=STEPS, device=device)
     benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)

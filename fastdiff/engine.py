@@ -105,6 +105,8 @@ class SamplingEngine:
         x, x0 = ops.denoise_step(out.contiguous(), s.x, s.coeffs, idx, noise, s.state,
                                  guidance_scale if guided else 1.0, table.clip_sample,
                                  table.clip_sample_range, write_x0=True, guided=guided)
+        if table.threshold is not None:
+            x, x0 = schedules.apply_threshold(x, x0, s.coeffs, idx, *table.threshold)
         s.x.copy_(x)
         idx.add_(1)
         return x0
@@ -147,7 +149,8 @@ class SamplingEngine:
             s = graph.state
         else:
             s = _Static(x, table, cond, timestep_dtype)
-            draws = schedules.noise_rows(table.coeffs).tolist()
+            draws = (schedules.noise_rows(table.coeffs) if table.draws is None
+                     else table.draws).tolist()
         for i in steps:
             if use_graph:
                 graph.replay()
@@ -176,7 +179,8 @@ class SamplingEngine:
         key = (_sig(x), tuple((k, _sig(v) if isinstance(v, torch.Tensor) else v)
                               for k, v in sorted(cond.items())), generator is not None,
                guided, float(guidance_scale), len(table), table.needs_noise, table.slots,
-               table.clip_sample, float(table.clip_sample_range), timestep_dtype)
+               table.clip_sample, float(table.clip_sample_range), table.threshold,
+               timestep_dtype)
         def build():
             s = _Static(x, table, cond, timestep_dtype)
 

@@ -1,4 +1,4 @@
-"""The three fused ops: their Python entry points.
+"""The fused ops: their Python entry points.
 
 Each op is one dispatcher op, ``torch.ops.fastdiff.<name>``, whose schema, argument checks, CPU
 kernel (C++), Meta kernel (shapes only, for torch.compile and graph capture) and CUDA kernel
@@ -15,10 +15,14 @@ Each op also gets a thin Python function that accepts the shapes models naturall
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from fastdiff import _C, prebuilt
+from fastdiff import schedules as S
 
 logger = logging.getLogger("fastdiff")
 _logged: set[str] = set()
@@ -72,7 +76,7 @@ def _jit_kernel(op: str):
     return run
 
 
-# Every op's _jit_<op> (defined by the extension, csrc/ops.cpp define_op), on every device.
+# Every op's _jit_<op> (defined by the extension, csrc/ops.h FASTDIFF_REGISTER_OP), on every device.
 _jit_lib = torch.library.Library("fastdiff", "IMPL")
 for _name in torch._C._dispatch_get_all_op_names():
     if _name.startswith("fastdiff::_jit_"):
@@ -172,3 +176,267 @@ def denoise_step(model_output: torch.Tensor, sample: torch.Tensor, coeffs: torch
     return torch.ops.fastdiff.denoise_step(model_output, sample, coeffs, step_index, noise, state,
                                            guidance_scale, clip_sample, clip_sample_range, write_x0,
                                            guided)
+
+
+def geglu(x: torch.Tensor) -> torch.Tensor:
+    """diffusers' GEGLU after its projection: ``x[..., :F] * gelu(x[..., F:])`` (exact GELU, the
+    math in fp32) in one pass. x: (..., 2F), the projection's output; returns (..., F). A
+    non-contiguous x is copied first."""
+    if not isinstance(x, torch.Tensor):   # (check_types lets None through: optional arguments)
+        raise TypeError(f"fastdiff.geglu: argument 'x' must be a torch.Tensor, got "
+                        f"{type(x).__name__} {x!r:.60}")
+    if x.dim() >= 1 and not x.is_contiguous():
+        x = x.contiguous()
+    return torch.ops.fastdiff.geglu(x)
+
+
+def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None = None,
+                   bias: torch.Tensor | None = None, eps: float = 1e-5
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A residual add and the LayerNorm after it in one pass: returns ``(h, y)`` with
+    ``h = x + residual`` (x's dtype: the next residual) and ``y = layer_norm(h) * weight + bias``
+    over the last dim (fp32 statistics of h as rounded). x, residual: (..., C), one dtype;
+    weight, bias: (C,) in that dtype, or None. Non-contiguous inputs are copied first."""
+    if not isinstance(x, torch.Tensor) or not isinstance(residual, torch.Tensor):
+        bad, v = ("x", x) if not isinstance(x, torch.Tensor) else ("residual", residual)
+        raise TypeError(f"fastdiff.add_layer_norm: argument '{bad}' must be a torch.Tensor, got "
+                        f"{type(v).__name__} {v!r:.60}")
+    check_types("add_layer_norm", dict(weight=weight, bias=bias), reals=dict(eps=eps))
+    x, residual = (t.contiguous() if t.dim() >= 1 else t for t in (x, residual))
+    return torch.ops.fastdiff.add_layer_norm(x, residual, weight, bias, eps)
+
+
+# ---- Autograd ----
+#
+# Each op's formula is registered on the dispatcher's Autograd key, so every caller (these entry
+# points, torch.ops.fastdiff.* directly, torch.compile's traced graphs) gets it. group_norm_silu
+# and attention use torch.library.register_autograd. denoise_step cannot: it updates ``state``
+# in place and register_autograd refuses non-functional schemas, so its Autograd kernel is
+# registered by hand (_denoise_step_autograd). attention's and denoise_step's backwards are torch
+# ops, differentiable again (double backward works); group_norm_silu's fused backward op is
+# first order: a gradient of its gradient raises (once_differentiable) rather than be wrong.
+
+def _group_norm_silu_setup(ctx, inputs, output):
+    x, num_groups, weight, bias, eps, pre_bias, scale, shift, apply_silu = inputs
+    ctx.save_for_backward(x, weight, bias, pre_bias, scale, shift)
+    ctx.args = (num_groups, eps, apply_silu)
+
+
+@once_differentiable
+def _group_norm_silu_backward(ctx, grad):
+    """The fused backward (csrc/group_norm_silu_backward.cpp; on CUDA its Triton kernels): one
+    call for the gradients of x and of every tensor the forward was given."""
+    x, weight, bias, pre_bias, scale, shift = ctx.saved_tensors
+    num_groups, eps, apply_silu = ctx.args
+    fmt = torch.contiguous_format if x.is_contiguous() else torch.channels_last
+    grad = grad.to(x.dtype).contiguous(memory_format=fmt)
+    dx, dw, db, dpre, dscale, dshift = torch.ops.fastdiff.group_norm_silu_backward(
+        grad, x, num_groups, weight, bias, eps, pre_bias, scale, shift, apply_silu)
+
+    def given(g, t):  # absent inputs have no gradient
+        return None if t is None else g
+    return (dx, None, given(dw, weight), given(db, bias), None, given(dpre, pre_bias),
+            given(dscale, scale), given(dshift, shift), None)
+
+
+torch.library.register_autograd("fastdiff::group_norm_silu", _group_norm_silu_backward,
+                                setup_context=_group_norm_silu_setup)
+
+# Score memory per chunk of the attention backward (float32 S, P and dS for a few rows of batch).
+_ATTENTION_BACKWARD_BYTES = 256 << 20
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, attn_mask, scale = inputs
+    ctx.save_for_backward(q, k, v, attn_mask)
+    ctx.scale = scale
+
+
+def _attention_backward(ctx, grad):
+    """Recomputes the probabilities in float32 and applies the softmax-attention gradient
+    (dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)), dQ = s dS K, dK = s dS^T Q, dmask = dS
+    summed over broadcast dims), batch by batch so the (Lq, Lk) matrices stay bounded. Not
+    fused: a first version (ARCHITECTURE.md)."""
+    q, k, v, mask = ctx.saved_tensors
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    s = ctx.scale if ctx.scale is not None else 1.0 / math.sqrt(D)
+    want = ctx.needs_input_grad
+    dq, dk, dv = (torch.empty(t.shape, dtype=torch.float32, device=t.device) for t in (q, k, v))
+    dmask = None
+    if mask is not None and want[3]:
+        dmask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    step = max(1, _ATTENTION_BACKWARD_BYTES // max(1, 3 * 4 * H * Lq * Lk))
+    for b0 in range(0, B, step):
+        b = slice(b0, min(B, b0 + step))
+        qf, kf, vf, gf = (t[b].float() for t in (q, k, v, grad))
+        scores = (qf @ kf.transpose(-1, -2)) * s
+        mb = None
+        if mask is not None:
+            mb = mask if mask.shape[0] == 1 else mask[b]
+            scores = scores + mb.float()
+        p = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows of all -inf: 0, as the op
+        del scores
+        dv[b] = p.transpose(-1, -2) @ gf
+        dp = gf @ vf.transpose(-1, -2)
+        ds = p * (dp - (dp * p).sum(-1, keepdim=True))
+        del p, dp
+        dq[b] = (ds @ kf) * s
+        dk[b] = (ds.transpose(-1, -2) @ qf) * s
+        if dmask is not None:
+            dims = [d for d in range(4) if mb.shape[d] == 1 and ds.shape[d] != 1]
+            part = ds.sum(dims, keepdim=True) if dims else ds
+            if mask.shape[0] == 1:
+                dmask += part
+            else:
+                dmask[b] = part
+    return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
+            None if dmask is None else dmask.to(mask.dtype), None)
+
+
+torch.library.register_autograd("fastdiff::attention", _attention_backward,
+                                setup_context=_attention_setup)
+
+
+class _DenoiseStepFunction(torch.autograd.Function):
+    """denoise_step with gradients for model_output, sample and noise. Per element the step is
+    affine in them given the row: x0 = sum_k P_k v_k (clipped: the clip's mask),
+    out = sum_k O_k v_k + O_x0 x0c; guided, m = u + g (c - u). The row is gathered on the device
+    (no host sync). The slots are read, not differentiated (_denoise_step_autograd refuses
+    calls whose state would need a gradient)."""
+
+    @staticmethod
+    def forward(ctx, model_output, sample, noise, coeffs, step_index, state, guidance_scale,
+                clip_sample, clip_sample_range, write_x0, guided):
+        # With clipping, the backward recomputes x0 for the clip's mask from the slots as read.
+        read_state = state.clone() if clip_sample and state is not None else None
+        with torch._C._AutoDispatchBelowAutograd():
+            out, x0 = torch.ops.fastdiff.denoise_step.default(
+                model_output, sample, coeffs, step_index, noise, state, guidance_scale,
+                clip_sample, clip_sample_range, write_x0, guided)
+        saved = (model_output, sample, noise) if clip_sample else (None, None, None)
+        ctx.save_for_backward(coeffs, step_index, read_state, *saved)
+        ctx.guided = model_output.shape[0] == 2 * sample.shape[0] if guided is None else guided
+        ctx.args = (guidance_scale, clip_sample, clip_sample_range, write_x0)
+        ctx.dtypes = (model_output.dtype, sample.dtype, None if noise is None else noise.dtype)
+        if not write_x0:
+            ctx.mark_non_differentiable(x0)
+        return out, x0
+
+    @staticmethod
+    def backward(ctx, d_out, d_x0c):
+        coeffs, step_index, state, m_in, x_in, n_in = ctx.saved_tensors
+        g, clip, r, write_x0 = ctx.args
+        row = coeffs.index_select(0, step_index.reshape(-1).long()).reshape(-1).float()
+        P = row[S.ROW_P:S.ROW_P + S.NUM_V]
+        Q = row[S.ROW_O:S.ROW_O + S.NUM_V + 1]    # the O coefficients
+        d_out = d_out.float()
+        dx0 = Q[S.NUM_V] * d_out
+        if write_x0 and d_x0c is not None and d_x0c.numel():
+            dx0 = dx0 + d_x0c.float()
+        if clip:
+            m = m_in.float()
+            if ctx.guided:
+                u, c = m.chunk(2)
+                m = u + g * (c - u)
+            v = [x_in.float(), m, None if n_in is None else n_in.float()]
+            v += [None if state is None or j >= state.shape[0] else state[j].float()
+                  for j in range(S.SLOTS)]
+            x0 = sum(P[i] * t for i, t in enumerate(v) if t is not None)
+            dx0 = dx0 * ((x0 >= -r) & (x0 <= r))
+        dv = [Q[i] * d_out + P[i] * dx0 for i in range(3)]
+        m_dtype, x_dtype, n_dtype = ctx.dtypes
+        dm = torch.cat([(1 - g) * dv[1], g * dv[1]]) if ctx.guided else dv[1]
+        return (dm.to(m_dtype), dv[0].to(x_dtype), None if n_dtype is None else dv[2].to(n_dtype),
+                None, None, None, None, None, None, None, None)
+
+
+def _denoise_step_autograd(model_output, sample, coeffs, step_index, noise=None, state=None,
+                           guidance_scale=1.0, clip_sample=False, clip_sample_range=1.0,
+                           write_x0=False, guided=None):
+    """denoise_step's Autograd kernel: the op itself unless a gradient is wanted."""
+    args = (model_output, sample, coeffs, step_index, noise, state, guidance_scale, clip_sample,
+            clip_sample_range, write_x0, guided)
+    grads = [t is not None and t.requires_grad for t in (model_output, sample, noise)]
+    if not (torch.is_grad_enabled() and (any(grads) or coeffs.requires_grad
+                                         or (state is not None and state.requires_grad))):
+        with torch._C._AutoDispatchBelowAutograd():
+            return torch.ops.fastdiff.denoise_step.default(*args)
+    if coeffs.requires_grad:
+        raise ValueError("fastdiff.denoise_step: argument 'coeffs' requires grad; gradients flow "
+                         "to model_output, sample and noise only (detach the table)")
+    if state is not None:
+        if state.requires_grad:
+            raise ValueError("fastdiff.denoise_step: argument 'state' requires grad; the op "
+                             "updates it in place and does not differentiate through it (run "
+                             "the step under torch.no_grad(), or detach the state)")
+        # The slots the row writes would carry a gradient of model_output/sample/noise that an
+        # in-place update cannot record: refused, not silently dropped (reads the row: a sync).
+        row = coeffs[int(step_index.reshape(-1)[0])].double()
+        dep = [i for i, w in zip((S.V_M, S.V_X, S.V_N), grads) if w]  # their places in v
+        for j in range(state.shape[0]):
+            r = row[S.ROW_S + j * (S.NUM_V + 1):S.ROW_S + (j + 1) * (S.NUM_V + 1)]
+            from_x0 = r[S.NUM_V] != 0 and any(row[S.ROW_P + i] != 0 for i in dep)
+            if row[S.ROW_W + j] != 0 and (from_x0 or any(r[i] != 0 for i in dep)):
+                raise ValueError(
+                    f"fastdiff.denoise_step: this step writes state slot {j} from an input "
+                    "that requires grad; the op does not differentiate through its in-place "
+                    "'state' (run the step under torch.no_grad(), or use a solver without "
+                    "state slots)")
+    return _DenoiseStepFunction.apply(model_output, sample, noise, coeffs, step_index, state,
+                                      guidance_scale, clip_sample, clip_sample_range, write_x0,
+                                      guided)
+
+
+_autograd_lib = torch.library.Library("fastdiff", "IMPL")
+_autograd_lib.impl("denoise_step", _denoise_step_autograd, "Autograd")
+
+
+def _geglu_setup(ctx, inputs, output):
+    (x,) = inputs
+    ctx.save_for_backward(x)
+
+
+def _geglu_backward(ctx, grad):
+    """d value = grad * gelu(gate), d gate = grad * value * gelu'(gate), gelu'(g) =
+    Phi(g) + g phi(g), in float32 torch ops (differentiable again). Not fused."""
+    (x,) = ctx.saved_tensors
+    a, g = x.float().chunk(2, dim=-1)
+    gf = grad.float()
+    cdf = 0.5 * (1 + torch.erf(g * (1 / math.sqrt(2))))
+    pdf = torch.exp(-0.5 * g * g) * (1 / math.sqrt(2 * math.pi))
+    return torch.cat([gf * g * cdf, gf * a * (cdf + g * pdf)], dim=-1).to(x.dtype)
+
+
+torch.library.register_autograd("fastdiff::geglu", _geglu_backward, setup_context=_geglu_setup)
+
+
+def _add_layer_norm_setup(ctx, inputs, output):
+    x, residual, weight, bias, eps = inputs
+    ctx.save_for_backward(output[0], weight, bias)
+    ctx.eps = eps
+    ctx.dtypes = (x.dtype, residual.dtype)
+
+
+def _add_layer_norm_backward(ctx, dh, dy):
+    """h = x + residual, y = layer_norm(h): the LayerNorm's gradient recomputed from the saved
+    h through torch's own layer_norm (float32), plus dh; x and residual both get the sum.
+    Not fused."""
+    h, weight, bias = ctx.saved_tensors
+    hf = h.detach().float().requires_grad_(True)
+    params = [None if p is None else p.detach().float().requires_grad_(True)
+              for p in (weight, bias)]
+    with torch.enable_grad():
+        y = F.layer_norm(hf, hf.shape[-1:], params[0], params[1], ctx.eps)
+        wanted = [hf] + [p for p in params if p is not None]
+        dyf = dy.float() if dy is not None else torch.zeros_like(y)
+        grads = torch.autograd.grad(y, wanted, dyf, create_graph=torch.is_grad_enabled())
+    dsum = grads[0] + (dh.float() if dh is not None else 0)
+    rest = iter(grads[1:])
+    dw, db = (None if p is None else next(rest).to(t.dtype)
+              for p, t in zip(params, (weight, bias)))
+    return dsum.to(ctx.dtypes[0]), dsum.to(ctx.dtypes[1]), dw, db, None
+
+
+torch.library.register_autograd("fastdiff::add_layer_norm", _add_layer_norm_backward,
+                                setup_context=_add_layer_norm_setup)

@@ -1,7 +1,9 @@
 """Plain-torch float64 references for the fused ops: what every kernel is tested against.
 
 Each takes the op's arguments (any dtype, any device) and returns float64 results computed with
-unfused torch operations, following the definitions in csrc/<op>.cpp.
+unfused torch operations, following the definitions in csrc/<op>.cpp. They are differentiable
+(inputs are converted, not detached): autograd through them is the float64 reference of the ops'
+backward formulas (tests/test_autograd.py).
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from fastdiff import schedules as S
 
 
 def _f64(t):
-    return None if t is None else t.detach().to(torch.float64)
+    return None if t is None else t.to(torch.float64)
 
 
 def group_norm_silu(x, num_groups, weight=None, bias=None, eps=1e-5, pre_bias=None, scale=None,
@@ -76,6 +78,27 @@ def denoise_step_v2(model_output, sample, coeffs, step_index, noise=None, state=
             r = c[S.ROW_S + j * (S.NUM_V + 1):S.ROW_S + (j + 1) * (S.NUM_V + 1)]
             new[j] = sum(r[i] * v[i] for i in range(S.NUM_V)) + r[S.NUM_V] * x0
     return out, x0, new
+
+
+def geglu(x):
+    """x[..., :F] * gelu(x[..., F:]) in float64 (exact GELU: g / 2 * (1 + erf(g / sqrt 2)))."""
+    a, g = _f64(x).chunk(2, dim=-1)
+    return a * (0.5 * g * (1 + torch.erf(g / math.sqrt(2))))
+
+
+def add_layer_norm(x, residual, weight=None, bias=None, eps=1e-5):
+    """(h, y): h = x + residual rounded to x's dtype (as the op returns it), y = LayerNorm of
+    that h over the last dim in float64 (two-pass variance), times weight, plus bias."""
+    h = (x.detach().float() + residual.detach().float()).to(x.dtype)
+    v = _f64(h)
+    mean = v.mean(-1, keepdim=True)
+    var = ((v - mean) ** 2).mean(-1, keepdim=True)
+    y = (v - mean) / torch.sqrt(var + eps)
+    if weight is not None:
+        y = y * _f64(weight)
+    if bias is not None:
+        y = y + _f64(bias)
+    return h, y
 
 
 # The reference of torch.ops.fastdiff.denoise_step, whose rows are version 2.

@@ -42,7 +42,11 @@ class StepTable:
     the model (Euler's ``scale_model_input``, 1 elsewhere); init_noise_sigma: std of the initial
     noise. needs_noise: some row reads the noise (``noise_rows`` says which). slots: how many
     state slots the rows use: a sampling loop passes ``denoise_step`` a state of
-    (slots, *sample.shape), zeros before the first step (none when 0).
+    (slots, *sample.shape), zeros before the first step (none when 0). draws: (S,) bool, the
+    steps at which an eager loop draws noise (None: those whose row reads it; a table read from
+    a diffusers scheduler says where its step draws, so a seeded generator's stream matches).
+    threshold: (ratio, max_value) of dynamic thresholding (DDPM, DDIM), applied to the row's x0
+    after the op (``apply_threshold``); None: none.
     """
 
     solver: str
@@ -54,6 +58,9 @@ class StepTable:
     clip_sample_range: float = 1.0
     needs_noise: bool = False
     slots: int = 0
+    draws: torch.Tensor | None = None
+    threshold: tuple | None = None
+
 
     def __len__(self):
         return self.coeffs.shape[0]
@@ -347,17 +354,24 @@ def _full_table(scheduler, eta, use_clipped_model_output, s_churn, s_tmin, s_tma
     cfg = scheduler.config
     if getattr(scheduler, "num_inference_steps", None) is None:
         raise ValueError(f"call {name}.set_timesteps(...) before building its table")
+    threshold = None
     if cfg.get("thresholding", False):
-        raise ValueError(f"{name} with thresholding=True is not supported by denoise_step")
+        if name not in ("DDPMScheduler", "DDIMScheduler"):
+            raise ValueError(f"{name} with thresholding=True is not supported by denoise_step")
+        # diffusers thresholds instead of clipping: the rows' x0 runs unclipped through the op
+        threshold = (float(cfg.dynamic_thresholding_ratio), float(cfg.sample_max_value))
     ac = scheduler.alphas_cumprod.double().cpu().numpy()
     ts = scheduler.timesteps.cpu()
+    clip = bool(cfg.get("clip_sample", False)) and threshold is None
     if name == "DDPMScheduler":
-        return ddpm_table(ac, ts, cfg.prediction_type, cfg.variance_type, cfg.clip_sample,
-                          cfg.clip_sample_range)
+        table = ddpm_table(ac, ts, cfg.prediction_type, cfg.variance_type, clip,
+                           cfg.clip_sample_range)
+        return StepTable(**{**table.__dict__, "threshold": threshold})
     if name == "DDIMScheduler":
-        return ddim_table(ac, ts, cfg.num_train_timesteps, float(scheduler.final_alpha_cumprod),
-                          eta, cfg.prediction_type, cfg.clip_sample, cfg.clip_sample_range,
-                          use_clipped_model_output)
+        table = ddim_table(ac, ts, cfg.num_train_timesteps, float(scheduler.final_alpha_cumprod),
+                           eta, cfg.prediction_type, clip, cfg.clip_sample_range,
+                           use_clipped_model_output)
+        return StepTable(**{**table.__dict__, "threshold": threshold})
     if name == "DPMSolverMultistepScheduler":
         return dpmpp_2m_table(scheduler.sigmas.double().cpu().numpy(), ts, cfg.prediction_type,
                               cfg.algorithm_type, cfg.solver_type, cfg.solver_order,
@@ -409,6 +423,27 @@ def step_row(p=None, o=None, writes=None) -> list[float]:
         for k, c in coefs.items():
             row[ROW_S + j * (NUM_V + 1) + names[k]] = float(c)
     return row
+
+
+def threshold_x0(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
+    """Dynamic thresholding (Saharia et al. 2022, Sec. 2.3; diffusers' ``_threshold_sample``):
+    per sample, s = the ``ratio`` quantile of |x0| clamped to [1, max_value]; x0 clamped to
+    [-s, s] and divided by s. In float32 (float64 stays), as diffusers computes it."""
+    dt = x0.dtype if x0.dtype == torch.float64 else torch.float32
+    flat = x0.to(dt).reshape(x0.shape[0], -1)
+    s = torch.quantile(flat.abs(), ratio, dim=1).clamp(1.0, max_value).unsqueeze(1)
+    return (torch.maximum(torch.minimum(flat, s), -s) / s).reshape(x0.shape)
+
+
+def apply_threshold(out: torch.Tensor, x0: torch.Tensor, coeffs: torch.Tensor,
+                    step_index: torch.Tensor, ratio: float, max_value: float):
+    """(next sample, x0) of a thresholded row from the op's unthresholded ones: the row's next
+    sample reads its x0 only through O_x0 (the clip path), so it moves by O_x0 (x0t - x0).
+    A few small kernels after the op, all on the device (the row's O_x0 is gathered there)."""
+    x0t = threshold_x0(x0, ratio, max_value)
+    k = coeffs.index_select(0, step_index.reshape(-1).long())[0, ROW_O + NUM_V]
+    new = out.to(x0t.dtype) + k.to(x0t.dtype) * (x0t - x0.to(x0t.dtype))
+    return new.to(out.dtype), x0t.to(x0.dtype)
 
 
 def absent_slot_columns(k: int) -> list[int]:

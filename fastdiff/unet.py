@@ -3,9 +3,9 @@
 Encoder-decoder with skip connections; residual blocks conditioned on the time embedding (plus a
 class embedding) through AdaGN scale/shift (Dhariwal & Nichol 2021); self-attention at chosen
 resolutions; cross-attention to a context sequence with a padding mask; a low-resolution image
-concatenated to the input. GroupNorm+SiLU and attention run on fastdiff's fused ops; with
-``fused=False`` the same weights run on plain torch ops (needed for training: the fused ops
-have no autograd).
+concatenated to the input. GroupNorm+SiLU and attention run on fastdiff's fused ops, in
+sampling and in training (their autograd formulas are in fastdiff/ops.py); with ``fused=False``
+the same weights run on plain torch ops (the tests hold the two paths to each other).
 
 Shapes: x (B, C_in, S, S), t (B,) float timesteps, labels (B,) int64 in [0, num_classes]
 (num_classes is the null label used for classifier-free guidance), context (B, L, context_dim)

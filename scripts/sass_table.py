@@ -3,7 +3,8 @@
 Compiles every prebuilt configuration for sm_80 and sm_90 with kernels/prebuild.py's machine-code
 summary (``--sass``; no GPU needed) and groups the configurations into families: attention by
 dtype and head dim (its bias variants together), group_norm_silu by kernel, dtype, layout and
-VEC (its fusion flags together), denoise_step by dtype and alignment variant. Per family and
+VEC (its fusion flags together), denoise_step by dtype and alignment variant, geglu by dtype and
+VEC, add_layer_norm by dtype and row block. Per family and
 architecture: registers, shared memory, stack (local memory: spills), and the global loads and
 stores in the code by width (instructions in the code, not executions), with MMA instructions.
 A range a-b spans the family's configurations. Printed, or written between the markers of
@@ -36,6 +37,12 @@ def family(r):
         k = r["kernel"].removeprefix("group_norm_silu_")
         return ((1, dt, cx["CL"], -cx["VEC"], k),
                 f"group_norm_silu {k} {dt} {layout} VEC={cx['VEC']}")
+    if r["op"] == "geglu":
+        dt = _DT[sig["x_ptr"]]
+        return (3, dt, -cx["VEC"]), f"geglu {dt} VEC={cx['VEC']}"
+    if r["op"] == "add_layer_norm":
+        dt = _DT[sig["x_ptr"]]
+        return (4, dt, cx["BLOCK_C"]), f"add_layer_norm {dt} BLOCK_C={cx['BLOCK_C']}"
     dt = _DT[sig["x_ptr"]]
     names = [p["name"] for p in r["params"]]
     aligned = "numel" in [names[i] for i in r["aligned"]]

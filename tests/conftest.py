@@ -35,10 +35,23 @@ def _to(x, device):
     return x
 
 
+# Ops without prebuilt cubins at all: they always run on the Triton JIT.
+JIT_ONLY_OPS = {"group_norm_silu_backward": "the backward has no prebuilt kernels"}
+
+
 def jit_only_head_dim(name, args) -> bool:
     """Whether an attention call's head dim has no prebuilt cubin (it runs on the Triton JIT)."""
     from fastdiff.kernels.attention import PREBUILT_HEAD_DIMS
     return name == "attention" and args[0].shape[-1] not in PREBUILT_HEAD_DIMS
+
+
+def jit_only_reason(name, args) -> str | None:
+    """Why FASTDIFF_PREBUILT=require refuses a call (no cubin for it), or None."""
+    if name in JIT_ONLY_OPS:
+        return JIT_ONLY_OPS[name]
+    if jit_only_head_dim(name, args):
+        return f"no cubin for head dim {args[0].shape[-1]}"
+    return None
 
 
 def run_op(backend: str, name: str, *args):
@@ -49,10 +62,12 @@ def run_op(backend: str, name: str, *args):
     elif backend == "cuda":
         op = getattr(torch.ops.fastdiff, name)
         on_gpu = [_to(a, "cuda") for a in args]
-        if jit_only_head_dim(name, on_gpu) and _C._prebuilt_mode() == "require":
+        why = jit_only_reason(name, on_gpu)
+        if why and _C._prebuilt_mode() == "require":
             # FASTDIFF_PREBUILT=require (gpu.sh's tests-prebuilt phase) refuses head dims the
-            # wheel has no cubin for, as documented; they run on the JIT under 'on'.
-            with pytest.raises(RuntimeError, match=f"no cubin for head dim {args[0].shape[-1]}"):
+            # wheel has no cubin for, and ops without cubins, as documented; they run on the
+            # JIT under 'on'.
+            with pytest.raises(RuntimeError, match=why):
                 op(*on_gpu)
             prev = ops.set_prebuilt("on")
             try:

@@ -198,6 +198,11 @@ def test_accelerate_patches_counts_idempotent_and_restore(sd_unet):
     counts = dict(state.counts)
     assert counts["resnets"] > 0 and counts["attention"] == len(procs) and counts["norm_out"] == 1
     assert counts["scheduler"] == 1
+    from diffusers.models.activations import GEGLU
+    assert counts["geglu"] == sum(type(m) is GEGLU for m in sd_unet.modules()) > 0
+    from diffusers.models.attention import BasicTransformerBlock
+    assert counts["transformer_blocks"] == sum(type(m) is BasicTransformerBlock
+                                               for m in sd_unet.modules()) > 0
     assert all(isinstance(p, acc.FastdiffAttnProcessor) for p in sd_unet.attn_processors.values())
     fastdiff.accelerate(pipe)                      # twice: nothing more is patched
     assert pipe.__dict__[acc.STATE_ATTR].counts["resnets"] == counts["resnets"]
@@ -247,7 +252,7 @@ def test_accelerate_rejects_other_objects():
         fastdiff.accelerate(object())
 
 
-def test_gradients_use_stock_code_and_backpropagate():
+def test_gradients_backpropagate_through_the_fused_ops():
     unet = diffusers.UNet2DModel(**_model(**TINY_UNCOND))
     fastdiff.accelerate(unet)
     x = torch.randn(1, 3, 32, 32)
@@ -255,6 +260,92 @@ def test_gradients_use_stock_code_and_backpropagate():
     loss.backward()
     assert unet.conv_in.weight.grad is not None
     fastdiff.restore(unet)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_geglu_patched_equals_stock_and_keeps_autograd(dtype):
+    """A patched GEGLU (its projection, then fastdiff.geglu) equals diffusers' forward; with
+    autograd recording it runs diffusers' own code, and gradients flow."""
+    from diffusers.models.activations import GEGLU
+
+    torch.manual_seed(0)
+    ff = diffusers.models.attention.FeedForward(40, activation_fn="geglu").to(dtype).eval()
+    geglu = ff.net[0]
+    assert type(geglu) is GEGLU
+    h = torch.randn(2, 9, 40, dtype=dtype)
+    with torch.no_grad():
+        ref = ff(h)
+    state = acc.pipeline._State()
+    counts, _ = acc.blocks.patch_modules(ff, state)
+    assert counts["geglu"] == 1 and "forward" in geglu.__dict__
+    with torch.no_grad():
+        out = ff(h)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+    x = h.float().requires_grad_()
+    ff.float()
+    ff(x).sum().backward()
+    assert x.grad is not None and ff.net[0].proj.weight.grad is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["self+cross", "self only", "only_cross", "no affine"])
+def test_transformer_block_patched_equals_stock(dtype, kind):
+    """A patched BasicTransformerBlock (each residual add + LayerNorm as one add_layer_norm)
+    equals diffusers' forward; autograd and other norm types run diffusers' own code."""
+    from diffusers.models.attention import BasicTransformerBlock
+
+    torch.manual_seed(0)
+    kw = dict(cross_attention_dim=None if kind == "self only" else 24,
+              only_cross_attention=kind == "only_cross",
+              norm_elementwise_affine=kind != "no affine")
+    block = BasicTransformerBlock(40, 2, 20, **kw).to(dtype).eval()
+    for p in block.parameters():       # LayerNorms away from 1 and 0
+        p.data += 0.1 * torch.randn_like(p)
+    h = torch.randn(2, 9, 40, dtype=dtype)
+    ctx = None if kind == "self only" else torch.randn(2, 5, 24, dtype=dtype)
+    with torch.no_grad():
+        ref = block(h, encoder_hidden_states=ctx)
+    state = acc.pipeline._State()
+    counts, _ = acc.blocks.patch_modules(block, state)
+    assert counts["transformer_blocks"] == 1
+    ran = []
+    with torch.no_grad(), _recording_ops(ran):
+        out = block(h, encoder_hidden_states=ctx)
+    assert ran.count("fastdiff.add_layer_norm") == (1 if kind == "self only" else 2)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+    x = h.float().requires_grad_()
+    block.float()
+    block(x, encoder_hidden_states=None if ctx is None else ctx.float()).sum().backward()
+    assert x.grad is not None
+
+
+def _recording_ops(ran):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Rec(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ran.append(f"{func.namespace}.{func.overloadpacket.__name__}")
+            return func(*args, **(kwargs or {}))
+    return Rec()
+
+
+def test_transformer_block_other_norm_types_keep_diffusers_forward():
+    from diffusers.models.attention import BasicTransformerBlock
+
+    torch.manual_seed(0)
+    block = BasicTransformerBlock(32, 2, 16, norm_type="ada_norm_zero",
+                                  num_embeds_ada_norm=10).eval()
+    h, t, cls = torch.randn(2, 4, 32), torch.tensor([1, 2]), torch.tensor([0, 3])
+    with torch.no_grad():
+        ref = block(h, timestep=t, class_labels=cls)
+    acc.blocks.patch_modules(block, acc.pipeline._State())
+    ran = []
+    with torch.no_grad(), _recording_ops(ran):
+        out = block(h, timestep=t, class_labels=cls)
+    assert "fastdiff.add_layer_norm" not in ran and "fastdiff.attention" in ran
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------- attention processor

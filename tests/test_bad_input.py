@@ -1,4 +1,4 @@
-"""Every argument check of the three ops: a clear ValueError naming the argument.
+"""Every argument check of the ops: a clear ValueError naming the argument.
 
 The checks live in csrc/<op>.cpp and run before any kernel on every backend (CPU, CUDA, and the
 Meta kernels that torch.compile uses), so they are exercised here through the CPU dispatcher,
@@ -19,6 +19,8 @@ pytestmark = pytest.mark.quick
 gn = torch.ops.fastdiff.group_norm_silu
 attn = torch.ops.fastdiff.attention
 step = torch.ops.fastdiff.denoise_step
+geglu = torch.ops.fastdiff.geglu
+aln = torch.ops.fastdiff.add_layer_norm
 
 
 def _x(*shape, dtype=torch.float32):
@@ -128,6 +130,42 @@ STEP_BAD = [
 ]
 
 
+GEGLU_BAD = [
+    # (x, message fragment) - one per check in csrc/geglu.cpp
+    (torch.tensor(1.0), "'x' must have a last dimension \\(..., 2F\\), got a 0-d tensor"),
+    (_x(3, 4, dtype=torch.float64), "'x' must have dtype float32, float16 or bfloat16, got fl"),
+    (torch.ones(3, 4, dtype=torch.int32), "'x' must have dtype float32, float16 .* got int32"),
+    (_x(3, 5), "'x' must have an even last dimension \\(..., 2F\\).* got shape \\[3, 5\\]"),
+    (_x(4, 6).t(), "'x' must be contiguous, got strides \\[1, 6\\]"),
+    (_x(3, 8)[:, ::2], "'x' must be contiguous"),
+]
+
+
+def aln_args(**over):
+    a = dict(x=_x(2, 3, 8), residual=_x(2, 3, 8), weight=_x(8), bias=_x(8), eps=1e-5)
+    a.update(over)
+    return list(a.values())
+
+
+ALN_BAD = [
+    # (overrides, message fragment) - one per check in csrc/add_layer_norm.cpp
+    ({"x": torch.tensor(1.0), "residual": torch.tensor(1.0)}, "'x' must have a last dimension"),
+    ({"x": _x(2, 3, 8, dtype=torch.float64)}, "'x' must have dtype float32, float16 or bf"),
+    ({"x": _x(2, 8, 3).transpose(1, 2)}, "'x' must be contiguous"),
+    ({"residual": _x(2, 3, 7)}, "'residual' must have the shape of 'x' \\[2, 3, 8\\]"),
+    ({"residual": _x(2, 3, 8, dtype=torch.float16)}, "'residual' must have the dtype of 'x'"),
+    ({"residual": _x(2, 8, 3).transpose(1, 2)}, "'residual' must be contiguous"),
+    ({"residual": torch.randn(2, 3, 8, device="meta")}, "'residual' must be on the same device"),
+    ({"eps": -1.0}, "'eps' must be 0 or within float32's normal range"),
+    ({"eps": float("inf")}, "'eps' must be 0 or within float32's normal range"),
+    ({"weight": _x(7)}, "'weight' must have shape \\[8\\] \\(the last dim of 'x'\\)"),
+    ({"bias": _x(1, 8)}, "'bias' must have shape \\[8\\]"),
+    ({"weight": _x(8, dtype=torch.float16)}, "'weight' must have the dtype of 'x' \\(float32\\)"),
+    ({"bias": _x(16)[::2]}, "'bias' must be contiguous"),
+    ({"weight": torch.randn(8, device="meta")}, "'weight' must be on the same device as 'x'"),
+]
+
+
 def _cases(bad):
     return [pytest.param(over, msg, id=msg.split("'")[1] if "'" in msg else msg[:20])
             for over, msg in bad]
@@ -193,6 +231,22 @@ def test_denoise_step_state_must_not_alias_what_it_reads(name):
     step(*step_args(**over))
 
 
+@pytest.mark.parametrize("x,msg", [pytest.param(x, m, id=m.split("must ")[1][:16])
+                                   for x, m in GEGLU_BAD])
+def test_geglu_rejects(x, msg):
+    _all_paths(geglu, functools.partial(ops.check, "geglu"), [x], msg)
+
+
+@pytest.mark.parametrize("over,msg", _cases(ALN_BAD))
+def test_add_layer_norm_rejects(over, msg):
+    _all_paths(aln, functools.partial(ops.check, "add_layer_norm"), aln_args(**over), msg)
+
+
+def test_geglu_entry_point_rejects_non_tensors():
+    with pytest.raises(TypeError, match="fastdiff.geglu: argument 'x' must be a torch.Tensor"):
+        ops.geglu(None)
+
+
 def test_step_index_out_of_range_on_cpu():
     for idx in (-1, 4):
         with pytest.raises(ValueError, match=f"'step_index'={idx} is out of range for 'coeffs' with 4"):
@@ -206,3 +260,6 @@ def test_valid_arguments_pass_the_checks():
     ops.check("attention", *attn_args(attn_mask=_x(2, 1, 1, 7)))
     ops.check("denoise_step", *step_args(model_output=_x(4, 3, 4), guidance_scale=3.0,
                                          noise=_x(2, 3, 4)))
+    ops.check("geglu", _x(3, 2, 8))
+    ops.check("geglu", _x(0, 2))
+    ops.check("add_layer_norm", *aln_args(weight=None, bias=None, eps=0.0))

@@ -152,11 +152,30 @@ SCHEDULERS = [
     ("DDIMScheduler", {}, False),
     ("DDIMScheduler", {"prediction_type": "v_prediction"}, False),
     ("DDPMScheduler", {}, True),
+    ("DDIMScheduler", {"thresholding": True, "sample_max_value": 2.0}, False),
+    ("DDPMScheduler", {"thresholding": True}, True),
     ("DPMSolverMultistepScheduler", {}, False),
     ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, True),
     ("DPMSolverMultistepScheduler", {"solver_order": 1}, False),
     ("EulerDiscreteScheduler", {}, False),
     ("EulerDiscreteScheduler", {"prediction_type": "v_prediction"}, False),
+    # version-2 rows (issue 14): every other family accelerate fuses
+    ("PNDMScheduler", {}, False),
+    ("EulerAncestralDiscreteScheduler", {}, True),
+    ("UniPCMultistepScheduler", {}, False),
+    ("UniPCMultistepScheduler", {"solver_order": 3, "lower_order_final": False,
+                                 "final_sigmas_type": "sigma_min"}, False),
+    ("LCMScheduler", {}, True),
+    ("HeunDiscreteScheduler", {}, False),
+    ("KDPM2DiscreteScheduler", {}, False),
+    ("KDPM2AncestralDiscreteScheduler", {}, True),
+    ("DPMSolverSinglestepScheduler", {}, False),
+    ("DPMSolverMultistepScheduler", {"solver_order": 3, "algorithm_type": "dpmsolver",
+                                     "final_sigmas_type": "sigma_min"}, False),
+    ("DEISMultistepScheduler", {}, False),
+    ("LMSDiscreteScheduler", {}, False),
+    ("EDMEulerScheduler", {}, False),
+    ("EDMDPMSolverMultistepScheduler", {}, False),
 ]
 
 
@@ -198,19 +217,24 @@ def _inputs(model):
     return kw
 
 
+V1_KINDS = ("DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler",
+            "EulerDiscreteScheduler")
+
+
 def _cases():
-    """Every scheduler on the SD-like U-Net; one of each family on the SDXL-like one (its
-    difference is in the U-Net's added conditioning, not the step); both stock (not
-    accelerated) under DDIM."""
+    """Every scheduler on the SD-like U-Net; one of each version-1 family on the SDXL-like one
+    (its difference is in the U-Net's added conditioning, not the step: the version-2 rows run
+    through the same engine step); both stock (not accelerated) under DDIM."""
     for model in ("sd15", "sdxl"):
         for kind, cfg, noisy in SCHEDULERS:
-            if model == "sdxl" and cfg:
+            if model == "sdxl" and (cfg or kind not in V1_KINDS):
                 continue
             name = "-".join(f"{k}={v}" for k, v in cfg.items()) or "default"
             yield pytest.param(model, kind, cfg, noisy, True, id=f"{model}-{kind}-{name}")
         yield pytest.param(model, "DDIMScheduler", {}, False, False, id=f"{model}-stock-unet")
 
 
+@pytest.mark.filterwarnings("ignore:`algorithm_types dpmsolver:FutureWarning")
 @pytest.mark.parametrize("model,kind,cfg,noisy,fused", _cases())
 def test_sample_pipeline_under_capture(sim, request, model, kind, cfg, noisy, fused):
     """sample_pipeline on graphs (simulated, with the refusal): no host read in the step; equal

@@ -22,6 +22,14 @@ CASES = [
     ("EulerDiscreteScheduler", {}, {}),
     ("EulerDiscreteScheduler", {"prediction_type": "v_prediction"},
      {"s_churn": 2.0, "s_tmin": 0.5, "s_tmax": 5.0}),
+    # dynamic thresholding (DeepFloyd IF's DDPM sets it): the op, then the per-sample quantile
+    ("DDPMScheduler", {"thresholding": True}, {}),
+    ("DDPMScheduler", {"thresholding": True, "prediction_type": "sample",
+                       "dynamic_thresholding_ratio": 0.8, "sample_max_value": 2.0}, {}),
+    ("DDIMScheduler", {"thresholding": True, "prediction_type": "v_prediction",
+                       "clip_sample": True}, {}),
+    ("DDIMScheduler", {"thresholding": True, "dynamic_thresholding_ratio": 0.9,
+                       "sample_max_value": 1.5}, {"eta": 0.5, "use_clipped_model_output": True}),
 ]
 
 
@@ -112,14 +120,32 @@ def test_dpm_history_survives_diffusers_own_steps_and_copies():
     assert isinstance(b.step, schedulers.FusedStep) and b.step._state is not None
 
 
-def test_fused_step_falls_back_for_thresholding_and_learned_variance():
-    a, b = _pair("DDPMScheduler", {"thresholding": True}, 4)
-    x, m = torch.randn(1, 4, 4, 4), torch.randn(1, 4, 4, 4)
+@pytest.mark.parametrize("kind", ["DDPMScheduler", "DDIMScheduler"])
+def test_thresholding_is_fused(kind, monkeypatch):
+    """Issue 14: thresholding=True ran diffusers' step; now the op runs it, and equals it with
+    the threshold active (|x0| well beyond 1) and not."""
+    calls = []
+    op = schedulers.ops.denoise_step
+    monkeypatch.setattr(schedulers.ops, "denoise_step",
+                        lambda *a, **k: calls.append(1) or op(*a, **k))
+    a, b = _pair(kind, {"thresholding": True, "sample_max_value": 3.0}, 4)
+    assert schedulers.patch(b) is None
+    seeded = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    for scale in (10.0, 0.1):
+        x, m = torch.randn(3, 4, 4, 4) * scale, torch.randn(3, 4, 4, 4)
+        for t in a.timesteps:
+            ra, rb = (s.step(m, t, x, generator=seeded()) for s in (a, b))
+            for f in ("prev_sample", "pred_original_sample"):
+                torch.testing.assert_close(getattr(rb, f), getattr(ra, f), rtol=2e-5,
+                                           atol=2e-5 * scale)
+    assert len(calls) == 2 * len(a.timesteps)
+
+
+def test_fused_step_falls_back_for_learned_variance():
+    a, b = _pair("DDPMScheduler", {"variance_type": "learned_range"}, 4)
+    x = torch.randn(1, 4, 4, 4)
     t = a.timesteps[0]
     seeded = lambda: torch.Generator().manual_seed(0)  # noqa: E731
-    torch.testing.assert_close(b.step(m, t, x, generator=seeded()).prev_sample,
-                               a.step(m, t, x, generator=seeded()).prev_sample)
-    a, b = _pair("DDPMScheduler", {"variance_type": "learned_range"}, 4)
     m2 = torch.randn(1, 8, 4, 4)
     torch.testing.assert_close(b.step(m2, t, x, generator=seeded()).prev_sample,
                                a.step(m2, t, x, generator=seeded()).prev_sample)

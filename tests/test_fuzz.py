@@ -1,4 +1,4 @@
-"""Fuzzing the three ops (issue 16): >= 1,000 random calls each, valid and invalid, on the CPU.
+"""Fuzzing the ops (issue 16): >= 1,000 random calls each, valid and invalid, on the CPU.
 
 Each call is a random valid call (shapes from empty to odd, three dtypes, NCHW and
 channels_last, optional tensors present or not, broadcast masks, state slots), then, for about
@@ -276,6 +276,84 @@ def _step_check(kw, dtype, what, expect_error=False):
 
 def test_denoise_step_fuzz():
     _run(np.random.default_rng(18), _step_make, STEP_BAD, _step_check)
+
+
+# ---------------------------------------------------------------- geglu
+
+def _geglu_make(rng):
+    dtype = DTYPES[rng.integers(3)]
+    lead = [int(rng.integers(0, 4)) for _ in range(int(rng.integers(0, 3)))]
+    F = int(rng.choice([1, 3, 8, 13, 64, 1030]))
+    return dict(x=(torch.randn(*lead, 2 * F) * 3).to(dtype)), dtype
+
+
+GEGLU_BAD = {
+    "odd last dim": (lambda kw, r: kw.update(x=kw["x"][..., :-1]), ValueError),
+    "x 0-d": (lambda kw, r: kw.update(x=torch.tensor(1.0)), ValueError),
+    "x float64": (lambda kw, r: kw.update(x=kw["x"].double()), ValueError),
+    "x int": (lambda kw, r: kw.update(x=kw["x"].to(torch.int32)), ValueError),
+    "x list": (lambda kw, r: kw.update(x=kw["x"].tolist()), TypeError),
+    "x None": (lambda kw, r: kw.update(x=None), TypeError),
+}
+
+
+def _geglu_check(kw, dtype, what, expect_error=False):
+    out = ops.geglu(**kw)
+    if expect_error:
+        return
+    assert out.dtype == dtype, what
+    _close(out, reference.geglu(kw["x"]), dtype, what)
+
+
+def test_geglu_fuzz():
+    _run(np.random.default_rng(19), _geglu_make, GEGLU_BAD, _geglu_check)
+
+
+# ---------------------------------------------------------------- add_layer_norm
+
+def _aln_make(rng):
+    dtype = DTYPES[rng.integers(3)]
+    lead = [int(rng.integers(0, 4)) for _ in range(int(rng.integers(1, 3)))]
+    C = int(rng.choice([1, 2, 7, 40, 320, 1030]))
+    x = (torch.randn(*lead, C) * 2 + float(rng.choice([0.0, 5.0]))).to(dtype)
+    affine = rng.random() < 0.7
+    kw = dict(x=x, residual=torch.randn(*lead, C).to(dtype),
+              weight=torch.randn(C).to(dtype) if affine else None,
+              bias=torch.randn(C).to(dtype) if affine and rng.random() < 0.8 else None,
+              eps=float(rng.choice([1e-5, 1e-6, 1e-3])))
+    return kw, dtype
+
+
+ALN_BAD = {
+    "residual wrong shape": (lambda kw, r: kw.update(residual=kw["residual"][..., :-1]),
+                             ValueError),
+    "residual other dtype": (lambda kw, r: kw.update(
+        residual=kw["residual"].to(torch.float16 if kw["x"].dtype != torch.float16
+                                   else torch.float32)), ValueError),
+    "weight wrong size": (lambda kw, r: kw.update(weight=torch.randn(kw["x"].shape[-1] + 1)
+                                                  .to(kw["x"].dtype)), ValueError),
+    "bias float64": (lambda kw, r: kw.update(bias=torch.randn(kw["x"].shape[-1]).double()),
+                     ValueError),
+    "eps negative": (lambda kw, r: kw.update(eps=-1e-5), ValueError),
+    "eps string": (lambda kw, r: kw.update(eps="1e-5"), TypeError),
+    "x int": (lambda kw, r: kw.update(x=kw["x"].to(torch.int32)), ValueError),
+    "residual list": (lambda kw, r: kw.update(residual=kw["residual"].tolist()), TypeError),
+}
+
+
+def _aln_check(kw, dtype, what, expect_error=False):
+    h, y = ops.add_layer_norm(**kw)
+    if expect_error:
+        return
+    r_h, r_y = reference.add_layer_norm(kw["x"], kw["residual"], kw["weight"], kw["bias"],
+                                        kw["eps"])
+    assert h.dtype == y.dtype == dtype, what
+    assert torch.equal(h, r_h), what + ": h is not x + residual as eager rounds it"
+    _close(y, r_y, dtype, what)
+
+
+def test_add_layer_norm_fuzz():
+    _run(np.random.default_rng(20), _aln_make, ALN_BAD, _aln_check)
 
 
 def test_fuzz_sizes_are_what_the_issue_asks():

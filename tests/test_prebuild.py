@@ -16,14 +16,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fastdiff.kernels import attention, denoise_step, group_norm_silu, prebuild
+from fastdiff.kernels import (add_layer_norm, attention, denoise_step, geglu,
+                              group_norm_silu, prebuild)
 
 # Shared memory per block (bytes) a kernel may use. The sm_80 compile is held to sm_86/sm_89's
 # 99 KB (A100 allows 163 KB), since the wheel's sm_86/89 cubins are the same code and use the
 # same shared memory (kernels built for 8.x must run on every 8.x GPU); sm_90 (H100): 227 KB.
 SMEM_LIMIT = {80: 101376, 90: 232448}
 MODULES = {"group_norm_silu": group_norm_silu, "attention": attention,
-           "denoise_step": denoise_step}
+           "denoise_step": denoise_step, "geglu": geglu, "add_layer_norm": add_layer_norm}
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +77,11 @@ def test_launchers_choose_only_listed_configs():
             f = [bool(flags >> i & 1) for i in range(5)]  # cl, pre, scale/shift, silu, aligned
             for cfg in group_norm_silu._configs(dt, *f):
                 assert _key(cfg) in listed, (dt, f)
+        for aligned in (True, False):
+            assert _key(geglu._config(dt, aligned)) in listed, (dt, aligned)
+        for c in range(129, 4097):  # 16-byte rows up to the largest prebuilt block
+            block = add_layer_norm.block_c(c)
+            assert _key(add_layer_norm._config(dt, block)) in listed, (dt, c)
 
 
 _BYTES = {"*fp32": 4, "*fp16": 2, "*bf16": 2}
@@ -142,6 +148,34 @@ def test_group_norm_and_denoise_step_move_data_in_16_byte_accesses(compiled):
         checked += 1
     half = len(group_norm_silu.prebuilt_configs()) // 2 + len(denoise_step.prebuilt_configs()) // 2
     assert checked == len(SMEM_LIMIT) * half
+
+
+def test_geglu_moves_data_in_16_byte_accesses(compiled):
+    """Where F is a multiple of 16 bytes' worth of elements (VEC > 1), both halves of x are read
+    and y written in 16-byte accesses: one per 16 bytes of a block, per half; erf is inlined
+    (no call into a library that could spill)."""
+    checked = 0
+    for r in compiled:
+        if r["op"] != "geglu" or r["constexprs"]["VEC"] == 1:
+            continue
+        s = r["sass"]
+        n = _vectors(r, r["constexprs"]["BLOCK"])
+        assert s["ldg"] == {"128": 2 * n}, f"{_label(r)}: {s['ldg']}"
+        assert s["stg"] == {"128": n}, f"{_label(r)}: {s['stg']}"
+        checked += 1
+    assert checked == len(SMEM_LIMIT) * len(geglu.prebuilt_configs()) // 2
+
+
+def test_add_layer_norm_moves_data_in_16_byte_accesses(compiled):
+    """Every prebuilt configuration has 16-byte rows: x, residual, weight and bias read, h and y
+    written, in 16-byte accesses, one per 16 bytes of a row."""
+    recs = [r for r in compiled if r["op"] == "add_layer_norm"]
+    assert len(recs) == len(SMEM_LIMIT) * len(add_layer_norm.prebuilt_configs())
+    for r in recs:
+        s = r["sass"]
+        n = _vectors(r, r["constexprs"]["BLOCK_C"])
+        assert s["ldg"] == {"128": 4 * n}, f"{_label(r)}: {s['ldg']}"
+        assert s["stg"] == {"128": 2 * n}, f"{_label(r)}: {s['stg']}"
 
 
 def _allowed_stack(r):

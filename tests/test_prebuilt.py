@@ -22,7 +22,8 @@ import triton
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastdiff import _C, ops, prebuilt, reference, schedules
-from fastdiff.kernels import attention, denoise_step, group_norm_silu, prebuild
+from fastdiff.kernels import (add_layer_norm, attention, denoise_step, geglu,
+                              group_norm_silu, prebuild)
 
 # The quick CPU subset tests/test_wheel.py runs in a fresh install of the wheel.
 pytestmark = pytest.mark.quick
@@ -215,6 +216,57 @@ def test_denoise_step_plan_matches_the_launcher(case):
     _compare(denoise_step, _cpp_plan_of("denoise_step"), inputs, args)
 
 
+def _geglu_case(dtype, shape, seed=0):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    return {"x": x}, (x,)
+
+
+GEGLU_CASES = [
+    dict(dtype=torch.float16, shape=(2, 64, 2 * 1280)),   # SD1.5: 16-byte rows (VEC 8)
+    dict(dtype=torch.float32, shape=(3, 2 * 1030)),       # two blocks a row, VEC 4 (not 16)
+    dict(dtype=torch.bfloat16, shape=(5, 2 * 13)),        # odd F: VEC 1
+    dict(dtype=torch.float16, shape=(2,)),                # F = 1, one row
+]
+
+
+@pytest.mark.parametrize("case", GEGLU_CASES, ids=lambda c: f"{c['dtype']}-{c['shape']}")
+def test_geglu_plan_matches_the_launcher(case):
+    inputs, args = _geglu_case(**case)
+    _compare(geglu, _cpp_plan_of("geglu"), inputs, args)
+
+
+def _aln_case(dtype, shape, affine=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g).to(dtype)
+    r = torch.randn(*shape, generator=g).to(dtype)
+    inputs = {"x": x, "residual": r}
+    if affine:
+        inputs["weight"] = torch.randn(shape[-1], generator=g).to(dtype)
+        inputs["bias"] = torch.randn(shape[-1], generator=g).to(dtype)
+    return inputs, (x, r, inputs.get("weight"), inputs.get("bias"), 1e-5)
+
+
+ALN_CASES = [
+    dict(dtype=torch.float16, shape=(2, 64, 320)),        # SD1.5: BLOCK_C 512, prebuilt
+    dict(dtype=torch.bfloat16, shape=(3, 1280), affine=False),
+    dict(dtype=torch.float32, shape=(5, 4096)),           # the largest prebuilt block
+    dict(dtype=torch.float32, shape=(2, 7)),              # rows not 16 bytes: JIT only
+    dict(dtype=torch.float16, shape=(1, 5000)),           # beyond the prebuilt blocks: JIT
+]
+
+
+@pytest.mark.parametrize("case", ALN_CASES, ids=lambda c: f"{c['dtype']}-{c['shape']}")
+def test_add_layer_norm_plan_matches_the_launcher(case):
+    inputs, args = _aln_case(**case)
+    _compare(add_layer_norm, _cpp_plan_of("add_layer_norm"), inputs, args)
+
+
+def test_add_layer_norm_plans_say_why_no_cubin():
+    whys = [_cpp_plan_of("add_layer_norm")(*_aln_case(**case)[1])[3] for case in ALN_CASES]
+    assert whys == ["", "", "", "no cubin for rows that are not multiples of 16 bytes",
+                    "no cubin for rows of 5000 elements"]
+
+
 def test_every_cpp_key_is_a_listed_configuration():
     """Keys C++ can build for each op and flag combination name a configuration prebuild.py
     builds, and every listed configuration is reachable; attention at a head dim without cubins
@@ -245,6 +297,14 @@ def test_every_cpp_key_is_a_listed_configuration():
                 for it in (torch.int64, torch.int32):
                     _, args = _step_case(dt, (2, 3), guided, noise, k, it)
                     seen |= {la["key"] for la in _cpp_plan_of("denoise_step")(*args)[0]}
+        for F in (8, 5):  # rows of 16 bytes (all dtypes) or not
+            _, args = _geglu_case(dt, (2, 2 * F))
+            seen |= {la["key"] for la in _cpp_plan_of("geglu")(*args)[0]}
+        for C in range(8, 4097, 8):  # every C with 16-byte rows in every dtype
+            _, args = _aln_case(dt, (1, C), affine=C % 16 == 0)
+            launches, _, _, why = _cpp_plan_of("add_layer_norm")(*args)
+            assert (why == "") == (C > 128), (dt, C, why)
+            seen |= {la["key"] for la in launches} if not why else set()
     assert seen <= listed, sorted(seen - listed)[:5]
     assert len(seen) == len(listed)  # and every listed configuration is reachable
 
@@ -276,7 +336,8 @@ class _Work(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-LAUNCHES = {"group_norm_silu": 2, "attention": 1, "denoise_step": 1}
+LAUNCHES = {"group_norm_silu": 2, "attention": 1, "denoise_step": 1, "geglu": 1,
+            "add_layer_norm": 1}
 
 
 def _all_cases():
@@ -287,6 +348,11 @@ def _all_cases():
         yield "attention", attention, _cpp_plan_of("attention"), _attn_case(**case)
     for case in STEP_CASES:
         yield "denoise_step", denoise_step, _cpp_plan_of("denoise_step"), _step_case(**case)
+    for case in GEGLU_CASES:
+        yield "geglu", geglu, _cpp_plan_of("geglu"), _geglu_case(**case)
+    for case in ALN_CASES:
+        yield ("add_layer_norm", add_layer_norm, _cpp_plan_of("add_layer_norm"),
+               _aln_case(**case))
 
 
 def test_plans_launch_their_kernels_and_nothing_else():
@@ -554,6 +620,33 @@ def test_cuda_denoise_step_prebuilt(gpu_cubins, case):
     if state is not None:
         torch.testing.assert_close(runs[0].cpu(), c_state, rtol=tol, atol=tol)
         torch.testing.assert_close(runs[0], runs[1])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("case", GEGLU_CASES, ids=lambda c: f"{c['dtype']}-{c['shape']}")
+def test_cuda_geglu_prebuilt(gpu_cubins, case):
+    _, args = _geglu_case(**case)
+    cuda_args = _on(args, "cuda")
+    prebuilt_out, jit_out = _both_paths(lambda: torch.ops.fastdiff.geglu(*cuda_args))
+    tol = 1e-5 if args[0].dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(prebuilt_out.cpu().double(), reference.geglu(*args), rtol=tol,
+                               atol=tol)
+    torch.testing.assert_close(prebuilt_out, jit_out)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("case", ALN_CASES[:3], ids=lambda c: f"{c['dtype']}-{c['shape']}")
+def test_cuda_add_layer_norm_prebuilt(gpu_cubins, case):
+    _, args = _aln_case(**case)
+    cuda_args = _on(args, "cuda")
+    (h, y), (jh, jy) = _both_paths(lambda: torch.ops.fastdiff.add_layer_norm(*cuda_args))
+    ref_h, ref_y = reference.add_layer_norm(*args)
+    tol = 1e-4 if args[0].dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(h.cpu(), ref_h, rtol=0, atol=0)
+    torch.testing.assert_close(y.cpu().double(), ref_y, rtol=tol, atol=tol)
+    torch.testing.assert_close((h, y), (jh, jy))
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the GPU tests run the CUDA kernels on CUDA tensors")

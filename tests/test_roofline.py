@@ -19,7 +19,12 @@ By hand:
   SiLU (eager)      resnets 2 x 8 on features + 8 on the time embedding + 1 in the time MLP
                     + conv_act 1 = 26; accelerate fuses 2 per resnet and conv_act: 9 remain
   accelerate        -3 per resnet (2 SiLU, the time-embedding add) - conv_act 1
-                    - DDIM's 6 elementwise ops + 1 denoise_step = 30 kernels fewer
+                    - DDIM's 6 elementwise ops + 1 denoise_step = 30 kernels fewer;
+                    each transformer's GEGLU: GELU + product -> one geglu (-1 x 4);
+                    each BasicTransformerBlock: residual add + norm2, residual add + norm3
+                    -> two add_layer_norm (-2 x 4), its strided input copied once (+1 x 4;
+                    eager's LayerNorm makes that copy inside its call, which the model
+                    does not see)
 """
 import os
 import sys
@@ -111,11 +116,34 @@ def test_accelerate_fuses_norms_attention_and_the_step(steps):
     assert count(a, "fastdiff.attention") == 8 and count(a, "sdpa") == 0
     assert count(a, "aten.silu") == 9
     assert count(a, "aten.convolution") == 33
+    # GEGLU: the projection (addmm) stays; GELU and the product become one geglu, which reads
+    # the projection's output (2 x 64 rows of 2F = 2 x 4 x 32) once and writes F (fp16)
+    assert count(d, "aten.gelu") == 4 and count(a, "aten.gelu") == 0
+    assert count(a, "fastdiff.geglu") == 4
+    # per BasicTransformerBlock: the adds before norm2 and norm3 go into add_layer_norm; norm1
+    # (after proj_in) and the feed-forward's residual add stay
+    assert count(a, "fastdiff.add_layer_norm") == 8
+    assert count(a, "aten.native_layer_norm") == 4
+    assert count(d, "aten.add", "BasicTransformerBlock") == 12
+    assert count(a, "aten.add", "BasicTransformerBlock") == 4
+    # the blocks' input, a (B, C, HW) view as (B, HW, C) after the conv proj_in, is copied once
+    # to contiguous (eager's LayerNorm makes the same copy inside its call, unseen here)
+    assert count(d, "aten.clone", "BasicTransformerBlock") == 0
+    assert count(a, "aten.clone", "BasicTransformerBlock") == 4
+    aln = next(k for k in a if k.op == "fastdiff.add_layer_norm")
+    # level 0, 2 x 64 tokens of 32 channels: x, residual, weight, bias read; h, y written
+    assert aln.where == "BasicTransformerBlock" and aln.bytes == 2 * (4 * 128 * 32 + 2 * 32)
+    geglu = next(k for k in a if k.op == "fastdiff.geglu")
+    assert geglu.where == "GEGLU" and geglu.bytes == 2 * (128 * 256 + 128 * 128)
+    eager = [k for k in d if k.where == "GEGLU" and k.op in ("aten.gelu", "aten.mul")][:2]
+    assert sum(k.bytes for k in eager) == 2 * (2 * 128 * 128 + 3 * 128 * 128)
     assert [k.op for k in a if k.where == "scheduler step"] == ["fastdiff.denoise_step"]
     # 8 resnets: norm1, silu, temb add, norm2, silu become 2 ops (-3 each); conv_norm_out +
     # conv_act (-1); the 6-kernel scheduler step becomes one denoise_step (-5); divisions by a
-    # factor of 1.0 go: 8 resnets' output_scale_factor, 8 attentions' rescale_output_factor
-    assert len(d) - len(a) == 8 * 3 + 1 + 6 - 1 + 8 + 8
+    # factor of 1.0 go: 8 resnets' output_scale_factor, 8 attentions' rescale_output_factor;
+    # 4 GEGLUs' GELU + product become one kernel; 4 blocks' 2 residual adds go into the norms,
+    # and each block copies its strided input once
+    assert len(d) - len(a) == 8 * 3 + 1 + 6 - 1 + 8 + 8 + 4 + 8 - 4
     dev = roofline.ROOFLINES["H100"]
     mem = lambda ks: sum(k.bytes for k in ks if k.memory_bound(dev))  # noqa: E731
     assert mem(a) < mem(d)

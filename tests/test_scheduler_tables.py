@@ -272,6 +272,49 @@ def test_rows_match_diffusers(case, guided, caplog):
     _no_fallback(caplog)
 
 
+# One case of each family (the widest state: order 3, two evaluations a step, noise) through
+# the Triton kernel under the interpreter instead of the C++ kernel: the same rows, the other
+# implementation of the op.
+TRITON_CASES = ["pndm-sd15", "euler-a", "euler-karras-churn", "ddpm-v-zsnr-trailing",
+                "ddim-eta", "lcm", "heun-karras-v", "kdpm2", "kdpm2-a-karras-v", "edm-euler-churn",
+                "lms", "dpm-o3-dpmsolver++", "dpm-o2-sde-dpmsolver++", "unipc-o3-bh2", "deis-o3",
+                "dpm-single-o3-dpmsolver++", "edm-dpm-o2-sde-dpmsolver++"]
+
+
+def _triton_v2(model_output, sample, coeffs, step_index, noise=None, state=None,
+               guidance_scale=1.0, clip_sample=False, clip_sample_range=1.0, guided=None):
+    """schedulers._op_v2 with the Triton launcher (interpreted on CPU) in place of the op."""
+    from fastdiff import kernels, ops
+
+    dt = sample.dtype
+    st = None if state is None else state.to(dtype=dt).clone()
+    args = (model_output.contiguous(), sample.contiguous(), coeffs.float().contiguous(),
+            step_index, None if noise is None else noise.to(dtype=dt).contiguous(), st,
+            float(guidance_scale), clip_sample, float(clip_sample_range), True, guided)
+    ops.check("denoise_step", *args)
+    out, x0 = kernels.launch("denoise_step", *args)
+    return out, x0, st
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter runs where no GPU is")
+@pytest.mark.parametrize("case", TRITON_CASES)
+def test_rows_match_diffusers_through_the_triton_interpreter(case, caplog, monkeypatch):
+    import os
+    assert os.environ.get("TRITON_INTERPRET") == "1"             # tests/conftest.py sets it
+    calls = []
+
+    def counting(*a, **k):
+        calls.append(1)
+        return _triton_v2(*a, **k)
+
+    monkeypatch.setattr(SC, "V2_OP", counting)
+    cls, cfg, steps, step_kw, set_kw = CASES[case]
+    caplog.set_level(logging.INFO, logger="fastdiff")
+    chain(cls, cfg, steps, step_kw, set_kw, guided=True, rtol=RTOLS.get(case, RTOL))
+    _no_fallback(caplog)
+    assert calls
+
+
 # ---------------------------------------------------------------- custom schedules, mid-run starts
 
 MORE = {

@@ -140,3 +140,35 @@ def test_bad_config_writes_nothing(tmp_path):
         with pytest.raises(ValueError, match=msg):
             train(str(tmp_path / "run"), cfg, progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_training_runs_the_fused_ops_and_the_loss_falls(tmp_path, monkeypatch):
+    """`fastdiff train` runs group_norm_silu and attention (with their backward) in every step,
+    its losses equal those of the same run on plain torch ops, and they fall."""
+    from fastdiff import ops, unet
+
+    counts = {"group_norm_silu": 0, "attention": 0}
+    for name in counts:
+        def counted(*a, _fn=getattr(ops, name), _name=name, **k):
+            counts[_name] += torch.is_grad_enabled()
+            return _fn(*a, **k)
+        monkeypatch.setattr(ops, name, counted)
+    real, losses = GaussianDiffusion.loss, []
+
+    def loss(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        losses.append(out.item())
+        return out
+    monkeypatch.setattr(GaussianDiffusion, "loss", loss)
+    cfg = replace(TINY, steps=24, ckpt_every=24, lr=3e-3)
+    train(str(tmp_path / "fused"), cfg, progress=False)
+    assert counts["group_norm_silu"] >= 24 * 5 and counts["attention"] >= 24
+    fused = losses[:]
+    losses.clear()
+    real_init = unet.UNet.__init__
+    monkeypatch.setattr(unet.UNet, "__init__",
+                        lambda self, config, fused=True: real_init(self, config, fused=False))
+    train(str(tmp_path / "plain"), cfg, progress=False)
+    torch.testing.assert_close(torch.tensor(fused[:8]), torch.tensor(losses[:8]), rtol=1e-3,
+                               atol=1e-5)
+    assert sum(fused[-8:]) < 0.8 * sum(fused[:8])

@@ -5,8 +5,9 @@ states) is written atomically, with a sha256 of its payload, to ``<out>/checkpoi
 ``resume=True`` verifies and continues from it and ends with exactly the weights of an
 uninterrupted run with the same seed. A non-finite loss (or non-finite weights at a checkpoint)
 stops the run with ``FloatingPointError`` and leaves the last good checkpoint in place. Training
-runs the U-Net on plain torch ops (the fused ops have no autograd); the result is saved as
-``<out>/model.safetensors`` + ``model.json`` (EMA weights), ready for fused sampling.
+runs the U-Net on the fused ops (group_norm_silu's fused backward, attention's recompute
+backward: fastdiff/ops.py); the result is saved as ``<out>/model.safetensors`` + ``model.json``
+(EMA weights), ready for fused sampling.
 """
 from __future__ import annotations
 
@@ -118,7 +119,7 @@ def train(out_dir: str, cfg: TrainConfig | None = None, resume: bool = True,
     if per_epoch < 1:
         raise ValueError(f"'batch_size' ({cfg.batch_size}) exceeds the data ({len(y_all)})")
     diffusion = GaussianDiffusion()
-    model = UNet(cfg.model, fused=False).to(device).train()
+    model = UNet(cfg.model, fused=True).to(device).train()
     ema = EMA(model, cfg.ema_decay)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     ckpt = os.path.join(out_dir, CHECKPOINT)

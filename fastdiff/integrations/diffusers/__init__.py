@@ -3,7 +3,7 @@
 - ``pipeline.py``: ``accelerate`` / ``restore`` / ``explain`` (in place, undoable, reported)
   and ``sample_pipeline`` (a pipeline's denoising loop on the sampling engine, whole steps in
   CUDA graphs);
-- ``blocks.py``: ResnetBlock2D, conv_norm_out and attention processors on the fused ops;
+- ``blocks.py``: ResnetBlock2D, conv_norm_out, GEGLU and attention processors on the fused ops;
 - ``schedulers.py``: a scheduler's ``step`` as one ``denoise_step`` call, one adapter per
   scheduler family;
 - ``graphs.py``: the U-Net forward captured in CUDA graphs per input signature;

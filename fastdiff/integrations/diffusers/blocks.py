@@ -4,12 +4,15 @@ Every ``ResnetBlock2D`` runs its two GroupNorm+SiLU pairs on ``group_norm_silu``
 embedding enters as the op's ``pre_bias`` in 'default' mode, as ``scale``/``shift`` in
 'scale_shift' mode), a model's ``conv_norm_out`` + ``conv_act`` become one call, and every
 ``Attention`` whose processor is diffusers' default gets ``FastdiffAttnProcessor`` (or, after
-``fuse_qkv_projections``, ``FastdiffFusedAttnProcessor``). This works on any model made of these
+``fuse_qkv_projections``, ``FastdiffFusedAttnProcessor``); every ``GEGLU`` (the feed-forward of
+a transformer block) runs its projection, then ``geglu``: the split, GELU and product in one
+pass; and every LayerNorm ``BasicTransformerBlock`` adds each residual and takes the LayerNorm
+after it (norm2, norm3) in one ``add_layer_norm``. This works on any model made of these
 blocks: U-Nets, ControlNets, the VAE's encoder and decoder. Only forwards and processors are
 swapped: parameters, buffers and state_dict keys are untouched. A swapped forward is a
 ``Patched`` object holding its module (not a closure), so a deep copy or a pickle of the model
-carries forwards bound to the copy. With autograd recording on a block's inputs or parameters,
-diffusers' own code runs.
+carries forwards bound to the copy. The fused ops have autograd formulas (fastdiff/ops.py), so
+training, LoRA and gradient checkpointing run on them too.
 """
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ from fastdiff import ops
 from fastdiff.ops import log_once
 
 MAX_HEAD_DIM = 256
+# What patch_modules counts, per component (accelerate's report).
+COUNTS = ("resnets", "attention", "norm_out", "geglu", "transformer_blocks")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -36,16 +41,6 @@ class Patched:
         return self.fn(self.module, *self.extra, *args, **kwargs)
 
 
-def _grad_needed(module: nn.Module, *tensors) -> bool:
-    """With autograd recording on the inputs or on any parameter of the block (its convs, a
-    LoRA layer inside them), diffusers' own code runs."""
-    if not torch.is_grad_enabled():
-        return False
-    if any(t is not None and t.requires_grad for t in tensors):
-        return True
-    return any(p.requires_grad for p in module.parameters())
-
-
 def _gn_args(norm: nn.GroupNorm):
     return norm.num_groups, norm.weight, norm.bias, norm.eps
 
@@ -56,8 +51,7 @@ def _resnet_forward(self, input_tensor, temb, *args, **kwargs):
     """diffusers' ResnetBlock2D.forward with norm1+SiLU and (temb add)+norm2(+scale-shift)+SiLU
     fused; the rest (resampling, convs, dropout, shortcut) is the module's own."""
     orig = type(self).forward
-    if (_grad_needed(self, input_tensor, temb) or input_tensor.dtype not in DTYPES
-            or (temb is not None and self.time_emb_proj is None)):
+    if (input_tensor.dtype not in DTYPES or (temb is not None and self.time_emb_proj is None)):
         return orig(self, input_tensor, temb, *args, **kwargs)
     h = ops.group_norm_silu(input_tensor.contiguous(), *_gn_args(self.norm1))
     if self.upsample is not None:
@@ -103,7 +97,7 @@ def _resnet_supported(m) -> str | None:
 
 def _norm_out_forward(self, x):
     """conv_norm_out with the SiLU of conv_act fused (conv_act's forward becomes the identity)."""
-    if _grad_needed(self, x) or x.dtype not in DTYPES:
+    if x.dtype not in DTYPES:
         return F.silu(F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps))
     return ops.group_norm_silu(x.contiguous(), *_gn_args(self))
 
@@ -112,14 +106,74 @@ def _identity_forward(self, x):
     return x
 
 
+# ---------------------------------------------------------------- GEGLU
+
+def _geglu_forward(self, hidden_states, *args, **kwargs):
+    """diffusers' GEGLU.forward: the projection (a Linear: its bias inside the matmul), then
+    value * gelu(gate) in one kernel instead of GELU and a product over the halves."""
+    if (args or kwargs or hidden_states.dtype not in DTYPES
+            or hidden_states.device.type == "npu"):   # (npu: diffusers' own fused kernel)
+        return type(self).forward(self, hidden_states, *args, **kwargs)
+    return ops.geglu(self.proj(hidden_states))
+
+
+# ---------------------------------------------------------------- BasicTransformerBlock
+
+def _add_norm(x, residual, norm: nn.LayerNorm):
+    """(residual + x, norm(residual + x)) in one kernel."""
+    return ops.add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps)
+
+
+def _block_fusable(self, hidden_states, cross_attention_kwargs) -> bool:
+    """Whether diffusers' BasicTransformerBlock.forward is, for this call, the plain
+    LayerNorm block the fused forward implements."""
+    norms = [self.norm3] + ([self.norm2] if self.attn2 is not None else [])
+    return (self.norm_type == "layer_norm" and self.pos_embed is None
+            and self._chunk_size is None and hidden_states.ndim == 3
+            and hidden_states.dtype in DTYPES
+            and not (cross_attention_kwargs or {}).keys() & {"gligen", "scale"}
+            and all(isinstance(n, nn.LayerNorm) and len(n.normalized_shape) == 1
+                    and all(p is None or p.dtype == hidden_states.dtype
+                            for p in (n.weight, n.bias)) for n in norms))
+
+
+def _transformer_block_forward(self, hidden_states, attention_mask=None,
+                               encoder_hidden_states=None, encoder_attention_mask=None,
+                               timestep=None, cross_attention_kwargs=None, class_labels=None,
+                               added_cond_kwargs=None):
+    """diffusers' BasicTransformerBlock.forward for norm_type 'layer_norm' with each residual
+    add and the LayerNorm after it (norm2 before the cross-attention, norm3 before the
+    feed-forward) as one add_layer_norm; anything else runs diffusers' forward."""
+    if not _block_fusable(self, hidden_states, cross_attention_kwargs):
+        return type(self).forward(self, hidden_states, attention_mask, encoder_hidden_states,
+                                  encoder_attention_mask, timestep, cross_attention_kwargs,
+                                  class_labels, added_cond_kwargs)
+    kwargs = dict(cross_attention_kwargs or {})
+    # With a conv proj_in (SD1.5) the block gets a (B, C, HW) tensor viewed as (B, HW, C). Eager's
+    # LayerNorm copies it to contiguous anyway, inside the kernel call (on the GPU a copy
+    # kernel); here the copy is made once, and norm1 and the fused add read it.
+    hidden_states = hidden_states.contiguous()
+    norm_hidden_states = self.norm1(hidden_states)
+    attn_output = self.attn1(
+        norm_hidden_states,
+        encoder_hidden_states=encoder_hidden_states if self.only_cross_attention else None,
+        attention_mask=attention_mask, **kwargs)
+    if self.attn2 is not None:
+        hidden_states, norm_hidden_states = _add_norm(attn_output, hidden_states, self.norm2)
+        attn_output = self.attn2(norm_hidden_states, encoder_hidden_states=encoder_hidden_states,
+                                 attention_mask=encoder_attention_mask, **kwargs)
+    hidden_states, norm_hidden_states = _add_norm(attn_output, hidden_states, self.norm3)
+    return self.ff(norm_hidden_states) + hidden_states
+
+
 # ---------------------------------------------------------------- attention
 
 class FastdiffAttnProcessor:
     """diffusers' AttnProcessor2_0 with the attention product on ``fastdiff.attention``.
 
     Supports spatial_norm, group_norm, norm_cross, norm_q/norm_k, residual_connection,
-    rescale_output_factor and additive or boolean attention masks. Head dims above 256 and
-    autograd fall back to ``F.scaled_dot_product_attention``.
+    rescale_output_factor and additive or boolean attention masks. Head dims above 256 fall
+    back to ``F.scaled_dot_product_attention``; gradients go through the op's autograd formula.
     """
     fused_projections = False        # FastdiffFusedAttnProcessor: q, k, v from to_qkv / to_kv
 
@@ -130,7 +184,6 @@ class FastdiffAttnProcessor:
             hidden_states = attn.spatial_norm(hidden_states, temb)
         input_ndim = hidden_states.ndim
         fused_gn = (attn.group_norm is not None and input_ndim == 4
-                    and not _grad_needed(attn.group_norm, hidden_states)
                     and hidden_states.dtype in DTYPES)
         if fused_gn:
             hidden_states = ops.group_norm_silu(hidden_states.contiguous(),
@@ -169,8 +222,7 @@ class FastdiffAttnProcessor:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-        if (head_dim > MAX_HEAD_DIM or query.dtype not in DTYPES
-                or _grad_needed(attn, query, key, value)):
+        if head_dim > MAX_HEAD_DIM or query.dtype not in DTYPES:
             if head_dim > MAX_HEAD_DIM:
                 log_once(f"attention head dim {head_dim} > {MAX_HEAD_DIM}: SDPA used")
             hidden_states = F.scaled_dot_product_attention(query, key, value,
@@ -231,12 +283,15 @@ def patch_attention(root: nn.Module, state) -> tuple[int, list[str]]:
 
 
 def patch_modules(root: nn.Module, state) -> tuple[dict, list[str]]:
-    """Patches every ResnetBlock2D, Attention and conv_norm_out + conv_act pair in ``root``,
-    recording what it set in ``state`` (``patched``: (module, attribute) pairs; ``processors``).
+    """Patches every ResnetBlock2D, BasicTransformerBlock, GEGLU, Attention and conv_norm_out +
+    conv_act pair in ``root``, recording what it set in ``state`` (``patched``: (module,
+    attribute) pairs; ``processors``).
     Returns the counts and the reasons for what was left alone."""
+    from diffusers.models.activations import GEGLU
+    from diffusers.models.attention import BasicTransformerBlock
     from diffusers.models.resnet import ResnetBlock2D
 
-    counts = {"resnets": 0, "attention": 0, "norm_out": 0}
+    counts = dict.fromkeys(COUNTS, 0)
     kept = []
     for m in root.modules():
         if isinstance(m, ResnetBlock2D) and "forward" not in m.__dict__:
@@ -247,6 +302,14 @@ def patch_modules(root: nn.Module, state) -> tuple[dict, list[str]]:
             m.forward = Patched(m, _resnet_forward)
             state.patched.append((m, "forward"))
             counts["resnets"] += 1
+        if type(m) is GEGLU and "forward" not in m.__dict__:   # (subclasses may change forward)
+            m.forward = Patched(m, _geglu_forward)
+            state.patched.append((m, "forward"))
+            counts["geglu"] += 1
+        if type(m) is BasicTransformerBlock and "forward" not in m.__dict__:
+            m.forward = Patched(m, _transformer_block_forward)
+            state.patched.append((m, "forward"))
+            counts["transformer_blocks"] += 1
         norm, act = getattr(m, "conv_norm_out", None), getattr(m, "conv_act", None)
         if (isinstance(norm, nn.GroupNorm) and isinstance(act, nn.SiLU)
                 and "forward" not in norm.__dict__):

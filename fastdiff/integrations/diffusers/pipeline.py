@@ -30,7 +30,7 @@ from fastdiff import schedules
 from fastdiff.engine import SamplingEngine
 from fastdiff.ops import logger
 
-from . import blocks, schedulers
+from . import blocks, schedulers, tables
 from .graphs import GraphedUNet
 
 STATE_ATTR = "_fastdiff_accelerated"
@@ -60,7 +60,8 @@ class Report:
             if not any(c.values()):
                 continue                      # a component with none of these blocks
             lines.append(f"  {name}: {c['resnets']} ResnetBlock2D, {c['attention']} attention "
-                         f"processors, {c['norm_out']} norm-out pairs on the fused ops")
+                         f"processors, {c['norm_out']} norm-out pairs, {c['geglu']} GEGLU, "
+                         f"{c['transformer_blocks']} transformer blocks on the fused ops")
         lines.append(f"  scheduler: {self.scheduler}")
         lines.append(f"  CUDA graphs: {self.graphs}")
         lines += [f"  not accelerated: {r}" for r in self.unfused]
@@ -82,7 +83,7 @@ class _State:
     @property
     def counts(self) -> dict:
         """Totals over the components (and 1 when the scheduler's step is fused)."""
-        total = {"resnets": 0, "attention": 0, "norm_out": 0}
+        total = dict.fromkeys(blocks.COUNTS, 0)
         for c in self.report.components.values():
             for k in total:
                 total[k] += c[k]
@@ -154,7 +155,7 @@ def accelerate(obj, *, cuda_graphs: bool = True, strict: bool = False):
     state = obj.__dict__.get(STATE_ATTR) or _State()
     for name, module in _components(obj, pipe).items():
         counts, kept = blocks.patch_modules(module, state)
-        old = state.report.components.get(name, {"resnets": 0, "attention": 0, "norm_out": 0})
+        old = state.report.components.get(name, dict.fromkeys(blocks.COUNTS, 0))
         state.report.components[name] = {k: old[k] + counts[k] for k in counts}
         for reason in kept:
             state.unfused(f"{name}: {reason}", strict)
@@ -370,6 +371,29 @@ def _probe(pipe, call_kwargs):
     return probe
 
 
+def _rows_table(sched, start: int) -> schedules.StepTable:
+    """The engine's table for a scheduler fused as version-2 rows (tables.table_for: every call
+    of the loop from ``start``, its timestep, input scaling and noise draws as the scheduler's
+    own step and scale_model_input make them)."""
+    try:
+        coeffs, info = tables.table_for(sched, start=start)
+    except ValueError as err:
+        raise ValueError(f"sample_pipeline: {err}") from None
+    calls = len(sched.timesteps) - start
+    if info.calls != calls:     # PNDM's Runge-Kutta warm-up: its last step is not a row
+        raise ValueError(f"sample_pipeline: {info.scheduler}'s table covers {info.calls} of the "
+                         f"loop's {calls} calls (skip_prk_steps=False: the Runge-Kutta warm-up "
+                         "keeps five tensors between calls); call the pipeline")
+    scales = info.input_scales or [1.0] * calls
+    return schedules.StepTable(
+        solver=info.scheduler, coeffs=coeffs,
+        timesteps=torch.tensor(info.timesteps, dtype=torch.float64),
+        model_input_scale=torch.tensor(scales, dtype=torch.float32),
+        init_noise_sigma=float(getattr(sched, "init_noise_sigma", 1.0)),
+        needs_noise=any(info.draws), slots=info.slots,
+        draws=torch.tensor(info.draws, dtype=torch.bool))
+
+
 @torch.no_grad()
 def sample_pipeline(pipe, *, callback: Callable | None = None, progress_bar: bool = False,
                     **call_kwargs) -> torch.Tensor:
@@ -382,14 +406,16 @@ def sample_pipeline(pipe, *, callback: Callable | None = None, progress_bar: boo
     conditioning, img2img's start step); the loop then runs on the engine, each step one CUDA
     graph on a GPU. On CPU the noise of every step is drawn as the scheduler draws it, so the
     result equals ``pipe(..., output_type='latent')`` up to rounding. callback(i, t, x, x0):
-    after each step (see SamplingEngine.sample). Supports the schedulers ``accelerate`` fuses;
-    ControlNet residuals, cross-attention kwargs and guidance_rescale are refused.
+    after each step (see SamplingEngine.sample). Supports every scheduler ``accelerate``
+    fuses (FusedStep's tables, or version-2 rows read from the scheduler); ControlNet
+    residuals, cross-attention kwargs and guidance_rescale are refused.
     """
     unet, sched = pipe.unet, pipe.scheduler
     if _compiled(unet):
         raise ValueError("sample_pipeline captures the U-Net in CUDA graphs itself: pass the "
                          "pipeline with its uncompiled U-Net")
-    reason = schedulers.unsupported(sched)
+    rows = schedulers.unsupported(sched) is not None  # not FusedStep's: version-2 rows
+    reason = schedulers.unsupported_rows(sched) if rows else None
     if reason:
         raise ValueError(f"sample_pipeline: {reason}")
     probe = _probe(pipe, call_kwargs)
@@ -411,8 +437,11 @@ def sample_pipeline(pipe, *, callback: Callable | None = None, progress_bar: boo
     ts = sched.timesteps
     start = sched.begin_index if getattr(sched, "begin_index", None) is not None else int(
         (ts == torch.as_tensor(t0, device=ts.device)).nonzero()[0, 0])
-    table = schedules.table_from_scheduler(sched, eta=float(call_kwargs.get("eta", 0.0)),
-                                           start=start)
+    if rows:
+        table = _rows_table(sched, start)
+    else:
+        table = schedules.table_from_scheduler(sched, eta=float(call_kwargs.get("eta", 0.0)),
+                                               start=start)
     cond = {}
     for k, v in call.items():
         if k == "added_cond_kwargs" and v:

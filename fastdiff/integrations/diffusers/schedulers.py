@@ -6,9 +6,10 @@ schedulers lives in one small adapter per family (``FAMILIES``): the coefficient
 uses (``schedules.table_from_scheduler`` with the call's options), which row of it the call is,
 whether it draws noise, what it reads from the scheduler's history, and how it leaves the
 scheduler's state. Adding a scheduler is adding an adapter whose table
-``schedules.table_from_scheduler`` can build. Calls the fused path cannot serve (thresholding,
-learned variance, solver order 3, a timestep not in the schedule) run the scheduler's own step,
-and the reason is logged once.
+``schedules.table_from_scheduler`` can build. Calls the fused path cannot serve (learned
+variance, solver order 3, a timestep not in the schedule) run the scheduler's own step, and the
+reason is logged once. DDPM's and DDIM's dynamic thresholding runs after the op
+(``schedules.apply_threshold``).
 
 Version 2 (issue 14): ``RowStep`` runs every family of ``FAMILIES_V2`` (PNDM, Euler ancestral,
 Heun, KDPM2 (ancestral), UniPC, LCM, DPM-Solver multistep / singlestep, DEIS, EDM, LMS and the
@@ -49,10 +50,11 @@ class Family:
     indexed by timestep, no noise, no history, no state)."""
     output_class = ""            # the step's output class in the scheduler's module
     noise_dtype = None           # dtype of the drawn noise (None: the model output's)
+    thresholding = False         # dynamic thresholding after the op (schedules.apply_threshold)
 
     def unsupported(self, cfg) -> str | None:
         """Why a scheduler with config ``cfg`` cannot be fused (None: it can)."""
-        if cfg.get("thresholding", False):
+        if cfg.get("thresholding", False) and not self.thresholding:
             return "thresholding=True"
         return None
 
@@ -167,6 +169,7 @@ class Family:
 
 class DDPM(Family):
     output_class = "DDPMSchedulerOutput"
+    thresholding = True
 
     def unsupported(self, cfg):
         if cfg.variance_type not in ("fixed_small", "fixed_small_log", "fixed_large"):
@@ -179,6 +182,7 @@ class DDPM(Family):
 
 class DDIM(Family):
     output_class = "DDIMSchedulerOutput"
+    thresholding = True
 
     def table_options(self, s, a):
         if a["variance_noise"] is not None and a["generator"] is not None:
@@ -719,8 +723,6 @@ class FusedStep:
         reason = fam.unsupported(s.config)
         if reason:
             raise _Unfused(reason)
-        if (model_output.requires_grad or sample.requires_grad) and torch.is_grad_enabled():
-            raise _Unfused("autograd")
         if model_output.device != sample.device:
             raise _Unfused("model output and sample on different devices")
         opts = fam.options(s, a, timestep)
@@ -733,6 +735,11 @@ class FusedStep:
             raise _Unfused(f"timestep {timestep} not in the schedule")
         draw = fam.draws(s, hit[0], i, opts)
         (table, _, dev_cache), prev_x0 = fam.history(self, s, hit, i)
+        if (table.slots and torch.is_grad_enabled()
+                and (model_output.requires_grad or sample.requires_grad)):
+            # denoise_step does not differentiate through its in-place slots (a multistep
+            # history); steps without slots (DDPM, DDIM, Euler) run fused with gradients.
+            raise _Unfused("autograd through the solver's state slots")
 
         noise = None
         if draw:
@@ -763,6 +770,8 @@ class FusedStep:
         prev, x0 = ops.denoise_step(
             model_output.contiguous(), sample.to(out_dtype).contiguous(), coeffs, idx[i], noise,
             state, 1.0, table.clip_sample, table.clip_sample_range, write_x0=True, guided=False)
+        if table.threshold is not None:
+            prev, x0 = schedules.apply_threshold(prev, x0, coeffs, idx[i], *table.threshold)
         self._state_x0 = x0 if state is not None else None
         fam.advance(s, x0)
         return fam.output(s, prev, x0, a["return_dict"])

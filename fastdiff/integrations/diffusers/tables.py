@@ -101,6 +101,7 @@ class TableInfo:
     clip_sample_range: float = 1.0
     source: str = "probe"
     out_dtypes: tuple = (None, None)     # prev_sample's and x0's (None: the model output's)
+    input_scales: list = dataclasses.field(default_factory=list)  # scale_model_input per call
 
     @property
     def calls(self) -> int:
@@ -285,14 +286,16 @@ def _probe(scheduler, start: int, step_kwargs: dict):
     dtypes = _output_dtypes(s, layout, column, module, s.timesteps[start], step_kwargs)
     rows, draws, layouts, afters, timesteps, expects = [], [], [], [], [], []
     noise_dtypes, out_class, fields, x0_field, used = set(), None, None, None, 0
+    scales = []
     for c in range(calls):
         _install(s, layout, column)
+        t = s.timesteps[start + c]
+        scales.append(_input_scale(s, t, f"{name} call {c}"))
         before = {k: _fingerprint(v) for k, v in s.__dict__.items()}
         expects.append({k: v for k, v in s.__dict__.items()
                         if type(v) in (int, bool, type(None)) and k not in carried
                         and k not in _NOT_EXPECTED})
         drawn: list = []
-        t = s.timesteps[start + c]
         with _patched_randn(module, column(S.V_N), drawn):
             try:
                 out = type(s).step(s, column(S.V_M), t, column(S.V_X), return_dict=True,
@@ -353,8 +356,20 @@ def _probe(scheduler, start: int, step_kwargs: dict):
                          f"degenerate schedule with {_settings(s.config)}")
     info = TableInfo(name, start, timesteps, used, draws,
                      next(iter(noise_dtypes)) if noise_dtypes else None, out_class, fields,
-                     x0_field, initial, layouts, afters, expects, out_dtypes=dtypes)
+                     x0_field, initial, layouts, afters, expects, out_dtypes=dtypes,
+                     input_scales=scales[:len(rows)])
     return torch.tensor(coeffs, dtype=torch.float32), info
+
+
+def _input_scale(s, t, where: str) -> float:
+    """The factor ``s.scale_model_input`` applies at the call about to run with timestep t: a
+    scalar for every family (1/sqrt(sigma^2 + 1), EDM's c_in, 1), checked on two inputs."""
+    x = torch.tensor([1.0, -2.0], dtype=torch.float64).reshape(2, 1, 1, 1)
+    y = type(s).scale_model_input(s, x, t).double().flatten()
+    f = float(y[0])
+    if not (np.isfinite(f) and abs(float(y[1]) + 2 * f) <= 1e-6 * max(1.0, abs(f))):
+        raise ValueError(f"{where}: scale_model_input is not a scalar factor ({y.tolist()})")
+    return f
 
 
 def _output_dtypes(s, layout, column, module, t, step_kwargs) -> tuple:
