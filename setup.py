@@ -16,16 +16,24 @@ import shutil
 import subprocess
 import sys
 
-import torch
 from setuptools import setup
 from setuptools.command.build_py import build_py
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
+# The oldest torch whose stable ABI the extension is built for (csrc/ops.h): torch 2.10, the
+# first with the stable API's parallel_for, from_blob with strides, string and list arguments
+# and torch_call_dispatcher, all of which the ops use. The headers then refuse anything newer
+# (and every unstable header), so the built extension loads with any torch >= 2.10.
+TORCH_TARGET = (2, 10)
+
+
 def cxx_flags():
-    flags = ["-O3", "-g0", "-std=c++17", "-fopenmp"]
+    major, minor = TORCH_TARGET
+    flags = ["-O3", "-g0", "-std=c++17",
+             f"-DTORCH_TARGET_VERSION=0x{major:02x}{minor:02x}000000000000"]
     if platform.machine() in ("x86_64", "AMD64"):
-        # ATen's Vectorized<T> uses AVX2 intrinsics when CPU_CAPABILITY_AVX2 is defined.
-        flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
+        # csrc/simd.h's vectors become AVX registers and its fmadd an FMA.
+        flags += ["-mavx2", "-mfma", "-mf16c"]
     return flags + os.environ.get("FASTDIFF_CXXFLAGS", "").split()
 
 
@@ -102,11 +110,11 @@ class BuildPyWithCubins(build_py):
 
 
 def torch_requirement() -> str:
-    """The torch the extension loads with: the minor version it is compiled against. Its C++
-    uses libtorch's unstable ABI (issue 17: the stable ABI would widen this), so a wheel built
-    against 2.13 fails to load on 2.11 or 2.15; the metadata states that instead of torch>=2.4."""
-    major, minor = (int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
-    return f"torch>={major}.{minor},<{major}.{minor + 1}"
+    """The torch the extension loads with: TORCH_TARGET and every later version, the stable
+    ABI's promise, whichever torch it was built against (tests/test_package.py checks that it
+    imports no unstable libtorch symbol)."""
+    major, minor = TORCH_TARGET
+    return f"torch>={major}.{minor}"
 
 
 setup(
@@ -123,7 +131,7 @@ setup(
             "fastdiff._C",
             sorted(glob.glob("csrc/*.cpp")),
             extra_compile_args={"cxx": cxx_flags()},
-            extra_link_args=["-fopenmp", "-ldl"],
+            extra_link_args=["-ldl"],
         )
     ],
     cmdclass={"build_ext": BuildExt,

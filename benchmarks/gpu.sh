@@ -12,6 +12,11 @@
 # Phases, in this order (PHASES="a,b" picks; default: all but the compile ones), with caps in s:
 #   build      150  carried wheels (.whl/) into /tmp/site; pip install -e . against the machine's
 #                   torch (no .git there: pass FASTDIFF_GIT_COMMIT)
+#   wheel      180  only when named (PHASES=wheel or build,wheel): the fastdiff wheel built
+#                   elsewhere (GPU_WHEEL, default the carried .whl/fastdiff-*.whl: `make wheel`
+#                   here, against another torch) installed alone into a fresh folder and pytest
+#                   -m cuda of a copy of tests/ run against it with FASTDIFF_PREBUILT=require:
+#                   the stable-ABI extension and its cubins on the machine's torch (issue 17)
 #   tests      170  pytest -m cuda on the Triton JIT path (FASTDIFF_PREBUILT=0)
 #   tests-prebuilt 120  pytest -m cuda with FASTDIFF_PREBUILT=require: the cubins carried in
 #                   kernels/cubins (FASTDIFF_CUDA_ARCHS=90 make prebuilt, here), else compiled
@@ -53,9 +58,9 @@ exec > >(tee "$OUT/log") 2>&1
 tee_pid=$!
 trap 'rm -rf "$RAW"; exec >&- 2>&-; wait "$tee_pid" 2>/dev/null' EXIT
 
-declare -A CAP=([build]=150 [tests]=170 [tests-prebuilt]=120 [first-call]=75 [kernels]=75 [e2e]=240
+declare -A CAP=([build]=150 [wheel]=180 [tests]=170 [tests-prebuilt]=120 [first-call]=75 [kernels]=75 [e2e]=240
                 [tune]=150 [kernels-compile]=150 [e2e-compile]=400)
-ORDER="build tests tests-prebuilt first-call kernels e2e tune kernels-compile e2e-compile"
+ORDER="build wheel tests tests-prebuilt first-call kernels e2e tune kernels-compile e2e-compile"
 caps=${GPU_CAPS:-}
 for kv in ${caps//,/ }; do
   [ -n "${CAP[${kv%%=*}]+x}" ] || { echo "GPU_CAPS: no phase '${kv%%=*}'"; exit 2; }
@@ -179,7 +184,8 @@ PY
 }
 
 for name in "${selected[@]}"; do
-  [ "$name" != build ] && [ -z "${ARCH+x}" ] && [ -z "$stop" ] && probe
+  # The wheel phase imports its own fastdiff (the wheel's), not this tree's.
+  [ "$name" != build ] && [ "$name" != wheel ] && [ -z "${ARCH+x}" ] && [ -z "$stop" ] && probe
   case $name in
     build)
       run_phase build - bash -c '
@@ -200,6 +206,19 @@ for name in "${selected[@]}"; do
       else
         stop="the build failed"
       fi ;;
+    wheel)
+      run_phase wheel tests.log bash -c '
+        whl=${GPU_WHEEL:-$(ls .whl/fastdiff-*.whl 2>/dev/null | head -n 1)}
+        [ -n "$whl" ] && [ -f "$whl" ] \
+          || { echo "no fastdiff wheel to test (GPU_WHEEL, or make wheel here and carry .whl/)"; exit 3; }
+        site=$(mktemp -d "${TMPDIR:-/tmp}/fastdiff-wheel.XXXXXX") || exit 3
+        work=$(mktemp -d "${TMPDIR:-/tmp}/fastdiff-wheel-tests.XXXXXX") || exit 3
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$site" "$whl" || exit 3
+        cp -r tests benchmarks pyproject.toml "$work"/ && cd "$work" || exit 3
+        export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
+        "$PY" -c "import torch, fastdiff; print(\"the wheel\", fastdiff.__file__, \"on torch\",
+                  torch.__version__)" || { echo "the wheel does not import"; exit 3; }
+        FASTDIFF_PREBUILT=require exec "$@" -m cuda --maxfail=50 tests' _ "${PYTEST[@]}" ;;
     tests)
       # shellcheck disable=SC2086  # GPU_TEST_PATHS: a list of test files (default: tests)
       run_phase tests tests.log env FASTDIFF_PREBUILT=0 "${PYTEST[@]}" -m cuda --maxfail=50 \

@@ -5,10 +5,12 @@ The CUDA op plans in C++ (csrc/<op>.cpp) what the Triton launcher plans in Pytho
 side; the launch itself (cuLaunchKernel vs Triton's Python launcher) needs a GPU
 (benchmarks/test_first_call.py::test_warm_call_overhead).
 """
+import functools
+
 import pytest
 import torch
 
-from fastdiff import _C, schedules
+from fastdiff import prebuilt, schedules
 from fastdiff.kernels import denoise_step, group_norm_silu
 
 
@@ -28,8 +30,10 @@ def _gn_args():
             torch.randn(2, 32, generator=g), True)
 
 
-CASES = {"denoise_step": (_step_args, _C._prebuilt_plan_denoise_step, denoise_step.plan),
-         "group_norm_silu": (_gn_args, _C._prebuilt_plan_group_norm_silu, group_norm_silu.plan)}
+CASES = {"denoise_step": (_step_args, functools.partial(prebuilt.cpp_plan, "denoise_step"),
+                          denoise_step.plan),
+         "group_norm_silu": (_gn_args, functools.partial(prebuilt.cpp_plan, "group_norm_silu"),
+                             group_norm_silu.plan)}
 
 
 @pytest.mark.parametrize("system", ["cpp", "python"])

@@ -1,5 +1,5 @@
-// fastdiff::add_layer_norm: a residual add and the LayerNorm after it, one pass. Schema in
-// ops.cpp; Triton kernel and plan in kernels/add_layer_norm.py.
+// fastdiff::add_layer_norm: a residual add and the LayerNorm after it, one pass. Schema below
+// (AddLayerNorm); Triton kernel and plan in kernels/add_layer_norm.py.
 //
 // x, residual: (..., C), contiguous, one float dtype; weight, bias: (C,) in x's dtype, or absent
 // (1 and 0). Returns (h, y):
@@ -8,62 +8,66 @@
 // (diffusers' BasicTransformerBlock: `hidden_states = attn_output + hidden_states`, then
 // `norm2(hidden_states)` / `norm3(...)`). The statistics are of h as rounded: y is LayerNorm of
 // exactly the tensor eager torch normalizes.
-#include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
-
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
 
 #include "ops.h"
+#include "simd.h"
 
 namespace fastdiff {
 namespace {
 
-using Out = std::tuple<at::Tensor, at::Tensor>;
+using Out = std::tuple<Tensor, Tensor>;
 
 struct AddLayerNorm {  // a call's arguments, in schema order
   static constexpr char name[] = "add_layer_norm";
-  using Sig = Out(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                  const std::optional<at::Tensor>&, double);
-  const at::Tensor& x;
-  const at::Tensor& residual;
-  const std::optional<at::Tensor>& weight;
-  const std::optional<at::Tensor>& bias;
+  static constexpr char schema[] =
+      "(Tensor x, Tensor residual, Tensor? weight=None, Tensor? bias=None, float eps=1e-5) "
+      "-> (Tensor, Tensor)";
+  using Sig = Out(const Tensor&, const Tensor&, const std::optional<Tensor>&,
+                  const std::optional<Tensor>&, double);
+  const Tensor& x;
+  const Tensor& residual;
+  const std::optional<Tensor>& weight;
+  const std::optional<Tensor>& bias;
   double eps;
 };
 
-const at::Tensor& subject(const AddLayerNorm& a) { return a.x; }
+const Tensor& subject(const AddLayerNorm& a) { return a.x; }
 
-void check_affine(const AddLayerNorm& a, const at::Tensor& t, const char* name) {
+inline int64_t last_dim(const Tensor& t) { return t.size(t.dim() - 1); }
+
+void check_affine(const AddLayerNorm& a, const Tensor& t, const char* name) {
   const char* op = AddLayerNorm::name;
-  const at::Tensor& x = a.x;
+  const Tensor& x = a.x;
   check_same_device(op, x, "x", t, name);
-  FD_CHECK(t.dim() == 1 && t.size(0) == x.size(-1), op, "argument '", name,
-           "' must have shape [", x.size(-1), "] (the last dim of 'x'), got ", shape_str(t));
+  FD_CHECK(t.dim() == 1 && t.size(0) == last_dim(x), op, "argument '", name,
+           "' must have shape [", last_dim(x), "] (the last dim of 'x'), got ", shape_str(t));
   FD_CHECK(t.scalar_type() == x.scalar_type(), op, "argument '", name, "' must have the dtype of ",
            "'x' (", dtype_str(x.scalar_type()), "), got ", dtype_str(t.scalar_type()));
   FD_CHECK(t.is_contiguous(), op, "argument '", name, "' must be contiguous, got strides ",
-           t.strides());
+           strides_str(t));
 }
 
 void check(const AddLayerNorm& a) {
   const char* op = AddLayerNorm::name;
-  const at::Tensor &x = a.x, &r = a.residual;
+  const Tensor &x = a.x, &r = a.residual;
   FD_CHECK(x.dim() >= 1, op, "argument 'x' must have a last dimension (..., C), got a 0-d tensor");
   FD_CHECK(is_float_dtype(x.scalar_type()), op,
            "argument 'x' must have dtype float32, float16 or bfloat16, got ",
            dtype_str(x.scalar_type()));
-  FD_CHECK(x.is_contiguous(), op, "argument 'x' must be contiguous, got strides ", x.strides());
+  FD_CHECK(x.is_contiguous(), op, "argument 'x' must be contiguous, got strides ",
+           strides_str(x));
   check_same_device(op, x, "x", r, "residual");
-  FD_CHECK(r.sizes() == x.sizes(), op, "argument 'residual' must have the shape of 'x' ",
+  FD_CHECK(r.dim() == x.dim() && std::equal(x.sizes().begin(), x.sizes().end(),
+                                            r.sizes().begin()), op, "argument 'residual' must have the shape of 'x' ",
            shape_str(x), ", got ", shape_str(r));
   FD_CHECK(r.scalar_type() == x.scalar_type(), op, "argument 'residual' must have the dtype of ",
            "'x' (", dtype_str(x.scalar_type()), "), got ", dtype_str(r.scalar_type()));
   FD_CHECK(r.is_contiguous(), op, "argument 'residual' must be contiguous, got strides ",
-           r.strides());
+           strides_str(r));
   FD_CHECK(a.eps == 0 || (a.eps >= std::numeric_limits<float>::min() &&
                           a.eps <= std::numeric_limits<float>::max()),
            op, "argument 'eps' must be 0 or within float32's normal range [1.18e-38, 3.4e38] ",
@@ -72,11 +76,11 @@ void check(const AddLayerNorm& a) {
   if (a.bias) check_affine(a, *a.bias, "bias");
 }
 
-Out empty(const AddLayerNorm& a) { return {at::empty_like(a.x), at::empty_like(a.x)}; }
+Out empty(const AddLayerNorm& a) { return {dense_like(a.x), dense_like(a.x)}; }
 
 // ---- CPU kernel: plain loops over raw pointers ----
 
-using Vec = at::vec::Vectorized<float>;
+using simd::Vec;
 constexpr int64_t kW = Vec::size();
 
 // sum(v[i] - shift) and sum((v[i] - shift)^2) over n floats: lanes in float, the total in double.
@@ -87,10 +91,10 @@ void sums(const float* v, int64_t n, float shift, double* s1, double* s2) {
   for (; i + kW <= n; i += kW) {
     const Vec d = Vec::loadu(v + i) - m;
     a1 += d;
-    a2 = at::vec::fmadd(d, d, a2);
+    a2 = simd::fmadd(d, d, a2);
   }
-  double t1 = at::vec::vec_reduce_all<float>(std::plus<Vec>(), a1);
-  double t2 = at::vec::vec_reduce_all<float>(std::plus<Vec>(), a2);
+  double t1 = simd::reduce_add(a1);
+  double t2 = simd::reduce_add(a2);
   for (; i < n; ++i) {
     const double d = v[i] - shift;
     t1 += d;
@@ -122,10 +126,10 @@ void row(const T* x, const T* r, T* h, T* y, int64_t C, const float* w, const fl
       v.store(h + i);
       const Vec d = v - sv;
       a1 += d;
-      a2 = at::vec::fmadd(d, d, a2);
+      a2 = simd::fmadd(d, d, a2);
     }
-    s1 = at::vec::vec_reduce_all<float>(std::plus<Vec>(), a1);
-    s2 = at::vec::vec_reduce_all<float>(std::plus<Vec>(), a2);
+    s1 = simd::reduce_add(a1);
+    s2 = simd::reduce_add(a2);
     for (; i < C; ++i) {
       h[i] = x[i] + r[i];
       const double d = h[i] - shift;
@@ -167,7 +171,7 @@ template <typename T>
 void rows(const T* x, const T* r, T* h, T* y, int64_t R, int64_t C, const float* w,
           const float* b, float eps) {
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / C);
-  at::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> hf(std::is_same_v<T, float> ? 0 : C);
     for (int64_t i = begin; i < end; ++i) {
       row(x + i * C, r + i * C, h + i * C, y + i * C, C, w, b, eps, hf.data());
@@ -175,18 +179,23 @@ void rows(const T* x, const T* r, T* h, T* y, int64_t R, int64_t C, const float*
   });
 }
 
-std::vector<float> floats(const std::optional<at::Tensor>& t) {
+// A small tensor (checked: contiguous, x's float dtype) as floats, converted here.
+std::vector<float> floats(const std::optional<Tensor>& t) {
   if (!t) return {};
-  at::Tensor f = t->to(at::kFloat).contiguous();
-  return std::vector<float>(f.data_ptr<float>(), f.data_ptr<float>() + f.numel());
+  std::vector<float> out;
+  dispatch_float(t->scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* p = t->const_data_ptr<T>();
+    out.assign(p, p + t->numel());
+  });
+  return out;
 }
 
 template <typename T>
-void run_cpu(const AddLayerNorm& a, at::Tensor& h, at::Tensor& y, const float* w,
-             const float* b) {
-  const int64_t C = a.x.size(-1), R = a.x.numel() / C;
-  rows(a.x.data_ptr<T>(), a.residual.data_ptr<T>(), h.data_ptr<T>(), y.data_ptr<T>(), R, C, w, b,
-       static_cast<float>(a.eps));
+void run_cpu(const AddLayerNorm& a, Tensor& h, Tensor& y, const float* w, const float* b) {
+  const int64_t C = last_dim(a.x), R = a.x.numel() / C;
+  rows(a.x.const_data_ptr<T>(), a.residual.const_data_ptr<T>(), h.mutable_data_ptr<T>(),
+       y.mutable_data_ptr<T>(), R, C, w, b, static_cast<float>(a.eps));
 }
 
 Out cpu(const AddLayerNorm& a) {
@@ -196,11 +205,7 @@ Out cpu(const AddLayerNorm& a) {
   const std::vector<float> w = floats(a.weight), b = floats(a.bias);
   const float* wp = w.empty() ? nullptr : w.data();
   const float* bp = b.empty() ? nullptr : b.data();
-  switch (a.x.scalar_type()) {
-    case at::kFloat: run_cpu<float>(a, h, y, wp, bp); break;
-    case at::kHalf: run_cpu<at::Half>(a, h, y, wp, bp); break;
-    default: run_cpu<at::BFloat16>(a, h, y, wp, bp);
-  }
+  dispatch_float(a.x.scalar_type(), [&](auto tag) { run_cpu<decltype(tag)>(a, h, y, wp, bp); });
   return result;
 }
 
@@ -210,9 +215,9 @@ Plan<Out> plan(const AddLayerNorm& a) {
   namespace cfg = config::add_layer_norm;
   Out result = empty(a);
   const auto& [h, y] = result;
-  const int64_t C = a.x.size(-1), R = a.x.numel() / C;
-  TORCH_CHECK_VALUE(R < (int64_t{1} << 31) && C < (int64_t{1} << 31), "fastdiff.add_layer_norm: ",
-                    R, " rows of C=", C, " are beyond the CUDA kernel's 32-bit sizes");
+  const int64_t C = last_dim(a.x), R = a.x.numel() / C;
+  FD_CHECK(R < (int64_t{1} << 31) && C < (int64_t{1} << 31), AddLayerNorm::name, R, " rows of C=",
+           C, " are beyond the CUDA kernel's 32-bit sizes");
   int64_t block = 16;  // the next power of two of C, at least 16 (block_c in the Python plan)
   while (block < C) block *= 2;
   const int64_t vec16 = 16 / static_cast<int64_t>(a.x.element_size());
@@ -237,13 +242,8 @@ Plan<Out> plan(const AddLayerNorm& a) {
   return {{launch}, result, {}, why};
 }
 
-// One implementation for every backend (ops.h), and the Python bindings.
-const auto impl = &Entry<AddLayerNorm>::run;
-[[maybe_unused]] const bool bound = add_bindings<AddLayerNorm>();
-
 }  // namespace
 }  // namespace fastdiff
 
-TORCH_LIBRARY_IMPL(fastdiff, CPU, m) { m.impl("add_layer_norm", fastdiff::impl); }
-TORCH_LIBRARY_IMPL(fastdiff, Meta, m) { m.impl("add_layer_norm", fastdiff::impl); }
-TORCH_LIBRARY_IMPL(fastdiff, CUDA, m) { m.impl("add_layer_norm", fastdiff::impl); }
+// The schemas, and one implementation for every backend (ops.h).
+FASTDIFF_REGISTER_OP(fastdiff::AddLayerNorm)

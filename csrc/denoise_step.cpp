@@ -15,10 +15,6 @@
 // of range raises, and so does a row with a non-zero coefficient on a slot the call does not
 // pass; on the GPU, where checking either would need a sync, an index out of range makes every
 // output and every slot NaN, and coefficients on absent slots are ignored (read as zeros).
-#include <ATen/Dispatch.h>
-#include <ATen/MemoryOverlap.h>
-#include <ATen/Parallel.h>
-
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -38,19 +34,33 @@ constexpr int kVX = 0, kVM = 1, kVN = 2, kVS = 3;
 static_assert(kNumV == kVS + kSlots && cfg::ROW_LEN == cfg::ROW_S + kSlots * (kNumV + 1),
               "kernels/denoise_step.py's row layout is not schedules' (x, m, n, slots)");
 
-using Out = std::tuple<at::Tensor, at::Tensor>;
+using Out = std::tuple<Tensor, Tensor>;
+
+// Whether a's sizes from dim `from_a` on equal b's from dim `from_b` on.
+bool same_tail(const Tensor& a, int64_t from_a, const Tensor& b, int64_t from_b) {
+  if (a.dim() - from_a != b.dim() - from_b) return false;
+  for (int64_t d = 0; d + from_a < a.dim(); ++d) {
+    if (a.size(d + from_a) != b.size(d + from_b)) return false;
+  }
+  return true;
+}
 
 struct DenoiseStep {  // a call's arguments, in schema order
   static constexpr char name[] = "denoise_step";
-  using Sig = Out(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                  const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double,
+  static constexpr char schema[] =
+      "(Tensor model_output, Tensor sample, Tensor coeffs, Tensor step_index, "
+      "Tensor? noise=None, Tensor(a!)? state=None, float guidance_scale=1.0, "
+      "bool clip_sample=False, float clip_sample_range=1.0, bool write_x0=False, "
+      "bool? guided=None) -> (Tensor, Tensor)";
+  using Sig = Out(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                  const std::optional<Tensor>&, const std::optional<Tensor>&, double,
                   bool, double, bool, std::optional<bool>);
-  const at::Tensor& model_output;
-  const at::Tensor& sample;
-  const at::Tensor& coeffs;
-  const at::Tensor& step_index;
-  const std::optional<at::Tensor>& noise;
-  const std::optional<at::Tensor>& state;  // (K, *sample.shape), updated in place
+  const Tensor& model_output;
+  const Tensor& sample;
+  const Tensor& coeffs;
+  const Tensor& step_index;
+  const std::optional<Tensor>& noise;
+  const std::optional<Tensor>& state;  // (K, *sample.shape), updated in place
   double guidance_scale;
   bool clip_sample;
   double clip_sample_range;
@@ -58,7 +68,7 @@ struct DenoiseStep {  // a call's arguments, in schema order
   std::optional<bool> guided;  // absent: guided when model_output has twice the batch of sample
 };
 
-const at::Tensor& subject(const DenoiseStep& a) { return a.sample; }
+const Tensor& subject(const DenoiseStep& a) { return a.sample; }
 
 // After check(): whether model_output is [uncond; cond].
 bool is_guided(const DenoiseStep& a) {
@@ -72,13 +82,13 @@ int num_slots(const DenoiseStep& a) {
 
 void check_state(const DenoiseStep& a) {
   const char* op = DenoiseStep::name;
-  const at::Tensor &sample = a.sample, &state = *a.state;
+  const Tensor &sample = a.sample, &state = *a.state;
   check_same_device(op, sample, "sample", state, "state");
   std::ostringstream want;
   want << "(K";
   for (int64_t d : sample.sizes()) want << ", " << d;
   want << ")";
-  FD_CHECK(state.dim() == sample.dim() + 1 && state.sizes().slice(1) == sample.sizes(), op,
+  FD_CHECK(same_tail(state, 1, sample, 0), op,
            "argument 'state' must have shape (K, *sample.shape) = ", want.str(), ", got ",
            shape_str(state));
   FD_CHECK(state.size(0) >= 1 && state.size(0) <= kSlots, op, "argument 'state' must hold 1 to ",
@@ -87,38 +97,38 @@ void check_state(const DenoiseStep& a) {
            "argument 'state' must have the dtype of 'sample' (", dtype_str(sample.scalar_type()),
            "), got ", dtype_str(state.scalar_type()));
   FD_CHECK(state.is_contiguous(), op, "argument 'state' must be contiguous, got strides ",
-           state.strides());
-  if (state.is_meta()) return;  // no memory to overlap
+           strides_str(state));
+  if (is_meta(state)) return;  // no memory to overlap
   // The state is written in place: it must not share memory with what the step reads.
-  const std::pair<const at::Tensor*, const char*> reads[] = {
+  const std::pair<const Tensor*, const char*> reads[] = {
       {&a.sample, "sample"}, {&a.model_output, "model_output"},
       {a.noise ? &*a.noise : nullptr, "noise"}, {&a.coeffs, "coeffs"},
       {&a.step_index, "step_index"}};
   for (auto [t, name] : reads) {
     if (t == nullptr) continue;
-    FD_CHECK(at::get_overlap_status(state, *t) == at::MemOverlapStatus::No, op,
+    FD_CHECK(!may_overlap(state, *t), op,
              "argument 'state' must not share memory with '", name, "' (it is written in place)");
   }
 }
 
 void check(const DenoiseStep& a) {
   const char* op = DenoiseStep::name;
-  const at::Tensor &sample = a.sample, &model_output = a.model_output;
+  const Tensor &sample = a.sample, &model_output = a.model_output;
   FD_CHECK(sample.dim() >= 1, op, "argument 'sample' must have a batch dimension, got a 0-d tensor");
   FD_CHECK(is_float_dtype(sample.scalar_type()), op,
            "argument 'sample' must have dtype float32, float16 or bfloat16, got ",
            dtype_str(sample.scalar_type()));
   FD_CHECK(sample.is_contiguous(), op, "argument 'sample' must be contiguous, got strides ",
-           sample.strides());
+           strides_str(sample));
   const int64_t N = sample.size(0);
   check_same_device(op, sample, "sample", model_output, "model_output");
   FD_CHECK(model_output.scalar_type() == sample.scalar_type(), op,
            "argument 'model_output' must have the dtype of 'sample' (", dtype_str(sample.scalar_type()),
            "), got ", dtype_str(model_output.scalar_type()));
   FD_CHECK(model_output.is_contiguous(), op,
-           "argument 'model_output' must be contiguous, got strides ", model_output.strides());
-  bool same_rest = model_output.dim() == sample.dim() &&
-                   model_output.sizes().slice(1) == sample.sizes().slice(1);
+           "argument 'model_output' must be contiguous, got strides ",
+           strides_str(model_output));
+  bool same_rest = model_output.dim() == sample.dim() && same_tail(model_output, 1, sample, 1);
   // Guided as the caller says, else when model_output has twice the batch.
   const bool guided = a.guided.value_or(same_rest && N > 0 && model_output.size(0) == 2 * N);
   FD_CHECK(same_rest && model_output.size(0) == (guided ? 2 * N : N), op,
@@ -134,7 +144,7 @@ void check(const DenoiseStep& a) {
            " needs 'model_output' with batch 2*N=", 2 * N, " ([uncond; cond]), got ",
            shape_str(model_output));
   if (a.noise) {
-    const at::Tensor& e = *a.noise;
+    const Tensor& e = *a.noise;
     check_same_device(op, sample, "sample", e, "noise");
     FD_CHECK(e.sizes() == sample.sizes(), op, "argument 'noise' must have the shape of 'sample' ",
              shape_str(sample), ", got ", shape_str(e));
@@ -142,19 +152,20 @@ void check(const DenoiseStep& a) {
              "argument 'noise' must have the dtype of 'sample' (", dtype_str(sample.scalar_type()),
              "), got ", dtype_str(e.scalar_type()));
     FD_CHECK(e.is_contiguous(), op, "argument 'noise' must be contiguous, got strides ",
-             e.strides());
+             strides_str(e));
   }
-  const at::Tensor &coeffs = a.coeffs, &step_index = a.step_index;
+  const Tensor &coeffs = a.coeffs, &step_index = a.step_index;
   check_same_device(op, sample, "sample", coeffs, "coeffs");
   FD_CHECK(coeffs.dim() == 2 && coeffs.size(1) == cfg::ROW_LEN && coeffs.size(0) >= 1, op,
            "argument 'coeffs' must have shape (num_steps, ", cfg::ROW_LEN,
            ") (fastdiff.schedules' version-2 rows), got ", shape_str(coeffs));
-  FD_CHECK(coeffs.scalar_type() == at::kFloat, op, "argument 'coeffs' must have dtype float32, got ",
+  FD_CHECK(coeffs.scalar_type() == ScalarType::Float, op, "argument 'coeffs' must have dtype float32, got ",
            dtype_str(coeffs.scalar_type()));
   FD_CHECK(coeffs.is_contiguous(), op, "argument 'coeffs' must be contiguous, got strides ",
-           coeffs.strides());
+           strides_str(coeffs));
   check_same_device(op, sample, "sample", step_index, "step_index");
-  FD_CHECK(step_index.scalar_type() == at::kLong || step_index.scalar_type() == at::kInt, op,
+  FD_CHECK(step_index.scalar_type() == ScalarType::Long ||
+               step_index.scalar_type() == ScalarType::Int, op,
            "argument 'step_index' must be an int64 or int32 tensor, got ", dtype_str(step_index.scalar_type()));
   FD_CHECK(step_index.numel() == 1, op, "argument 'step_index' must hold one element, got shape ",
            shape_str(step_index));
@@ -168,8 +179,7 @@ void check(const DenoiseStep& a) {
 }
 
 Out empty(const DenoiseStep& a) {
-  return {at::empty_like(a.sample),
-          a.write_x0 ? at::empty_like(a.sample) : a.sample.new_empty({0})};
+  return {dense_like(a.sample), a.write_x0 ? dense_like(a.sample) : new_contiguous(a.sample, {0})};
 }
 
 // ---- CPU kernel ----
@@ -243,7 +253,7 @@ struct Ptrs {
 template <typename scalar_t, int K, bool... kDone>
 void dispatch_flags(const bool* flags, const Row& r, const Ptrs<scalar_t>& p) {
   if constexpr (sizeof...(kDone) == 3) {
-    at::parallel_for(0, p.numel, int64_t{1} << 15, [&](int64_t begin, int64_t end) {
+    torch::stable::parallel_for(0, p.numel, int64_t{1} << 15, [&](int64_t begin, int64_t end) {
       step_range<scalar_t, K, kDone...>(r, p.mo, p.x, p.noise, p.state, p.out, p.x0, p.numel,
                                         begin, end);
     });
@@ -269,7 +279,7 @@ void dispatch_slots(int k, const bool* flags, const Row& r, const Ptrs<scalar_t>
 // Row idx of the table, checked against the slots the call passes: a coefficient on a slot
 // beyond them would be silently read as zero (schedules.py: they must be 0).
 Row read_row(const DenoiseStep& a, int64_t idx, int k) {
-  const float* c = a.coeffs.data_ptr<float>() + idx * cfg::ROW_LEN;
+  const float* c = a.coeffs.const_data_ptr<float>() + idx * cfg::ROW_LEN;
   const float* s_rows = c + cfg::ROW_S;
   for (int j = k; j < kSlots; ++j) {
     bool used = c[cfg::ROW_P + kVS + j] != 0 || c[cfg::ROW_O + kVS + j] != 0 ||
@@ -294,7 +304,9 @@ Row read_row(const DenoiseStep& a, int64_t idx, int k) {
 
 Out cpu(const DenoiseStep& a) {
   // On the CPU the step index and its row can be read without a device sync: check them here.
-  const int64_t idx = a.step_index.item<int64_t>();
+  const int64_t idx = a.step_index.scalar_type() == ScalarType::Long
+                          ? *a.step_index.const_data_ptr<int64_t>()
+                          : *a.step_index.const_data_ptr<int32_t>();
   FD_CHECK(idx >= 0 && idx < a.coeffs.size(0), DenoiseStep::name, "argument 'step_index'=", idx,
            " is out of range for 'coeffs' with ", a.coeffs.size(0), " steps");
   const int k = num_slots(a);
@@ -303,12 +315,14 @@ Out cpu(const DenoiseStep& a) {
   if (a.sample.numel() == 0) return result;
   auto& [out, x0] = result;
   const bool flags[3] = {is_guided(a), a.noise.has_value(), a.write_x0};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.sample.scalar_type(),
-                                  "denoise_step_cpu", [&] {
-    const Ptrs<scalar_t> p{a.model_output.data_ptr<scalar_t>(), a.sample.data_ptr<scalar_t>(),
-                           a.noise ? a.noise->data_ptr<scalar_t>() : nullptr,
-                           a.state ? a.state->data_ptr<scalar_t>() : nullptr,
-                           out.data_ptr<scalar_t>(), a.write_x0 ? x0.data_ptr<scalar_t>() : nullptr,
+  dispatch_float(a.sample.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const Ptrs<scalar_t> p{a.model_output.const_data_ptr<scalar_t>(),
+                           a.sample.const_data_ptr<scalar_t>(),
+                           a.noise ? a.noise->const_data_ptr<scalar_t>() : nullptr,
+                           a.state ? a.state->mutable_data_ptr<scalar_t>() : nullptr,
+                           out.mutable_data_ptr<scalar_t>(),
+                           a.write_x0 ? x0.mutable_data_ptr<scalar_t>() : nullptr,
                            a.sample.numel()};
     dispatch_slots<scalar_t>(k, flags, row, p);
   });
@@ -339,13 +353,8 @@ Plan<Out> plan(const DenoiseStep& a) {
   return {{launch}, result, {}, ""};
 }
 
-// One implementation for every backend (ops.h), and the Python bindings.
-const auto impl = &Entry<DenoiseStep>::run;
-[[maybe_unused]] const bool bound = add_bindings<DenoiseStep>();
-
 }  // namespace
 }  // namespace fastdiff
 
-TORCH_LIBRARY_IMPL(fastdiff, CPU, m) { m.impl("denoise_step", fastdiff::impl); }
-TORCH_LIBRARY_IMPL(fastdiff, Meta, m) { m.impl("denoise_step", fastdiff::impl); }
-TORCH_LIBRARY_IMPL(fastdiff, CUDA, m) { m.impl("denoise_step", fastdiff::impl); }
+// The schemas, and one implementation for every backend (ops.h).
+FASTDIFF_REGISTER_OP(fastdiff::DenoiseStep)

@@ -11,62 +11,63 @@
 // (moments() below): per channel (NCHW) or per block of rows (channels_last), then merged across
 // channels/blocks with Chan's formula in double. Everything per (n, c) is then folded into y = silu((x - m) * a + b), one
 // fused pass.
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <ATen/cpu/vec/vec.h>
-
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
 
 #include "ops.h"
+#include "simd.h"
 
 namespace fastdiff {
 namespace {
 
 struct GroupNormSilu {  // a call's arguments, in schema order
   static constexpr char name[] = "group_norm_silu";
-  using Sig = at::Tensor(const at::Tensor&, int64_t, const std::optional<at::Tensor>&,
-                         const std::optional<at::Tensor>&, double,
-                         const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                         const std::optional<at::Tensor>&, bool);
-  const at::Tensor& x;
+  static constexpr char schema[] =
+      "(Tensor x, int num_groups, Tensor? weight=None, Tensor? bias=None, float eps=1e-5, "
+      "Tensor? pre_bias=None, Tensor? scale=None, Tensor? shift=None, bool apply_silu=True) "
+      "-> Tensor";
+  using Sig = Tensor(const Tensor&, int64_t, const std::optional<Tensor>&,
+                     const std::optional<Tensor>&, double, const std::optional<Tensor>&,
+                     const std::optional<Tensor>&, const std::optional<Tensor>&, bool);
+  const Tensor& x;
   int64_t num_groups;
-  const std::optional<at::Tensor>& weight;
-  const std::optional<at::Tensor>& bias;
+  const std::optional<Tensor>& weight;
+  const std::optional<Tensor>& bias;
   double eps;
-  const std::optional<at::Tensor>& pre_bias;
-  const std::optional<at::Tensor>& scale;
-  const std::optional<at::Tensor>& shift;
+  const std::optional<Tensor>& pre_bias;
+  const std::optional<Tensor>& scale;
+  const std::optional<Tensor>& shift;
   bool apply_silu;
 };
 
-const at::Tensor& subject(const GroupNormSilu& a) { return a.x; }
+const Tensor& subject(const GroupNormSilu& a) { return a.x; }
 
 // A small per-channel or per-(n, c) tensor: exact shape, dtype of x or float32, contiguous.
-void check_small(const at::Tensor& x, const at::Tensor& t, const char* name,
-                 at::IntArrayRef expected) {
+void check_small(const Tensor& x, const Tensor& t, const char* name,
+                 std::initializer_list<int64_t> expected) {
   const char* op = GroupNormSilu::name;
   check_same_device(op, x, "x", t, name);
-  FD_CHECK(t.sizes() == expected, op, "argument '", name, "' must have shape ", expected, ", got ",
-           shape_str(t));
-  FD_CHECK(t.scalar_type() == x.scalar_type() || t.scalar_type() == at::kFloat, op, "argument '",
-           name, "' must have dtype ", dtype_str(x.scalar_type()),
-           x.scalar_type() == at::kFloat ? " (as x)" : " (as x) or float32", ", got ",
+  FD_CHECK(same_sizes(t, expected), op, "argument '", name, "' must have shape ",
+           list_str(Sizes(expected)), ", got ", shape_str(t));
+  FD_CHECK(t.scalar_type() == x.scalar_type() || t.scalar_type() == ScalarType::Float, op,
+           "argument '", name, "' must have dtype ", dtype_str(x.scalar_type()),
+           x.scalar_type() == ScalarType::Float ? " (as x)" : " (as x) or float32", ", got ",
            dtype_str(t.scalar_type()));
   FD_CHECK(t.is_contiguous(), op, "argument '", name, "' must be contiguous, got strides ",
-           t.strides());
+           strides_str(t));
 }
 
 void check(const GroupNormSilu& a) {
   const char* op = GroupNormSilu::name;
-  const at::Tensor& x = a.x;
+  const Tensor& x = a.x;
   FD_CHECK(x.dim() == 4, op, "argument 'x' must be a 4-D tensor (N, C, H, W), got shape ",
            shape_str(x));
   FD_CHECK(is_float_dtype(x.scalar_type()), op,
            "argument 'x' must have dtype float32, float16 or bfloat16, got ", dtype_str(x.scalar_type()));
-  FD_CHECK(x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast), op,
-           "argument 'x' must be contiguous (NCHW) or channels_last, got strides ", x.strides(),
+  FD_CHECK(x.is_contiguous() || is_channels_last(x), op,
+           "argument 'x' must be contiguous (NCHW) or channels_last, got strides ", strides_str(x),
            " for shape ", shape_str(x));
   const int64_t N = x.size(0), C = x.size(1);
   FD_CHECK(a.num_groups > 0, op, "argument 'num_groups' must be positive, got ", a.num_groups);
@@ -84,11 +85,11 @@ void check(const GroupNormSilu& a) {
   if (a.shift) check_small(x, *a.shift, "shift", {N, C});
 }
 
-at::Tensor empty(const GroupNormSilu& a) { return at::empty_like(a.x); }
+Tensor empty(const GroupNormSilu& a) { return dense_like(a.x); }
 
 // ---- CPU kernel ----
 
-using Vec = at::vec::Vectorized<float>;
+using simd::Vec;
 constexpr int64_t kW = Vec::size();
 
 // Reduced-precision inputs are converted to a float buffer block by block; float is used in place.
@@ -121,10 +122,10 @@ void shifted_sums(const float* x, int64_t n, float shift, double* s1, double* s2
     for (; i + kW <= e; i += kW) {
       const Vec d = Vec::loadu(x + i) - m;
       a1 += d;
-      if constexpr (kSquares) a2 = at::vec::fmadd(d, d, a2);
+      if constexpr (kSquares) a2 = simd::fmadd(d, d, a2);
     }
-    float b1 = at::vec::vec_reduce_all<float>(std::plus<Vec>(), a1), b2 = 0.f;
-    if constexpr (kSquares) b2 = at::vec::vec_reduce_all<float>(std::plus<Vec>(), a2);
+    float b1 = simd::reduce_add(a1), b2 = 0.f;
+    if constexpr (kSquares) b2 = simd::reduce_add(a2);
     for (; i < e; ++i) {
       const float d = x[i] - shift;
       b1 += d;
@@ -154,12 +155,15 @@ inline float silu(float z) { return z / (1.f + std::exp(-z)); }
 // Subtracting the mean before scaling keeps small-variance groups accurate.
 template <typename T, bool kSilu, bool kPerElement>
 void affine_act(const float* x, const float* m, const float* a, const float* b, T* y, int64_t n) {
-  auto vec = [](const float* p, int64_t i) { return kPerElement ? Vec::loadu(p + i) : Vec(*p); };
+  // One value for the range: read once, before the stores to y (which may alias, as far as
+  // the compiler knows, and would make it read them again for every vector).
+  const Vec m1(*m), a1(*a), b1(*b);
+  auto vec = [](const float* p, int64_t i, Vec one) { return kPerElement ? Vec::loadu(p + i) : one; };
   auto one = [](const float* p, int64_t i) { return kPerElement ? p[i] : *p; };
   int64_t i = 0;
   for (; i + kW <= n; i += kW) {
-    Vec z = at::vec::fmadd(Vec::loadu(x + i) - vec(m, i), vec(a, i), vec(b, i));
-    if constexpr (kSilu) z = z / (Vec(1.f) + z.neg().exp_u20());
+    Vec z = simd::fmadd(Vec::loadu(x + i) - vec(m, i, m1), vec(a, i, a1), vec(b, i, b1));
+    if constexpr (kSilu) z = z / (Vec(1.f) + z.neg().exp());
     if constexpr (std::is_same_v<T, float>) {
       z.store(y + i);
     } else {
@@ -199,7 +203,7 @@ inline void fold(const Params& p, int64_t n, int64_t c, int64_t C, double mean, 
 template <typename T, bool kSilu>
 void nchw(const T* x, T* y, int64_t N, int64_t C, int64_t HW, int64_t G, const Params& p) {
   const int64_t Cg = C / G;
-  at::parallel_for(0, N * G, 1, [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, N * G, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> buf;
     std::vector<double> mean_c(Cg), m2_c(Cg);
     for (int64_t ng = begin; ng < end; ++ng) {
@@ -238,15 +242,20 @@ void channels_last(const T* x, T* y, int64_t N, int64_t C, int64_t HW, int64_t G
   // Per block and channel, as moments() does along a channel: sums of x minus the block's first
   // row, then the corrected two-pass M2 around the float-rounded mean; in double once per block.
   std::vector<double> bmean(N * nblk * C), bm2(N * nblk * C);
-  at::parallel_for(0, N * nblk, 1, [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, N * nblk, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> buf, s1(C), s2(C), m(C);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / nblk, r0 = (t % nblk) * rows, r = std::min(rows, HW - r0);
       const float* xf = as_float(x + (n * HW + r0) * C, r * C, buf);
       std::fill(s1.begin(), s1.end(), 0.f);
-      for (int64_t i = 0; i < r; ++i) {
-        at::vec::map3<float>([](Vec a, Vec v, Vec sh) { return a + (v - sh); }, s1.data(),
-                             s1.data(), xf + i * C, xf, C);
+      for (int64_t i = 0; i < r; ++i) {  // s1 += row - first row
+        const float* row = xf + i * C;
+        int64_t c = 0;
+        for (; c + kW <= C; c += kW) {
+          (Vec::loadu(s1.data() + c) + (Vec::loadu(row + c) - Vec::loadu(xf + c)))
+              .store(s1.data() + c);
+        }
+        for (; c < C; ++c) s1[c] += row[c] - xf[c];
       }
       for (int64_t c = 0; c < C; ++c) m[c] = static_cast<float>(xf[c] + double(s1[c]) / r);
       std::fill(s1.begin(), s1.end(), 0.f);
@@ -257,7 +266,7 @@ void channels_last(const T* x, T* y, int64_t N, int64_t C, int64_t HW, int64_t G
         for (; c + kW <= C; c += kW) {
           const Vec d = Vec::loadu(row + c) - Vec::loadu(m.data() + c);
           (Vec::loadu(s1.data() + c) + d).store(s1.data() + c);
-          at::vec::fmadd(d, d, Vec::loadu(s2.data() + c)).store(s2.data() + c);
+          simd::fmadd(d, d, Vec::loadu(s2.data() + c)).store(s2.data() + c);
         }
         for (; c < C; ++c) {
           const float d = row[c] - m[c];
@@ -273,7 +282,7 @@ void channels_last(const T* x, T* y, int64_t N, int64_t C, int64_t HW, int64_t G
   });
   // Merge blocks per channel, then channels per group (Chan et al.), in double.
   std::vector<float> mc(N * C), a(N * C), beta(N * C);
-  at::parallel_for(0, N * G, 8, [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, N * G, 8, [&](int64_t begin, int64_t end) {
     for (int64_t ng = begin; ng < end; ++ng) {
       const int64_t n = ng / G, g = ng % G;
       double cnt = 0, gmean = 0, m2 = 0;
@@ -294,7 +303,8 @@ void channels_last(const T* x, T* y, int64_t N, int64_t C, int64_t HW, int64_t G
       }
     }
   });
-  at::parallel_for(0, N * HW, std::max<int64_t>(1, (16 << 10) / C), [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, N * HW, std::max<int64_t>(1, (16 << 10) / C),
+                              [&](int64_t begin, int64_t end) {
     std::vector<float> buf;
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / HW;
@@ -305,15 +315,22 @@ void channels_last(const T* x, T* y, int64_t N, int64_t C, int64_t HW, int64_t G
   });
 }
 
-std::vector<float> floats(const std::optional<at::Tensor>& t) {
+// A small tensor (checked: contiguous, a float dtype) as floats, converted here: a dispatcher
+// call per tensor would cost more than the whole op at small sizes.
+std::vector<float> floats(const std::optional<Tensor>& t) {
   if (!t) return {};
-  at::Tensor f = t->to(at::kFloat).contiguous();
-  return std::vector<float>(f.data_ptr<float>(), f.data_ptr<float>() + f.numel());
+  std::vector<float> out;
+  dispatch_float(t->scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* p = t->const_data_ptr<T>();
+    out.assign(p, p + t->numel());
+  });
+  return out;
 }
 
-at::Tensor cpu(const GroupNormSilu& a) {
-  const at::Tensor& x = a.x;
-  at::Tensor y = empty(a);
+Tensor cpu(const GroupNormSilu& a) {
+  const Tensor& x = a.x;
+  Tensor y = empty(a);
   if (x.numel() == 0) return y;
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
   // A tensor with C == 1 or HW == 1 is both; NCHW is then the right reading.
@@ -323,9 +340,10 @@ at::Tensor cpu(const GroupNormSilu& a) {
   auto ptr = [](const std::vector<float>& v) { return v.empty() ? nullptr : v.data(); };
   const Params p{ptr(w), ptr(b), ptr(pre), ptr(s), ptr(sh), static_cast<float>(a.eps)};
   const int64_t G = a.num_groups;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_norm_silu_cpu", [&] {
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    scalar_t* yp = y.data_ptr<scalar_t>();
+  dispatch_float(x.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     if (cl) {
       a.apply_silu ? channels_last<scalar_t, true>(xp, yp, N, C, HW, G, p)
                    : channels_last<scalar_t, false>(xp, yp, N, C, HW, G, p);
@@ -340,34 +358,33 @@ at::Tensor cpu(const GroupNormSilu& a) {
 // ---- CUDA plan: kernels/group_norm_silu.py ----
 
 // How the kernels read an optional per-channel tensor: 0 absent, 1 float32, 2 x's dtype.
-int64_t kind(const std::optional<at::Tensor>& t) {
-  return !t ? 0 : t->scalar_type() == at::kFloat ? 1 : 2;
+int64_t kind(const std::optional<Tensor>& t) {
+  return !t ? 0 : t->scalar_type() == ScalarType::Float ? 1 : 2;
 }
 
-Plan<at::Tensor> plan(const GroupNormSilu& a) {
+Plan<Tensor> plan(const GroupNormSilu& a) {
   namespace cfg = config::group_norm_silu;
-  const at::Tensor& x = a.x;
+  const Tensor& x = a.x;
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3), G = a.num_groups;
   const int64_t cg = C / G;
   const bool cl = !x.is_contiguous();
   const int64_t rows = cfg::TILE[cl][0], cols = cfg::TILE[cl][1];
-  at::Tensor y = empty(a);
+  Tensor y = empty(a);
   const int64_t nrows = cl ? HW * cdiv(cg, cols) : cg * cdiv(HW, cols);
-  TORCH_CHECK_VALUE(nrows < (int64_t{1} << 31), "fastdiff.group_norm_silu: a group of C/G * H * W",
-                    " = ", cg * HW, " elements is beyond the CUDA kernels' ", int64_t{1} << 31,
-                    " rows of ", cols);
+  FD_CHECK(nrows < (int64_t{1} << 31), GroupNormSilu::name, "a group of C/G * H * W = ",
+           cg * HW, " elements is beyond the CUDA kernels' ", int64_t{1} << 31, " rows of ", cols);
   const int64_t tiles = cdiv(nrows, rows);
   int64_t split = std::min(cfg::MAX_SPLIT, tiles);
   const int64_t chunk = cdiv(tiles, split);  // tiles per program
   split = cdiv(tiles, chunk);
-  at::Tensor part = at::empty({N * G, split, 3}, x.options().dtype(at::kFloat));
+  Tensor part = new_contiguous(x, {N * G, split, 3}, ScalarType::Float);
   const int64_t vec16 = 16 / static_cast<int64_t>(x.element_size());
   const int64_t vec = (cl ? cg : HW) % vec16 == 0 ? vec16 : 1;
   const bool has_pre = a.pre_bias.has_value();
   using prebuilt::Arg;
   // The small tensors: any dtype the op accepts, read per their kind; the prebuilt signature
   // names one pointer type for them. Absent ones: x stands in (kind 0: never read).
-  auto small = [&](const char* name, const std::optional<at::Tensor>& t) {
+  auto small = [&](const char* name, const std::optional<Tensor>& t) {
     return Arg::ptr(name, t.value_or(x), "*fp32");
   };
   const std::vector<Arg> common{Arg::i32("HW", HW), Arg::i32("C", C), Arg::i32("G", G),
@@ -399,13 +416,8 @@ Plan<at::Tensor> plan(const GroupNormSilu& a) {
           y, {part}, ""};
 }
 
-// One implementation for every backend (ops.h), and the Python bindings.
-const auto impl = &Entry<GroupNormSilu>::run;
-[[maybe_unused]] const bool bound = add_bindings<GroupNormSilu>();
-
 }  // namespace
 }  // namespace fastdiff
 
-TORCH_LIBRARY_IMPL(fastdiff, CPU, m) { m.impl("group_norm_silu", fastdiff::impl); }
-TORCH_LIBRARY_IMPL(fastdiff, Meta, m) { m.impl("group_norm_silu", fastdiff::impl); }
-TORCH_LIBRARY_IMPL(fastdiff, CUDA, m) { m.impl("group_norm_silu", fastdiff::impl); }
+// The schemas, and one implementation for every backend (ops.h).
+FASTDIFF_REGISTER_OP(fastdiff::GroupNormSilu)

@@ -1,6 +1,6 @@
 // fastdiff::group_norm_silu_backward: the gradients of group_norm_silu (csrc/group_norm_silu.cpp)
-// for its autograd formula (fastdiff/ops.py). Schema in ops.cpp; Triton kernels and plan in
-// kernels/group_norm_silu_backward.py.
+// for its autograd formula (fastdiff/ops.py). Schema below (GroupNormSiluBackward); Triton
+// kernels and plan in kernels/group_norm_silu_backward.py.
 //
 // Forward, per group g of sample n (L = C/G * H * W elements), h = x + pre_bias[n, c]:
 //   xhat = (h - mean_g) * rstd_g,  z = xhat * w[c] + b[c],  u = z * (1 + s[n, c]) + sh[n, c]
@@ -18,10 +18,6 @@
 // Layout of this file: the argument checks and tensor glue (allocation, dtype dispatch,
 // registration) are kept apart from the CPU kernel, which is plain C++ over raw pointers and
 // int64_t sizes (group_backward below).
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <ATen/cpu/vec/vec.h>
-
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -30,66 +26,73 @@
 #include <vector>
 
 #include "ops.h"
+#include "simd.h"
 
 namespace fastdiff {
 namespace {
 
-using Out = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using Out = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 
 struct GroupNormSiluBackward {  // a call's arguments, in schema order
   static constexpr char name[] = "group_norm_silu_backward";
-  using Sig = Out(const at::Tensor&, const at::Tensor&, int64_t, const std::optional<at::Tensor>&,
-                  const std::optional<at::Tensor>&, double, const std::optional<at::Tensor>&,
-                  const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool);
-  const at::Tensor& grad_y;
-  const at::Tensor& x;
+  static constexpr char schema[] =
+      "(Tensor grad_y, Tensor x, int num_groups, Tensor? weight, Tensor? bias, float eps, "
+      "Tensor? pre_bias, Tensor? scale, Tensor? shift, bool apply_silu) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)";
+  using Sig = Out(const Tensor&, const Tensor&, int64_t, const std::optional<Tensor>&,
+                  const std::optional<Tensor>&, double, const std::optional<Tensor>&,
+                  const std::optional<Tensor>&, const std::optional<Tensor>&, bool);
+  const Tensor& grad_y;
+  const Tensor& x;
   int64_t num_groups;
-  const std::optional<at::Tensor>& weight;
-  const std::optional<at::Tensor>& bias;
+  const std::optional<Tensor>& weight;
+  const std::optional<Tensor>& bias;
   double eps;
-  const std::optional<at::Tensor>& pre_bias;
-  const std::optional<at::Tensor>& scale;
-  const std::optional<at::Tensor>& shift;
+  const std::optional<Tensor>& pre_bias;
+  const std::optional<Tensor>& scale;
+  const std::optional<Tensor>& shift;
   bool apply_silu;
 };
 
-const at::Tensor& subject(const GroupNormSiluBackward& a) { return a.x; }
+const Tensor& subject(const GroupNormSiluBackward& a) { return a.x; }
 
 // NCHW unless x is only channels_last (a tensor that is both is read as NCHW, as the forward does).
-bool is_cl(const at::Tensor& x) { return !x.is_contiguous(); }
+bool is_cl(const Tensor& x) { return !x.is_contiguous(); }
 
-void check_small(const at::Tensor& x, const at::Tensor& t, const char* name,
-                 at::IntArrayRef expected) {
+void check_small(const Tensor& x, const Tensor& t, const char* name,
+                 std::initializer_list<int64_t> expected) {
   const char* op = GroupNormSiluBackward::name;
   check_same_device(op, x, "x", t, name);
-  FD_CHECK(t.sizes() == expected, op, "argument '", name, "' must have shape ", expected, ", got ",
-           shape_str(t));
-  FD_CHECK(t.scalar_type() == x.scalar_type() || t.scalar_type() == at::kFloat, op, "argument '",
+  FD_CHECK(same_sizes(t, expected), op, "argument '", name, "' must have shape ",
+           list_str(Sizes(expected)), ", got ", shape_str(t));
+  FD_CHECK(t.scalar_type() == x.scalar_type() || t.scalar_type() == ScalarType::Float, op,
+           "argument '",
            name, "' must have dtype ", dtype_str(x.scalar_type()), " (as x) or float32, got ",
            dtype_str(t.scalar_type()));
   FD_CHECK(t.is_contiguous(), op, "argument '", name, "' must be contiguous, got strides ",
-           t.strides());
+           strides_str(t));
 }
 
 void check(const GroupNormSiluBackward& a) {
   const char* op = GroupNormSiluBackward::name;
-  const at::Tensor &x = a.x, &gy = a.grad_y;
+  const Tensor &x = a.x, &gy = a.grad_y;
   FD_CHECK(x.dim() == 4, op, "argument 'x' must be a 4-D tensor (N, C, H, W), got shape ",
            shape_str(x));
   FD_CHECK(is_float_dtype(x.scalar_type()), op,
            "argument 'x' must have dtype float32, float16 or bfloat16, got ",
            dtype_str(x.scalar_type()));
-  FD_CHECK(x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast), op,
-           "argument 'x' must be contiguous (NCHW) or channels_last, got strides ", x.strides(),
+  FD_CHECK(x.is_contiguous() || is_channels_last(x), op,
+           "argument 'x' must be contiguous (NCHW) or channels_last, got strides ", strides_str(x),
            " for shape ", shape_str(x));
   check_same_device(op, x, "x", gy, "grad_y");
-  FD_CHECK(gy.sizes() == x.sizes(), op, "argument 'grad_y' must have the shape of 'x' ",
+  FD_CHECK(gy.dim() == x.dim() && std::equal(x.sizes().begin(), x.sizes().end(),
+                                              gy.sizes().begin()), op, "argument 'grad_y' must have the shape of 'x' ",
            shape_str(x), ", got ", shape_str(gy));
   FD_CHECK(gy.scalar_type() == x.scalar_type(), op, "argument 'grad_y' must have the dtype of 'x' (",
            dtype_str(x.scalar_type()), "), got ", dtype_str(gy.scalar_type()));
-  FD_CHECK(is_cl(x) ? gy.is_contiguous(at::MemoryFormat::ChannelsLast) : gy.is_contiguous(), op,
+  FD_CHECK(is_cl(x) ? is_channels_last(gy) : gy.is_contiguous(), op,
            "argument 'grad_y' must have the memory format of 'x' (",
-           is_cl(x) ? "channels_last" : "contiguous", "), got strides ", gy.strides());
+           is_cl(x) ? "channels_last" : "contiguous", "), got strides ", strides_str(gy));
   const int64_t N = x.size(0), C = x.size(1);
   FD_CHECK(a.num_groups > 0, op, "argument 'num_groups' must be positive, got ", a.num_groups);
   FD_CHECK(C % a.num_groups == 0, op, "the channel count C=", C,
@@ -106,18 +109,18 @@ void check(const GroupNormSiluBackward& a) {
 }
 
 // The gradient of an optional input: its shape and dtype, or (0,) where it is absent.
-at::Tensor grad_like(const at::Tensor& x, const std::optional<at::Tensor>& t) {
-  return t ? at::empty_like(*t) : at::empty({0}, x.options());
+Tensor grad_like(const Tensor& x, const std::optional<Tensor>& t) {
+  return t ? dense_like(*t) : new_contiguous(x, {0});
 }
 
 Out empty(const GroupNormSiluBackward& a) {
-  return {at::empty_like(a.x), grad_like(a.x, a.weight), grad_like(a.x, a.bias),
+  return {dense_like(a.x), grad_like(a.x, a.weight), grad_like(a.x, a.bias),
           grad_like(a.x, a.pre_bias), grad_like(a.x, a.scale), grad_like(a.x, a.shift)};
 }
 
 // ---- CPU kernel: plain C++ over raw pointers ----
 
-using Vec = at::vec::Vectorized<float>;
+using simd::Vec;
 constexpr int64_t kW = Vec::size();
 constexpr int64_t kBlock = 2048;  // float lanes per block, blocks added in double
 
@@ -144,10 +147,10 @@ void shifted_sums(const float* v, int64_t n, double* s1, double* s2) {
     for (; i + kW <= e; i += kW) {
       const Vec d = Vec::loadu(v + i) - Vec(k);
       a1 += d;
-      a2 = at::vec::fmadd(d, d, a2);
+      a2 = simd::fmadd(d, d, a2);
     }
-    float b1 = at::vec::vec_reduce_all<float>(std::plus<Vec>(), a1);
-    float b2 = at::vec::vec_reduce_all<float>(std::plus<Vec>(), a2);
+    float b1 = simd::reduce_add(a1);
+    float b2 = simd::reduce_add(a2);
     for (; i < e; ++i) {
       const float d = v[i] - k;
       b1 += d;
@@ -182,8 +185,8 @@ void dx_channel(const float* h, const float* d, float m, float f1, float f2, flo
                 int64_t n) {
   int64_t i = 0;
   for (; i + kW <= n; i += kW) {
-    const Vec r = at::vec::fmadd(Vec::loadu(d + i), Vec(f1),
-                                 at::vec::fmadd(Vec::loadu(h + i) - Vec(m), Vec(f2), Vec(f3)));
+    const Vec r = simd::fmadd(Vec::loadu(d + i), Vec(f1),
+                                 simd::fmadd(Vec::loadu(h + i) - Vec(m), Vec(f2), Vec(f3)));
     if constexpr (std::is_same_v<T, float>) {
       r.store(out + i);
     } else {
@@ -209,16 +212,16 @@ void channel_du(const float* h, float* d, int64_t n, float m, float a, float bet
       const Vec hm = Vec::loadu(h + i) - Vec(m);
       Vec du = Vec::loadu(d + i);
       if constexpr (kSilu) {
-        const Vec u = at::vec::fmadd(hm, Vec(a), Vec(beta));
-        const Vec sig = Vec(1.f) / (Vec(1.f) + u.neg().exp_u20());
-        du = du * sig * at::vec::fmadd(u, Vec(1.f) - sig, Vec(1.f));
+        const Vec u = simd::fmadd(hm, Vec(a), Vec(beta));
+        const Vec sig = Vec(1.f) / (Vec(1.f) + u.neg().exp());
+        du = du * sig * simd::fmadd(u, Vec(1.f) - sig, Vec(1.f));
       }
       du.store(d + i);
       aA += du;
-      aB = at::vec::fmadd(du, hm, aB);
+      aB = simd::fmadd(du, hm, aB);
     }
-    float bA = at::vec::vec_reduce_all<float>(std::plus<Vec>(), aA);
-    float bB = at::vec::vec_reduce_all<float>(std::plus<Vec>(), aB);
+    float bA = simd::reduce_add(aA);
+    float bB = simd::reduce_add(aB);
     for (; i < e; ++i) {
       const float hm = h[i] - m;
       float du = d[i];
@@ -334,7 +337,7 @@ void group_backward(const T* dy, const T* x, T* dx, int64_t n, int64_t g, int64_
 template <typename T, bool kSilu>
 void backward_cpu(const T* dy, const T* x, T* dx, int64_t N, int64_t C, int64_t HW, int64_t G,
                   bool cl, const Params& p, const Grads& out, float* dw, float* db) {
-  at::parallel_for(0, N * G, 1, [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, N * G, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> h, d;
     std::vector<double> chan;
     for (int64_t ng = begin; ng < end; ++ng) {
@@ -352,55 +355,63 @@ void backward_cpu(const T* dy, const T* x, T* dx, int64_t N, int64_t C, int64_t 
   }
 }
 
-// ---- ATen glue ----
+// ---- tensor glue ----
 
-at::Tensor floats(const std::optional<at::Tensor>& t) {
-  return t ? t->to(at::kFloat).contiguous() : at::Tensor();
+// A small tensor (checked: contiguous, a float dtype) as floats, converted here.
+std::vector<float> floats(const std::optional<Tensor>& t) {
+  if (!t) return {};
+  std::vector<float> out;
+  dispatch_float(t->scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* p = t->const_data_ptr<T>();
+    out.assign(p, p + t->numel());
+  });
+  return out;
 }
 
-const float* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
+const float* ptr_or_null(const std::vector<float>& v) { return v.empty() ? nullptr : v.data(); }
 
 Out cpu(const GroupNormSiluBackward& a) {
-  const at::Tensor& x = a.x;
+  const Tensor& x = a.x;
   Out out = empty(a);
-  at::Tensor& dx = std::get<0>(out);
+  Tensor& dx = std::get<0>(out);
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3), G = a.num_groups;
-  const at::Tensor w = floats(a.weight), b = floats(a.bias), pre = floats(a.pre_bias),
-                   s = floats(a.scale), sh = floats(a.shift);
+  const std::vector<float> w = floats(a.weight), b = floats(a.bias), pre = floats(a.pre_bias),
+                           s = floats(a.scale), sh = floats(a.shift);
   const Params p{ptr_or_null(w), ptr_or_null(b), ptr_or_null(pre), ptr_or_null(s),
                  ptr_or_null(sh), a.eps};
-  const auto f32 = x.options().dtype(at::kFloat);
-  auto buf = [&](bool wanted, at::IntArrayRef shape) {
-    return wanted ? at::empty(shape, f32) : at::Tensor();
-  };
-  at::Tensor dw_nc = buf(a.weight.has_value(), {N, C}), db_nc = buf(a.bias.has_value(), {N, C}),
-             dw = buf(a.weight.has_value(), {C}), db = buf(a.bias.has_value(), {C}),
-             dpre = buf(a.pre_bias.has_value(), {N, C}), dscale = buf(a.scale.has_value(), {N, C}),
-             dshift = buf(a.shift.has_value(), {N, C});
-  auto mut = [](at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; };
+  // float32 sums; absent inputs get none (empty vectors).
+  auto buf = [](bool wanted, int64_t n) { return std::vector<float>(wanted ? n : 0, 0.f); };
+  std::vector<float> dw_nc = buf(a.weight.has_value(), N * C), db_nc = buf(a.bias.has_value(), N * C),
+                     dw = buf(a.weight.has_value(), C), db = buf(a.bias.has_value(), C),
+                     dpre = buf(a.pre_bias.has_value(), N * C),
+                     dscale = buf(a.scale.has_value(), N * C),
+                     dshift = buf(a.shift.has_value(), N * C);
+  auto mut = [](std::vector<float>& v) { return v.empty() ? nullptr : v.data(); };
   const Grads g{mut(dw_nc), mut(db_nc), mut(dpre), mut(dscale), mut(dshift)};
   if (x.numel() > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
-                                    "group_norm_silu_backward_cpu", [&] {
-      const auto* dyp = a.grad_y.data_ptr<scalar_t>();
-      const auto* xp = x.data_ptr<scalar_t>();
-      auto* dxp = dx.data_ptr<scalar_t>();
+    dispatch_float(x.scalar_type(), [&](auto tag) {
+      using scalar_t = decltype(tag);
+      const auto* dyp = a.grad_y.const_data_ptr<scalar_t>();
+      const auto* xp = x.const_data_ptr<scalar_t>();
+      auto* dxp = dx.mutable_data_ptr<scalar_t>();
       a.apply_silu ? backward_cpu<scalar_t, true>(dyp, xp, dxp, N, C, HW, G, is_cl(x), p, g,
                                                   mut(dw), mut(db))
                    : backward_cpu<scalar_t, false>(dyp, xp, dxp, N, C, HW, G, is_cl(x), p, g,
                                                    mut(dw), mut(db));
     });
-  } else {  // no elements: the sums are empty
-    for (at::Tensor* t : {&dw, &db, &dpre, &dscale, &dshift}) {
-      if (t->defined()) t->zero_();
-    }
-  }
+  }  // no elements: the sums stay 0
   // Each gradient in its input's dtype.
-  const at::Tensor* grads[] = {&dw, &db, &dpre, &dscale, &dshift};
-  at::Tensor* outs[] = {&std::get<1>(out), &std::get<2>(out), &std::get<3>(out),
-                        &std::get<4>(out), &std::get<5>(out)};
+  const std::vector<float>* grads[] = {&dw, &db, &dpre, &dscale, &dshift};
+  Tensor* outs[] = {&std::get<1>(out), &std::get<2>(out), &std::get<3>(out), &std::get<4>(out),
+                    &std::get<5>(out)};
   for (int i = 0; i < 5; ++i) {
-    if (grads[i]->defined()) outs[i]->copy_(*grads[i]);
+    if (grads[i]->empty()) continue;
+    dispatch_float(outs[i]->scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      T* o = outs[i]->mutable_data_ptr<T>();
+      for (size_t k = 0; k < grads[i]->size(); ++k) o[k] = static_cast<T>((*grads[i])[k]);
+    });
   }
   return out;
 }
@@ -412,12 +423,8 @@ Plan<Out> plan(const GroupNormSiluBackward& a) {
   return {{}, empty(a), {}, "the backward has no prebuilt kernels"};
 }
 
-const auto impl = &Entry<GroupNormSiluBackward>::run;
-[[maybe_unused]] const bool bound = add_bindings<GroupNormSiluBackward>();
-
 }  // namespace
 }  // namespace fastdiff
 
-TORCH_LIBRARY_IMPL(fastdiff, CPU, m) { m.impl("group_norm_silu_backward", fastdiff::impl); }
-TORCH_LIBRARY_IMPL(fastdiff, Meta, m) { m.impl("group_norm_silu_backward", fastdiff::impl); }
-TORCH_LIBRARY_IMPL(fastdiff, CUDA, m) { m.impl("group_norm_silu_backward", fastdiff::impl); }
+// The schemas, and one implementation for every backend (ops.h).
+FASTDIFF_REGISTER_OP(fastdiff::GroupNormSiluBackward)

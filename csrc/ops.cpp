@@ -1,71 +1,150 @@
-// The fastdiff op library: the schemas, the helpers the ops share and the Python bindings.
-// Each op's implementations are in csrc/<op>.cpp, the prebuilt-kernel launcher in prebuilt.cpp.
+// The fastdiff op library: the helpers the ops share, the schemas of each op's helper ops, and
+// the Python module fastdiff._C (the prebuilt-kernel registry: strings and numbers only, no
+// tensor, so pybind11 here needs nothing from libtorch). Each op's schema and implementations
+// are in csrc/<op>.cpp, the prebuilt-kernel launcher in prebuilt.cpp.
 #include "ops.h"
 
-#include <torch/library.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <algorithm>
-#include <sstream>
+#include <iterator>
+
+extern "C" const char* torch_exception_get_what_without_backtrace() __attribute__((weak));
 
 namespace fastdiff {
 
-std::string shape_str(const at::Tensor& t) {
+std::string last_torch_error() {
+  const char* what =
+      torch_exception_get_what_without_backtrace ? torch_exception_get_what_without_backtrace()
+                                                 : nullptr;
+  return what ? what : "(torch before 2.13 does not pass the error's message on)";
+}
+
+std::string list_str(const int64_t* v, size_t n) {
   std::ostringstream s;
-  s << t.sizes();
+  s << "[";
+  for (size_t i = 0; i < n; ++i) s << (i ? ", " : "") << v[i];
+  s << "]";
   return s.str();
 }
 
-std::string dtype_str(at::ScalarType t) {
+std::string device_str(const Device& d) {
+  using torch::headeronly::DeviceType;
+  std::string name;
+  switch (d.type()) {
+    case DeviceType::CPU: name = "cpu"; break;
+    case DeviceType::CUDA: name = "cuda"; break;
+    case DeviceType::Meta: name = "meta"; break;
+    default: name = "device type " + std::to_string(static_cast<int>(d.type()));
+  }
+  return d.has_index() ? name + ":" + std::to_string(d.index()) : name;
+}
+
+std::string dtype_str(ScalarType t) {
   switch (t) {
-    case at::kFloat: return "float32";
-    case at::kHalf: return "float16";
-    case at::kBFloat16: return "bfloat16";
-    case at::kDouble: return "float64";
-    case at::kLong: return "int64";
-    case at::kInt: return "int32";
-    case at::kBool: return "bool";
-    case at::kByte: return "uint8";
-    case at::kChar: return "int8";
-    case at::kShort: return "int16";
-    case at::kComplexHalf: return "complex32";
-    case at::kComplexFloat: return "complex64";
-    case at::kComplexDouble: return "complex128";
-    case at::kFloat8_e4m3fn: return "float8_e4m3fn";
-    case at::kFloat8_e5m2: return "float8_e5m2";
-    default: return c10::toString(t);
+    case ScalarType::Float: return "float32";
+    case ScalarType::Half: return "float16";
+    case ScalarType::BFloat16: return "bfloat16";
+    case ScalarType::Double: return "float64";
+    case ScalarType::Long: return "int64";
+    case ScalarType::Int: return "int32";
+    case ScalarType::Bool: return "bool";
+    case ScalarType::Byte: return "uint8";
+    case ScalarType::Char: return "int8";
+    case ScalarType::Short: return "int16";
+    case ScalarType::ComplexHalf: return "complex32";
+    case ScalarType::ComplexFloat: return "complex64";
+    case ScalarType::ComplexDouble: return "complex128";
+    case ScalarType::Float8_e4m3fn: return "float8_e4m3fn";
+    case ScalarType::Float8_e5m2: return "float8_e5m2";
+    default: return torch::headeronly::toString(t);
   }
 }
 
-bool is_float_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+bool is_float_dtype(ScalarType t) {
+  return t == ScalarType::Float || t == ScalarType::Half || t == ScalarType::BFloat16;
 }
 
-void check_same_device(const char* op, const at::Tensor& ref, const char* ref_name,
-                       const at::Tensor& t, const char* name) {
+bool same_sizes(const Tensor& t, std::initializer_list<int64_t> sizes) {
+  const auto s = t.sizes();
+  return s.size() == sizes.size() && std::equal(sizes.begin(), sizes.end(), s.begin());
+}
+
+bool is_channels_last(const Tensor& t) {
+  // torch's rule (channels_last contiguity): dims in the order C, W, H, N, size-1 dims skipped,
+  // each stride the product of the sizes before it.
+  if (t.dim() != 4) return false;
+  int64_t expected = 1;
+  for (int d : {1, 3, 2, 0}) {
+    const int64_t size = t.size(d);
+    if (size == 1) continue;
+    if (t.stride(d) != expected) return false;
+    expected *= size;
+  }
+  return true;
+}
+
+void check_same_device(const char* op, const Tensor& ref, const char* ref_name, const Tensor& t,
+                       const char* name) {
   FD_CHECK(t.device() == ref.device(), op, "argument '", name, "' must be on the same device as '",
-           ref_name, "' (", ref.device(), "), got ", t.device());
+           ref_name, "' (", device_str(ref.device()), "), got ", device_str(t.device()));
 }
 
-std::vector<void (*)(pybind11::module&)>& op_bindings() {
-  static std::vector<void (*)(pybind11::module&)> all;
-  return all;
-}
-
-pybind11::list to_py(const std::vector<prebuilt::Launch>& launches) {
-  pybind11::list out;
-  for (const prebuilt::Launch& l : launches) {
-    pybind11::list args;
-    for (const prebuilt::Arg& a : l.args) {
-      const char* kind = prebuilt::kKindNames[static_cast<int>(a.kind)];
-      args.append(pybind11::make_tuple(a.name, kind, a.bits));
-    }
-    pybind11::dict d;
-    d["key"] = l.key;
-    d["grid"] = pybind11::make_tuple(l.grid[0], l.grid[1], l.grid[2]);
-    d["args"] = args;
-    out.append(d);
+Tensor empty_strided(const Tensor& like, const Sizes& sizes, const Sizes& strides,
+                     std::optional<ScalarType> dtype) {
+  using torch::stable::detail::from;
+  using torch::stable::detail::to;
+  const Device d = like.device();
+  AtenTensorHandle h = nullptr;
+  if (aoti_torch_empty_strided(static_cast<int64_t>(sizes.size()), sizes.data(), strides.data(),
+                               to<int32_t>(from(dtype.value_or(like.scalar_type()))),
+                               to<int32_t>(from(d.type())), d.index(), &h) != AOTI_TORCH_SUCCESS) {
+    throw std::runtime_error("fastdiff: aoti_torch_empty_strided failed: " + last_torch_error());
   }
-  return out;
+  return Tensor(h);
+}
+
+Tensor new_contiguous(const Tensor& like, const Sizes& sizes, std::optional<ScalarType> dtype) {
+  Sizes strides(sizes.size());
+  int64_t s = 1;
+  for (size_t i = sizes.size(); i-- > 0;) {
+    strides[i] = s;
+    s *= std::max<int64_t>(sizes[i], 1);
+  }
+  return empty_strided(like, sizes, strides, dtype);
+}
+
+Tensor dense_like(const Tensor& like) {
+  const auto sz = like.sizes(), st = like.strides();
+  return empty_strided(like, Sizes(sz.begin(), sz.end()), Sizes(st.begin(), st.end()));
+}
+
+bool may_overlap(const Tensor& a, const Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0 || a.device() != b.device()) return false;
+  auto range = [](const Tensor& t) {
+    const auto lo = reinterpret_cast<uintptr_t>(t.data_ptr());
+    int64_t span = 1;  // elements from the first to one past the last
+    for (int64_t d = 0; d < t.dim(); ++d) span += (t.size(d) - 1) * t.stride(d);
+    return std::make_pair(lo, lo + span * static_cast<uintptr_t>(t.element_size()));
+  };
+  const auto [a0, a1] = range(a);
+  const auto [b0, b1] = range(b);
+  return a0 < b1 && b0 < a1;
+}
+
+void define_op(torch::stable::detail::StableLibrary& m, const char* name, const char* schema) {
+  const std::string s = schema;
+  // The arguments, without alias annotations for the helpers (they write nothing).
+  std::string args = s.substr(0, s.rfind(") ->") + 1);
+  for (size_t p; (p = args.find("(a!)")) != std::string::npos;) args.erase(p, 4);
+  const std::string rets = s.substr(s.rfind(") ->") + 1);
+  const std::string with_why = s.substr(0, s.rfind(") ->")) + ", str why=\"\")" + rets;
+  m.def((name + s).c_str());
+  m.def(("_check_" + std::string(name) + args + " -> ()").c_str());
+  m.def(("_prebuilt_plan_" + std::string(name) + args + " -> (str, Tensor[], Tensor[], str)").c_str());
+  m.def(("_cuda_kernel_" + std::string(name) + s).c_str());
+  m.def(("_jit_" + std::string(name) + with_why).c_str());
 }
 
 namespace {
@@ -74,14 +153,14 @@ prebuilt::Launch launch_from_py(const pybind11::dict& d) {
   prebuilt::Launch l;
   l.key = d["key"].cast<std::string>();
   auto g = d["grid"].cast<std::vector<int64_t>>();
-  TORCH_CHECK_VALUE(g.size() == 3, "fastdiff: a launch's grid has 3 dimensions");
+  if (g.size() != 3) throw std::invalid_argument("fastdiff: a launch's grid has 3 dimensions");
   l.grid = {g[0], g[1], g[2]};
   for (auto item : d["args"].cast<pybind11::list>()) {
     auto [name, kind, bits] = item.cast<std::tuple<std::string, std::string, uint64_t>>();
     const auto& names = prebuilt::kKindNames;
     const auto* k = std::find(std::begin(names), std::end(names), kind);
-    TORCH_CHECK_VALUE(k != std::end(names), "fastdiff: no argument kind '", kind, "'");
-    l.args.push_back({name, static_cast<prebuilt::Kind>(k - std::begin(names)), bits});
+    if (k == std::end(names)) throw std::invalid_argument("fastdiff: no argument kind '" + kind + "'");
+    l.args.push_back({name, static_cast<prebuilt::Kind>(k - std::begin(names)), bits, ""});
   }
   return l;
 }
@@ -89,33 +168,13 @@ prebuilt::Launch launch_from_py(const pybind11::dict& d) {
 }  // namespace
 }  // namespace fastdiff
 
-// The schemas: one line per op here; everything else about an op is in csrc/<op>.cpp.
-TORCH_LIBRARY(fastdiff, m) {
-  m.def(
-      "group_norm_silu(Tensor x, int num_groups, Tensor? weight=None, Tensor? bias=None, "
-      "float eps=1e-5, Tensor? pre_bias=None, Tensor? scale=None, Tensor? shift=None, "
-      "bool apply_silu=True) -> Tensor");
-  m.def(
-      "group_norm_silu_backward(Tensor grad_y, Tensor x, int num_groups, Tensor? weight, "
-      "Tensor? bias, float eps, Tensor? pre_bias, Tensor? scale, Tensor? shift, "
-      "bool apply_silu) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask=None, float? scale=None) -> Tensor");
-  m.def(
-      "denoise_step(Tensor model_output, Tensor sample, Tensor coeffs, Tensor step_index, "
-      "Tensor? noise=None, Tensor(a!)? state=None, float guidance_scale=1.0, "
-      "bool clip_sample=False, float clip_sample_range=1.0, bool write_x0=False, "
-      "bool? guided=None) "
-      "-> (Tensor, Tensor)");
-  m.def("geglu(Tensor x) -> Tensor");
-  m.def(
-      "add_layer_norm(Tensor x, Tensor residual, Tensor? weight=None, Tensor? bias=None, "
-      "float eps=1e-5) -> (Tensor, Tensor)");
-}
+// The library's own definition; each op's schemas are fragments in csrc/<op>.cpp.
+STABLE_TORCH_LIBRARY(fastdiff, m) {}
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+PYBIND11_MODULE(_C, m) {
   namespace pb = fastdiff::prebuilt;
-  m.doc() = "fastdiff C++ extension: registers torch.ops.fastdiff.* (CPU, Meta and CUDA kernels)";
-  for (auto add : fastdiff::op_bindings()) add(m);
+  m.doc() = "fastdiff C++ extension: registers torch.ops.fastdiff.* (CPU, Meta and CUDA kernels) "
+            "on PyTorch's stable ABI; this module holds the prebuilt-kernel registry";
   m.def("_prebuilt_register", &pb::register_kernel, "Registers one prebuilt kernel.");
   m.def("_prebuilt_use_directory", &pb::use_directory, pybind11::arg("directory"),
         pybind11::arg("lazy") = false);

@@ -1,15 +1,28 @@
-// What the fastdiff ops share. Each op is one file, csrc/<op>.cpp: its arguments, argument
-// check, CPU kernel, Meta kernel and CUDA plan, and its registrations, which all go through
-// Entry below. The schemas are declared once, in ops.cpp (TORCH_LIBRARY), where the Python
-// bindings are added too.
+// What the fastdiff ops share. Each op is one file, csrc/<op>.cpp: its arguments and schema,
+// argument check, CPU kernel, Meta kernel and CUDA plan, and its registrations, which all go
+// through Entry and define_op/impl_op below.
+//
+// Everything here is on PyTorch's stable ABI (torch/csrc/stable, torch/headeronly, the C shim
+// aoti_torch_* / torch_*), targeting TORCH_TARGET_VERSION (setup.py): the extension calls no
+// libtorch C++ symbol, so one build loads with every torch from that version on
+// (tests/test_package.py checks the imported symbols).
 #pragma once
 
-#include <torch/extension.h>
+#include <torch/csrc/stable/accelerator.h>
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/core/ScalarType.h>
+#include <torch/headeronly/util/BFloat16.h>
+#include <torch/headeronly/util/Half.h>
 
-#include <c10/core/DeviceGuard.h>
-
+#include <cstdint>
+#include <initializer_list>
 #include <optional>
+#include <sstream>
+#include <stdexcept>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -19,14 +32,71 @@
 
 namespace fastdiff {
 
-#define FD_CHECK(cond, op, ...) TORCH_CHECK_VALUE((cond), "fastdiff.", op, ": ", __VA_ARGS__)
+using Tensor = torch::stable::Tensor;
+using ScalarType = torch::headeronly::ScalarType;
+using Device = torch::stable::Device;
+using Sizes = std::vector<int64_t>;
 
-std::string shape_str(const at::Tensor& t);
-std::string dtype_str(at::ScalarType t);  // torch's Python names, as users write them
-bool is_float_dtype(at::ScalarType t);    // float32, float16 or bfloat16
-void check_same_device(const char* op, const at::Tensor& ref, const char* ref_name,
-                       const at::Tensor& t, const char* name);
+// The message of the arguments, streamed one after the other.
+template <typename... T>
+std::string str(const T&... parts) {
+  std::ostringstream s;
+  ((s << parts), ...);
+  return s.str();
+}
+
+// An argument error: std::invalid_argument, which reaches Python as a ValueError (pybind11's
+// translation, which torch's op call leaves to it), as the ops raised before the stable ABI,
+// where c10::ValueError is not available.
+#define FD_CHECK(cond, op, ...)                                                       \
+  do {                                                                                \
+    if (!(cond)) throw std::invalid_argument(fastdiff::str("fastdiff.", op, ": ", __VA_ARGS__)); \
+  } while (0)
+// Any other failure (a driver error, FASTDIFF_PREBUILT=require refused): RuntimeError.
+#define FD_FAIL_IF(cond, ...)                                                        \
+  do {                                                                               \
+    if (cond) throw std::runtime_error(fastdiff::str(__VA_ARGS__));                  \
+  } while (0)
+
+// Printed as torch prints them: [2, 8, 3, 3], cpu, cuda:0.
+std::string list_str(const int64_t* v, size_t n);
+template <typename R>
+std::string list_str(const R& r) { return list_str(r.data(), r.size()); }
+inline std::string shape_str(const Tensor& t) { return list_str(t.sizes()); }
+inline std::string strides_str(const Tensor& t) { return list_str(t.strides()); }
+std::string device_str(const Device& d);
+std::string dtype_str(ScalarType t);  // torch's Python names, as users write them
+bool is_float_dtype(ScalarType t);    // float32, float16 or bfloat16
+bool same_sizes(const Tensor& t, std::initializer_list<int64_t> sizes);
+bool is_channels_last(const Tensor& t);  // 4-D, channels_last-contiguous (as torch decides)
+void check_same_device(const char* op, const Tensor& ref, const char* ref_name, const Tensor& t,
+                       const char* name);
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// f(T{}) with T the C++ type of a float dtype the ops take (float, Half, BFloat16).
+template <typename F>
+void dispatch_float(ScalarType t, F&& f) {
+  switch (t) {
+    case ScalarType::Float: return f(float{});
+    case ScalarType::Half: return f(torch::headeronly::Half{});
+    case ScalarType::BFloat16: return f(torch::headeronly::BFloat16{});
+    default: throw std::runtime_error("fastdiff: no CPU kernel for dtype " + dtype_str(t));
+  }
+}
+inline bool is_meta(const Tensor& t) { return t.device().type() == torch::headeronly::DeviceType::Meta; }
+// New uninitialized tensors on `like`'s device (its dtype unless given), by one C shim call
+// (aoti_torch_empty_strided): cheaper than empty_like/new_empty through the dispatcher, which
+// small calls feel. dense_like: the sizes and strides of `like`, which must be dense (the ops
+// check contiguity; for those, empty_like's preserve_format gives the same strides).
+Tensor empty_strided(const Tensor& like, const Sizes& sizes, const Sizes& strides,
+                     std::optional<ScalarType> dtype = std::nullopt);
+Tensor new_contiguous(const Tensor& like, const Sizes& sizes,
+                      std::optional<ScalarType> dtype = std::nullopt);
+Tensor dense_like(const Tensor& like);
+
+// Whether two tensors' memory may overlap: dense tensors (the ops check contiguity first) whose
+// byte ranges intersect. at::get_overlap_status has no stable counterpart.
+bool may_overlap(const Tensor& a, const Tensor& b);
 
 // A CUDA call planned for the prebuilt kernels: the launches, the outputs they write, buffers
 // they use (kept alive until the launches are enqueued) and why no prebuilt kernel can run it
@@ -35,15 +105,53 @@ template <typename Out>
 struct Plan {
   std::vector<prebuilt::Launch> launches;
   Out out;
-  std::vector<at::Tensor> keep;
+  std::vector<Tensor> keep;
   std::string why;
 };
 
-// The one implementation of an op, registered for CPU, Meta and CUDA. Args (csrc/<op>.cpp) is
-// the op's schema arguments as an aggregate, in schema order, with `name` and `Sig`, the schema
-// as a C++ function type; beside it, found by argument-dependent lookup, are
+inline std::vector<Tensor> as_list(const Tensor& t) { return {t}; }
+template <typename... T>
+std::vector<Tensor> as_list(const std::tuple<T...>& t) {
+  return std::apply([](const auto&... x) { return std::vector<Tensor>{x...}; }, t);
+}
+
+// The message of the last error a C shim call returned on this thread: torch >= 2.13 keeps it
+// (torch_exception_get_what_without_backtrace, bound weakly, so older torch loads us too).
+std::string last_torch_error();
+
+// Calls op `name` (overload "") through the dispatcher with these arguments; returns its
+// output(s): Out is Tensor or a std::tuple of Tensors. How C++ reaches ops implemented in
+// Python (the Triton JIT) and ATen ops that torch/csrc/stable/ops.h does not wrap.
+template <typename Out>
+struct Outputs {  // a tuple of tensors
+  static constexpr size_t n = std::tuple_size<Out>::value;
+  static Out take(StableIValue* stack) { return take(stack, std::make_index_sequence<n>{}); }
+  template <size_t... I>
+  static Out take(StableIValue* stack, std::index_sequence<I...>) {
+    return Out{torch::stable::detail::to<std::tuple_element_t<I, Out>>(stack[I])...};
+  }
+};
+template <>
+struct Outputs<Tensor> {
+  static constexpr size_t n = 1;
+  static Tensor take(StableIValue* stack) { return torch::stable::detail::to<Tensor>(stack[0]); }
+};
+
+template <typename Out, typename... A>
+Out call_op(const char* name, const A&... a) {
+  std::vector<StableIValue> stack{torch::stable::detail::from(a)...};
+  if (stack.size() < Outputs<Out>::n) stack.resize(Outputs<Out>::n);
+  if (torch_call_dispatcher(name, "", stack.data(), TORCH_ABI_VERSION) != TORCH_SUCCESS) {
+    throw std::runtime_error(str("fastdiff: ", name, " failed: ", last_torch_error()));
+  }
+  return Outputs<Out>::take(stack.data());
+}
+
+// The one implementation of an op. Args (csrc/<op>.cpp) is the op's schema arguments as an
+// aggregate, in schema order, with `name`, `schema` (the schema after the name) and `Sig`, the
+// schema as a C++ function type; beside it, found by argument-dependent lookup, are
 //   void check(const Args&)              the argument checks, run first on every backend
-//   const at::Tensor& subject(const Args&) the input whose device and size decide
+//   const Tensor& subject(const Args&)   the input whose device and size decide
 //   Out empty(const Args&)               the outputs, unwritten: the Meta kernel, empty inputs
 //   Out cpu(const Args&)                 the CPU kernel
 //   Plan<Out> plan(const Args&)          the CUDA launches
@@ -55,101 +163,80 @@ struct Entry<Args, Out(A...)> {
   static Out run(A... a) {
     const Args args{a...};
     check(args);
-    const at::Tensor& t = subject(args);
+    const Tensor& t = subject(args);
     if (t.is_cpu()) return cpu(args);
-    if (t.is_meta() || t.numel() == 0) return empty(args);
+    if (is_meta(t) || t.numel() == 0) return empty(args);
     return cuda(a...);
   }
 
-  // The CUDA kernel, on checked arguments: the prebuilt cubins, else the Triton JIT
-  // (fastdiff.kernels.launch), having logged why once per reason (INFO, 'fastdiff' logger).
+  // The CUDA kernel, on checked arguments: the prebuilt cubins, else the Triton JIT (the op
+  // fastdiff::_jit_<op>, implemented in Python: fastdiff/ops.py runs fastdiff.kernels.launch),
+  // which logs why once per reason (INFO, 'fastdiff' logger).
   static Out cuda(A... a) {
     const Args args{a...};
-    const at::Device device = subject(args).device();
-    c10::DeviceGuard guard(device);
-    std::optional<std::string> why = prebuilt::unavailable(device);
+    const Tensor& t = subject(args);
+    std::optional<torch::stable::accelerator::DeviceGuard> guard;
+    if (t.is_cuda()) guard.emplace(t.get_device_index());
+    std::optional<std::string> why = prebuilt::unavailable(t);
     if (!why) {
       Plan<Out> p = plan(args);
-      why = p.why.empty() ? prebuilt::launch(p.launches, device) : p.why;
+      why = p.why.empty() ? prebuilt::launch(p.launches, t) : p.why;
       if (!why) return p.out;
     }
-    TORCH_CHECK(prebuilt::mode() != prebuilt::Mode::Require, "fastdiff.", Args::name,
-                ": FASTDIFF_PREBUILT=require, but the prebuilt kernels cannot run: ", *why);
-    pybind11::gil_scoped_acquire gil;
-    if (!why->empty()) {  // empty: mode 'off' asked for the JIT
-      pybind11::module_::import("fastdiff.ops").attr("log_once")(
-          std::string(Args::name) + ": prebuilt kernels not used (" + *why +
-          "); the Triton JIT compiles it");
-    }
-    return pybind11::module_::import("fastdiff.kernels")
-        .attr("launch")(Args::name, a...)
-        .template cast<Out>();
+    FD_FAIL_IF(prebuilt::mode() == prebuilt::Mode::Require, "fastdiff.", Args::name,
+               ": FASTDIFF_PREBUILT=require, but the prebuilt kernels cannot run: ", *why);
+    // An empty reason: mode 'off' asked for the JIT (nothing to log).
+    const std::string jit = str("fastdiff::_jit_", Args::name);
+    return call_op<Out>(jit.c_str(), a..., *why);
+  }
+
+  // fastdiff::_check_<op>: the checks alone (the JIT launchers of fastdiff.kernels assume them).
+  static void check_only(A... a) { check(Args{a...}); }
+
+  // fastdiff::_prebuilt_plan_<op> (tests): the C++ plan of a CUDA call: the launches (as text,
+  // fastdiff/prebuilt.py reads it), the outputs, the buffers and why not prebuilt.
+  static std::tuple<std::string, std::vector<Tensor>, std::vector<Tensor>, std::string> plan_only(
+      A... a) {
+    const Args args{a...};
+    check(args);
+    Plan<Out> p = plan(args);
+    return {prebuilt::launches_text(p.launches), as_list(p.out), p.keep, p.why};
+  }
+
+  // fastdiff::_cuda_kernel_<op> (tests): the CUDA kernel on tensors of any device (its
+  // fallback to the JIT).
+  static Out cuda_checked(A... a) {
+    check(Args{a...});
+    return cuda(a...);
   }
 };
 
-// ---- Python bindings of an op: check_<op>, _prebuilt_plan_<op>, _cuda_kernel_<op> ----
-
-pybind11::list to_py(const std::vector<prebuilt::Launch>& launches);
-
-template <typename T>
-struct is_optional : std::false_type {};
-template <typename T>
-struct is_optional<std::optional<T>> : std::true_type {};
-
-// Positional argument i from Python; trailing optional arguments may be left out (None).
-template <typename T>
-T from_py(const pybind11::args& args, size_t i) {
-  if (i < args.size()) return args[i].cast<T>();
-  TORCH_CHECK_VALUE(is_optional<T>::value, "fastdiff: missing argument ", i);
-  return T{};
-}
-
-template <typename Args, typename Sig = typename Args::Sig>
-struct Bindings;
-
-template <typename Args, typename Out, typename... A>
-struct Bindings<Args, Out(A...)> {
-  template <typename F, size_t... I>
-  static auto call(const pybind11::args& args, F f, std::index_sequence<I...>) {
-    TORCH_CHECK_VALUE(args.size() <= sizeof...(A), "fastdiff.", Args::name, " takes ",
-                      sizeof...(A), " arguments, got ", args.size());
-    return f(from_py<std::decay_t<A>>(args, I)...);
-  }
-  template <typename F>
-  static auto call(const pybind11::args& args, F f) {
-    return call(args, f, std::index_sequence_for<A...>{});
-  }
-
-  static void add(pybind11::module& m) {
-    const std::string op = Args::name;
-    m.def(("check_" + op).c_str(), [](const pybind11::args& a) {
-      call(a, [](A... x) { check(Args{x...}); });
-    }, "The op's argument checks (the JIT launchers of fastdiff.kernels assume them).");
-    m.def(("_prebuilt_plan_" + op).c_str(), [](const pybind11::args& a) {
-      return call(a, [](A... x) {
-        const Args args{x...};
-        check(args);
-        Plan<Out> p = plan(args);
-        return pybind11::make_tuple(to_py(p.launches), p.out, p.keep, p.why);
-      });
-    }, "Tests: the C++ plan of a CUDA call, (launches, outputs, buffers, why not prebuilt).");
-    m.def(("_cuda_kernel_" + op).c_str(), [](const pybind11::args& a) {
-      return call(a, [](A... x) {
-        check(Args{x...});
-        return Entry<Args>::cuda(x...);
-      });
-    }, "Tests: the op's CUDA kernel on tensors of any device (its fallback to the JIT).");
-  }
-};
-
-// The bindings of every op, collected as the library loads (add_bindings<Args>() in each op's
-// file) and added to fastdiff._C by ops.cpp.
-std::vector<void (*)(pybind11::module&)>& op_bindings();
-
-template <typename Args>
-bool add_bindings() {
-  op_bindings().push_back(&Bindings<Args>::add);
-  return true;
-}
+// The schemas of an op and its helpers: <op> itself, _check_<op>, _prebuilt_plan_<op>,
+// _cuda_kernel_<op> and _jit_<op> (its arguments and `str why`; implemented in Python).
+void define_op(torch::stable::detail::StableLibrary& m, const char* name, const char* schema);
 
 }  // namespace fastdiff
+
+// An op's registrations, in its file after Args and its functions: the schemas and the kernels
+// (the op for CPU, Meta and CUDA; the helpers for every device).
+#define FASTDIFF_REGISTER_OP(Args)                                                           \
+  STABLE_TORCH_LIBRARY_FRAGMENT(fastdiff, m) {                                               \
+    fastdiff::define_op(m, Args::name, Args::schema);                                        \
+  }                                                                                          \
+  STABLE_TORCH_LIBRARY_IMPL(fastdiff, CPU, m) {                                              \
+    m.impl(Args::name, TORCH_BOX(&fastdiff::Entry<Args>::run));                              \
+  }                                                                                          \
+  STABLE_TORCH_LIBRARY_IMPL(fastdiff, Meta, m) {                                             \
+    m.impl(Args::name, TORCH_BOX(&fastdiff::Entry<Args>::run));                              \
+  }                                                                                          \
+  STABLE_TORCH_LIBRARY_IMPL(fastdiff, CUDA, m) {                                             \
+    m.impl(Args::name, TORCH_BOX(&fastdiff::Entry<Args>::run));                              \
+  }                                                                                          \
+  STABLE_TORCH_LIBRARY_IMPL(fastdiff, CompositeExplicitAutograd, m) {                        \
+    m.impl(fastdiff::str("_check_", Args::name).c_str(),                                     \
+           TORCH_BOX(&fastdiff::Entry<Args>::check_only));                                   \
+    m.impl(fastdiff::str("_prebuilt_plan_", Args::name).c_str(),                             \
+           TORCH_BOX(&fastdiff::Entry<Args>::plan_only));                                    \
+    m.impl(fastdiff::str("_cuda_kernel_", Args::name).c_str(),                               \
+           TORCH_BOX(&fastdiff::Entry<Args>::cuda_checked));                                 \
+  }

@@ -3,9 +3,9 @@
 // extension builds with a CPU-only torch and imports where there is no driver.
 #include "prebuilt.h"
 
-#include <c10/core/DeviceGuard.h>
-#include <c10/core/impl/VirtualGuardImpl.h>
 #include <dlfcn.h>
+#include <torch/csrc/stable/accelerator.h>
+#include <torch/csrc/stable/ops.h>
 
 #include <algorithm>
 #include <atomic>
@@ -17,10 +17,24 @@
 #include <memory>
 #include <mutex>
 #include <sstream>
+#include <stdexcept>
 #include <unordered_map>
+
+// The C shim's current CUDA stream, aoti_torch_get_current_cuda_stream (stable; declared by
+// torch/csrc/inductor/aoti_torch/c/shim.h for CUDA builds only, exported by libtorch_cuda, which
+// the extension does not link: it is looked up where torch loaded it). torch::stable's Stream
+// has no native handle before 2.13.
+using CurrentStreamFn = AOTITorchError (*)(int32_t device_index, void** ret_stream);
 
 namespace fastdiff::prebuilt {
 namespace {
+
+template <typename... T>
+std::string cat(const T&... parts) {
+  std::ostringstream s;
+  ((s << parts), ...);
+  return s.str();
+}
 
 // ---- the CUDA driver API, declared by hand (values from cuda.h) ----
 using CUresult = int;
@@ -60,6 +74,18 @@ bool resolve(void* lib, const char* name, F& fn, std::string& error) {
   return fn != nullptr;
 }
 
+CurrentStreamFn current_stream_fn() {
+  static const CurrentStreamFn fn = [] {
+    const char* name = "aoti_torch_get_current_cuda_stream";
+    void* f = dlsym(RTLD_DEFAULT, name);
+    if (!f) {  // torch loads libtorch_cuda.so without RTLD_GLOBAL: ask it by name
+      if (void* lib = dlopen("libtorch_cuda.so", RTLD_NOW | RTLD_NOLOAD)) f = dlsym(lib, name);
+    }
+    return reinterpret_cast<CurrentStreamFn>(f);
+  }();
+  return fn;
+}
+
 const Driver& driver() {
   static const Driver d = [] {
     Driver r{};
@@ -91,8 +117,8 @@ void check_cu(CUresult res, const char* what) {
   if (res == 0) return;
   const char* msg = nullptr;
   driver().cuGetErrorString(res, &msg);
-  TORCH_CHECK(false, "fastdiff: ", what, " failed with CUDA error ", res, " (",
-              msg ? msg : "unknown", ")");
+  throw std::runtime_error(cat("fastdiff: ", what, " failed with CUDA error ", res, " (",
+                               msg ? msg : "unknown", ")"));
 }
 
 // ---- the registry ----
@@ -160,11 +186,14 @@ int64_t width(Kind k) { return (k == Kind::I32 || k == Kind::F32) ? 4 : 8; }
 
 void add_entry(State& st, const std::string& key, Entry e) {
   for (int64_t i : e.aligned) {
-    TORCH_CHECK_VALUE(i >= 0 && i < static_cast<int64_t>(e.param_names.size()), "fastdiff: "
-                      "aligned parameter index ", i, " out of range for ", e.name);
+    if (i < 0 || i >= static_cast<int64_t>(e.param_names.size())) {
+      throw std::invalid_argument(cat("fastdiff: aligned parameter index ", i,
+                                      " out of range for ", e.name));
+    }
   }
-  TORCH_CHECK_VALUE(e.num_warps > 0 && e.shared >= 0, "fastdiff: bad launch metadata for ",
-                    e.name);
+  if (e.num_warps <= 0 || e.shared < 0) {
+    throw std::invalid_argument(cat("fastdiff: bad launch metadata for ", e.name));
+  }
   if (!std::binary_search(st.archs.begin(), st.archs.end(), e.arch)) {
     st.archs.insert(std::upper_bound(st.archs.begin(), st.archs.end(), e.arch), e.arch);
   }
@@ -198,8 +227,11 @@ int64_t load_index(State& st, const std::string& dir) {
     ++lineno;
     if (line.empty()) continue;
     auto c = split(line, '\t');
-    TORCH_CHECK(c.size() == 11, "fastdiff: ", dir, "/index.tsv line ", lineno, " has ", c.size(),
-                " fields, expected 11 (a damaged install? reinstall, or set FASTDIFF_PREBUILT=0)");
+    if (c.size() != 11) {
+      throw std::runtime_error(cat("fastdiff: ", dir, "/index.tsv line ", lineno, " has ",
+                                   c.size(), " fields, expected 11 (a damaged install? reinstall,",
+                                   " or set FASTDIFF_PREBUILT=0)"));
+    }
     Entry e{std::stoll(c[1]), dir + "/" + c[2], c[3], split(c[4], ','), ints(c[5]), ints(c[6]),
             std::stoll(c[7]), std::stoll(c[8]), std::stoll(c[9]), std::stoll(c[10]), {}};
     add_entry(st, c[0], std::move(e));
@@ -292,7 +324,7 @@ std::shared_ptr<Entry> find(State& st, const Launch& l, int64_t arch, std::strin
 
 std::vector<char> read_file(const std::string& path) {
   std::ifstream f(path, std::ios::binary);
-  TORCH_CHECK(f.good(), "fastdiff: cannot read the prebuilt kernel ", path);
+  if (!f.good()) throw std::runtime_error("fastdiff: cannot read the prebuilt kernel " + path);
   return std::vector<char>(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
 }
 
@@ -340,15 +372,20 @@ CUfunction load(Entry& e, int index, const DeviceInfo& info) {
 
 }  // namespace
 
-Arg Arg::ptr(const char* name, const at::Tensor& t, const char* type) {
+Arg Arg::ptr(const char* name, const torch::stable::Tensor& t, const char* type) {
+  using torch::headeronly::ScalarType;
   std::string dtype;
   switch (t.scalar_type()) {
-    case at::kFloat: dtype = "*fp32"; break;
-    case at::kHalf: dtype = "*fp16"; break;
-    case at::kBFloat16: dtype = "*bf16"; break;
-    case at::kLong: dtype = "*i64"; break;
-    case at::kInt: dtype = "*i32"; break;
-    default: TORCH_CHECK(type, "fastdiff: no kernel type for dtype ", t.scalar_type());
+    case ScalarType::Float: dtype = "*fp32"; break;
+    case ScalarType::Half: dtype = "*fp16"; break;
+    case ScalarType::BFloat16: dtype = "*bf16"; break;
+    case ScalarType::Long: dtype = "*i64"; break;
+    case ScalarType::Int: dtype = "*i32"; break;
+    default:
+      if (!type) {
+        throw std::runtime_error(cat("fastdiff: no kernel type for dtype ",
+                                     static_cast<int>(t.scalar_type())));
+      }
   }
   return {name, Kind::Ptr, reinterpret_cast<uint64_t>(t.data_ptr()), type ? type : dtype};
 }
@@ -393,8 +430,10 @@ std::string mode_name() {
 
 std::string set_mode(const std::string& name) {
   const std::optional<Mode> m = parse_mode(name);
-  TORCH_CHECK_VALUE(m, "set_prebuilt: argument 'mode' must be one of 'off', 'on', 'require', "
-                    "got '", name, "'");
+  if (!m) {
+    throw std::invalid_argument("set_prebuilt: argument 'mode' must be one of 'off', 'on', "
+                                "'require', got '" + name + "'");
+  }
   std::string previous = mode_name();
   State& st = state();
   std::lock_guard<std::mutex> g(st.mu);
@@ -463,7 +502,7 @@ Selection select(const Launch& l, int64_t arch) {
   return s;
 }
 
-std::optional<std::string> unavailable(const at::Device& device) {
+std::optional<std::string> unavailable(const torch::stable::Tensor& subject) {
   if (mode() == Mode::Off) return std::string();  // asked for: the JIT runs without a log line
   State& st = state();
   std::lock_guard<std::mutex> g(st.mu);
@@ -474,7 +513,11 @@ std::optional<std::string> unavailable(const at::Device& device) {
   }
   const Driver& d = driver();
   if (!d.error.empty()) return d.error;
-  const DeviceInfo& info = device_info(st, device.index());
+  if (!subject.is_cuda()) return std::string("not a CUDA tensor");
+  if (!current_stream_fn()) {
+    return std::string("torch's aoti_torch_get_current_cuda_stream was not found (libtorch_cuda)");
+  }
+  const DeviceInfo& info = device_info(st, subject.get_device_index());
   for (int64_t a : st.archs) {
     if (a <= info.arch && a / 10 == info.arch / 10) return std::nullopt;
   }
@@ -482,17 +525,22 @@ std::optional<std::string> unavailable(const at::Device& device) {
          arch_list(st.archs) + ")";
 }
 
-std::optional<std::string> launch(const std::vector<Launch>& launches, const at::Device& device) {
-  TORCH_CHECK(driver().error.empty(), "fastdiff: prebuilt::launch called although prebuilt kernels "
-              "are unavailable: ", driver().error);
-  c10::DeviceGuard guard(device);
+std::optional<std::string> launch(const std::vector<Launch>& launches,
+                                  const torch::stable::Tensor& subject) {
+  if (!driver().error.empty() || !subject.is_cuda() || !current_stream_fn()) {
+    throw std::runtime_error("fastdiff: prebuilt::launch called although prebuilt kernels are "
+                             "unavailable: " + driver().error);
+  }
+  const int index = subject.get_device_index();
+  const torch::stable::Device device(torch::headeronly::DeviceType::CUDA, index);
+  torch::stable::accelerator::DeviceGuard guard(index);
   State& st = state();
   // The entries are held (shared) until the launches are done: the lock is released before
   // the driver calls, and a registry change meanwhile must not free what is being launched.
   std::vector<std::pair<std::shared_ptr<const Entry>, CUfunction>> fns;
   {
     std::lock_guard<std::mutex> g(st.mu);
-    const DeviceInfo& info = device_info(st, device.index());
+    const DeviceInfo& info = device_info(st, index);
     for (const Launch& l : launches) {
       std::string why;
       std::shared_ptr<Entry> e = find(st, l, info.arch, why);
@@ -501,11 +549,14 @@ std::optional<std::string> launch(const std::vector<Launch>& launches, const at:
         return "kernel " + l.key + " needs " + std::to_string(e->shared) +
                " bytes of shared memory, this GPU allows " + std::to_string(info.shared_optin);
       }
-      fns.emplace_back(e, load(*e, device.index(), info));
+      fns.emplace_back(e, load(*e, index, info));
     }
   }
-  const c10::impl::VirtualGuardImpl impl(c10::DeviceType::CUDA);
-  auto stream = static_cast<CUstream>(impl.getStream(device).native_handle());
+  void* raw_stream = nullptr;
+  if (current_stream_fn()(index, &raw_stream) != AOTI_TORCH_SUCCESS) {
+    throw std::runtime_error("fastdiff: aoti_torch_get_current_cuda_stream failed");
+  }
+  auto stream = static_cast<CUstream>(raw_stream);
   for (size_t i = 0; i < launches.size(); ++i) {
     const Launch& l = launches[i];
     const Entry& e = *fns[i].first;
@@ -513,13 +564,14 @@ std::optional<std::string> launch(const std::vector<Launch>& launches, const at:
     if (programs == 0) continue;
     // Scratch buffers: per program, as Triton's launcher allocates them (none of fastdiff's
     // kernels needs one today; kept so that a future kernel that does is launched correctly).
-    at::Tensor scratch[2];
+    torch::stable::Tensor scratch[2];
     const int64_t sizes[2] = {e.global_scratch, e.profile_scratch};
     uint64_t scratch_ptr[2] = {0, 0};
     for (int s = 0; s < 2; ++s) {
       if (sizes[s] > 0) {
-        scratch[s] = at::empty({sizes[s] * programs},
-                               at::TensorOptions().dtype(at::kByte).device(device));
+        scratch[s] = torch::stable::empty({sizes[s] * programs},
+                                          torch::headeronly::ScalarType::Byte, std::nullopt,
+                                          device);
         scratch_ptr[s] = reinterpret_cast<uint64_t>(scratch[s].data_ptr());
       }
     }
@@ -550,6 +602,20 @@ std::optional<std::string> launch(const std::vector<Launch>& launches, const at:
              "cuLaunchKernel");
   }
   return std::nullopt;
+}
+
+std::string launches_text(const std::vector<Launch>& launches) {
+  std::ostringstream s;
+  for (const Launch& l : launches) {
+    s << l.key << '\t' << l.grid[0] << ',' << l.grid[1] << ',' << l.grid[2] << '\t';
+    for (size_t i = 0; i < l.args.size(); ++i) {
+      const Arg& a = l.args[i];
+      s << (i ? ";" : "") << a.name << ':' << kKindNames[static_cast<int>(a.kind)] << ':'
+        << a.bits;
+    }
+    s << '\n';
+  }
+  return s.str();
 }
 
 int64_t live_entries() { return g_live_entries.load(); }

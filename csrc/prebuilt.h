@@ -13,7 +13,7 @@
 // a size beyond a 32-bit parameter, ...); the op then runs the Triton JIT path instead.
 #pragma once
 
-#include <torch/extension.h>
+#include <torch/csrc/stable/tensor.h>
 
 #include <array>
 #include <cstdint>
@@ -34,7 +34,7 @@ struct Arg {
   std::string type;  // its Triton type in the kernel's key ("*fp16", "i32", ...)
 
   // A pointer's type is its tensor's dtype, unless `type` names another.
-  static Arg ptr(const char* name, const at::Tensor& t, const char* type = nullptr);
+  static Arg ptr(const char* name, const torch::stable::Tensor& t, const char* type = nullptr);
   static Arg i32(const char* name, int64_t v);
   static Arg i64(const char* name, int64_t v);
   static Arg f32(const char* name, double v);
@@ -90,12 +90,17 @@ Selection select(const Launch& l, int64_t arch);
 // Why prebuilt kernels cannot run on this device at all (no driver, architecture not built; an
 // empty reason: mode off, the JIT asked for), or nothing when they may. Checked before an op
 // allocates anything for a plan.
-std::optional<std::string> unavailable(const at::Device& device);
+std::optional<std::string> unavailable(const torch::stable::Tensor& subject);
 
-// Launches every planned kernel in order on the device's current stream, or none of them and
+// Launches every planned kernel in order on the subject's device's current stream, or none of them and
 // returns the reason (see above). Raises on a CUDA driver error. Call it only after
 // unavailable(device) returned nothing (each op checks that once, before planning).
-std::optional<std::string> launch(const std::vector<Launch>& launches, const at::Device& device);
+std::optional<std::string> launch(const std::vector<Launch>& launches,
+                                  const torch::stable::Tensor& subject);
+
+// The launches as text, for the tests' comparison with the Python plans (fastdiff/prebuilt.py
+// reads it): per launch a line "key<TAB>gx,gy,gz<TAB>name:kind:bits;name:kind:bits;...".
+std::string launches_text(const std::vector<Launch>& launches);
 
 // For the tests of the registry's ownership (launch() itself needs a GPU): resolves `l` on
 // `arch` as launch() does, releases the lock, clears the registry when `change_registry` (as a

@@ -20,7 +20,9 @@ def info_lines(cubin_dir: str | None = None) -> list[str]:
              f"extension: {_C.__file__}",
              f"torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton_version}"]
     names = torch._C._dispatch_get_all_op_names()
-    for op in sorted(n.split("::")[1] for n in names if n.startswith("fastdiff::")):
+    # The public ops; their helpers (_check_<op>, _jit_<op>, ...) are left out.
+    for op in sorted(n.split("::")[1] for n in names
+                     if n.startswith("fastdiff::") and not n.startswith("fastdiff::_")):
         keys = [k for k in ("CPU", "CUDA", "Meta")
                 if torch._C._dispatch_has_kernel_for_dispatch_key(f"fastdiff::{op}", k)]
         lines.append(f"op fastdiff.{op}: {', '.join(keys)}")

@@ -46,6 +46,44 @@ def set_prebuilt(mode: str) -> str:
 prebuilt.load_if_cuda()
 
 
+def check(op: str, *args) -> None:
+    """The argument checks of op ``op`` alone, on its schema's positional arguments (trailing
+    optional ones may be left out): the ValueError the op raises for them, on any device. The
+    Triton launchers of fastdiff.kernels assume them (``fastdiff::_check_<op>``, csrc/ops.h)."""
+    getattr(torch.ops.fastdiff, f"_check_{op}")(*args)
+
+
+def _jit_kernel(op: str):
+    """The Triton JIT of op ``op``, the kernel of ``fastdiff::_jit_<op>``: what the C++ CUDA
+    kernel calls, through the dispatcher, where the prebuilt cubins cannot run a call (``why``:
+    the reason, logged once; empty when FASTDIFF_PREBUILT=off asked for the JIT). Python, so
+    that the extension needs no Python or libtorch C++ API to reach fastdiff.kernels.launch."""
+    schema = getattr(torch.ops.fastdiff, f"_jit_{op}").default._schema
+    names = [a.name for a in schema.arguments]
+    defaults = [a.default_value for a in schema.arguments]
+
+    def run(*args, **kwargs):
+        # The dispatcher leaves out trailing arguments equal to their defaults: put them back,
+        # since plan() takes every schema argument.
+        args = list(args) + [kwargs.get(n, d) for n, d in
+                             zip(names[len(args):], defaults[len(args):])]
+        *args, why = args
+        if why:
+            log_once(f"{op}: prebuilt kernels not used ({why}); the Triton JIT compiles it")
+        from fastdiff import kernels
+        out = kernels.launch(op, *args)
+        return tuple(out) if isinstance(out, list) else out
+    return run
+
+
+# Every op's _jit_<op> (defined by the extension, csrc/ops.h FASTDIFF_REGISTER_OP), on every device.
+_jit_lib = torch.library.Library("fastdiff", "IMPL")
+for _name in torch._C._dispatch_get_all_op_names():
+    if _name.startswith("fastdiff::_jit_"):
+        _jit_lib.impl(_name.split("::")[1], _jit_kernel(_name[len("fastdiff::_jit_"):]),
+                      "CompositeExplicitAutograd")
+
+
 def _per_channel(t: torch.Tensor | None, n: int, c: int) -> torch.Tensor | None:
     """(N, C), (N, C, 1, 1) or (C,) -> contiguous (N, C)."""
     if t is None:

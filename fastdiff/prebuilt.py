@@ -39,6 +39,21 @@ def load(directory: str | None = None) -> int:
     return _C._prebuilt_use_directory(directory or cubin_dir(), lazy=False)
 
 
+def cpp_plan(op: str, *args) -> tuple:
+    """Tests: the C++ plan of a CUDA call of op ``op`` (csrc/<op>.cpp ``plan``; its schema's
+    positional arguments, checked): (launches, outputs, buffers, why no prebuilt kernel can run
+    it or ""), each launch a dict of ``key``, ``grid`` (x, y, z) and ``args`` [(name, kind,
+    bits)] as the launcher packs them. tests/test_prebuilt.py compares it with the Python plan."""
+    text, outs, keep, why = getattr(torch.ops.fastdiff, f"_prebuilt_plan_{op}")(*args)
+    launches = []
+    for line in text.splitlines():  # key TAB gx,gy,gz TAB name:kind:bits;...
+        key, grid, params = line.split("\t")
+        launches.append({"key": key, "grid": tuple(int(g) for g in grid.split(",")),
+                         "args": [(n, k, int(b)) for n, k, b in
+                                  (p.split(":") for p in params.split(";") if p)]})
+    return launches, outs[0] if len(outs) == 1 else tuple(outs), keep, why
+
+
 def load_if_cuda() -> None:
     """At import: where a GPU could run them, names the package's cubins to the C++ launcher,
     which reads their index (index.tsv) at the first CUDA call, so importing costs nothing."""

@@ -7,7 +7,8 @@ does nothing else: inputs are read in their own dtype and layout, with no conver
 beside the launches); and ``prebuilt_configs()``, every configuration a plan can choose, compiled
 ahead of time by ``prebuild.py`` into the wheel's cubins (except attention's at head dims or
 strides left to the JIT). ``launch`` runs a plan through Triton's JIT: the C++ op calls it where
-the prebuilt cubins cannot run. csrc/<op>.cpp plans the same launches in C++ for the cubins;
+the prebuilt cubins cannot run (through the op ``fastdiff::_jit_<op>``, fastdiff/ops.py).
+csrc/<op>.cpp plans the same launches in C++ for the cubins;
 tests/test_prebuilt.py checks that both plans agree.
 
 Launch constants (tiles, block sizes, tables) are written once, here: each public UPPER_CASE

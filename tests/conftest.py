@@ -81,7 +81,7 @@ def run_op(backend: str, name: str, *args):
             if isinstance(a, torch.Tensor) and spec.alias_info and spec.alias_info.is_write:
                 a.copy_(g)
     elif backend == "triton":
-        getattr(_C, f"check_{name}")(*args)
+        ops.check(name, *args)
         out = kernels.launch(name, *args)
     else:
         raise ValueError(backend)

@@ -4,11 +4,13 @@ The checks live in csrc/<op>.cpp and run before any kernel on every backend (CPU
 Meta kernels that torch.compile uses), so they are exercised here through the CPU dispatcher,
 the Meta dispatcher, and the check functions the CUDA path calls.
 """
+import functools
+
 import pytest
 import torch
 
 import fastdiff  # noqa: F401
-from fastdiff import _C, ops
+from fastdiff import ops
 from fastdiff.schedules import ROW_LEN
 
 # The quick CPU subset tests/test_wheel.py runs in a fresh install of the wheel.
@@ -185,17 +187,17 @@ def _all_paths(op, check, args, msg):
 
 @pytest.mark.parametrize("over,msg", _cases(GN_BAD))
 def test_group_norm_silu_rejects(over, msg):
-    _all_paths(gn, _C.check_group_norm_silu, gn_args(**over), msg)
+    _all_paths(gn, functools.partial(ops.check, "group_norm_silu"), gn_args(**over), msg)
 
 
 @pytest.mark.parametrize("over,msg", _cases(ATTN_BAD))
 def test_attention_rejects(over, msg):
-    _all_paths(attn, _C.check_attention, attn_args(**over), msg)
+    _all_paths(attn, functools.partial(ops.check, "attention"), attn_args(**over), msg)
 
 
 @pytest.mark.parametrize("over,msg", _cases(STEP_BAD))
 def test_denoise_step_rejects(over, msg):
-    _all_paths(step, _C.check_denoise_step, step_args(**over), msg)
+    _all_paths(step, functools.partial(ops.check, "denoise_step"), step_args(**over), msg)
 
 
 @pytest.mark.parametrize("mo_batch,guided", [(2, True), (4, False)])
@@ -203,7 +205,7 @@ def test_denoise_step_explicit_guided_must_match_the_batch(mo_batch, guided):
     """guided=True needs model_output = [uncond; cond] (batch 2N), guided=False batch N."""
     args = step_args(model_output=_x(mo_batch, 3, 4)) + [guided]
     msg = f"got \\[{mo_batch}, 3, 4\\] with guided={guided}"
-    _all_paths(step, _C.check_denoise_step, args, msg)
+    _all_paths(step, functools.partial(ops.check, "denoise_step"), args, msg)
 
 
 @pytest.mark.parametrize("name", ["sample", "model_output", "noise", "coeffs"])
@@ -221,7 +223,7 @@ def test_denoise_step_state_must_not_alias_what_it_reads(name):
         over["state"] = base[1:3] if name != "model_output" else base[:2]
     args = step_args(**over)
     msg = f"argument 'state' must not share memory with '{name}' \\(it is written in place\\)"
-    for run in (step, _C.check_denoise_step):
+    for run in (step, functools.partial(ops.check, "denoise_step")):
         with pytest.raises(ValueError, match=msg):
             run(*args)
     # a separate buffer of the same values is fine
@@ -232,12 +234,12 @@ def test_denoise_step_state_must_not_alias_what_it_reads(name):
 @pytest.mark.parametrize("x,msg", [pytest.param(x, m, id=m.split("must ")[1][:16])
                                    for x, m in GEGLU_BAD])
 def test_geglu_rejects(x, msg):
-    _all_paths(geglu, _C.check_geglu, [x], msg)
+    _all_paths(geglu, functools.partial(ops.check, "geglu"), [x], msg)
 
 
 @pytest.mark.parametrize("over,msg", _cases(ALN_BAD))
 def test_add_layer_norm_rejects(over, msg):
-    _all_paths(aln, _C.check_add_layer_norm, aln_args(**over), msg)
+    _all_paths(aln, functools.partial(ops.check, "add_layer_norm"), aln_args(**over), msg)
 
 
 def test_geglu_entry_point_rejects_non_tensors():
@@ -252,13 +254,12 @@ def test_step_index_out_of_range_on_cpu():
 
 
 def test_valid_arguments_pass_the_checks():
-    _C.check_group_norm_silu(*gn_args())
-    _C.check_group_norm_silu(*gn_args(x=_x(2, 8, 3, 3).to(memory_format=torch.channels_last),
+    ops.check("group_norm_silu", *gn_args())
+    ops.check("group_norm_silu", *gn_args(x=_x(2, 8, 3, 3).to(memory_format=torch.channels_last),
                                       pre_bias=_x(2, 8), scale=_x(2, 8), shift=_x(2, 8)))
-    _C.check_attention(*attn_args(attn_mask=_x(2, 1, 1, 7)))
-    _C.check_denoise_step(*step_args(model_output=_x(4, 3, 4), guidance_scale=3.0, noise=_x(2, 3, 4)))
-    _C.check_geglu(_x(3, 2, 8))
-    _C.check_geglu(_x(0, 2))
-    _C.check_add_layer_norm(*aln_args(weight=None, bias=None, eps=0.0))
-from fastdiff import _C, ops
-from fastdiff.schedules import ROW_LEN
+    ops.check("attention", *attn_args(attn_mask=_x(2, 1, 1, 7)))
+    ops.check("denoise_step", *step_args(model_output=_x(4, 3, 4), guidance_scale=3.0,
+                                         noise=_x(2, 3, 4)))
+    ops.check("geglu", _x(3, 2, 8))
+    ops.check("geglu", _x(0, 2))
+    ops.check("add_layer_norm", *aln_args(weight=None, bias=None, eps=0.0))

@@ -59,6 +59,27 @@ def test_gpu_sh_cuts_the_slow_phase_at_the_deadline_and_reports_the_rest(tmp_pat
     assert (out / "log").read_text().rstrip().endswith(r.stdout.rstrip().splitlines()[-1])
 
 
+def test_gpu_sh_wheel_phase_is_opt_in_and_says_what_is_missing(tmp_path):
+    """The wheel phase (issue 17: the wheel built here, on the GPU machine's torch) runs only
+    when named, imports the wheel's fastdiff rather than this tree's, and without a wheel fails
+    saying so, leaving the phases after it to run."""
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "QUICK": "1", "PYTHON": sys.executable,
+           "GPU_SKIP_BUILD": "1", "PHASES": "wheel,first-call", "GPU_DEADLINE": "120",
+           "GPU_MIN_PHASE": "1", "TMPDIR": str(tmp_path), "CUDA_VISIBLE_DEVICES": "",
+           "GPU_WHEEL": str(tmp_path / "fastdiff-0-none.whl")}   # no such wheel
+    r = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu.sh")], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    phases = {p["phase"]: p for p in json.loads((out / "results.json").read_text())["phases"]}
+    assert list(phases) == ["wheel", "first-call"]
+    assert phases["wheel"]["status"] == "failed" and phases["first-call"]["status"] == "ok"
+    assert "no fastdiff wheel to test" in (out / "tests.log").read_text()
+    default = subprocess.run(["bash", "-c", "grep -n 'default) want+=' benchmarks/gpu.sh"],
+                             cwd=ROOT, capture_output=True, text=True).stdout
+    assert "wheel" not in default and "build" in default
+
+
 SUITE = """
 import time
 

@@ -1,4 +1,7 @@
 """The package as a user meets it: import, the ops under torch.compile, the demo command."""
+import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -19,6 +22,31 @@ def _all_three(x, w, b, sc, sh, q, k, v, mask, mo, coeffs, idx):
     out, x0 = ops.denoise_step(mo, a.reshape(mo.shape[0] // 2, -1), coeffs, idx,
                                guidance_scale=3.0, write_x0=True)
     return out + x0
+
+
+def unstable_symbols(library: str) -> list[str]:
+    """The libtorch C++ symbols (demangled: in at::, c10::, torch::, caffe2::) that a shared
+    library leaves undefined, i.e. imports. The stable ABI is C (aoti_torch_*, torch_*) plus
+    header-only inline code, so an extension on it imports none."""
+    r = subprocess.run(["nm", "-D", "--undefined-only", "--demangle", library],
+                       capture_output=True, text=True, check=True)
+    names = [line.split(None, 1)[1] for line in r.stdout.splitlines() if line.split()]
+    return [n for n in names if re.search(r"\b(at|c10|torch|caffe2)::", n)]
+
+
+@pytest.mark.skipif(shutil.which("nm") is None, reason="needs binutils' nm")
+def test_extension_imports_no_unstable_libtorch_symbol():
+    """Issue 17: the extension is on PyTorch's stable ABI, so one build loads with every torch
+    from its target version on (setup.py TORCH_TARGET). Any at::/c10::/torch:: symbol it imports
+    would tie it to the exact torch it was built against again."""
+    from fastdiff import _C
+
+    bad = unstable_symbols(_C.__file__)
+    assert bad == [], f"{len(bad)} unstable libtorch symbols imported, e.g. {bad[:10]}"
+    # The check itself sees such symbols: every libtorch C++ library defines and imports them.
+    torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_python.so")
+    if os.path.exists(torch_lib):
+        assert any("at::" in n for n in unstable_symbols(torch_lib))
 
 
 def test_torch_compile_fullgraph_uses_fake_kernels():

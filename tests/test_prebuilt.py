@@ -9,6 +9,7 @@ CI has no GPU, so the parts a launch depends on are checked on CPU tensors:
 - selection: architectures, alignment variants, 32-bit limits, mismatched parameter lists.
 On a GPU the ops run with the prebuilt path required and are compared with the JIT path.
 """
+import functools
 import json
 import os
 import struct
@@ -72,6 +73,11 @@ def _py_plan(module, *args):
     return res
 
 
+def _cpp_plan_of(op):
+    """The C++ plan function of op ``op`` (fastdiff.prebuilt.cpp_plan)."""
+    return functools.partial(prebuilt.cpp_plan, op)
+
+
 def _cpp_plan(fn, *args):
     launches = fn(*args)[0]
     res = []
@@ -130,7 +136,7 @@ GN_CASES = [
 @pytest.mark.parametrize("case", GN_CASES, ids=lambda c: f"{c['shape']}")
 def test_group_norm_silu_plan_matches_the_launcher(case):
     inputs, args = _gn_case(**case)
-    _compare(group_norm_silu, _C._prebuilt_plan_group_norm_silu, inputs, args)
+    _compare(group_norm_silu, _cpp_plan_of("group_norm_silu"), inputs, args)
 
 
 def _attn_case(dtype, B, H, Lq, Lk, D, bias=None, scale=None, layout="bhld", seed=0):
@@ -172,7 +178,7 @@ ATTN_CASES = [
 @pytest.mark.parametrize("case", ATTN_CASES, ids=lambda c: f"{c['dtype']}-D{c['D']}")
 def test_attention_plan_matches_the_launcher(case):
     inputs, args = _attn_case(**case)
-    _compare(attention, _C._prebuilt_plan_attention, inputs, args)
+    _compare(attention, _cpp_plan_of("attention"), inputs, args)
 
 
 def _step_case(dtype, shape, guided=False, noise=False, slots=0, index_dtype=torch.int64,
@@ -207,7 +213,7 @@ STEP_CASES = [
 @pytest.mark.parametrize("case", STEP_CASES, ids=lambda c: f"{c['dtype']}-{c['shape']}")
 def test_denoise_step_plan_matches_the_launcher(case):
     inputs, args = _step_case(**case)
-    _compare(denoise_step, _C._prebuilt_plan_denoise_step, inputs, args)
+    _compare(denoise_step, _cpp_plan_of("denoise_step"), inputs, args)
 
 
 def _geglu_case(dtype, shape, seed=0):
@@ -226,7 +232,7 @@ GEGLU_CASES = [
 @pytest.mark.parametrize("case", GEGLU_CASES, ids=lambda c: f"{c['dtype']}-{c['shape']}")
 def test_geglu_plan_matches_the_launcher(case):
     inputs, args = _geglu_case(**case)
-    _compare(geglu, _C._prebuilt_plan_geglu, inputs, args)
+    _compare(geglu, _cpp_plan_of("geglu"), inputs, args)
 
 
 def _aln_case(dtype, shape, affine=True, seed=0):
@@ -252,11 +258,11 @@ ALN_CASES = [
 @pytest.mark.parametrize("case", ALN_CASES, ids=lambda c: f"{c['dtype']}-{c['shape']}")
 def test_add_layer_norm_plan_matches_the_launcher(case):
     inputs, args = _aln_case(**case)
-    _compare(add_layer_norm, _C._prebuilt_plan_add_layer_norm, inputs, args)
+    _compare(add_layer_norm, _cpp_plan_of("add_layer_norm"), inputs, args)
 
 
 def test_add_layer_norm_plans_say_why_no_cubin():
-    whys = [_C._prebuilt_plan_add_layer_norm(*_aln_case(**case)[1])[3] for case in ALN_CASES]
+    whys = [_cpp_plan_of("add_layer_norm")(*_aln_case(**case)[1])[3] for case in ALN_CASES]
     assert whys == ["", "", "", "no cubin for rows that are not multiples of 16 bytes",
                     "no cubin for rows of 5000 elements"]
 
@@ -275,11 +281,11 @@ def test_every_cpp_key_is_a_listed_configuration():
             shape, groups = ((1, 6, 3, 5), 2) if odd else ((1, 16, 4, 4), 2)
             _, args = _gn_case(dt, shape, groups, cl=cl, pre=pre, ss="both" if ss else None,
                                silu=silu)
-            seen |= {la["key"] for la in _C._prebuilt_plan_group_norm_silu(*args)[0]}
+            seen |= {la["key"] for la in _cpp_plan_of("group_norm_silu")(*args)[0]}
         for d in range(1, 257):
             for bias in (None, "keys", "keys_same"):
                 _, args = _attn_case(dt, 1, 1, 3, 3, d, bias=bias)
-                launches, _, _, why = _C._prebuilt_plan_attention(*args)
+                launches, _, _, why = _cpp_plan_of("attention")(*args)
                 if d in attention.PREBUILT_HEAD_DIMS:
                     assert why == "", (dt, d, bias)
                     seen |= {la["key"] for la in launches}
@@ -290,13 +296,13 @@ def test_every_cpp_key_is_a_listed_configuration():
             for k in range(schedules.SLOTS + 1):
                 for it in (torch.int64, torch.int32):
                     _, args = _step_case(dt, (2, 3), guided, noise, k, it)
-                    seen |= {la["key"] for la in _C._prebuilt_plan_denoise_step(*args)[0]}
+                    seen |= {la["key"] for la in _cpp_plan_of("denoise_step")(*args)[0]}
         for F in (8, 5):  # rows of 16 bytes (all dtypes) or not
             _, args = _geglu_case(dt, (2, 2 * F))
-            seen |= {la["key"] for la in _C._prebuilt_plan_geglu(*args)[0]}
+            seen |= {la["key"] for la in _cpp_plan_of("geglu")(*args)[0]}
         for C in range(8, 4097, 8):  # every C with 16-byte rows in every dtype
             _, args = _aln_case(dt, (1, C), affine=C % 16 == 0)
-            launches, _, _, why = _C._prebuilt_plan_add_layer_norm(*args)
+            launches, _, _, why = _cpp_plan_of("add_layer_norm")(*args)
             assert (why == "") == (C > 128), (dt, C, why)
             seen |= {la["key"] for la in launches} if not why else set()
     assert seen <= listed, sorted(seen - listed)[:5]
@@ -304,7 +310,7 @@ def test_every_cpp_key_is_a_listed_configuration():
 
 
 def test_attention_plans_say_why_no_cubin():
-    whys = [_C._prebuilt_plan_attention(*_attn_case(**case)[1])[3] for case in ATTN_CASES]
+    whys = [_cpp_plan_of("attention")(*_attn_case(**case)[1])[3] for case in ATTN_CASES]
     assert whys == ["", "", "no cubin for head dim 1", "", "no cubin for head dim 100", "", "",
                     "no cubin for q/k/v strides that are not multiples of 16 bytes"]
 
@@ -319,6 +325,12 @@ class _Work(TorchDispatchMode):
         self.ran = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "fastdiff":
+            # The C++ plan is an op itself (fastdiff::_prebuilt_plan_<op>): run its CPU kernel
+            # with this mode still on, so that what the plan runs inside is what is recorded.
+            with self:
+                return func.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *args,
+                                       **(kwargs or {}))
         if func not in self.FREE and not func.is_view:
             self.ran.append(str(func))
         return func(*args, **(kwargs or {}))
@@ -330,16 +342,16 @@ LAUNCHES = {"group_norm_silu": 2, "attention": 1, "denoise_step": 1, "geglu": 1,
 
 def _all_cases():
     for case in GN_CASES:
-        yield ("group_norm_silu", group_norm_silu, _C._prebuilt_plan_group_norm_silu,
+        yield ("group_norm_silu", group_norm_silu, _cpp_plan_of("group_norm_silu"),
                _gn_case(**case))
     for case in ATTN_CASES:
-        yield "attention", attention, _C._prebuilt_plan_attention, _attn_case(**case)
+        yield "attention", attention, _cpp_plan_of("attention"), _attn_case(**case)
     for case in STEP_CASES:
-        yield "denoise_step", denoise_step, _C._prebuilt_plan_denoise_step, _step_case(**case)
+        yield "denoise_step", denoise_step, _cpp_plan_of("denoise_step"), _step_case(**case)
     for case in GEGLU_CASES:
-        yield "geglu", geglu, _C._prebuilt_plan_geglu, _geglu_case(**case)
+        yield "geglu", geglu, _cpp_plan_of("geglu"), _geglu_case(**case)
     for case in ALN_CASES:
-        yield ("add_layer_norm", add_layer_norm, _C._prebuilt_plan_add_layer_norm,
+        yield ("add_layer_norm", add_layer_norm, _cpp_plan_of("add_layer_norm"),
                _aln_case(**case))
 
 
@@ -362,10 +374,10 @@ def test_attention_grid_takes_70000_heads():
     q = torch.zeros(1, 1, 1, D, dtype=torch.float16).expand(B, H, Lq, D)
     kv = torch.zeros(1, 1, 1, D, dtype=torch.float16).expand(B, H, Lk, D)
     args = (q, kv, kv, None, None)
-    _compare(attention, _C._prebuilt_plan_attention, {"q": q, "kv": kv}, args)
+    _compare(attention, _cpp_plan_of("attention"), {"q": q, "kv": kv}, args)
     (cfg, grid, _), = attention.plan(*args)[0]
     assert grid == (B * H * triton.cdiv(Lq, cfg["constexprs"]["BLOCK_M"]), 1, 1)
-    x, y, z = _C._prebuilt_plan_attention(*args)[0][0]["grid"]
+    x, y, z = _cpp_plan_of("attention")(*args)[0][0]["grid"]
     assert x <= 2**31 - 1 and y <= 65535 and z <= 65535
 
 
@@ -413,8 +425,8 @@ def test_packed_arguments_match_the_ptx_of_the_selected_cubin(sm80):
 
 def test_selection_prefers_the_aligned_variant_and_falls_back(sm80):
     # numel 4*64*64 (a multiple of 16) -> the variant assuming it; 3*5*7 -> pointers only.
-    aligned = _C._prebuilt_plan_denoise_step(*_step_case(torch.float16, (1, 4, 64, 64))[1])[0][0]
-    odd = _C._prebuilt_plan_denoise_step(*_step_case(torch.float16, (3, 5, 7))[1])[0][0]
+    aligned = _cpp_plan_of("denoise_step")(*_step_case(torch.float16, (1, 4, 64, 64))[1])[0][0]
+    odd = _cpp_plan_of("denoise_step")(*_step_case(torch.float16, (3, 5, 7))[1])[0][0]
     a, o = (sm80[os.path.basename(_C._prebuilt_select(la, 80)[0])] for la in (aligned, odd))
     names = [p["name"] for p in a["params"]]
     assert "numel" in [names[i] for i in a["aligned"]]
@@ -423,7 +435,7 @@ def test_selection_prefers_the_aligned_variant_and_falls_back(sm80):
     base = torch.randn(1 + 2 * 4 * 8 * 8)
     sample = base[1:].view(2, 4, 8, 8)
     _, args = _step_case(torch.float32, (2, 4, 8, 8))
-    la = _C._prebuilt_plan_denoise_step(args[0], sample, *args[2:])[0][0]
+    la = _cpp_plan_of("denoise_step")(args[0], sample, *args[2:])[0][0]
     path, why = _C._prebuilt_select(la, 80)
     assert not path and "'x_ptr' is not 16-byte aligned" in why
 
@@ -433,7 +445,7 @@ def test_selection_takes_any_element_of_an_index_table(sm80):
     # The H200's first run (2026-11-30) refused the prebuilt kernel for it under 'require'.
     inputs, args = _step_case(torch.float16, (1, 4, 64, 64))
     for index in (torch.arange(7)[1], torch.arange(7, dtype=torch.int32)[3]):
-        la = _C._prebuilt_plan_denoise_step(*args[:3], index, *args[4:])[0][0]
+        la = _cpp_plan_of("denoise_step")(*args[:3], index, *args[4:])[0][0]
         path, why = _C._prebuilt_select(la, 80)
         assert path, why
         names = [p["name"] for p in sm80[os.path.basename(path)]["params"]]
@@ -441,7 +453,7 @@ def test_selection_takes_any_element_of_an_index_table(sm80):
 
 
 def test_selection_by_architecture(sm80):
-    la = _C._prebuilt_plan_denoise_step(*_step_case(torch.float32, (2, 4, 8, 8))[1])[0][0]
+    la = _cpp_plan_of("denoise_step")(*_step_case(torch.float32, (2, 4, 8, 8))[1])[0][0]
     for arch in (80, 86, 89):  # an sm_80 cubin runs on every 8.x GPU
         assert _C._prebuilt_select(la, arch)[0].endswith("-sm80.cubin")
     for arch in (75, 90, 100):
@@ -451,13 +463,13 @@ def test_selection_by_architecture(sm80):
 
 def test_selection_takes_70000_heads(sm80):
     q = torch.zeros(1, 1, 1, 8, dtype=torch.bfloat16).expand(700, 100, 3, 8)
-    la = _C._prebuilt_plan_attention(q, q, q, None, None)[0][0]
+    la = _cpp_plan_of("attention")(q, q, q, None, None)[0][0]
     path, why = _C._prebuilt_select(la, 80)
     assert path, why
 
 
 def test_selection_rejects_what_the_cubin_cannot_take(sm80):
-    la = _C._prebuilt_plan_denoise_step(*_step_case(torch.float32, (2, 4, 8, 8))[1])[0][0]
+    la = _cpp_plan_of("denoise_step")(*_step_case(torch.float32, (2, 4, 8, 8))[1])[0][0]
     big = dict(la, args=[(n, k, 2**31 if n == "numel" else b) for n, k, b in la["args"]])
     assert "'numel'=2147483648 needs 64 bits" in _C._prebuilt_select(big, 80)[1]
     renamed = dict(la, args=[("sample" if n == "x_ptr" else n, k, b) for n, k, b in la["args"]])
@@ -643,10 +655,10 @@ def test_cuda_kernel_falls_back_to_the_jit_and_says_why_once(caplog):
     none registered): it runs the Triton JIT launcher (interpreted here) with the same
     arguments and logs why once per reason; 'off' takes the JIT without a word; 'require'
     raises instead."""
-    calls = [(_C._cuda_kernel_denoise_step, torch.ops.fastdiff.denoise_step,
+    calls = [(torch.ops.fastdiff._cuda_kernel_denoise_step, torch.ops.fastdiff.denoise_step,
               _step_case(torch.float32, (2, 3, 5), guided=True, noise=True, guidance=3.0,
                          write_x0=True)[1]),
-             (_C._cuda_kernel_group_norm_silu, torch.ops.fastdiff.group_norm_silu,
+             (torch.ops.fastdiff._cuda_kernel_group_norm_silu, torch.ops.fastdiff.group_norm_silu,
               _gn_case(torch.float32, (2, 8, 4, 4), 4)[1])]
     ops._logged.clear()
     prev = ops.set_prebuilt("on")

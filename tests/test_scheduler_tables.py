@@ -284,14 +284,14 @@ TRITON_CASES = ["pndm-sd15", "euler-a", "euler-karras-churn", "ddpm-v-zsnr-trail
 def _triton_v2(model_output, sample, coeffs, step_index, noise=None, state=None,
                guidance_scale=1.0, clip_sample=False, clip_sample_range=1.0, guided=None):
     """schedulers._op_v2 with the Triton launcher (interpreted on CPU) in place of the op."""
-    from fastdiff import _C, kernels
+    from fastdiff import kernels, ops
 
     dt = sample.dtype
     st = None if state is None else state.to(dtype=dt).clone()
     args = (model_output.contiguous(), sample.contiguous(), coeffs.float().contiguous(),
             step_index, None if noise is None else noise.to(dtype=dt).contiguous(), st,
             float(guidance_scale), clip_sample, float(clip_sample_range), True, guided)
-    _C.check_denoise_step(*args)
+    ops.check("denoise_step", *args)
     out, x0 = kernels.launch("denoise_step", *args)
     return out, x0, st
 
