@@ -25,6 +25,8 @@
 #   kernels     75  benchmarks/test_kernels.py at SD1.5 shapes, fp16: fastdiff vs eager / SDPA
 #   e2e        240  benchmarks/test_e2e.py: SD1.5 U-Net 512x512, CFG 7.5, DDIM 50, batch 1 then
 #                   4: diffusers eager, fastdiff.accelerate, the engine
+#   steps       90  only when named (PHASES=default,steps): benchmarks/test_steps.py on CUDA,
+#                   fp16: each scheduler family's fused step vs diffusers' step + CFG (issue 14)
 #   tune       150  only when named (PHASES=default,tune): benchmarks/tune.py, launch-parameter
 #                   sweeps of attention and group_norm_silu against SDPA / eager (tune.json)
 #   kernels-compile 150, e2e-compile 400   (PHASES=compile: build + these) torch.compile
@@ -59,8 +61,8 @@ tee_pid=$!
 trap 'rm -rf "$RAW"; exec >&- 2>&-; wait "$tee_pid" 2>/dev/null' EXIT
 
 declare -A CAP=([build]=150 [wheel]=180 [tests]=170 [tests-prebuilt]=120 [first-call]=75 [kernels]=75 [e2e]=240
-                [tune]=150 [kernels-compile]=150 [e2e-compile]=400)
-ORDER="build wheel tests tests-prebuilt first-call kernels e2e tune kernels-compile e2e-compile"
+                [steps]=90 [tune]=150 [kernels-compile]=150 [e2e-compile]=400)
+ORDER="build wheel tests tests-prebuilt first-call kernels e2e steps tune kernels-compile e2e-compile"
 caps=${GPU_CAPS:-}
 for kv in ${caps//,/ }; do
   [ -n "${CAP[${kv%%=*}]+x}" ] || { echo "GPU_CAPS: no phase '${kv%%=*}'"; exit 2; }
@@ -245,6 +247,9 @@ sys.exit(int(sys.argv[1]) not in json.load(open(sys.argv[2]))[\"archs\"])" "$ARC
       bench_phase kernels benchmarks/test_kernels.py -k "$k" ;;
     e2e)
       bench_phase e2e benchmarks/test_e2e.py -k "not compile" ;;
+    steps)
+      k="cuda"; [ "$QUICK" = 1 ] && k="cpu and (DDIM or PNDM)"
+      bench_phase steps benchmarks/test_steps.py -k "$k" ;;
     tune)   # SIGINT at the limit: tune.py writes tune.json with what it timed
       run_phase tune bench.log "$PY" benchmarks/tune.py --out "$OUT/tune.json" \
         --budget $(( ${CAP[tune]} - 10 )) $( [ "$QUICK" = 1 ] && echo --dry ) ;;

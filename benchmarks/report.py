@@ -96,7 +96,7 @@ def rows_from_benchmarks(raw: dict) -> list[Row]:
     for b in raw["benchmarks"]:
         info = b.get("extra_info", {})
         kind = info.get("kind")
-        if kind not in ("kernel", "e2e", "first_call"):
+        if kind not in ("kernel", "e2e", "first_call", "step"):
             continue
         inner = info.get("inner", 1)
         t = b["stats"]["median"] / inner
@@ -158,6 +158,13 @@ def table(rows: list[Row]) -> str:
         for r in first:
             out.append(f"| {r.case} | {_system(r)} | {r.seconds * 1e3:.2f} ms | "
                        f"{_fmt(r.speedup, '.1f', 'x')} |")
+    steps = [r for r in rows if r.kind == "step"]
+    if steps:
+        out += ["", "| scheduler step + CFG | system | per step | vs diffusers |",
+                "|---|---|---:|---:|"]
+        for r in steps:
+            out.append(f"| {r.case} | {_system(r)} | {r.seconds * 1e6:.1f} us | "
+                       f"{_fmt(r.speedup, '.2f', 'x')} |")
     return "\n".join(out)
 
 
@@ -182,7 +189,8 @@ def chart(rows: list[Row], path: str, title: str = "") -> None:
     vals = [value(r) for r in rows if value(r) is not None]
     vmax = max(vals + [1.0]) * 1.1
     bar_h, gap, left, width = 12, 10, 330, 900
-    listed = {"kernel": KERNEL_SYSTEMS, "e2e": E2E_SYSTEMS, "first_call": ("prebuilt", "jit")}
+    listed = {"kernel": KERNEL_SYSTEMS, "e2e": E2E_SYSTEMS, "first_call": ("prebuilt", "jit"),
+              "step": ("fastdiff", "diffusers")}
     systems = {k: [s for s in order if any(r.system == s and r.kind == k for r in rows)]
                for k, order in listed.items()}
     height = 60 + sum(len(systems[k]) * bar_h + gap for k, _ in cases) + 40

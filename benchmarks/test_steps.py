@@ -72,5 +72,7 @@ def test_step(benchmark, kind, system, device):
         return x
 
     run()   # the tables are built on the first schedule (not timed)
-    benchmark.extra_info.update(family=kind, system=system, steps=STEPS, device=device)
+    # kind/case/inner: benchmarks/report.py's step rows (per step: median / STEPS)
+    benchmark.extra_info.update(kind="step", case=f"{kind} {device}", family=kind, system=system,
+                                steps=STEPS, inner=STEPS, device=device)
     benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
