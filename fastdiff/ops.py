@@ -114,6 +114,18 @@ def check_types(op: str, tensors: dict | None = None, ints: dict | None = None,
             fail(name, "a real number (int or float)", v)
 
 
+def _refuse_forward_ad(name: str, args) -> None:
+    """The ops have backward formulas only: a dual tensor (forward-mode AD, torch.func.jvp)
+    would come out with no tangent, silently. Refused instead."""
+    if forward_ad._current_level < 0:
+        return
+    for a in args:
+        if isinstance(a, torch.Tensor) and forward_ad.unpack_dual(a).tangent is not None:
+            raise NotImplementedError(
+                f"fastdiff.{name}: forward-mode AD (a dual tensor) is not supported; the op "
+                "has a backward formula only (use reverse mode, or the torch code it replaces)")
+
+
 def _run(op, *args):
     """op(*args); with grad mode off (pipelines run under no_grad), no forward-mode AD level
     open and no torch.compile tracing, below the dispatcher's Autograd key: the autograd
@@ -121,6 +133,7 @@ def _run(op, *args):
     (For the ops that write no input: denoise_step's own Autograd kernel decides.)"""
     if (torch.is_grad_enabled() or forward_ad._current_level >= 0
             or torch.compiler.is_compiling()):
+        _refuse_forward_ad(op.__name__, args)
         return op(*args)
     with torch._C._AutoDispatchBelowAutograd():
         return op(*args)
@@ -186,6 +199,7 @@ def denoise_step(model_output: torch.Tensor, sample: torch.Tensor, coeffs: torch
     check_types("denoise_step", dict(model_output=model_output, sample=sample, coeffs=coeffs,
                                      step_index=step_index, noise=noise, state=state),
                 reals=dict(guidance_scale=guidance_scale, clip_sample_range=clip_sample_range))
+    _refuse_forward_ad("denoise_step", (model_output, sample, noise, state))
     return torch.ops.fastdiff.denoise_step(model_output, sample, coeffs, step_index, noise, state,
                                            guidance_scale, clip_sample, clip_sample_range, write_x0,
                                            guided)

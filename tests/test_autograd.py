@@ -494,3 +494,28 @@ def test_no_grad_calls_skip_the_autograd_kernels_and_grad_calls_keep_them():
     torch.testing.assert_close(g1.detach(), g0, rtol=0, atol=0)
     (y1.sum() + g1.sum()).backward()
     assert x.grad is not None and h.grad is not None
+
+
+# torch's forward_ad module scripts its jvp decompositions on first use (torch's warning)
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("name", ["group_norm_silu", "attention", "geglu", "add_layer_norm",
+                                  "denoise_step"])
+def test_forward_mode_ad_is_refused_not_silently_dropped(name):
+    """The ops have backward formulas only; a dual tensor came out with a None tangent (a
+    silent wrong answer for torch.func.jvp users). Now a NotImplementedError naming the op."""
+    import torch.autograd.forward_ad as fwAD
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 4, 3, 3, generator=g)
+    calls = {
+        "group_norm_silu": lambda d: ops.group_norm_silu(d, 2),
+        "attention": lambda d: ops.attention(d, d, d),
+        "geglu": lambda d: ops.geglu(d),
+        "add_layer_norm": lambda d: ops.add_layer_norm(d, d),
+        "denoise_step": lambda d: ops.denoise_step(
+            d, d, torch.zeros(1, schedules.ROW_LEN), torch.zeros(1, dtype=torch.long)),
+    }
+    for grad_mode in (True, False):
+        with torch.set_grad_enabled(grad_mode), fwAD.dual_level():
+            dual = fwAD.make_dual(x, torch.ones_like(x))
+            with pytest.raises(NotImplementedError, match=f"fastdiff.{name}: forward-mode AD"):
+                calls[name](dual)
