@@ -61,7 +61,6 @@ class StepTable:
     draws: torch.Tensor | None = None
     threshold: tuple | None = None
 
-
     def __len__(self):
         return self.coeffs.shape[0]
 

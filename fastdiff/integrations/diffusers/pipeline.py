@@ -30,7 +30,7 @@ from fastdiff import schedules
 from fastdiff.engine import SamplingEngine
 from fastdiff.ops import logger
 
-from . import blocks, schedulers, tables
+from . import blocks, schedulers
 from .graphs import GraphedUNet
 
 STATE_ATTR = "_fastdiff_accelerated"
@@ -372,11 +372,11 @@ def _probe(pipe, call_kwargs):
 
 
 def _rows_table(sched, start: int) -> schedules.StepTable:
-    """The engine's table for a scheduler fused as version-2 rows (tables.table_for: every call
-    of the loop from ``start``, its timestep, input scaling and noise draws as the scheduler's
-    own step and scale_model_input make them)."""
+    """The engine's table for a scheduler fused as version-2 rows (tables.table_for, cached by
+    content as RowStep's: every call of the loop from ``start``, its timestep, input scaling and
+    noise draws as the scheduler's own step and scale_model_input make them)."""
     try:
-        coeffs, info = tables.table_for(sched, start=start)
+        coeffs, info = schedulers.content_table(sched, start, {})
     except ValueError as err:
         raise ValueError(f"sample_pipeline: {err}") from None
     calls = len(sched.timesteps) - start
