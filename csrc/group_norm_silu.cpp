@@ -104,39 +104,10 @@ const float* as_float(const T* src, int64_t n, std::vector<float>& buf) {
   }
 }
 
-// Statistics exact enough for any group (large means, tiny or zero variances, long groups):
-// sums of x - shift (the shift a value of the data, so a constant group sums to exactly 0), in
-// float lanes over blocks of kBlock elements, the blocks added in double; then the corrected
-// two-pass form M2 = sum((x - m)^2) - sum(x - m)^2 / n around the float-rounded mean m.
-constexpr int64_t kBlock = 2048;
-
-// sum(x[i] - shift) and, with kSquares, sum((x[i] - shift)^2) over n elements.
-template <bool kSquares>
-void shifted_sums(const float* x, int64_t n, float shift, double* s1, double* s2) {
-  const Vec m(shift);
-  double t1 = 0, t2 = 0;
-  for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
-    const int64_t e = std::min(n, i0 + kBlock);
-    Vec a1(0.f), a2(0.f);
-    int64_t i = i0;
-    for (; i + kW <= e; i += kW) {
-      const Vec d = Vec::loadu(x + i) - m;
-      a1 += d;
-      if constexpr (kSquares) a2 = simd::fmadd(d, d, a2);
-    }
-    float b1 = simd::reduce_add(a1), b2 = 0.f;
-    if constexpr (kSquares) b2 = simd::reduce_add(a2);
-    for (; i < e; ++i) {
-      const float d = x[i] - shift;
-      b1 += d;
-      b2 += d * d;
-    }
-    t1 += b1;
-    t2 += b2;
-  }
-  *s1 = t1;
-  if (s2) *s2 = t2;
-}
+// Statistics exact enough for any group: simd::shifted_sums (sums of x - shift, the shift a
+// value of the data); then the corrected two-pass form M2 = sum((x - m)^2) - sum(x - m)^2 / n
+// around the float-rounded mean m.
+using simd::shifted_sums;
 
 // Mean and M2 (sum of squared deviations) of n > 0 contiguous floats.
 void moments(const float* x, int64_t n, double* mean, double* m2) {

@@ -122,7 +122,7 @@ Out empty(const GroupNormSiluBackward& a) {
 
 using simd::Vec;
 constexpr int64_t kW = Vec::size();
-constexpr int64_t kBlock = 2048;  // float lanes per block, blocks added in double
+constexpr int64_t kBlock = simd::kSumBlock;  // float lanes per block, blocks added in double
 
 // Per-(n, c) and per-channel inputs as float (nullptr: absent).
 struct Params {
@@ -134,34 +134,6 @@ struct Params {
 struct Grads {
   float *dw_nc, *db_nc, *dpre, *dscale, *dshift;
 };
-
-// sum(v[i] - k) and sum((v[i] - k)^2) over n floats, k = v[0]: a value of the data, so the
-// sums stay exact enough for a large mean with a small spread (Chan et al.'s shifted data).
-void shifted_sums(const float* v, int64_t n, double* s1, double* s2) {
-  const float k = v[0];
-  double t1 = 0, t2 = 0;
-  for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
-    const int64_t e = std::min(n, i0 + kBlock);
-    Vec a1(0.f), a2(0.f);
-    int64_t i = i0;
-    for (; i + kW <= e; i += kW) {
-      const Vec d = Vec::loadu(v + i) - Vec(k);
-      a1 += d;
-      a2 = simd::fmadd(d, d, a2);
-    }
-    float b1 = simd::reduce_add(a1);
-    float b2 = simd::reduce_add(a2);
-    for (; i < e; ++i) {
-      const float d = v[i] - k;
-      b1 += d;
-      b2 += d * d;
-    }
-    t1 += b1;
-    t2 += b2;
-  }
-  *s1 = t1;
-  *s2 = t2;
-}
 
 // One NCHW channel's h = x + pre and dy into float buffers (x and dy read from memory once).
 template <typename T>
@@ -273,7 +245,8 @@ void group_backward(const T* dy, const T* x, T* dx, int64_t n, int64_t g, int64_
   for (int64_t j = 0; j < Cg; ++j) {
     const float* hj = h.data() + j * HW;
     double s1, s2;
-    shifted_sums(hj, HW, &s1, &s2);
+    // shift: the group's first value (a constant group sums to exactly 0)
+    simd::shifted_sums<true>(hj, HW, hj[0], &s1, &s2);
     mean_c[j] = hj[0] + s1 / HW;
     m2_c[j] = std::max(0.0, s2 - s1 * s1 / HW);
     gmean += mean_c[j];

@@ -4,6 +4,7 @@
 // into what the target has (two NEON registers on aarch64).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -172,5 +173,40 @@ inline Vec Vec::exp() const {
 }
 
 #endif
+
+// Statistics exact enough for any group or row (large means, tiny or zero variances, long
+// runs): sums of v - shift (the shift a value of the data, so a constant run sums to exactly 0),
+// in float lanes over blocks of kSumBlock elements, the blocks added in double.
+constexpr int64_t kSumBlock = 2048;
+
+// sum(v[i] - shift) and, with kSquares, sum((v[i] - shift)^2) over n floats (s2 may be null
+// without kSquares).
+template <bool kSquares>
+inline void shifted_sums(const float* v, int64_t n, float shift, double* s1, double* s2) {
+  constexpr int64_t kW = Vec::size();
+  const Vec m(shift);
+  double t1 = 0, t2 = 0;
+  for (int64_t i0 = 0; i0 < n; i0 += kSumBlock) {
+    const int64_t e = std::min(n, i0 + kSumBlock);
+    Vec a1(0.f), a2(0.f);
+    int64_t i = i0;
+    for (; i + kW <= e; i += kW) {
+      const Vec d = Vec::loadu(v + i) - m;
+      a1 += d;
+      if constexpr (kSquares) a2 = fmadd(d, d, a2);
+    }
+    float b1 = reduce_add(a1), b2 = 0.f;
+    if constexpr (kSquares) b2 = reduce_add(a2);
+    for (; i < e; ++i) {
+      const float d = v[i] - shift;
+      b1 += d;
+      b2 += d * d;
+    }
+    t1 += b1;
+    t2 += b2;
+  }
+  *s1 = t1;
+  if (s2) *s2 = t2;
+}
 
 }  // namespace fastdiff::simd
