@@ -40,6 +40,18 @@ def _load(dy_ptr, x_ptr, pre_ptr, pre_kind, base, cc, pp, cmask, mask, n, g, C, 
 
 
 @triton.jit
+def _du(dy, xhat, w, b, s, sh, SILU: tl.constexpr):
+    """The gradient at u = (xhat w + b) s + sh, the SiLU's input: dy silu'(u) (dy without SiLU);
+    passes 2 and 3 recompute it rather than keep a group's worth."""
+    du = dy
+    if SILU:
+        u = (xhat * w[:, None] + b[:, None]) * s[:, None] + sh[:, None]
+        sig = tl.sigmoid(u)
+        du = dy * sig * (1.0 + u * (1.0 - sig))
+    return du
+
+
+@triton.jit
 def group_norm_silu_backward_group(dy_ptr, x_ptr, dx_ptr, w_ptr, b_ptr, pre_ptr, scale_ptr,
                                    shift_ptr, dpre_ptr, dscale_ptr, dshift_ptr, part_ptr,
                                    HW, C, G, CG, SC, SP, eps, w_kind, b_kind, pre_kind,
@@ -87,11 +99,7 @@ def group_norm_silu_backward_group(dy_ptr, x_ptr, dx_ptr, w_ptr, b_ptr, pre_ptr,
         h, dy, off = _load(dy_ptr, x_ptr, pre_ptr, pre_kind, base, cc, pp, cmask, mask, n, g, C,
                            CG, SC, SP, HAS_PRE)
         xhat = (h - mean) * rstd
-        du = dy
-        if SILU:
-            u = (xhat * w[:, None] + b[:, None]) * s[:, None] + sh[:, None]
-            sig = tl.sigmoid(u)
-            du = dy * sig * (1.0 + u * (1.0 - sig))
+        du = _du(dy, xhat, w, b, s, sh, SILU)
         du = tl.where(mask, du, 0.0)
         A += tl.sum(du, axis=1)
         B += tl.sum(du * xhat, axis=1)
@@ -116,11 +124,7 @@ def group_norm_silu_backward_group(dy_ptr, x_ptr, dx_ptr, w_ptr, b_ptr, pre_ptr,
         h, dy, off = _load(dy_ptr, x_ptr, pre_ptr, pre_kind, base, cc, pp, cmask, mask, n, g, C,
                            CG, SC, SP, HAS_PRE)
         xhat = (h - mean) * rstd
-        du = dy
-        if SILU:
-            u = (xhat * w[:, None] + b[:, None]) * s[:, None] + sh[:, None]
-            sig = tl.sigmoid(u)
-            du = dy * sig * (1.0 + u * (1.0 - sig))
+        du = _du(dy, xhat, w, b, s, sh, SILU)
         dx = rstd * (kc[:, None] * du - mean1 - xhat * mean2)
         tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
