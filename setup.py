@@ -132,8 +132,13 @@ setup(
             sorted(glob.glob("csrc/*.cpp")),
             extra_compile_args={"cxx": cxx_flags()},
             extra_link_args=["-ldl"],
+            # Python's limited API (csrc/ops.cpp's module is an empty PyInit): one abi3 wheel
+            # for every Python >= 3.10, as the stable ABI gives one for every torch >= target.
+            py_limited_api=True,
+            define_macros=[("Py_LIMITED_API", "0x030A0000")],
         )
     ],
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
     cmdclass={"build_ext": BuildExt,
               "build_py": BuildPyWithCubins},
 )

@@ -15,7 +15,7 @@ import tempfile
 import pytest
 import torch
 
-from fastdiff import _C, ops, prebuilt, schedules
+from fastdiff import ops, prebuilt, schedules
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -33,7 +33,7 @@ def _kernels():
 def cold(tmp_path_factory):
     """set-up for one round of ``path``: the state of a new process."""
     prebuilt.load_if_cuda()
-    if _C._prebuilt_count() == 0:
+    if prebuilt.count() == 0:
         pytest.skip("no prebuilt kernels installed (pip wheel . / make prebuilt)")
     root = tmp_path_factory.mktemp("triton-cache")
     saved = os.environ.get("TRITON_CACHE_DIR")
@@ -45,7 +45,7 @@ def cold(tmp_path_factory):
             for k in _kernels():
                 k.device_caches.clear()
         else:
-            _C._prebuilt_forget_loaded()
+            prebuilt.forget_loaded()
         ops.set_prebuilt("require" if path == "prebuilt" else "off")
 
     yield reset
@@ -126,7 +126,7 @@ def test_warm_call_overhead(benchmark, path):
     median is the host's time per call: C++ op -> cuLaunchKernel vs C++ op -> Python -> the
     Triton launcher."""
     prebuilt.load_if_cuda()
-    if _C._prebuilt_count() == 0:
+    if prebuilt.count() == 0:
         pytest.skip("no prebuilt kernels installed (pip wheel . / make prebuilt)")
     args = _small_step()
     prev = ops.set_prebuilt("require" if path == "prebuilt" else "off")

@@ -61,8 +61,7 @@ void check(const AddLayerNorm& a) {
   FD_CHECK(x.is_contiguous(), op, "argument 'x' must be contiguous, got strides ",
            strides_str(x));
   check_same_device(op, x, "x", r, "residual");
-  FD_CHECK(r.dim() == x.dim() && std::equal(x.sizes().begin(), x.sizes().end(),
-                                            r.sizes().begin()), op, "argument 'residual' must have the shape of 'x' ",
+  FD_CHECK(same_shape(r, x), op, "argument 'residual' must have the shape of 'x' ",
            shape_str(x), ", got ", shape_str(r));
   FD_CHECK(r.scalar_type() == x.scalar_type(), op, "argument 'residual' must have the dtype of ",
            "'x' (", dtype_str(x.scalar_type()), "), got ", dtype_str(r.scalar_type()));

@@ -146,7 +146,7 @@ void check(const DenoiseStep& a) {
   if (a.noise) {
     const Tensor& e = *a.noise;
     check_same_device(op, sample, "sample", e, "noise");
-    FD_CHECK(e.sizes() == sample.sizes(), op, "argument 'noise' must have the shape of 'sample' ",
+    FD_CHECK(same_shape(e, sample), op, "argument 'noise' must have the shape of 'sample' ",
              shape_str(sample), ", got ", shape_str(e));
     FD_CHECK(e.scalar_type() == sample.scalar_type(), op,
              "argument 'noise' must have the dtype of 'sample' (", dtype_str(sample.scalar_type()),

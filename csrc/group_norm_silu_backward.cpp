@@ -85,8 +85,7 @@ void check(const GroupNormSiluBackward& a) {
            "argument 'x' must be contiguous (NCHW) or channels_last, got strides ", strides_str(x),
            " for shape ", shape_str(x));
   check_same_device(op, x, "x", gy, "grad_y");
-  FD_CHECK(gy.dim() == x.dim() && std::equal(x.sizes().begin(), x.sizes().end(),
-                                              gy.sizes().begin()), op, "argument 'grad_y' must have the shape of 'x' ",
+  FD_CHECK(same_shape(gy, x), op, "argument 'grad_y' must have the shape of 'x' ",
            shape_str(x), ", got ", shape_str(gy));
   FD_CHECK(gy.scalar_type() == x.scalar_type(), op, "argument 'grad_y' must have the dtype of 'x' (",
            dtype_str(x.scalar_type()), "), got ", dtype_str(gy.scalar_type()));

@@ -1,11 +1,13 @@
-// The fastdiff op library: the helpers the ops share, the schemas of each op's helper ops, and
-// the Python module fastdiff._C (the prebuilt-kernel registry: strings and numbers only, no
-// tensor, so pybind11 here needs nothing from libtorch). Each op's schema and implementations
-// are in csrc/<op>.cpp, the prebuilt-kernel launcher in prebuilt.cpp.
+// The fastdiff op library: the helpers the ops share, the schemas of each op's helper ops, the
+// prebuilt-kernel registry's ops (fastdiff::_prebuilt_*: strings and numbers; fastdiff/prebuilt.py
+// wraps them) and the empty Python module fastdiff._C, on Python's limited API, whose import
+// loads this library: the extension uses no pybind11 (torch's refuses to build with the stable
+// ABI's TORCH_TARGET_VERSION) and no version-specific Python, so one abi3 wheel serves every
+// Python >= 3.9 and every torch >= the target. Each op's schema and implementations are in
+// csrc/<op>.cpp, the prebuilt-kernel launcher in prebuilt.cpp.
 #include "ops.h"
 
-#include <pybind11/pybind11.h>
-#include <pybind11/stl.h>
+#include <Python.h>
 
 #include <algorithm>
 #include <iterator>
@@ -69,6 +71,11 @@ bool is_float_dtype(ScalarType t) {
 bool same_sizes(const Tensor& t, std::initializer_list<int64_t> sizes) {
   const auto s = t.sizes();
   return s.size() == sizes.size() && std::equal(sizes.begin(), sizes.end(), s.begin());
+}
+
+bool same_shape(const Tensor& a, const Tensor& b) {
+  const auto x = a.sizes(), y = b.sizes();
+  return x.size() == y.size() && std::equal(x.begin(), x.end(), y.begin());
 }
 
 bool is_channels_last(const Tensor& t) {
@@ -149,53 +156,107 @@ void define_op(torch::stable::detail::StableLibrary& m, const char* name, const 
 
 namespace {
 
-prebuilt::Launch launch_from_py(const pybind11::dict& d) {
-  prebuilt::Launch l;
-  l.key = d["key"].cast<std::string>();
-  auto g = d["grid"].cast<std::vector<int64_t>>();
+namespace pb = prebuilt;
+
+std::vector<std::string> split(const std::string& s, char sep) {
+  std::vector<std::string> parts;
+  if (s.empty()) return parts;
+  size_t start = 0;
+  for (size_t p; (p = s.find(sep, start)) != std::string::npos; start = p + 1)
+    parts.push_back(s.substr(start, p - start));
+  parts.push_back(s.substr(start));
+  return parts;
+}
+
+// A launch from its line of pb::launches_text: key TAB gx,gy,gz TAB name:kind:bits;...
+pb::Launch launch_from_text(const std::string& line) {
+  const auto fields = split(line, '\t');
+  if (fields.size() != 3)
+    throw std::invalid_argument("fastdiff: a launch line has 3 tab-separated fields, got " +
+                                std::to_string(fields.size()));
+  pb::Launch l;
+  l.key = fields[0];
+  const auto g = split(fields[1], ',');
   if (g.size() != 3) throw std::invalid_argument("fastdiff: a launch's grid has 3 dimensions");
-  l.grid = {g[0], g[1], g[2]};
-  for (auto item : d["args"].cast<pybind11::list>()) {
-    auto [name, kind, bits] = item.cast<std::tuple<std::string, std::string, uint64_t>>();
-    const auto& names = prebuilt::kKindNames;
-    const auto* k = std::find(std::begin(names), std::end(names), kind);
-    if (k == std::end(names)) throw std::invalid_argument("fastdiff: no argument kind '" + kind + "'");
-    l.args.push_back({name, static_cast<prebuilt::Kind>(k - std::begin(names)), bits, ""});
+  l.grid = {std::stoll(g[0]), std::stoll(g[1]), std::stoll(g[2])};
+  for (const std::string& a : split(fields[2], ';')) {
+    const auto p = split(a, ':');
+    if (p.size() != 3)
+      throw std::invalid_argument("fastdiff: a launch argument is name:kind:bits, got '" + a + "'");
+    const auto& names = pb::kKindNames;
+    const auto* k = std::find(std::begin(names), std::end(names), p[1]);
+    if (k == std::end(names))
+      throw std::invalid_argument("fastdiff: no argument kind '" + p[1] + "'");
+    l.args.push_back({p[0], static_cast<pb::Kind>(k - std::begin(names)), std::stoull(p[2]), ""});
   }
   return l;
 }
 
+void registry_register(std::string key, int64_t arch, std::string path, std::string name,
+                       std::string param_names, std::vector<int64_t> param_bytes,
+                       std::vector<int64_t> aligned, int64_t num_warps, int64_t shared,
+                       int64_t global_scratch_size, int64_t profile_scratch_size) {
+  pb::register_kernel(key, arch, path, name, split(param_names, ','), param_bytes, aligned,
+                      num_warps, shared, global_scratch_size, profile_scratch_size);
+}
+int64_t registry_use_directory(std::string directory, bool lazy) {
+  return pb::use_directory(directory, lazy);
+}
+void registry_clear() { pb::clear_registry(); }
+int64_t registry_count() { return pb::registry_size(); }
+void registry_forget_loaded() { pb::forget_loaded(); }
+std::string registry_mode() { return pb::mode_name(); }
+std::string registry_set_mode(std::string name) { return pb::set_mode(name); }
+std::tuple<std::string, std::string> registry_select(std::string launch, int64_t arch) {
+  pb::Selection s = pb::select(launch_from_text(launch), arch);
+  return {s.path, s.reason};
+}
+std::tuple<std::string, std::string, int64_t, int64_t> registry_hold_and_read(
+    std::string launch, int64_t arch, int64_t reads, bool change_registry) {
+  pb::HoldReport r = pb::hold_and_read(launch_from_text(launch), arch, reads, change_registry);
+  return {r.name, r.why, r.live, r.intact};
+}
+int64_t registry_live_entries() { return pb::live_entries(); }
+
 }  // namespace
 }  // namespace fastdiff
 
-// The library's own definition; each op's schemas are fragments in csrc/<op>.cpp.
-STABLE_TORCH_LIBRARY(fastdiff, m) {}
+// The library's own definition; each op's schemas are fragments in csrc/<op>.cpp. The registry's
+// ops take no tensor: CompositeExplicitAutograd serves them on any (no) device.
+STABLE_TORCH_LIBRARY(fastdiff, m) {
+  m.def("_prebuilt_register(str key, int arch, str path, str name, str param_names, "
+        "int[] param_bytes, int[] aligned, int num_warps, int shared, int global_scratch_size, "
+        "int profile_scratch_size) -> ()");
+  m.def("_prebuilt_use_directory(str directory, bool lazy=False) -> int");
+  m.def("_prebuilt_clear() -> ()");
+  m.def("_prebuilt_count() -> int");
+  m.def("_prebuilt_forget_loaded() -> ()");
+  m.def("_prebuilt_mode() -> str");
+  m.def("_prebuilt_set_mode(str name) -> str");
+  m.def("_prebuilt_select(str launch, int arch) -> (str, str)");
+  m.def("_prebuilt_hold_and_read(str launch, int arch, int reads, bool change_registry) -> "
+        "(str, str, int, int)");
+  m.def("_prebuilt_live_entries() -> int");
+}
 
-PYBIND11_MODULE(_C, m) {
-  namespace pb = fastdiff::prebuilt;
-  m.doc() = "fastdiff C++ extension: registers torch.ops.fastdiff.* (CPU, Meta and CUDA kernels) "
-            "on PyTorch's stable ABI; this module holds the prebuilt-kernel registry";
-  m.def("_prebuilt_register", &pb::register_kernel, "Registers one prebuilt kernel.");
-  m.def("_prebuilt_use_directory", &pb::use_directory, pybind11::arg("directory"),
-        pybind11::arg("lazy") = false);
-  m.def("_prebuilt_clear", &pb::clear_registry);
-  m.def("_prebuilt_count", &pb::registry_size);
-  m.def("_prebuilt_forget_loaded", &pb::forget_loaded);
-  m.def("_prebuilt_mode", &pb::mode_name, "The prebuilt mode: 'off', 'on' or 'require'.");
-  m.def("_prebuilt_set_mode", &pb::set_mode, "Sets the prebuilt mode; returns the previous one.");
-  m.def("_prebuilt_select", [](const pybind11::dict& launch, int64_t arch) {
-    pb::Selection s = pb::select(fastdiff::launch_from_py(launch), arch);
-    return pybind11::make_tuple(s.path, s.reason);
-  }, "The registered cubin a planned launch would run on sm_<arch>, or why none.");
-  m.def("_prebuilt_hold_and_read", [](const pybind11::dict& launch, int64_t arch, int64_t reads,
-                                      bool change_registry) {
-    const pb::Launch l = fastdiff::launch_from_py(launch);
-    pb::HoldReport r;
-    {
-      pybind11::gil_scoped_release nogil;  // other Python threads may change the registry
-      r = pb::hold_and_read(l, arch, reads, change_registry);
-    }
-    return pybind11::make_tuple(r.name, r.why, r.live, r.intact);
-  }, "Tests: the registry's ownership of what a launch resolved (see prebuilt.h).");
-  m.def("_prebuilt_live_entries", &pb::live_entries);
+STABLE_TORCH_LIBRARY_IMPL(fastdiff, CompositeExplicitAutograd, m) {
+  m.impl("_prebuilt_register", TORCH_BOX(&fastdiff::registry_register));
+  m.impl("_prebuilt_use_directory", TORCH_BOX(&fastdiff::registry_use_directory));
+  m.impl("_prebuilt_clear", TORCH_BOX(&fastdiff::registry_clear));
+  m.impl("_prebuilt_count", TORCH_BOX(&fastdiff::registry_count));
+  m.impl("_prebuilt_forget_loaded", TORCH_BOX(&fastdiff::registry_forget_loaded));
+  m.impl("_prebuilt_mode", TORCH_BOX(&fastdiff::registry_mode));
+  m.impl("_prebuilt_set_mode", TORCH_BOX(&fastdiff::registry_set_mode));
+  m.impl("_prebuilt_select", TORCH_BOX(&fastdiff::registry_select));
+  m.impl("_prebuilt_hold_and_read", TORCH_BOX(&fastdiff::registry_hold_and_read));
+  m.impl("_prebuilt_live_entries", TORCH_BOX(&fastdiff::registry_live_entries));
+}
+
+// `import fastdiff._C` loads this library (the static registrations above run); the module
+// itself is empty.
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C",
+                            "fastdiff's C++ extension: its import registers torch.ops.fastdiff.*",
+                            -1, nullptr, nullptr, nullptr, nullptr, nullptr};
+  return PyModule_Create(&def);
 }

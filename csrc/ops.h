@@ -68,6 +68,8 @@ std::string device_str(const Device& d);
 std::string dtype_str(ScalarType t);  // torch's Python names, as users write them
 bool is_float_dtype(ScalarType t);    // float32, float16 or bfloat16
 bool same_sizes(const Tensor& t, std::initializer_list<int64_t> sizes);
+// Equal shapes (torch 2.11's IntHeaderOnlyArrayRef has no operator==).
+bool same_shape(const Tensor& a, const Tensor& b);
 bool is_channels_last(const Tensor& t);  // 4-D, channels_last-contiguous (as torch decides)
 void check_same_device(const char* op, const Tensor& ref, const char* ref_name, const Tensor& t,
                        const char* name);

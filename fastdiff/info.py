@@ -42,8 +42,8 @@ def info_lines(cubin_dir: str | None = None) -> list[str]:
             size = sum(k["cubin_bytes"] for k in ks)
             lines.append(f"  sm_{arch}: {len(ks)} cubins, {size / 2**20:.1f} MiB "
                          f"({', '.join(sorted({k['kernel'] for k in ks}))})")
-        lines.append(f"prebuilt mode: {_C._prebuilt_mode()} (FASTDIFF_PREBUILT); registered now: "
-                     f"{_C._prebuilt_count()}")
+        lines.append(f"prebuilt mode: {prebuilt.mode()} (FASTDIFF_PREBUILT); registered now: "
+                     f"{prebuilt.count()}")
         if torch.cuda.is_available():
             major, minor = torch.cuda.get_device_capability()
             arch = major * 10 + minor

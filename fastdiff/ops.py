@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.autograd import forward_ad
 from torch.autograd.function import once_differentiable
 
-from fastdiff import _C, prebuilt
+from fastdiff import prebuilt
 from fastdiff import schedules as S
 
 logger = logging.getLogger("fastdiff")
@@ -41,7 +41,7 @@ def set_prebuilt(mode: str) -> str:
     """Whether the CUDA ops launch the prebuilt cubins: 'on' (when they can; the default),
     'off' (always the Triton JIT) or 'require' (raise where they cannot). Returns the previous
     mode. The initial mode comes from FASTDIFF_PREBUILT (0/off, 1/on, require)."""
-    return _C._prebuilt_set_mode(mode)
+    return prebuilt.set_mode(mode)
 
 
 prebuilt.load_if_cuda()

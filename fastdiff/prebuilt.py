@@ -15,7 +15,71 @@ import os
 
 import torch
 
-from fastdiff import _C
+from fastdiff import _C  # noqa: F401 - its import registers torch.ops.fastdiff.*
+
+_reg = torch.ops.fastdiff
+
+
+# ---- the C++ launcher's registry (csrc/prebuilt.h), through its ops fastdiff::_prebuilt_* ----
+
+def launch_line(launch: dict) -> str:
+    """A planned launch ({key, grid, args: [(name, kind, bits)]}) as the launcher's text line."""
+    return "\t".join([launch["key"], ",".join(str(int(g)) for g in launch["grid"]),
+                      ";".join(f"{n}:{k}:{int(b) & (2**64 - 1)}" for n, k, b in launch["args"])])
+
+
+def register(key: str, arch: int, path: str, name: str, param_names: list[str],
+             param_bytes: list[int], aligned: list[int], num_warps: int, shared: int,
+             global_scratch_size: int, profile_scratch_size: int) -> None:
+    """Registers one compiled kernel (prebuilt.h register_kernel)."""
+    _reg._prebuilt_register(key, arch, path, name, ",".join(param_names), list(param_bytes),
+                            list(aligned), num_warps, shared, global_scratch_size,
+                            profile_scratch_size)
+
+
+def use_directory(directory: str, lazy: bool = False) -> int:
+    """Registers the kernels of <directory>/index.tsv, replacing what was registered; lazy: at
+    the first use. How many were registered, or -1 when lazy."""
+    return _reg._prebuilt_use_directory(directory, lazy)
+
+
+def clear() -> None:
+    _reg._prebuilt_clear()
+
+
+def count() -> int:
+    """How many kernels are registered now."""
+    return _reg._prebuilt_count()
+
+
+def forget_loaded() -> None:
+    """Forgets which cubins were loaded (first-call benchmarks: as in a new process)."""
+    _reg._prebuilt_forget_loaded()
+
+
+def mode() -> str:
+    """The prebuilt mode: 'off', 'on' or 'require' (FASTDIFF_PREBUILT)."""
+    return _reg._prebuilt_mode()
+
+
+def set_mode(name: str) -> str:
+    """Sets the prebuilt mode; returns the previous one."""
+    return _reg._prebuilt_set_mode(name)
+
+
+def select(launch: dict, arch: int) -> tuple[str, str]:
+    """The registered cubin a planned launch would run on sm_<arch>, or why none: (path, why)."""
+    return tuple(_reg._prebuilt_select(launch_line(launch), arch))
+
+
+def hold_and_read(launch: dict, arch: int, reads: int, change_registry: bool) -> tuple:
+    """Tests: the registry's ownership of what a launch resolved (prebuilt.h hold_and_read):
+    (name, why, live, intact)."""
+    return tuple(_reg._prebuilt_hold_and_read(launch_line(launch), arch, reads, change_registry))
+
+
+def live_entries() -> int:
+    return _reg._prebuilt_live_entries()
 
 
 def cubin_dir() -> str:
@@ -36,7 +100,7 @@ def manifest(directory: str | None = None) -> dict | None:
 def load(directory: str | None = None) -> int:
     """Registers every prebuilt kernel of ``directory`` (default: the package's) with the C++
     launcher, replacing what was registered before. Returns how many were registered."""
-    return _C._prebuilt_use_directory(directory or cubin_dir(), lazy=False)
+    return use_directory(directory or cubin_dir(), lazy=False)
 
 
 def cpp_plan(op: str, *args) -> tuple:
@@ -57,6 +121,6 @@ def cpp_plan(op: str, *args) -> tuple:
 def load_if_cuda() -> None:
     """At import: where a GPU could run them, names the package's cubins to the C++ launcher,
     which reads their index (index.tsv) at the first CUDA call, so importing costs nothing."""
-    _C._prebuilt_clear()
+    clear()
     if torch.cuda.is_available():
-        _C._prebuilt_use_directory(cubin_dir(), lazy=True)
+        use_directory(cubin_dir(), lazy=True)

@@ -18,7 +18,7 @@ if not HAS_CUDA:
 import pytest  # noqa: E402
 
 import fastdiff  # noqa: E402,F401
-from fastdiff import _C, kernels, ops  # noqa: E402
+from fastdiff import kernels, ops, prebuilt  # noqa: E402
 
 BACKENDS = [
     pytest.param("cpp", id="cpp"),
@@ -63,7 +63,7 @@ def run_op(backend: str, name: str, *args):
         op = getattr(torch.ops.fastdiff, name)
         on_gpu = [_to(a, "cuda") for a in args]
         why = jit_only_reason(name, on_gpu)
-        if why and _C._prebuilt_mode() == "require":
+        if why and prebuilt.mode() == "require":
             # FASTDIFF_PREBUILT=require (gpu.sh's tests-prebuilt phase) refuses head dims the
             # wheel has no cubin for, and ops without cubins, as documented; they run on the
             # JIT under 'on'.

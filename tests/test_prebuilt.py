@@ -21,7 +21,7 @@ import torch
 import triton
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fastdiff import _C, ops, prebuilt, reference, schedules
+from fastdiff import ops, prebuilt, reference, schedules
 from fastdiff.kernels import (add_layer_norm, attention, denoise_step, geglu,
                               group_norm_silu, prebuild)
 
@@ -394,7 +394,7 @@ def sm80(tmp_path_factory):
                        capture_output=True, text=True, env=env, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     n = prebuilt.load(str(out))
-    assert n == _C._prebuilt_count() > 0
+    assert n == prebuilt.count() > 0
     manifest = json.loads((out / "manifest.json").read_text())
     yield {k["file"]: k for k in manifest["kernels"]}
     prebuilt.load_if_cuda()
@@ -415,7 +415,7 @@ _WIDTH = {"ptr": 8, "i64": 8, "i32": 4, "fp32": 4}
 def test_packed_arguments_match_the_ptx_of_the_selected_cubin(sm80):
     for op, launches in _plans():
         for la in launches:
-            path, why = _C._prebuilt_select(la, 80)
+            path, why = prebuilt.select(la, 80)
             assert path, f"{op}: {la['key']}: {why}"
             entry = sm80[os.path.basename(path)]
             widths = [_WIDTH[kind] for _, kind, _ in la["args"]] + [8, 8]
@@ -427,7 +427,7 @@ def test_selection_prefers_the_aligned_variant_and_falls_back(sm80):
     # numel 4*64*64 (a multiple of 16) -> the variant assuming it; 3*5*7 -> pointers only.
     aligned = _cpp_plan_of("denoise_step")(*_step_case(torch.float16, (1, 4, 64, 64))[1])[0][0]
     odd = _cpp_plan_of("denoise_step")(*_step_case(torch.float16, (3, 5, 7))[1])[0][0]
-    a, o = (sm80[os.path.basename(_C._prebuilt_select(la, 80)[0])] for la in (aligned, odd))
+    a, o = (sm80[os.path.basename(prebuilt.select(la, 80)[0])] for la in (aligned, odd))
     names = [p["name"] for p in a["params"]]
     assert "numel" in [names[i] for i in a["aligned"]]
     assert "numel" not in [names[i] for i in o["aligned"]] and o["aligned"]
@@ -436,7 +436,7 @@ def test_selection_prefers_the_aligned_variant_and_falls_back(sm80):
     sample = base[1:].view(2, 4, 8, 8)
     _, args = _step_case(torch.float32, (2, 4, 8, 8))
     la = _cpp_plan_of("denoise_step")(args[0], sample, *args[2:])[0][0]
-    path, why = _C._prebuilt_select(la, 80)
+    path, why = prebuilt.select(la, 80)
     assert not path and "'x_ptr' is not 16-byte aligned" in why
 
 
@@ -446,7 +446,7 @@ def test_selection_takes_any_element_of_an_index_table(sm80):
     inputs, args = _step_case(torch.float16, (1, 4, 64, 64))
     for index in (torch.arange(7)[1], torch.arange(7, dtype=torch.int32)[3]):
         la = _cpp_plan_of("denoise_step")(*args[:3], index, *args[4:])[0][0]
-        path, why = _C._prebuilt_select(la, 80)
+        path, why = prebuilt.select(la, 80)
         assert path, why
         names = [p["name"] for p in sm80[os.path.basename(path)]["params"]]
         assert "numel" in [names[i] for i in sm80[os.path.basename(path)]["aligned"]]
@@ -455,38 +455,38 @@ def test_selection_takes_any_element_of_an_index_table(sm80):
 def test_selection_by_architecture(sm80):
     la = _cpp_plan_of("denoise_step")(*_step_case(torch.float32, (2, 4, 8, 8))[1])[0][0]
     for arch in (80, 86, 89):  # an sm_80 cubin runs on every 8.x GPU
-        assert _C._prebuilt_select(la, arch)[0].endswith("-sm80.cubin")
+        assert prebuilt.select(la, arch)[0].endswith("-sm80.cubin")
     for arch in (75, 90, 100):
-        path, why = _C._prebuilt_select(la, arch)
+        path, why = prebuilt.select(la, arch)
         assert not path and f"not prebuilt for sm_{arch}" in why
 
 
 def test_selection_takes_70000_heads(sm80):
     q = torch.zeros(1, 1, 1, 8, dtype=torch.bfloat16).expand(700, 100, 3, 8)
     la = _cpp_plan_of("attention")(q, q, q, None, None)[0][0]
-    path, why = _C._prebuilt_select(la, 80)
+    path, why = prebuilt.select(la, 80)
     assert path, why
 
 
 def test_selection_rejects_what_the_cubin_cannot_take(sm80):
     la = _cpp_plan_of("denoise_step")(*_step_case(torch.float32, (2, 4, 8, 8))[1])[0][0]
     big = dict(la, args=[(n, k, 2**31 if n == "numel" else b) for n, k, b in la["args"]])
-    assert "'numel'=2147483648 needs 64 bits" in _C._prebuilt_select(big, 80)[1]
+    assert "'numel'=2147483648 needs 64 bits" in prebuilt.select(big, 80)[1]
     renamed = dict(la, args=[("sample" if n == "x_ptr" else n, k, b) for n, k, b in la["args"]])
-    assert "is 'x_ptr'" in _C._prebuilt_select(renamed, 80)[1]
+    assert "is 'x_ptr'" in prebuilt.select(renamed, 80)[1]
     short = dict(la, args=la["args"][:-1])
-    assert "takes 18 parameters, the launch packs 15" in _C._prebuilt_select(short, 80)[1]
+    assert "takes 18 parameters, the launch packs 15" in prebuilt.select(short, 80)[1]
     wide = dict(la, grid=(1, 70000, 1))
-    assert "exceeds CUDA's limits" in _C._prebuilt_select(wide, 80)[1]
-    assert "is not prebuilt" in _C._prebuilt_select(dict(la, key="nope()[]"), 80)[1]
+    assert "exceeds CUDA's limits" in prebuilt.select(wide, 80)[1]
+    assert "is not prebuilt" in prebuilt.select(dict(la, key="nope()[]"), 80)[1]
 
 
 def test_mode_and_info():
-    assert _C._prebuilt_mode() in ("off", "on", "require")
+    assert prebuilt.mode() in ("off", "on", "require")
     before = ops.set_prebuilt("off")
     try:
-        assert _C._prebuilt_mode() == "off" and ops.set_prebuilt("require") == "off"
-        assert _C._prebuilt_mode() == "require"
+        assert prebuilt.mode() == "off" and ops.set_prebuilt("require") == "off"
+        assert prebuilt.mode() == "require"
     finally:
         ops.set_prebuilt(before)
     with pytest.raises(ValueError, match="argument 'mode' must be one of"):
@@ -498,7 +498,7 @@ def test_mode_and_info():
 def test_mode_from_the_environment(env, mode):
     """FASTDIFF_PREBUILT sets the initial mode; FASTDIFF_AOT, its older name, still works."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("FASTDIFF_")}
-    code = "import fastdiff; print(fastdiff._C._prebuilt_mode())"
+    code = "import fastdiff; print(fastdiff.prebuilt.mode())"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        env={**clean, **env}, timeout=300)
     assert r.stdout.strip() == mode, r.stderr[-2000:]
@@ -509,21 +509,21 @@ def test_index_is_read_lazily_and_checked(tmp_path):
                        "4", "0", "0", "0"])
     (tmp_path / "index.tsv").write_text(line + "\n" + line.replace("\t80\t", "\t90\t") + "\n")
     try:
-        assert _C._prebuilt_use_directory(str(tmp_path), lazy=True) == -1
-        assert _C._prebuilt_count() == 2  # read at the first use
+        assert prebuilt.use_directory(str(tmp_path), lazy=True) == -1
+        assert prebuilt.count() == 2  # read at the first use
         la = {"key": "k(*fp32,i32)[B=1]", "grid": (1, 1, 1),
               "args": [("x_ptr", "ptr", 4096), ("n", "i32", 7)]}
-        assert _C._prebuilt_select(la, 90)[0] == str(tmp_path / "k.cubin")
+        assert prebuilt.select(la, 90)[0] == str(tmp_path / "k.cubin")
         (tmp_path / "index.tsv").write_text("k()[]\t80\tk.cubin\n")
         with pytest.raises(RuntimeError, match="index.tsv line 1 has 3 fields, expected 11"):
-            _C._prebuilt_use_directory(str(tmp_path))
+            prebuilt.use_directory(str(tmp_path))
     finally:
         prebuilt.load_if_cuda()
 
 
 def test_registration_rejects_bad_metadata():
     with pytest.raises(ValueError, match="aligned parameter index 5 out of range"):
-        _C._prebuilt_register("k()[]", 80, "/nonexistent", "k", ["a"], [8, 8, 8], [5], 4, 0, 0, 0)
+        prebuilt.register("k()[]", 80, "/nonexistent", "k", ["a"], [8, 8, 8], [5], 4, 0, 0, 0)
 
 
 # ---- on a GPU: the prebuilt path, required, against references and the JIT ----
@@ -743,7 +743,7 @@ def test_installed_cubins_cover_every_plan():
         for arch in m["archs"]:
             for op, launches in _plans():
                 for la in launches:
-                    path, why = _C._prebuilt_select(la, arch)
+                    path, why = prebuilt.select(la, arch)
                     assert path, f"sm_{arch} {op}: {why}"
                     assert os.path.dirname(path) == prebuilt.cubin_dir()
                     widths = [_WIDTH[kind] for _, kind, _ in la["args"]] + [8, 8]
@@ -769,14 +769,14 @@ def test_a_resolved_entry_survives_a_registry_change(tmp_path):
     owned by the registry alone)."""
     la = _fake_kernel(tmp_path, 3)
     try:
-        _C._prebuilt_use_directory(str(tmp_path))
-        before = _C._prebuilt_live_entries()
+        prebuilt.use_directory(str(tmp_path))
+        before = prebuilt.live_entries()
         assert before >= 3
-        name, why, live, intact = _C._prebuilt_hold_and_read(la, 80, 100, True)
+        name, why, live, intact = prebuilt.hold_and_read(la, 80, 100, True)
         assert (name, why, intact) == ("k0", "", 100)
         assert live == before - 2          # the registry dropped all three; the held one lives
-        assert _C._prebuilt_count() == 0
-        assert _C._prebuilt_live_entries() == before - 3   # freed after
+        assert prebuilt.count() == 0
+        assert prebuilt.live_entries() == before - 3   # freed after
     finally:
         prebuilt.load_if_cuda()
 
@@ -793,10 +793,10 @@ def test_concurrent_registry_changes_and_resolutions(tmp_path):
 
     def resolve():
         try:
-            results.append(_C._prebuilt_hold_and_read(la, 80, 200, False))
+            results.append(prebuilt.hold_and_read(la, 80, 200, False))
             started.wait()
             for i in range(100_000):
-                results.append(_C._prebuilt_hold_and_read(la, 80, 200, False))
+                results.append(prebuilt.hold_and_read(la, 80, 200, False))
                 if churned.is_set() and i >= 100:
                     break
         except Exception as err:          # noqa: BLE001 - reported by the assertion below
@@ -806,14 +806,14 @@ def test_concurrent_registry_changes_and_resolutions(tmp_path):
         try:
             started.wait()
             for i in range(300):
-                _C._prebuilt_clear() if i % 3 == 2 else _C._prebuilt_use_directory(str(tmp_path))
+                prebuilt.clear() if i % 3 == 2 else prebuilt.use_directory(str(tmp_path))
         except Exception as err:          # noqa: BLE001
             errors.append(err)
         finally:
             churned.set()
 
     try:
-        _C._prebuilt_use_directory(str(tmp_path))
+        prebuilt.use_directory(str(tmp_path))
         threads = [threading.Thread(target=f) for f in (resolve, resolve, churn, churn)]
         for t in threads:
             t.start()
