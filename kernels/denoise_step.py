@@ -91,7 +91,7 @@ def denoise_step(mo_ptr, x_ptr, noise_ptr, state_ptr, coef_ptr, idx_ptr, out_ptr
     x = tl.load(x_ptr + start + offs, mask=mask).to(tl.float32)
     n = tl.load(noise_ptr + start + offs, mask=mask & (has_noise != 0), other=0.0).to(tl.float32)
     # Slot j of the state is (N, ...) at state_ptr + j * numel; absent slots are never read.
-    stride = numel.to(tl.int64)
+    stride = tl.cast(numel, tl.int64)  # numel == 1 is a Python int (the JIT specializes 1)
     s0, s1, s2, s3 = x, x, x, x
     if NUM_SLOTS > 0:
         s0 = tl.load(state_ptr + start + offs, mask=mask).to(tl.float32)

@@ -239,3 +239,36 @@ def test_emit_writes_cubins_and_a_manifest(tmp_path):
     assert [int(cells[7]) for cells in index] == [k["num_warps"] for k in manifest["kernels"]]
     text = "\n".join(info_lines(str(out)))
     assert f"{len(manifest['kernels'])} prebuilt kernels" in text and "sm_80" in text
+
+
+_SPECIALIZED_ONE = """
+import json
+from fastdiff.kernels import prebuild, {ops}
+failed = []
+for name in {ops!r}.split(", "):
+    cfg = globals()[name].prebuilt_configs()[0]
+    for arg, kind in cfg["signature"].items():
+        if kind not in ("i32", "i64"):
+            continue
+        one = dict(cfg, signature=dict(cfg["signature"], **{{arg: "constexpr"}}),
+                   constexprs=dict(cfg["constexprs"], **{{arg: 1}}),
+                   aligned=tuple(a for a in cfg.get("aligned", ()) if a != arg))
+        try:
+            prebuild.compile_config(one, 90)
+        except Exception as err:  # noqa: BLE001 - reported
+            failed.append([name, arg, str(err).strip().splitlines()[-1][:200]])
+print(json.dumps(failed))
+"""
+
+
+def test_kernels_compile_with_an_integer_argument_of_one():
+    """Triton's JIT turns an integer argument equal to 1 into a constant (a Python int in the
+    kernel), so `n.to(tl.int64)` on it fails to compile: the H200 found it for denoise_step at
+    numel == 1 (one-element samples), which the interpreter never specializes. Every kernel, every
+    integer argument, compiled for sm_90 as the JIT would specialize it."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = _SPECIALIZED_ONE.format(ops=", ".join(MODULES))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == []
