@@ -25,6 +25,23 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension
 # and torch_call_dispatcher, all of which the ops use. The headers then refuse anything newer
 # (and every unstable header), so the built extension loads with any torch >= 2.10.
 TORCH_TARGET = (2, 10)
+# The oldest torch whose headers the extension may be built against. Built against torch 2.13's
+# headers it loads and passes its CUDA tests on torch 2.11 (H200, 2026-11-30); built against
+# torch 2.11's own headers (same source, same target) it segfaulted in every denoise_step call
+# with a state tensor (benchmarks/results/gpu-2026-11-30-b/3-probe). 2.12 was never tried.
+MIN_BUILD_TORCH = (2, 13)
+
+
+def build_torch_problem(version: str) -> str | None:
+    """Why the extension must not be built against torch `version`, or None."""
+    major, minor = (int(p) for p in version.split("+")[0].split(".")[:2])
+    if (major, minor) >= MIN_BUILD_TORCH:
+        return None
+    return (f"fastdiff: building the C++ extension against torch {version}'s headers is refused: "
+            f"an extension built against torch 2.11's crashed (denoise_step with a state). "
+            f"Build it against torch >= {MIN_BUILD_TORCH[0]}.{MIN_BUILD_TORCH[1]} (the result "
+            f"loads with any torch >= {TORCH_TARGET[0]}.{TORCH_TARGET[1]}), install a fastdiff "
+            f"wheel, or set FASTDIFF_EXTENSION to an extension (_C.abi3.so) built that way.")
 
 
 def cxx_flags():
@@ -72,9 +89,23 @@ def kernel_config_header() -> str:
 
 
 class BuildExt(BuildExtension.with_options(use_ninja=True)):
-    """build_ext, with csrc's generated header kernel_config.h (kernel_config_header)."""
+    """build_ext, with csrc's generated header kernel_config.h (kernel_config_header); or, with
+    FASTDIFF_EXTENSION set, that prebuilt extension copied in place of a build (the GPU machine,
+    whose torch is older than MIN_BUILD_TORCH: benchmarks/gpu.sh)."""
 
     def build_extensions(self):
+        prebuilt = os.environ.get("FASTDIFF_EXTENSION")
+        if prebuilt:
+            for ext in self.extensions:
+                dest = self.get_ext_fullpath(ext.name)
+                os.makedirs(os.path.dirname(dest), exist_ok=True)
+                shutil.copyfile(prebuilt, dest)
+                print(f"fastdiff: {prebuilt} copied to {dest}, not built", flush=True)
+            return
+        import torch
+        problem = build_torch_problem(torch.__version__)
+        if problem:
+            sys.exit(problem)
         include = os.path.abspath(os.path.join(self.build_temp, "generated"))
         os.makedirs(include, exist_ok=True)
         path, text = os.path.join(include, "kernel_config.h"), kernel_config_header()

@@ -10,8 +10,10 @@
 #   QUICK=1 bash benchmarks/gpu.sh                          the suite's tiny cases (runs on CPU)
 #
 # Phases, in this order (PHASES="a,b" picks; default: all but the compile ones), with caps in s:
-#   build      150  carried wheels (.whl/) into /tmp/site; pip install -e . against the machine's
-#                   torch (no .git there: pass FASTDIFF_GIT_COMMIT)
+#   build      150  carried wheels (.whl/, fastdiff's aside) into /tmp/site; pip install -e .:
+#                   on a torch older than setup.py MIN_BUILD_TORCH (the machine's 2.11) with the
+#                   carried fastdiff wheel's extension, else compiled against the machine's torch
+#                   (no .git there: pass FASTDIFF_GIT_COMMIT)
 #   wheel      180  only when named (PHASES=wheel or build,wheel): the fastdiff wheel built
 #                   elsewhere (GPU_WHEEL, default the carried .whl/fastdiff-*.whl: `make wheel`
 #                   here, against another torch) installed alone into a fresh folder and pytest
@@ -192,12 +194,31 @@ for name in "${selected[@]}"; do
     build)
       run_phase build - bash -c '
         set -e
-        if ls .whl/*.whl >/dev/null 2>&1; then
-          echo "installing $(ls .whl/*.whl | wc -l) carried wheels into $SITE"
+        deps=$(ls .whl/*.whl 2>/dev/null | grep -v "/fastdiff-" || true)
+        if [ -n "$deps" ]; then
+          echo "installing $(echo "$deps" | wc -l) carried wheels into $SITE"
           "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-            --target "$SITE" .whl/*.whl
+            --target "$SITE" $deps
         fi
-        echo "building fastdiff against torch $("$PY" -c "import torch; print(torch.__version__)")"
+        # A torch older than setup.py MIN_BUILD_TORCH (the machine has 2.11): its headers build
+        # an extension that crashes, so the carried wheel'"'"'s (make wheel, here) is installed.
+        export FASTDIFF_EXTENSION=$("$PY" - .whl <<"PY"
+import glob, os, re, sys, tempfile, zipfile
+import torch
+need = tuple(map(int, re.search(r"^MIN_BUILD_TORCH = \((\d+), (\d+)\)",
+                                open("setup.py").read(), re.M).groups()))
+have = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+wheels = sorted(glob.glob(os.path.join(sys.argv[1], "fastdiff-*.whl")))
+if have < need and wheels:
+    path = os.path.join(tempfile.mkdtemp(), "_C.abi3.so")
+    with open(path, "wb") as f:
+        f.write(zipfile.ZipFile(wheels[0]).read("fastdiff/_C.abi3.so"))
+    print(f"torch {torch.__version__} < {need}: the extension of {wheels[0]}", file=sys.stderr)
+    print(path)
+PY
+)
+        echo "installing fastdiff on torch $("$PY" -c "import torch; print(torch.__version__)")" \
+             "${FASTDIFF_EXTENSION:+with the carried extension}"
         "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e .
         ls .whl/*.whl >/dev/null 2>&1 && export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
         "$PY" -c "import diffusers, transformers as t; print(\"diffusers\", diffusers.__version__,

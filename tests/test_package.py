@@ -125,3 +125,4 @@ def test_demo_command_runs():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "agreement: OK" in proc.stdout
+

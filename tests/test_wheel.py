@@ -123,3 +123,31 @@ def test_quick_cpu_subset_passes_in_the_venv(venv, tmp_path):
                "tests/test_prebuilt.py::test_installed_cubins_cover_every_plan"],
               timeout=600, cwd=tmp_path, env=_clean_env())
     assert "1 passed" in r2.stdout, r2.stdout[-2000:]
+
+
+def _from_setup(*names):
+    """The named top-level constants and functions of setup.py (it runs setup() on import)."""
+    import ast
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    keep = [n for n in tree.body
+            if (isinstance(n, ast.FunctionDef) and n.name in names)
+            or (isinstance(n, ast.Assign) and isinstance(n.targets[0], ast.Name)
+                and n.targets[0].id in names)]
+    ns = {}
+    exec(compile(ast.Module(keep, type_ignores=[]), "setup.py", "exec"), ns)
+    return ns
+
+
+def test_building_against_torch_older_than_2_13_is_refused():
+    """Built against torch 2.11's headers the extension segfaulted in denoise_step with a state
+    (H200, benchmarks/results/gpu-2026-11-30-b/3-probe); built against 2.13's it runs on 2.11.
+    setup.py refuses the older headers, naming the way out."""
+    ns = _from_setup("TORCH_TARGET", "MIN_BUILD_TORCH", "build_torch_problem")
+    problem = ns["build_torch_problem"]
+    msg = problem("2.11.0+cu130")
+    assert msg and "torch 2.11.0+cu130" in msg and ">= 2.13" in msg and "FASTDIFF_EXTENSION" in msg
+    assert problem("2.12.1") is not None
+    assert problem("2.13.0+cpu") is None and problem("2.14.0.dev20261201") is None
+    assert problem("3.0.0") is None
+    import torch
+    assert problem(torch.__version__) is None  # this machine builds it
