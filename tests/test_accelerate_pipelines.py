@@ -346,7 +346,15 @@ def test_cuda_graph_wrapper_in_fp16_pipelines_matches_stock(model):
               num_inference_steps=4, output_type="latent", **extra)
     ref = pipe(**kw, generator=torch.Generator().manual_seed(0)).images
     fastdiff.accelerate(pipe)
-    out = pipe(**kw, generator=torch.Generator().manual_seed(0)).images
+    # Under FASTDIFF_PREBUILT=require (gpu.sh's prebuilt and wheel phases) the tiny SD1.5's 80
+    # channels have no add_layer_norm cubin (C < 129 runs on the JIT, by design), which require
+    # refuses (the H200's wheel phase): this test is about the graphs, so it runs under 'on'.
+    prev = fastdiff.ops.set_prebuilt("on") if fastdiff.prebuilt.mode() == "require" else None
+    try:
+        out = pipe(**kw, generator=torch.Generator().manual_seed(0)).images
+    finally:
+        if prev is not None:
+            fastdiff.ops.set_prebuilt(prev)
     assert pipe.__dict__[acc.STATE_ATTR].graphs.captures >= 1
     fastdiff.restore(pipe)
     _close(out.float(), ref.float(), 2e-2)
