@@ -373,6 +373,49 @@ def test_attention_processor_matches_sdpa(head_dim, heads, cross, caplog):
     assert ("SDPA used" in caplog.text) == (head_dim > 256)
 
 
+def test_attention_backend_choice(monkeypatch):
+    """FASTDIFF_ATTENTION: 'auto' (default) is SDPA on CUDA, where fastdiff's kernel measured
+    slower (H200, 2026-11-30), and fastdiff's elsewhere; 'fastdiff' / 'sdpa' force one."""
+    class OnCuda:  # attention_backend reads the tensor's is_cuda alone
+        is_cuda = True
+    cpu = torch.zeros(1)
+    monkeypatch.delenv("FASTDIFF_ATTENTION", raising=False)
+    assert acc.blocks.attention_backend(cpu) == "fastdiff"
+    assert acc.blocks.attention_backend(OnCuda()) == "sdpa"
+    monkeypatch.setenv("FASTDIFF_ATTENTION", "fastdiff")
+    assert acc.blocks.attention_backend(OnCuda()) == "fastdiff"
+    monkeypatch.setenv("FASTDIFF_ATTENTION", "sdpa")
+    assert acc.blocks.attention_backend(cpu) == "sdpa"
+    monkeypatch.setenv("FASTDIFF_ATTENTION", "flash")
+    with pytest.raises(ValueError, match="FASTDIFF_ATTENTION must be one of"):
+        acc.blocks.attention_backend(cpu)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])])
+@pytest.mark.parametrize("backend", [None, "fastdiff", "sdpa"])
+def test_attention_processor_follows_the_backend(device, backend, monkeypatch):
+    if backend is None:
+        monkeypatch.delenv("FASTDIFF_ATTENTION", raising=False)
+    else:
+        monkeypatch.setenv("FASTDIFF_ATTENTION", backend)
+    torch.manual_seed(0)
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    attn = Attention(80, heads=2, dim_head=40).eval().to(device, dtype)
+    x = torch.randn(2, 37, 80, device=device, dtype=dtype)
+    with torch.no_grad():
+        attn.set_processor(AttnProcessor2_0())
+        ref = attn(x)
+        attn.set_processor(acc.FastdiffAttnProcessor())
+        ran = []
+        with _recording_ops(ran):
+            out = attn(x)
+    want = backend or ("sdpa" if device == "cuda" else "fastdiff")
+    assert ("fastdiff.attention" in ran) == (want == "fastdiff")
+    tol = 2e-3 if dtype == torch.float16 else 1e-5
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+
+
 def test_attention_processor_group_norm_residual_rescale():
     torch.manual_seed(0)
     attn = Attention(64, heads=1, dim_head=64, norm_num_groups=32, residual_connection=True,

@@ -16,6 +16,8 @@ training, LoRA and gradient checkpointing run on them too.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -168,12 +170,35 @@ def _transformer_block_forward(self, hidden_states, attention_mask=None,
 
 # ---------------------------------------------------------------- attention
 
+ATTENTION_BACKENDS = ("auto", "fastdiff", "sdpa")
+
+
+def attention_backend(query: torch.Tensor) -> str:
+    """Who computes an accelerated block's attention product: 'fastdiff' (ops.attention) or
+    'sdpa' (torch's scaled_dot_product_attention). FASTDIFF_ATTENTION picks; 'auto' (the
+    default) takes SDPA on CUDA, where fastdiff's kernel alone measured 0.58-0.82x of SDPA's
+    flash kernel for SD1.5's self-attention and about 1.0x for its cross-attention (H200,
+    2026-11-30, BENCHMARKS.md), and fastdiff's elsewhere (CPU: 0.96-1.02x of SDPA)."""
+    choice = os.environ.get("FASTDIFF_ATTENTION", "auto")
+    if choice not in ATTENTION_BACKENDS:
+        raise ValueError(f"fastdiff: FASTDIFF_ATTENTION must be one of {ATTENTION_BACKENDS}, "
+                         f"got {choice!r}")
+    if choice == "auto":
+        if query.is_cuda:
+            log_once("attention on CUDA: torch's SDPA, measured faster than fastdiff's kernel "
+                     "(FASTDIFF_ATTENTION=fastdiff uses fastdiff's)")
+            return "sdpa"
+        return "fastdiff"
+    return choice
+
+
 class FastdiffAttnProcessor:
     """diffusers' AttnProcessor2_0 with the attention product on ``fastdiff.attention``.
 
     Supports spatial_norm, group_norm, norm_cross, norm_q/norm_k, residual_connection,
-    rescale_output_factor and additive or boolean attention masks. Head dims above 256 fall
-    back to ``F.scaled_dot_product_attention``; gradients go through the op's autograd formula.
+    rescale_output_factor and additive or boolean attention masks. Head dims above 256, and CUDA
+    tensors unless FASTDIFF_ATTENTION=fastdiff (attention_backend), go to
+    ``F.scaled_dot_product_attention``; gradients go through the op's autograd formula.
     """
     fused_projections = False        # FastdiffFusedAttnProcessor: q, k, v from to_qkv / to_kv
 
@@ -222,7 +247,8 @@ class FastdiffAttnProcessor:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-        if head_dim > MAX_HEAD_DIM or query.dtype not in DTYPES:
+        if (head_dim > MAX_HEAD_DIM or query.dtype not in DTYPES
+                or attention_backend(query) == "sdpa"):
             if head_dim > MAX_HEAD_DIM:
                 log_once(f"attention head dim {head_dim} > {MAX_HEAD_DIM}: SDPA used")
             hidden_states = F.scaled_dot_product_attention(query, key, value,
