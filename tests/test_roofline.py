@@ -127,8 +127,9 @@ def test_accelerate_fuses_norms_attention_and_the_step(steps):
     assert count(d, "aten.add", "BasicTransformerBlock") == 12
     assert count(a, "aten.add", "BasicTransformerBlock") == 4
     # the blocks' input, a (B, C, HW) view as (B, HW, C) after the conv proj_in, is copied once
-    # to contiguous (eager's LayerNorm makes the same copy inside its call, unseen here)
-    assert count(d, "aten.clone", "BasicTransformerBlock") == 0
+    # to contiguous: by accelerate's block, and by eager's norm1 inside its call (CUDA's
+    # layer_norm makes a strided input contiguous; the model adds that copy)
+    assert count(d, "aten.clone", "BasicTransformerBlock") == 4
     assert count(a, "aten.clone", "BasicTransformerBlock") == 4
     aln = next(k for k in a if k.op == "fastdiff.add_layer_norm")
     # level 0, 2 x 64 tokens of 32 channels: x, residual, weight, bias read; h, y written
@@ -142,8 +143,8 @@ def test_accelerate_fuses_norms_attention_and_the_step(steps):
     # conv_act (-1); the 6-kernel scheduler step becomes one denoise_step (-5); divisions by a
     # factor of 1.0 go: 8 resnets' output_scale_factor, 8 attentions' rescale_output_factor;
     # 4 GEGLUs' GELU + product become one kernel; 4 blocks' 2 residual adds go into the norms,
-    # and each block copies its strided input once
-    assert len(d) - len(a) == 8 * 3 + 1 + 6 - 1 + 8 + 8 + 4 + 8 - 4
+    # and each block copies its strided input once, as eager's norm1 does
+    assert len(d) - len(a) == 8 * 3 + 1 + 6 - 1 + 8 + 8 + 4 + 8
     dev = roofline.ROOFLINES["H100"]
     mem = lambda ks: sum(k.bytes for k in ks if k.memory_bound(dev))  # noqa: E731
     assert mem(a) < mem(d)
