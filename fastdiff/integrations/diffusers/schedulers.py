@@ -375,6 +375,38 @@ for _name, _family in FAMILIES_V2.items():
     _family.scheduler_name = _name
 
 
+class _Binder:
+    """``inspect.Signature.bind`` + ``apply_defaults`` for a scheduler's step, with the same
+    errors, at a fraction of the cost (it ran on every step: ~30 us of a 130 us fused Euler step
+    on the 2-core CPU). Signatures with *args or **kwargs take inspect's own path."""
+
+    def __init__(self, signature: inspect.Signature):
+        self.signature = signature
+        params = list(signature.parameters.values())
+        P = inspect.Parameter
+        kinds = {p.kind for p in params}
+        self.plain = not kinds & {P.VAR_POSITIONAL, P.VAR_KEYWORD, P.POSITIONAL_ONLY}
+        self.names = [p.name for p in params if p.kind == P.POSITIONAL_OR_KEYWORD]
+        self.known = {p.name for p in params}
+        self.defaults = {p.name: p.default for p in params if p.default is not p.empty}
+        self.required = [p.name for p in params if p.default is p.empty]
+
+    def __call__(self, *args, **kwargs) -> dict:
+        if not self.plain or len(args) > len(self.names):
+            bound = self.signature.bind(*args, **kwargs)   # inspect's error, or its binding
+            bound.apply_defaults()
+            return bound.arguments
+        a = dict(zip(self.names, args))
+        for k, v in kwargs.items():
+            if k not in self.known or k in a:
+                self.signature.bind(*args, **kwargs)        # raises inspect's TypeError
+            a[k] = v
+        for k in self.required:
+            if k not in a:
+                self.signature.bind(*args, **kwargs)
+        return {**self.defaults, **a}
+
+
 def _view_index(ts, timestep) -> int | None:
     """The offset of ``timestep`` in ``ts`` when it is a 0-d view into it (what pipelines pass:
     an element of scheduler.timesteps), found without reading the device; else None."""
@@ -564,6 +596,7 @@ class RowStep:
         self.rows = Rows(scheduler)
         self.executor = executor or v2_executor()
         self._signature = inspect.signature(self.original)
+        self._bind = _Binder(self._signature)
         self._warned: set = set()
 
     @property
@@ -614,9 +647,7 @@ class RowStep:
             if pair.shape[0] != 2 * sample.shape[0]:
                 raise _Unfused("guided model outputs not [uncond; cond] of the sample's batch")
             model_output = pair[:sample.shape[0]]
-        bound = self._signature.bind(model_output, timestep, sample, *args, **kwargs)
-        bound.apply_defaults()
-        a = bound.arguments
+        a = self._bind(model_output, timestep, sample, *args, **kwargs)
         if getattr(s, "timesteps", None) is None:
             raise _Unfused()                                   # diffusers' own error
         why = fam.unsupported_rows(s.config)
@@ -650,6 +681,7 @@ class FusedStep:
         self.name = type(scheduler).__name__
         self.family = FAMILIES[self.name]
         self._signature = inspect.signature(self.original)
+        self._bind = _Binder(self._signature)
         self._cache: dict = {}
         # The kernel's state slots (DPM-Solver's previous x0), updated in place by each call,
         # and the x0 of the last call (diffusers' model_outputs[-1] while the slots hold it).
@@ -722,9 +754,7 @@ class FusedStep:
         from diffusers.utils.torch_utils import randn_tensor
 
         s, fam = self.scheduler, self.family
-        bound = self._signature.bind(model_output, timestep, sample, *args, **kwargs)
-        bound.apply_defaults()
-        a = bound.arguments
+        a = self._bind(model_output, timestep, sample, *args, **kwargs)
         if s.num_inference_steps is None:
             raise _Unfused()                                   # diffusers' own error
         if model_output.shape != sample.shape or model_output.dtype not in DTYPES:
