@@ -62,6 +62,7 @@ def test_step(benchmark, kind, system, device):
         kw = {"generator": torch.Generator(device=device).manual_seed(1)} if takes_generator else {}
         for i, t in enumerate(sched.timesteps):
             pair = pairs[i % 4]
+            sched.scale_model_input(x, t)   # as pipelines do (the model input is not used here)
             if rows:
                 x = step.guided(pair, GUIDANCE, t, x, return_dict=False, **kw)[0]
             else:
