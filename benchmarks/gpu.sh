@@ -9,18 +9,20 @@
 #   PHASES=compile GPU_DEADLINE=200 bash benchmarks/gpu.sh  torch.compile baselines: a 2nd call
 #   QUICK=1 bash benchmarks/gpu.sh                          the suite's tiny cases (runs on CPU)
 #
-# Phases, in this order (PHASES="a,b" picks; default: all but the compile ones), with caps in s:
+# Phases, in this order (PHASES="a,b" picks; default: build wheel tests first-call kernels e2e),
+# with caps in s:
 #   build      150  carried wheels (.whl/, fastdiff's aside) into /tmp/site; pip install -e .:
 #                   on a torch older than setup.py MIN_BUILD_TORCH (the machine's 2.11) with the
 #                   carried fastdiff wheel's extension, else compiled against the machine's torch
 #                   (no .git there: pass FASTDIFF_GIT_COMMIT)
-#   wheel      180  only when named (PHASES=wheel or build,wheel): the fastdiff wheel built
+#   wheel      120  the fastdiff wheel built
 #                   elsewhere (GPU_WHEEL, default the carried .whl/fastdiff-*.whl: `make wheel`
 #                   here, against another torch) installed alone into a fresh folder and pytest
 #                   -m cuda of a copy of tests/ run against it with FASTDIFF_PREBUILT=require:
 #                   the stable-ABI extension and its cubins on the machine's torch (issue 17)
 #   tests      170  pytest -m cuda on the Triton JIT path (FASTDIFF_PREBUILT=0)
-#   tests-prebuilt 120  pytest -m cuda with FASTDIFF_PREBUILT=require: the cubins carried in
+#   tests-prebuilt 120  only when named: pytest -m cuda with FASTDIFF_PREBUILT=require (the
+#                   wheel phase covers it with the wheel's own cubins): the cubins carried in
 #                   kernels/cubins (FASTDIFF_CUDA_ARCHS=90 make prebuilt, here), else compiled
 #                   there for the device's arch first
 #   first-call  75  benchmarks/test_first_call.py: first call, first image, prebuilt vs JIT
@@ -62,7 +64,7 @@ exec > >(tee "$OUT/log") 2>&1
 tee_pid=$!
 trap 'rm -rf "$RAW"; exec >&- 2>&-; wait "$tee_pid" 2>/dev/null' EXIT
 
-declare -A CAP=([build]=150 [wheel]=180 [tests]=170 [tests-prebuilt]=120 [first-call]=75 [kernels]=75 [e2e]=240
+declare -A CAP=([build]=150 [wheel]=120 [tests]=170 [tests-prebuilt]=120 [first-call]=75 [kernels]=75 [e2e]=240
                 [steps]=90 [tune]=150 [kernels-compile]=150 [e2e-compile]=400)
 ORDER="build wheel tests tests-prebuilt first-call kernels e2e steps tune kernels-compile e2e-compile"
 caps=${GPU_CAPS:-}
@@ -74,7 +76,7 @@ want=" "
 phases=${PHASES:-default}
 for p in ${phases//,/ }; do
   case $p in
-    default) want+="build tests tests-prebuilt first-call kernels e2e " ;;
+    default) want+="build wheel tests first-call kernels e2e " ;;
     compile) want+="build kernels-compile e2e-compile " ;;
     all) want+="$ORDER " ;;
     *) [ -n "${CAP[$p]+x}" ] || { echo "PHASES: no phase '$p' (phases: $ORDER)"; exit 2; }

@@ -59,10 +59,11 @@ def test_gpu_sh_cuts_the_slow_phase_at_the_deadline_and_reports_the_rest(tmp_pat
     assert (out / "log").read_text().rstrip().endswith(r.stdout.rstrip().splitlines()[-1])
 
 
-def test_gpu_sh_wheel_phase_is_opt_in_and_says_what_is_missing(tmp_path):
-    """The wheel phase (issue 17: the wheel built here, on the GPU machine's torch) runs only
-    when named, imports the wheel's fastdiff rather than this tree's, and without a wheel fails
-    saying so, leaving the phases after it to run."""
+def test_gpu_sh_wheel_phase_says_what_is_missing(tmp_path):
+    """The wheel phase (issue 17: the wheel built here, on the GPU machine's torch; a default
+    phase since it first ran, 2026-11-30, in place of tests-prebuilt) imports the wheel's
+    fastdiff rather than this tree's, and without a wheel fails saying so, leaving the phases
+    after it to run."""
     out = tmp_path / "out"
     env = {**os.environ, "OUT": str(out), "QUICK": "1", "PYTHON": sys.executable,
            "GPU_SKIP_BUILD": "1", "PHASES": "wheel,first-call", "GPU_DEADLINE": "120",
@@ -77,7 +78,7 @@ def test_gpu_sh_wheel_phase_is_opt_in_and_says_what_is_missing(tmp_path):
     assert "no fastdiff wheel to test" in (out / "tests.log").read_text()
     default = subprocess.run(["bash", "-c", "grep -n 'default) want+=' benchmarks/gpu.sh"],
                              cwd=ROOT, capture_output=True, text=True).stdout
-    assert "wheel" not in default and "build" in default
+    assert "build wheel tests first-call" in default and "tests-prebuilt" not in default
 
 
 SUITE = """
