@@ -124,7 +124,6 @@ def _flops(name: str, args, outs) -> float:
     if name == "convolution":
         x, w = args[0], args[1]
         transposed = len(args) > 6 and bool(args[6])
-        groups = args[8] if len(args) > 8 else 1
         if transposed:              # weight (Cin, Cout/g, kh, kw): every input element fans out
             return 2.0 * x.numel() * w[0].numel()
         return 2.0 * outs[0].numel() * w[0].numel()          # per output: Cin/g * kh * kw MACs
