@@ -56,6 +56,7 @@ def test_step(benchmark, kind, system, device):
     rows = isinstance(step, SC.RowStep)
     takes_generator = "generator" in inspect.signature(type(sched).step).parameters
 
+    @torch.no_grad()        # as pipelines run (their __call__ is under no_grad)
     def run():
         sched.set_timesteps(STEPS)
         x = x0 * sched.init_noise_sigma
