@@ -263,6 +263,16 @@ class _FusedSDPA(TorchFunctionMode):
             self.rec._quiet -= 1
         names = ("query", "key", "value", "attn_mask")
         q, k, v, mask = (list(args) + [kwargs.get(n) for n in names[len(args):]])[:4]
+        if out.dim() == 4:
+            # CUDA's flash, memory-efficient and cuDNN kernels write (B, L, H, D) and return it
+            # viewed as (B, H, L, D): the processors' transpose(1, 2).reshape is then a view, not
+            # the copy a contiguous meta output would record.
+            self.rec._quiet += 1
+            try:
+                out = torch.empty(out.shape[0], out.shape[2], out.shape[1], out.shape[3],
+                                  dtype=out.dtype, device=out.device).transpose(1, 2)
+            finally:
+                self.rec._quiet -= 1
         self.rec.add("sdpa", [q, k, v], [q, k, v, mask], [out])
         return out
 
@@ -378,9 +388,32 @@ def engine_step(rec, unet, sched, latents, cond, guided):
     return step
 
 
-def record(unet, spec: dict, batch: int = 2, dtype=torch.float16) -> dict[str, list[Kernel]]:
+@contextlib.contextmanager
+def _attention_backend(name: str):
+    """accelerate's attention product as FASTDIFF_ATTENTION picks it, for the recording."""
+    before = os.environ.get("FASTDIFF_ATTENTION")
+    os.environ["FASTDIFF_ATTENTION"] = name
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["FASTDIFF_ATTENTION"]
+        else:
+            os.environ["FASTDIFF_ATTENTION"] = before
+
+
+def record(unet, spec: dict, batch: int = 2, dtype=torch.float16,
+           attention: str = "sdpa") -> dict[str, list[Kernel]]:
     """The kernels of one step of ``unet`` (on the meta device; ``spec`` as in MODELS) for each
-    system. Accelerates ``unet`` in place (diffusers is recorded first)."""
+    system. Accelerates ``unet`` in place (diffusers is recorded first). ``attention``: what
+    accelerate's processors compute the attention product with: 'sdpa', what they run on CUDA
+    (FASTDIFF_ATTENTION=auto), or 'fastdiff' (the op; its output is contiguous (B, H, L, D),
+    so the processor's transpose back to (B, L, H*D) copies it)."""
+    with _attention_backend(attention):
+        return _record(unet, spec, batch, dtype)
+
+
+def _record(unet, spec: dict, batch: int, dtype) -> dict[str, list[Kernel]]:
     import fastdiff
     from fastdiff.integrations.diffusers import schedulers
 
@@ -538,6 +571,9 @@ def main(argv=None) -> dict:
                    help="image side in pixels for every model listed (default: each "
                         "model's native resolution)")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp16")
+    p.add_argument("--attention", choices=("sdpa", "fastdiff"), default="sdpa",
+                   help="accelerate's attention product: sdpa (what it runs on CUDA, "
+                        "FASTDIFF_ATTENTION=auto) or fastdiff (the op)")
     p.add_argument("--top", type=int, default=10, help="memory-bound contributors listed")
     p.add_argument("--group-by", choices=("shape", "block"), default="shape",
                    help="list contributors per (op, block, shape) or per (op, block)")
@@ -546,19 +582,21 @@ def main(argv=None) -> dict:
     dtype = DTYPES[a.dtype]
     results = {"about": "roofline model on meta tensors, not a measurement",
                "environment": environment(), "rooflines": ROOFLINES, "batch": a.batch,
-               "dtype": a.dtype, "scheduler": f"DDIMScheduler, {STEPS} steps, eta=0",
+               "dtype": a.dtype, "attention": a.attention,
+               "scheduler": f"DDIMScheduler, {STEPS} steps, eta=0",
                "guidance_scale": GUIDANCE_SCALE, "models": {}, "kernels": {}}
     for name in a.models:
         t0 = time.perf_counter()
         spec = dict(MODELS[name])
         if a.resolution:
             spec["resolution"] = a.resolution
-        per = record(build(name, dtype), spec, a.batch, dtype)
+        per = record(build(name, dtype), spec, a.batch, dtype, attention=a.attention)
         results["models"][name] = {s: summary(k, a.top) for s, k in per.items()}
         results["kernels"][name] = {s: [asdict(x) for x in k] for s, k in per.items()}
         print(f"# {name}: recorded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     print(f"Roofline model of one step (a model, not a measurement): batch {a.batch}, {a.dtype}, "
-          f"DDIM; commit {results['environment']['git_commit']}\n")
+          f"DDIM; accelerate's attention: {a.attention}; "
+          f"commit {results['environment']['git_commit']}\n")
     print(markdown(results))
     print("\nKernels and floor (ms, H100) by kind of kernel:\n")
     print(class_markdown(results))

@@ -22,9 +22,11 @@ By hand:
                     - DDIM's 6 elementwise ops + 1 denoise_step = 30 kernels fewer;
                     each transformer's GEGLU: GELU + product -> one geglu (-1 x 4);
                     each BasicTransformerBlock: residual add + norm2, residual add + norm3
-                    -> two add_layer_norm (-2 x 4), its strided input copied once (+1 x 4;
-                    eager's LayerNorm makes that copy inside its call, which the model
-                    does not see)
+                    -> two add_layer_norm (-2 x 4), its strided input copied once (as
+                    eager's norm1 does inside its call: the model counts both)
+  attention output  SDPA writes (B, L, H, D) (flash, as CUDA runs it), so the processor's
+                    transpose back to (B, L, H*D) is a view; fastdiff.attention's output is
+                    contiguous (B, H, L, D): one copy each (+8), with attention="fastdiff"
 """
 import os
 import sys
@@ -55,7 +57,7 @@ def steps():
             attention_head_dim=8,
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).to(torch.float16).eval()
-    return roofline.record(unet, SPEC, batch=2, dtype=torch.float16)
+    return roofline.record(unet, SPEC, batch=2, dtype=torch.float16, attention="fastdiff")
 
 
 def count(kernels, op, where=None):
@@ -143,8 +145,11 @@ def test_accelerate_fuses_norms_attention_and_the_step(steps):
     # conv_act (-1); the 6-kernel scheduler step becomes one denoise_step (-5); divisions by a
     # factor of 1.0 go: 8 resnets' output_scale_factor, 8 attentions' rescale_output_factor;
     # 4 GEGLUs' GELU + product become one kernel; 4 blocks' 2 residual adds go into the norms,
-    # and each block copies its strided input once, as eager's norm1 does
-    assert len(d) - len(a) == 8 * 3 + 1 + 6 - 1 + 8 + 8 + 4 + 8
+    # and each block copies its strided input once, as eager's norm1 does; the op's attention
+    # output is contiguous (B, H, L, D), so its transpose back to (B, L, H*D) is a copy where
+    # SDPA's (B, L, H, D) output is a view (-8)
+    assert len(d) - len(a) == 8 * 3 + 1 + 6 - 1 + 8 + 8 + 4 + 8 - 8
+    assert count(d, "aten.clone", "Attention") == 0 and count(a, "aten.clone", "Attention") == 8
     dev = roofline.ROOFLINES["H100"]
     mem = lambda ks: sum(k.bytes for k in ks if k.memory_bound(dev))  # noqa: E731
     assert mem(a) < mem(d)
@@ -167,3 +172,24 @@ def test_roofline_arithmetic():
     s = roofline.summary([slow_copy, gemm])
     assert s["kernels"] == 2 and s["memory_bound_mb"] == pytest.approx(100.0)
     assert s["top_memory_bound"][0]["share"] == pytest.approx(1.0)
+
+
+def test_accelerate_on_cuda_keeps_sdpa():
+    """By default the model records accelerate as it runs on CUDA (FASTDIFF_ATTENTION=auto:
+    SDPA, whose output needs no copy): same kernels as with the op, less the 8 copies."""
+    import diffusers
+
+    with torch.device("meta"):
+        unet = diffusers.UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+            block_out_channels=(32, 64), norm_num_groups=8, cross_attention_dim=32,
+            attention_head_dim=8,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).to(torch.float16).eval()
+    before = os.environ.get("FASTDIFF_ATTENTION")
+    steps = roofline.record(unet, SPEC, batch=2, dtype=torch.float16)
+    assert os.environ.get("FASTDIFF_ATTENTION") == before          # restored
+    a = steps["accelerate"]
+    assert count(a, "sdpa") == 8 and count(a, "fastdiff.attention") == 0
+    assert count(a, "aten.clone", "Attention") == 0
+    assert count(a, "fastdiff.add_layer_norm") == 8 and count(a, "fastdiff.geglu") == 4
