@@ -130,7 +130,8 @@ def _run(op, *args):
     """op(*args); with grad mode off (pipelines run under no_grad), no forward-mode AD level
     open and no torch.compile tracing, below the dispatcher's Autograd key: the autograd
     formulas below are Python kernels there, ~5 us a call on a CPU that no gradient needs.
-    (For the ops that write no input: denoise_step's own Autograd kernel decides.)"""
+    (denoise_step's own Autograd kernel does the same redispatch when no gradient is wanted, so
+    skipping it changes nothing but its cost: a fused scheduler step runs under no_grad.)"""
     if (torch.is_grad_enabled() or forward_ad._current_level >= 0
             or torch.compiler.is_compiling()):
         _refuse_forward_ad(op.__name__, args)
@@ -199,10 +200,8 @@ def denoise_step(model_output: torch.Tensor, sample: torch.Tensor, coeffs: torch
     check_types("denoise_step", dict(model_output=model_output, sample=sample, coeffs=coeffs,
                                      step_index=step_index, noise=noise, state=state),
                 reals=dict(guidance_scale=guidance_scale, clip_sample_range=clip_sample_range))
-    _refuse_forward_ad("denoise_step", (model_output, sample, noise, state))
-    return torch.ops.fastdiff.denoise_step(model_output, sample, coeffs, step_index, noise, state,
-                                           guidance_scale, clip_sample, clip_sample_range, write_x0,
-                                           guided)
+    return _run(torch.ops.fastdiff.denoise_step, model_output, sample, coeffs, step_index, noise,
+                state, guidance_scale, clip_sample, clip_sample_range, write_x0, guided)
 
 
 def geglu(x: torch.Tensor) -> torch.Tensor:
