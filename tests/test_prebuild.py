@@ -257,6 +257,22 @@ for name in {ops!r}.split(", "):
             prebuild.compile_config(one, 90)
         except Exception as err:  # noqa: BLE001 - reported
             failed.append([name, arg, str(err).strip().splitlines()[-1][:200]])
+# The JIT-only backward (no prebuilt configs): its plan's configs, signatures from the arguments.
+import torch
+from fastdiff.kernels import group_norm_silu_backward as bwd
+TL = {{torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}}
+x = torch.randn(2, 64, 4, 4, dtype=torch.float16)
+w = torch.randn(64, dtype=torch.float16)
+for cfg, _, args in bwd.plan(torch.randn_like(x), x, 32, w, w, 1e-5, None, None, None, True)[0]:
+    sig = {{n: ("*" + TL[a.dtype]) if torch.is_tensor(a) else ("fp32" if isinstance(a, float)
+            else "i32") for n, a in zip(cfg["fn"].arg_names, args)}}
+    for arg in [n for n, k in sig.items() if k == "i32"]:
+        one = dict(cfg, signature=dict(sig, **{{arg: "constexpr"}}),
+                   constexprs=dict(cfg["constexprs"], **{{arg: 1}}))
+        try:
+            prebuild.compile_config(one, 90)
+        except Exception as err:  # noqa: BLE001 - reported
+            failed.append([cfg["fn"].__name__, arg, str(err).strip().splitlines()[-1][:200]])
 print(json.dumps(failed))
 """
 
@@ -265,7 +281,8 @@ def test_kernels_compile_with_an_integer_argument_of_one():
     """Triton's JIT turns an integer argument equal to 1 into a constant (a Python int in the
     kernel), so `n.to(tl.int64)` on it fails to compile: the H200 found it for denoise_step at
     numel == 1 (one-element samples), which the interpreter never specializes. Every kernel, every
-    integer argument, compiled for sm_90 as the JIT would specialize it."""
+    integer argument, compiled for sm_90 as the JIT would specialize it (the JIT-only
+    group_norm_silu_backward too, from its plan's configurations)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = _SPECIALIZED_ONE.format(ops=", ".join(MODULES))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
