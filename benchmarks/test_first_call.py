@@ -120,57 +120,42 @@ def _small_step():
             None, 7.5, False, 1.0, False)
 
 
-@pytest.mark.parametrize("path", PATHS)
-def test_warm_call_overhead(benchmark, path):
-    """denoise_step on a 1x4x8x8 latent (GPU time negligible): 100 calls, then one sync, so the
-    median is the host's time per call: C++ op -> cuLaunchKernel vs C++ op -> Python -> the
-    Triton launcher."""
-    prebuilt.load_if_cuda()
-    if prebuilt.count() == 0:
-        pytest.skip("no prebuilt kernels installed (pip wheel . / make prebuilt)")
-    args = _small_step()
-    prev = ops.set_prebuilt("require" if path == "prebuilt" else "off")
-    try:
-        torch.ops.fastdiff.denoise_step(*args)  # loads / compiles
-        torch.cuda.synchronize()
-        benchmark.group = "warm call: denoise_step 1x4x8x8"
-        benchmark.extra_info.update(kind="first_call", case="warm call x100 (host overhead)",
-                                    system=path)
-
-        def hundred():
-            for _ in range(100):
-                torch.ops.fastdiff.denoise_step(*args)
-            torch.cuda.synchronize()
-
-        benchmark.pedantic(hundred, rounds=20, warmup_rounds=2, iterations=1)
-    finally:
-        ops.set_prebuilt(prev)
-
-
-@pytest.mark.parametrize("path", PATHS)
-def test_warm_call_overhead_group_norm_silu(benchmark, path):
-    """group_norm_silu on 2x320x8x8 fp16 with fp16 weight and bias (GPU time a few us; two
-    kernels a call): the host's time per call. Asked for by the H200 run of 2026-11-30, where the
-    op at SD1.5's 2x320x64x64 took 53.5 us in the kernel suite but its kernels 24.9 us (tune)."""
-    prebuilt.load_if_cuda()
-    if prebuilt.count() == 0:
-        pytest.skip("no prebuilt kernels installed (pip wheel . / make prebuilt)")
+def _small_group_norm():
+    """group_norm_silu on 2x320x8x8 fp16 with fp16 weight and bias: two kernels a call."""
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(2, 320, 8, 8, device="cuda", generator=g, dtype=torch.float16)
     w = torch.randn(320, device="cuda", generator=g, dtype=torch.float16)
-    args = (x, 32, w, w, 1e-5, None, None, None, True)
+    return (x, 32, w, w, 1e-5, None, None, None, True)
+
+
+# op: (its arguments, the group, the report's case). group_norm_silu's was asked for by the
+# H200 run of 2026-11-30: at SD1.5's 2x320x64x64 the op's call took 53.5 us, its kernels 24.9 us.
+WARM = {"denoise_step": (_small_step, "1x4x8x8", "warm call x100 (host overhead)"),
+        "group_norm_silu": (_small_group_norm, "2x320x8x8",
+                            "warm call x100 group_norm_silu (host overhead)")}
+
+
+@pytest.mark.parametrize("op", list(WARM))
+@pytest.mark.parametrize("path", PATHS)
+def test_warm_call_overhead(benchmark, path, op):
+    """A small call (GPU time negligible or a few us): 100 calls, then one sync, so the median is
+    the host's time per call: C++ op -> cuLaunchKernel vs C++ op -> Python -> the Triton
+    launcher."""
+    prebuilt.load_if_cuda()
+    if prebuilt.count() == 0:
+        pytest.skip("no prebuilt kernels installed (pip wheel . / make prebuilt)")
+    make, shape, case = WARM[op]
+    args, fn = make(), getattr(torch.ops.fastdiff, op)
     prev = ops.set_prebuilt("require" if path == "prebuilt" else "off")
     try:
-        torch.ops.fastdiff.group_norm_silu(*args)  # loads / compiles
+        fn(*args)  # loads / compiles
         torch.cuda.synchronize()
-        benchmark.group = "warm call: group_norm_silu 2x320x8x8"
-        benchmark.extra_info.update(kind="first_call",
-                                    case="warm call x100 group_norm_silu (host overhead)",
-                                    system=path)
+        benchmark.group = f"warm call: {op} {shape}"
+        benchmark.extra_info.update(kind="first_call", case=case, system=path)
 
         def hundred():
             for _ in range(100):
-                torch.ops.fastdiff.group_norm_silu(*args)
+                fn(*args)
             torch.cuda.synchronize()
 
         benchmark.pedantic(hundred, rounds=20, warmup_rounds=2, iterations=1)

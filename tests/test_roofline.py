@@ -46,18 +46,23 @@ import roofline  # noqa: E402
 SPEC = {"resolution": 8, "down": 1, "guided": True, "context": (7, 32), "scheduler": "sd15"}
 
 
-@pytest.fixture(scope="module")
-def steps():
+def _tiny_unet():
+    """The hand-counted U-Net of the module docstring, on the meta device."""
     import diffusers
 
     with torch.device("meta"):
-        unet = diffusers.UNet2DConditionModel(
+        return diffusers.UNet2DConditionModel(
             sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
             block_out_channels=(32, 64), norm_num_groups=8, cross_attention_dim=32,
             attention_head_dim=8,
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).to(torch.float16).eval()
-    return roofline.record(unet, SPEC, batch=2, dtype=torch.float16, attention="fastdiff")
+
+
+@pytest.fixture(scope="module")
+def steps():
+    return roofline.record(_tiny_unet(), SPEC, batch=2, dtype=torch.float16,
+                           attention="fastdiff")
 
 
 def count(kernels, op, where=None):
@@ -177,17 +182,8 @@ def test_roofline_arithmetic():
 def test_accelerate_on_cuda_keeps_sdpa():
     """By default the model records accelerate as it runs on CUDA (FASTDIFF_ATTENTION=auto:
     SDPA, whose output needs no copy): same kernels as with the op, less the 8 copies."""
-    import diffusers
-
-    with torch.device("meta"):
-        unet = diffusers.UNet2DConditionModel(
-            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-            block_out_channels=(32, 64), norm_num_groups=8, cross_attention_dim=32,
-            attention_head_dim=8,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).to(torch.float16).eval()
     before = os.environ.get("FASTDIFF_ATTENTION")
-    steps = roofline.record(unet, SPEC, batch=2, dtype=torch.float16)
+    steps = roofline.record(_tiny_unet(), SPEC, batch=2, dtype=torch.float16)
     assert os.environ.get("FASTDIFF_ATTENTION") == before          # restored
     a = steps["accelerate"]
     assert count(a, "sdpa") == 8 and count(a, "fastdiff.attention") == 0
