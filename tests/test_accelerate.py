@@ -386,9 +386,11 @@ def test_attention_backend_choice(monkeypatch):
     assert acc.blocks.attention_backend(OnCuda()) == "fastdiff"
     monkeypatch.setenv("FASTDIFF_ATTENTION", "sdpa")
     assert acc.blocks.attention_backend(cpu) == "sdpa"
+    assert acc.blocks.attention_policy() == "torch SDPA (FASTDIFF_ATTENTION=sdpa)"
     monkeypatch.setenv("FASTDIFF_ATTENTION", "flash")
     with pytest.raises(ValueError, match="FASTDIFF_ATTENTION must be one of"):
         acc.blocks.attention_backend(cpu)
+    assert "invalid FASTDIFF_ATTENTION='flash'" in acc.blocks.attention_policy()
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[

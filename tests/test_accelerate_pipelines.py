@@ -278,6 +278,7 @@ def test_explain_reports_and_unfused_parts_warn_once_or_raise(parts, caplog, cap
     text = capsys.readouterr().out
     assert "unet:" in text and "vae:" in text and "TCDScheduler: diffusers' step" in text
     assert report.unfused and "CUDA graphs: on" in text
+    assert "attention product: torch SDPA on CUDA, fastdiff.attention elsewhere" in text
     fastdiff.restore(pipe)
     with pytest.raises(ValueError, match="strict=True.*TCDScheduler not supported"):
         fastdiff.accelerate(_pipe(parts, kind="TCDScheduler"), strict=True)

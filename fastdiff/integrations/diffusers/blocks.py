@@ -173,6 +173,17 @@ def _transformer_block_forward(self, hidden_states, attention_mask=None,
 ATTENTION_BACKENDS = ("auto", "fastdiff", "sdpa")
 
 
+def attention_policy() -> str:
+    """What attention_backend will choose, in words (accelerate's report)."""
+    choice = os.environ.get("FASTDIFF_ATTENTION", "auto")
+    if choice == "auto":
+        return "torch SDPA on CUDA, fastdiff.attention elsewhere (FASTDIFF_ATTENTION=auto)"
+    if choice in ATTENTION_BACKENDS:
+        who = "torch SDPA" if choice == "sdpa" else "fastdiff.attention"
+        return f"{who} (FASTDIFF_ATTENTION={choice})"
+    return f"invalid FASTDIFF_ATTENTION={choice!r} (one of {', '.join(ATTENTION_BACKENDS)})"
+
+
 def attention_backend(query: torch.Tensor) -> str:
     """Who computes an accelerated block's attention product: 'fastdiff' (ops.attention) or
     'sdpa' (torch's scaled_dot_product_attention). FASTDIFF_ATTENTION picks; 'auto' (the

@@ -62,6 +62,8 @@ class Report:
             lines.append(f"  {name}: {c['resnets']} ResnetBlock2D, {c['attention']} attention "
                          f"processors, {c['norm_out']} norm-out pairs, {c['geglu']} GEGLU, "
                          f"{c['transformer_blocks']} transformer blocks on the fused ops")
+        if any(c.get("attention") for c in self.components.values()):
+            lines.append(f"  attention product: {blocks.attention_policy()}")
         lines.append(f"  scheduler: {self.scheduler}")
         lines.append(f"  CUDA graphs: {self.graphs}")
         lines += [f"  not accelerated: {r}" for r in self.unfused]
