@@ -116,6 +116,22 @@ class BuildExt(BuildExtension.with_options(use_ninja=True)):
             ext.include_dirs.append(include)
         super().build_extensions()
 
+    def run(self):
+        super().run()
+        # Other builds of _C beside the new one (`_C.cpython-311-x86_64-linux-gnu.so` of the
+        # pybind11 builds before the abi3 one): Python imports the version-tagged file first,
+        # so a stale one would shadow the new build in an editable install (the source tree's
+        # package) and ship in a wheel (the build tree's).
+        pkg = self.get_finalized_command("build_py").get_package_dir("fastdiff")
+        for ext in self.extensions:
+            name = os.path.basename(self.get_ext_filename(ext.name))
+            stem = name.split(".", 1)[0]
+            for folder in {os.path.dirname(self.get_ext_fullpath(ext.name)), pkg}:
+                for path in glob.glob(os.path.join(folder, f"{stem}.*.so")):
+                    if os.path.basename(path) != name:
+                        print(f"fastdiff: removing the stale build {path}", flush=True)
+                        os.remove(path)
+
 
 class BuildPyWithCubins(build_py):
     """build_py, then (for a wheel, not an editable install) the cubins into the build tree."""
