@@ -5,7 +5,7 @@
 # SIGKILL after a grace period) so pytest and pytest-benchmark write what they measured, the
 # report rewritten after every phase, a short summary printed last.
 #
-#   OUT=$OUT GPU_DEADLINE=480 bash benchmarks/gpu.sh       on the GPU machine (device tool)
+#   OUT=$OUT GPU_DEADLINE=540 bash benchmarks/gpu.sh       on the GPU machine (device tool)
 #   PHASES=compile GPU_DEADLINE=200 bash benchmarks/gpu.sh  torch.compile baselines: a 2nd call
 #   QUICK=1 bash benchmarks/gpu.sh                          the suite's tiny cases (runs on CPU)
 #
@@ -38,7 +38,7 @@
 # A phase gets min(cap, time left - GPU_GRACE - GPU_REPORT_S) and is skipped, with a line
 # saying so, when that is under GPU_MIN_PHASE. So the script ends by the deadline.
 #
-# Environment: OUT (default bench-results/gpu-<time>), GPU_DEADLINE (480), GPU_GRACE (15),
+# Environment: OUT (default bench-results/gpu-<time>), GPU_DEADLINE (540), GPU_GRACE (15),
 # GPU_REPORT_S (10, kept for the last report), GPU_MIN_PHASE (20), GPU_CAPS ("e2e=300,tests=60"),
 # GPU_SKIP_BUILD=1 (the package is installed already), GPU_TEST_PATHS (the tests phase's test
 # files, default tests: a rerun can pick up where a cut phase stopped), GPU_SLOW_PHASE=<phase> (that phase's
@@ -49,7 +49,7 @@
 set -uo pipefail
 start=$(date +%s)
 cd "$(dirname "$0")/.."
-DEADLINE=${GPU_DEADLINE:-480}
+DEADLINE=${GPU_DEADLINE:-540}
 GRACE=${GPU_GRACE:-15}
 REPORT_S=${GPU_REPORT_S:-10}
 MIN_PHASE=${GPU_MIN_PHASE:-20}
