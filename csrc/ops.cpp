@@ -3,7 +3,7 @@
 // wraps them) and the empty Python module fastdiff._C, on Python's limited API, whose import
 // loads this library: the extension uses no pybind11 (torch's refuses to build with the stable
 // ABI's TORCH_TARGET_VERSION) and no version-specific Python, so one abi3 wheel serves every
-// Python >= 3.9 and every torch >= the target. Each op's schema and implementations are in
+// Python >= 3.10 and every torch >= the target. Each op's schema and implementations are in
 // csrc/<op>.cpp, the prebuilt-kernel launcher in prebuilt.cpp.
 #include "ops.h"
 
@@ -158,45 +158,11 @@ namespace {
 
 namespace pb = prebuilt;
 
-std::vector<std::string> split(const std::string& s, char sep) {
-  std::vector<std::string> parts;
-  if (s.empty()) return parts;
-  size_t start = 0;
-  for (size_t p; (p = s.find(sep, start)) != std::string::npos; start = p + 1)
-    parts.push_back(s.substr(start, p - start));
-  parts.push_back(s.substr(start));
-  return parts;
-}
-
-// A launch from its line of pb::launches_text: key TAB gx,gy,gz TAB name:kind:bits;...
-pb::Launch launch_from_text(const std::string& line) {
-  const auto fields = split(line, '\t');
-  if (fields.size() != 3)
-    throw std::invalid_argument("fastdiff: a launch line has 3 tab-separated fields, got " +
-                                std::to_string(fields.size()));
-  pb::Launch l;
-  l.key = fields[0];
-  const auto g = split(fields[1], ',');
-  if (g.size() != 3) throw std::invalid_argument("fastdiff: a launch's grid has 3 dimensions");
-  l.grid = {std::stoll(g[0]), std::stoll(g[1]), std::stoll(g[2])};
-  for (const std::string& a : split(fields[2], ';')) {
-    const auto p = split(a, ':');
-    if (p.size() != 3)
-      throw std::invalid_argument("fastdiff: a launch argument is name:kind:bits, got '" + a + "'");
-    const auto& names = pb::kKindNames;
-    const auto* k = std::find(std::begin(names), std::end(names), p[1]);
-    if (k == std::end(names))
-      throw std::invalid_argument("fastdiff: no argument kind '" + p[1] + "'");
-    l.args.push_back({p[0], static_cast<pb::Kind>(k - std::begin(names)), std::stoull(p[2]), ""});
-  }
-  return l;
-}
-
 void registry_register(std::string key, int64_t arch, std::string path, std::string name,
                        std::string param_names, std::vector<int64_t> param_bytes,
                        std::vector<int64_t> aligned, int64_t num_warps, int64_t shared,
                        int64_t global_scratch_size, int64_t profile_scratch_size) {
-  pb::register_kernel(key, arch, path, name, split(param_names, ','), param_bytes, aligned,
+  pb::register_kernel(key, arch, path, name, pb::split(param_names, ','), param_bytes, aligned,
                       num_warps, shared, global_scratch_size, profile_scratch_size);
 }
 int64_t registry_use_directory(std::string directory, bool lazy) {
@@ -208,12 +174,13 @@ void registry_forget_loaded() { pb::forget_loaded(); }
 std::string registry_mode() { return pb::mode_name(); }
 std::string registry_set_mode(std::string name) { return pb::set_mode(name); }
 std::tuple<std::string, std::string> registry_select(std::string launch, int64_t arch) {
-  pb::Selection s = pb::select(launch_from_text(launch), arch);
+  pb::Selection s = pb::select(pb::launch_from_text(launch), arch);
   return {s.path, s.reason};
 }
 std::tuple<std::string, std::string, int64_t, int64_t> registry_hold_and_read(
     std::string launch, int64_t arch, int64_t reads, bool change_registry) {
-  pb::HoldReport r = pb::hold_and_read(launch_from_text(launch), arch, reads, change_registry);
+  pb::HoldReport r =
+      pb::hold_and_read(pb::launch_from_text(launch), arch, reads, change_registry);
   return {r.name, r.why, r.live, r.intact};
 }
 int64_t registry_live_entries() { return pb::live_entries(); }

@@ -27,6 +27,17 @@
 using CurrentStreamFn = AOTITorchError (*)(int32_t device_index, void** ret_stream);
 
 namespace fastdiff::prebuilt {
+
+std::vector<std::string> split(const std::string& s, char sep) {
+  std::vector<std::string> out;
+  if (s.empty()) return out;
+  std::string cur;
+  std::istringstream in(s);
+  while (std::getline(in, cur, sep)) out.push_back(cur);
+  if (s.back() == sep) out.emplace_back();
+  return out;
+}
+
 namespace {
 
 template <typename... T>
@@ -198,16 +209,6 @@ void add_entry(State& st, const std::string& key, Entry e) {
     st.archs.insert(std::upper_bound(st.archs.begin(), st.archs.end(), e.arch), e.arch);
   }
   st.kernels[key].push_back(std::make_shared<Entry>(std::move(e)));
-}
-
-std::vector<std::string> split(const std::string& s, char sep) {
-  std::vector<std::string> out;
-  if (s.empty()) return out;
-  std::string cur;
-  std::istringstream in(s);
-  while (std::getline(in, cur, sep)) out.push_back(cur);
-  if (s.back() == sep) out.emplace_back();
-  return out;
 }
 
 std::vector<int64_t> ints(const std::string& s) {
@@ -616,6 +617,31 @@ std::string launches_text(const std::vector<Launch>& launches) {
     s << '\n';
   }
   return s.str();
+}
+
+Launch launch_from_text(const std::string& line) {
+  const auto fields = split(line, '\t');
+  if (fields.size() != 3) {
+    throw std::invalid_argument("fastdiff: a launch line has 3 tab-separated fields, got " +
+                                std::to_string(fields.size()));
+  }
+  Launch l;
+  l.key = fields[0];
+  const auto g = split(fields[1], ',');
+  if (g.size() != 3) throw std::invalid_argument("fastdiff: a launch's grid has 3 dimensions");
+  l.grid = {std::stoll(g[0]), std::stoll(g[1]), std::stoll(g[2])};
+  for (const std::string& a : split(fields[2], ';')) {
+    const auto p = split(a, ':');
+    if (p.size() != 3) {
+      throw std::invalid_argument("fastdiff: a launch argument is name:kind:bits, got '" + a + "'");
+    }
+    const auto* k = std::find(std::begin(kKindNames), std::end(kKindNames), p[1]);
+    if (k == std::end(kKindNames)) {
+      throw std::invalid_argument("fastdiff: no argument kind '" + p[1] + "'");
+    }
+    l.args.push_back({p[0], static_cast<Kind>(k - std::begin(kKindNames)), std::stoull(p[2]), ""});
+  }
+  return l;
 }
 
 int64_t live_entries() { return g_live_entries.load(); }

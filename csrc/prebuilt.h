@@ -101,6 +101,11 @@ std::optional<std::string> launch(const std::vector<Launch>& launches,
 // The launches as text, for the tests' comparison with the Python plans (fastdiff/prebuilt.py
 // reads it): per launch a line "key<TAB>gx,gy,gz<TAB>name:kind:bits;name:kind:bits;...".
 std::string launches_text(const std::vector<Launch>& launches);
+// One line of that text as a Launch (fastdiff/prebuilt.py's launch_line writes it); raises
+// std::invalid_argument for a malformed line.
+Launch launch_from_text(const std::string& line);
+// `s` split at each `sep` (an empty string: no parts; a trailing separator: an empty last part).
+std::vector<std::string> split(const std::string& s, char sep);
 
 // For the tests of the registry's ownership (launch() itself needs a GPU): resolves `l` on
 // `arch` as launch() does, releases the lock, clears the registry when `change_registry` (as a

@@ -825,3 +825,21 @@ def test_concurrent_registry_changes_and_resolutions(tmp_path):
             assert (intact == 200) if name else ("is not prebuilt" in why), (name, why, intact)
     finally:
         prebuilt.load_if_cuda()
+
+
+def test_registry_ops_refuse_malformed_launch_lines():
+    """The registry's ops take a launch as the text line of prebuilt.launch_line (no pybind11
+    dicts since the extension left pybind11): a malformed one is a ValueError, never a crash."""
+    select = torch.ops.fastdiff._prebuilt_select
+    with pytest.raises(ValueError, match="3 tab-separated fields, got 1"):
+        select("k()[]", 80)
+    with pytest.raises(ValueError, match="grid has 3 dimensions"):
+        select("k()[]\t1,1\tx:ptr:0", 80)
+    with pytest.raises(ValueError, match="no argument kind 'f16'"):
+        select("k()[]\t1,1,1\tx:f16:0", 80)
+    with pytest.raises(ValueError, match="name:kind:bits"):
+        select("k()[]\t1,1,1\tx:ptr", 80)
+    line = prebuilt.launch_line({"key": "k()[]", "grid": (1, 2, 3),
+                                 "args": [("x", "ptr", 4096), ("n", "i32", -1)]})
+    assert line == f"k()[]\t1,2,3\tx:ptr:4096;n:i32:{2**64 - 1}"
+    assert select(line, 80) == ("", "kernel k()[] is not prebuilt")
