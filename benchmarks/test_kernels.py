@@ -17,6 +17,7 @@ def test_kernel(benchmark, kcase, system, device, dtype, quick):
     fn = cases.kernel_fn(kcase, system, device, dtype)
     inner = 20 if device == "cuda" else 1
 
+    @torch.no_grad()        # inference, as pipelines run: no autograd kernels on the way
     def run():
         for _ in range(inner):
             fn()
@@ -43,13 +44,13 @@ def test_kernel_graphed(benchmark, kcase, system, device, dtype, quick):
     inner = 20
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):          # warm up (JIT, cubin loads, allocator) off-graph
+    with torch.no_grad(), torch.cuda.stream(side):   # warm up (JIT, cubins, allocator)
         for _ in range(3):
             fn()
     torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.no_grad(), torch.cuda.graph(graph):
         for _ in range(inner):
             fn()
 
