@@ -96,6 +96,10 @@ class BuildExt(BuildExtension.with_options(use_ninja=True)):
     def build_extensions(self):
         prebuilt = os.environ.get("FASTDIFF_EXTENSION")
         if prebuilt:
+            if not os.path.isfile(prebuilt):
+                sys.exit(f"fastdiff: FASTDIFF_EXTENSION={prebuilt!r} is not a file: name a built "
+                         "_C.abi3.so (a fastdiff wheel's fastdiff/_C.abi3.so), or unset it to "
+                         "compile the extension")
             for ext in self.extensions:
                 dest = self.get_ext_fullpath(ext.name)
                 os.makedirs(os.path.dirname(dest), exist_ok=True)
