@@ -178,18 +178,6 @@ void rows(const T* x, const T* r, T* h, T* y, int64_t R, int64_t C, const float*
   });
 }
 
-// A small tensor (checked: contiguous, x's float dtype) as floats, converted here.
-std::vector<float> floats(const std::optional<Tensor>& t) {
-  if (!t) return {};
-  std::vector<float> out;
-  dispatch_float(t->scalar_type(), [&](auto tag) {
-    using T = decltype(tag);
-    const T* p = t->const_data_ptr<T>();
-    out.assign(p, p + t->numel());
-  });
-  return out;
-}
-
 template <typename T>
 void run_cpu(const AddLayerNorm& a, Tensor& h, Tensor& y, const float* w, const float* b) {
   const int64_t C = last_dim(a.x), R = a.x.numel() / C;

@@ -286,19 +286,6 @@ void channels_last(const T* x, T* y, int64_t N, int64_t C, int64_t HW, int64_t G
   });
 }
 
-// A small tensor (checked: contiguous, a float dtype) as floats, converted here: a dispatcher
-// call per tensor would cost more than the whole op at small sizes.
-std::vector<float> floats(const std::optional<Tensor>& t) {
-  if (!t) return {};
-  std::vector<float> out;
-  dispatch_float(t->scalar_type(), [&](auto tag) {
-    using T = decltype(tag);
-    const T* p = t->const_data_ptr<T>();
-    out.assign(p, p + t->numel());
-  });
-  return out;
-}
-
 Tensor cpu(const GroupNormSilu& a) {
   const Tensor& x = a.x;
   Tensor y = empty(a);

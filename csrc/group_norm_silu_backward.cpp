@@ -329,18 +329,6 @@ void backward_cpu(const T* dy, const T* x, T* dx, int64_t N, int64_t C, int64_t 
 
 // ---- tensor glue ----
 
-// A small tensor (checked: contiguous, a float dtype) as floats, converted here.
-std::vector<float> floats(const std::optional<Tensor>& t) {
-  if (!t) return {};
-  std::vector<float> out;
-  dispatch_float(t->scalar_type(), [&](auto tag) {
-    using T = decltype(tag);
-    const T* p = t->const_data_ptr<T>();
-    out.assign(p, p + t->numel());
-  });
-  return out;
-}
-
 const float* ptr_or_null(const std::vector<float>& v) { return v.empty() ? nullptr : v.data(); }
 
 Out cpu(const GroupNormSiluBackward& a) {

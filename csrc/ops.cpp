@@ -73,6 +73,17 @@ bool same_sizes(const Tensor& t, std::initializer_list<int64_t> sizes) {
   return s.size() == sizes.size() && std::equal(sizes.begin(), sizes.end(), s.begin());
 }
 
+std::vector<float> floats(const std::optional<Tensor>& t) {
+  if (!t) return {};
+  std::vector<float> out;
+  dispatch_float(t->scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* p = t->const_data_ptr<T>();
+    out.assign(p, p + t->numel());
+  });
+  return out;
+}
+
 bool same_shape(const Tensor& a, const Tensor& b) {
   const auto x = a.sizes(), y = b.sizes();
   return x.size() == y.size() && std::equal(x.begin(), x.end(), y.begin());

@@ -85,6 +85,9 @@ void dispatch_float(ScalarType t, F&& f) {
     default: throw std::runtime_error("fastdiff: no CPU kernel for dtype " + dtype_str(t));
   }
 }
+// A small tensor (checked by the op: contiguous, a float dtype) as floats, converted here: a
+// dispatcher call per tensor would cost more than the whole op at small sizes. None: empty.
+std::vector<float> floats(const std::optional<Tensor>& t);
 inline bool is_meta(const Tensor& t) { return t.device().type() == torch::headeronly::DeviceType::Meta; }
 // New uninitialized tensors on `like`'s device (its dtype unless given), by one C shim call
 // (aoti_torch_empty_strided): cheaper than empty_like/new_empty through the dispatcher, which
