@@ -271,7 +271,7 @@ sys.exit(int(sys.argv[1]) not in json.load(open(sys.argv[2]))[\"archs\"])" "$ARC
     e2e)
       bench_phase e2e benchmarks/test_e2e.py -k "not compile" ;;
     steps)
-      k="cuda"; [ "$QUICK" = 1 ] && k="cpu and (DDIM or PNDM)"
+      k="cuda and step-"; [ "$QUICK" = 1 ] && k="cpu and step- and (DDIM or PNDM)"
       bench_phase steps benchmarks/test_steps.py -k "$k" ;;
     tune)   # SIGINT at the limit: tune.py writes tune.json with what it timed
       run_phase tune bench.log "$PY" benchmarks/tune.py --out "$OUT/tune.json" \

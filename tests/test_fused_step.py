@@ -62,7 +62,15 @@ def _assert_same(out_ref, out, what):
 @pytest.mark.parametrize("kind,cfg,step_kw", CASES,
                          ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
 @pytest.mark.parametrize("return_dict", [True, False])
-def test_fused_step_matches_scheduler_step(kind, cfg, step_kw, return_dict):
+@pytest.mark.parametrize("guided", [False, True])
+def test_fused_step_matches_scheduler_step(kind, cfg, step_kw, return_dict, guided,
+                                          monkeypatch):
+    """guided: FusedStep.guided([u; c], g, ...) against the step of u + g (c - u) (the op
+    combines the pair inside its call: one op call a step, with the pair)."""
+    batches = []
+    op = schedulers.ops.denoise_step
+    monkeypatch.setattr(schedulers.ops, "denoise_step",
+                        lambda mo, *a, **k: batches.append(mo.shape[0]) or op(mo, *a, **k))
     steps = 6
     a, b = _pair(kind, cfg, steps)
     gen = torch.Generator().manual_seed(0)
@@ -73,8 +81,15 @@ def test_fused_step_matches_scheduler_step(kind, cfg, step_kw, return_dict):
         m = torch.randn(x.shape, generator=gen)
         ia, ib = a.scale_model_input(xa, t), b.scale_model_input(xb, t)
         torch.testing.assert_close(ib, ia)
-        ra = a.step(m, t, xa, generator=ga, return_dict=return_dict, **step_kw)
-        rb = b.step(m, t, xb, generator=gb, return_dict=return_dict, **step_kw)
+        if guided:
+            u = torch.randn(x.shape, generator=gen)
+            ra = a.step(u + 3.0 * (m - u), t, xa, generator=ga, return_dict=return_dict,
+                        **step_kw)
+            rb = b.step.guided(torch.cat([u, m]), 3.0, t, xb, generator=gb,
+                               return_dict=return_dict, **step_kw)
+        else:
+            ra = a.step(m, t, xa, generator=ga, return_dict=return_dict, **step_kw)
+            rb = b.step(m, t, xb, generator=gb, return_dict=return_dict, **step_kw)
         _assert_same(ra, rb, f"step {i}")
         xa, xb = (ra[0], rb[0]) if not return_dict else (ra.prev_sample, rb.prev_sample)
         assert getattr(a, "step_index", None) == getattr(b, "step_index", None)
@@ -83,6 +98,7 @@ def test_fused_step_matches_scheduler_step(kind, cfg, step_kw, return_dict):
             for ma, mb in zip(a.model_outputs, b.model_outputs):
                 torch.testing.assert_close(mb, ma, rtol=2e-5, atol=2e-5)
     torch.testing.assert_close(xb, xa, rtol=1e-4, atol=1e-4)
+    assert batches == [x.shape[0] * (2 if guided else 1)] * steps
     # the noise consumed from the generator is the same
     assert torch.equal(torch.randn(3, generator=ga), torch.randn(3, generator=gb))
 

@@ -112,10 +112,11 @@ class Family:
                 a["timestep"], (int, torch.IntTensor, torch.LongTensor)):
             raise _Unfused()                                   # diffusers' own error
         opts = self.table_options(s, a)
-        why = tables.refusal(s, opts)
+        why = tables.options_refusal(opts)     # the configuration: RowStep checked it
         if why:
             raise _Unfused(why)
-        if getattr(s, "is_scale_input_called", True) is False:
+        # (the instance's dict: a missing attribute costs ~1 us in ConfigMixin's __getattr__)
+        if s.__dict__.get("is_scale_input_called", True) is False:
             logging.getLogger("diffusers").warning(
                 "The `scale_model_input` function should be called before `step` to ensure "
                 "correct denoising. See `StableDiffusionPipeline` for a usage example.")
@@ -133,21 +134,22 @@ class Family:
                                      device=model_output.device,
                                      dtype=info.noise_dtype or model_output.dtype)
             noise = noise.to(device=sample.device, dtype=sample.dtype).contiguous()
-        if sample.device not in dev:
-            dev[sample.device] = (coeffs.to(sample.device),
-                                  torch.arange(info.calls, device=sample.device))
-        dcoeffs, idx = dev[sample.device]
+        hit = dev.get(sample.device)
+        if hit is None:    # the table and each row's index (0-d views), on the sample's device
+            hit = dev[sample.device] = (coeffs.to(sample.device, torch.float32).contiguous(),
+                                        torch.arange(info.calls, device=sample.device).unbind())
         state = rows.gather(info, row, sample, fresh=row == 0)
-        return Planned(row, dcoeffs, idx[row], noise, state, info)
+        return Planned(row, hit[0], hit[1][row], noise, state, info)
 
     def finish(self, rows: "Rows", s, planned: "Planned", state) -> None:
         """Leaves the scheduler as its own step would: carried attributes as views of the new
         state slots, then the bookkeeping the call changed (step index, counters, orders)."""
         info = planned.info
         if state is not None:
-            state = state.to(planned.state.dtype)
+            if state.dtype != planned.state.dtype:
+                state = state.to(planned.state.dtype)
             rows.state = state
-            rows.views = {j: state[j] for j in range(state.shape[0])}
+            rows.views = dict(enumerate(state.unbind(0)))
         for name, (kind, v) in info.layouts[planned.row].items():
             if kind == "slot":
                 setattr(s, name, rows.views[v])
@@ -163,7 +165,7 @@ class Family:
         if info.x0_field:
             values[info.x0_field] = x0
         if not return_dict:
-            return tuple(values.get(f) for f in info.output_fields)
+            return tuple([values.get(f) for f in info.output_fields])
         return info.output_class(**values)
 
 
@@ -488,6 +490,7 @@ class Rows:
     def __init__(self, scheduler):
         self.scheduler = scheduler
         self._cache: dict = {}
+        self._last = None     # (timesteps, len, num_inference_steps, opts, hit) of the last call
         self.start: int | None = None
         self.state: torch.Tensor | None = None
         self.views: dict = {}
@@ -497,6 +500,15 @@ class Rows:
         the run's table when the scheduler's bookkeeping is what the table expects there, else
         a new one from here (a run's first call, or the first after diffusers' own steps)."""
         s = self.scheduler
+        last = self._last         # the run's table: checked without building a key
+        if (last is not None and last[0] is s.timesteps and last[1] == len(s.timesteps)
+                and last[2] == s.__dict__.get("num_inference_steps") and last[3] == opts):
+            hit = last[4]
+            info = hit[2]
+            row = pos - info.start
+            if 0 <= row < info.calls and all(
+                    s.__dict__.get(k) == v for k, v in info.expects[row].items()):
+                return (*hit[1:], row)
         key = (id(s.timesteps), len(s.timesteps), getattr(s, "num_inference_steps", None),
                tuple(sorted(opts.items())))
         for start in (self.start, pos):
@@ -510,6 +522,8 @@ class Rows:
             if 0 <= row < info.calls and all(
                     s.__dict__.get(k) == v for k, v in info.expects[row].items()):
                 self.start = start
+                self._last = (s.timesteps, len(s.timesteps),
+                              s.__dict__.get("num_inference_steps"), dict(opts), hit)
                 return (*hit[1:], row)
         start = 0 if type(s).__name__ in tables.TIMESTEP_INDEXED else pos
         try:
@@ -520,6 +534,8 @@ class Rows:
             self._cache.clear()
         self._cache[key + (start,)] = hit = (s.timesteps, coeffs, info, {})
         self.start = start
+        self._last = (s.timesteps, len(s.timesteps), s.__dict__.get("num_inference_steps"),
+                      dict(opts), hit)
         return (*hit[1:], pos - start)
 
     def gather(self, info, row: int, like, fresh: bool):
@@ -528,29 +544,32 @@ class Rows:
         if info.slots == 0:
             return None
         s = self.scheduler
-        sources = {}
-        for j, path in info.slot_of(row).items():
-            t = getattr(s, path[0], None)
-            if len(path) == 2:
-                t = t[path[1]] if isinstance(t, (list, tuple)) and len(t) > path[1] else None
-            if not torch.is_tensor(t) or t.shape != like.shape:
-                raise _Unfused(f"the scheduler's {'.'.join(map(str, path))} is not the tensor "
-                               "its table reads")
-            sources[j] = t
         dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
         buf = self.state
-        if (fresh or buf is None or buf.shape != (info.slots, *like.shape) or buf.dtype != dtype
-                or buf.device != like.device):
+        if (fresh or buf is None or buf.shape[0] != info.slots or buf.shape[1:] != like.shape
+                or buf.dtype != dtype or buf.device != like.device):
             # a new table (or layout): a new zeroed buffer (no stale non-finite values under
             # zero weights); the scheduler's tensors may be views of the old one, still intact
             buf = torch.zeros((info.slots, *like.shape), dtype=dtype, device=like.device)
             self.views = {}
-        moved = {j: t for j, t in sources.items() if t is not self.views.get(j)}
-        ptr = buf.untyped_storage().data_ptr()
-        moved = {j: t.clone() if t.untyped_storage().data_ptr() == ptr else t
-                 for j, t in moved.items()}           # a view of another slot: read it first
-        for j, t in moved.items():
-            buf[j].copy_(t)
+        views, attrs = self.views, s.__dict__
+        moved = {}                # the slots whose source is not the view finish() left
+        for j, path in info.slot_of(row).items():
+            t = attrs[path[0]] if path[0] in attrs else getattr(s, path[0], None)
+            if len(path) == 2:
+                t = t[path[1]] if isinstance(t, (list, tuple)) and len(t) > path[1] else None
+            if t is not None and t is views.get(j):
+                continue
+            if not torch.is_tensor(t) or t.shape != like.shape:
+                raise _Unfused(f"the scheduler's {'.'.join(map(str, path))} is not the tensor "
+                               "its table reads")
+            moved[j] = t
+        if moved:
+            ptr = buf.untyped_storage().data_ptr()
+            moved = {j: t.clone() if t.untyped_storage().data_ptr() == ptr else t
+                     for j, t in moved.items()}       # a view of another slot: read it first
+            for j, t in moved.items():
+                buf[j].copy_(t)
         self.state = buf
         return buf
 
@@ -562,12 +581,21 @@ def _op_v2(model_output, sample, coeffs, step_index, noise=None, state=None, gui
     tensors of the scheduler that live in the old buffer stay as they were until
     Family.finish."""
     dev, dt = sample.device, sample.dtype
-    st = None if state is None else state.to(device=dev, dtype=dt).clone()
-    n = None if noise is None else noise.to(device=dev, dtype=dt).contiguous()
-    out, x0 = ops.denoise_step(model_output, sample, coeffs.to(dev, torch.float32).contiguous(),
-                               step_index.to(dev), n, st, guidance_scale, clip_sample,
-                               clip_sample_range, write_x0=True, guided=guided)
+    st = None
+    if state is not None:     # a copy: the op updates it in place
+        st = state.clone() if state.dtype == dt and state.device == dev else state.to(dev, dt)
+    out, x0 = ops.denoise_step(model_output, sample, _like(coeffs, dev, torch.float32),
+                               _like(step_index, dev, step_index.dtype), _like(noise, dev, dt),
+                               st, guidance_scale, clip_sample, clip_sample_range, write_x0=True,
+                               guided=guided)
     return out, x0, st
+
+
+def _like(t, dev, dtype):
+    """t on ``dev`` in ``dtype``, contiguous: itself when it is (no call: one a step counts)."""
+    if t is None or (t.dtype == dtype and t.device == dev and t.is_contiguous()):
+        return t
+    return t.to(device=dev, dtype=dtype).contiguous()
 
 
 # The executor of version-2 rows: the op (set to None, RowStep runs the float64 reference and
@@ -598,6 +626,7 @@ class RowStep:
         self._signature = inspect.signature(self.original)
         self._bind = _Binder(self._signature)
         self._warned: set = set()
+        self._config, self._config_refusal = None, None
 
     @property
     def original(self):
@@ -650,7 +679,10 @@ class RowStep:
         a = self._bind(model_output, timestep, sample, *args, **kwargs)
         if getattr(s, "timesteps", None) is None:
             raise _Unfused()                                   # diffusers' own error
-        why = fam.unsupported_rows(s.config)
+        cfg = s.config
+        if cfg is not self._config:           # checked once per configuration (~2 us a call)
+            self._config, self._config_refusal = cfg, fam.unsupported_rows(cfg)
+        why = self._config_refusal
         if why:
             raise _Unfused(f"{self.name} with {why} cannot be v2 rows", warn=True)
         if model_output.shape != sample.shape or model_output.dtype not in DTYPES:
@@ -670,7 +702,9 @@ class RowStep:
         fam.finish(self.rows, s, planned, state)
         dp, dx = (out_dtype if d is None else torch.promote_types(d, out_dtype)
                   for d in info.out_dtypes)
-        return fam.output_v2(info, prev.to(dp), x0.to(dx), a["return_dict"])
+        prev = prev if prev.dtype == dp else prev.to(dp)
+        x0 = x0 if x0.dtype == dx else x0.to(dx)
+        return fam.output_v2(info, prev, x0, a["return_dict"])
 
 
 class FusedStep:
@@ -687,6 +721,7 @@ class FusedStep:
         # and the x0 of the last call (diffusers' model_outputs[-1] while the slots hold it).
         self._state: torch.Tensor | None = None
         self._state_x0: torch.Tensor | None = None
+        self._config, self._config_refusal = None, None
 
     @property
     def original(self):
@@ -750,16 +785,34 @@ class FusedStep:
                 log_once(f"{self.name}.step: {why.reason}; diffusers' step used")
             return self.original(model_output, timestep, sample, *args, **kwargs)
 
-    def _fused(self, model_output, timestep, sample, *args, **kwargs):
-        from diffusers.utils.torch_utils import randn_tensor
+    def guided(self, model_outputs, guidance_scale: float, timestep, sample, *args, **kwargs):
+        """As RowStep.guided: the step of u + g (c - u), ``model_outputs`` = [u; c] (2B, ...)
+        combined inside the op call."""
+        try:
+            return self._fused(model_outputs, timestep, sample, *args, guidance=guidance_scale,
+                               **kwargs)
+        except _Unfused as why:
+            if why.reason:
+                log_once(f"{self.name}.step: {why.reason}; diffusers' step used")
+            u, c = model_outputs.chunk(2)
+            return self.original(u + guidance_scale * (c - u), timestep, sample, *args, **kwargs)
 
+    def _fused(self, model_output, timestep, sample, *args, guidance=None, **kwargs):
         s, fam = self.scheduler, self.family
+        pair = model_output
+        if guidance is not None:
+            if pair.shape[0] != 2 * sample.shape[0]:
+                raise _Unfused("guided model outputs not [uncond; cond] of the sample's batch")
+            model_output = pair[:sample.shape[0]]
         a = self._bind(model_output, timestep, sample, *args, **kwargs)
         if s.num_inference_steps is None:
             raise _Unfused()                                   # diffusers' own error
         if model_output.shape != sample.shape or model_output.dtype not in DTYPES:
             raise _Unfused("model output shaped or typed unlike the sample")
-        reason = fam.unsupported(s.config)
+        cfg = s.config
+        if cfg is not self._config:           # checked once per configuration
+            self._config, self._config_refusal = cfg, fam.unsupported(cfg)
+        reason = self._config_refusal
         if reason:
             raise _Unfused(reason)
         if model_output.device != sample.device:
@@ -784,13 +837,16 @@ class FusedStep:
         if draw:
             noise = a.get("variance_noise")
             if noise is None:
+                from diffusers.utils.torch_utils import randn_tensor
+
                 noise = randn_tensor(model_output.shape, generator=a["generator"],
                                      device=model_output.device,
                                      dtype=fam.noise_dtype or model_output.dtype)
             noise = noise.to(device=sample.device, dtype=sample.dtype).contiguous()
         dev = sample.device
-        if dev not in dev_cache:
-            dev_cache[dev] = (table.coeffs.to(dev), torch.arange(len(table), device=dev))
+        if dev not in dev_cache:   # the table and each row's index (0-d views) on the device
+            dev_cache[dev] = (table.coeffs.to(dev),
+                              torch.arange(len(table), device=dev).unbind())
         coeffs, idx = dev_cache[dev]
         out_dtype = model_output.dtype
         state = None
@@ -807,8 +863,11 @@ class FusedStep:
                 st[0].copy_(prev_x0)
             state = st
         prev, x0 = ops.denoise_step(
-            model_output.contiguous(), sample.to(out_dtype).contiguous(), coeffs, idx[i], noise,
-            state, 1.0, table.clip_sample, table.clip_sample_range, write_x0=True, guided=False)
+            pair.contiguous(),
+            (sample if sample.dtype == out_dtype else sample.to(out_dtype)).contiguous(), coeffs,
+            idx[i], noise, state, 1.0 if guidance is None else float(guidance),
+            table.clip_sample, table.clip_sample_range, write_x0=True,
+            guided=guidance is not None)
         if table.threshold is not None:
             prev, x0 = schedules.apply_threshold(prev, x0, coeffs, idx[i], *table.threshold)
         self._state_x0 = x0 if state is not None else None

@@ -102,15 +102,20 @@ class TableInfo:
     source: str = "probe"
     out_dtypes: tuple = (None, None)     # prev_sample's and x0's (None: the model output's)
     input_scales: list = dataclasses.field(default_factory=list)  # scale_model_input per call
+    _slot_paths: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     @property
     def calls(self) -> int:
         return len(self.timesteps)
 
     def slot_of(self, c: int) -> dict:
-        """{slot: attribute path} of the state call c reads: ((name,) or (name, index))."""
-        layout = self.initial if c == 0 else self.layouts[c - 1]
-        return _slot_paths(layout)
+        """{slot: attribute path} of the state call c reads: ((name,) or (name, index)).
+        Computed once per call c (read on every step)."""
+        paths = self._slot_paths.get(c)
+        if paths is None:
+            layout = self.initial if c == 0 else self.layouts[c - 1]
+            paths = self._slot_paths[c] = _slot_paths(layout)
+        return paths
 
 
 def _slot_paths(layout) -> dict:
@@ -135,9 +140,12 @@ def _settings(cfg, keys=None) -> str:
 
 def refusal(scheduler, step_kwargs: dict | None = None) -> str | None:
     """The setting (named) that makes ``scheduler``'s step not a row, or None."""
-    why = config_refusal(type(scheduler).__name__, scheduler.config)
-    if why:
-        return why
+    return (config_refusal(type(scheduler).__name__, scheduler.config)
+            or options_refusal(step_kwargs))
+
+
+def options_refusal(step_kwargs: dict | None) -> str | None:
+    """The step argument (named) that is not a table option (a tensor or object), or None."""
     for k, v in (step_kwargs or {}).items():
         if torch.is_tensor(v) or not isinstance(v, (bool, int, float, str, type(None))):
             return f"step argument {k} (a tensor or object, not a table option)"
