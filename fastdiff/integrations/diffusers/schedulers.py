@@ -123,7 +123,7 @@ class Family:
         pos = self.position(rows, s, a["timestep"])
         if pos is None:
             raise _Unfused(f"timestep {a['timestep']} not in the schedule")
-        coeffs, info, dev, row = rows.table(pos, opts)
+        coeffs, info, row = rows.table(pos, opts)
         noise = None
         if info.draws[row]:
             noise = a.get("variance_noise")
@@ -134,12 +134,9 @@ class Family:
                                      device=model_output.device,
                                      dtype=info.noise_dtype or model_output.dtype)
             noise = noise.to(device=sample.device, dtype=sample.dtype).contiguous()
-        hit = dev.get(sample.device)
-        if hit is None:    # the table and each row's index (0-d views), on the sample's device
-            hit = dev[sample.device] = (coeffs.to(sample.device, torch.float32).contiguous(),
-                                        torch.arange(info.calls, device=sample.device).unbind())
+        dcoeffs, index = info.on_device(coeffs, sample.device)
         state = rows.gather(info, row, sample, fresh=row == 0)
-        return Planned(row, hit[0], hit[1][row], noise, state, info)
+        return Planned(row, dcoeffs, index[row], noise, state, info)
 
     def finish(self, rows: "Rows", s, planned: "Planned", state) -> None:
         """Leaves the scheduler as its own step would: carried attributes as views of the new
@@ -496,7 +493,7 @@ class Rows:
         self.views: dict = {}
 
     def table(self, pos: int, opts: dict):
-        """(coeffs, info, {device: (coeffs, row indices)}, row) for the call at index ``pos``:
+        """(coeffs, info, row) for the call at index ``pos``:
         the run's table when the scheduler's bookkeeping is what the table expects there, else
         a new one from here (a run's first call, or the first after diffusers' own steps)."""
         s = self.scheduler
@@ -532,7 +529,7 @@ class Rows:
             raise _Unfused(str(err)) from None
         if len(self._cache) > 8:
             self._cache.clear()
-        self._cache[key + (start,)] = hit = (s.timesteps, coeffs, info, {})
+        self._cache[key + (start,)] = hit = (s.timesteps, coeffs, info)
         self.start = start
         self._last = (s.timesteps, len(s.timesteps), s.__dict__.get("num_inference_steps"),
                       dict(opts), hit)

@@ -103,6 +103,7 @@ class TableInfo:
     out_dtypes: tuple = (None, None)     # prev_sample's and x0's (None: the model output's)
     input_scales: list = dataclasses.field(default_factory=list)  # scale_model_input per call
     _slot_paths: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+    _on_device: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     @property
     def calls(self) -> int:
@@ -116,6 +117,16 @@ class TableInfo:
             layout = self.initial if c == 0 else self.layouts[c - 1]
             paths = self._slot_paths[c] = _slot_paths(layout)
         return paths
+
+    def on_device(self, coeffs: torch.Tensor, device) -> tuple:
+        """(coeffs as float32 on ``device``, each call's row index as a 0-d tensor there), made
+        once per device: a new schedule with the same content (the next image) reuses them."""
+        hit = self._on_device.get(device)
+        if hit is None or hit[0] is not coeffs:
+            hit = (coeffs, coeffs.to(device, torch.float32).contiguous(),
+                   torch.arange(self.calls, device=device).unbind())
+            self._on_device[device] = hit
+        return hit[1:]
 
 
 def _slot_paths(layout) -> dict:
