@@ -571,3 +571,60 @@ def test_step_arguments_bind_as_inspect_does(kind):
             sig.bind(*args, **kwargs)
         with pytest.raises(TypeError):
             fast(*args, **kwargs)
+
+
+@pytest.mark.parametrize("kind", ["HeunDiscreteScheduler", "DDIMScheduler",
+                                  "EulerDiscreteScheduler", "PNDMScheduler"])
+def test_calls_that_change_their_arguments_mid_run(kind, caplog):
+    """RowStep takes a call that continues the last one's run (same schedule, configuration,
+    arguments and tensor kinds) without the generic checks; a change in between (guided or
+    not, return_dict, a table option, the scheduler's own step) takes the generic path, and
+    every call equals diffusers' step."""
+    caplog.set_level(logging.INFO, logger="fastdiff")
+    klass = getattr(diffusers, kind)
+    a, b = klass.from_config(SD15_PNDM), klass.from_config(SD15_PNDM)
+    step = SC.RowStep(a)
+    continued = []
+    real = step._continued
+
+    def spy(*args):
+        planned = real(*args)
+        continued.append(planned is not None)
+        return planned
+
+    step._continued = spy
+    option = {"DDIMScheduler": {"eta": 0.5},
+              "EulerDiscreteScheduler": {"s_churn": 0.5}}.get(kind, {})
+    takes_gen = "generator" in klass.step.__code__.co_varnames
+    for s in (a, b):
+        s.set_timesteps(12)
+    xa = xb = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0)) * float(
+        b.init_noise_sigma)
+    ga, gb = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    #        call: 0-2 plain, 3-4 guided, 5 return_dict=False, 6-7 an option, 8 diffusers' own
+    for k, t in enumerate(b.timesteps):
+        ia, ib = a.scale_model_input(xa, t), b.scale_model_input(xb, t)
+        kw = dict(option if k in (6, 7) else {}, return_dict=k != 5)
+        kw_a = dict(kw, **({"generator": ga} if takes_gen else {}))
+        kw_b = dict(kw, **({"generator": gb} if takes_gen else {}))
+        ma, mb = _model(ia, t, k, 1), _model(ib, t, k, 1)
+        if k == 8:
+            oa = step.original(ma, t, xa, **kw_a)
+        elif k in (3, 4):
+            ua, ub = _model(ia, t, k, 2), _model(ib, t, k, 2)
+            oa = step.guided(torch.cat([ua, ma]), 2.0, t, xa, **kw_a)
+            mb = ub + 2.0 * (mb - ub)
+        else:
+            oa = step(ma, t, xa, **kw_a)
+        ob = b.step(mb, t, xb, **kw_b)
+        pa, pb = (oa[0], ob[0]) if k == 5 else (oa.prev_sample, ob.prev_sample)
+        assert type(oa) is type(ob), k
+        assert _err(pa, pb) <= RTOL, k
+        xa, xb = pa, pb
+    # calls 1-7 and 9 on (call 0 has none before it): generic at 3 (guided), 5 (not guided
+    # again; its return_dict=False alone would not matter: not a table option), 6 where an
+    # option changes, and 9 (after diffusers' step at 8)
+    n = len(b.timesteps)
+    assert continued == ([True, True, False, True, False, not option, True, False]
+                         + [True] * (n - 10))
+    _no_fallback(caplog)

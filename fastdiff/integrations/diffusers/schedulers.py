@@ -124,19 +124,22 @@ class Family:
         if pos is None:
             raise _Unfused(f"timestep {a['timestep']} not in the schedule")
         coeffs, info, row = rows.table(pos, opts)
-        noise = None
-        if info.draws[row]:
-            noise = a.get("variance_noise")
-            if noise is None:
-                from diffusers.utils.torch_utils import randn_tensor
-
-                noise = randn_tensor(model_output.shape, generator=a.get("generator"),
-                                     device=model_output.device,
-                                     dtype=info.noise_dtype or model_output.dtype)
-            noise = noise.to(device=sample.device, dtype=sample.dtype).contiguous()
+        noise = self.noise(info, row, a, model_output.dtype, sample)
         dcoeffs, index = info.on_device(coeffs, sample.device)
         state = rows.gather(info, row, sample, fresh=row == 0)
-        return Planned(row, dcoeffs, index[row], noise, state, info)
+        return Planned(row, dcoeffs, index[row], noise, state, info, coeffs)
+
+    def noise(self, info, row: int, a: dict, dtype, sample):
+        """The noise call ``row`` draws, as the scheduler draws it (None: it draws none)."""
+        if not info.draws[row]:
+            return None
+        noise = a.get("variance_noise")
+        if noise is None:
+            from diffusers.utils.torch_utils import randn_tensor
+
+            noise = randn_tensor(sample.shape, generator=a.get("generator"),
+                                 device=sample.device, dtype=info.noise_dtype or dtype)
+        return noise.to(device=sample.device, dtype=sample.dtype).contiguous()
 
     def finish(self, rows: "Rows", s, planned: "Planned", state) -> None:
         """Leaves the scheduler as its own step would: carried attributes as views of the new
@@ -443,6 +446,27 @@ class Planned(NamedTuple):
     noise: torch.Tensor | None
     state: torch.Tensor | None
     info: "tables.TableInfo"
+    table: torch.Tensor | None = None   # the coefficients as the table holds them
+
+
+class _Next(NamedTuple):
+    """What RowStep's next call must look like to be row ``row`` of the last call's table
+    without the generic checks (the same scheduler schedule and configuration, arguments and
+    tensors alike but for their values): a pipeline's loop, call after call."""
+    timesteps: object
+    config: object
+    unguided: bool
+    pair_shape: torch.Size
+    sample_shape: torch.Size
+    dtype: torch.dtype
+    sample_dtype: torch.dtype
+    device: torch.device
+    kw_names: tuple
+    option_names: tuple
+    option_values: list
+    info: "tables.TableInfo"
+    table: torch.Tensor
+    row: int
 
 
 def _fresh(v):
@@ -624,6 +648,8 @@ class RowStep:
         self._bind = _Binder(self._signature)
         self._warned: set = set()
         self._config, self._config_refusal = None, None
+        self._next: _Next | None = None
+        self._return_dict = self._bind.defaults.get("return_dict", True)
 
     @property
     def original(self):
@@ -643,6 +669,7 @@ class RowStep:
         try:
             return self._run(model_output, timestep, sample, *args, **kwargs)
         except _Unfused as why:
+            self._next = None
             self._fallback(why)
             return self.original(model_output, timestep, sample, *args, **kwargs)
 
@@ -653,6 +680,7 @@ class RowStep:
             return self._run(model_outputs, timestep, sample, *args, guidance=guidance_scale,
                              **kwargs)
         except _Unfused as why:
+            self._next = None
             self._fallback(why)
             u, c = model_outputs.chunk(2)
             return self.original(u + guidance_scale * (c - u), timestep, sample, *args, **kwargs)
@@ -666,7 +694,68 @@ class RowStep:
         elif why.reason:
             log_once(f"{self.name}.step: {why.reason}; diffusers' step used")
 
+    def _continued(self, nxt: _Next, pair, timestep, sample, guidance, kwargs):
+        """The Planned of a call that continues the last one's run (row ``nxt.row`` of its
+        table; see _Next), or None: the generic path decides. What the generic path checks once
+        per configuration, schedule and argument set is compared by identity and equality here;
+        what can change between calls (the position, the scheduler's bookkeeping, its carried
+        tensors, grad mode) is checked as there. Raises _Unfused where that path would."""
+        s, fam = self.scheduler, self.family
+        if (s.__dict__.get("timesteps") is not nxt.timesteps or s.config is not nxt.config
+                or (guidance is None) is not nxt.unguided or pair.shape != nxt.pair_shape
+                or sample.shape != nxt.sample_shape or pair.dtype != nxt.dtype
+                or sample.dtype != nxt.sample_dtype or pair.device != nxt.device
+                or sample.device != nxt.device or tuple(kwargs) != nxt.kw_names
+                or [kwargs[k] for k in nxt.option_names] != nxt.option_values
+                or "variance_noise" in kwargs
+                or (torch.is_grad_enabled() and (pair.requires_grad or sample.requires_grad))
+                or (fam.int_timesteps_error
+                    and isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)))):
+            return None
+        info, row = nxt.info, nxt.row
+        if s.__dict__.get("is_scale_input_called", True) is False:
+            return None                      # the generic path warns as diffusers does
+        if fam.position(self.rows, s, timestep) != info.start + row or not all(
+                s.__dict__.get(k) == v for k, v in info.expects[row].items()):
+            return None
+        noise = fam.noise(info, row, kwargs, pair.dtype, sample)
+        dcoeffs, index = info.on_device(nxt.table, sample.device)
+        state = self.rows.gather(info, row, sample, fresh=row == 0)
+        return Planned(row, dcoeffs, index[row], noise, state, info, nxt.table)
+
     def _run(self, model_output, timestep, sample, *args, guidance=None, **kwargs):
+        s, fam = self.scheduler, self.family
+        pair = model_output
+        nxt, self._next = self._next, None
+        planned = None
+        if nxt is not None and not args:
+            planned = self._continued(nxt, pair, timestep, sample, guidance, kwargs)
+        if planned is None:
+            planned, return_dict = self._plan(pair, timestep, sample, args, guidance, kwargs)
+        else:
+            return_dict = kwargs.get("return_dict", self._return_dict)
+        info = planned.info
+        out_dtype = pair.dtype
+        prev, x0, state = self.executor(
+            pair.contiguous(), sample.to(out_dtype).contiguous(), planned.coeffs,
+            planned.index, planned.noise, planned.state,
+            1.0 if guidance is None else float(guidance), info.clip_sample,
+            info.clip_sample_range, guided=guidance is not None)
+        fam.finish(self.rows, s, planned, state)
+        if planned.row + 1 < info.calls and not args:
+            names = tuple(k for k in kwargs if k not in tables.NON_OPTIONS)
+            self._next = _Next(s.timesteps, s.config, guidance is None, pair.shape, sample.shape,
+                               pair.dtype, sample.dtype, sample.device, tuple(kwargs), names,
+                               [kwargs[k] for k in names], info, planned.table,
+                               planned.row + 1)
+        dp, dx = (out_dtype if d is None else torch.promote_types(d, out_dtype)
+                  for d in info.out_dtypes)
+        prev = prev if prev.dtype == dp else prev.to(dp)
+        x0 = x0 if x0.dtype == dx else x0.to(dx)
+        return fam.output_v2(info, prev, x0, return_dict)
+
+    def _plan(self, model_output, timestep, sample, args, guidance, kwargs):
+        """(Planned, return_dict) of a call, every check made. Raises _Unfused."""
         s, fam = self.scheduler, self.family
         pair = model_output
         if guidance is not None:
@@ -688,20 +777,7 @@ class RowStep:
             raise _Unfused("autograd")
         if model_output.device != sample.device:
             raise _Unfused("model output and sample on different devices")
-        planned = fam.plan(self.rows, s, a, model_output, sample)
-        info = planned.info
-        out_dtype = model_output.dtype
-        prev, x0, state = self.executor(
-            pair.contiguous(), sample.to(out_dtype).contiguous(), planned.coeffs,
-            planned.index, planned.noise, planned.state,
-            1.0 if guidance is None else float(guidance), info.clip_sample,
-            info.clip_sample_range, guided=guidance is not None)
-        fam.finish(self.rows, s, planned, state)
-        dp, dx = (out_dtype if d is None else torch.promote_types(d, out_dtype)
-                  for d in info.out_dtypes)
-        prev = prev if prev.dtype == dp else prev.to(dp)
-        x0 = x0 if x0.dtype == dx else x0.to(dx)
-        return fam.output_v2(info, prev, x0, a["return_dict"])
+        return fam.plan(self.rows, s, a, model_output, sample), a["return_dict"]
 
 
 class FusedStep:
