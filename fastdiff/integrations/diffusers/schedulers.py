@@ -220,6 +220,7 @@ class _StepIndexed(Family):
 
 class DPMSolverMultistep(_StepIndexed):
     noise_dtype = torch.float32
+    _second_order: tuple = (None, [])   # (a table's coefficients, which rows are 2nd order)
 
     def unsupported(self, cfg):
         if cfg.algorithm_type not in ("dpmsolver++", "sde-dpmsolver++") or cfg.solver_order > 2:
@@ -233,8 +234,13 @@ class DPMSolverMultistep(_StepIndexed):
         if s.config.solver_order != 2:
             return hit, None
         prev_x0 = s.model_outputs[-1]
-        # A second-order row reads the previous x0 from slot 0 (out's coefficient of s_0).
-        second_order = hit[0].coeffs[i, schedules.ROW_O + schedules.V_S] != 0
+        # A second-order row reads the previous x0 from slot 0 (out's coefficient of s_0);
+        # which rows do is read once per table (a tensor read per call costs ~5 us).
+        coeffs = hit[0].coeffs
+        if self._second_order[0] is not coeffs:
+            self._second_order = (coeffs,
+                                  (coeffs[:, schedules.ROW_O + schedules.V_S] != 0).tolist())
+        second_order = self._second_order[1][i]
         if second_order and (s.lower_order_nums < 1 or prev_x0 is None):
             return step.table("first_order"), prev_x0      # diffusers' state says 1st order
         return hit, prev_x0
