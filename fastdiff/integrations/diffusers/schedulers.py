@@ -179,7 +179,11 @@ class DDPM(Family):
         return super().unsupported(cfg)
 
     def draws(self, s, table, i, opts):
-        return bool(table.timesteps[i] > 0)
+        if self._draws[0] is not table:      # read once per table (~5 us a tensor read)
+            self._draws = (table, (table.timesteps > 0).tolist())
+        return self._draws[1][i]
+
+    _draws: tuple = (None, [])
 
 
 class DDIM(Family):
