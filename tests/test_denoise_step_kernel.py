@@ -318,6 +318,112 @@ def test_nan_in_model_output_propagates(backend, clip):
     assert torch.equal(state.isnan(), ref_state.isnan()) and state[0, 1, 1, 2].isnan()
 
 
+# The C++ kernel reduces each row to its non-zero terms (csrc/denoise_step.cpp): rows with zeros
+# in every pattern, at sizes around its tile (512 elements), its 8-float vectors and the grain
+# above which it splits the sample between threads (at least 512 elements a task).
+SPARSE_SIZES = [
+    (1,),           # one element: every load and store partial
+    (37,),          # under one tile, 4 whole vectors and a ragged tail of 5
+    (2, 3, 86),     # 516 elements: one tile and a tail of 4 in the next
+    (3, 5, 7, 11),  # 1155 elements: two tiles and a ragged third
+    (1, 4, 64, 65),  # 16640 elements: split between threads when the row is heavy enough
+]
+
+
+def _sparse_row(g, k, density):
+    """A row with each coefficient of the inputs a call with k slots has kept with probability
+    `density`, else 0 (half of them -0.0), and each slot written with probability 1/2; O(1)
+    values (one row in four with the DDPM-like P_x ~ 150)."""
+    c = (torch.rand(ROW_LEN, generator=g, dtype=torch.float64) * 2 - 1).float()
+    keep = torch.rand(ROW_LEN, generator=g) < density
+    c = torch.where(keep, c, torch.where(torch.rand(ROW_LEN, generator=g) < 0.5, 0.0, -0.0))
+    if torch.rand((), generator=g) < 0.25 and keep[ROW_P]:
+        c[ROW_P] = 150.0
+        c[ROW_P + 1] = -149.0
+    c[ROW_W:ROW_S] = (torch.rand(SLOTS, generator=g) < 0.5).float()
+    c[schedules.absent_slot_columns(k)] = 0
+    return c
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES, ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("k", range(SLOTS + 1))
+def test_sparse_rows_match_reference(dtype, atol, rtol, k):
+    """Rows with zeros anywhere (none, a few, most, all: an empty x0 or out, a slot copy, a
+    written slot with no term), with and without guidance, noise, clipping and x0, at every
+    size of SPARSE_SIZES: the C++ kernel against the reference, the slots with W = 0 left
+    bitwise as they were (_check_step)."""
+    g = torch.Generator().manual_seed(1000 + k)
+    for shape in SPARSE_SIZES:
+        for density in (0.0, 0.2, 0.5, 0.8, 1.0):
+            guided, has_noise, clip, write_x0 = (torch.rand(4, generator=g) < 0.5).tolist()
+            coeffs = torch.stack([_sparse_row(g, k, density) for _ in range(3)])
+            mo, x, noise, state = _inputs(g, dtype, shape, guided, has_noise, k)
+            s = 1 + 7 * torch.rand((), generator=g).item() if guided else 1.0
+            args = (mo, x, coeffs, torch.tensor(1), noise, state, s, clip, 1.5, write_x0)
+            _check_step("cpp", args, (atol, rtol),
+                        what=f"{shape} density {density} guided {guided} noise {has_noise} "
+                             f"clip {clip} x0 {write_x0} row {coeffs[1].tolist()}")
+
+
+def _assert_same_nonfinite(got, ref, what):
+    """NaN where the reference has NaN, +-inf where it has the same infinity, close elsewhere."""
+    got64 = got.to(torch.float64)
+    assert torch.equal(got64.isnan(), ref.isnan()), f"{what}: NaN at other elements"
+    assert torch.equal(got64.isinf(), ref.isinf()), f"{what}: inf at other elements"
+    assert torch.equal(got64[ref.isinf()], ref[ref.isinf()]), f"{what}: inf of another sign"
+    fin = ref.isfinite()
+    torch.testing.assert_close(got64[fin], ref[fin], rtol=1e-2, atol=1e-2, msg=what)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("bad", [float("inf"), -float("inf"), float("nan")],
+                         ids=["inf", "-inf", "nan"])
+@pytest.mark.parametrize("where", ["x", "cond", "noise", "s0", "s1", "s2"])
+def test_zero_coefficients_multiply_non_finite_inputs_as_the_reference(dtype, bad, where):
+    """A term with coefficient 0 is skipped, but the reference (and the Triton kernel) multiply
+    it through: 0 * inf and 0 * NaN are NaN. A non-finite value in an input that some result
+    reads with coefficient 0, or that no result reads, gives the reference's NaN and inf
+    (the tile is computed again with every term); its neighbours stay finite.
+
+    The row: x0 = 2 x (x read, m not), out = 0.5 m + 1 s0 + 0 x0 (x0 not read), slot 0 <- s2
+    (a copy), slot 1 <- x0, slot 2 <- -0.0 terms only; s1 is read by nothing."""
+    row = schedules.step_row(p={"x": 2.0}, o={"m": 0.5, "s0": 1.0},
+                             writes={0: {"s2": 1.0}, 1: {"x0": 1.0}, 2: {"x": -0.0}})
+    coeffs = torch.tensor([row])
+    g = torch.Generator().manual_seed(23)
+    shape = (2, 3, 100)  # 600 elements: the bad one in the first tile, the second tile clean
+    mo, x, noise, state = _inputs(g, dtype, shape, True, True, 3)
+    {"x": x, "cond": mo[2:], "noise": noise, "s0": state[0], "s1": state[1],
+     "s2": state[2]}[where][1, 2, 3] = bad
+    before = state.clone()
+    ref_out, ref_x0, ref_state = reference.denoise_step_v2(mo, x, coeffs, torch.tensor(0), noise,
+                                                        before, 3.0, False, 1.0)
+    out, x0 = torch.ops.fastdiff.denoise_step(mo, x, coeffs, torch.tensor(0), noise, state, 3.0,
+                                              False, 1.0, True)
+    _assert_same_nonfinite(out, ref_out, f"{where}: out")
+    _assert_same_nonfinite(x0, ref_x0, f"{where}: x0")
+    for j in range(3):
+        _assert_same_nonfinite(state[j], ref_state[j], f"{where}: slot {j}")
+    assert not ref_out[1, 2, 3].isfinite()  # (every case reaches out, by 0 * bad at least)
+
+
+def test_zero_coefficient_on_an_overflowing_x0_is_nan():
+    """x0 = 150 x overflows float32 for |x| > 2.3e36 although x is finite; out reads x0 with
+    coefficient 0. Every term multiplied through in float32 (as torch in float32, and the
+    kernel before it skipped zero terms) gives out = x + 0 * inf = NaN there: so does the
+    kernel. (The float64 reference does not overflow.)"""
+    row = schedules.step_row(p={"x": 150.0}, o={"x": 1.0, "x0": 0.0})
+    coeffs = torch.tensor([row])
+    x = torch.ones(40)
+    x[7] = 3e37
+    out, x0 = torch.ops.fastdiff.denoise_step(x, x, coeffs, torch.tensor(0), None, None, 1.0,
+                                              False, 1.0, True)
+    t_out, t_x0, _ = _torch_same_dtype(x, x, coeffs, 0, None, None, 1.0, False, 1.0)
+    assert t_out[7].isnan() and t_x0[7].isinf()
+    torch.testing.assert_close(out, t_out, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(x0, t_x0, rtol=0, atol=0)
+
+
 def test_compiled_step_matches_eager():
     """torch.compile(fullgraph=True) traces the op through its Meta kernel (the fake kernel)."""
     def two_steps(mo, x, coeffs, noise):
