@@ -190,13 +190,15 @@ Out empty(const DenoiseStep& a) {
 // is first reduced to, per result (x0, out, each slot the row writes), the list of its non-zero
 // terms, and the flattened sample is processed in tiles of kTile elements: the inputs as float32
 // columns (used in place when they are float32), then each result as one or two passes of FMAs
-// over contiguous floats, then the stores.
+// over contiguous floats (AVX2: 8 floats a vector), then the stores. The common shape (x0 from
+// a few inputs, out from a few and x0) is one pass computing both, with the guided m in
+// registers when no slot reads it; without slots, in float32, one pass over the whole range.
 //
 // Dropping a term 0 * v changes the result only where v is not finite: the float64 reference
 // and the Triton kernel multiply every term through, so a 0 * inf or 0 * NaN makes the result
 // NaN there. To give their results, a tile where a result, or an input that no result reads,
-// is not finite is computed again with every term (the row's dense lists), before any slot is
-// written. (A non-finite input read by a result makes that result non-finite: c * inf with
+// is not finite is computed again with every term (the row's dense lists, in the row's order,
+// as the kernel did before it skipped zeros), before any slot is written. (A non-finite input read by a result makes that result non-finite: c * inf with
 // c != 0 is +-inf, c * NaN is NaN, and a sum with one stays one.)
 
 using simd::Vec;
@@ -241,6 +243,9 @@ struct RowTerms {
   // Guided, and only x0 and out read m: computed in x0_out_pass's registers, no column.
   bool virtual_m;
   bool fused;  // x0 and out in one x0_out_pass
+  // Fused, no slot written, m virtual or unguided: float32 needs no buffer, so the sparse pass
+  // runs over a task's whole range at once (tiles only for a dense recompute).
+  bool streaming;
   int traffic;  // floats the sparse step reads or writes per element, in its L1 passes too
   int num_slots;
   bool guided, noise, write_x0, clip;
@@ -339,6 +344,7 @@ RowTerms read_row(const DenoiseStep& a, int64_t idx, int k) {
   }
   p.virtual_m = p.guided && read[kVM] && !slots_read_m && fusable(p, true);
   p.fused = fusable(p, p.virtual_m);
+  p.streaming = p.fused && p.num_written == 0 && (!p.guided || p.virtual_m);
   // Passes: the guided m, the checks, x0 and out (fused or not), the slots and their copies.
   p.traffic = (p.guided ? (p.virtual_m ? 2 : 3) : 0) + p.num_unread + 2 * p.num_written;
   for (int r = 0; r < num_sums; ++r) p.traffic += sums[r][0].n + (sums[r][0].n + 3) / 4;
@@ -629,6 +635,23 @@ void step_range(const RowTerms& p, const Ptrs<scalar_t>& a, int64_t begin, int64
   alignas(32) float fresh[kSlots][kTile];
   alignas(32) float out_buf[kFloat ? 1 : kTile];
   const float* cols[kCols];
+  bool dense = false;  // every tile computed with the dense lists only
+  if constexpr (kFloat) {
+    if (p.streaming) {  // x0 is stored only when written; no x0 column is read
+      const int64_t n = end - begin;
+      cols[kVX] = a.x + begin;
+      cols[kVM] = a.mo + begin;
+      if (p.noise) cols[kVN] = a.noise + begin;
+      for (int j = 0; j < p.num_slots; ++j) cols[kVS + j] = a.state + j * a.numel + begin;
+      i8 bad{};
+      for (int u = 0; u < p.num_unread; ++u) bad |= nonfinite_bits(cols[p.unread[u]], n);
+      bad |= x0_and_out(p, cols, p.guided ? cols[kVM] : nullptr,
+                        p.guided ? a.mo + a.numel + begin : nullptr,
+                        p.write_x0 ? a.x0 + begin : nullptr, a.out + begin, p.write_x0, n);
+      if (!any_bits(bad)) return;
+      dense = true;
+    }
+  }
   for (int64_t t0 = begin; t0 < end; t0 += kTile) {
     const int64_t n = std::min(kTile, end - t0);
     auto input = [&](int c, const scalar_t* src) -> const float* {
@@ -650,7 +673,7 @@ void step_range(const RowTerms& p, const Ptrs<scalar_t>& a, int64_t begin, int64
     if (p.guided) {
       u = cols[kVM];
       cond = input(kCols, a.mo + a.numel + t0);
-      if (!p.virtual_m) materialize_m();
+      if (!p.virtual_m || dense) materialize_m();
     }
     if (p.noise) cols[kVN] = input(kVN, a.noise + t0);
     for (int j = 0; j < p.num_slots; ++j) cols[kVS + j] = input(kVS + j, a.state + j * a.numel + t0);
@@ -661,9 +684,11 @@ void step_range(const RowTerms& p, const Ptrs<scalar_t>& a, int64_t begin, int64
     }
     cols[kX0] = x0;
     i8 bad{};
-    for (int u = 0; u < p.num_unread; ++u) bad |= nonfinite_bits(cols[p.unread[u]], n);
-    bad |= results(p, 0, cols, u, cond, x0, out, fresh, n);
-    if (any_bits(bad)) {
+    if (!dense) {
+      for (int u = 0; u < p.num_unread; ++u) bad |= nonfinite_bits(cols[p.unread[u]], n);
+      bad |= results(p, 0, cols, u, cond, x0, out, fresh, n);
+    }
+    if (dense || any_bits(bad)) {
       if (u) materialize_m();
       results(p, 1, cols, nullptr, nullptr, x0, out, fresh, n);
     }

@@ -407,6 +407,28 @@ def test_zero_coefficients_multiply_non_finite_inputs_as_the_reference(dtype, ba
     assert not ref_out[1, 2, 3].isfinite()  # (every case reaches out, by 0 * bad at least)
 
 
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")], ids=["inf", "nan"])
+@pytest.mark.parametrize("where", ["x", "uncond", "cond", "noise"])
+def test_non_finite_inputs_of_a_ddim_like_row(bad, where):
+    """A row with no slot whose x0 and out the kernel computes in one pass over the whole range
+    (DDIM's shape; m from the guided pair in registers): m is read by x0 only and the noise by
+    nothing, so a non-finite value there makes the range computed again tile by tile with every
+    term, as the reference: NaN or inf where it has them (in the third of four tiles), the
+    other elements as before."""
+    row = schedules.step_row(p={"x": 1.5, "m": -0.5}, o={"x": 0.25, "x0": 2.0})
+    coeffs = torch.tensor([row])
+    g = torch.Generator().manual_seed(29)
+    mo, x, noise, _ = _inputs(g, torch.float32, (4, 5, 100), True, True, 0)
+    {"x": x, "uncond": mo[:4], "cond": mo[4:], "noise": noise}[where][2, 3, 4] = bad
+    ref_out, ref_x0, _ = reference.denoise_step_v2(mo, x, coeffs, torch.tensor(0), noise, None,
+                                                   4.0, False, 1.0)
+    out, x0 = torch.ops.fastdiff.denoise_step(mo, x, coeffs, torch.tensor(0), noise, None, 4.0,
+                                              False, 1.0, True)
+    assert not ref_out[2, 3, 4].isfinite()
+    _assert_same_nonfinite(out, ref_out, f"{where}: out")
+    _assert_same_nonfinite(x0, ref_x0, f"{where}: x0")
+
+
 def test_zero_coefficient_on_an_overflowing_x0_is_nan():
     """x0 = 150 x overflows float32 for |x| > 2.3e36 although x is finite; out reads x0 with
     coefficient 0. Every term multiplied through in float32 (as torch in float32, and the
