@@ -37,7 +37,8 @@ SHAPES = [
     (1,),            # a single element (Triton specializes numel == 1)
     (2, 3, 33, 37),  # 7326 elements: several blocks and a ragged tail
     (2, 4, 32, 32),  # 8192 elements: an exact multiple of the block, no tail
-    (2, 4, 64, 65),  # 33280 elements: two CPU chunks (grain 2**15) split inside a slot tile
+    (2, 4, 64, 65),  # 33280 elements: CPU tasks of a few thousand (these dense rows) and
+                     # tiles of 512 with a ragged last one
 ]
 
 CASES = [
