@@ -238,7 +238,8 @@ struct RowTerms {
   int num_written = 0;
   int unread[kNumV];  // inputs the call has that no non-zero term reads: checked on their own
   int num_unread = 0;
-  bool need_x0;  // whether the sparse step computes x0 (written, or read by a non-zero term)
+  bool need_x0;  // whether the sparse step computes x0 (written, read by a non-zero term, or
+                // checked)
   bool slots_read_x0;  // whether a non-zero term of a new slot value reads x0
   // Guided, and only x0 and out read m: computed in x0_out_pass's registers, no column.
   bool virtual_m;
@@ -333,7 +334,8 @@ RowTerms read_row(const DenoiseStep& a, int64_t idx, int k) {
     for (int t = 0; t < sparse.n; ++t) covered[sparse.col[t]] = true;
     if (r == 0) covered[kX0] = true;
   }
-  p.need_x0 = p.write_x0 || read[kX0];
+  // (Checked too when its sum covers a column: then it is computed for the check alone.)
+  p.need_x0 = p.write_x0 || read[kX0] || p.x0[0].check;
   p.slots_read_x0 = false;
   bool slots_read_m = false;
   for (int w = 0; w < p.num_written; ++w) {

@@ -430,6 +430,30 @@ def test_non_finite_inputs_of_a_ddim_like_row(bad, where):
     _assert_same_nonfinite(x0, ref_x0, f"{where}: x0")
 
 
+@pytest.mark.parametrize("write_x0", [False, True], ids=["no-x0", "x0"])
+def test_an_x0_that_nothing_reads_still_multiplies_through(write_x0):
+    """x0 = 2 x (or 150 x, which overflows float32 at 3e37), out = m: x and x0 are read with
+    coefficient 0 by out only, so an inf in x, or an x0 overflowing, makes out NaN there (as
+    the reference, and as float32 torch for the overflow), although out reads neither and,
+    without write_x0, x0 is stored nowhere."""
+    x = torch.ones(40)
+    m = torch.full((40,), 0.5)
+    x[7] = float("inf")
+    row = torch.tensor([schedules.step_row(p={"x": 2.0}, o={"m": 1.0})])
+    out, x0 = torch.ops.fastdiff.denoise_step(m, x, row, torch.tensor(0), None, None, 1.0, False,
+                                              1.0, write_x0)
+    ref_out, _, _ = reference.denoise_step_v2(m, x, row, torch.tensor(0))
+    assert ref_out[7].isnan()
+    _assert_same_nonfinite(out, ref_out, "inf in x: out")
+    x[7] = 3e37
+    row = torch.tensor([schedules.step_row(p={"x": 150.0}, o={"m": 1.0})])
+    out, x0 = torch.ops.fastdiff.denoise_step(m, x, row, torch.tensor(0), None, None, 1.0, False,
+                                              1.0, write_x0)
+    t_out, _, _ = _torch_same_dtype(m, x, row, 0, None, None, 1.0, False, 1.0)
+    assert t_out[7].isnan()
+    torch.testing.assert_close(out, t_out, rtol=0, atol=0, equal_nan=True)
+
+
 def test_zero_coefficient_on_an_overflowing_x0_is_nan():
     """x0 = 150 x overflows float32 for |x| > 2.3e36 although x is finite; out reads x0 with
     coefficient 0. Every term multiplied through in float32 (as torch in float32, and the
