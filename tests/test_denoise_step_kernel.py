@@ -430,6 +430,43 @@ def test_non_finite_inputs_of_a_ddim_like_row(bad, where):
     _assert_same_nonfinite(x0, ref_x0, f"{where}: x0")
 
 
+@pytest.mark.parametrize("k", range(SLOTS + 1))
+def test_sparse_rows_with_non_finite_inputs_match_reference(k):
+    """Random sparse rows (as test_sparse_rows_match_reference) and an inf, -inf or NaN in one
+    random input a call has, at one random element: NaN and inf exactly where the reference
+    has them, whichever results read that input with a zero or non-zero coefficient."""
+    g = torch.Generator().manual_seed(2000 + k)
+    for trial in range(48):
+        shape = (3, 5, 37)  # 555 elements: two tiles
+        guided, has_noise, clip, write_x0 = (torch.rand(4, generator=g) < 0.5).tolist()
+        density = [0.2, 0.5, 0.8][trial % 3]
+        coeffs = torch.stack([_sparse_row(g, k, density)])
+        mo, x, noise, state = _inputs(g, torch.float32, shape, guided, has_noise, k)
+        names = ["x", "mo", "mo2"][:2 + guided] + ["noise"] * has_noise + [f"s{j}" for j in
+                                                                           range(k)]
+        name = names[int(torch.randint(len(names), (), generator=g))]
+        tensor = {"x": x, "mo": mo[:shape[0]], "mo2": mo[shape[0]:], "noise": noise,
+                  **{f"s{j}": state[j] for j in range(k)}}[name]
+        bad = [float("inf"), -float("inf"), float("nan")][trial % 3]
+        tensor.view(-1)[int(torch.randint(tensor.numel(), (), generator=g))] = bad
+        s = 1 + 7 * torch.rand((), generator=g).item() if guided else 1.0
+        before = None if state is None else state.clone()
+        ref_out, ref_x0, ref_state = reference.denoise_step_v2(mo, x, coeffs, torch.tensor(0),
+                                                            noise, before, s, clip, 1.5)
+        out, x0 = torch.ops.fastdiff.denoise_step(mo, x, coeffs, torch.tensor(0), noise, state,
+                                                  s, clip, 1.5, write_x0)
+        what = f"trial {trial}: {bad} in {name}, row {coeffs[0].tolist()}"
+        _assert_same_nonfinite(out, ref_out, f"{what}: out")
+        if write_x0:
+            _assert_same_nonfinite(x0, ref_x0, f"{what}: x0")
+        for j in range(k):
+            if coeffs[0, ROW_W + j] != 0:
+                _assert_same_nonfinite(state[j], ref_state[j], f"{what}: slot {j}")
+            else:
+                assert torch.equal(state[j].isnan(), before[j].isnan())
+                torch.testing.assert_close(state[j], before[j], rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("write_x0", [False, True], ids=["no-x0", "x0"])
 def test_an_x0_that_nothing_reads_still_multiplies_through(write_x0):
     """x0 = 2 x (or 150 x, which overflows float32 at 3e37), out = m: x and x0 are read with
