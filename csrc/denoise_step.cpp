@@ -21,6 +21,7 @@
 #include <sstream>
 
 #include "ops.h"
+#include "simd.h"
 
 namespace fastdiff {
 namespace {
@@ -183,102 +184,99 @@ Out empty(const DenoiseStep& a) {
 }
 
 // ---- CPU kernel ----
+//
+// A call uses one row for every element, and most of a row's coefficients are 0 (DDIM:
+// x0 = P_x x + P_m m, out = O_x x + O_x0 x0; PNDM's slot rows mostly copy one input). So the row
+// is first reduced to, per result (x0, out, each slot the row writes), the list of its non-zero
+// terms, and the flattened sample is processed in tiles of kTile elements: the inputs as float32
+// columns (used in place when they are float32), then each result as one or two passes of FMAs
+// over contiguous floats (AVX2: 8 floats a vector), then the stores. The common shape (x0 from
+// a few inputs, out from a few and x0) is one pass computing both, with the guided m in
+// registers when no slot reads it; without slots, in float32, one pass over the whole range.
+//
+// Dropping a term 0 * v changes the result only where v is not finite: the float64 reference
+// and the Triton kernel multiply every term through, so a 0 * inf or 0 * NaN makes the result
+// NaN there. To give their results, a tile where a result, or an input that no result reads,
+// is not finite is computed again with every term (the row's dense lists, in the row's order,
+// as the kernel did before it skipped zeros), before any slot is written. (A non-finite input read by a result makes that result non-finite: c * inf with
+// c != 0 is +-inf, c * NaN is NaN, and a sum with one stays one.)
 
-// One row, as the loop reads it.
-struct Row {
-  float p[kNumV];                // x0 = sum_k p[k] v_k
-  float o[kNumV + 1];            // out = sum_k o[k] v_k + o[kNumV] x0
-  float s[kSlots][kNumV + 1];    // new s_j, likewise
-  bool write[kSlots];            // W_j != 0
+using simd::Vec;
+using simd::i8;
+constexpr int64_t kW = Vec::size();
+
+// Elements per tile: every column of a tile stays in L1 (2 KiB each; at most 7 inputs, x0,
+// the output and 4 new slot values).
+constexpr int64_t kTile = 512;
+// Floats read or written per task of parallel_for (RowTerms::traffic per element times the
+// elements): a second thread repays its start (a few microseconds) only past about this much
+// (measured with the SD1.5 latent, BENCHMARKS.md: DDIM's 4 floats an element over 16384
+// elements gain nothing from two threads, DPM-Solver++ 2M's 12 and PNDM's 13 gain 20-25%).
+constexpr int64_t kTaskTraffic = int64_t{1} << 17;
+
+// A tile's columns: the inputs v (kVX, kVM, kVN, kVS + j), then x0, at its index in O and S rows.
+constexpr int kX0 = kNumV;
+constexpr int kCols = kNumV + 1;
+
+struct Sum {  // y = sum over t < n of c[t] * column col[t], left to right
+  int n = 0;
+  bool check = false;  // whether the tile checks that y is finite
+  int col[kCols];
+  float c[kCols];
+  void add(int column, float coef) {
+    col[n] = column;
+    c[n++] = coef;
+  }
+};
+
+// The row reduced to what a call computes. Each result has two lists: [0] its non-zero terms,
+// [1] every term of the inputs the call has, in the row's order (the reference's product).
+struct RowTerms {
+  Sum x0[2], out[2];
+  Sum slot[kSlots][2];  // slot[w]: the new value of slot written[w]
+  int written[kSlots];  // the slots with W_j != 0, in order
+  int num_written = 0;
+  int unread[kNumV];  // inputs the call has that no non-zero term reads: checked on their own
+  int num_unread = 0;
+  bool need_x0;  // whether the sparse step computes x0 (written, read by a non-zero term, or
+                // checked)
+  bool slots_read_x0;  // whether a non-zero term of a new slot value reads x0
+  // Guided, and only x0 and out read m: computed in x0_out_pass's registers, no column.
+  bool virtual_m;
+  bool fused;  // x0 and out in one x0_out_pass
+  // Fused, no slot written, m virtual or unguided: float32 needs no buffer, so the sparse pass
+  // runs over a task's whole range at once (tiles only for a dense recompute).
+  bool streaming;
+  int traffic;  // floats the sparse step reads or writes per element, in its L1 passes too
+  int num_slots;
+  bool guided, noise, write_x0, clip;
   float guidance, clip_lo, clip_hi;
 };
 
-// sum_k c[k] v[k] over the inputs a call has: x, m, n (when kNoise) and K slots.
-template <int K, bool kNoise>
-inline float affine(const float* c, const float* v) {
-  float y = c[kVX] * v[kVX] + c[kVM] * v[kVM];
-  if constexpr (kNoise) y += c[kVN] * v[kVN];
-  for (int j = 0; j < K; ++j) y += c[kVS + j] * v[kVS + j];
-  return y;
+// Whether x0_out_pass can compute the sparse x0 and out (with m virtual when vm): x0 with up
+// to 3 terms besides a virtual m (and at least one term without), out with x0 last and up to 3
+// other terms besides a virtual m.
+bool fusable(const RowTerms& p, bool vm) {
+  const Sum &a = p.x0[0], &b = p.out[0];
+  if (b.n < 1 || b.col[b.n - 1] != kX0) return false;
+  int n1 = 0, n2 = 0;
+  for (int t = 0; t < a.n; ++t) n1 += !(vm && a.col[t] == kVM);
+  for (int t = 0; t + 1 < b.n; ++t) n2 += !(vm && b.col[t] == kVM);
+  return n1 <= 3 && n2 <= 3 && (vm || n1 >= 1);
 }
 
-// Elements per tile of a call with state: each tile's new slot values wait in `fresh` until
-// every element of the tile has read the old ones.
-constexpr int64_t kTile = 256;
-
-// One contiguous range [begin, end) of the flattened sample. Branch-free inner loops so that the
-// float32 case vectorizes; the slot count and the optional inputs are template arguments. Slot
-// j of the state is state[j * numel + i].
-template <typename scalar_t, int K, bool kGuided, bool kNoise, bool kWriteX0>
-void step_range(const Row& r, const scalar_t* __restrict__ mo, const scalar_t* __restrict__ x,
-                const scalar_t* __restrict__ noise, scalar_t* __restrict__ state,
-                scalar_t* __restrict__ out, scalar_t* __restrict__ x0_out, int64_t numel,
-                int64_t begin, int64_t end) {
-  const float g = r.guidance, lo = r.clip_lo, hi = r.clip_hi;
-  float fresh[K > 0 ? K : 1][kTile];
-  for (int64_t t0 = begin, t1; t0 < end; t0 = t1) {
-    t1 = K > 0 ? std::min(end, t0 + kTile) : end;  // no state: one pass, no tiles
-    for (int64_t i = t0; i < t1; ++i) {
-      float v[kNumV];
-      float m = static_cast<float>(mo[i]);
-      if constexpr (kGuided) m = m + g * (static_cast<float>(mo[i + numel]) - m);
-      v[kVX] = static_cast<float>(x[i]);
-      v[kVM] = m;
-      v[kVN] = kNoise ? static_cast<float>(noise[i]) : 0.f;
-      for (int j = 0; j < K; ++j) v[kVS + j] = static_cast<float>(state[j * numel + i]);
-      const float x0 = std::min(std::max(affine<K, kNoise>(r.p, v), lo), hi);
-      out[i] = static_cast<scalar_t>(affine<K, kNoise>(r.o, v) + r.o[kNumV] * x0);
-      if constexpr (kWriteX0) x0_out[i] = static_cast<scalar_t>(x0);
-      for (int j = 0; j < K; ++j) {
-        fresh[j][i - t0] = affine<K, kNoise>(r.s[j], v) + r.s[j][kNumV] * x0;
-      }
-    }
-    for (int j = 0; j < K; ++j) {
-      if (!r.write[j]) continue;
-      scalar_t* __restrict__ s = state + j * numel;
-      for (int64_t i = t0; i < t1; ++i) s[i] = static_cast<scalar_t>(fresh[j][i - t0]);
-    }
-  }
-}
-
-template <typename scalar_t>
-struct Ptrs {
-  const scalar_t *mo, *x, *noise;
-  scalar_t *state, *out, *x0;
-  int64_t numel;
-};
-
-// Expands the three runtime flags (guided, noise, write_x0) into template arguments, one at a
-// time, then runs the step over the whole sample.
-template <typename scalar_t, int K, bool... kDone>
-void dispatch_flags(const bool* flags, const Row& r, const Ptrs<scalar_t>& p) {
-  if constexpr (sizeof...(kDone) == 3) {
-    torch::stable::parallel_for(0, p.numel, int64_t{1} << 15, [&](int64_t begin, int64_t end) {
-      step_range<scalar_t, K, kDone...>(r, p.mo, p.x, p.noise, p.state, p.out, p.x0, p.numel,
-                                        begin, end);
-    });
-  } else if (flags[0]) {
-    dispatch_flags<scalar_t, K, kDone..., true>(flags + 1, r, p);
-  } else {
-    dispatch_flags<scalar_t, K, kDone..., false>(flags + 1, r, p);
-  }
-}
-
-template <typename scalar_t>
-void dispatch_slots(int k, const bool* flags, const Row& r, const Ptrs<scalar_t>& p) {
-  static_assert(kSlots == 4, "one case per slot count");
-  switch (k) {
-    case 0: return dispatch_flags<scalar_t, 0>(flags, r, p);
-    case 1: return dispatch_flags<scalar_t, 1>(flags, r, p);
-    case 2: return dispatch_flags<scalar_t, 2>(flags, r, p);
-    case 3: return dispatch_flags<scalar_t, 3>(flags, r, p);
-    default: return dispatch_flags<scalar_t, 4>(flags, r, p);
+// The row's coefficients c (NUM_V inputs, then x0's when with_x0) as the two lists of sums.
+void add_terms(Sum (&s)[2], const float* c, bool with_x0, const bool* has) {
+  for (int i = 0; i < kCols; ++i) {
+    if (i == kX0 ? !with_x0 : !has[i]) continue;
+    s[1].add(i, c[i]);
+    if (c[i] != 0) s[0].add(i, c[i]);  // (a NaN coefficient is kept: NaN != 0)
   }
 }
 
 // Row idx of the table, checked against the slots the call passes: a coefficient on a slot
 // beyond them would be silently read as zero (schedules.py: they must be 0).
-Row read_row(const DenoiseStep& a, int64_t idx, int k) {
+RowTerms read_row(const DenoiseStep& a, int64_t idx, int k) {
   const float* c = a.coeffs.const_data_ptr<float>() + idx * cfg::ROW_LEN;
   const float* s_rows = c + cfg::ROW_S;
   for (int j = k; j < kSlots; ++j) {
@@ -289,17 +287,424 @@ Row read_row(const DenoiseStep& a, int64_t idx, int k) {
              j, ", but ", k == 0 ? std::string("no 'state' was passed")
                                  : "'state' holds " + std::to_string(k) + " slot(s)");
   }
-  Row r;
-  std::copy(c + cfg::ROW_P, c + cfg::ROW_P + kNumV, r.p);
-  std::copy(c + cfg::ROW_O, c + cfg::ROW_O + kNumV + 1, r.o);
-  for (int j = 0; j < kSlots; ++j) {
-    std::copy(s_rows + j * (kNumV + 1), s_rows + (j + 1) * (kNumV + 1), r.s[j]);
-    r.write[j] = c[cfg::ROW_W + j] != 0;
+  RowTerms p;
+  p.num_slots = k;
+  p.guided = is_guided(a);
+  p.noise = a.noise.has_value();
+  p.write_x0 = a.write_x0;
+  p.clip = a.clip_sample;
+  p.guidance = static_cast<float>(a.guidance_scale);
+  p.clip_lo = static_cast<float>(-a.clip_sample_range);
+  p.clip_hi = static_cast<float>(a.clip_sample_range);
+  bool has[kNumV] = {true, true, p.noise};  // absent noise and slots: zeros, no term
+  for (int j = 0; j < k; ++j) has[kVS + j] = true;
+  add_terms(p.x0, c + cfg::ROW_P, false, has);
+  add_terms(p.out, c + cfg::ROW_O, true, has);
+  for (int j = 0; j < k; ++j) {
+    if (c[cfg::ROW_W + j] == 0) continue;
+    add_terms(p.slot[p.num_written], s_rows + j * (kNumV + 1), true, has);
+    p.written[p.num_written++] = j;
   }
-  r.guidance = static_cast<float>(a.guidance_scale);
-  r.clip_lo = a.clip_sample ? static_cast<float>(-a.clip_sample_range) : -INFINITY;
-  r.clip_hi = a.clip_sample ? static_cast<float>(a.clip_sample_range) : INFINITY;
-  return r;
+  // Which values the tile checks: a column that a dense list multiplies by 0 (`zero`) must be
+  // finite for the sparse results to be the dense ones. A finite sum has finite columns in
+  // every term (c * inf with c != 0 is not finite), so the first sum reading an unchecked such
+  // column is checked; a column no sum reads is checked on its own. x0 is covered by its own
+  // sum (clipping cannot make a finite x0 infinite) or, with no terms, is exactly 0.
+  Sum* sums[2 + kSlots] = {p.x0, p.out};
+  for (int w = 0; w < p.num_written; ++w) sums[2 + w] = p.slot[w];
+  const int num_sums = 2 + p.num_written;
+  bool read[kCols] = {}, zero[kCols] = {}, covered[kCols] = {};
+  for (int r = 0; r < num_sums; ++r) {
+    const Sum &sparse = sums[r][0], &dense = sums[r][1];
+    for (int t = 0; t < sparse.n; ++t) read[sparse.col[t]] = true;
+    for (int t = 0; t < dense.n; ++t) zero[dense.col[t]] |= dense.c[t] == 0;
+  }
+  for (int i = 0; i < kNumV; ++i) {
+    if (has[i] && !read[i]) {
+      p.unread[p.num_unread++] = i;
+      covered[i] = true;
+    }
+  }
+  covered[kX0] = !zero[kX0] || p.x0[0].n == 0;
+  for (int r = 0; r < num_sums; ++r) {
+    Sum& sparse = sums[r][0];
+    for (int t = 0; t < sparse.n; ++t) sparse.check |= zero[sparse.col[t]] && !covered[sparse.col[t]];
+    sparse.check |= r == 0 && !covered[kX0];
+    if (!sparse.check) continue;
+    for (int t = 0; t < sparse.n; ++t) covered[sparse.col[t]] = true;
+    if (r == 0) covered[kX0] = true;
+  }
+  // (Checked too when its sum covers a column: then it is computed for the check alone.)
+  p.need_x0 = p.write_x0 || read[kX0] || p.x0[0].check;
+  p.slots_read_x0 = false;
+  bool slots_read_m = false;
+  for (int w = 0; w < p.num_written; ++w) {
+    for (int t = 0; t < p.slot[w][0].n; ++t) {
+      p.slots_read_x0 |= p.slot[w][0].col[t] == kX0;
+      slots_read_m |= p.slot[w][0].col[t] == kVM;
+    }
+  }
+  p.virtual_m = p.guided && read[kVM] && !slots_read_m && fusable(p, true);
+  p.fused = fusable(p, p.virtual_m);
+  p.streaming = p.fused && p.num_written == 0 && (!p.guided || p.virtual_m);
+  // Passes: the guided m, the checks, x0 and out (fused or not), the slots and their copies.
+  p.traffic = (p.guided ? (p.virtual_m ? 2 : 3) : 0) + p.num_unread + 2 * p.num_written;
+  for (int r = 0; r < num_sums; ++r) p.traffic += sums[r][0].n + (sums[r][0].n + 3) / 4;
+  if (p.fused) {  // x0 is not loaded, nor stored unless needed; a virtual m is not loaded
+    p.traffic -= 1 + !(p.write_x0 || p.slots_read_x0);
+    for (int r = 0; r < 2 && p.virtual_m; ++r) {
+      for (int t = 0; t < sums[r][0].n; ++t) p.traffic -= sums[r][0].col[t] == kVM;
+    }
+  }
+  return p;
+}
+
+// The bits of y - y: 0 in a lane where y is finite, a NaN's where it is not.
+inline i8 nonfinite_bits(Vec y) { return (i8)(y.v - y.v); }
+
+// y[i] = (kAcc ? y[i] : 0) + c[0] v[0][i] + ... + c[N-1] v[N-1][i] over n floats (one FMA a
+// term, left to right). Returns nonfinite_bits of the y computed, or-ed together (kCheck),
+// else 0.
+template <int N, bool kAcc, bool kCheck>
+i8 axpy_pass(float* y, const float* const* v, const float* c, int64_t n) {
+  const float* p[N];
+  Vec k[N];
+  for (int t = 0; t < N; ++t) {
+    p[t] = v[t];
+    k[t] = Vec(c[t]);
+  }
+  i8 bad{};
+  auto lanes = [&](int64_t i, auto load) {
+    Vec s = k[0] * load(p[0] + i);
+    if constexpr (kAcc) s = simd::fmadd(k[0], load(p[0] + i), load(y + i));
+    for (int t = 1; t < N; ++t) s = simd::fmadd(k[t], load(p[t] + i), s);
+    if constexpr (kCheck) bad |= nonfinite_bits(s);
+    return s;
+  };
+  int64_t i = 0;
+  for (; i + kW <= n; i += kW) lanes(i, [](const float* q) { return Vec::loadu(q); }).store(y + i);
+  if (i < n) {
+    const int64_t r = n - i;
+    simd::store_partial(lanes(i, [r](const float* q) { return simd::load_partial(q, r, 0.f); }),
+                        y + i, r);
+  }
+  return bad;
+}
+
+template <bool kAcc, bool kCheck>
+i8 axpy_pass(int num_terms, float* y, const float* const* v, const float* c, int64_t n) {
+  switch (num_terms) {
+    case 1: return axpy_pass<1, kAcc, kCheck>(y, v, c, n);
+    case 2: return axpy_pass<2, kAcc, kCheck>(y, v, c, n);
+    case 3: return axpy_pass<3, kAcc, kCheck>(y, v, c, n);
+    default: return axpy_pass<4, kAcc, kCheck>(y, v, c, n);
+  }
+}
+
+template <bool kCheck>
+i8 combine(float* y, const Sum& s, const float* const* v, int64_t n) {
+  i8 bad = axpy_pass<false, kCheck>(std::min(s.n, 4), y, v, s.c, n);
+  for (int t = 4; t < s.n; t += 4) {
+    bad |= axpy_pass<true, kCheck>(std::min(s.n - t, 4), y, v + t, s.c + t, n);
+  }
+  return bad;
+}
+
+// y = the sum s of the tile's columns, in passes of up to 4 terms. Returns, when s.check,
+// nonfinite_bits of the partial sums (a sum is not finite when a partial sum is not).
+i8 combine(float* y, const Sum& s, const float* const* cols, int64_t n) {
+  if (s.n == 0) {
+    std::fill(y, y + n, 0.f);
+    return i8{};
+  }
+  const float* v[kCols];
+  for (int t = 0; t < s.n; ++t) v[t] = cols[s.col[t]];
+  return s.check ? combine<true>(y, s, v, n) : combine<false>(y, s, v, n);
+}
+
+i8 nonfinite_bits(const float* v, int64_t n) {
+  i8 bad{};
+  int64_t i = 0;
+  for (; i + kW <= n; i += kW) bad |= nonfinite_bits(Vec::loadu(v + i));
+  if (i < n) bad |= nonfinite_bits(simd::load_partial(v + i, n - i, 0.f));
+  return bad;
+}
+
+bool any_bits(i8 b) {
+  int32_t r = 0;
+  for (int l = 0; l < 8; ++l) r |= b[l];
+  return r != 0;
+}
+
+// m = u + g (c - u) over n floats (m may be u).
+void guided_m(float* m, const float* u, const float* c, float g, int64_t n) {
+  const Vec gv(g);
+  int64_t i = 0;
+  for (; i + kW <= n; i += kW) {
+    const Vec ui = Vec::loadu(u + i);
+    simd::fmadd(gv, Vec::loadu(c + i) - ui, ui).store(m + i);
+  }
+  for (; i < n; ++i) m[i] = std::fma(g, c[i] - u[i], u[i]);
+}
+
+// As torch.clamp: NaN stays NaN ((y < lo) is false for a NaN y).
+void clip(float* y, float lo, float hi, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = y[i] < lo ? lo : y[i];
+    y[i] = hi < v ? hi : v;
+  }
+}
+
+// The operands of x0_out_pass: x0 = clip(sum of c1[t] v1[t] over t < n1), then out = sum
+// of c2[t] v2[t] over t < n2, plus c_x0 x0. With a virtual m (guided, and no other sum needs
+// m's column), the m terms are km1 m and km2 m with m = u + g (c - u) computed in registers:
+// last in each sum (a coefficient 0 where a sum has no m term: 0 * m is 0 for a finite m, and
+// an m that is not finite makes the tile dense anyway).
+struct X0Out {
+  const float *v1[3], *v2[3];
+  float c1[3], c2[3];
+  int n1 = 0, n2 = 0;
+  float c_x0;
+  const float *u = nullptr, *cond = nullptr;  // u set: a virtual m
+  float km1 = 0, km2 = 0;
+};
+
+// x0 and out in one pass over n floats, x0 kept in registers (stored when store_x0): a row's
+// most common shape (DDIM, DDPM, Euler), with the guided m too when kM. Returns, with kCheck,
+// nonfinite_bits of both sums (x0's before clipping), or-ed together.
+template <int N1, int N2, bool kCheck, bool kM>
+i8 x0_out_pass(const X0Out& f, float* x0, float* out, const RowTerms& p, bool store_x0,
+               int64_t n) {
+  const float* p1[N1 > 0 ? N1 : 1];
+  const float* p2[N2 > 0 ? N2 : 1];
+  Vec k1[N1 > 0 ? N1 : 1], k2[N2 > 0 ? N2 : 1];
+  for (int t = 0; t < N1; ++t) {
+    p1[t] = f.v1[t];
+    k1[t] = Vec(f.c1[t]);
+  }
+  for (int t = 0; t < N2; ++t) {
+    p2[t] = f.v2[t];
+    k2[t] = Vec(f.c2[t]);
+  }
+  const Vec kx0(f.c_x0), km1(f.km1), km2(f.km2), g(p.guidance);
+  const simd::f8 lo = simd::f8{} + p.clip_lo, hi = simd::f8{} + p.clip_hi;
+  i8 bad{};
+  // kClip and kStoreX0 (std::bool_constant): the loop is written once, compiled four times.
+  auto lanes = [&](int64_t i, auto load, auto store, auto kClip, auto kStoreX0) {
+    Vec m(0.f), a(0.f), b(0.f);
+    if constexpr (kM) {
+      const Vec u = load(f.u + i);
+      m = simd::fmadd(g, load(f.cond + i) - u, u);  // u + g (c - u)
+    }
+    if constexpr (N1 > 0) {
+      a = k1[0] * load(p1[0] + i);
+      for (int t = 1; t < N1; ++t) a = simd::fmadd(k1[t], load(p1[t] + i), a);
+      if constexpr (kM) a = simd::fmadd(km1, m, a);
+    } else {
+      a = km1 * m;
+    }
+    if constexpr (kCheck) bad |= nonfinite_bits(a);
+    if constexpr (kClip()) {  // as torch.clamp: NaN stays NaN (NaN < lo is false)
+      const simd::f8 v = a.v < lo ? lo : a.v;
+      a = Vec(hi < v ? hi : v);
+    }
+    if constexpr (kStoreX0()) store(a, x0 + i);
+    if constexpr (N2 > 0) {
+      b = k2[0] * load(p2[0] + i);
+      for (int t = 1; t < N2; ++t) b = simd::fmadd(k2[t], load(p2[t] + i), b);
+      if constexpr (kM) b = simd::fmadd(km2, m, b);
+      b = simd::fmadd(kx0, a, b);
+    } else if constexpr (kM) {
+      b = simd::fmadd(kx0, a, km2 * m);
+    } else {
+      b = kx0 * a;
+    }
+    if constexpr (kCheck) bad |= nonfinite_bits(b);
+    store(b, out + i);
+  };
+  auto loop = [&](auto kClip, auto kStoreX0) {
+    int64_t i = 0;
+    for (; i + kW <= n; i += kW) {
+      lanes(i, [](const float* q) { return Vec::loadu(q); }, [](Vec v, float* q) { v.store(q); },
+            kClip, kStoreX0);
+    }
+    if (i < n) {
+      const int64_t r = n - i;
+      lanes(i, [r](const float* q) { return simd::load_partial(q, r, 0.f); },
+            [r](Vec v, float* q) { simd::store_partial(v, q, r); }, kClip, kStoreX0);
+    }
+  };
+  using yes = std::true_type;
+  using no = std::false_type;
+  if (p.clip) {
+    store_x0 ? loop(yes{}, yes{}) : loop(yes{}, no{});
+  } else {
+    store_x0 ? loop(no{}, yes{}) : loop(no{}, no{});
+  }
+  return bad;
+}
+
+// Template arguments of x0_out_pass from the runtime counts.
+template <int N1, bool kCheck, bool kM>
+i8 x0_out_pass(const X0Out& f, float* x0, float* out, const RowTerms& p, bool store_x0,
+               int64_t n) {
+  switch (f.n2) {
+    case 0: return x0_out_pass<N1, 0, kCheck, kM>(f, x0, out, p, store_x0, n);
+    case 1: return x0_out_pass<N1, 1, kCheck, kM>(f, x0, out, p, store_x0, n);
+    case 2: return x0_out_pass<N1, 2, kCheck, kM>(f, x0, out, p, store_x0, n);
+    default: return x0_out_pass<N1, 3, kCheck, kM>(f, x0, out, p, store_x0, n);
+  }
+}
+
+template <bool kCheck, bool kM>
+i8 x0_out_pass(const X0Out& f, float* x0, float* out, const RowTerms& p, bool store_x0,
+               int64_t n) {
+  switch (f.n1) {
+    case 0: return x0_out_pass<0, kCheck, kM>(f, x0, out, p, store_x0, n);
+    case 1: return x0_out_pass<1, kCheck, kM>(f, x0, out, p, store_x0, n);
+    case 2: return x0_out_pass<2, kCheck, kM>(f, x0, out, p, store_x0, n);
+    default: return x0_out_pass<3, kCheck, kM>(f, x0, out, p, store_x0, n);
+  }
+}
+
+// The sparse x0 and out of a tile in one x0_out_pass (p.fused). u and cond: the guided
+// model_output's halves, when m is virtual (else null).
+i8 x0_and_out(const RowTerms& p, const float* const* cols, const float* u, const float* cond,
+              float* x0, float* out, bool store_x0, int64_t n) {
+  const Sum &a = p.x0[0], &b = p.out[0];
+  X0Out f;
+  f.c_x0 = b.c[b.n - 1];
+  f.u = u;
+  f.cond = cond;
+  for (int t = 0; t < a.n; ++t) {
+    if (u && a.col[t] == kVM) {
+      f.km1 = a.c[t];
+    } else {
+      f.v1[f.n1] = cols[a.col[t]];
+      f.c1[f.n1++] = a.c[t];
+    }
+  }
+  for (int t = 0; t + 1 < b.n; ++t) {
+    if (u && b.col[t] == kVM) {
+      f.km2 = b.c[t];
+    } else {
+      f.v2[f.n2] = cols[b.col[t]];
+      f.c2[f.n2++] = b.c[t];
+    }
+  }
+  const bool check = a.check || b.check;
+  if (u) {
+    return check ? x0_out_pass<true, true>(f, x0, out, p, store_x0, n)
+                 : x0_out_pass<false, true>(f, x0, out, p, store_x0, n);
+  }
+  return check ? x0_out_pass<true, false>(f, x0, out, p, store_x0, n)
+               : x0_out_pass<false, false>(f, x0, out, p, store_x0, n);
+}
+
+// x0, out and the new slot values of a tile from its columns (cols[kX0] is x0), with the
+// sparse (which = 0) or the dense (1) lists; u and cond set: m is virtual (sparse only).
+// Returns the finiteness bits of the sums.
+i8 results(const RowTerms& p, int which, const float* const* cols, const float* u,
+           const float* cond, float* x0, float* out, float (*fresh)[kTile], int64_t n) {
+  i8 bad{};
+  // x0 is stored when it is written or a slot reads it (the dense lists always read it).
+  if (which == 0 && p.fused) {
+    bad = x0_and_out(p, cols, u, cond, x0, out, p.write_x0 || p.slots_read_x0, n);
+  } else if (which == 1 || p.need_x0) {
+    bad = combine(x0, p.x0[which], cols, n);
+    if (p.clip) clip(x0, p.clip_lo, p.clip_hi, n);  // the sum's bits were taken before
+    bad |= combine(out, p.out[which], cols, n);
+  } else {
+    bad |= combine(out, p.out[which], cols, n);
+  }
+  for (int w = 0; w < p.num_written; ++w) bad |= combine(fresh[w], p.slot[w][which], cols, n);
+  return bad;
+}
+
+template <typename scalar_t>
+struct Ptrs {
+  const scalar_t *mo, *x, *noise;
+  scalar_t *state, *out, *x0;
+  int64_t numel;
+};
+
+// The elements [begin, end) of the flattened sample, tile by tile. Slot j of the state is
+// state[j * numel + i]; a tile's new slot values wait in `fresh` until its results are final.
+template <typename scalar_t>
+void step_range(const RowTerms& p, const Ptrs<scalar_t>& a, int64_t begin, int64_t end) {
+  constexpr bool kFloat = std::is_same_v<scalar_t, float>;
+  alignas(32) float buf[kCols + 1][kTile];  // converted inputs, the guided m, x0, cond
+  alignas(32) float fresh[kSlots][kTile];
+  alignas(32) float out_buf[kFloat ? 1 : kTile];
+  const float* cols[kCols];
+  bool dense = false;  // every tile computed with the dense lists only
+  if constexpr (kFloat) {
+    if (p.streaming) {  // x0 is stored only when written; no x0 column is read
+      const int64_t n = end - begin;
+      cols[kVX] = a.x + begin;
+      cols[kVM] = a.mo + begin;
+      if (p.noise) cols[kVN] = a.noise + begin;
+      for (int j = 0; j < p.num_slots; ++j) cols[kVS + j] = a.state + j * a.numel + begin;
+      i8 bad{};
+      for (int u = 0; u < p.num_unread; ++u) bad |= nonfinite_bits(cols[p.unread[u]], n);
+      bad |= x0_and_out(p, cols, p.guided ? cols[kVM] : nullptr,
+                        p.guided ? a.mo + a.numel + begin : nullptr,
+                        p.write_x0 ? a.x0 + begin : nullptr, a.out + begin, p.write_x0, n);
+      if (!any_bits(bad)) return;
+      dense = true;
+    }
+  }
+  for (int64_t t0 = begin; t0 < end; t0 += kTile) {
+    const int64_t n = std::min(kTile, end - t0);
+    auto input = [&](int c, const scalar_t* src) -> const float* {
+      if constexpr (kFloat) {
+        return src;
+      } else {
+        for (int64_t i = 0; i < n; ++i) buf[c][i] = static_cast<float>(src[i]);
+        return buf[c];
+      }
+    };
+    cols[kVX] = input(kVX, a.x + t0);
+    cols[kVM] = input(kVM, a.mo + t0);
+    const float *u = nullptr, *cond = nullptr;  // set while m is virtual
+    auto materialize_m = [&] {
+      guided_m(buf[kVM], cols[kVM], cond, p.guidance, n);
+      cols[kVM] = buf[kVM];
+      u = nullptr;
+    };
+    if (p.guided) {
+      u = cols[kVM];
+      cond = input(kCols, a.mo + a.numel + t0);
+      if (!p.virtual_m || dense) materialize_m();
+    }
+    if (p.noise) cols[kVN] = input(kVN, a.noise + t0);
+    for (int j = 0; j < p.num_slots; ++j) cols[kVS + j] = input(kVS + j, a.state + j * a.numel + t0);
+    float *x0 = buf[kX0], *out = out_buf;  // float32 results go straight to the outputs
+    if constexpr (kFloat) {
+      if (p.write_x0) x0 = a.x0 + t0;
+      out = a.out + t0;
+    }
+    cols[kX0] = x0;
+    i8 bad{};
+    if (!dense) {
+      for (int u = 0; u < p.num_unread; ++u) bad |= nonfinite_bits(cols[p.unread[u]], n);
+      bad |= results(p, 0, cols, u, cond, x0, out, fresh, n);
+    }
+    if (dense || any_bits(bad)) {
+      if (u) materialize_m();
+      results(p, 1, cols, nullptr, nullptr, x0, out, fresh, n);
+    }
+    if constexpr (!kFloat) {
+      for (int64_t i = 0; i < n; ++i) a.out[t0 + i] = static_cast<scalar_t>(out[i]);
+      if (p.write_x0) {
+        for (int64_t i = 0; i < n; ++i) a.x0[t0 + i] = static_cast<scalar_t>(x0[i]);
+      }
+    }
+    for (int w = 0; w < p.num_written; ++w) {
+      scalar_t* s = a.state + p.written[w] * a.numel + t0;
+      for (int64_t i = 0; i < n; ++i) s[i] = static_cast<scalar_t>(fresh[w][i]);
+    }
+  }
 }
 
 Out cpu(const DenoiseStep& a) {
@@ -309,12 +714,10 @@ Out cpu(const DenoiseStep& a) {
                           : *a.step_index.const_data_ptr<int32_t>();
   FD_CHECK(idx >= 0 && idx < a.coeffs.size(0), DenoiseStep::name, "argument 'step_index'=", idx,
            " is out of range for 'coeffs' with ", a.coeffs.size(0), " steps");
-  const int k = num_slots(a);
-  const Row row = read_row(a, idx, k);
+  const RowTerms terms = read_row(a, idx, num_slots(a));
   Out result = empty(a);
   if (a.sample.numel() == 0) return result;
   auto& [out, x0] = result;
-  const bool flags[3] = {is_guided(a), a.noise.has_value(), a.write_x0};
   dispatch_float(a.sample.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     const Ptrs<scalar_t> p{a.model_output.const_data_ptr<scalar_t>(),
@@ -324,7 +727,10 @@ Out cpu(const DenoiseStep& a) {
                            out.mutable_data_ptr<scalar_t>(),
                            a.write_x0 ? x0.mutable_data_ptr<scalar_t>() : nullptr,
                            a.sample.numel()};
-    dispatch_slots<scalar_t>(k, flags, row, p);
+    const int64_t grain = std::max<int64_t>(kTile, kTaskTraffic / std::max(terms.traffic, 1));
+    torch::stable::parallel_for(0, p.numel, grain, [&](int64_t begin, int64_t end) {
+      step_range(terms, p, begin, end);
+    });
   });
   return result;
 }

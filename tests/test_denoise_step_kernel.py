@@ -37,7 +37,8 @@ SHAPES = [
     (1,),            # a single element (Triton specializes numel == 1)
     (2, 3, 33, 37),  # 7326 elements: several blocks and a ragged tail
     (2, 4, 32, 32),  # 8192 elements: an exact multiple of the block, no tail
-    (2, 4, 64, 65),  # 33280 elements: two CPU chunks (grain 2**15) split inside a slot tile
+    (2, 4, 64, 65),  # 33280 elements: CPU tasks of a few thousand (these dense rows) and
+                     # tiles of 512 with a ragged last one
 ]
 
 CASES = [
@@ -316,6 +317,195 @@ def test_nan_in_model_output_propagates(backend, clip):
     assert torch.equal(out.isnan(), ref_out.isnan()) and out[1, 1, 2].isnan()
     assert torch.equal(x0.isnan(), ref_x0.isnan()) and x0[1, 1, 2].isnan()
     assert torch.equal(state.isnan(), ref_state.isnan()) and state[0, 1, 1, 2].isnan()
+
+
+# The C++ kernel reduces each row to its non-zero terms (csrc/denoise_step.cpp): rows with zeros
+# in every pattern, at sizes around its tile (512 elements), its 8-float vectors and the grain
+# above which it splits the sample between threads (at least 512 elements a task).
+SPARSE_SIZES = [
+    (1,),           # one element: every load and store partial
+    (37,),          # under one tile, 4 whole vectors and a ragged tail of 5
+    (2, 3, 86),     # 516 elements: one tile and a tail of 4 in the next
+    (3, 5, 7, 11),  # 1155 elements: two tiles and a ragged third
+    (1, 4, 64, 65),  # 16640 elements: split between threads when the row is heavy enough
+]
+
+
+def _sparse_row(g, k, density):
+    """A row with each coefficient of the inputs a call with k slots has kept with probability
+    `density`, else 0 (half of them -0.0), and each slot written with probability 1/2; O(1)
+    values (one row in four with the DDPM-like P_x ~ 150)."""
+    c = (torch.rand(ROW_LEN, generator=g, dtype=torch.float64) * 2 - 1).float()
+    keep = torch.rand(ROW_LEN, generator=g) < density
+    c = torch.where(keep, c, torch.where(torch.rand(ROW_LEN, generator=g) < 0.5, 0.0, -0.0))
+    if torch.rand((), generator=g) < 0.25 and keep[ROW_P]:
+        c[ROW_P] = 150.0
+        c[ROW_P + 1] = -149.0
+    c[ROW_W:ROW_S] = (torch.rand(SLOTS, generator=g) < 0.5).float()
+    c[schedules.absent_slot_columns(k)] = 0
+    return c
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES, ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("k", range(SLOTS + 1))
+def test_sparse_rows_match_reference(dtype, atol, rtol, k):
+    """Rows with zeros anywhere (none, a few, most, all: an empty x0 or out, a slot copy, a
+    written slot with no term), with and without guidance, noise, clipping and x0, at every
+    size of SPARSE_SIZES: the C++ kernel against the reference, the slots with W = 0 left
+    bitwise as they were (_check_step)."""
+    g = torch.Generator().manual_seed(1000 + k)
+    for shape in SPARSE_SIZES:
+        for density in (0.0, 0.2, 0.5, 0.8, 1.0):
+            guided, has_noise, clip, write_x0 = (torch.rand(4, generator=g) < 0.5).tolist()
+            coeffs = torch.stack([_sparse_row(g, k, density) for _ in range(3)])
+            mo, x, noise, state = _inputs(g, dtype, shape, guided, has_noise, k)
+            s = 1 + 7 * torch.rand((), generator=g).item() if guided else 1.0
+            args = (mo, x, coeffs, torch.tensor(1), noise, state, s, clip, 1.5, write_x0)
+            _check_step("cpp", args, (atol, rtol),
+                        what=f"{shape} density {density} guided {guided} noise {has_noise} "
+                             f"clip {clip} x0 {write_x0} row {coeffs[1].tolist()}")
+
+
+def _assert_same_nonfinite(got, ref, what):
+    """NaN where the reference has NaN, +-inf where it has the same infinity, close elsewhere."""
+    got64 = got.to(torch.float64)
+    assert torch.equal(got64.isnan(), ref.isnan()), f"{what}: NaN at other elements"
+    assert torch.equal(got64.isinf(), ref.isinf()), f"{what}: inf at other elements"
+    assert torch.equal(got64[ref.isinf()], ref[ref.isinf()]), f"{what}: inf of another sign"
+    fin = ref.isfinite()
+    torch.testing.assert_close(got64[fin], ref[fin], rtol=1e-2, atol=1e-2, msg=what)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("bad", [float("inf"), -float("inf"), float("nan")],
+                         ids=["inf", "-inf", "nan"])
+@pytest.mark.parametrize("where", ["x", "cond", "noise", "s0", "s1", "s2"])
+def test_zero_coefficients_multiply_non_finite_inputs_as_the_reference(dtype, bad, where):
+    """A term with coefficient 0 is skipped, but the reference (and the Triton kernel) multiply
+    it through: 0 * inf and 0 * NaN are NaN. A non-finite value in an input that some result
+    reads with coefficient 0, or that no result reads, gives the reference's NaN and inf
+    (the tile is computed again with every term); its neighbours stay finite.
+
+    The row: x0 = 2 x (x read, m not), out = 0.5 m + 1 s0 + 0 x0 (x0 not read), slot 0 <- s2
+    (a copy), slot 1 <- x0, slot 2 <- -0.0 terms only; s1 is read by nothing."""
+    row = schedules.step_row(p={"x": 2.0}, o={"m": 0.5, "s0": 1.0},
+                             writes={0: {"s2": 1.0}, 1: {"x0": 1.0}, 2: {"x": -0.0}})
+    coeffs = torch.tensor([row])
+    g = torch.Generator().manual_seed(23)
+    shape = (2, 3, 100)  # 600 elements: the bad one in the first tile, the second tile clean
+    mo, x, noise, state = _inputs(g, dtype, shape, True, True, 3)
+    {"x": x, "cond": mo[2:], "noise": noise, "s0": state[0], "s1": state[1],
+     "s2": state[2]}[where][1, 2, 3] = bad
+    before = state.clone()
+    ref_out, ref_x0, ref_state = reference.denoise_step_v2(mo, x, coeffs, torch.tensor(0), noise,
+                                                        before, 3.0, False, 1.0)
+    out, x0 = torch.ops.fastdiff.denoise_step(mo, x, coeffs, torch.tensor(0), noise, state, 3.0,
+                                              False, 1.0, True)
+    _assert_same_nonfinite(out, ref_out, f"{where}: out")
+    _assert_same_nonfinite(x0, ref_x0, f"{where}: x0")
+    for j in range(3):
+        _assert_same_nonfinite(state[j], ref_state[j], f"{where}: slot {j}")
+    assert not ref_out[1, 2, 3].isfinite()  # (every case reaches out, by 0 * bad at least)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")], ids=["inf", "nan"])
+@pytest.mark.parametrize("where", ["x", "uncond", "cond", "noise"])
+def test_non_finite_inputs_of_a_ddim_like_row(bad, where):
+    """A row with no slot whose x0 and out the kernel computes in one pass over the whole range
+    (DDIM's shape; m from the guided pair in registers): m is read by x0 only and the noise by
+    nothing, so a non-finite value there makes the range computed again tile by tile with every
+    term, as the reference: NaN or inf where it has them (in the third of four tiles), the
+    other elements as before."""
+    row = schedules.step_row(p={"x": 1.5, "m": -0.5}, o={"x": 0.25, "x0": 2.0})
+    coeffs = torch.tensor([row])
+    g = torch.Generator().manual_seed(29)
+    mo, x, noise, _ = _inputs(g, torch.float32, (4, 5, 100), True, True, 0)
+    {"x": x, "uncond": mo[:4], "cond": mo[4:], "noise": noise}[where][2, 3, 4] = bad
+    ref_out, ref_x0, _ = reference.denoise_step_v2(mo, x, coeffs, torch.tensor(0), noise, None,
+                                                   4.0, False, 1.0)
+    out, x0 = torch.ops.fastdiff.denoise_step(mo, x, coeffs, torch.tensor(0), noise, None, 4.0,
+                                              False, 1.0, True)
+    assert not ref_out[2, 3, 4].isfinite()
+    _assert_same_nonfinite(out, ref_out, f"{where}: out")
+    _assert_same_nonfinite(x0, ref_x0, f"{where}: x0")
+
+
+@pytest.mark.parametrize("k", range(SLOTS + 1))
+def test_sparse_rows_with_non_finite_inputs_match_reference(k):
+    """Random sparse rows (as test_sparse_rows_match_reference) and an inf, -inf or NaN in one
+    random input a call has, at one random element: NaN and inf exactly where the reference
+    has them, whichever results read that input with a zero or non-zero coefficient."""
+    g = torch.Generator().manual_seed(2000 + k)
+    for trial in range(48):
+        shape = (3, 5, 37)  # 555 elements: two tiles
+        guided, has_noise, clip, write_x0 = (torch.rand(4, generator=g) < 0.5).tolist()
+        density = [0.2, 0.5, 0.8][trial % 3]
+        coeffs = torch.stack([_sparse_row(g, k, density)])
+        mo, x, noise, state = _inputs(g, torch.float32, shape, guided, has_noise, k)
+        names = ["x", "mo", "mo2"][:2 + guided] + ["noise"] * has_noise + [f"s{j}" for j in
+                                                                           range(k)]
+        name = names[int(torch.randint(len(names), (), generator=g))]
+        tensor = {"x": x, "mo": mo[:shape[0]], "mo2": mo[shape[0]:], "noise": noise,
+                  **{f"s{j}": state[j] for j in range(k)}}[name]
+        bad = [float("inf"), -float("inf"), float("nan")][trial % 3]
+        tensor.view(-1)[int(torch.randint(tensor.numel(), (), generator=g))] = bad
+        s = 1 + 7 * torch.rand((), generator=g).item() if guided else 1.0
+        before = None if state is None else state.clone()
+        ref_out, ref_x0, ref_state = reference.denoise_step_v2(mo, x, coeffs, torch.tensor(0),
+                                                            noise, before, s, clip, 1.5)
+        out, x0 = torch.ops.fastdiff.denoise_step(mo, x, coeffs, torch.tensor(0), noise, state,
+                                                  s, clip, 1.5, write_x0)
+        what = f"trial {trial}: {bad} in {name}, row {coeffs[0].tolist()}"
+        _assert_same_nonfinite(out, ref_out, f"{what}: out")
+        if write_x0:
+            _assert_same_nonfinite(x0, ref_x0, f"{what}: x0")
+        for j in range(k):
+            if coeffs[0, ROW_W + j] != 0:
+                _assert_same_nonfinite(state[j], ref_state[j], f"{what}: slot {j}")
+            else:
+                assert torch.equal(state[j].isnan(), before[j].isnan())
+                torch.testing.assert_close(state[j], before[j], rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("write_x0", [False, True], ids=["no-x0", "x0"])
+def test_an_x0_that_nothing_reads_still_multiplies_through(write_x0):
+    """x0 = 2 x (or 150 x, which overflows float32 at 3e37), out = m: x and x0 are read with
+    coefficient 0 by out only, so an inf in x, or an x0 overflowing, makes out NaN there (as
+    the reference, and as float32 torch for the overflow), although out reads neither and,
+    without write_x0, x0 is stored nowhere."""
+    x = torch.ones(40)
+    m = torch.full((40,), 0.5)
+    x[7] = float("inf")
+    row = torch.tensor([schedules.step_row(p={"x": 2.0}, o={"m": 1.0})])
+    out, x0 = torch.ops.fastdiff.denoise_step(m, x, row, torch.tensor(0), None, None, 1.0, False,
+                                              1.0, write_x0)
+    ref_out, _, _ = reference.denoise_step_v2(m, x, row, torch.tensor(0))
+    assert ref_out[7].isnan()
+    _assert_same_nonfinite(out, ref_out, "inf in x: out")
+    x[7] = 3e37
+    row = torch.tensor([schedules.step_row(p={"x": 150.0}, o={"m": 1.0})])
+    out, x0 = torch.ops.fastdiff.denoise_step(m, x, row, torch.tensor(0), None, None, 1.0, False,
+                                              1.0, write_x0)
+    t_out, _, _ = _torch_same_dtype(m, x, row, 0, None, None, 1.0, False, 1.0)
+    assert t_out[7].isnan()
+    torch.testing.assert_close(out, t_out, rtol=0, atol=0, equal_nan=True)
+
+
+def test_zero_coefficient_on_an_overflowing_x0_is_nan():
+    """x0 = 150 x overflows float32 for |x| > 2.3e36 although x is finite; out reads x0 with
+    coefficient 0. Every term multiplied through in float32 (as torch in float32, and the
+    kernel before it skipped zero terms) gives out = x + 0 * inf = NaN there: so does the
+    kernel. (The float64 reference does not overflow.)"""
+    row = schedules.step_row(p={"x": 150.0}, o={"x": 1.0, "x0": 0.0})
+    coeffs = torch.tensor([row])
+    x = torch.ones(40)
+    x[7] = 3e37
+    out, x0 = torch.ops.fastdiff.denoise_step(x, x, coeffs, torch.tensor(0), None, None, 1.0,
+                                              False, 1.0, True)
+    t_out, t_x0, _ = _torch_same_dtype(x, x, coeffs, 0, None, None, 1.0, False, 1.0)
+    assert t_out[7].isnan() and t_x0[7].isinf()
+    torch.testing.assert_close(out, t_out, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(x0, t_x0, rtol=0, atol=0)
 
 
 def test_compiled_step_matches_eager():
