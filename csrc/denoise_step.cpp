@@ -28,7 +28,7 @@ namespace {
 
 namespace cfg = config::denoise_step;
 // The row layout (kernels/denoise_step.py's copy of fastdiff.schedules'): inputs v = (x, m, n,
-// s_0..s_3), so slot j is input kVS + j; an O or S row has x0's coefficient at index NUM_V.
+// s_0..s_4), so slot j is input kVS + j; an O or S row has x0's coefficient at index NUM_V.
 constexpr int kSlots = cfg::SLOTS;
 constexpr int kNumV = cfg::NUM_V;
 constexpr int kVX = 0, kVM = 1, kVN = 2, kVS = 3;

@@ -193,7 +193,7 @@ def denoise_step(model_output: torch.Tensor, sample: torch.Tensor, coeffs: torch
     ``u + guidance_scale * (c - u)``; ``guided`` says which (None: guided when model_output has
     twice the batch of sample). coeffs: (S, ROW_LEN) float32 table from ``fastdiff.schedules``;
     step_index: one-element int tensor on the sample's device (no host sync). A missing
-    ``noise`` counts as zeros. state: (K, *sample.shape), 1 <= K <= 4 slots in sample's dtype
+    ``noise`` counts as zeros. state: (K, *sample.shape), 1 <= K <= 5 slots in sample's dtype
     (a table's ``slots``; zeros before the first step), updated in place where the row writes
     them; None when the rows use no slot. Returns (next sample, predicted x0 or empty).
     """

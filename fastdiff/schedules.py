@@ -2,7 +2,7 @@
 
 A sampler step of any supported solver is, per element, an affine map of a few tensors with
 per-step scalar coefficients: the sample x, the guided model output m, the noise n and up to
-four state slots the solver keeps between model evaluations. ``denoise_step`` reads one row of
+five state slots the solver keeps between model evaluations. ``denoise_step`` reads one row of
 such a table (``step_index`` is a device tensor, so a captured CUDA graph can be replayed for
 every step) and updates the slots in place; the row's layout and meaning are "the step row,
 version 2" at the end of this file (kernels/denoise_step.py keeps a copy of the layout for the
@@ -384,9 +384,10 @@ def _full_table(scheduler, eta, use_clipped_model_output, s_churn, s_tmin, s_tma
 
 
 # ---------------------------------------------------------------- the step row, version 2
-# One row per model evaluation, over the inputs v = (x, m, n, s_0, ..., s_3): the sample, the
-# (guided) model output, this step's noise and four state slots (multistep histories, a saved
-# sample, a derivative: whatever the solver keeps between evaluations). A row is three affine
+# One row per model evaluation, over the inputs v = (x, m, n, s_0, ..., s_4): the sample, the
+# (guided) model output, this step's noise and five state slots (multistep histories, a saved
+# sample, a derivative: whatever the solver keeps between evaluations; five for PNDM's
+# Runge-Kutta warm-up). A row is three affine
 # maps of v and the slot updates:
 #   x0  = sum_k P_k v_k,  x0c = clip(x0, -r, r) if clip_sample else x0     (the returned x0)
 #   out = sum_k O_k v_k + O_x0 * x0c                                       (the next sample)
@@ -394,19 +395,19 @@ def _full_table(scheduler, eta, use_clipped_model_output, s_churn, s_tmin, s_tma
 # Unwritten slots keep their values; coefficients of slots a call does not pass must be 0. The
 # table grows with the solvers (one kernel still serves all); solvers that keep no state use
 # only P and O. ROW_* are the column offsets; a table is (S, ROW_LEN) float32.
-SLOTS = 4
+SLOTS = 5
 V_X, V_M, V_N = 0, 1, 2                     # v index of x, m and n; slot j is V_S + j
 V_S = 3
-NUM_V = V_S + SLOTS                         # 7 inputs; index NUM_V in O and S rows: x0c
+NUM_V = V_S + SLOTS                         # 8 inputs; index NUM_V in O and S rows: x0c
 ROW_P = 0
 ROW_O = ROW_P + NUM_V
 ROW_W = ROW_O + NUM_V + 1
 ROW_S = ROW_W + SLOTS
-ROW_LEN = ROW_S + SLOTS * (NUM_V + 1)       # 51
+ROW_LEN = ROW_S + SLOTS * (NUM_V + 1)       # 67
 
 
 def step_row(p=None, o=None, writes=None) -> list[float]:
-    """A row from named coefficients: p and o map input names ('x', 'm', 'n', 's0'..'s3'; o
+    """A row from named coefficients: p and o map input names ('x', 'm', 'n', 's0'..'s4'; o
     also 'x0') to coefficients; writes maps a slot index to such a mapping (its new value)."""
     names = {"x": V_X, "m": V_M, "n": V_N, **{f"s{j}": V_S + j for j in range(SLOTS)},
              "x0": NUM_V}

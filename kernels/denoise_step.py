@@ -30,18 +30,21 @@ from . import pointers, variant
 # 16 elements per thread: four 16-byte loads per fp32 input (two for 16-bit dtypes) in flight.
 BLOCK = 2048
 NUM_WARPS = 4
+# Five slots: at 4 warps a thread holds 16 elements of 5 more tensors, and sm_80 spilled (40 B
+# of stack); 8 warps halve what a thread holds.
+FIVE_SLOT_WARPS = 8
 NUM_STAGES = 1  # no loop to pipeline
 
 # The row layout of fastdiff.schedules, as literals for the C++ (setup.py's kernel_config.h);
-# tests/test_denoise_step_kernel.py holds them to schedules'. Inputs v = (x, m, n, s_0..s_3);
+# tests/test_denoise_step_kernel.py holds them to schedules'. Inputs v = (x, m, n, s_0..s_4);
 # index NUM_V of an O or S row is x0.
-SLOTS = 4
-NUM_V = 7
+SLOTS = 5
+NUM_V = 8
 ROW_P = 0
-ROW_O = 7
-ROW_W = 15
-ROW_S = 19
-ROW_LEN = 51
+ROW_O = 8
+ROW_W = 17
+ROW_S = 22
+ROW_LEN = 67
 
 _TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 _TL_INDEX = {torch.int64: "i64", torch.int32: "i32"}
@@ -51,7 +54,8 @@ _P, _O, _W, _S, _NV, _LEN = (tl.constexpr(v) for v in (ROW_P, ROW_O, ROW_W, ROW_
 
 
 @triton.jit
-def _affine(c, valid, x, m, n, s0, s1, s2, s3, x0, K: tl.constexpr, WITH_X0: tl.constexpr):
+def _affine(c, valid, x, m, n, s0, s1, s2, s3, s4, x0, K: tl.constexpr,
+            WITH_X0: tl.constexpr):
     """sum_k c[k] v_k over v = (x, m, n, s_0..s_{K-1}), plus c[NUM_V] x0 when WITH_X0: one map
     of a row. Each coefficient is loaded once (per program); NaN when the row is not valid."""
     nan = float("nan")
@@ -66,6 +70,8 @@ def _affine(c, valid, x, m, n, s0, s1, s2, s3, x0, K: tl.constexpr, WITH_X0: tl.
         y += tl.load(c + 5, mask=valid, other=nan) * s2
     if K > 3:
         y += tl.load(c + 6, mask=valid, other=nan) * s3
+    if K > 4:
+        y += tl.load(c + 7, mask=valid, other=nan) * s4
     if WITH_X0:
         y += tl.load(c + _NV, mask=valid, other=nan) * x0
     return y
@@ -92,7 +98,7 @@ def denoise_step(mo_ptr, x_ptr, noise_ptr, state_ptr, coef_ptr, idx_ptr, out_ptr
     n = tl.load(noise_ptr + start + offs, mask=mask & (has_noise != 0), other=0.0).to(tl.float32)
     # Slot j of the state is (N, ...) at state_ptr + j * numel; absent slots are never read.
     stride = tl.cast(numel, tl.int64)  # numel == 1 is a Python int (the JIT specializes 1)
-    s0, s1, s2, s3 = x, x, x, x
+    s0, s1, s2, s3, s4 = x, x, x, x, x
     if NUM_SLOTS > 0:
         s0 = tl.load(state_ptr + start + offs, mask=mask).to(tl.float32)
     if NUM_SLOTS > 1:
@@ -101,6 +107,8 @@ def denoise_step(mo_ptr, x_ptr, noise_ptr, state_ptr, coef_ptr, idx_ptr, out_ptr
         s2 = tl.load(state_ptr + 2 * stride + start + offs, mask=mask).to(tl.float32)
     if NUM_SLOTS > 3:
         s3 = tl.load(state_ptr + 3 * stride + start + offs, mask=mask).to(tl.float32)
+    if NUM_SLOTS > 4:
+        s4 = tl.load(state_ptr + 4 * stride + start + offs, mask=mask).to(tl.float32)
 
     # An index outside [0, num_steps) makes every coefficient NaN, hence every output and every
     # slot NaN (W_j = NaN counts as written); the where keeps even the masked-off address inside
@@ -109,19 +117,20 @@ def denoise_step(mo_ptr, x_ptr, noise_ptr, state_ptr, coef_ptr, idx_ptr, out_ptr
     valid = (idx >= 0) & (idx < num_steps)
     row = coef_ptr + tl.where(valid, idx, 0) * _LEN
 
-    x0 = _affine(row + _P, valid, x, m, n, s0, s1, s2, s3, x, NUM_SLOTS, False)
+    x0 = _affine(row + _P, valid, x, m, n, s0, s1, s2, s3, s4, x, NUM_SLOTS, False)
     # Clipping is a runtime value (+-inf bounds when off): two min/max cost nothing here. NaN must
     # propagate as in torch.clamp; the GPU's default min/max would return the other operand.
     x0 = tl.minimum(tl.maximum(x0, clip_lo, propagate_nan=tl.PropagateNan.ALL), clip_hi,
                     propagate_nan=tl.PropagateNan.ALL)
-    out = _affine(row + _O, valid, x, m, n, s0, s1, s2, s3, x0, NUM_SLOTS, True)
+    out = _affine(row + _O, valid, x, m, n, s0, s1, s2, s3, s4, x0, NUM_SLOTS, True)
     tl.store(out_ptr + start + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
     # A runtime flag: a store masked off costs no memory traffic, and it halves the configs.
     tl.store(x0_ptr + start + offs, x0.to(x0_ptr.dtype.element_ty), mask=mask & (write_x0 != 0))
     # The new slots, from the old values already in registers; W_j = 0 leaves slot j untouched.
     for j in tl.static_range(NUM_SLOTS):
         w = tl.load(row + _W + j, mask=valid, other=float("nan"))
-        s = _affine(row + _S + j * (_NV + 1), valid, x, m, n, s0, s1, s2, s3, x0, NUM_SLOTS, True)
+        s = _affine(row + _S + j * (_NV + 1), valid, x, m, n, s0, s1, s2, s3, s4, x0,
+                    NUM_SLOTS, True)
         tl.store(state_ptr + j * stride + start + offs, s.to(state_ptr.dtype.element_ty),
                  mask=tl.where(w != 0, mask, False))  # (mask & (w != 0) fails interpreted)
 
@@ -140,7 +149,8 @@ def _config(dtype, num_slots, index_dtype=torch.int64):
                  "clip_hi": "fp32", "guided": "i32", "has_noise": "i32", "write_x0": "i32"}
     constexprs = {"NUM_SLOTS": int(num_slots), "BLOCK": BLOCK}
     cfg = {"fn": denoise_step, "signature": signature, "constexprs": constexprs,
-           "num_warps": NUM_WARPS, "num_stages": NUM_STAGES}
+           "num_warps": FIVE_SLOT_WARPS if num_slots > 4 else NUM_WARPS,
+           "num_stages": NUM_STAGES}
     return variant(cfg, _vector_pointers(cfg) + ("numel",))
 
 

@@ -111,8 +111,8 @@ STEP_BAD = [
     ({"state": _x(2, 3, 4)}, "'state' must have shape \\(K, \\*sample.shape\\) = "
                              "\\(K, 2, 3, 4\\), got \\[2, 3, 4\\]"),
     ({"state": _x(1, 2, 3, 5)}, "'state' must have shape \\(K, \\*sample.shape\\)"),
-    ({"state": _x(5, 2, 3, 4)}, "'state' must hold 1 to 4 slots .*got 5"),
-    ({"state": _x(0, 2, 3, 4)}, "'state' must hold 1 to 4 slots .*got 0"),
+    ({"state": _x(6, 2, 3, 4)}, "'state' must hold 1 to 5 slots .*got 6"),
+    ({"state": _x(0, 2, 3, 4)}, "'state' must hold 1 to 5 slots .*got 0"),
     ({"state": _x(1, 2, 3, 4, dtype=torch.float16)}, "'state' must have the dtype of 'sample'"),
     ({"state": _x(1, 2, 4, 3).transpose(2, 3)}, "'state' must be contiguous"),
     ({"state": torch.randn(1, 2, 3, 4, device="meta")}, "'state' must be on the same device"),

@@ -48,10 +48,12 @@ CASES = [
     (1, True, False, False, True),    # DPM-Solver++ 2M: the previous x0 in one slot
     (2, False, True, True, False),    # two slots (UniPC, DPM-Solver 3), noisy, clipped
     (3, True, True, False, True),     # three slots
-    (4, True, False, True, True),     # every slot (PNDM's four past outputs), clipped
-    (4, False, True, False, False),   # every slot, unguided and noisy
+    (4, True, False, True, True),     # PNDM's four past outputs, clipped
+    (5, True, False, True, True),     # every slot (PNDM's Runge-Kutta warm-up), clipped
+    (5, False, True, False, False),   # every slot, unguided and noisy
 ]
-CASE_IDS = ["k0-ddpm", "k0-ddim", "k1-dpm2m", "k2-noisy", "k3", "k4-clip", "k4-noisy"]
+CASE_IDS = ["k0-ddpm", "k0-ddim", "k1-dpm2m", "k2-noisy", "k3", "k4-clip", "k5-clip",
+            "k5-noisy"]
 
 NUM_STEPS = 6
 STEPS = [
@@ -61,7 +63,7 @@ STEPS = [
 ]
 # Which slots a row writes (W_j; any non-zero value writes), odd rows and even rows: they leave
 # different slots untouched, so K = 1 is tested both ways.
-WRITES = ((0.0, 2.0, 0.0, 1.0), (1.0, 0.0, -0.5, 1.0))
+WRITES = ((0.0, 2.0, 0.0, 1.0, 0.0), (1.0, 0.0, -0.5, 1.0, 3.0))
 
 
 def _table(g, k):
@@ -295,7 +297,7 @@ def test_coefficients_on_absent_slots_raise_on_cpp():
             bad = coeffs.clone()
             bad[2, col] = 0.25
             with pytest.raises(ValueError, match=f"'coeffs' row 2 reads or writes state slot "
-                                                 f"[{k}-3], but {why}"):
+                                                 f"[{k}-{SLOTS - 1}], but {why}"):
                 torch.ops.fastdiff.denoise_step(mo, x, bad, torch.tensor(2), noise, state)
             assert state is None or torch.equal(state, before)
             torch.ops.fastdiff.denoise_step(mo, x, bad, torch.tensor(1), noise,

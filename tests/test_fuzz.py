@@ -249,11 +249,11 @@ STEP_BAD = {
                      ValueError),
     "clip range 0": (lambda kw, r: kw.update(clip_sample=True, clip_sample_range=0.0),
                      ValueError),
-    "state 5 slots": (lambda kw, r: kw.update(state=torch.zeros(5, *kw["sample"].shape)
-                                              .to(kw["sample"].dtype)), ValueError),
+    "state SLOTS + 1 slots": (lambda kw, r: kw.update(
+        state=torch.zeros(SLOTS + 1, *kw["sample"].shape).to(kw["sample"].dtype)), ValueError),
     "state is the sample": (lambda kw, r: kw.update(
-        state=kw["sample"].unsqueeze(0) if kw["sample"].numel()            # shares its memory
-        else torch.zeros(5, *kw["sample"].shape).to(kw["sample"].dtype)),  # (empty: 5 slots)
+        state=kw["sample"].unsqueeze(0) if kw["sample"].numel()             # shares its memory
+        else torch.zeros(SLOTS + 1, *kw["sample"].shape).to(kw["sample"].dtype)),  # (empty)
         ValueError),
     "row reads an absent slot": (_set_row_of_absent_slot, ValueError),
     "sample list": (lambda kw, r: kw.update(sample=kw["sample"].tolist()), TypeError),

@@ -390,24 +390,27 @@ def test_variance_noise_argument(case, caplog):
     _no_fallback(caplog)
 
 
-def test_pndm_prk_warmup_then_rows(caplog, monkeypatch):
-    """skip_prk_steps=False: the warm-up's first two Runge-Kutta steps (calls 0-7) are rows;
-    its last (calls 8-11, five tensors live between calls) runs diffusers' step, said once;
-    the PLMS calls after it are rows again."""
+def test_pndm_prk_warmup_is_rows(caplog, monkeypatch):
+    """skip_prk_steps=False (PNDMScheduler's default): the whole Runge-Kutta warm-up is rows,
+    its last step (calls 8-11) with five tensors live between calls (the five slots), and the
+    PLMS calls after it; none runs diffusers' step."""
     caplog.set_level(logging.INFO, logger="fastdiff")
     ran = []
     own = SC.reference.denoise_step_v2
 
     def counting(*args, **kwargs):
         ran.append(int(args[3]))
+        if args[5] is not None:
+            slots.append(args[5].shape[0])
         return own(*args, **kwargs)
 
+    slots = []
     monkeypatch.setattr(SC, "v2_executor", lambda: counting)
     step = chain("PNDMScheduler", dict(SD15_PNDM, skip_prk_steps=False), 10)
-    assert step.rows.start == 12
-    assert ran == list(range(8)) + list(range(len(step.scheduler.timesteps) - 12))
-    said = [r.getMessage() for r in caplog.records if "Runge-Kutta" in r.getMessage()]
-    assert len(said) == 1
+    assert step.rows.start == 0
+    assert ran == list(range(len(step.scheduler.timesteps)))
+    assert max(slots) == 5
+    _no_fallback(caplog)
 
 
 # ---------------------------------------------------------------- settings that are not rows

@@ -382,10 +382,9 @@ def _rows_table(sched, start: int) -> schedules.StepTable:
     except ValueError as err:
         raise ValueError(f"sample_pipeline: {err}") from None
     calls = len(sched.timesteps) - start
-    if info.calls != calls:     # PNDM's Runge-Kutta warm-up: its last step is not a row
+    if info.calls != calls:     # (every family's table covers its loop: a check, not a case)
         raise ValueError(f"sample_pipeline: {info.scheduler}'s table covers {info.calls} of the "
-                         f"loop's {calls} calls (skip_prk_steps=False: the Runge-Kutta warm-up "
-                         "keeps five tensors between calls); call the pipeline")
+                         f"loop's {calls} calls; call the pipeline")
     scales = info.input_scales or [1.0] * calls
     return schedules.StepTable(
         solver=info.scheduler, coeffs=coeffs,

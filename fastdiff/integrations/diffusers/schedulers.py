@@ -305,16 +305,12 @@ class _V2:
 
 class PNDM(_V2, Family):
     """PLMS: the row is the call counter; the past outputs (and the first step's sample) live in
-    the slots. With skip_prk_steps=False the warm-up's first two Runge-Kutta steps (calls 0 to
-    7) are rows too; its last one (calls 8 to 11, five tensors live) runs diffusers' step, the
-    PLMS calls after it rows again (a table starting mid-run)."""
+    the slots. With skip_prk_steps=False the Runge-Kutta warm-up (calls 0 to 11) is rows too:
+    its last step keeps five tensors between calls (three past outputs, the step's first sample
+    and the running sum of its stages), the five slots of a row."""
 
     def position(self, rows, s, timestep):
         c = s.counter
-        if tables.prk_warmup(s):
-            raise _Unfused("skip_prk_steps=False: the warm-up's last Runge-Kutta step (calls 8 "
-                           "to 11) keeps five tensors between calls (a row has four slots); "
-                           "fused before and after it")
         if c >= len(s.timesteps):
             return None
         if _timestep_index(s.timesteps, timestep, at=c) != c:

@@ -219,18 +219,6 @@ def carried(scheduler) -> tuple[str, ...]:
     return LAYOUTS[name]
 
 
-def prk_warmup(scheduler) -> bool:
-    """Whether PNDM's next call is in the last Runge-Kutta step of its warm-up
-    (skip_prk_steps=False: calls 8 to 11), after whose first call five tensors are live (three
-    past outputs, the step's first sample and the running sum of its stages); a row has four
-    slots. The two RK steps before it (calls 0 to 7) keep four and are rows."""
-    if type(scheduler).__name__ != "PNDMScheduler" or scheduler.config.skip_prk_steps:
-        return False
-    prk = getattr(scheduler, "prk_timesteps", None)
-    n = 0 if prk is None else len(prk)
-    return n - 4 <= scheduler.counter < n
-
-
 def _cpu_copy(scheduler):
     """A deep copy with every tensor on the CPU (the probe's basis lives there)."""
     s = copy.deepcopy(scheduler)
@@ -284,11 +272,6 @@ def _probe(scheduler, start: int, step_kwargs: dict):
             raise ValueError(f"{name}: the table's first call is index {start}, the scheduler "
                              f"is at {s._step_index}")
         s._step_index = start                 # as _init_step_index leaves it at the first call
-    if prk_warmup(s):
-        n = len(s.prk_timesteps)
-        raise ValueError(f"{name}: skip_prk_steps=False (the warm-up's last Runge-Kutta step, "
-                         f"calls {n - 4} to {n - 1}, keeps five tensors between calls; a row "
-                         f"has {S.SLOTS} slots): a table starts after it")
     module = sys.modules[type(s).__module__]
     basis = np.zeros((_BATCH, S.NUM_V))
     basis[:S.NUM_V] = np.eye(S.NUM_V)
@@ -354,8 +337,6 @@ def _probe(scheduler, start: int, step_kwargs: dict):
         try:
             layout, writes = _allocate(layout, new)
         except _TooManySlots as err:
-            if name == "PNDMScheduler" and c > 0 and prk_warmup(s):
-                break              # the table ends before the RK step that keeps five tensors
             hint = (" (skip_prk_steps=False: the Runge-Kutta warm-up)"
                     if name == "PNDMScheduler" else "")
             raise ValueError(f"{where}: the step keeps {err.needed} tensors between calls"
