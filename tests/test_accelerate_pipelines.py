@@ -366,8 +366,9 @@ def test_cuda_graph_wrapper_in_fp16_pipelines_matches_stock(model):
 # ---------------------------------------------------------------- every scheduler family
 
 FAMILY_KINDS = ["PNDMScheduler", "PNDMScheduler-prk", "EulerAncestralDiscreteScheduler",
-                "UniPCMultistepScheduler", "LCMScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler",
-                "KDPM2AncestralDiscreteScheduler", "DPMSolverSinglestepScheduler",
+                "UniPCMultistepScheduler", "LCMScheduler", "HeunDiscreteScheduler",
+                "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
+                "DPMSolverSinglestepScheduler",
                 "DEISMultistepScheduler", "LMSDiscreteScheduler", "DDPMScheduler",
                 "DDIMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler"]
 
