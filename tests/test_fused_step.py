@@ -188,6 +188,24 @@ def test_fused_step_after_set_timesteps_again():
     torch.testing.assert_close(b.step(m, t, x).prev_sample, a.step(m, t, x).prev_sample)
 
 
+def test_tables_cached_by_schedule_content():
+    """FusedStep's tables are shared by schedule content (the next image's set_timesteps reuses
+    its table): the same schedule again is the same table; a configuration that changes only
+    the coefficients (prediction_type: the same timesteps) is another one, and each equals its
+    scheduler's own step."""
+    x, m = torch.randn(1, 4, 4, 4), torch.randn(1, 4, 4, 4)
+    a, b = _pair("DDIMScheduler", {}, 4)
+    first = b.step.table(eta=0.0, use_clipped_model_output=False)[0]
+    b.set_timesteps(4)                                  # a new timesteps tensor, same content
+    assert b.step.table(eta=0.0, use_clipped_model_output=False)[0] is first
+    va, vb = _pair("DDIMScheduler", {"prediction_type": "v_prediction"}, 4)
+    assert torch.equal(va.timesteps, a.timesteps)
+    assert vb.step.table(eta=0.0, use_clipped_model_output=False)[0] is not first
+    for (s, ref) in ((b, a), (vb, va)):
+        t = s.timesteps[1]
+        torch.testing.assert_close(s.step(m, t, x).prev_sample, ref.step(m, t, x).prev_sample)
+
+
 def test_row_of_a_timestep_view_is_found_without_reading_it():
     _, b = _pair("DDIMScheduler", {}, 5)
     step = b.step
