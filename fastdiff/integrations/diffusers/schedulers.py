@@ -105,11 +105,16 @@ class Family:
         """Index in scheduler.timesteps of this call. Default: the timestep's own index."""
         return _timestep_index(s.timesteps, timestep)
 
+    def refuses_timestep(self, timestep) -> bool:
+        """Whether the step raises its own error for this timestep (an integer one, for
+        diffusers' Euler family)."""
+        return self.int_timesteps_error and isinstance(
+            timestep, (int, torch.IntTensor, torch.LongTensor))
+
     def plan(self, rows: "Rows", s, a: dict, model_output, sample) -> "Planned":
         """What this call is: its row, noise (drawn here, as the scheduler draws it) and the
         state slots it reads, gathered from the scheduler's carried tensors. Raises _Unfused."""
-        if self.int_timesteps_error and isinstance(
-                a["timestep"], (int, torch.IntTensor, torch.LongTensor)):
+        if self.refuses_timestep(a["timestep"]):
             raise _Unfused()                                   # diffusers' own error
         opts = self.table_options(s, a)
         why = tables.options_refusal(opts)     # the configuration: RowStep checked it
@@ -475,6 +480,16 @@ class _Next(NamedTuple):
     row: int
 
 
+def _unguided(pair, sample, guidance):
+    """The model output a step's own signature sees: ``pair`` itself, or guided, the [uncond;
+    cond] pair's first half (checks and binding read it; the op reads the pair)."""
+    if guidance is None:
+        return pair
+    if pair.shape[0] != 2 * sample.shape[0]:
+        raise _Unfused("guided model outputs not [uncond; cond] of the sample's batch")
+    return pair[:sample.shape[0]]
+
+
 def _fresh(v):
     """A table's value for a scheduler attribute: itself if immutable, else a copy of it (a
     tensor, e.g. Heun's dt, by clone: deepcopy costs ~10x more, per call)."""
@@ -512,8 +527,7 @@ def content_table(s, start: int, opts: dict):
     Raises ValueError naming the setting when a step is not a row."""
     content = _content(s, tuple(sorted(opts.items()))) if start == 0 else None
     known = _TABLES.get(content) if content is not None else None
-    if known is not None and all(s.__dict__.get(k) == v
-                                 for k, v in known[1].expects[0].items()):
+    if known is not None and known[1].expected(s, 0):
         return known
     coeffs, info = tables.table_for(s, start=start, **opts)
     if content is not None:
@@ -544,10 +558,8 @@ class Rows:
         if (last is not None and last[0] is s.timesteps and last[1] == len(s.timesteps)
                 and last[2] == s.__dict__.get("num_inference_steps") and last[3] == opts):
             hit = last[4]
-            info = hit[2]
-            row = pos - info.start
-            if 0 <= row < info.calls and all(
-                    s.__dict__.get(k) == v for k, v in info.expects[row].items()):
+            row = pos - hit[2].start
+            if hit[2].expected(s, row):
                 return (*hit[1:], row)
         key = (id(s.timesteps), len(s.timesteps), getattr(s, "num_inference_steps", None),
                tuple(sorted(opts.items())))
@@ -557,10 +569,8 @@ class Rows:
             hit = self._cache.get(key + (start,))
             if hit is None or hit[0] is not s.timesteps:
                 continue
-            info = hit[2]
-            row = pos - info.start
-            if 0 <= row < info.calls and all(
-                    s.__dict__.get(k) == v for k, v in info.expects[row].items()):
+            row = pos - hit[2].start
+            if hit[2].expected(s, row):
                 self.start = start
                 self._last = (s.timesteps, len(s.timesteps),
                               s.__dict__.get("num_inference_steps"), dict(opts), hit)
@@ -648,7 +658,44 @@ def v2_executor():
     return V2_OP or reference.denoise_step_v2
 
 
-class RowStep:
+class _Step:
+    """What FusedStep and RowStep share as a scheduler's ``step``: the scheduler's own step
+    (``original``) and signature, and the calls: ``_step`` (the fused call; raises _Unfused)
+    or, refused, the scheduler's own step after ``_fallback`` says why."""
+
+    @property
+    def original(self):
+        """The scheduler's own step (looked up on its class: copies rebind to the copy)."""
+        return type(self.scheduler).step.__get__(self.scheduler)
+
+    @property
+    def __signature__(self):           # pipelines inspect step's parameters (eta, generator)
+        return self._signature
+
+    def __call__(self, model_output, timestep, sample, *args, **kwargs):
+        try:
+            return self._step(model_output, timestep, sample, *args, **kwargs)
+        except _Unfused as why:
+            self._fallback(why)
+            return self.original(model_output, timestep, sample, *args, **kwargs)
+
+    def guided(self, model_outputs, guidance_scale: float, timestep, sample, *args, **kwargs):
+        """The step of the classifier-free guided output u + g (c - u), with
+        ``model_outputs`` = [u; c] (2B, ...) combined inside the op call."""
+        try:
+            return self._step(model_outputs, timestep, sample, *args, guidance=guidance_scale,
+                              **kwargs)
+        except _Unfused as why:
+            self._fallback(why)
+            u, c = model_outputs.chunk(2)
+            return self.original(u + guidance_scale * (c - u), timestep, sample, *args, **kwargs)
+
+    def _fallback(self, why) -> None:
+        if why.reason:
+            log_once(f"{self.name}.step: {why.reason}; diffusers' step used")
+
+
+class RowStep(_Step):
     """A scheduler's step as one version-2 row call: Family.plan, the executor, Family.finish.
 
     ``executor`` has reference.denoise_step_v2's signature and returns (out, x0, new state);
@@ -670,48 +717,21 @@ class RowStep:
         self._next: _Next | None = None
         self._return_dict = self._bind.defaults.get("return_dict", True)
 
-    @property
-    def original(self):
-        return type(self.scheduler).step.__get__(self.scheduler)
-
-    @property
-    def __signature__(self):
-        return self._signature
-
     def __getstate__(self):            # deep copies and pickles: the scheduler, no tables
         return {"scheduler": self.scheduler, "executor": self.executor}
 
     def __setstate__(self, state):
         self.__init__(state["scheduler"], state["executor"])
 
-    def __call__(self, model_output, timestep, sample, *args, **kwargs):
-        try:
-            return self._run(model_output, timestep, sample, *args, **kwargs)
-        except _Unfused as why:
-            self._next = None
-            self._fallback(why)
-            return self.original(model_output, timestep, sample, *args, **kwargs)
-
-    def guided(self, model_outputs, guidance_scale: float, timestep, sample, *args, **kwargs):
-        """The step of the classifier-free guided output u + g (c - u), with
-        ``model_outputs`` = [u; c] (2B, ...) combined inside the row call (as the op does)."""
-        try:
-            return self._run(model_outputs, timestep, sample, *args, guidance=guidance_scale,
-                             **kwargs)
-        except _Unfused as why:
-            self._next = None
-            self._fallback(why)
-            u, c = model_outputs.chunk(2)
-            return self.original(u + guidance_scale * (c - u), timestep, sample, *args, **kwargs)
-
     def _fallback(self, why) -> None:
+        self._next = None                  # diffusers' step moves the scheduler on
         if why.reason and why.warn:
             if why.reason not in self._warned:
                 self._warned.add(why.reason)
                 logging.getLogger("fastdiff").warning("fastdiff: %s.step: %s; diffusers' step "
                                                       "used (not fused)", self.name, why.reason)
-        elif why.reason:
-            log_once(f"{self.name}.step: {why.reason}; diffusers' step used")
+        else:
+            super()._fallback(why)
 
     def _continued(self, nxt: _Next, pair, timestep, sample, guidance, kwargs):
         """The Planned of a call that continues the last one's run (row ``nxt.row`` of its
@@ -728,21 +748,20 @@ class RowStep:
                 or [kwargs[k] for k in nxt.option_names] != nxt.option_values
                 or "variance_noise" in kwargs
                 or (torch.is_grad_enabled() and (pair.requires_grad or sample.requires_grad))
-                or (fam.int_timesteps_error
-                    and isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)))):
+                or fam.refuses_timestep(timestep)):
             return None
         info, row = nxt.info, nxt.row
         if s.__dict__.get("is_scale_input_called", True) is False:
             return None                      # the generic path warns as diffusers does
-        if fam.position(self.rows, s, timestep) != info.start + row or not all(
-                s.__dict__.get(k) == v for k, v in info.expects[row].items()):
+        if (fam.position(self.rows, s, timestep) != info.start + row
+                or not info.expected(s, row)):
             return None
         noise = fam.noise(info, row, kwargs, pair.dtype, sample)
         dcoeffs, index = info.on_device(nxt.table, sample.device)
         state = self.rows.gather(info, row, sample, fresh=row == 0)
         return Planned(row, dcoeffs, index[row], noise, state, info, nxt.table)
 
-    def _run(self, model_output, timestep, sample, *args, guidance=None, **kwargs):
+    def _step(self, model_output, timestep, sample, *args, guidance=None, **kwargs):
         s, fam = self.scheduler, self.family
         pair = model_output
         nxt, self._next = self._next, None
@@ -777,10 +796,7 @@ class RowStep:
         """(Planned, return_dict) of a call, every check made. Raises _Unfused."""
         s, fam = self.scheduler, self.family
         pair = model_output
-        if guidance is not None:
-            if pair.shape[0] != 2 * sample.shape[0]:
-                raise _Unfused("guided model outputs not [uncond; cond] of the sample's batch")
-            model_output = pair[:sample.shape[0]]
+        model_output = _unguided(pair, sample, guidance)
         a = self._bind(model_output, timestep, sample, *args, **kwargs)
         if getattr(s, "timesteps", None) is None:
             raise _Unfused()                                   # diffusers' own error
@@ -799,7 +815,7 @@ class RowStep:
         return fam.plan(self.rows, s, a, model_output, sample), a["return_dict"]
 
 
-class FusedStep:
+class FusedStep(_Step):
     """A scheduler's ``step`` as one ``denoise_step`` call (installed as ``scheduler.step``)."""
 
     def __init__(self, scheduler):
@@ -814,15 +830,6 @@ class FusedStep:
         self._state: torch.Tensor | None = None
         self._state_x0: torch.Tensor | None = None
         self._config, self._config_refusal = None, None
-
-    @property
-    def original(self):
-        """The scheduler's own step (looked up on its class: copies rebind to the copy)."""
-        return type(self.scheduler).step.__get__(self.scheduler)
-
-    @property
-    def __signature__(self):           # pipelines inspect step's parameters (eta, generator)
-        return self._signature
 
     def __getstate__(self):            # deep copies and pickles: the scheduler, no cached tables
         return {"scheduler": self.scheduler}
@@ -876,33 +883,10 @@ class FusedStep:
             timestep = timestep.item()
         return index_of.get(timestep)
 
-    def __call__(self, model_output, timestep, sample, *args, **kwargs):
-        try:
-            return self._fused(model_output, timestep, sample, *args, **kwargs)
-        except _Unfused as why:
-            if why.reason:
-                log_once(f"{self.name}.step: {why.reason}; diffusers' step used")
-            return self.original(model_output, timestep, sample, *args, **kwargs)
-
-    def guided(self, model_outputs, guidance_scale: float, timestep, sample, *args, **kwargs):
-        """As RowStep.guided: the step of u + g (c - u), ``model_outputs`` = [u; c] (2B, ...)
-        combined inside the op call."""
-        try:
-            return self._fused(model_outputs, timestep, sample, *args, guidance=guidance_scale,
-                               **kwargs)
-        except _Unfused as why:
-            if why.reason:
-                log_once(f"{self.name}.step: {why.reason}; diffusers' step used")
-            u, c = model_outputs.chunk(2)
-            return self.original(u + guidance_scale * (c - u), timestep, sample, *args, **kwargs)
-
-    def _fused(self, model_output, timestep, sample, *args, guidance=None, **kwargs):
+    def _step(self, model_output, timestep, sample, *args, guidance=None, **kwargs):
         s, fam = self.scheduler, self.family
         pair = model_output
-        if guidance is not None:
-            if pair.shape[0] != 2 * sample.shape[0]:
-                raise _Unfused("guided model outputs not [uncond; cond] of the sample's batch")
-            model_output = pair[:sample.shape[0]]
+        model_output = _unguided(pair, sample, guidance)
         a = self._bind(model_output, timestep, sample, *args, **kwargs)
         if s.num_inference_steps is None:
             raise _Unfused()                                   # diffusers' own error

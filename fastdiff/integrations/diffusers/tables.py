@@ -118,6 +118,13 @@ class TableInfo:
             paths = self._slot_paths[c] = _slot_paths(layout)
         return paths
 
+    def expected(self, scheduler, c: int) -> bool:
+        """Whether ``scheduler``'s bookkeeping is what call c of the table expects (so its slots
+        and row apply): c is one of the table's calls and each expected value is there."""
+        attrs = scheduler.__dict__
+        return 0 <= c < self.calls and all(attrs.get(k) == v
+                                           for k, v in self.expects[c].items())
+
     def on_device(self, coeffs: torch.Tensor, device) -> tuple:
         """(coeffs as float32 on ``device``, each call's row index as a 0-d tensor there), made
         once per device: a new schedule with the same content (the next image) reuses them."""
