@@ -428,9 +428,11 @@ def _record(unet, spec: dict, batch: int, dtype) -> dict[str, list[Kernel]]:
     fastdiff.accelerate(unet, cuda_graphs=False)
     schedulers.patch(sched)
     # The fused step's first call moves its coefficient table to the device (once per call
-    # of the pipeline, not per step): made before recording.
+    # of the pipeline, not per step), and the first forward makes the weights accelerate
+    # derives from the model's (stacked projections, summed biases; once, then only when a
+    # weight changes): both made by a step before the recorded one.
     with torch.no_grad():
-        sched.step(torch.empty_like(latents), sched.timesteps[0], latents)
+        pipeline_step(Recorder(dtype), unet, sched, latents, cond, guided)
     with recording(dtype) as rec:
         pipeline_step(rec, unet, sched, latents, cond, guided)
     result["accelerate"] = rec.kernels

@@ -26,6 +26,7 @@ from torch.utils import _pytree as pytree
 
 SIMULATE = False
 _simulated_depth = 0      # > 0 while a simulated graph records or replays its body
+_simulated_replay = 0     # > 0 while a simulated graph replays its body (no Python runs on a GPU)
 
 
 class CaptureError(RuntimeError):
@@ -113,6 +114,12 @@ def refuse_host_reads():
         torch.cuda.synchronize = sync
 
 
+def replaying() -> bool:
+    """A simulated replay is running its body: on a GPU none of this Python would run, so what
+    it would compute on the host (a derived weight made again) a real replay never does."""
+    return _simulated_replay > 0
+
+
 def capturable(t: torch.Tensor) -> bool:
     """Whether a graph can be captured for work on ``t``'s device."""
     return t.device.type == "cuda" or (SIMULATE and t.device.type == "cpu")
@@ -164,8 +171,13 @@ class _Simulated:
             self.out = body()
 
     def replay(self):
-        with refuse_host_reads():
-            outs = self.body()
+        global _simulated_replay
+        _simulated_replay += 1
+        try:
+            with refuse_host_reads():
+                outs = self.body()
+        finally:
+            _simulated_replay -= 1
         for dst, src in zip(pytree.tree_leaves(self.out), pytree.tree_leaves(outs)):
             if isinstance(dst, torch.Tensor):
                 dst.copy_(src)
@@ -207,11 +219,14 @@ class GraphCache:
     graphs read the tensors of ``weights()`` in place, so in-place updates (``load_state_dict``,
     LoRA fusion) are seen at the next replay; ``check_weights`` compares their addresses with
     those the graphs were captured with and, when one was replaced by a new tensor, drops every
-    graph so the next ``get`` captures again. Callers check once per sampling call, not per
-    step."""
+    graph so the next ``get`` captures again; before that it calls ``refresh()``, which makes
+    tensors derived from the weights again in place (``derived.refresh_all``). Callers check
+    once per sampling call, not per step."""
 
-    def __init__(self, weights=lambda: (), max_graphs: int = 8, warmup: int = 2, what="graphs"):
+    def __init__(self, weights=lambda: (), max_graphs: int = 8, warmup: int = 2, what="graphs",
+                 refresh=None):
         self.weights = weights
+        self.refresh = refresh
         self.max_graphs = max_graphs
         self.warmup = warmup
         self.what = what
@@ -231,6 +246,8 @@ class GraphCache:
         self._addresses = None
 
     def check_weights(self) -> None:
+        if self.refresh is not None:
+            self.refresh()
         now = addresses(self.weights())
         if self._addresses is not None and now != self._addresses and self.entries:
             from fastdiff.ops import log_once

@@ -67,15 +67,16 @@ class SamplingEngine:
     (N,) timestep tensor and the conditioning tensors (their batch is the model batch).
     cuda_graphs: capture each step in a CUDA graph when the sample is on a GPU.
     parameters: the tensors whose addresses are checked before a replay (default: none).
+    refresh: called before those checks (makes tensors derived from the weights again).
     """
 
     def __init__(self, model_fn: Callable, *, cuda_graphs: bool = True,
                  parameters: Callable[[], list] | None = None, max_graphs: int = 8,
-                 warmup: int = 2):
+                 warmup: int = 2, refresh: Callable[[], None] | None = None):
         self.model_fn = model_fn
         self.cuda_graphs = cuda_graphs
         self.graphs = capture.GraphCache(parameters or (lambda: []), max_graphs, warmup,
-                                         "sampling graphs")
+                                         "sampling graphs", refresh)
         self._gen = None
 
     @property

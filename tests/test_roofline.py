@@ -23,7 +23,13 @@ By hand:
                     each transformer's GEGLU: GELU + product -> one geglu (-1 x 4);
                     each BasicTransformerBlock: residual add + norm2, residual add + norm3
                     -> two add_layer_norm (-2 x 4), its strided input copied once (as
-                    eager's norm1 does inside its call: the model counts both)
+                    eager's norm1 does inside its call: the model counts both);
+                    the 8 resnets' time projections (8 SiLU + 8 addmm) -> one SiLU and one
+                    matmul per projection width (32, 64): 3 kernels (-13);
+                    the 5 shortcut convs and their residual adds -> a matmul accumulated
+                    into conv2's output (-5);
+                    q, k, v of each self-attention in one matmul (-2 x 4), k and v of each
+                    cross-attention in one (-1 x 4)
   attention output  SDPA writes (B, L, H, D) (flash, as CUDA runs it), so the processor's
                     transpose back to (B, L, H*D) is a view; fastdiff.attention's output is
                     contiguous (B, H, L, D): one copy each (+8), with attention="fastdiff"
@@ -121,8 +127,19 @@ def test_accelerate_fuses_norms_attention_and_the_step(steps):
     assert count(a, "fastdiff.group_norm_silu") == 17        # resnets 16 + conv_norm_out
     assert count(a, "aten.native_group_norm") == 4           # the transformers' own norm
     assert count(a, "fastdiff.attention") == 8 and count(a, "sdpa") == 0
-    assert count(a, "aten.silu") == 9
-    assert count(a, "aten.convolution") == 33
+    # the time projections: one SiLU of temb, one batched matmul per width; the time MLP's
+    # SiLU stays
+    assert count(a, "aten.silu") == 2
+    assert count(a, "aten.bmm", "ResnetBlock2D") == 2
+    assert count(a, "aten.addmm", "ResnetBlock2D") == 0
+    # the 5 1x1 shortcuts accumulate into conv2's output: no conv, no add
+    assert count(a, "aten.convolution") == 33 - 5
+    assert count(a, "aten.baddbmm_", "ResnetBlock2D") == 5
+    assert count(d, "aten.add", "ResnetBlock2D") == 8 + 8      # residuals, time embeddings
+    assert count(a, "aten.add", "ResnetBlock2D") == 8 - 5
+    # self-attention: q, k, v in one matmul; cross-attention: q, then k and v in one
+    assert count(d, "aten.mm", "Attention") == 24
+    assert count(a, "aten.mm", "Attention") == 4 + 4 * 2
     # GEGLU: the projection (addmm) stays; GELU and the product become one geglu, which reads
     # the projection's output (2 x 64 rows of 2F = 2 x 4 x 32) once and writes F (fp16)
     assert count(d, "aten.gelu") == 4 and count(a, "aten.gelu") == 0
@@ -152,8 +169,9 @@ def test_accelerate_fuses_norms_attention_and_the_step(steps):
     # 4 GEGLUs' GELU + product become one kernel; 4 blocks' 2 residual adds go into the norms,
     # and each block copies its strided input once, as eager's norm1 does; the op's attention
     # output is contiguous (B, H, L, D), so its transpose back to (B, L, H*D) is a copy where
-    # SDPA's (B, L, H, D) output is a view (-8)
-    assert len(d) - len(a) == 8 * 3 + 1 + 6 - 1 + 8 + 8 + 4 + 8 - 8
+    # SDPA's (B, L, H, D) output is a view (-8); the time projections (-13), the shortcuts
+    # (-5) and the stacked attention projections (-12)
+    assert len(d) - len(a) == 8 * 3 + 1 + 6 - 1 + 8 + 8 + 4 + 8 - 8 + 13 + 5 + 12
     assert count(d, "aten.clone", "Attention") == 0 and count(a, "aten.clone", "Attention") == 8
     dev = roofline.ROOFLINES["H100"]
     mem = lambda ks: sum(k.bytes for k in ks if k.memory_bound(dev))  # noqa: E731

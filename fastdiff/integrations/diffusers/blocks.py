@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastdiff import ops
+from fastdiff.integrations.diffusers import derived
+from fastdiff.integrations.diffusers.derived import Derived, usable
 from fastdiff.ops import log_once
 
 MAX_HEAD_DIM = 256
@@ -49,9 +51,117 @@ def _gn_args(norm: nn.GroupNorm):
 
 # ---------------------------------------------------------------- ResnetBlock2D
 
-def _resnet_forward(self, input_tensor, temb, *args, **kwargs):
+def _plain_conv(c) -> bool:
+    return type(c) is nn.Conv2d and c.padding_mode == "zeros"
+
+
+class TembBank:
+    """Every patched ResnetBlock2D's time-embedding projection in one model, as one batched
+    matmul per projection shape instead of a SiLU and a matmul in each block.
+
+    Every block of a U-Net gets the same ``temb`` tensor in a forward; the first block to ask
+    for its projection computes them all (``F.silu(temb)`` once, then ``silu @ W`` for each
+    group of same-shaped projections stacked as (G, K, N): SD1.5's 22 blocks make 3 groups) and
+    later blocks take their slice. The projections' biases are not added there: a 'default'
+    block adds the projection to conv1's output before its norm, so the bias joins conv1's
+    (``bias``). SD1.5: 44 kernels per step become 4. Blocks this cannot take (scale_shift
+    time norms, LoRA-wrapped layers, autograd recording through the weights) run their own."""
+
+    def __init__(self, root: nn.Module):
+        self.root = root
+        self.resnets: list = []
+        self._temb = None
+        self._version = -1
+        self._out: dict = {}
+        self._stacks: dict = {}
+        self._biases: dict = {}
+
+    def __getstate__(self):          # (copies compute their own)
+        return {"root": self.root, "resnets": self.resnets}
+
+    def __setstate__(self, state):
+        self.__init__(state["root"])
+        self.resnets = state["resnets"]
+
+    @staticmethod
+    def takes(m) -> bool:
+        lin = m.time_emb_proj
+        return (m.time_embedding_norm == "default" and type(lin) is nn.Linear
+                and _plain_conv(m.conv1)
+                and usable(lin.weight, lin.bias, m.conv1.bias))
+
+    def projection(self, m, temb: torch.Tensor) -> torch.Tensor | None:
+        """``m.time_emb_proj(act(temb))`` without its bias, or None when ``m`` runs its own."""
+        if temb.dim() != 2 or not usable(temb):
+            return None
+        if temb is not self._temb or temb._version != self._version:
+            self._compute(temb)
+        return self._out.get(m)
+
+    def _compute(self, temb):
+        self._temb, self._version, self._out = temb, temb._version, {}
+        groups: dict = {}
+        for m in self.resnets:
+            if self.takes(m):
+                w = m.time_emb_proj.weight
+                if (w.dtype, w.device, w.shape[1]) == (temb.dtype, temb.device, temb.shape[1]):
+                    groups.setdefault((m.skip_time_act, tuple(w.shape)), []).append(m)
+        act = None
+        for (skip, _), members in groups.items():
+            if not skip and act is None:
+                act = F.silu(temb)
+            x = temb if skip else act
+            members = tuple(members)
+            if len(members) == 1:
+                self._out[members[0]] = F.linear(x, members[0].time_emb_proj.weight)
+                continue
+            stack = self._stacks.get(members)
+            if stack is None:
+                stack = self._stacks[members] = derived.register(self.root, Derived(
+                    derived.stack_t, [(r.time_emb_proj, "weight") for r in members]))
+            out = torch.matmul(x, stack.get())            # (G, B, N): each block's is contiguous
+            for i, r in enumerate(members):
+                self._out[r] = out[i]
+
+    def bias(self, m, *layers) -> torch.Tensor | None:
+        """The sum of ``layers``' biases (None when none has one), kept for block ``m``:
+        conv1's and the time projection's, or conv2's and the 1x1 shortcut's."""
+        d = self._biases.get(layers)
+        if d is None:
+            d = self._biases[layers] = derived.register(self.root, Derived(
+                derived.total, [(layer, "bias") for layer in layers]))
+        return d.get() if d.sources() else None
+
+
+def _shortcut_fold(self, bank, h, x) -> torch.Tensor | None:
+    """``conv_shortcut(x) + conv2(h)`` as conv2 (with both biases) and the 1x1 shortcut as a
+    matmul accumulated into its output in place: 2 kernels instead of 3 (conv, conv, add), and
+    the sum never read back (x: the block's input after resampling, the shape of conv2's
+    output but for channels). None when the layers are not plain ones this can take."""
+    sc, c2 = self.conv_shortcut, self.conv2
+    if (type(sc) is not nn.Conv2d or sc.kernel_size != (1, 1) or sc.stride != (1, 1)
+            or sc.padding not in ((0, 0), "valid") or sc.groups != 1 or not _plain_conv(c2)
+            or not usable(c2.bias, sc.bias) or h.dtype != sc.weight.dtype):
+        return None
+    o = F.conv2d(h, c2.weight, bank.bias(self, c2, sc), c2.stride, c2.padding, c2.dilation,
+                 c2.groups)
+    b, co, ci = o.shape[0], o.shape[1], x.shape[1]
+    w = sc.weight.view(co, ci)
+    if o.is_contiguous():
+        # (a strided x, a view, is copied: the shortcut conv would copy it too)
+        o.view(b, co, -1).baddbmm_(w.expand(b, co, ci), x.contiguous().view(b, ci, -1))
+    elif o.is_contiguous(memory_format=torch.channels_last):
+        x = x.contiguous(memory_format=torch.channels_last)
+        o.permute(0, 2, 3, 1).reshape(-1, co).addmm_(x.permute(0, 2, 3, 1).reshape(-1, ci), w.t())
+    else:
+        o += F.conv2d(x, sc.weight)
+    return o
+
+
+def _resnet_forward(self, bank, input_tensor, temb, *args, **kwargs):
     """diffusers' ResnetBlock2D.forward with norm1+SiLU and (temb add)+norm2(+scale-shift)+SiLU
-    fused; the rest (resampling, convs, dropout, shortcut) is the module's own."""
+    fused, the time projection from the model's ``TembBank``, and a 1x1 conv_shortcut folded
+    into conv2's output; the rest (resampling, convs, dropout) is the module's own."""
     orig = type(self).forward
     if (input_tensor.dtype not in DTYPES or (temb is not None and self.time_emb_proj is None)):
         return orig(self, input_tensor, temb, *args, **kwargs)
@@ -64,11 +174,19 @@ def _resnet_forward(self, input_tensor, temb, *args, **kwargs):
     elif self.downsample is not None:
         input_tensor = self.downsample(input_tensor)
         h = self.downsample(h)
-    h = self.conv1(h)
-    if temb is not None:
-        if not self.skip_time_act:
-            temb = self.nonlinearity(temb)
-        temb = self.time_emb_proj(temb)
+    banked = (bank.projection(self, temb) if bank is not None and temb is not None
+              and not self.training else None)
+    if banked is not None:
+        c1 = self.conv1
+        h = F.conv2d(h, c1.weight, bank.bias(self, c1, self.time_emb_proj), c1.stride,
+                     c1.padding, c1.dilation, c1.groups)
+        temb = banked
+    else:
+        h = self.conv1(h)
+        if temb is not None:
+            if not self.skip_time_act:
+                temb = self.nonlinearity(temb)
+            temb = self.time_emb_proj(temb)
     if self.time_embedding_norm == "scale_shift":
         if temb is None:
             raise ValueError("`temb` should not be None when `time_embedding_norm` is scale_shift")
@@ -78,6 +196,11 @@ def _resnet_forward(self, input_tensor, temb, *args, **kwargs):
         pre = temb if self.time_embedding_norm == "default" else None
         h = ops.group_norm_silu(h.contiguous(), *_gn_args(self.norm2), pre_bias=pre)
     h = self.dropout(h)
+    if (self.conv_shortcut is not None and self.output_scale_factor == 1
+            and not self.training):
+        out = _shortcut_fold(self, bank, h, input_tensor)
+        if out is not None:
+            return out
     h = self.conv2(h)
     if self.conv_shortcut is not None:
         if self.training:
@@ -213,6 +336,33 @@ class FastdiffAttnProcessor:
     """
     fused_projections = False        # FastdiffFusedAttnProcessor: q, k, v from to_qkv / to_kv
 
+    def __init__(self, root: nn.Module | None = None):
+        # root: the model whose graph wrappers refresh derived tensors (patch_attention's);
+        # without one, the projections run separately (a replay would not see weight updates)
+        self.root = root
+        self._stacked: dict = {}
+
+    def _stacked_projection(self, x, layers) -> tuple | None:
+        """``[layer(x) for layer in layers]`` as one matmul over their stacked weights (views of
+        its output), or None when the layers are not plain Linears this can take."""
+        if self.root is None or any(type(m) is not nn.Linear for m in layers):
+            return None
+        w0 = layers[0].weight
+        has_bias = layers[0].bias is not None
+        if (any(m.weight.shape[1] != w0.shape[1] or (m.bias is not None) != has_bias
+                for m in layers) or w0.dtype != x.dtype or w0.device != x.device
+                or not usable(*(t for m in layers for t in (m.weight, m.bias)))):
+            return None
+        d = self._stacked.get(layers)
+        if d is None:
+            w = derived.register(self.root, Derived(derived.cat, [(m, "weight") for m in layers]))
+            b = (derived.register(self.root, Derived(derived.cat, [(m, "bias") for m in layers]))
+                 if has_bias else None)
+            d = self._stacked[layers] = (w, b)
+        w, b = d
+        out = F.linear(x, w.get(), b.get() if b is not None else None)
+        return out.split([m.weight.shape[0] for m in layers], dim=-1)
+
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  temb=None, *args, **kwargs):
         residual = hidden_states
@@ -238,6 +388,9 @@ class FastdiffAttnProcessor:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
         if self.fused_projections and encoder_hidden_states is None:
             query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        elif (encoder_hidden_states is None and (stacked := self._stacked_projection(
+                hidden_states, (attn.to_q, attn.to_k, attn.to_v))) is not None):
+            query, key, value = stacked     # self-attention: q, k, v in one matmul
         else:
             query = attn.to_q(hidden_states)
             if encoder_hidden_states is None:
@@ -246,6 +399,9 @@ class FastdiffAttnProcessor:
                 encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
             if self.fused_projections:
                 key, value = attn.to_kv(encoder_hidden_states).chunk(2, dim=-1)
+            elif (stacked := self._stacked_projection(encoder_hidden_states,
+                                                      (attn.to_k, attn.to_v))) is not None:
+                key, value = stacked        # cross-attention: k and v in one matmul
             else:
                 key = attn.to_k(encoder_hidden_states)
                 value = attn.to_v(encoder_hidden_states)
@@ -314,7 +470,7 @@ def patch_attention(root: nn.Module, state) -> tuple[int, list[str]]:
             kept.append(reason)
             continue
         state.processors.append((m, m.processor))
-        m.set_processor(kind())
+        m.set_processor(kind(getattr(root, "_orig_mod", root)))
         n += 1
     return n, kept
 
@@ -330,13 +486,17 @@ def patch_modules(root: nn.Module, state) -> tuple[dict, list[str]]:
 
     counts = dict.fromkeys(COUNTS, 0)
     kept = []
+    base = getattr(root, "_orig_mod", root)          # (under torch.compile: the model itself)
+    bank = TembBank(base)
+    state.patched.append((base, derived.ATTR))       # (restore drops the derived tensors)
     for m in root.modules():
         if isinstance(m, ResnetBlock2D) and "forward" not in m.__dict__:
             reason = _resnet_supported(m)
             if reason:
                 kept.append(reason + ": diffusers' forward kept")
                 continue
-            m.forward = Patched(m, _resnet_forward)
+            m.forward = Patched(m, _resnet_forward, bank)
+            bank.resnets.append(m)
             state.patched.append((m, "forward"))
             counts["resnets"] += 1
         if type(m) is GEGLU and "forward" not in m.__dict__:   # (subclasses may change forward)

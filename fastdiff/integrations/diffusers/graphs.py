@@ -23,6 +23,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from fastdiff import capture
+from fastdiff.integrations.diffusers import derived
 from fastdiff.ops import log_once
 
 
@@ -50,13 +51,17 @@ class GraphedUNet:
         self._defaults = {p.name: p.default for p in params
                           if p.default is not p.empty and p.kind != p.VAR_KEYWORD}
         self._bindings: dict = {}
-        self.graphs = capture.GraphCache(self._weights, max_graphs, warmup, "U-Net CUDA graphs")
+        self.graphs = capture.GraphCache(self._weights, max_graphs, warmup, "U-Net CUDA graphs",
+                                         refresh=self._refresh)
         self._weights_held = False
         # a timestep given as a Python number becomes the tensor the model itself would make
         self._int_timesteps = type(unet).__name__ == "UNet2DModel"
 
     def _weights(self):
         return itertools.chain(self.unet.parameters(), self.unet.buffers())
+
+    def _refresh(self):
+        derived.refresh_all(self.unet)
 
     def __reduce__(self):
         return type(self), (self.unet, self.graphs.max_graphs, self.graphs.warmup)

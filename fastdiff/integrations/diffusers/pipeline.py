@@ -30,7 +30,7 @@ from fastdiff import schedules
 from fastdiff.engine import SamplingEngine
 from fastdiff.ops import logger
 
-from . import blocks, schedulers
+from . import blocks, derived, schedulers
 from .graphs import GraphedUNet
 
 STATE_ATTR = "_fastdiff_accelerated"
@@ -311,7 +311,9 @@ def engine_for(unet, *, cuda_graphs: bool = True) -> SamplingEngine:
     if eng is None or eng.cuda_graphs != cuda_graphs:
         ref = weakref.ref(unet)
         eng = SamplingEngine(_UNetFn(unet), cuda_graphs=cuda_graphs,
-                             parameters=lambda: list(ref().parameters()))
+                             parameters=lambda: list(ref().parameters()),
+                             refresh=lambda: derived.refresh_all(getattr(ref(), "_orig_mod",
+                                                                         ref())))
         _ENGINES[unet] = eng
     return eng
 

@@ -1,0 +1,147 @@
+"""accelerate's fusions over derived weights (fastdiff/integrations/diffusers/derived.py) follow
+the model's weights: in-place updates (load_state_dict, LoRA fusion) and parameters replaced by
+new tensors, eagerly and under the U-Net's CUDA graphs (simulated: a real replay runs no
+Python, so the wrapper must make stale derived tensors again before it replays).
+
+The fusions: every ResnetBlock2D's time projection in one batched matmul per width, its bias
+summed into conv1's; a 1x1 conv_shortcut accumulated into conv2's output, the two biases
+summed; self-attention's q, k, v and cross-attention's k, v each one matmul over stacked
+weights.
+"""
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+import fastdiff  # noqa: E402
+from fastdiff import capture  # noqa: E402
+from fastdiff.integrations import diffusers as acc  # noqa: E402
+from fastdiff.integrations.diffusers import derived, zoo  # noqa: E402
+
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+@pytest.fixture
+def sim(monkeypatch):
+    monkeypatch.setattr(capture, "SIMULATE", True)
+
+
+# 'sim': CPU with the graph simulation; 'cuda': real CUDA graphs (GPU only)
+@pytest.fixture(params=["sim", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    not HAS_CUDA, reason="needs a CUDA GPU")])])
+def dev(request, monkeypatch):
+    if request.param == "sim":
+        monkeypatch.setattr(capture, "SIMULATE", True)
+        return "cpu"
+    return "cuda"
+
+
+def _unet(dev="cpu"):
+    torch.manual_seed(0)
+    return zoo.build_unet("sd15", width=0.1, sample_size=16, layers_per_block=1).to(dev)
+
+
+def _inputs(dev="cpu"):
+    g = torch.Generator().manual_seed(1)
+    return (torch.randn(2, 4, 16, 16, generator=g).to(dev), torch.tensor([10, 500]).to(dev),
+            torch.randn(2, 77, 768, generator=g).to(dev))
+
+
+def _shortcut_block(u):
+    return next(m for m in u.modules() if type(m).__name__ == "ResnetBlock2D"
+                and m.conv_shortcut is not None)
+
+
+def _block(u):
+    return next(m for m in u.modules() if type(m).__name__ == "BasicTransformerBlock")
+
+
+# (what, the module holding the parameter, its name)
+EDITS = [
+    # (not at the 32-channel level: with 32 groups each channel is normalized on its own, and
+    # a per-channel time embedding cancels)
+    ("time projection weight", lambda u: u.down_blocks[1].resnets[0].time_emb_proj, "weight"),
+    ("time projection bias", lambda u: u.up_blocks[2].resnets[0].time_emb_proj, "bias"),
+    ("conv1 bias", lambda u: u.mid_block.resnets[0].conv1, "bias"),
+    ("shortcut bias", lambda u: _shortcut_block(u).conv_shortcut, "bias"),
+    ("conv2 bias of a shortcut block", lambda u: _shortcut_block(u).conv2, "bias"),
+    ("self-attention k", lambda u: _block(u).attn1.to_k, "weight"),
+    ("cross-attention v", lambda u: _block(u).attn2.to_v, "weight"),
+]
+
+
+def _close(out, ref, rtol=None):
+    # (CUDA: cuDNN convolutions run fp32 in TF32 by default, matmuls do not)
+    rtol = rtol or (2e-3 if out.is_cuda else 1e-4)
+    err = (out - ref).abs().max().item()
+    assert err <= rtol * max(1.0, ref.abs().max().item()), f"max error {err:.3g}"
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
+@pytest.mark.parametrize("what,owner,name", EDITS, ids=[e[0] for e in EDITS])
+def test_fused_paths_follow_weight_updates(dev, what, owner, name, graphs):
+    stock = _unet(dev)
+    fast = fastdiff.accelerate(copy.deepcopy(stock), cuda_graphs=graphs)
+    args = _inputs(dev)
+    with torch.no_grad():
+        before = stock(*args).sample
+        _close(fast(*args).sample, before)
+        new = torch.randn(getattr(owner(stock), name).shape,
+                          generator=torch.Generator().manual_seed(2)).to(dev)
+        for m in (stock, fast):                               # in place
+            getattr(owner(m), name).copy_(new)
+        ref = stock(*args).sample
+        assert not torch.allclose(ref, before, atol=1e-3)     # the edit shows in the output
+        _close(fast(*args).sample, ref)
+        for m in (stock, fast):                               # a new tensor
+            setattr(owner(m), name, torch.nn.Parameter(getattr(owner(m), name) * -2.0))
+        _close(fast(*args).sample, stock(*args).sample)
+    if graphs:
+        assert fast.forward.captures >= 1 and fast.forward.replays >= 1
+
+
+def test_a_replay_with_a_stale_derived_weight_is_refused(sim, monkeypatch):
+    """Without the refresh before a replay, a GPU would replay the old stacked weights: the
+    simulated replay raises instead."""
+    monkeypatch.setattr(acc.GraphedUNet, "_refresh", lambda self: None)
+    fast = fastdiff.accelerate(_unet())
+    args = _inputs()
+    with torch.no_grad():
+        fast(*args)
+        _block(fast).attn1.to_k.weight.mul_(2.0)
+        with pytest.raises(capture.CaptureError, match="stale during a graph replay"):
+            fast(*args)
+
+
+def test_the_fusions_are_taken_and_restore_drops_them():
+    unet = fastdiff.accelerate(_unet(), cuda_graphs=False)
+    with torch.no_grad():
+        unet(*_inputs())
+    made = unet.__dict__[derived.ATTR]
+    # the time projections stacked per width (32, 64, 128 at width 0.1); summed biases (conv1
+    # + time projection per resnet, conv2 + shortcut per 1x1 shortcut); per transformer block
+    # the self-attention's q/k/v and the cross-attention's k/v stacked
+    blocks = sum(type(m).__name__ == "BasicTransformerBlock" for m in unet.modules())
+    assert sum(d.make is derived.stack_t for d in made) == 3
+    assert sum(d.make is derived.total for d in made) > 0
+    assert sum(d.make is derived.cat for d in made) == 2 * blocks
+    assert all(d.value is not None for d in made)
+    fastdiff.restore(unet)
+    assert derived.ATTR not in unet.__dict__
+
+
+def test_autograd_through_the_weights_takes_the_unfused_paths():
+    """Derived tensors are made without autograd: with gradients recorded through the weights
+    the blocks run their own layers, and every weight gets its stock gradient."""
+    stock = _unet()
+    fast = fastdiff.accelerate(copy.deepcopy(stock), cuda_graphs=False)
+    args = _inputs()
+    for m in (stock, fast):
+        m(*args).sample.square().mean().backward()
+    for (n, p), q in zip(stock.named_parameters(), fast.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-5, msg=n)
+    assert derived.ATTR not in fast.__dict__ or all(d.value is None
+                                                    for d in fast.__dict__[derived.ATTR])
