@@ -203,6 +203,9 @@ def test_accelerate_patches_counts_idempotent_and_restore(sd_unet):
     from diffusers.models.attention import BasicTransformerBlock
     assert counts["transformer_blocks"] == sum(type(m) is BasicTransformerBlock
                                                for m in sd_unet.modules()) > 0
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+    assert counts["transformers"] == sum(type(m) is Transformer2DModel
+                                         for m in sd_unet.modules()) > 0
     assert all(isinstance(p, acc.FastdiffAttnProcessor) for p in sd_unet.attn_processors.values())
     fastdiff.accelerate(pipe)                      # twice: nothing more is patched
     assert pipe.__dict__[acc.STATE_ATTR].counts["resnets"] == counts["resnets"]
@@ -213,7 +216,9 @@ def test_accelerate_patches_counts_idempotent_and_restore(sd_unet):
     assert type(pipe) is cls
     assert {n: type(p) for n, p in sd_unet.attn_processors.items()} == procs
     assert "step" not in pipe.scheduler.__dict__
-    assert not any("forward" in m.__dict__ for m in sd_unet.modules())
+    assert not any("forward" in m.__dict__ or "_get_output_for_continuous_inputs" in m.__dict__
+                   for m in sd_unet.modules())
+    assert acc.derived.ATTR not in sd_unet.__dict__
     fastdiff.restore(pipe)                         # restoring twice is harmless
 
 
@@ -319,6 +324,42 @@ def test_transformer_block_patched_equals_stock(dtype, kind):
     block.float()
     block(x, encoder_hidden_states=None if ctx is None else ctx.float()).sum().backward()
     assert x.grad is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("linear", [False, True], ids=["conv-proj", "linear-proj"])
+def test_transformer_output_patched_equals_stock(dtype, linear):
+    """A patched Transformer2DModel (proj_out on the tokens, the residual add reading them
+    through a permuted view) equals diffusers' forward, with a contiguous NCHW output and no
+    copy of the tokens."""
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    torch.manual_seed(0)
+    t2d = Transformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=16,
+                             norm_num_groups=4, cross_attention_dim=12,
+                             use_linear_projection=linear).to(dtype).eval()
+    for p in t2d.parameters():
+        p.data += 0.1 * torch.randn_like(p)
+    x = torch.randn(2, 16, 3, 5, dtype=dtype)
+    ctx = torch.randn(2, 4, 12, dtype=dtype)
+    with torch.no_grad():
+        ref = t2d(x, encoder_hidden_states=ctx, return_dict=False)[0]
+        eager = []
+        with _recording_ops(eager):
+            t2d(x, encoder_hidden_states=ctx, return_dict=False)
+    counts, _ = acc.blocks.patch_modules(t2d, acc.pipeline._State())
+    assert counts["transformers"] == 1
+    ran = []
+    with torch.no_grad(), _recording_ops(ran):
+        out = t2d(x, encoder_hidden_states=ctx, return_dict=False)[0]
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+    assert out.is_contiguous()
+    # after proj_out (the last addmm): the add, reading the tokens through a view; eager
+    # copies the tokens to NCHW (a clone) before its proj_out
+    tail = ran[len(ran) - 1 - ran[::-1].index("aten.addmm"):]
+    assert "aten.clone" not in tail and tail[-1] == "aten.add"
+    assert "aten.clone" in eager[len(eager) - 1 - eager[::-1].index("aten.permute"):]
 
 
 def _recording_ops(ran):

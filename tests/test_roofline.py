@@ -29,7 +29,10 @@ By hand:
                     the 5 shortcut convs and their residual adds -> a matmul accumulated
                     into conv2's output (-5);
                     q, k, v of each self-attention in one matmul (-2 x 4), k and v of each
-                    cross-attention in one (-1 x 4)
+                    cross-attention in one (-1 x 4);
+                    each transformer's output: its (B, HW, C) tokens copied to NCHW, the 1x1
+                    proj_out conv and the residual add -> proj_out as a Linear on the tokens
+                    and the add reading them through a permuted view (-1 x 4)
   attention output  SDPA writes (B, L, H, D) (flash, as CUDA runs it), so the processor's
                     transpose back to (B, L, H*D) is a view; fastdiff.attention's output is
                     contiguous (B, H, L, D): one copy each (+8), with attention="fastdiff"
@@ -133,7 +136,10 @@ def test_accelerate_fuses_norms_attention_and_the_step(steps):
     assert count(a, "aten.bmm", "ResnetBlock2D") == 2
     assert count(a, "aten.addmm", "ResnetBlock2D") == 0
     # the 5 1x1 shortcuts accumulate into conv2's output: no conv, no add
-    assert count(a, "aten.convolution") == 33 - 5
+    # ... and the transformers' proj_out runs as a Linear on the tokens (no copy to NCHW)
+    assert count(a, "aten.convolution") == 33 - 5 - 4
+    assert count(d, "aten.clone", "Transformer2DModel") == 4
+    assert count(a, "aten.clone", "Transformer2DModel") == 0
     assert count(a, "aten.baddbmm_", "ResnetBlock2D") == 5
     assert count(d, "aten.add", "ResnetBlock2D") == 8 + 8      # residuals, time embeddings
     assert count(a, "aten.add", "ResnetBlock2D") == 8 - 5
@@ -170,8 +176,8 @@ def test_accelerate_fuses_norms_attention_and_the_step(steps):
     # and each block copies its strided input once, as eager's norm1 does; the op's attention
     # output is contiguous (B, H, L, D), so its transpose back to (B, L, H*D) is a copy where
     # SDPA's (B, L, H, D) output is a view (-8); the time projections (-13), the shortcuts
-    # (-5) and the stacked attention projections (-12)
-    assert len(d) - len(a) == 8 * 3 + 1 + 6 - 1 + 8 + 8 + 4 + 8 - 8 + 13 + 5 + 12
+    # (-5), the stacked attention projections (-12) and the transformers' output copies (-4)
+    assert len(d) - len(a) == 8 * 3 + 1 + 6 - 1 + 8 + 8 + 4 + 8 - 8 + 13 + 5 + 12 + 4
     assert count(d, "aten.clone", "Attention") == 0 and count(a, "aten.clone", "Attention") == 8
     dev = roofline.ROOFLINES["H100"]
     mem = lambda ks: sum(k.bytes for k in ks if k.memory_bound(dev))  # noqa: E731

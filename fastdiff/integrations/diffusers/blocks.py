@@ -29,7 +29,7 @@ from fastdiff.ops import log_once
 
 MAX_HEAD_DIM = 256
 # What patch_modules counts, per component (accelerate's report).
-COUNTS = ("resnets", "attention", "norm_out", "geglu", "transformer_blocks")
+COUNTS = ("resnets", "attention", "norm_out", "geglu", "transformer_blocks", "transformers")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -291,6 +291,34 @@ def _transformer_block_forward(self, hidden_states, attention_mask=None,
     return self.ff(norm_hidden_states) + hidden_states
 
 
+# ---------------------------------------------------------------- Transformer2DModel
+
+def _is_pointwise(c) -> bool:
+    """A plain 1x1 convolution: a matmul over channels."""
+    return (_plain_conv(c) and c.kernel_size == (1, 1) and c.stride == (1, 1)
+            and c.padding in ((0, 0), "valid") and c.groups == 1)
+
+
+def _transformer_output(self, hidden_states, residual, batch_size, height, width, inner_dim):
+    """Transformer2DModel's output for image inputs: ``proj_out`` and the residual add, without
+    the copy diffusers makes of the (B, HW, C) tokens into an NCHW tensor. A 1x1 conv proj_out
+    runs as a Linear on the tokens; the add reads its (B, HW, C) output through a permuted view
+    and writes the residual's layout: proj_out + add (2 kernels) instead of copy, proj_out,
+    add."""
+    fn = type(self)._get_output_for_continuous_inputs
+    p = self.proj_out
+    if hidden_states.dim() != 3 or residual.dim() != 4:
+        return fn(self, hidden_states, residual, batch_size, height, width, inner_dim)
+    if self.use_linear_projection:
+        h = p(hidden_states)
+    elif _is_pointwise(p) and p.weight.dtype == hidden_states.dtype:
+        h = F.linear(hidden_states, p.weight.view(p.out_channels, -1), p.bias)
+    else:
+        return fn(self, hidden_states, residual, batch_size, height, width, inner_dim)
+    # (residual first: the sum takes its memory layout, not the permuted view's)
+    return residual + h.view(batch_size, height, width, -1).permute(0, 3, 1, 2)
+
+
 # ---------------------------------------------------------------- attention
 
 ATTENTION_BACKENDS = ("auto", "fastdiff", "sdpa")
@@ -483,6 +511,7 @@ def patch_modules(root: nn.Module, state) -> tuple[dict, list[str]]:
     from diffusers.models.activations import GEGLU
     from diffusers.models.attention import BasicTransformerBlock
     from diffusers.models.resnet import ResnetBlock2D
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
     counts = dict.fromkeys(COUNTS, 0)
     kept = []
@@ -503,6 +532,11 @@ def patch_modules(root: nn.Module, state) -> tuple[dict, list[str]]:
             m.forward = Patched(m, _geglu_forward)
             state.patched.append((m, "forward"))
             counts["geglu"] += 1
+        if (type(m) is Transformer2DModel and m.is_input_continuous
+                and "_get_output_for_continuous_inputs" not in m.__dict__):
+            m._get_output_for_continuous_inputs = Patched(m, _transformer_output)
+            state.patched.append((m, "_get_output_for_continuous_inputs"))
+            counts["transformers"] += 1
         if type(m) is BasicTransformerBlock and "forward" not in m.__dict__:
             m.forward = Patched(m, _transformer_block_forward)
             state.patched.append((m, "forward"))
