@@ -16,6 +16,7 @@ By hand:
   attention         4 transformers x (self + cross) = 8, one fused kernel each
   LayerNorms        4 transformers x 3 = 12
   concatenations    4 skips + 2 in the sinusoidal time embedding + the pipeline's [x; x] = 7
+  time embedding    arange, mul, div, exp, cast, mul, mul (by scale 1), sin, cos, 2 cat = 11
   SiLU (eager)      resnets 2 x 8 on features + 8 on the time embedding + 1 in the time MLP
                     + conv_act 1 = 26; accelerate fuses 2 per resnet and conv_act: 9 remain
   accelerate        -3 per resnet (2 SiLU, the time-embedding add) - conv_act 1
@@ -32,7 +33,9 @@ By hand:
                     cross-attention in one (-1 x 4);
                     each transformer's output: its (B, HW, C) tokens copied to NCHW, the 1x1
                     proj_out conv and the residual add -> proj_out as a Linear on the tokens
-                    and the add reading them through a permuted view (-1 x 4)
+                    and the add reading them through a permuted view (-1 x 4);
+                    the sinusoidal time embedding: arange, mul, div, exp (the frequencies,
+                    made once), cast, 2 mul, sin, cos, 2 cat -> mul, sin, cos (-8)
   attention output  SDPA writes (B, L, H, D) (flash, as CUDA runs it), so the processor's
                     transpose back to (B, L, H*D) is a view; fastdiff.attention's output is
                     contiguous (B, H, L, D): one copy each (+8), with attention="fastdiff"
@@ -176,8 +179,11 @@ def test_accelerate_fuses_norms_attention_and_the_step(steps):
     # and each block copies its strided input once, as eager's norm1 does; the op's attention
     # output is contiguous (B, H, L, D), so its transpose back to (B, L, H*D) is a copy where
     # SDPA's (B, L, H, D) output is a view (-8); the time projections (-13), the shortcuts
-    # (-5), the stacked attention projections (-12) and the transformers' output copies (-4)
-    assert len(d) - len(a) == 8 * 3 + 1 + 6 - 1 + 8 + 8 + 4 + 8 - 8 + 13 + 5 + 12 + 4
+    # (-5), the stacked attention projections (-12), the transformers' output copies (-4) and
+    # the time embedding's frequencies and concatenations (-8)
+    assert count(d, "", "Timesteps") == 0 and len([k for k in d if k.where == "Timesteps"]) == 11
+    assert [k.op for k in a if k.where == "Timesteps"] == ["aten.mul", "aten.sin", "aten.cos"]
+    assert len(d) - len(a) == 8 * 3 + 1 + 6 - 1 + 8 + 8 + 4 + 8 - 8 + 13 + 5 + 12 + 4 + 8
     assert count(d, "aten.clone", "Attention") == 0 and count(a, "aten.clone", "Attention") == 8
     dev = roofline.ROOFLINES["H100"]
     mem = lambda ks: sum(k.bytes for k in ks if k.memory_bound(dev))  # noqa: E731

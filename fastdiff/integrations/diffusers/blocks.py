@@ -16,6 +16,7 @@ training, LoRA and gradient checkpointing run on them too.
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -29,7 +30,8 @@ from fastdiff.ops import log_once
 
 MAX_HEAD_DIM = 256
 # What patch_modules counts, per component (accelerate's report).
-COUNTS = ("resnets", "attention", "norm_out", "geglu", "transformer_blocks", "transformers")
+COUNTS = ("resnets", "attention", "norm_out", "geglu", "transformer_blocks", "transformers",
+          "timesteps")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -291,6 +293,38 @@ def _transformer_block_forward(self, hidden_states, attention_mask=None,
     return self.ff(norm_hidden_states) + hidden_states
 
 
+# ---------------------------------------------------------------- Timesteps
+
+def _timesteps_forward(self, freqs: dict, timesteps):
+    """diffusers' Timesteps (its get_timestep_embedding) in 3 kernels instead of 11, with the
+    same values: the frequencies (arange, mul, div, exp: the same at every step) made once per
+    device, then ``t * freqs``, and the sine and cosine written into their halves of the output
+    (no concatenations, no flip)."""
+    if (timesteps.dim() != 1 or self.num_channels < 2 or torch.compiler.is_compiling()
+            or (timesteps.requires_grad and torch.is_grad_enabled())):
+        return type(self).forward(self, timesteps)
+    half = self.num_channels // 2
+    key = (timesteps.device, half, self.downscale_freq_shift)
+    f = freqs.get(key)
+    if f is None:          # as get_timestep_embedding computes them (max_period 10000)
+        exponent = -math.log(10000) * torch.arange(0, half, dtype=torch.float32,
+                                                   device=timesteps.device)
+        f = freqs[key] = torch.exp(exponent / (half - self.downscale_freq_shift))
+    if timesteps.dtype == torch.float64:
+        timesteps = timesteps.float()    # (integers and halves are converted inside the mul)
+    emb = timesteps[:, None] * f          # float32: = timesteps[:, None].float() * f
+    if self.scale != 1:
+        emb = self.scale * emb
+    out = torch.empty(timesteps.shape[0], self.num_channels, dtype=torch.float32,
+                      device=timesteps.device)
+    sin_at, cos_at = (half, 0) if self.flip_sin_to_cos else (0, half)
+    torch.sin(emb, out=out[:, sin_at:sin_at + half])
+    torch.cos(emb, out=out[:, cos_at:cos_at + half])
+    if self.num_channels % 2:
+        out[:, -1:].zero_()
+    return out
+
+
 # ---------------------------------------------------------------- Transformer2DModel
 
 def _is_pointwise(c) -> bool:
@@ -510,6 +544,7 @@ def patch_modules(root: nn.Module, state) -> tuple[dict, list[str]]:
     Returns the counts and the reasons for what was left alone."""
     from diffusers.models.activations import GEGLU
     from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.embeddings import Timesteps
     from diffusers.models.resnet import ResnetBlock2D
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
@@ -532,6 +567,10 @@ def patch_modules(root: nn.Module, state) -> tuple[dict, list[str]]:
             m.forward = Patched(m, _geglu_forward)
             state.patched.append((m, "forward"))
             counts["geglu"] += 1
+        if type(m) is Timesteps and "forward" not in m.__dict__:
+            m.forward = Patched(m, _timesteps_forward, {})
+            state.patched.append((m, "forward"))
+            counts["timesteps"] += 1
         if (type(m) is Transformer2DModel and m.is_input_continuous
                 and "_get_output_for_continuous_inputs" not in m.__dict__):
             m._get_output_for_continuous_inputs = Patched(m, _transformer_output)

@@ -62,7 +62,8 @@ class Report:
             lines.append(f"  {name}: {c['resnets']} ResnetBlock2D, {c['attention']} attention "
                          f"processors, {c['norm_out']} norm-out pairs, {c['geglu']} GEGLU, "
                          f"{c['transformer_blocks']} transformer blocks, "
-                         f"{c['transformers']} Transformer2DModel outputs on the fused ops")
+                         f"{c['transformers']} Transformer2DModel outputs, "
+                         f"{c['timesteps']} timestep embeddings on the fused ops")
         if any(c.get("attention") for c in self.components.values()):
             lines.append(f"  attention product: {blocks.attention_policy()}")
         lines.append(f"  scheduler: {self.scheduler}")
