@@ -439,6 +439,9 @@ def _record(unet, spec: dict, batch: int, dtype) -> dict[str, list[Kernel]]:
 
     rec = Recorder(dtype)
     step = engine_step(rec, unet, _scheduler(spec["scheduler"]), latents, cond, guided)
+    with torch.no_grad():
+        step()         # (the warm-up before a capture: what derives from the inputs is made)
+    rec.kernels.clear()
     with recording(rec):
         step()
     result["engine"] = rec.kernels

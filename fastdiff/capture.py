@@ -273,6 +273,8 @@ class GraphCache:
         warm_up(body, self.warmup)
         if reset is not None:
             reset()
+        if self.refresh is not None:   # (what derives from the reset buffers: not in the graph)
+            self.refresh()
         graph, out = capture(body, self.pool, generator)
         entry = self.entries[key] = Captured(graph, out, state)
         self.captures += 1

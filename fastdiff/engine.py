@@ -193,6 +193,8 @@ class SamplingEngine:
         self.graphs.check_weights()                    # once per call: graphs read them in place
         graph = self.graphs.get(key, build, gen if gen is self._gen else None)
         graph.state.load(x, table, cond, timestep_dtype)
+        if self.graphs.refresh is not None:
+            self.graphs.refresh()                      # what derives from the new inputs
         if generator is not None:
             gen.manual_seed(int(torch.randint(0, 2 ** 62, (1,), generator=generator,
                                               device=generator.device)))

@@ -124,11 +124,15 @@ def test_the_fusions_are_taken_and_restore_drops_them():
     # the time projections stacked per width (32, 64, 128 at width 0.1); summed biases (conv1
     # + time projection per resnet, conv2 + shortcut per 1x1 shortcut); per transformer block
     # the self-attention's q/k/v and the cross-attention's k/v stacked
+    # and the cross-attention's keys and values of the context, per context tensor
     blocks = sum(type(m).__name__ == "BasicTransformerBlock" for m in unet.modules())
+    per_input = [d for d in made if isinstance(d, derived.PerInput)]
+    made = [d for d in made if isinstance(d, derived.Derived)]
     assert sum(d.make is derived.stack_t for d in made) == 3
     assert sum(d.make is derived.total for d in made) > 0
     assert sum(d.make is derived.cat for d in made) == 2 * blocks
     assert all(d.value is not None for d in made)
+    assert len(per_input) == blocks and all(d._eager.value is not None for d in per_input)
     fastdiff.restore(unet)
     assert derived.ATTR not in unet.__dict__
 
@@ -143,5 +147,60 @@ def test_autograd_through_the_weights_takes_the_unfused_paths():
         m(*args).sample.square().mean().backward()
     for (n, p), q in zip(stock.named_parameters(), fast.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-5, msg=n)
-    assert derived.ATTR not in fast.__dict__ or all(d.value is None
-                                                    for d in fast.__dict__[derived.ATTR])
+    assert derived.ATTR not in fast.__dict__
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
+def test_context_keys_and_values_follow_the_context(dev, graphs):
+    """Cross-attention's keys and values are made once per context tensor: again for a new
+    tensor, and for the same tensor updated in place; under graphs the wrapper copies an
+    unchanged context into its static buffer only once."""
+    stock = _unet(dev)
+    fast = fastdiff.accelerate(copy.deepcopy(stock), cuda_graphs=graphs)
+    x, t, ctx = _inputs(dev)
+    ctx2 = torch.randn(ctx.shape, generator=torch.Generator().manual_seed(3)).to(dev)
+    with torch.no_grad():
+        for c in (ctx, ctx, ctx2, ctx2):
+            _close(fast(x, t, c).sample, stock(x, t, c).sample)
+        ctx2.mul_(-1.5)                                       # the same tensor, new values
+        _close(fast(x, t, ctx2).sample, stock(x, t, ctx2).sample)
+        with torch.inference_mode():                          # no version counter: made anew
+            xi, ti, ci = (a.clone() for a in (x, t, ctx))
+            _close(fast(xi, ti, ci).sample, stock(xi, ti, ci).sample)
+    if graphs:
+        entry = next(iter(fast.forward.graphs.entries.values()))
+        static = entry.state[0]
+        buf = next(b for b in static if isinstance(b, torch.Tensor) and b.shape == ctx.shape)
+        with torch.no_grad():
+            fast(x, t, ctx2)                                  # copied in (after other inputs)
+            v = buf._version
+            _close(fast(x, t, ctx2).sample, stock(x, t, ctx2).sample)
+        assert buf._version == v                              # unchanged: not copied again
+
+
+def test_an_eager_pipeline_projects_the_context_once_per_call(monkeypatch):
+    diffusers = pytest.importorskip("diffusers")
+    calls = []
+    real = derived.linear
+
+    def counting(*ts):
+        calls.append(ts[-1].shape)
+        return real(*ts)
+
+    monkeypatch.setattr(derived, "linear", counting)
+    unet = _unet()
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=None, text_encoder=None, tokenizer=None, unet=unet,
+        scheduler=zoo.build_scheduler("sd15", "DDIMScheduler"), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(0)
+    kw = dict(prompt_embeds=torch.randn(1, 77, 768, generator=g),
+              negative_prompt_embeds=torch.randn(1, 77, 768, generator=g), height=128,
+              width=128, num_inference_steps=4, output_type="latent")
+    ref = pipe(**kw, generator=torch.Generator().manual_seed(1)).images
+    fastdiff.accelerate(pipe, cuda_graphs=False)
+    out = pipe(**kw, generator=torch.Generator().manual_seed(1)).images
+    _close(out, ref)
+    blocks = sum(type(m).__name__ == "BasicTransformerBlock" for m in unet.modules())
+    assert len(calls) == blocks                               # 4 steps, one projection each

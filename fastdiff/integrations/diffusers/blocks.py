@@ -96,12 +96,12 @@ class TembBank:
         """``m.time_emb_proj(act(temb))`` without its bias, or None when ``m`` runs its own."""
         if temb.dim() != 2 or not usable(temb):
             return None
-        if temb is not self._temb or temb._version != self._version:
+        if temb is not self._temb or derived.version(temb) != self._version:
             self._compute(temb)
         return self._out.get(m)
 
     def _compute(self, temb):
-        self._temb, self._version, self._out = temb, temb._version, {}
+        self._temb, self._version, self._out = temb, derived.version(temb), {}
         groups: dict = {}
         for m in self.resnets:
             if self.takes(m):
@@ -402,11 +402,11 @@ class FastdiffAttnProcessor:
         # root: the model whose graph wrappers refresh derived tensors (patch_attention's);
         # without one, the projections run separately (a replay would not see weight updates)
         self.root = root
-        self._stacked: dict = {}
+        self._derived: dict = {}
 
-    def _stacked_projection(self, x, layers) -> tuple | None:
-        """``[layer(x) for layer in layers]`` as one matmul over their stacked weights (views of
-        its output), or None when the layers are not plain Linears this can take."""
+    def _stacked(self, x, layers):
+        """The (weight, bias) Deriveds of ``layers`` stacked, or None when they are not plain
+        Linears over x this can take."""
         if self.root is None or any(type(m) is not nn.Linear for m in layers):
             return None
         w0 = layers[0].weight
@@ -415,15 +415,38 @@ class FastdiffAttnProcessor:
                 for m in layers) or w0.dtype != x.dtype or w0.device != x.device
                 or not usable(*(t for m in layers for t in (m.weight, m.bias)))):
             return None
-        d = self._stacked.get(layers)
+        d = self._derived.get(layers)
         if d is None:
             w = derived.register(self.root, Derived(derived.cat, [(m, "weight") for m in layers]))
             b = (derived.register(self.root, Derived(derived.cat, [(m, "bias") for m in layers]))
                  if has_bias else None)
-            d = self._stacked[layers] = (w, b)
+            d = self._derived[layers] = (w, b)
+        return d
+
+    def _stacked_projection(self, x, layers) -> tuple | None:
+        """``[layer(x) for layer in layers]`` as one matmul over their stacked weights (views of
+        its output), or None when the layers are not plain Linears this can take."""
+        d = self._stacked(x, layers)
+        if d is None:
+            return None
         w, b = d
         out = F.linear(x, w.get(), b.get() if b is not None else None)
         return out.split([m.weight.shape[0] for m in layers], dim=-1)
+
+    def _context_projection(self, x, layers) -> tuple | None:
+        """The same for a cross-attention's keys and values, kept per context tensor
+        (``derived.PerInput``): a pipeline passes one context to every step of a call."""
+        d = self._stacked(x, layers)
+        if d is None or x.requires_grad:
+            return None
+        key = ("context", layers)
+        per = self._derived.get(key)
+        if per is None:
+            w, b = d
+            refs = [(w, "value")] + ([(b, "value")] if b is not None else [])
+            per = self._derived[key] = derived.register(
+                self.root, derived.PerInput(derived.linear, refs, [w] + ([b] if b else [])))
+        return per.get(x).split([m.weight.shape[0] for m in layers], dim=-1)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  temb=None, *args, **kwargs):
@@ -461,9 +484,9 @@ class FastdiffAttnProcessor:
                 encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
             if self.fused_projections:
                 key, value = attn.to_kv(encoder_hidden_states).chunk(2, dim=-1)
-            elif (stacked := self._stacked_projection(encoder_hidden_states,
+            elif (stacked := self._context_projection(encoder_hidden_states,
                                                       (attn.to_k, attn.to_v))) is not None:
-                key, value = stacked        # cross-attention: k and v in one matmul
+                key, value = stacked        # cross-attention: k and v, once per context
             else:
                 key = attn.to_k(encoder_hidden_states)
                 value = attn.to_v(encoder_hidden_states)

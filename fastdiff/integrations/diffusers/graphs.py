@@ -166,13 +166,19 @@ class GraphedUNet:
             def body():
                 return self._forward(unet, **inputs, return_dict=False)[0]
 
-            return (static, out_type), body, None
+            return (static, out_type, [None] * len(static)), body, None
 
         entry = self.graphs.get(key, build)
-        static, out_type = entry.state
-        for buf, x in zip(static, leaves):
+        static, out_type, seen = entry.state
+        for i, (buf, x) in enumerate(zip(static, leaves)):
             if isinstance(x, torch.Tensor):
-                buf.copy_(x)
+                # an argument that is the tensor copied in last time, unchanged since (the
+                # prompt's context, in every step of a pipeline call), is not copied again
+                v = derived.version(x)
+                if v is None or seen[i] is None or seen[i][0] is not x or seen[i][1] != v:
+                    buf.copy_(x)
+                    seen[i] = (x, v) if v is not None else None
+        derived.refresh_all(unet, inputs_only=True)     # what derives from the new inputs
         entry.replay()
         self.graphs.replays += 1
         out = entry.out.clone()
