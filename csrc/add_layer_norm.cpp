@@ -108,8 +108,8 @@ void sums(const float* v, int64_t n, float shift, double* s1, double* s2) {
   *s2 = t2;
 }
 
-// One row of C elements. hf: C floats of scratch (unused for float rows without nb, whose h is
-// read back instead); w, b, nb: C floats or nullptr. h receives h + nb when nb is given.
+// One row of C elements. hf: C floats of scratch (unused for float rows, whose h is read back
+// instead); w, b, nb: C floats or nullptr. h receives h + nb when nb is given.
 template <typename T>
 void row(const T* x, const T* r, T* h, T* y, int64_t C, const float* w, const float* b,
          const float* nb, float eps, float* hf) {
@@ -122,15 +122,13 @@ void row(const T* x, const T* r, T* h, T* y, int64_t C, const float* w, const fl
   const float* hv;  // h as float
   if constexpr (std::is_same_v<T, float>) {
     // One sweep: the sum, stored, and both statistics sums; the row stays in L1 for the next.
-    // With nb, h gets h + nb, so the sum itself is kept in the scratch for the y pass.
-    float* hs = nb ? hf : h;
+    // (nb is added in the y sweep, where h is read for the last time: no scratch.)
     const Vec sv(shift);
     Vec a1(0.f), a2(0.f);
     int64_t i = 0;
     for (; i + kW <= C; i += kW) {
       const Vec v = Vec::loadu(x + i) + Vec::loadu(r + i);
-      v.store(hs + i);
-      if (nb) (v + Vec::loadu(nb + i)).store(h + i);
+      v.store(h + i);
       const Vec d = v - sv;
       a1 += d;
       a2 = simd::fmadd(d, d, a2);
@@ -138,13 +136,12 @@ void row(const T* x, const T* r, T* h, T* y, int64_t C, const float* w, const fl
     s1 = simd::reduce_add(a1);
     s2 = simd::reduce_add(a2);
     for (; i < C; ++i) {
-      hs[i] = x[i] + r[i];
-      if (nb) h[i] = hs[i] + nb[i];
-      const double d = hs[i] - shift;
+      h[i] = x[i] + r[i];
+      const double d = h[i] - shift;
       s1 += d;
       s2 += d * d;
     }
-    hv = hs;
+    hv = h;
   } else {
     for (int64_t i = 0; i < C; ++i) {  // the sum, rounded to T as eager torch stores it
       const T hi = static_cast<T>(static_cast<float>(x[i]) + static_cast<float>(r[i]));
@@ -160,10 +157,12 @@ void row(const T* x, const T* r, T* h, T* y, int64_t C, const float* w, const fl
   int64_t i = 0;
   float out[kW];
   for (; i + kW <= C; i += kW) {
-    Vec z = (Vec::loadu(hv + i) - Vec(m)) * Vec(rstd);
+    const Vec hi = Vec::loadu(hv + i);
+    Vec z = (hi - Vec(m)) * Vec(rstd);
     if (w) z = z * Vec::loadu(w + i);
     if (b) z = z + Vec::loadu(b + i);
     if constexpr (std::is_same_v<T, float>) {
+      if (nb) (hi + Vec::loadu(nb + i)).store(h + i);  // hv is h: its last read was above
       z.store(y + i);
     } else {
       z.store(out);
@@ -172,6 +171,9 @@ void row(const T* x, const T* r, T* h, T* y, int64_t C, const float* w, const fl
   }
   for (; i < C; ++i) {
     const float z = (hv[i] - m) * rstd * (w ? w[i] : 1.f) + (b ? b[i] : 0.f);
+    if constexpr (std::is_same_v<T, float>) {
+      if (nb) h[i] = hv[i] + nb[i];
+    }
     y[i] = static_cast<T>(z);
   }
 }
@@ -181,7 +183,7 @@ void rows(const T* x, const T* r, T* h, T* y, int64_t R, int64_t C, const float*
           const float* b, const float* nb, float eps) {
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / C);
   torch::stable::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> hf(std::is_same_v<T, float> && !nb ? 0 : C);
+    std::vector<float> hf(std::is_same_v<T, float> ? 0 : C);
     for (int64_t i = begin; i < end; ++i) {
       row(x + i * C, r + i * C, h + i * C, y + i * C, C, w, b, nb, eps, hf.data());
     }
