@@ -33,6 +33,7 @@ class KernelCase:
     groups: int = 32
     quick: bool = False
     label: str = field(default="", compare=False)
+    next_bias: bool = False      # add_layer_norm only: h_out = h + next_bias as well
 
     @property
     def id(self) -> str:
@@ -49,6 +50,7 @@ class KernelCase:
             return (n + n // 2) * itemsize                       # (..., 2F) read, (..., F)
         if self.op == "add_layer_norm":
             return 4 * n * itemsize                              # x, residual read; h, y
+                                                                 # (next_bias: C more)
         return (2 * n + n + n) * itemsize                        # [u; c] read, x read, out
 
     def flops(self) -> int:
@@ -103,6 +105,11 @@ def kernel_cases(quick: bool = False) -> list[KernelCase]:
                 cases.append(KernelCase("geglu", tag, (B, res * res, 2 * 4 * ch)))
                 # a residual add and the LayerNorm after it (norm2, norm3)
                 cases.append(KernelCase("add_layer_norm", tag, (B, res * res, ch)))
+                if name == "sd15":
+                    # norm3 with the feed-forward's output bias added to the residual
+                    cases.append(KernelCase("add_layer_norm", tag, (B, res * res, ch),
+                                            next_bias=True,
+                                            label=f"{B}x{res * res}x{ch} +next_bias"))
         c = 3 if name == "ddpm_cifar10" else 4
         cases.append(KernelCase("denoise_step", tag, (B // 2, c, image // scale, image // scale)))
     # the shipped digits model: 8x8, groups 8, attention at 4x4 (head dim 32), batch 2 x 10
@@ -115,6 +122,8 @@ def kernel_cases(quick: bool = False) -> list[KernelCase]:
         cases.append(KernelCase("group_norm_silu", "cifar-block", (2, 128, 32, 32), quick=True))
         cases.append(KernelCase("geglu", "tiny", (2, 64, 2 * 128), quick=True))
         cases.append(KernelCase("add_layer_norm", "tiny", (2, 64, 32), quick=True))
+        cases.append(KernelCase("add_layer_norm", "tiny", (2, 64, 32), quick=True,
+                                next_bias=True, label="2x64x32 +next_bias"))
     return cases
 
 
@@ -152,6 +161,18 @@ def kernel_fn(case: KernelCase, system: str, device: str, dtype: torch.dtype):
         def fn(h):                                   # diffusers' GEGLU after its projection
             a, gate = h.chunk(2, dim=-1)
             return a * F.gelu(gate)
+    elif case.op == "add_layer_norm" and case.next_bias:
+        C = case.shape[-1]
+
+        def make():
+            return rnd(*case.shape), rnd(*case.shape), rnd(C), rnd(C), rnd(C)
+
+        def fused(x, r, w, b, nb):
+            return ops.add_layer_norm(x, r, w, b, next_bias=nb)
+
+        def fn(x, r, w, b, nb):    # add, norm3, and the add of the feed-forward's bias to h
+            h = x + r
+            return h + nb, F.layer_norm(h, (C,), w, b)
     elif case.op == "add_layer_norm":
         C = case.shape[-1]
 

@@ -217,19 +217,27 @@ def geglu(x: torch.Tensor) -> torch.Tensor:
 
 
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None = None,
-                   bias: torch.Tensor | None = None, eps: float = 1e-5
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+                   bias: torch.Tensor | None = None, eps: float = 1e-5,
+                   next_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A residual add and the LayerNorm after it in one pass: returns ``(h, y)`` with
     ``h = x + residual`` (x's dtype: the next residual) and ``y = layer_norm(h) * weight + bias``
     over the last dim (fp32 statistics of h as rounded). x, residual: (..., C), one dtype;
-    weight, bias: (C,) in that dtype, or None. Non-contiguous inputs are copied first."""
+    weight, bias: (C,) in that dtype, or None. Non-contiguous inputs are copied first.
+
+    ``next_bias`` ((C,), x's dtype): the returned h is ``h + next_bias`` (while y is still the
+    LayerNorm of h), so the bias of the Linear whose output is added to h next rides along: a
+    transformer block can end with ``h.addmm_(g, W.T)`` (no bias) instead of
+    ``addmm(b, g, W.T) + h``."""
     if not isinstance(x, torch.Tensor) or not isinstance(residual, torch.Tensor):
         bad, v = ("x", x) if not isinstance(x, torch.Tensor) else ("residual", residual)
         raise TypeError(f"fastdiff.add_layer_norm: argument '{bad}' must be a torch.Tensor, got "
                         f"{type(v).__name__} {v!r:.60}")
-    check_types("add_layer_norm", dict(weight=weight, bias=bias), reals=dict(eps=eps))
+    check_types("add_layer_norm", dict(weight=weight, bias=bias, next_bias=next_bias),
+                reals=dict(eps=eps))
     x, residual = (t.contiguous() if t.dim() >= 1 else t for t in (x, residual))
-    return _run(torch.ops.fastdiff.add_layer_norm, x, residual, weight, bias, eps)
+    if next_bias is None:   # the schema's default: the dispatcher sees the call it always saw
+        return _run(torch.ops.fastdiff.add_layer_norm, x, residual, weight, bias, eps)
+    return _run(torch.ops.fastdiff.add_layer_norm, x, residual, weight, bias, eps, next_bias)
 
 
 # ---- Autograd ----
@@ -438,17 +446,29 @@ torch.library.register_autograd("fastdiff::geglu", _geglu_backward, setup_contex
 
 
 def _add_layer_norm_setup(ctx, inputs, output):
-    x, residual, weight, bias, eps = inputs
-    ctx.save_for_backward(output[0], weight, bias)
+    x, residual, weight, bias, eps, next_bias = inputs
+    ctx.has_nb = next_bias is not None
+    if ctx.has_nb:
+        # The returned h is h + next_bias, which the block then updates in place (addmm_): save
+        # what h is made of, not it (autograd would refuse a saved tensor changed in place).
+        ctx.save_for_backward(x, residual, weight, bias)
+        ctx.nb_dtype = next_bias.dtype
+    else:
+        ctx.save_for_backward(output[0], weight, bias)
     ctx.eps = eps
     ctx.dtypes = (x.dtype, residual.dtype)
 
 
 def _add_layer_norm_backward(ctx, dh, dy):
-    """h = x + residual, y = layer_norm(h): the LayerNorm's gradient recomputed from the saved
-    h through torch's own layer_norm (float32), plus dh; x and residual both get the sum.
-    Not fused."""
-    h, weight, bias = ctx.saved_tensors
+    """h = x + residual, y = layer_norm(h), h_out = h + next_bias (or h): the LayerNorm's
+    gradient recomputed from h (saved, or with next_bias the sum of the saved x and residual
+    again) through torch's own layer_norm (float32), plus dh; x and residual both get the sum,
+    next_bias the sum of dh over all rows. Not fused."""
+    if ctx.has_nb:
+        x, residual, weight, bias = ctx.saved_tensors
+        h = (x.detach().float() + residual.detach().float()).to(x.dtype)  # as the op rounded it
+    else:
+        h, weight, bias = ctx.saved_tensors
     hf = h.detach().float().requires_grad_(True)
     params = [None if p is None else p.detach().float().requires_grad_(True)
               for p in (weight, bias)]
@@ -461,7 +481,10 @@ def _add_layer_norm_backward(ctx, dh, dy):
     rest = iter(grads[1:])
     dw, db = (None if p is None else next(rest).to(t.dtype)
               for p, t in zip(params, (weight, bias)))
-    return dsum.to(ctx.dtypes[0]), dsum.to(ctx.dtypes[1]), dw, db, None
+    dnb = None
+    if ctx.has_nb and dh is not None:
+        dnb = dh.float().reshape(-1, dh.shape[-1]).sum(0).to(ctx.nb_dtype)
+    return dsum.to(ctx.dtypes[0]), dsum.to(ctx.dtypes[1]), dw, db, None, dnb
 
 
 torch.library.register_autograd("fastdiff::add_layer_norm", _add_layer_norm_backward,

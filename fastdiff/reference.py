@@ -86,9 +86,11 @@ def geglu(x):
     return a * (0.5 * g * (1 + torch.erf(g / math.sqrt(2))))
 
 
-def add_layer_norm(x, residual, weight=None, bias=None, eps=1e-5):
-    """(h, y): h = x + residual rounded to x's dtype (as the op returns it), y = LayerNorm of
-    that h over the last dim in float64 (two-pass variance), times weight, plus bias."""
+def add_layer_norm(x, residual, weight=None, bias=None, eps=1e-5, next_bias=None):
+    """(h_out, y): h = x + residual rounded to x's dtype (as the op returns it), y = LayerNorm of
+    that h over the last dim in float64 (two-pass variance), times weight, plus bias; h_out =
+    h + next_bias (the rounded h plus next_bias in float32, rounded to x's dtype: eager's
+    ``(x + residual) + next_bias``), or h without it."""
     h = (x.detach().float() + residual.detach().float()).to(x.dtype)
     v = _f64(h)
     mean = v.mean(-1, keepdim=True)
@@ -98,6 +100,8 @@ def add_layer_norm(x, residual, weight=None, bias=None, eps=1e-5):
         y = y * _f64(weight)
     if bias is not None:
         y = y + _f64(bias)
+    if next_bias is not None:
+        h = (h.float() + next_bias.detach().float()).to(x.dtype)
     return h, y
 
 

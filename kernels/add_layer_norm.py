@@ -1,15 +1,19 @@
 """Triton kernel for fastdiff::add_layer_norm: a residual add and the LayerNorm after it, one pass.
 
-x, residual: (..., C), one dtype; weight, bias: (C,) in x's dtype, or absent. Returns
+x, residual: (..., C), one dtype; weight, bias, next_bias: (C,) in x's dtype, or absent. Returns
+(h_out, y):
 
-    h = x + residual                      (rounded to x's dtype: the next residual)
+    h = x + residual                      (rounded to x's dtype)
     y = (h - mean(h)) / sqrt(var(h) + eps) * weight + bias     (over the last dim, fp32 math)
+    h_out = h + next_bias                 (fp32 add of the rounded h, rounded: the next residual)
 
 as diffusers' BasicTransformerBlock does with ``hidden_states = attn_output + hidden_states``
 followed by ``norm2(hidden_states)`` (and norm3 after the cross-attention). The statistics are
 taken of h as rounded, so y is LayerNorm of exactly the tensor eager torch normalizes. Eager runs
 two kernels: the add (2 reads, 1 write) and the LayerNorm (1 read, 1 write); this one reads x and
-residual and writes h and y.
+residual and writes h and y. next_bias is the bias of the Linear whose output is added to h next
+(the feed-forward's last): with it in h_out, the block ends with one in-place
+``h_out.addmm_(g, W.T)`` (no bias) instead of an addmm and a residual add.
 
 One program per row, the whole row in registers (BLOCK_C = C rounded up to a power of two, a
 compile-time constant): the mean and the variance are two passes over registers, not memory.
@@ -42,9 +46,9 @@ def num_warps(block, itemsize):
     return min(8, max(1, block * itemsize // 1024))
 
 
-@triton.jit(do_not_specialize=["has_w", "has_b"])
-def add_layer_norm(x_ptr, r_ptr, w_ptr, b_ptr, h_ptr, y_ptr, cvecs, eps, has_w, has_b,
-                   VEC: tl.constexpr, BLOCK_C: tl.constexpr):
+@triton.jit(do_not_specialize=["has_w", "has_b", "has_nb"])
+def add_layer_norm(x_ptr, r_ptr, w_ptr, b_ptr, nb_ptr, h_ptr, y_ptr, cvecs, eps, has_w, has_b,
+                   has_nb, VEC: tl.constexpr, BLOCK_C: tl.constexpr):
     c_len = cvecs * VEC
     row = tl.program_id(0).to(tl.int64) * c_len
     col = tl.arange(0, BLOCK_C)
@@ -52,8 +56,12 @@ def add_layer_norm(x_ptr, r_ptr, w_ptr, b_ptr, h_ptr, y_ptr, cvecs, eps, has_w, 
     x = tl.load(x_ptr + row + col, mask=mask, other=0.0).to(tl.float32)
     r = tl.load(r_ptr + row + col, mask=mask, other=0.0).to(tl.float32)
     h = (x + r).to(h_ptr.dtype.element_ty)      # the sum in x's dtype, as eager rounds it
-    tl.store(h_ptr + row + col, h, mask=mask)
     hf = h.to(tl.float32)
+    # next_bias: a runtime flag like has_w/has_b (one cubin serves both); absent, h itself is
+    # stored (not h + 0: that would turn -0.0 into +0.0).
+    nb = tl.load(nb_ptr + col, mask=mask & (has_nb != 0), other=0.0).to(tl.float32)
+    h_out = tl.where(has_nb != 0, (hf + nb).to(h_ptr.dtype.element_ty), h)
+    tl.store(h_ptr + row + col, h_out, mask=mask)
     mean = tl.sum(hf, axis=0) / c_len
     d = tl.where(mask, hf - mean, 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / c_len + eps)
@@ -68,11 +76,12 @@ def _config(dtype, block, aligned=True):
     of 16 bytes' worth of elements (VEC). Prebuilt, it assumes 16-byte aligned tensors."""
     t = "*" + _TL_DTYPES[dtype]
     cfg = {"fn": add_layer_norm,
-           "signature": {"x_ptr": t, "r_ptr": t, "w_ptr": t, "b_ptr": t, "h_ptr": t, "y_ptr": t,
-                         "cvecs": "i32", "eps": "fp32", "has_w": "i32", "has_b": "i32"},
+           "signature": {"x_ptr": t, "r_ptr": t, "w_ptr": t, "b_ptr": t, "nb_ptr": t, "h_ptr": t,
+                         "y_ptr": t, "cvecs": "i32", "eps": "fp32", "has_w": "i32",
+                         "has_b": "i32", "has_nb": "i32"},
            "constexprs": {"VEC": 16 // dtype.itemsize if aligned else 1, "BLOCK_C": block},
            "num_warps": num_warps(block, dtype.itemsize), "num_stages": NUM_STAGES}
-    return variant(cfg, ("x_ptr", "r_ptr", "w_ptr", "b_ptr", "h_ptr", "y_ptr"))
+    return variant(cfg, ("x_ptr", "r_ptr", "w_ptr", "b_ptr", "nb_ptr", "h_ptr", "y_ptr"))
 
 
 def prebuilt_configs():
@@ -81,11 +90,11 @@ def prebuilt_configs():
     return [_config(dt, block) for dt in _TL_DTYPES for block in PREBUILT_BLOCKS]
 
 
-def plan(x, residual, weight, bias, eps):
-    """The launch of one call, [(config, grid, args)], and the outputs (h, y).
+def plan(x, residual, weight, bias, eps, next_bias=None):
+    """The launch of one call, [(config, grid, args)], and the outputs (h_out, y).
 
-    x, residual: (..., C), contiguous, one dtype; weight, bias: (C,) in that dtype or None;
-    checked by the C++ op."""
+    x, residual: (..., C), contiguous, one dtype; weight, bias, next_bias: (C,) in that dtype or
+    None; checked by the C++ op."""
     h, y = torch.empty_like(x), torch.empty_like(x)
     if x.numel() == 0:
         return [], (h, y)
@@ -96,7 +105,8 @@ def plan(x, residual, weight, bias, eps):
                          f"kernel's 32-bit sizes")
     cfg = _config(x.dtype, block_c(C), C % (16 // x.element_size()) == 0)
     vec = cfg["constexprs"]["VEC"]
-    # An absent weight or bias: x stands in (masked off: never read), so the types stay.
-    args = [x, residual, x if weight is None else weight, x if bias is None else bias, h, y,
-            C // vec, float(eps), int(weight is not None), int(bias is not None)]
+    # An absent weight, bias or next_bias: x stands in (masked off: never read), so the types
+    # stay and one cubin serves every combination.
+    args = [x, residual, *(x if t is None else t for t in (weight, bias, next_bias)), h, y,
+            C // vec, float(eps), *(int(t is not None) for t in (weight, bias, next_bias))]
     return [(cfg, (rows, 1, 1), args)], (h, y)

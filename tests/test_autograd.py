@@ -402,6 +402,10 @@ def test_opcheck_autograd_registration_and_fake_tensors():
     torch.library.opcheck(torch.ops.fastdiff.group_norm_silu_backward.default,
                           (dy, x.detach(), 4, w.detach(), b.detach(), 1e-5, None, None, None,
                            True), test_utils=("test_schema", "test_faketensor"))
+    h = torch.randn(2, 3, 8, requires_grad=True)
+    for nb in (None, torch.randn(8, requires_grad=True)):
+        torch.library.opcheck(torch.ops.fastdiff.add_layer_norm.default,
+                              (h, h.detach() * 2, w, b, 1e-5, nb), test_utils=tests)
 
 
 @pytest.mark.cuda
@@ -452,31 +456,60 @@ def test_geglu_gradcheck_and_double_backward():
     assert torch.autograd.gradgradcheck(ops.geglu, (x,), eps=1e-3, atol=5e-3, rtol=5e-3)
 
 
-@pytest.mark.parametrize("affine", [True, False])
-def test_add_layer_norm_autograd_matches_torch(affine):
-    """Gradients of (h, y) for x, residual, weight and bias equal eager's add + layer_norm."""
+@pytest.mark.parametrize("affine,next_bias", [(True, False), (False, False), (True, True),
+                                               (False, True)])
+def test_add_layer_norm_autograd_matches_torch(affine, next_bias):
+    """Gradients of (h, y) for x, residual, weight, bias and next_bias equal eager's add +
+    layer_norm (+ the add of next_bias to h)."""
     g = torch.Generator().manual_seed(5)
     C = 12
     x, r = (torch.randn(2, 7, C, generator=g).requires_grad_() for _ in range(2))
     w = (torch.randn(C, generator=g) if affine else None)
     b = (torch.randn(C, generator=g) if affine else None)
-    params = [p.requires_grad_() for p in (w, b) if p is not None]
+    nb = (torch.randn(C, generator=g) if next_bias else None)
+    params = [p.requires_grad_() for p in (w, b, nb) if p is not None]
     dh, dy = torch.randn(2, 7, C, generator=g), torch.randn(2, 7, C, generator=g)
-    h, y = ops.add_layer_norm(x, r, w, b, 1e-5)
+    h, y = ops.add_layer_norm(x, r, w, b, 1e-5, nb)
     got = torch.autograd.grad((h * dh).sum() + (y * dy).sum(), [x, r, *params])
     h2 = x + r
     y2 = F.layer_norm(h2, (C,), w, b, 1e-5)
+    h2 = h2 if nb is None else h2 + nb
     want = torch.autograd.grad((h2 * dh).sum() + (y2 * dy).sum(), [x, r, *params])
     for a, e in zip(got, want):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
 
 
-def test_add_layer_norm_gradcheck():
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_add_layer_norm_next_bias_grad_in_low_precision(dtype):
+    """d next_bias = the sum of d h_out over every row, accumulated in float32 (many rows of
+    fp16/bf16 gradients), in next_bias's dtype; y alone leaves it no gradient."""
+    g = torch.Generator().manual_seed(8)
+    C = 40
+    x, r = (torch.randn(3, 257, C, generator=g).to(dtype) for _ in range(2))
+    nb = torch.randn(C, generator=g).to(dtype).requires_grad_()
+    dh = torch.randn(3, 257, C, generator=g).to(dtype)
+    h, y = ops.add_layer_norm(x, r, None, None, 1e-5, nb)
+    (gnb,) = torch.autograd.grad(h, nb, dh)
+    assert gnb.dtype == dtype
+    ref = dh.double().sum((0, 1))
+    torch.testing.assert_close(gnb.double(), ref, rtol=1e-2, atol=1e-2)
+    h, y = ops.add_layer_norm(x, r, None, None, 1e-5, nb)
+    (gnb,) = torch.autograd.grad(y, nb, torch.ones_like(y), allow_unused=True)
+    assert gnb is None or not gnb.any()
+
+
+@pytest.mark.parametrize("next_bias", [False, True], ids=["plain", "next_bias"])
+def test_add_layer_norm_gradcheck(next_bias):
     g = torch.Generator().manual_seed(6)
-    x, r, w, b = (torch.randn(*s, generator=g, requires_grad=True)
-                  for s in ((2, 3, 6), (2, 3, 6), (6,), (6,)))
-    fn = lambda *a: ops.add_layer_norm(*a, 1e-5)  # noqa: E731
-    assert torch.autograd.gradcheck(fn, (x, r, w, b), eps=1e-3, atol=5e-3, rtol=5e-3)
+    x, r, w, b, nb = (torch.randn(*s, generator=g, requires_grad=True)
+                      for s in ((2, 3, 6), (2, 3, 6), (6,), (6,), (6,)))
+    if next_bias:
+        fn = lambda x, r, w, b, nb: ops.add_layer_norm(x, r, w, b, 1e-5, nb)  # noqa: E731
+        args = (x, r, w, b, nb)
+    else:
+        fn = lambda *a: ops.add_layer_norm(*a, 1e-5)  # noqa: E731
+        args = (x, r, w, b)
+    assert torch.autograd.gradcheck(fn, args, eps=1e-3, atol=5e-3, rtol=5e-3)
 
 
 def test_no_grad_calls_skip_the_autograd_kernels_and_grad_calls_keep_them():

@@ -142,7 +142,8 @@ GEGLU_BAD = [
 
 
 def aln_args(**over):
-    a = dict(x=_x(2, 3, 8), residual=_x(2, 3, 8), weight=_x(8), bias=_x(8), eps=1e-5)
+    a = dict(x=_x(2, 3, 8), residual=_x(2, 3, 8), weight=_x(8), bias=_x(8), eps=1e-5,
+             next_bias=None)
     a.update(over)
     return list(a.values())
 
@@ -163,6 +164,13 @@ ALN_BAD = [
     ({"weight": _x(8, dtype=torch.float16)}, "'weight' must have the dtype of 'x' \\(float32\\)"),
     ({"bias": _x(16)[::2]}, "'bias' must be contiguous"),
     ({"weight": torch.randn(8, device="meta")}, "'weight' must be on the same device as 'x'"),
+    ({"next_bias": _x(2, 8)}, "'next_bias' must have shape \\[8\\] \\(the last dim of 'x'\\)"),
+    ({"next_bias": _x(9)}, "'next_bias' must have shape \\[8\\]"),
+    ({"next_bias": _x(8, dtype=torch.bfloat16)},
+     "'next_bias' must have the dtype of 'x' \\(float32\\), got bfloat16"),
+    ({"next_bias": _x(16)[::2]}, "'next_bias' must be contiguous"),
+    ({"next_bias": torch.randn(8, device="meta")},
+     "'next_bias' must be on the same device as 'x'"),
 ]
 
 
@@ -263,3 +271,4 @@ def test_valid_arguments_pass_the_checks():
     ops.check("geglu", _x(3, 2, 8))
     ops.check("geglu", _x(0, 2))
     ops.check("add_layer_norm", *aln_args(weight=None, bias=None, eps=0.0))
+    ops.check("add_layer_norm", *aln_args(next_bias=_x(8)))

@@ -320,7 +320,8 @@ def _aln_make(rng):
     kw = dict(x=x, residual=torch.randn(*lead, C).to(dtype),
               weight=torch.randn(C).to(dtype) if affine else None,
               bias=torch.randn(C).to(dtype) if affine and rng.random() < 0.8 else None,
-              eps=float(rng.choice([1e-5, 1e-6, 1e-3])))
+              eps=float(rng.choice([1e-5, 1e-6, 1e-3])),
+              next_bias=torch.randn(C).to(dtype) if rng.random() < 0.5 else None)
     return kw, dtype
 
 
@@ -334,6 +335,10 @@ ALN_BAD = {
                                                   .to(kw["x"].dtype)), ValueError),
     "bias float64": (lambda kw, r: kw.update(bias=torch.randn(kw["x"].shape[-1]).double()),
                      ValueError),
+    "next_bias wrong size": (lambda kw, r: kw.update(next_bias=torch.randn(kw["x"].shape[-1] + 1)
+                                                     .to(kw["x"].dtype)), ValueError),
+    "next_bias float64": (lambda kw, r: kw.update(next_bias=torch.randn(kw["x"].shape[-1])
+                                                  .double()), ValueError),
     "eps negative": (lambda kw, r: kw.update(eps=-1e-5), ValueError),
     "eps string": (lambda kw, r: kw.update(eps="1e-5"), TypeError),
     "x int": (lambda kw, r: kw.update(x=kw["x"].to(torch.int32)), ValueError),
@@ -346,9 +351,9 @@ def _aln_check(kw, dtype, what, expect_error=False):
     if expect_error:
         return
     r_h, r_y = reference.add_layer_norm(kw["x"], kw["residual"], kw["weight"], kw["bias"],
-                                        kw["eps"])
+                                        kw["eps"], kw["next_bias"])
     assert h.dtype == y.dtype == dtype, what
-    assert torch.equal(h, r_h), what + ": h is not x + residual as eager rounds it"
+    assert torch.equal(h, r_h), what + ": h is not (x + residual) + next_bias as eager rounds it"
     _close(y, r_y, dtype, what)
 
 

@@ -235,7 +235,7 @@ def test_geglu_plan_matches_the_launcher(case):
     _compare(geglu, _cpp_plan_of("geglu"), inputs, args)
 
 
-def _aln_case(dtype, shape, affine=True, seed=0):
+def _aln_case(dtype, shape, affine=True, next_bias=False, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(*shape, generator=g).to(dtype)
     r = torch.randn(*shape, generator=g).to(dtype)
@@ -243,14 +243,17 @@ def _aln_case(dtype, shape, affine=True, seed=0):
     if affine:
         inputs["weight"] = torch.randn(shape[-1], generator=g).to(dtype)
         inputs["bias"] = torch.randn(shape[-1], generator=g).to(dtype)
-    return inputs, (x, r, inputs.get("weight"), inputs.get("bias"), 1e-5)
+    if next_bias:
+        inputs["next_bias"] = torch.randn(shape[-1], generator=g).to(dtype)
+    return inputs, (x, r, inputs.get("weight"), inputs.get("bias"), 1e-5,
+                    inputs.get("next_bias"))
 
 
 ALN_CASES = [
     dict(dtype=torch.float16, shape=(2, 64, 320)),        # SD1.5: BLOCK_C 512, prebuilt
-    dict(dtype=torch.bfloat16, shape=(3, 1280), affine=False),
+    dict(dtype=torch.bfloat16, shape=(3, 1280), affine=False, next_bias=True),  # h + bias only
     dict(dtype=torch.float32, shape=(5, 4096)),           # the largest prebuilt block
-    dict(dtype=torch.float32, shape=(2, 7)),              # rows not 16 bytes: JIT only
+    dict(dtype=torch.float32, shape=(2, 7), next_bias=True),  # rows not 16 bytes: JIT only
     dict(dtype=torch.float16, shape=(1, 5000)),           # beyond the prebuilt blocks: JIT
 ]
 
@@ -301,7 +304,7 @@ def test_every_cpp_key_is_a_listed_configuration():
             _, args = _geglu_case(dt, (2, 2 * F))
             seen |= {la["key"] for la in _cpp_plan_of("geglu")(*args)[0]}
         for C in range(8, 4097, 8):  # every C with 16-byte rows in every dtype
-            _, args = _aln_case(dt, (1, C), affine=C % 16 == 0)
+            _, args = _aln_case(dt, (1, C), affine=C % 16 == 0, next_bias=C % 24 == 0)
             launches, _, _, why = _cpp_plan_of("add_layer_norm")(*args)
             assert (why == "") == (C > 128), (dt, C, why)
             seen |= {la["key"] for la in launches} if not why else set()
