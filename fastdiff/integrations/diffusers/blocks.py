@@ -289,8 +289,41 @@ def _transformer_block_forward(self, hidden_states, attention_mask=None,
         hidden_states, norm_hidden_states = _add_norm(attn_output, hidden_states, self.norm2)
         attn_output = self.attn2(norm_hidden_states, encoder_hidden_states=encoder_hidden_states,
                                  attention_mask=encoder_attention_mask, **kwargs)
-    hidden_states, norm_hidden_states = _add_norm(attn_output, hidden_states, self.norm3)
-    return self.ff(norm_hidden_states) + hidden_states
+    lin = _ff_output(self.ff, hidden_states)
+    if lin is None:
+        hidden_states, norm_hidden_states = _add_norm(attn_output, hidden_states, self.norm3)
+        return self.ff(norm_hidden_states) + hidden_states
+    # The feed-forward's output projection accumulates into the residual in place: the
+    # residual comes out of add_layer_norm with the projection's bias already added (the norm
+    # itself is of the sum without it), so addmm_ (no bias, beta=1) writes the block's output:
+    # one kernel instead of the projection and the residual add.
+    hidden_states, norm_hidden_states = ops.add_layer_norm(
+        attn_output, hidden_states, self.norm3.weight, self.norm3.bias, self.norm3.eps,
+        next_bias=lin.bias)
+    h = norm_hidden_states
+    for m in self.ff.net[:2]:         # the activation (GEGLU: projection + geglu), dropout
+        h = m(h)
+    c = hidden_states.shape[-1]
+    hidden_states.view(-1, c).addmm_(h.reshape(-1, h.shape[-1]), lin.weight.t())
+    return hidden_states
+
+
+def _ff_output(ff, x) -> nn.Linear | None:
+    """The output Linear of diffusers' FeedForward ``ff`` (activation, dropout, Linear), when
+    the block can fold its bias and residual add (no final dropout at work, a plain biased
+    Linear in x's dtype), else None."""
+    from diffusers.models.attention import FeedForward
+
+    if type(ff) is not FeedForward or len(ff.net) not in (3, 4):
+        return None
+    lin = ff.net[2]
+    if (type(lin) is not nn.Linear or lin.bias is None or lin.weight.dtype != x.dtype
+            or not isinstance(ff.net[1], nn.Dropout)):
+        return None
+    if len(ff.net) == 4 and not (isinstance(ff.net[3], nn.Dropout)
+                                 and (not ff.training or ff.net[3].p == 0)):
+        return None
+    return lin
 
 
 # ---------------------------------------------------------------- Timesteps
