@@ -65,7 +65,26 @@ class Derived:
     def sources(self) -> tuple:
         return tuple(t for t in (getattr(m, a) for m, a in self.refs) if t is not None)
 
+    def _fresh(self, inputs) -> bool:
+        """The value is up to date (the common case, checked without building tuples)."""
+        seen, versions, i = self._seen, self._versions, 0
+        n = len(seen)
+        for m, a in self.refs:
+            t = getattr(m, a)
+            if t is None:
+                continue
+            if i >= n or seen[i] is not t or t._version != versions[i]:
+                return False
+            i += 1
+        for t in inputs:
+            if i >= n or seen[i] is not t or t._version != versions[i]:
+                return False
+            i += 1
+        return i == n
+
     def get(self, *inputs: torch.Tensor) -> torch.Tensor:
+        if self.value is not None and self._fresh(inputs):
+            return self.value
         src = self.sources() + inputs
         versions = tuple(version(t) for t in src)
         if None in versions:         # an inference tensor: made at every call, nothing kept
@@ -135,9 +154,10 @@ class PerInput:
             d = self._eager = Derived(self.make, self.refs)
         return d.get(x)
 
-    def refresh(self) -> None:
-        for d in self.first:
-            d.refresh()
+    def refresh(self, inputs_only: bool = False) -> None:
+        if not inputs_only:          # (the weights: checked once per call, not per replay)
+            for d in self.first:
+                d.refresh()
         for ref, d in list(self._pinned.values()):
             x = ref()
             if x is not None:
@@ -155,7 +175,9 @@ def refresh_all(root: torch.nn.Module, inputs_only: bool = False) -> None:
     """Makes every stale derived tensor of ``root`` again (in place), before a graph replay;
     inputs_only: only those derived from inputs (after new inputs were copied in)."""
     for d in root.__dict__.get(ATTR, ()):
-        if not inputs_only or isinstance(d, PerInput):
+        if isinstance(d, PerInput):
+            d.refresh(inputs_only)
+        elif not inputs_only:
             d.refresh()
 
 
