@@ -53,6 +53,12 @@ def _gn_args(norm: nn.GroupNorm):
 
 # ---------------------------------------------------------------- ResnetBlock2D
 
+def _on(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """The weights a fused path reads directly are on x's device (not offloaded: a layer's
+    forward hooks, which would bring them, do not run on these paths)."""
+    return all(w.device == x.device for w in weights)
+
+
 def _plain_conv(c) -> bool:
     return type(c) is nn.Conv2d and c.padding_mode == "zeros"
 
@@ -89,7 +95,7 @@ class TembBank:
     def takes(m) -> bool:
         lin = m.time_emb_proj
         return (m.time_embedding_norm == "default" and type(lin) is nn.Linear
-                and _plain_conv(m.conv1)
+                and _plain_conv(m.conv1) and m.conv1.weight.device == lin.weight.device
                 and usable(lin.weight, lin.bias, m.conv1.bias))
 
     def projection(self, m, temb: torch.Tensor) -> torch.Tensor | None:
@@ -143,7 +149,8 @@ def _shortcut_fold(self, bank, h, x) -> torch.Tensor | None:
     sc, c2 = self.conv_shortcut, self.conv2
     if (type(sc) is not nn.Conv2d or sc.kernel_size != (1, 1) or sc.stride != (1, 1)
             or sc.padding not in ((0, 0), "valid") or sc.groups != 1 or not _plain_conv(c2)
-            or not usable(c2.bias, sc.bias) or h.dtype != sc.weight.dtype):
+            or not usable(c2.bias, sc.bias) or h.dtype != sc.weight.dtype
+            or not _on(h, sc.weight, c2.weight)):
         return None
     o = F.conv2d(h, c2.weight, bank.bias(self, c2, sc), c2.stride, c2.padding, c2.dilation,
                  c2.groups)
@@ -318,7 +325,7 @@ def _ff_output(ff, x) -> nn.Linear | None:
         return None
     lin = ff.net[2]
     if (type(lin) is not nn.Linear or lin.bias is None or lin.weight.dtype != x.dtype
-            or not isinstance(ff.net[1], nn.Dropout)):
+            or not _on(x, lin.weight) or not isinstance(ff.net[1], nn.Dropout)):
         return None
     if len(ff.net) == 4 and not (isinstance(ff.net[3], nn.Dropout)
                                  and (not ff.training or ff.net[3].p == 0)):
@@ -378,7 +385,8 @@ def _transformer_output(self, hidden_states, residual, batch_size, height, width
         return fn(self, hidden_states, residual, batch_size, height, width, inner_dim)
     if self.use_linear_projection:
         h = p(hidden_states)
-    elif _is_pointwise(p) and p.weight.dtype == hidden_states.dtype:
+    elif (_is_pointwise(p) and p.weight.dtype == hidden_states.dtype
+          and _on(hidden_states, p.weight)):
         h = F.linear(hidden_states, p.weight.view(p.out_channels, -1), p.bias)
     else:
         return fn(self, hidden_states, residual, batch_size, height, width, inner_dim)
