@@ -285,8 +285,8 @@ def test_linear_geglu_rejects(over, msg):
 
 def test_linear_geglu_entry_point_rejects_non_tensors():
     for over, name in (({"x": None}, "x"), ({"weight": [1.0]}, "weight"), ({"bias": 1.0}, "bias")):
-        with pytest.raises(TypeError,
-                           match=f"fastdiff.linear_geglu: argument '{name}' must be a torch.Tensor"):
+        msg = f"fastdiff.linear_geglu: argument '{name}' must be a torch.Tensor"
+        with pytest.raises(TypeError, match=msg):
             ops.linear_geglu(*lgeglu_args(**over))
 
 
