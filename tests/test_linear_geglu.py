@@ -150,6 +150,17 @@ def test_only_the_wanted_gradients_are_computed():
     assert gw.shape == w.shape
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_forward_mode_ad_is_refused_not_silently_dropped():
+    import torch.autograd.forward_ad as fwAD
+    x, w, b = _inputs((2,), 8, 3, torch.float32)
+    for grad_mode in (True, False):
+        with torch.set_grad_enabled(grad_mode), fwAD.dual_level():
+            dual = fwAD.make_dual(x, torch.ones_like(x))
+            with pytest.raises(NotImplementedError, match="fastdiff.linear_geglu: forward-mode"):
+                ops.linear_geglu(dual, w, b)
+
+
 def test_entry_point_takes_non_contiguous_x_and_bias():
     x, w, b = _inputs((6,), 9, 4, torch.float32)
     xt = x.t().contiguous().t()   # column-major (6, 9)
@@ -195,6 +206,18 @@ def test_grouped_order_covers_every_tile_once():
     for tiles_m, tiles_n in ((1, 1), (9, 2), (17, 5), (3, 40)):
         seen = [tile(p, tiles_m, tiles_n, kernel.GROUP_M) for p in range(tiles_m * tiles_n)]
         assert sorted(seen) == [(m, n) for m in range(tiles_m) for n in range(tiles_n)]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU tensors through the CUDA kernel")
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_cuda_path_reaches_the_jit_launcher(bias):
+    """The op's CUDA kernel (C++: no prebuilt cubin runs CPU tensors) falls back to
+    fastdiff::_jit_linear_geglu, whose Python kernel runs this module's plan (interpreted here),
+    with the bias absent as well (the dispatcher drops a trailing None: put back for plan())."""
+    x, w, b = _inputs((2, 3), 20, 9, torch.float32, bias)
+    args = (x, w) if b is None else (x, w, b)
+    out = torch.ops.fastdiff._cuda_kernel_linear_geglu(*args)
+    torch.testing.assert_close(out, torch.ops.fastdiff.linear_geglu(*args), rtol=1e-5, atol=1e-5)
 
 
 def test_plan_refuses_sizes_beyond_32_bits():
