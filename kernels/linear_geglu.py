@@ -37,7 +37,8 @@ from . import variant
 # One configuration per dtype width, for sm_80 and sm_90 (tests/test_prebuild.py: no spills,
 # shared memory within sm_86's 99 KB). 16-bit: 128x64 output tiles with two fp32 accumulators
 # (2 x 8192 values over 8 warps: 64 registers a thread), K in steps of 32, three stages of
-# x (8 KB) and two W tiles (8 KB) in flight: 48 KB of shared memory.
+# an x tile (8 KB) and two W tiles (8 KB): 48 KB of shared memory on sm_90, 32 KB on sm_80 as
+# compiled (BENCHMARKS.md's SASS table: 111-142 registers, no spills).
 BLOCK_M = 128
 BLOCK_N = 64
 BLOCK_K = 32
