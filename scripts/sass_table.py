@@ -5,8 +5,9 @@ summary (``--sass``; no GPU needed) and groups the configurations into families:
 dtype and head dim (its bias variants together), group_norm_silu by kernel, dtype, layout and
 VEC (its fusion flags together), denoise_step by dtype and alignment variant, geglu by dtype and
 VEC, add_layer_norm by dtype and row block, linear_geglu by dtype and alignment variant. Per
-family and architecture: registers, shared memory, stack (local memory: spills), and the global loads and
-stores in the code by width (instructions in the code, not executions), with MMA instructions.
+family and architecture: registers, shared memory, stack (local memory: spills), and the global
+loads and stores in the code by width (instructions in the code, not executions), with MMA
+instructions.
 A range a-b spans the family's configurations. Printed, or written between the markers of
 BENCHMARKS.md with ``--write BENCHMARKS.md``.
 
