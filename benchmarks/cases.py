@@ -8,7 +8,9 @@ it replaces) and ``compile`` (``torch.compile`` of that same eager code). End-to
 the denoising loop of a diffusers pipeline (SD1.5 architecture, random weights) for: stock
 diffusers eager, diffusers with ``torch.compile(unet, mode="max-autotune")``,
 ``fastdiff.accelerate(pipe)`` and the fastdiff engine (``fastdiff.sample_pipeline``, whole steps
-in CUDA graphs). Timing is pytest-benchmark's; on CUDA every timed call ends with a synchronize
+in CUDA graphs). ``unfused`` is timed for the ops that replace a fastdiff pair (linear_geglu:
+the projection, then ``fastdiff.geglu``, as accelerate ran GEGLU before it). Timing is
+pytest-benchmark's; on CUDA every timed call ends with a synchronize
 and runs the op ``inner`` times, so a kernel's time is the round's time / inner.
 """
 from __future__ import annotations
@@ -19,7 +21,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-KERNEL_SYSTEMS = ("fastdiff", "eager", "compile")
+KERNEL_SYSTEMS = ("fastdiff", "eager", "compile", "unfused")
+# Ops with an ``unfused`` system: the same math as fastdiff ran it before the op fused it.
+UNFUSED_OPS = ("linear_geglu",)
 E2E_SYSTEMS = ("engine", "accelerate", "diffusers", "compile")
 
 
@@ -27,9 +31,10 @@ E2E_SYSTEMS = ("engine", "accelerate", "diffusers", "compile")
 
 @dataclass
 class KernelCase:
-    op: str           # group_norm_silu | attention | denoise_step | geglu | add_layer_norm
+    # group_norm_silu | attention | denoise_step | geglu | add_layer_norm | linear_geglu
+    op: str
     model: str                   # sd15@512 ...
-    shape: tuple
+    shape: tuple                 # linear_geglu: (B, L, K, F), x (B, L, K) -> y (B, L, F)
     groups: int = 32
     quick: bool = False
     label: str = field(default="", compare=False)
@@ -48,6 +53,9 @@ class KernelCase:
             return (2 * b * h * lq * d + 2 * b * h * lk * d) * itemsize
         if self.op == "geglu":
             return (n + n // 2) * itemsize                       # (..., 2F) read, (..., F)
+        if self.op == "linear_geglu":
+            b, seq, k, f = self.shape                            # x, W (2F, K), bias read; y
+            return (b * seq * k + 2 * f * k + 2 * f + b * seq * f) * itemsize
         if self.op == "add_layer_norm":
             return 4 * n * itemsize                              # x, residual read; h, y
                                                                  # (next_bias: C more)
@@ -57,6 +65,9 @@ class KernelCase:
         if self.op == "attention":
             b, h, lq, lk, d = self.shape
             return 4 * b * h * lq * lk * d
+        if self.op == "linear_geglu":
+            b, seq, k, f = self.shape
+            return 2 * b * seq * k * 2 * f                       # the projection's GEMM
         return 0
 
 
@@ -103,6 +114,9 @@ def kernel_cases(quick: bool = False) -> list[KernelCase]:
                                         label=f"cross D={hd} L={res * res}x77"))
                 # the transformer's feed-forward: GEGLU on the projection's (B, L, 2 * 4C)
                 cases.append(KernelCase("geglu", tag, (B, res * res, 2 * 4 * ch)))
+                # the same GEGLU with its projection (C -> 2 * 4C) in one GEMM
+                cases.append(KernelCase("linear_geglu", tag, (B, res * res, ch, 4 * ch),
+                                        label=f"{B}x{res * res}x{ch}->{4 * ch}"))
                 # a residual add and the LayerNorm after it (norm2, norm3)
                 cases.append(KernelCase("add_layer_norm", tag, (B, res * res, ch)))
                 if name == "sd15":
@@ -121,6 +135,8 @@ def kernel_cases(quick: bool = False) -> list[KernelCase]:
         cases = [c for c in cases if c.quick]
         cases.append(KernelCase("group_norm_silu", "cifar-block", (2, 128, 32, 32), quick=True))
         cases.append(KernelCase("geglu", "tiny", (2, 64, 2 * 128), quick=True))
+        cases.append(KernelCase("linear_geglu", "tiny", (2, 64, 32, 128), quick=True,
+                                label="2x64x32->128"))
         cases.append(KernelCase("add_layer_norm", "tiny", (2, 64, 32), quick=True))
         cases.append(KernelCase("add_layer_norm", "tiny", (2, 64, 32), quick=True,
                                 next_bias=True, label="2x64x32 +next_bias"))
@@ -161,6 +177,19 @@ def kernel_fn(case: KernelCase, system: str, device: str, dtype: torch.dtype):
         def fn(h):                                   # diffusers' GEGLU after its projection
             a, gate = h.chunk(2, dim=-1)
             return a * F.gelu(gate)
+    elif case.op == "linear_geglu":
+        bsz, seq, K, F_ = case.shape
+
+        def make():
+            return rnd(bsz, seq, K), rnd(2 * F_, K) * K ** -0.5, rnd(2 * F_)
+        fused = ops.linear_geglu
+
+        def fn(x, w, b):                             # diffusers' GEGLU with its projection
+            h, gate = F.linear(x, w, b).chunk(2, dim=-1)
+            return h * F.gelu(gate)
+
+        def unfused(x, w, b):                        # accelerate's GEGLU before linear_geglu
+            return ops.geglu(F.linear(x, w, b))
     elif case.op == "add_layer_norm" and case.next_bias:
         C = case.shape[-1]
 
@@ -202,6 +231,10 @@ def kernel_fn(case: KernelCase, system: str, device: str, dtype: torch.dtype):
             return k0 * x0 + km * e
     if system == "fastdiff":
         fn = fused
+    elif system == "unfused":
+        if case.op not in UNFUSED_OPS:
+            raise ValueError(f"'system' 'unfused' is for {UNFUSED_OPS}, not {case.op}")
+        fn = unfused
     elif system == "compile":
         fn = torch.compile(fn, dynamic=False)
     elif system != "eager":

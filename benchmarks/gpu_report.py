@@ -80,11 +80,15 @@ def key_ratios(rows) -> list[str]:
             f"{r.case} {r.speedup:.1f}x{mark(r)}" for r in first))
     kern = [r for r in rows if r.kind == "kernel" and r.system == "fastdiff" and r.speedup]
     compiled = {r.case: r for r in rows if r.kind == "kernel" and r.system == "compile"}
+    # linear_geglu: the fused GEMM against cuBLAS + fastdiff.geglu, the question its run answers
+    unfused = {r.case: r for r in rows if r.kind == "kernel" and r.system == "unfused"}
     if kern:
         def one(r):
-            c = compiled.get(r.case)
+            c, u = compiled.get(r.case), unfused.get(r.case)
             vs_compile = ("" if c is None
                           else f", vs compile {c.seconds / r.seconds:.2f}x{mark(c)}")
+            if u is not None:
+                vs_compile += f", vs unfused {u.seconds / r.seconds:.2f}x{mark(u)}"
             roof = "" if r.of_roofline is None else f", {100 * r.of_roofline:.0f}% of roofline"
             return f"{r.case} {r.speedup:.2f}x{mark(r)}{vs_compile}{roof}"
         out.append("kernels, fastdiff vs eager/SDPA: " + "; ".join(one(r) for r in kern))

@@ -176,6 +176,7 @@ def chart(rows: list[Row], path: str, title: str = "") -> None:
 
     colors = {"fastdiff": (220, 80, 40), "engine": (220, 80, 40), "accelerate": (240, 150, 60),
               "eager": (90, 90, 90), "diffusers": (90, 90, 90), "compile": (60, 110, 200),
+              "unfused": (150, 120, 60),
               "prebuilt": (220, 80, 40), "jit": (90, 90, 90)}
     cases = list(dict.fromkeys((r.kind, r.case) for r in rows))
     by = {(r.kind, r.case, r.system): r for r in rows}

@@ -10,6 +10,8 @@ import cases
 
 @pytest.mark.parametrize("system", cases.KERNEL_SYSTEMS)
 def test_kernel(benchmark, kcase, system, device, dtype, quick):
+    if system == "unfused" and kcase.op not in cases.UNFUSED_OPS:
+        pytest.skip("'unfused' is for ops that replace a pair of fastdiff calls")
     if quick and system == "compile" and kcase.op != "denoise_step":
         pytest.skip("quick mode compiles one case only (torch.compile is slow on CPU)")
     if device == "cpu" and not quick and kcase.model.startswith("sdxl"):

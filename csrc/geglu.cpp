@@ -9,6 +9,7 @@
 #include <cmath>
 #include <vector>
 
+#include "geglu.h"
 #include "ops.h"
 #include "simd.h"
 
@@ -141,6 +142,11 @@ Plan<Tensor> plan(const Geglu& a) {
 }
 
 }  // namespace
+
+void geglu_floats_cpu(const float* a, const float* g, float* y, int64_t n) {
+  geglu_floats(a, g, y, n);
+}
+
 }  // namespace fastdiff
 
 // The schemas, and one implementation for every backend (ops.h).

@@ -216,6 +216,27 @@ def geglu(x: torch.Tensor) -> torch.Tensor:
     return _run(torch.ops.fastdiff.geglu, x)
 
 
+def linear_geglu(x: torch.Tensor, weight: torch.Tensor,
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
+    """diffusers' GEGLU, projection and activation in one op: with ``h, g = F.linear(x, weight,
+    bias).chunk(2, -1)``, returns ``h * gelu(g)`` (exact GELU), fp32 accumulation and math, one
+    rounding to x's dtype; on CUDA one GEMM whose epilogue applies the bias and the gate, so the
+    (..., 2F) projection is never written. x: (..., K); weight: (2F, K), nn.Linear's layout
+    (value rows, then gate rows), contiguous; bias: (2F,) or None; one dtype. Returns (..., F).
+    A non-contiguous x (or bias) is copied first; weight is not (a parameter is contiguous: a
+    strided one is refused rather than copied at every call)."""
+    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        bad, v = ("x", x) if not isinstance(x, torch.Tensor) else ("weight", weight)
+        raise TypeError(f"fastdiff.linear_geglu: argument '{bad}' must be a torch.Tensor, got "
+                        f"{type(v).__name__} {v!r:.60}")
+    check_types("linear_geglu", dict(bias=bias))
+    if x.dim() >= 1 and not x.is_contiguous():
+        x = x.contiguous()
+    if bias is None:   # the schema's default: the dispatcher sees the call it always saw
+        return _run(torch.ops.fastdiff.linear_geglu, x, weight)
+    return _run(torch.ops.fastdiff.linear_geglu, x, weight, bias.contiguous())
+
+
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None = None,
                    bias: torch.Tensor | None = None, eps: float = 1e-5,
                    next_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -443,6 +464,36 @@ def _geglu_backward(ctx, grad):
 
 
 torch.library.register_autograd("fastdiff::geglu", _geglu_backward, setup_context=_geglu_setup)
+
+
+def _linear_geglu_setup(ctx, inputs, output):
+    x, weight, bias = inputs
+    ctx.save_for_backward(x, weight, bias)
+
+
+def _linear_geglu_backward(ctx, grad):
+    """The projection recomputed in float32 torch ops (h, g = x W^T + b), then dh = dy gelu(g),
+    dg = dy h gelu'(g) (gelu'(g) = Phi(g) + g phi(g)) and the Linear's gradients: dx = [dh dg] W,
+    dW = [dh dg]^T x, db = [dh dg] summed over rows. Differentiable again. Not fused."""
+    x, weight, bias = ctx.saved_tensors
+    want = ctx.needs_input_grad
+    K = weight.shape[1]
+    x2 = x.reshape(-1, K).float()
+    wf = weight.float()
+    proj = F.linear(x2, wf, None if bias is None else bias.float())
+    h, g = proj.chunk(2, dim=-1)
+    gf = grad.reshape(h.shape).float()
+    cdf = 0.5 * (1 + torch.erf(g * (1 / math.sqrt(2))))
+    pdf = torch.exp(-0.5 * g * g) * (1 / math.sqrt(2 * math.pi))
+    dproj = torch.cat([gf * g * cdf, gf * h * (cdf + g * pdf)], dim=-1)   # (M, 2F)
+    dx = (dproj @ wf).reshape(x.shape).to(x.dtype) if want[0] else None
+    dw = (dproj.t() @ x2).to(weight.dtype) if want[1] else None
+    db = dproj.sum(0).to(bias.dtype) if bias is not None and want[2] else None
+    return dx, dw, db
+
+
+torch.library.register_autograd("fastdiff::linear_geglu", _linear_geglu_backward,
+                                setup_context=_linear_geglu_setup)
 
 
 def _add_layer_norm_setup(ctx, inputs, output):

@@ -86,6 +86,13 @@ def geglu(x):
     return a * (0.5 * g * (1 + torch.erf(g / math.sqrt(2))))
 
 
+def linear_geglu(x, weight, bias=None):
+    """(x W[:F]^T + b[:F]) * gelu(x W[F:]^T + b[F:]) in float64 (exact GELU): diffusers' GEGLU
+    with its projection. x: (..., K); weight: (2F, K); bias: (2F,) or None."""
+    return geglu(torch.nn.functional.linear(_f64(x), _f64(weight),
+                                            None if bias is None else _f64(bias)))
+
+
 def add_layer_norm(x, residual, weight=None, bias=None, eps=1e-5, next_bias=None):
     """(h_out, y): h = x + residual rounded to x's dtype (as the op returns it), y = LayerNorm of
     that h over the last dim in float64 (two-pass variance), times weight, plus bias; h_out =

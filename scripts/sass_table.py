@@ -4,9 +4,10 @@ Compiles every prebuilt configuration for sm_80 and sm_90 with kernels/prebuild.
 summary (``--sass``; no GPU needed) and groups the configurations into families: attention by
 dtype and head dim (its bias variants together), group_norm_silu by kernel, dtype, layout and
 VEC (its fusion flags together), denoise_step by dtype and alignment variant, geglu by dtype and
-VEC, add_layer_norm by dtype and row block. Per family and
-architecture: registers, shared memory, stack (local memory: spills), and the global loads and
-stores in the code by width (instructions in the code, not executions), with MMA instructions.
+VEC, add_layer_norm by dtype and row block, linear_geglu by dtype and alignment variant. Per
+family and architecture: registers, shared memory, stack (local memory: spills), and the global
+loads and stores in the code by width (instructions in the code, not executions), with MMA
+instructions.
 A range a-b spans the family's configurations. Printed, or written between the markers of
 BENCHMARKS.md with ``--write BENCHMARKS.md``.
 
@@ -43,6 +44,13 @@ def family(r):
     if r["op"] == "add_layer_norm":
         dt = _DT[sig["x_ptr"]]
         return (4, dt, cx["BLOCK_C"]), f"add_layer_norm {dt} BLOCK_C={cx['BLOCK_C']}"
+    if r["op"] == "linear_geglu":
+        dt = _DT[sig["x_ptr"]]
+        names = [p["name"] for p in r["params"]]
+        aligned = "K" in [names[i] for i in r["aligned"]]
+        tile = f"{cx['BLOCK_M']}x{cx['BLOCK_N']}x{cx['BLOCK_K']}"
+        return ((5, dt, not aligned),
+                f"linear_geglu {dt} {tile} {'K, F % 16 == 0' if aligned else 'any K, F'}")
     dt = _DT[sig["x_ptr"]]
     names = [p["name"] for p in r["params"]]
     aligned = "numel" in [names[i] for i in r["aligned"]]

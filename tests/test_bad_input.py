@@ -21,6 +21,7 @@ attn = torch.ops.fastdiff.attention
 step = torch.ops.fastdiff.denoise_step
 geglu = torch.ops.fastdiff.geglu
 aln = torch.ops.fastdiff.add_layer_norm
+lgeglu = torch.ops.fastdiff.linear_geglu
 
 
 def _x(*shape, dtype=torch.float32):
@@ -141,6 +142,32 @@ GEGLU_BAD = [
 ]
 
 
+def lgeglu_args(**over):
+    a = dict(x=_x(2, 3, 8), weight=_x(2 * 5, 8), bias=_x(2 * 5))
+    a.update(over)
+    return list(a.values())
+
+
+LGEGLU_BAD = [
+    # (overrides, message fragment) - one per check in csrc/linear_geglu.cpp
+    ({"x": torch.tensor(1.0)}, "'x' must have a last dimension \\(..., K\\), got a 0-d"),
+    ({"x": _x(2, 8, dtype=torch.float64)}, "'x' must have dtype float32, float16 or bfloat16"),
+    ({"x": _x(3, 0)}, "'x' must have a last dimension K >= 1, got shape \\[3, 0\\]"),
+    ({"x": _x(8, 3).t()}, "'x' must be contiguous, got strides \\[1, 3\\]"),
+    ({"weight": _x(10)}, "'weight' must have shape \\(2F, K\\) .* got shape \\[10\\]"),
+    ({"weight": _x(9, 8)}, "'weight' must have shape \\(2F, K\\) .* got shape \\[9, 8\\]"),
+    ({"weight": _x(0, 8)}, "'weight' must have shape \\(2F, K\\) with F >= 1"),
+    ({"weight": _x(10, 7)}, "'weight' must have shape .*K = x.shape\\[-1\\] = 8"),
+    ({"weight": _x(10, 8, dtype=torch.float16)}, "'weight' must have x's dtype \\(float32\\)"),
+    ({"weight": _x(8, 10).t()}, "'weight' must be contiguous \\(nn.Linear's"),
+    ({"weight": torch.randn(10, 8, device="meta")}, "'weight' must be on the same device as 'x'"),
+    ({"bias": _x(8)}, "'bias' must have shape \\(10,\\) \\(weight's rows\\), got shape \\[8\\]"),
+    ({"bias": _x(10, dtype=torch.bfloat16)}, "'bias' must have x's dtype \\(float32\\), got bf"),
+    ({"bias": _x(20)[::2]}, "'bias' must be contiguous"),
+    ({"bias": torch.randn(10, device="meta")}, "'bias' must be on the same device as 'x'"),
+]
+
+
 def aln_args(**over):
     a = dict(x=_x(2, 3, 8), residual=_x(2, 3, 8), weight=_x(8), bias=_x(8), eps=1e-5,
              next_bias=None)
@@ -250,6 +277,19 @@ def test_add_layer_norm_rejects(over, msg):
     _all_paths(aln, functools.partial(ops.check, "add_layer_norm"), aln_args(**over), msg)
 
 
+@pytest.mark.parametrize("over,msg", [pytest.param(o, m, id=f"{next(iter(o))}-{i}")
+                                      for i, (o, m) in enumerate(LGEGLU_BAD)])
+def test_linear_geglu_rejects(over, msg):
+    _all_paths(lgeglu, functools.partial(ops.check, "linear_geglu"), lgeglu_args(**over), msg)
+
+
+def test_linear_geglu_entry_point_rejects_non_tensors():
+    for over, name in (({"x": None}, "x"), ({"weight": [1.0]}, "weight"), ({"bias": 1.0}, "bias")):
+        msg = f"fastdiff.linear_geglu: argument '{name}' must be a torch.Tensor"
+        with pytest.raises(TypeError, match=msg):
+            ops.linear_geglu(*lgeglu_args(**over))
+
+
 def test_geglu_entry_point_rejects_non_tensors():
     with pytest.raises(TypeError, match="fastdiff.geglu: argument 'x' must be a torch.Tensor"):
         ops.geglu(None)
@@ -270,5 +310,7 @@ def test_valid_arguments_pass_the_checks():
                                          noise=_x(2, 3, 4)))
     ops.check("geglu", _x(3, 2, 8))
     ops.check("geglu", _x(0, 2))
+    ops.check("linear_geglu", *lgeglu_args(bias=None))
+    ops.check("linear_geglu", *lgeglu_args(x=_x(0, 8)))
     ops.check("add_layer_norm", *aln_args(weight=None, bias=None, eps=0.0))
     ops.check("add_layer_norm", *aln_args(next_bias=_x(8)))

@@ -17,14 +17,15 @@ import pytest
 import torch
 
 from fastdiff.kernels import (add_layer_norm, attention, denoise_step, geglu,
-                              group_norm_silu, prebuild)
+                              group_norm_silu, linear_geglu, prebuild)
 
 # Shared memory per block (bytes) a kernel may use. The sm_80 compile is held to sm_86/sm_89's
 # 99 KB (A100 allows 163 KB), since the wheel's sm_86/89 cubins are the same code and use the
 # same shared memory (kernels built for 8.x must run on every 8.x GPU); sm_90 (H100): 227 KB.
 SMEM_LIMIT = {80: 101376, 90: 232448}
 MODULES = {"group_norm_silu": group_norm_silu, "attention": attention,
-           "denoise_step": denoise_step, "geglu": geglu, "add_layer_norm": add_layer_norm}
+           "denoise_step": denoise_step, "geglu": geglu, "add_layer_norm": add_layer_norm,
+           "linear_geglu": linear_geglu}
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +80,7 @@ def test_launchers_choose_only_listed_configs():
                 assert _key(cfg) in listed, (dt, f)
         for aligned in (True, False):
             assert _key(geglu._config(dt, aligned)) in listed, (dt, aligned)
+        assert _key(linear_geglu._config(dt)) in listed, dt
         for c in range(129, 4097):  # 16-byte rows up to the largest prebuilt block
             block = add_layer_norm.block_c(c)
             assert _key(add_layer_norm._config(dt, block)) in listed, (dt, c)
@@ -176,6 +178,28 @@ def test_add_layer_norm_moves_data_in_16_byte_accesses(compiled):
         n = _vectors(r, r["constexprs"]["BLOCK_C"])
         assert s["ldg"] == {"128": 5 * n}, f"{_label(r)}: {s['ldg']}"
         assert s["stg"] == {"128": 2 * n}, f"{_label(r)}: {s['stg']}"
+
+
+def test_linear_geglu_runs_on_tensor_cores(compiled):
+    """16-bit inputs: both products on tensor cores (HMMA on sm_80, HGMMA on sm_90); where K and
+    F are multiples of 16 (the variant SD's widths select), x's and W's tiles reach shared memory
+    in 16-byte async copies (LDGSTS.128, at least one per 16 bytes of the x tile and the two W
+    tiles of a K step) and y is written in 16-byte stores. fp32 runs IEEE dots (FFMA: TF32
+    would break the op's fp32 promise). Spills: test_no_register_spills."""
+    recs = [r for r in compiled if r["op"] == "linear_geglu"]
+    assert len(recs) == len(SMEM_LIMIT) * len(linear_geglu.prebuilt_configs())
+    for r in recs:
+        cx, s = r["constexprs"], r["sass"]
+        if r["signature"]["x_ptr"] == "*fp32":
+            assert s["hmma"] == s["hgmma"] == 0, f"{_label(r)}: TF32 tensor-core instructions"
+            continue
+        mma = s["hmma"] if r["arch"] < 90 else s["hgmma"]
+        assert mma > 0, f"{_label(r)}: no tensor-core instruction"
+        names = [p["name"] for p in r["params"]]
+        if {"F", "K"} <= {names[i] for i in r["aligned"]}:
+            need = _vectors(r, (cx["BLOCK_M"] + 2 * cx["BLOCK_N"]) * cx["BLOCK_K"])
+            assert s["ldgsts"].get("128", 0) >= need, f"{_label(r)}: {s['ldgsts']}, {need}"
+            assert set(s["stg"]) == {"128"}, f"{_label(r)}: {s['stg']}"
 
 
 def _allowed_stack(r):

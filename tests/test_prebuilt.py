@@ -23,7 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastdiff import ops, prebuilt, reference, schedules
 from fastdiff.kernels import (add_layer_norm, attention, denoise_step, geglu,
-                              group_norm_silu, prebuild)
+                              group_norm_silu, linear_geglu, prebuild)
 
 # The quick CPU subset tests/test_wheel.py runs in a fresh install of the wheel.
 pytestmark = pytest.mark.quick
@@ -235,6 +235,28 @@ def test_geglu_plan_matches_the_launcher(case):
     _compare(geglu, _cpp_plan_of("geglu"), inputs, args)
 
 
+def _lg_case(dtype, batch, K, F, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    inputs = {"x": torch.randn(*batch, K, generator=g).to(dtype),
+              "weight": torch.randn(2 * F, K, generator=g).to(dtype)}
+    if bias:
+        inputs["bias"] = torch.randn(2 * F, generator=g).to(dtype)
+    return inputs, (inputs["x"], inputs["weight"], inputs.get("bias"))
+
+
+LG_CASES = [
+    dict(dtype=torch.float16, batch=(2, 64), K=320, F=1280),  # SD1.5's first FeedForward
+    dict(dtype=torch.bfloat16, batch=(3,), K=7, F=5, bias=False),  # odd K and F, no bias
+    dict(dtype=torch.float32, batch=(1,), K=33, F=70),       # fp32 blocks, a ragged K tail
+]
+
+
+@pytest.mark.parametrize("case", LG_CASES, ids=lambda c: f"{c['dtype']}-{c['K']}-{c['F']}")
+def test_linear_geglu_plan_matches_the_launcher(case):
+    inputs, args = _lg_case(**case)
+    _compare(linear_geglu, _cpp_plan_of("linear_geglu"), inputs, args)
+
+
 def _aln_case(dtype, shape, affine=True, next_bias=False, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(*shape, generator=g).to(dtype)
@@ -303,6 +325,9 @@ def test_every_cpp_key_is_a_listed_configuration():
         for F in (8, 5):  # rows of 16 bytes (all dtypes) or not
             _, args = _geglu_case(dt, (2, 2 * F))
             seen |= {la["key"] for la in _cpp_plan_of("geglu")(*args)[0]}
+        for bias in (True, False):  # one key per dtype (bias: a runtime flag)
+            _, args = _lg_case(dt, (3,), 16, 8, bias)
+            seen |= {la["key"] for la in _cpp_plan_of("linear_geglu")(*args)[0]}
         for C in range(8, 4097, 8):  # every C with 16-byte rows in every dtype
             _, args = _aln_case(dt, (1, C), affine=C % 16 == 0, next_bias=C % 24 == 0)
             launches, _, _, why = _cpp_plan_of("add_layer_norm")(*args)
@@ -340,7 +365,7 @@ class _Work(TorchDispatchMode):
 
 
 LAUNCHES = {"group_norm_silu": 2, "attention": 1, "denoise_step": 1, "geglu": 1,
-            "add_layer_norm": 1}
+            "add_layer_norm": 1, "linear_geglu": 1}
 
 
 def _all_cases():
@@ -356,6 +381,8 @@ def _all_cases():
     for case in ALN_CASES:
         yield ("add_layer_norm", add_layer_norm, _cpp_plan_of("add_layer_norm"),
                _aln_case(**case))
+    for case in LG_CASES:
+        yield "linear_geglu", linear_geglu, _cpp_plan_of("linear_geglu"), _lg_case(**case)
 
 
 def test_plans_launch_their_kernels_and_nothing_else():
@@ -441,6 +468,18 @@ def test_selection_prefers_the_aligned_variant_and_falls_back(sm80):
     la = _cpp_plan_of("denoise_step")(args[0], sample, *args[2:])[0][0]
     path, why = prebuilt.select(la, 80)
     assert not path and "'x_ptr' is not 16-byte aligned" in why
+
+
+def test_linear_geglu_selection_by_k_and_f(sm80):
+    """K and F multiples of 16 (SD's widths) select the cubin that assumes them (16-byte tile
+    loads); K = 7 or F = 5 the one assuming only aligned pointers."""
+    for (K, F), want in (((320, 1280), {"F", "K"}), ((7, 5), set()), ((16, 5), set())):
+        la = _cpp_plan_of("linear_geglu")(*_lg_case(torch.float16, (3,), K, F)[1])[0][0]
+        path, why = prebuilt.select(la, 80)
+        assert path, why
+        entry = sm80[os.path.basename(path)]
+        names = [p["name"] for p in entry["params"]]
+        assert {names[i] for i in entry["aligned"]} - {"x_ptr", "w_ptr", "b_ptr", "y_ptr"} == want
 
 
 def test_selection_takes_any_element_of_an_index_table(sm80):
@@ -650,6 +689,20 @@ def test_cuda_add_layer_norm_prebuilt(gpu_cubins, case):
     torch.testing.assert_close(h.cpu(), ref_h, rtol=0, atol=0)
     torch.testing.assert_close(y.cpu().double(), ref_y, rtol=tol, atol=tol)
     torch.testing.assert_close((h, y), (jh, jy))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("case", LG_CASES, ids=lambda c: f"{c['dtype']}-{c['K']}-{c['F']}")
+def test_cuda_linear_geglu_prebuilt(gpu_cubins, case):
+    _, args = _lg_case(**case)
+    cuda_args = _on(args, "cuda")
+    prebuilt_out, jit_out = _both_paths(lambda: torch.ops.fastdiff.linear_geglu(*cuda_args))
+    ref = reference.linear_geglu(*args)
+    tol = 1e-3 if args[0].dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(prebuilt_out.cpu().double(), ref, rtol=tol,
+                               atol=tol * ref.abs().max().item())
+    torch.testing.assert_close(prebuilt_out, jit_out)
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the GPU tests run the CUDA kernels on CUDA tensors")
