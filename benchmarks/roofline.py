@@ -130,6 +130,9 @@ def _flops(name: str, args, outs) -> float:
     if name in ("mm", "addmm", "bmm", "baddbmm"):
         a, b = (args[1], args[2]) if name in ("addmm", "baddbmm") else (args[0], args[1])
         return 2.0 * outs[0].numel() * a.shape[-1]
+    if name == "linear_geglu":      # x (..., K) @ W (2F, K).T: a GEMM, then the epilogue
+        x, w = args[0], args[1]
+        return 2.0 * (x.numel() // max(1, x.shape[-1])) * w.shape[0] * w.shape[1]
     if name in _ATTENTION:
         q, k, v = args[:3]
         b_h_lq = q.numel() // q.shape[-1]
@@ -146,6 +149,8 @@ def _label(name: str, args, outs, dtype) -> str:
     if name in _MATMUL:
         a, b = (args[1], args[2]) if name in ("addmm", "baddbmm") else (args[0], args[1])
         return f"{_dims(a)} @ {_dims(b)}"
+    if name == "linear_geglu":
+        return f"{_dims(args[0])} @ {_dims(args[1])}^T -> {_dims(outs[0])}"
     if name in _ATTENTION:
         q, k = args[0], args[1]
         return f"q {_dims(q)}, kv len {k.shape[-2]}"
@@ -515,7 +520,7 @@ def op_class(op: str) -> str:
     name = op.split(".", 1)[-1].rstrip("_")
     if name == "convolution":
         return "conv"
-    if name in _MATMUL:
+    if name in _MATMUL or name == "linear_geglu":
         return "matmul"
     if name in _ATTENTION:
         return "attention"

@@ -267,12 +267,14 @@ def test_gradients_backpropagate_through_the_fused_ops():
     fastdiff.restore(unet)
 
 
+@pytest.mark.parametrize("backend", ["auto", "split"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_geglu_patched_equals_stock_and_keeps_autograd(dtype):
-    """A patched GEGLU (its projection, then fastdiff.geglu) equals diffusers' forward; with
-    autograd recording it runs diffusers' own code, and gradients flow."""
+def test_geglu_patched_equals_stock_and_keeps_autograd(dtype, backend, monkeypatch):
+    """A patched GEGLU (linear_geglu; with FASTDIFF_GEGLU=split its projection, then
+    fastdiff.geglu) equals diffusers' forward, and gradients flow through it."""
     from diffusers.models.activations import GEGLU
 
+    monkeypatch.setenv("FASTDIFF_GEGLU", backend)
     torch.manual_seed(0)
     ff = diffusers.models.attention.FeedForward(40, activation_fn="geglu").to(dtype).eval()
     geglu = ff.net[0]
@@ -283,8 +285,11 @@ def test_geglu_patched_equals_stock_and_keeps_autograd(dtype):
     state = acc.pipeline._State()
     counts, _ = acc.blocks.patch_modules(ff, state)
     assert counts["geglu"] == 1 and "forward" in geglu.__dict__
-    with torch.no_grad():
+    ran = []
+    with torch.no_grad(), _recording_ops(ran):
         out = ff(h)
+    fused = "fastdiff.linear_geglu" in ran
+    assert fused == (backend == "auto") and ("fastdiff.geglu" in ran) != fused
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
     x = h.float().requires_grad_()
@@ -443,6 +448,16 @@ def test_attention_processor_matches_sdpa(head_dim, heads, cross, caplog):
             out = attn(x, ctx, attention_mask=mask)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
     assert ("SDPA used" in caplog.text) == (head_dim > 256)
+
+
+def test_geglu_backend_choice(monkeypatch):
+    monkeypatch.delenv("FASTDIFF_GEGLU", raising=False)
+    assert acc.blocks.geglu_backend() == "fused"
+    monkeypatch.setenv("FASTDIFF_GEGLU", "split")
+    assert acc.blocks.geglu_backend() == "split"
+    monkeypatch.setenv("FASTDIFF_GEGLU", "cublas")
+    with pytest.raises(ValueError, match="FASTDIFF_GEGLU must be one of"):
+        acc.blocks.geglu_backend()
 
 
 def test_attention_backend_choice(monkeypatch):

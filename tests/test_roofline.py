@@ -21,7 +21,9 @@ By hand:
                     + conv_act 1 = 26; accelerate fuses 2 per resnet and conv_act: 9 remain
   accelerate        -3 per resnet (2 SiLU, the time-embedding add) - conv_act 1
                     - DDIM's 6 elementwise ops + 1 denoise_step = 30 kernels fewer;
-                    each transformer's GEGLU: GELU + product -> one geglu (-1 x 4);
+                    each transformer's GEGLU: GELU + product -> one geglu (-1 x 4), and
+                    with its projection one linear_geglu (-1 x 4 more; FASTDIFF_GEGLU=split
+                    keeps the projection's addmm and geglu);
                     each BasicTransformerBlock: residual add + norm2, residual add + norm3
                     -> two add_layer_norm (-2 x 4), its strided input copied once (as
                     eager's norm1 does inside its call: the model counts both);
@@ -153,10 +155,16 @@ def test_accelerate_fuses_norms_attention_and_the_step(steps):
     # made in the first step)
     assert count(d, "aten.mm", "Attention") == 24
     assert count(a, "aten.mm", "Attention") == 4 + 4
-    # GEGLU: the projection (addmm) stays; GELU and the product become one geglu, which reads
-    # the projection's output (2 x 64 rows of 2F = 2 x 4 x 32) once and writes F (fp16)
+    # GEGLU: the projection (addmm), GELU and the product become one linear_geglu, which reads
+    # x (2 x 64 rows of 32), the (2F, 32) weight and the 2F bias and writes F (F = 4 x 32;
+    # fp16), its FLOPs the projection's
     assert count(d, "aten.gelu") == 4 and count(a, "aten.gelu") == 0
-    assert count(a, "fastdiff.geglu") == 4
+    assert count(d, "aten.addmm", "GEGLU") == 4 and count(a, "aten.addmm", "GEGLU") == 0
+    assert count(a, "fastdiff.linear_geglu") == 4 and count(a, "fastdiff.geglu") == 0
+    lg = next(k for k in a if k.op == "fastdiff.linear_geglu")
+    assert lg.where == "GEGLU" and lg.flops == 2 * 128 * 256 * 32
+    assert lg.bytes == 2 * (128 * 32 + 256 * 32 + 256 + 128 * 128)
+    assert roofline.op_class(lg.op) == "matmul"
     # per BasicTransformerBlock: the adds before norm2 and norm3 go into add_layer_norm; norm1
     # (after proj_in) stays; the feed-forward's output projection accumulates into the residual
     # in place (its bias added by the add_layer_norm before it)
@@ -173,10 +181,6 @@ def test_accelerate_fuses_norms_attention_and_the_step(steps):
     aln = next(k for k in a if k.op == "fastdiff.add_layer_norm")
     # level 0, 2 x 64 tokens of 32 channels: x, residual, weight, bias read; h, y written
     assert aln.where == "BasicTransformerBlock" and aln.bytes == 2 * (4 * 128 * 32 + 2 * 32)
-    geglu = next(k for k in a if k.op == "fastdiff.geglu")
-    assert geglu.where == "GEGLU" and geglu.bytes == 2 * (128 * 256 + 128 * 128)
-    eager = [k for k in d if k.where == "GEGLU" and k.op in ("aten.gelu", "aten.mul")][:2]
-    assert sum(k.bytes for k in eager) == 2 * (2 * 128 * 128 + 3 * 128 * 128)
     assert [k.op for k in a if k.where == "scheduler step"] == ["fastdiff.denoise_step"]
     # 8 resnets: norm1, silu, temb add, norm2, silu become 2 ops (-3 each); conv_norm_out +
     # conv_act (-1); the 6-kernel scheduler step becomes one denoise_step (-5); divisions by a
@@ -185,12 +189,13 @@ def test_accelerate_fuses_norms_attention_and_the_step(steps):
     # and each block copies its strided input once, as eager's norm1 does; the op's attention
     # output is contiguous (B, H, L, D), so its transpose back to (B, L, H*D) is a copy where
     # SDPA's (B, L, H, D) output is a view (-8); the time projections (-13), the shortcuts
-    # (-5), the stacked attention projections (-16), the transformers' output copies (-4) and
+    # (-5), the stacked attention projections (-16), the GEGLU projections in linear_geglu
+    # (-4), the transformers' output copies (-4) and
     # the time embedding's frequencies and concatenations (-8), the feed-forwards' residual
     # adds (-4)
     assert count(d, "", "Timesteps") == 0 and len([k for k in d if k.where == "Timesteps"]) == 11
     assert [k.op for k in a if k.where == "Timesteps"] == ["aten.mul", "aten.sin", "aten.cos"]
-    assert len(d) - len(a) == 8 * 3 + 1 + 6 - 1 + 8 + 8 + 4 + 8 - 8 + 13 + 5 + 16 + 4 + 8 + 4
+    assert len(d) - len(a) == 8 * 3 + 1 + 6 - 1 + 8 + 8 + 4 + 8 - 8 + 13 + 5 + 16 + 4 + 4 + 8 + 4
     assert count(d, "aten.clone", "Attention") == 0 and count(a, "aten.clone", "Attention") == 8
     dev = roofline.ROOFLINES["H100"]
     mem = lambda ks: sum(k.bytes for k in ks if k.memory_bound(dev))  # noqa: E731
@@ -225,4 +230,18 @@ def test_accelerate_on_cuda_keeps_sdpa():
     a = steps["accelerate"]
     assert count(a, "sdpa") == 8 and count(a, "fastdiff.attention") == 0
     assert count(a, "aten.clone", "Attention") == 0
-    assert count(a, "fastdiff.add_layer_norm") == 8 and count(a, "fastdiff.geglu") == 4
+    assert count(a, "fastdiff.add_layer_norm") == 8 and count(a, "fastdiff.linear_geglu") == 4
+
+
+def test_geglu_split_keeps_the_projection_and_geglu(monkeypatch):
+    """FASTDIFF_GEGLU=split: the projection's addmm, then geglu, which reads its output (2 x 64
+    rows of 2F) once and writes F, where eager's GELU and product read 3F and write 2F."""
+    monkeypatch.setenv("FASTDIFF_GEGLU", "split")
+    steps = roofline.record(_tiny_unet(), SPEC, batch=2, dtype=torch.float16)
+    d, a = steps["diffusers"], steps["accelerate"]
+    assert count(a, "fastdiff.geglu") == 4 and count(a, "fastdiff.linear_geglu") == 0
+    assert count(a, "aten.addmm", "GEGLU") == 4
+    geglu = next(k for k in a if k.op == "fastdiff.geglu")
+    assert geglu.where == "GEGLU" and geglu.bytes == 2 * (128 * 256 + 128 * 128)
+    eager = [k for k in d if k.where == "GEGLU" and k.op in ("aten.gelu", "aten.mul")][:2]
+    assert sum(k.bytes for k in eager) == 2 * (2 * 128 * 128 + 3 * 128 * 128)

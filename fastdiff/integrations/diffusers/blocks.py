@@ -242,13 +242,36 @@ def _identity_forward(self, x):
 
 # ---------------------------------------------------------------- GEGLU
 
+GEGLU_BACKENDS = ("auto", "fused", "split")
+
+
+def geglu_backend() -> str:
+    """How an accelerated GEGLU runs: 'fused' (``linear_geglu``: the projection's GEMM with
+    the GELU and product in its epilogue, the 2F-wide projection never written) or 'split'
+    (the projection's own matmul, then ``geglu``). FASTDIFF_GEGLU picks; 'auto' (the default)
+    is 'fused': on the CPU the two measured alike (the matmul dominates, BENCHMARKS.md); on a
+    GPU the fused kernel moves a quarter of the bytes, and whether its Triton GEMM keeps up with
+    cuBLAS is for the next GPU run to measure."""
+    choice = os.environ.get("FASTDIFF_GEGLU", "auto")
+    if choice not in GEGLU_BACKENDS:
+        raise ValueError(f"fastdiff: FASTDIFF_GEGLU must be one of {GEGLU_BACKENDS}, "
+                         f"got {choice!r}")
+    return "split" if choice == "split" else "fused"
+
+
 def _geglu_forward(self, hidden_states, *args, **kwargs):
-    """diffusers' GEGLU.forward: the projection (a Linear: its bias inside the matmul), then
-    value * gelu(gate) in one kernel instead of GELU and a product over the halves."""
+    """diffusers' GEGLU.forward: with a plain Linear projection, ``linear_geglu`` (one GEMM
+    with value * gelu(gate) in its epilogue); else the projection, then ``geglu`` (the GELU and
+    the product in one kernel instead of two)."""
     if (args or kwargs or hidden_states.dtype not in DTYPES
             or hidden_states.device.type == "npu"):   # (npu: diffusers' own fused kernel)
         return type(self).forward(self, hidden_states, *args, **kwargs)
-    return ops.geglu(self.proj(hidden_states))
+    p = self.proj
+    if (type(p) is nn.Linear and p.weight.dtype == hidden_states.dtype
+            and _on(hidden_states, p.weight) and p.in_features > 0 and p.out_features > 0
+            and geglu_backend() == "fused"):
+        return ops.linear_geglu(hidden_states, p.weight, p.bias)
+    return ops.geglu(p(hidden_states))
 
 
 # ---------------------------------------------------------------- BasicTransformerBlock
@@ -638,7 +661,7 @@ def patch_modules(root: nn.Module, state) -> tuple[dict, list[str]]:
         if (type(m) is Transformer2DModel and m.is_input_continuous
                 and "_get_output_for_continuous_inputs" not in m.__dict__):
             m._get_output_for_continuous_inputs = Patched(m, _transformer_output)
-            state.patched.append((m, "_get_output_for_continuous_inputs"))
+            state.patched += [(m, "_get_output_for_continuous_inputs")]
             counts["transformers"] += 1
         if type(m) is BasicTransformerBlock and "forward" not in m.__dict__:
             m.forward = Patched(m, _transformer_block_forward)
