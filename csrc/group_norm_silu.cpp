@@ -188,15 +188,17 @@ inline void fold(const Params& p, int64_t n, int64_t c, int64_t C, double mean, 
   *beta = static_cast<float>(b * s + sh - lo * scale);
 }
 
-// kYCl: y in channels_last (x NCHW): each channel's outputs are made in a float row as for NCHW
-// output (the same arithmetic, element for element), spread into a [pixel][channel] buffer of the
-// group (40 bytes apart for C/G = 10: no 4 KB aliasing, unlike reading a channel-major buffer
-// across channels), then written per pixel: the group's C/G channels of each y row.
+// kYCl: y in channels_last (x NCHW): each channel's outputs are made in a float row of a group
+// buffer as for NCHW output (the same arithmetic, element for element), then written per pixel:
+// the group's C/G channels of each y row, read across the buffer's rows.
 template <typename T, bool kSilu, bool kYCl>
 void nchw(const T* x, T* y, int64_t N, int64_t C, int64_t HW, int64_t G, const Params& p) {
   const int64_t Cg = C / G;
   torch::stable::parallel_for(0, N * G, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf, z(kYCl ? HW : 0), tokens(kYCl ? HW * Cg : 0);
+    // The buffer's rows S = HW + 16 floats apart: read across rows 16 KB apart (64x64), they
+    // would all fall in one cache set (4 KB aliasing).
+    const int64_t S = HW + 16;
+    std::vector<float> buf, tokens(kYCl ? S * Cg : 0);
     std::vector<double> mean_c(Cg), m2_c(Cg);
     for (int64_t ng = begin; ng < end; ++ng) {
       const int64_t n = ng / G, c0 = (ng % G) * Cg;
@@ -219,8 +221,7 @@ void nchw(const T* x, T* y, int64_t N, int64_t C, int64_t HW, int64_t G, const P
         float m, a, b;
         fold(p, n, c0 + j, C, gmean, rstd, &m, &a, &b);
         if constexpr (kYCl) {
-          affine_act<float, kSilu, false>(xf + j * HW, &m, &a, &b, z.data(), HW);
-          for (int64_t q = 0; q < HW; ++q) tokens[q * Cg + j] = z[q];
+          affine_act<float, kSilu, false>(xf + j * HW, &m, &a, &b, tokens.data() + j * S, HW);
         } else {
           affine_act<T, kSilu, false>(xf + j * HW, &m, &a, &b, y + (n * C + c0 + j) * HW, HW);
         }
@@ -228,8 +229,8 @@ void nchw(const T* x, T* y, int64_t N, int64_t C, int64_t HW, int64_t G, const P
       if constexpr (kYCl) {
         for (int64_t q = 0; q < HW; ++q) {
           T* row = y + (n * HW + q) * C + c0;
-          const float* t = tokens.data() + q * Cg;
-          for (int64_t j = 0; j < Cg; ++j) row[j] = static_cast<T>(t[j]);
+          const float* t = tokens.data() + q;
+          for (int64_t j = 0; j < Cg; ++j) row[j] = static_cast<T>(t[j * S]);
         }
       }
     }
