@@ -99,9 +99,7 @@ Tensor empty(const GroupNormSilu& a) {
   // torch's channels_last strides (as torch.empty(..., memory_format=channels_last) makes them).
   const Tensor& x = a.x;
   const int64_t C = x.size(1), H = x.size(2), W = x.size(3);
-  const int64_t c = std::max<int64_t>(C, 1), w = std::max<int64_t>(W, 1);
-  const int64_t h = std::max<int64_t>(H, 1);
-  return empty_strided(x, {x.size(0), C, H, W}, {h * w * c, 1, w * c, c});
+  return empty_strided(x, {x.size(0), C, H, W}, {H * W * C, 1, W * C, C});
 }
 
 // ---- CPU kernel ----

@@ -236,6 +236,17 @@ def test_channels_last_out_entry_point_and_meta():
         assert torch.ops.fastdiff.group_norm_silu(xm, 4).stride() == xm.stride()
 
 
+@pytest.mark.parametrize("shape", [(0, 4, 2, 2), (2, 4, 0, 3), (2, 4, 3, 0), (2, 0, 3, 3)],
+                         ids=["N=0", "H=0", "W=0", "C=0"])
+def test_channels_last_out_of_empty_tensors(shape):
+    """No elements: the strides torch gives an empty channels_last tensor, on CPU and Meta."""
+    want = torch.empty(shape, memory_format=torch.channels_last).stride()
+    for x in (torch.empty(shape), torch.empty(shape, device="meta")):
+        y = torch.ops.fastdiff.group_norm_silu(x, 2 if shape[1] else 1, None, None, 1e-5, None,
+                                               None, None, True, True)
+        assert y.shape == shape and y.stride() == want
+
+
 def test_channels_last_out_compiles():
     """torch.compile traces the op with channels_last_out (fake tensors' strides from the Meta
     kernel) and the compiled call returns what eager does."""
