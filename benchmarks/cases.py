@@ -39,6 +39,7 @@ class KernelCase:
     quick: bool = False
     label: str = field(default="", compare=False)
     next_bias: bool = False      # add_layer_norm only: h_out = h + next_bias as well
+    tokens: bool = False         # group_norm_silu only: no SiLU, channels_last out of NCHW x
 
     @property
     def id(self) -> str:
@@ -120,6 +121,11 @@ def kernel_cases(quick: bool = False) -> list[KernelCase]:
                 # a residual add and the LayerNorm after it (norm2, norm3)
                 cases.append(KernelCase("add_layer_norm", tag, (B, res * res, ch)))
                 if name == "sd15":
+                    # Transformer2DModel's GroupNorm before its 1x1 proj_in, written as the
+                    # (B, HW, C) tokens (channels_last) the transformer reads
+                    cases.append(KernelCase("group_norm_silu", tag, (B, ch, res, res),
+                                            tokens=True,
+                                            label=f"{B}x{ch}x{res}x{res} tokens"))
                     # norm3 with the feed-forward's output bias added to the residual
                     cases.append(KernelCase("add_layer_norm", tag, (B, res * res, ch),
                                             next_bias=True,
@@ -161,8 +167,15 @@ def kernel_fn(case: KernelCase, system: str, device: str, dtype: torch.dtype):
 
         def make():
             return rnd(*case.shape), rnd(case.shape[1]), rnd(case.shape[1])
-        fused = lambda x, w, b: ops.group_norm_silu(x, G, w, b)  # noqa: E731
-        fn = lambda x, w, b: F.silu(F.group_norm(x, G, w, b))  # noqa: E731
+        if case.tokens:
+            def fused(x, w, b):
+                return ops.group_norm_silu(x, G, w, b, silu=False, channels_last_out=True)
+
+            def fn(x, w, b):         # diffusers: the norm, then the tokens made contiguous
+                return F.group_norm(x, G, w, b).permute(0, 2, 3, 1).contiguous()
+        else:
+            fused = lambda x, w, b: ops.group_norm_silu(x, G, w, b)  # noqa: E731
+            fn = lambda x, w, b: F.silu(F.group_norm(x, G, w, b))  # noqa: E731
     elif case.op == "attention":
         bsz, h, lq, lk, d = case.shape
 

@@ -1,7 +1,9 @@
 // fastdiff::group_norm_silu: GroupNorm with optional fusions, then SiLU. Schema in ops.cpp;
 // Triton kernels and plan in kernels/group_norm_silu.py.
 //
-// x: (N, C, H, W), contiguous NCHW or channels_last; returns the same dtype and memory format.
+// x: (N, C, H, W), contiguous NCHW or channels_last; returns the same dtype, in x's memory format
+// or, with channels_last_out, in channels_last whatever x's (the (N, H*W, C) token layout a
+// transformer reads after the norm: diffusers' Transformer2DModel, issue 18).
 // weight/bias: (C,) or absent (1 and 0). pre_bias/scale/shift: (N, C), contiguous, or absent;
 // the small tensors are x's dtype or float32.
 //   h = x + pre_bias[n, c]; y = (h - mean_g) * rstd_g * weight[c] + bias[c]
@@ -26,11 +28,11 @@ struct GroupNormSilu {  // a call's arguments, in schema order
   static constexpr char name[] = "group_norm_silu";
   static constexpr char schema[] =
       "(Tensor x, int num_groups, Tensor? weight=None, Tensor? bias=None, float eps=1e-5, "
-      "Tensor? pre_bias=None, Tensor? scale=None, Tensor? shift=None, bool apply_silu=True) "
-      "-> Tensor";
+      "Tensor? pre_bias=None, Tensor? scale=None, Tensor? shift=None, bool apply_silu=True, "
+      "bool channels_last_out=False) -> Tensor";
   using Sig = Tensor(const Tensor&, int64_t, const std::optional<Tensor>&,
                      const std::optional<Tensor>&, double, const std::optional<Tensor>&,
-                     const std::optional<Tensor>&, const std::optional<Tensor>&, bool);
+                     const std::optional<Tensor>&, const std::optional<Tensor>&, bool, bool);
   const Tensor& x;
   int64_t num_groups;
   const std::optional<Tensor>& weight;
@@ -40,6 +42,7 @@ struct GroupNormSilu {  // a call's arguments, in schema order
   const std::optional<Tensor>& scale;
   const std::optional<Tensor>& shift;
   bool apply_silu;
+  bool channels_last_out;
 };
 
 const Tensor& subject(const GroupNormSilu& a) { return a.x; }
@@ -85,7 +88,19 @@ void check(const GroupNormSilu& a) {
   if (a.shift) check_small(x, *a.shift, "shift", {N, C});
 }
 
-Tensor empty(const GroupNormSilu& a) { return dense_like(a.x); }
+// y is channels_last while x is NCHW: x is read as NCHW, y written at channels_last positions.
+// (A tensor with C == 1 or H*W == 1 is both: its elements sit at the same places either way.)
+bool mixed(const GroupNormSilu& a) {
+  return a.channels_last_out && a.x.is_contiguous() && !is_channels_last(a.x);
+}
+
+Tensor empty(const GroupNormSilu& a) {
+  if (!a.channels_last_out) return dense_like(a.x);
+  // torch's channels_last strides (as torch.empty(..., memory_format=channels_last) makes them).
+  const Tensor& x = a.x;
+  const int64_t C = x.size(1), H = x.size(2), W = x.size(3);
+  return empty_strided(x, {x.size(0), C, H, W}, {H * W * C, 1, W * C, C});
+}
 
 // ---- CPU kernel ----
 
@@ -171,11 +186,17 @@ inline void fold(const Params& p, int64_t n, int64_t c, int64_t C, double mean, 
   *beta = static_cast<float>(b * s + sh - lo * scale);
 }
 
-template <typename T, bool kSilu>
+// kYCl: y in channels_last (x NCHW): each channel's outputs are made in a float row of a group
+// buffer as for NCHW output (the same arithmetic, element for element), then written per pixel:
+// the group's C/G channels of each y row, read across the buffer's rows.
+template <typename T, bool kSilu, bool kYCl>
 void nchw(const T* x, T* y, int64_t N, int64_t C, int64_t HW, int64_t G, const Params& p) {
   const int64_t Cg = C / G;
   torch::stable::parallel_for(0, N * G, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf;
+    // The buffer's rows S = HW + 16 floats apart: read across rows 16 KB apart (64x64), they
+    // would all fall in one cache set (4 KB aliasing).
+    const int64_t S = HW + 16;
+    std::vector<float> buf, tokens(kYCl ? S * Cg : 0);
     std::vector<double> mean_c(Cg), m2_c(Cg);
     for (int64_t ng = begin; ng < end; ++ng) {
       const int64_t n = ng / G, c0 = (ng % G) * Cg;
@@ -197,7 +218,18 @@ void nchw(const T* x, T* y, int64_t N, int64_t C, int64_t HW, int64_t G, const P
       for (int64_t j = 0; j < Cg; ++j) {
         float m, a, b;
         fold(p, n, c0 + j, C, gmean, rstd, &m, &a, &b);
-        affine_act<T, kSilu, false>(xf + j * HW, &m, &a, &b, y + (n * C + c0 + j) * HW, HW);
+        if constexpr (kYCl) {
+          affine_act<float, kSilu, false>(xf + j * HW, &m, &a, &b, tokens.data() + j * S, HW);
+        } else {
+          affine_act<T, kSilu, false>(xf + j * HW, &m, &a, &b, y + (n * C + c0 + j) * HW, HW);
+        }
+      }
+      if constexpr (kYCl) {
+        for (int64_t q = 0; q < HW; ++q) {
+          T* row = y + (n * HW + q) * C + c0;
+          const float* t = tokens.data() + q;
+          for (int64_t j = 0; j < Cg; ++j) row[j] = static_cast<T>(t[j * S]);
+        }
       }
     }
   });
@@ -292,7 +324,7 @@ Tensor cpu(const GroupNormSilu& a) {
   if (x.numel() == 0) return y;
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
   // A tensor with C == 1 or HW == 1 is both; NCHW is then the right reading.
-  const bool cl = !x.is_contiguous();
+  const bool cl = !x.is_contiguous(), ycl = mixed(a);
   const std::vector<float> w = floats(a.weight), b = floats(a.bias), pre = floats(a.pre_bias),
                            s = floats(a.scale), sh = floats(a.shift);
   auto ptr = [](const std::vector<float>& v) { return v.empty() ? nullptr : v.data(); };
@@ -305,9 +337,12 @@ Tensor cpu(const GroupNormSilu& a) {
     if (cl) {
       a.apply_silu ? channels_last<scalar_t, true>(xp, yp, N, C, HW, G, p)
                    : channels_last<scalar_t, false>(xp, yp, N, C, HW, G, p);
+    } else if (ycl) {
+      a.apply_silu ? nchw<scalar_t, true, true>(xp, yp, N, C, HW, G, p)
+                   : nchw<scalar_t, false, true>(xp, yp, N, C, HW, G, p);
     } else {
-      a.apply_silu ? nchw<scalar_t, true>(xp, yp, N, C, HW, G, p)
-                   : nchw<scalar_t, false>(xp, yp, N, C, HW, G, p);
+      a.apply_silu ? nchw<scalar_t, true, false>(xp, yp, N, C, HW, G, p)
+                   : nchw<scalar_t, false, false>(xp, yp, N, C, HW, G, p);
     }
   });
   return y;
@@ -364,14 +399,21 @@ Plan<Tensor> plan(const GroupNormSilu& a) {
                              Arg::i32("shift_kind", kind(a.shift))});
   const std::array<int64_t, 3> grid{N * G, split, 1};
   const bool has_ss = a.scale.has_value() || a.shift.has_value();
+  // NCHW in, channels_last out: cubins for what a transformer's norm is (prebuilt_configs()).
+  std::string why;
+  if (mixed(a) && (has_pre || has_ss || a.apply_silu || vec == 1)) {
+    why = "no cubin for channels_last_out with an NCHW x and SiLU, pre_bias, scale/shift or "
+          "H*W not a multiple of 16 bytes";
+  }
   return {{prebuilt::make_launch("group_norm_silu_stats", grid, std::move(stats),
                                  {{"CL", cl}, {"HAS_PRE", has_pre}, {"VEC", vec},
                                   {"ROWS", rows}, {"COLS", cols}}),
            prebuilt::make_launch("group_norm_silu_apply", grid, std::move(apply),
-                                 {{"CL", cl}, {"HAS_PRE", has_pre}, {"HAS_SS", has_ss},
-                                  {"SILU", a.apply_silu}, {"SPLIT_P2", cfg::MAX_SPLIT},
+                                 {{"CL", cl}, {"Y_CL", mixed(a)}, {"HAS_PRE", has_pre},
+                                  {"HAS_SS", has_ss}, {"SILU", a.apply_silu},
+                                  {"SPLIT_P2", cfg::MAX_SPLIT},
                                   {"VEC", vec}, {"ROWS", rows}, {"COLS", cols}})},
-          y, {part}, ""};
+          y, {part}, why};
 }
 
 }  // namespace

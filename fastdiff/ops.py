@@ -97,7 +97,7 @@ def _per_channel(t: torch.Tensor | None, n: int, c: int) -> torch.Tensor | None:
 
 
 def check_types(op: str, tensors: dict | None = None, ints: dict | None = None,
-                reals: dict | None = None) -> None:
+                reals: dict | None = None, bools: dict | None = None) -> None:
     """TypeError naming the argument for a value of the wrong kind (a list where a tensor goes, a
     float where an int goes), before any of it is used; None passes (optional arguments)."""
     def fail(name, want, v):
@@ -112,6 +112,9 @@ def check_types(op: str, tensors: dict | None = None, ints: dict | None = None,
     for name, v in (reals or {}).items():
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
             fail(name, "a real number (int or float)", v)
+    for name, v in (bools or {}).items():
+        if not isinstance(v, bool):
+            fail(name, "a bool", v)
 
 
 def _refuse_forward_ad(name: str, args) -> None:
@@ -143,20 +146,24 @@ def _run(op, *args):
 def group_norm_silu(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,
                     bias: torch.Tensor | None = None, eps: float = 1e-5, *,
                     pre_bias: torch.Tensor | None = None, scale: torch.Tensor | None = None,
-                    shift: torch.Tensor | None = None, silu: bool = True) -> torch.Tensor:
+                    shift: torch.Tensor | None = None, silu: bool = True,
+                    channels_last_out: bool = False) -> torch.Tensor:
     """GroupNorm with fp32 statistics, optional fusions, then SiLU.
 
     ``silu(norm(x + pre_bias) * (1 + scale) + shift)`` where ``norm`` is GroupNorm with affine
     ``weight``/``bias``. x: (N, C, H, W), contiguous or channels_last; pre_bias, scale, shift:
-    (N, C) or (N, C, 1, 1). Returns x's dtype and memory format.
+    (N, C) or (N, C, 1, 1). Returns x's dtype and memory format; with ``channels_last_out``,
+    channels_last whatever x's (the same values): the (N, H*W, C) token layout a transformer
+    reads after its norm, so that no copy makes it (diffusers' Transformer2DModel).
     """
     check_types("group_norm_silu",
                 dict(x=x, weight=weight, bias=bias, pre_bias=pre_bias, scale=scale, shift=shift),
-                dict(num_groups=num_groups), dict(eps=eps))
+                dict(num_groups=num_groups), dict(eps=eps),
+                dict(channels_last_out=channels_last_out))
     n, c = (x.shape[0], x.shape[1]) if x.dim() >= 2 else (0, 0)
     return _run(torch.ops.fastdiff.group_norm_silu, x, num_groups, weight, bias, eps,
                 _per_channel(pre_bias, n, c), _per_channel(scale, n, c),
-                _per_channel(shift, n, c), silu)
+                _per_channel(shift, n, c), silu, channels_last_out)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -272,7 +279,7 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor
 # first order: a gradient of its gradient raises (once_differentiable) rather than be wrong.
 
 def _group_norm_silu_setup(ctx, inputs, output):
-    x, num_groups, weight, bias, eps, pre_bias, scale, shift, apply_silu = inputs
+    x, num_groups, weight, bias, eps, pre_bias, scale, shift, apply_silu, _ = inputs
     ctx.save_for_backward(x, weight, bias, pre_bias, scale, shift)
     ctx.args = (num_groups, eps, apply_silu)
 
@@ -280,7 +287,8 @@ def _group_norm_silu_setup(ctx, inputs, output):
 @once_differentiable
 def _group_norm_silu_backward(ctx, grad):
     """The fused backward (csrc/group_norm_silu_backward.cpp; on CUDA its Triton kernels): one
-    call for the gradients of x and of every tensor the forward was given."""
+    call for the gradients of x and of every tensor the forward was given. The backward op takes
+    dy in x's layout: a channels_last dy (channels_last_out, or any caller's) is copied to it."""
     x, weight, bias, pre_bias, scale, shift = ctx.saved_tensors
     num_groups, eps, apply_silu = ctx.args
     fmt = torch.contiguous_format if x.is_contiguous() else torch.channels_last
@@ -291,7 +299,7 @@ def _group_norm_silu_backward(ctx, grad):
     def given(g, t):  # absent inputs have no gradient
         return None if t is None else g
     return (dx, None, given(dw, weight), given(db, bias), None, given(dpre, pre_bias),
-            given(dscale, scale), given(dshift, shift), None)
+            given(dscale, scale), given(dshift, shift), None, None)
 
 
 torch.library.register_autograd("fastdiff::group_norm_silu", _group_norm_silu_backward,

@@ -19,8 +19,9 @@ def _f64(t):
 
 
 def group_norm_silu(x, num_groups, weight=None, bias=None, eps=1e-5, pre_bias=None, scale=None,
-                    shift=None, apply_silu=True):
-    """Two-pass GroupNorm in float64 with the optional fusions; returns (N, C, H, W) float64."""
+                    shift=None, apply_silu=True, channels_last_out=False):
+    """Two-pass GroupNorm in float64 with the optional fusions; returns (N, C, H, W) float64,
+    channels_last with ``channels_last_out`` (the values do not depend on it)."""
     h = _f64(x)
     n, c = h.shape[:2]
     if pre_bias is not None:
@@ -37,7 +38,8 @@ def group_norm_silu(x, num_groups, weight=None, bias=None, eps=1e-5, pre_bias=No
         y = y * (1 + _f64(scale).reshape(n, c, 1, 1))
     if shift is not None:
         y = y + _f64(shift).reshape(n, c, 1, 1)
-    return y * torch.sigmoid(y) if apply_silu else y
+    y = y * torch.sigmoid(y) if apply_silu else y
+    return y.contiguous(memory_format=torch.channels_last) if channels_last_out else y
 
 
 def attention(q, k, v, attn_mask=None, scale=None):

@@ -15,6 +15,10 @@ elements per 16 bytes when H*W (NCHW) or C/G (channels_last) is a multiple of it
 row then starts on a VEC boundary and x is read, y written, in 16-byte accesses. weight, bias,
 pre_bias, scale and shift are read in their own dtype (float32 or x's, a runtime ``*_kind``
 each; 0 = absent), so a call launches these two kernels and nothing else.
+
+``channels_last_out`` with an NCHW x (``Y_CL``, apply only): x is walked and read as NCHW (its
+16-byte loads kept), and each value is stored at its channels_last place in y, one element per
+store (a row of 16 pixels of one channel is 16 pixels apart in y).
 """
 import torch
 import triton
@@ -88,6 +92,16 @@ def _tile(x_ptr, pre_ptr, pre_kind, tile, n, g, HW, C, CG,
 
 
 @triton.jit
+def _nchw_to_cl(tile, n, HW, C, CG, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """The channels_last offsets of an NCHW tile's elements (as ``_tile`` walks them)."""
+    j = tile * ROWS + tl.arange(0, ROWS)
+    per = tl.cdiv(HW, COLS)
+    ch = j // per
+    p = ((j - ch * per) * COLS)[:, None] + tl.arange(0, COLS)[None, :]
+    return (n.to(tl.int64) * HW + p) * C + ch[:, None]
+
+
+@triton.jit
 def _shift(x_ptr, pre_ptr, pre_kind, n, g, HW, C, CG, CL: tl.constexpr, HAS_PRE: tl.constexpr):
     """The group's first value (x + pre_bias), fp32: both kernels work on x minus it, so that a
     group with a large mean and a small spread (or none) keeps its digits in fp32 sums."""
@@ -148,7 +162,7 @@ def group_norm_silu_stats(x_ptr, pre_ptr, part_ptr, HW, C, G, CG, chunk, split, 
 @triton.jit
 def group_norm_silu_apply(x_ptr, y_ptr, w_ptr, b_ptr, pre_ptr, scale_ptr, shift_ptr, part_ptr,
                           HW, C, G, CG, chunk, split, eps, w_kind, b_kind, pre_kind, scale_kind,
-                          shift_kind, CL: tl.constexpr, HAS_PRE: tl.constexpr,
+                          shift_kind, CL: tl.constexpr, Y_CL: tl.constexpr, HAS_PRE: tl.constexpr,
                           HAS_SS: tl.constexpr, SILU: tl.constexpr, SPLIT_P2: tl.constexpr,
                           VEC: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
     ng = tl.program_id(0)
@@ -181,6 +195,8 @@ def group_norm_silu_apply(x_ptr, y_ptr, w_ptr, b_ptr, pre_ptr, scale_ptr, shift_
                 + _param(shift_ptr, shift_kind, n * C + c, cmask, 0.0, xt)
         if SILU:
             y = y * tl.sigmoid(y)
+        if Y_CL:  # x NCHW (CL False), y channels_last; c is the row's channel (+ g * CG)
+            off = _nchw_to_cl(tile, n, HW, C, CG, ROWS, COLS) + g * CG
         tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -192,8 +208,10 @@ _COMMON = {"HW": "i32", "C": "i32", "G": "i32", "CG": "i32", "chunk": "i32", "sp
 _SMALL = "*fp32"
 
 
-def _configs(dtype, cl, has_pre, has_ss, silu, aligned=True):
+def _configs(dtype, cl, has_pre, has_ss, silu, aligned=True, y_cl=False):
     """The (stats, apply) configurations for one call; the launcher uses nothing else.
+
+    ``y_cl``: y channels_last while x is NCHW (``cl`` False; channels_last_out).
 
     ``aligned``: rows start 16 bytes apart or more (VEC = elements per 16 bytes), the common
     case (H*W a multiple of 8 in NCHW, C/G in channels_last); else VEC = 1. Prebuilt, both
@@ -212,8 +230,8 @@ def _configs(dtype, cl, has_pre, has_ss, silu, aligned=True):
                            "part_ptr": "*fp32", **_COMMON, "eps": "fp32", "w_kind": "i32",
                            "b_kind": "i32", "pre_kind": "i32", "scale_kind": "i32",
                            "shift_kind": "i32"},
-             "constexprs": {"CL": cl, "HAS_PRE": has_pre, "HAS_SS": has_ss, "SILU": silu,
-                            "SPLIT_P2": MAX_SPLIT, **shape},
+             "constexprs": {"CL": cl, "Y_CL": y_cl, "HAS_PRE": has_pre, "HAS_SS": has_ss,
+                            "SILU": silu, "SPLIT_P2": MAX_SPLIT, **shape},
              "aligned": ("x_ptr", "y_ptr", "part_ptr")}
     return stats, apply
 
@@ -229,7 +247,12 @@ def prebuilt_configs():
                         for silu in (False, True):
                             stats, apply = _configs(dt, cl, pre, ss, silu, aligned)
                             out[("stats", dt, cl, pre, aligned)] = stats
-                            out[("apply", dt, cl, pre, aligned, ss, silu)] = apply
+                            out[("apply", dt, cl, pre, aligned, ss, silu, False)] = apply
+        # NCHW in, channels_last out: what SD1.5's transformer norms (GroupNorm before a 1x1
+        # proj_in, no SiLU, no fusions, H*W a multiple of 8) need; other mixed calls take the JIT.
+        for stats, apply in [_configs(dt, False, False, False, False, True, True)]:
+            out[("stats", dt, False, False, True)] = stats
+            out[("apply", dt, False, False, True, False, False, True)] = apply
     return list(out.values())
 
 
@@ -238,10 +261,19 @@ def _kind(t):
     return 0 if t is None else 1 if t.dtype == torch.float32 else 2
 
 
-def plan(x, num_groups, weight, bias, eps, pre_bias, scale, shift, apply_silu):
+def _y_cl(x, channels_last_out):
+    """y channels_last while x is NCHW. (A tensor with C == 1 or H*W == 1 is both: its elements
+    sit at the same places either way, so it is not mixed.)"""
+    return bool(channels_last_out) and x.is_contiguous() and not x.is_contiguous(
+        memory_format=torch.channels_last)
+
+
+def plan(x, num_groups, weight, bias, eps, pre_bias, scale, shift, apply_silu,
+         channels_last_out=False):
     """The two launches of a call, [(config, grid, args)], and the output."""
     N, C, H, W = x.shape
-    y = torch.empty_like(x)
+    y = (torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+         if channels_last_out else torch.empty_like(x))
     if x.numel() == 0:
         return [], y
     HW, G = H * W, num_groups
@@ -259,7 +291,8 @@ def plan(x, num_groups, weight, bias, eps, pre_bias, scale, shift, apply_silu):
     part = torch.empty((N * G, split, 3), dtype=torch.float32, device=x.device)
     aligned = (cg if cl else HW) % (16 // x.element_size()) == 0
     has_ss = scale is not None or shift is not None
-    stats, apply = _configs(x.dtype, cl, pre_bias is not None, has_ss, bool(apply_silu), aligned)
+    stats, apply = _configs(x.dtype, cl, pre_bias is not None, has_ss, bool(apply_silu), aligned,
+                            _y_cl(x, channels_last_out))
     # Absent tensors: x stands in (kind 0: never read), so the argument types stay the same.
     w, b, pre, sc, sh = (x if t is None else t for t in (weight, bias, pre_bias, scale, shift))
     grid = (N * G, split, 1)

@@ -34,9 +34,11 @@ def family(r):
         return (0, dt, cx["D"]), f"attention {dt} D={cx['D']}"
     if r["op"] == "group_norm_silu":
         dt = _DT[sig["x_ptr"]]
-        layout = "channels_last" if cx["CL"] else "NCHW"
+        # Y_CL (apply only): an NCHW x written as channels_last (channels_last_out)
+        y_cl = cx.get("Y_CL", False)
+        layout = "NCHW->channels_last" if y_cl else "channels_last" if cx["CL"] else "NCHW"
         k = r["kernel"].removeprefix("group_norm_silu_")
-        return ((1, dt, cx["CL"], -cx["VEC"], k),
+        return ((1, dt, cx["CL"], y_cl, -cx["VEC"], k),
                 f"group_norm_silu {k} {dt} {layout} VEC={cx['VEC']}")
     if r["op"] == "geglu":
         dt = _DT[sig["x_ptr"]]

@@ -190,6 +190,42 @@ def test_group_norm_silu_autograd_through_the_entry_point(channels_last):
     _assert_rel(_ref_f64_grads(fused, ref, inputs), 1e-5, "group_norm_silu")
 
 
+def _entry_grads(args, G, silu, dy, channels_last_out, device="cpu"):
+    """Gradients of every given input through fastdiff.ops.group_norm_silu (the registered
+    formula), for dy as given (its layout included)."""
+    leaves = [None if t is None else t.detach().to(device).requires_grad_() for t in args]
+    x, w, b, pre, sc, sh = leaves
+    y = ops.group_norm_silu(x, G, w, b, 1e-5, pre_bias=pre, scale=sc, shift=sh, silu=silu,
+                            channels_last_out=channels_last_out)
+    assert y.is_contiguous(memory_format=torch.channels_last) or not channels_last_out
+    given = [t for t in leaves if t is not None]
+    grads = iter(torch.autograd.grad(y, given, dy.to(device)))
+    return [None if t is None else next(grads).cpu() for t in leaves]
+
+
+@pytest.mark.parametrize("dtype,atol", DTYPES, ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("shape", SHAPES[:4], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("pre,ss,silu", FUSIONS, ids=["silu", "temb", "adagn", "no-silu"])
+def test_group_norm_silu_channels_last_out_gradients(dtype, atol, shape, channels_last, pre, ss,
+                                                     silu):
+    """channels_last_out=True: dy comes back channels_last (the tokens' layout) whatever x's
+    layout; the formula makes it x's layout for the backward op, so every gradient is exactly
+    that of channels_last_out=False, and meets the reference's rule."""
+    N, C, H, W, G = shape
+    dy, args = _inputs(N, C, H, W, dtype, pre, ss, channels_last)
+    got = _entry_grads(args, G, silu, dy.contiguous(memory_format=torch.channels_last), True)
+    plain = _entry_grads(args, G, silu, dy, False)
+    ref = _ref_grads(dy, *args[:1], G, *args[1:], silu)
+    yard = _torch_grads(dy, *args[:1], G, *args[1:], silu)
+    for name, o, p, r, t, given in zip(NAMES, got, plain, ref, yard, args):
+        if given is None:
+            continue
+        assert o.stride() == given.stride() and torch.equal(o, p), name
+        scale = max(1.0, r.abs().max().item())
+        assert_close_to_ref(o, r, t, atol * scale, what=f"{dtype} d{name}")
+
+
 def test_group_norm_silu_gradcheck():
     """torch.autograd.gradcheck: float64 finite differences of the float64 reference against
     the fused backward op (float32 inside: atol set for that), and the registered formula in
@@ -396,6 +432,10 @@ def test_opcheck_autograd_registration_and_fake_tensors():
     torch.library.opcheck(torch.ops.fastdiff.group_norm_silu.default,
                           (x, 4, w, b, 1e-5, None, None, None, True), test_utils=tests)
     q = torch.randn(1, 2, 4, 8, requires_grad=True)
+    for xi in (x, x.detach().to(memory_format=torch.channels_last).requires_grad_()):
+        torch.library.opcheck(torch.ops.fastdiff.group_norm_silu.default,
+                              (xi, 4, w, b, 1e-5, None, None, None, False, True),
+                              test_utils=tests)
     torch.library.opcheck(torch.ops.fastdiff.attention.default, (q, q.detach(), q.detach()),
                           test_utils=tests)
     dy = torch.randn(2, 8, 3, 3)
@@ -430,6 +470,33 @@ def test_cuda_group_norm_silu_autograd(dtype):
         ops.set_prebuilt(prev)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(gx.cpu().float(), cpu[0].float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_cuda_group_norm_silu_channels_last_out(dtype):
+    """SD1.5's transformer norm on CUDA (NCHW x, channels_last out, no SiLU: the prebuilt
+    cubin where installed) and a fused call (SiLU, scale/shift: the JIT): outputs equal to
+    channels_last_out=False, gradients to the CPU kernel's."""
+    for pre, ss, silu in ((False, False, False), (True, True, True)):
+        dy, args = _inputs(2, 320, 16, 16, dtype, pre, ss, False)
+        prev = ops.set_prebuilt("on")
+        try:
+            xg, *small = (None if a is None else a.cuda() for a in args)
+            kw = dict(pre_bias=small[2], scale=small[3], shift=small[4], silu=silu)
+            y = ops.group_norm_silu(xg, 32, *small[:2], channels_last_out=True, **kw)
+            assert y.is_contiguous(memory_format=torch.channels_last)
+            assert torch.equal(y, ops.group_norm_silu(xg, 32, *small[:2], **kw))
+            dy_cl = dy.contiguous(memory_format=torch.channels_last)
+            gpu = _entry_grads(args, 32, silu, dy_cl, True, device="cuda")
+        finally:
+            ops.set_prebuilt(prev)
+        cpu = _entry_grads(args, 32, silu, dy_cl, True)
+        tol = 1e-4 if dtype == torch.float32 else 2e-2
+        for g, c in zip(gpu, cpu):
+            if c is not None:
+                torch.testing.assert_close(g.float(), c.float(), rtol=tol, atol=tol)
 
 
 # ---------------------------------------------------------------- geglu, add_layer_norm

@@ -295,6 +295,15 @@ def test_geglu_entry_point_rejects_non_tensors():
         ops.geglu(None)
 
 
+@pytest.mark.parametrize("value", [1, 0, "yes", None, torch.tensor(True)],
+                         ids=["int 1", "int 0", "str", "None", "tensor"])
+def test_group_norm_silu_channels_last_out_must_be_a_bool(value):
+    """A truthy non-bool would silently pick a layout (and None would pick the default)."""
+    with pytest.raises(TypeError, match="fastdiff.group_norm_silu: argument 'channels_last_out' "
+                                        "must be a bool, got"):
+        ops.group_norm_silu(_x(2, 8, 3, 3), 4, channels_last_out=value)
+
+
 def test_step_index_out_of_range_on_cpu():
     for idx in (-1, 4):
         with pytest.raises(ValueError, match=f"'step_index'={idx} is out of range for 'coeffs' with 4"):
@@ -305,6 +314,7 @@ def test_valid_arguments_pass_the_checks():
     ops.check("group_norm_silu", *gn_args())
     ops.check("group_norm_silu", *gn_args(x=_x(2, 8, 3, 3).to(memory_format=torch.channels_last),
                                       pre_bias=_x(2, 8), scale=_x(2, 8), shift=_x(2, 8)))
+    ops.check("group_norm_silu", *gn_args(), True)  # channels_last_out
     ops.check("attention", *attn_args(attn_mask=_x(2, 1, 1, 7)))
     ops.check("denoise_step", *step_args(model_output=_x(4, 3, 4), guidance_scale=3.0,
                                          noise=_x(2, 3, 4)))

@@ -73,7 +73,7 @@ def _gn_make(rng):
               bias=small(C) if rng.random() < 0.7 else None, eps=float(rng.choice([1e-5, 1e-3])),
               pre_bias=small(N, C) if rng.random() < 0.3 else None,
               scale=small(N, C) * 0.3 if rng.random() < 0.3 else None,
-              silu=bool(rng.random() < 0.7))
+              silu=bool(rng.random() < 0.7), channels_last_out=bool(rng.random() < 0.3))
     if kw["scale"] is not None:
         kw["shift"] = small(N, C)
     return kw, dtype
@@ -94,6 +94,7 @@ GN_BAD = {
     "bias float64": (lambda kw, r: kw.update(bias=torch.randn(kw["x"].shape[1]).double()),
                      ValueError),
     "weight list": (lambda kw, r: kw.update(weight=[1.0]), TypeError),
+    "channels_last_out int": (lambda kw, r: kw.update(channels_last_out=1), TypeError),
     "pre_bias wrong batch": (lambda kw, r: kw.update(pre_bias=torch.randn(kw["x"].shape[0] + 1,
                                                                           kw["x"].shape[1])),
                              ValueError),
@@ -105,6 +106,9 @@ def _gn_check(kw, dtype, what, expect_error=False):
     if expect_error:
         return
     x = kw["x"]
+    want = (torch.empty(x.shape, memory_format=torch.channels_last).stride()
+            if kw["channels_last_out"] else x.stride())
+    assert out.stride() == want, what
     if x.numel() == 0:
         assert out.shape == x.shape and out.dtype == dtype, what
         return

@@ -167,3 +167,95 @@ def test_statistics_property(backend):
         _rule(backend, x, G)
 
     check()
+
+
+# ---- channels_last_out (issue 18): the (N, H*W, C) token layout a transformer reads ----
+
+CL_OUT_SHAPES = [
+    # (N, C, H, W, G)
+    (2, 12, 5, 7, 4),      # odd H*W (35: NCHW rows not 16 bytes apart), 3 channels per group
+    (2, 7, 4, 4, 7),       # one channel per group, C prime
+    (3, 6, 1, 1, 6),       # 1x1 spatial: NCHW and channels_last are the same memory
+    (1, 10, 9, 3, 5),      # N = 1, two channels per group, odd sizes
+    (1, 1, 3, 5, 1),       # C = 1: NCHW and channels_last are the same memory
+    (2, 64, 16, 16, 32),   # several tiles per group; H*W a multiple of 8 (16-byte rows)
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,atol", DTYPES, ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("shape", CL_OUT_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("pre,ss,silu", FUSIONS, ids=["silu", "temb", "adagn", "plain", "no-silu"])
+def test_channels_last_out_matches_reference(backend, dtype, atol, shape, channels_last, pre, ss,
+                                             silu):
+    """channels_last_out=True: channels_last strides whatever x's layout, the values of
+    channels_last_out=False exactly (the same arithmetic), and the reference's."""
+    N, C, H, W, G = shape
+    if backend == "triton" and (C * H * W > 4000 and dtype != torch.float32):
+        pytest.skip("interpreted Triton: the large shape runs in fp32 only")
+    x, w, b, p, sc, sh = _inputs(N, C, H, W, dtype, pre, ss, channels_last)
+    y = run_op(backend, "group_norm_silu", x, G, w, b, 1e-5, p, sc, sh, silu, True)
+    assert y.dtype == dtype and y.shape == x.shape
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert y.stride() == torch.empty(x.shape, memory_format=torch.channels_last).stride()
+    plain = run_op(backend, "group_norm_silu", x, G, w, b, 1e-5, p, sc, sh, silu, False)
+    assert plain.stride() == x.stride()
+    assert torch.equal(y, plain)
+    ref = reference.group_norm_silu(x, G, w, b, 1e-5, p, sc, sh, silu, True)
+    assert ref.is_contiguous(memory_format=torch.channels_last)
+    assert_close_to_ref(y, ref, _torch_same_dtype(x, G, w, b, 1e-5, p, sc, sh, silu), atol,
+                        what=f"{backend} {dtype}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_channels_last_out_is_the_token_layout(backend):
+    """The output viewed as (N, H*W, C) tokens is contiguous (no copy for a transformer) and
+    equals the torch code it replaces: group_norm, then permute(0, 2, 3, 1).contiguous()."""
+    x, w, b, *_ = _inputs(2, 40, 6, 6, torch.float32, False, False, False)
+    y = run_op(backend, "group_norm_silu", x, 4, w, b, 1e-5, None, None, None, False, True)
+    tokens = y.permute(0, 2, 3, 1).reshape(2, 36, 40)
+    assert tokens.data_ptr() == y.data_ptr() and tokens.is_contiguous()
+    ref = F.group_norm(x, 4, w, b, 1e-5).permute(0, 2, 3, 1).contiguous().reshape(2, 36, 40)
+    torch.testing.assert_close(tokens, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_channels_last_out_entry_point_and_meta():
+    """fastdiff.ops.group_norm_silu(channels_last_out=...) and the Meta kernel's strides (what
+    torch.compile's fake tensors and graph capture see)."""
+    from fastdiff import ops
+    x = torch.randn(2, 8, 3, 5)
+    y = ops.group_norm_silu(x, 4, silu=False, channels_last_out=True)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, F.group_norm(x, 4), rtol=1e-5, atol=1e-5)
+    assert ops.group_norm_silu(x, 4).is_contiguous()  # default: x's layout
+    for xm in (x.to("meta"), x.to("meta", memory_format=torch.channels_last)):
+        ym = torch.ops.fastdiff.group_norm_silu(xm, 4, None, None, 1e-5, None, None, None,
+                                                False, True)
+        assert ym.stride() == y.stride()
+        assert torch.ops.fastdiff.group_norm_silu(xm, 4).stride() == xm.stride()
+
+
+@pytest.mark.parametrize("shape", [(0, 4, 2, 2), (2, 4, 0, 3), (2, 4, 3, 0), (2, 0, 3, 3)],
+                         ids=["N=0", "H=0", "W=0", "C=0"])
+def test_channels_last_out_of_empty_tensors(shape):
+    """No elements: the strides torch gives an empty channels_last tensor, on CPU and Meta."""
+    want = torch.empty(shape, memory_format=torch.channels_last).stride()
+    for x in (torch.empty(shape), torch.empty(shape, device="meta")):
+        y = torch.ops.fastdiff.group_norm_silu(x, 2 if shape[1] else 1, None, None, 1e-5, None,
+                                               None, None, True, True)
+        assert y.shape == shape and y.stride() == want
+
+
+def test_channels_last_out_compiles():
+    """torch.compile traces the op with channels_last_out (fake tensors' strides from the Meta
+    kernel) and the compiled call returns what eager does."""
+    from fastdiff import ops
+
+    def f(x):
+        return ops.group_norm_silu(x, 2, silu=False, channels_last_out=True) * 2
+
+    x = torch.randn(1, 4, 3, 3)
+    out = torch.compile(f, backend="aot_eager", fullgraph=True)(x)
+    torch.testing.assert_close(out, f(x))
+    assert out.is_contiguous(memory_format=torch.channels_last)

@@ -78,6 +78,10 @@ def test_launchers_choose_only_listed_configs():
             f = [bool(flags >> i & 1) for i in range(5)]  # cl, pre, scale/shift, silu, aligned
             for cfg in group_norm_silu._configs(dt, *f):
                 assert _key(cfg) in listed, (dt, f)
+        # channels_last_out with an NCHW x: the plain norm with 16-byte rows (SD1.5's transformer
+        # norms); the C++ plan sends the others to the JIT (tests/test_prebuilt.py)
+        for cfg in group_norm_silu._configs(dt, False, False, False, False, True, True):
+            assert _key(cfg) in listed, dt
         for aligned in (True, False):
             assert _key(geglu._config(dt, aligned)) in listed, (dt, aligned)
         assert _key(linear_geglu._config(dt)) in listed, dt
@@ -127,6 +131,8 @@ def test_attention_reads_q_k_v_in_16_byte_loads_on_tensor_cores(compiled):
 def test_group_norm_and_denoise_step_move_data_in_16_byte_accesses(compiled):
     """Where rows are 16-byte aligned (group_norm_silu's VEC > 1; denoise_step's numel % 16 ==
     0 variant), x is read, and y written, in 16-byte accesses: one per 16 bytes of a tile.
+    group_norm_silu with an NCHW x and a channels_last y (Y_CL) reads x so, and stores y one
+    element per instruction (a row's pixels are C elements apart in y).
     denoise_step reads the model output's two halves, the sample, the noise (guidance and noise
     are runtime flags: the loads are there, masked off when unused) and its NUM_SLOTS state
     slots, and writes out, x0 and the slots."""
@@ -137,7 +143,11 @@ def test_group_norm_and_denoise_step_move_data_in_16_byte_accesses(compiled):
         if r["op"] == "group_norm_silu" and cx["VEC"] > 1:
             n = _vectors(r, cx["ROWS"] * cx["COLS"])
             assert s["ldg"].get("128", 0) >= n, f"{_label(r)}: {s['ldg']}"
-            if r["kernel"] == "group_norm_silu_apply":
+            if r["kernel"] == "group_norm_silu_apply" and cx["Y_CL"]:
+                bits = 8 * _BYTES[r["signature"]["y_ptr"]]
+                elements = cx["ROWS"] * cx["COLS"] // (32 * r["num_warps"])
+                assert s["stg"] == {str(bits): elements}, f"{_label(r)}: {s['stg']}"
+            elif r["kernel"] == "group_norm_silu_apply":
                 assert s["stg"] == {"128": n}, f"{_label(r)}: {s['stg']}"
         elif r["op"] == "denoise_step" and "numel" in [names[i] for i in r["aligned"]]:
             inputs = 4 + cx["NUM_SLOTS"]
@@ -148,7 +158,8 @@ def test_group_norm_and_denoise_step_move_data_in_16_byte_accesses(compiled):
         else:
             continue
         checked += 1
-    half = len(group_norm_silu.prebuilt_configs()) // 2 + len(denoise_step.prebuilt_configs()) // 2
+    gn_aligned = sum(c["constexprs"]["VEC"] > 1 for c in group_norm_silu.prebuilt_configs())
+    half = gn_aligned + len(denoise_step.prebuilt_configs()) // 2
     assert checked == len(SMEM_LIMIT) * half
 
 

@@ -12,6 +12,7 @@ On a GPU the ops run with the prebuilt path required and are compared with the J
 import functools
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -99,7 +100,7 @@ def _compare(module, cpp_fn, inputs, args):
 
 
 def _gn_case(dtype, shape, groups, cl=False, weight=True, w_dtype=None, pre=False, ss=None,
-             silu=True, seed=0):
+             silu=True, seed=0, cl_out=False):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(*shape, generator=g).to(dtype)
     if cl:
@@ -117,7 +118,7 @@ def _gn_case(dtype, shape, groups, cl=False, weight=True, w_dtype=None, pre=Fals
     if ss in ("shift", "both"):
         inputs["shift"] = torch.randn(n, c, generator=g)
     args = (x, groups, inputs.get("weight"), inputs.get("bias"), 1e-6, inputs.get("pre_bias"),
-            inputs.get("scale"), inputs.get("shift"), silu)
+            inputs.get("scale"), inputs.get("shift"), silu, cl_out)
     return inputs, args
 
 
@@ -130,6 +131,9 @@ GN_CASES = [
     dict(dtype=torch.float16, shape=(2, 32, 40, 40), groups=8, cl=True, ss="shift", silu=False,
          w_dtype=torch.float32),
     dict(dtype=torch.float32, shape=(1, 4, 1, 1), groups=1),
+    # channels_last_out with an NCHW x: SD1.5's transformer norm (a cubin), a fused call (none)
+    dict(dtype=torch.float16, shape=(2, 320, 8, 8), groups=32, silu=False, cl_out=True),
+    dict(dtype=torch.bfloat16, shape=(1, 12, 5, 7), groups=4, ss="both", cl_out=True),
 ]
 
 
@@ -300,13 +304,17 @@ def test_every_cpp_key_is_a_listed_configuration():
               for c in m.prebuilt_configs()}
     seen = set()
     for dt in DTYPES:
-        for flags in range(32):
-            cl, pre, ss, silu, odd = (bool(flags >> i & 1) for i in range(5))
+        for flags in range(64):
+            cl, pre, ss, silu, odd, cl_out = (bool(flags >> i & 1) for i in range(6))
             # odd: rows not 16 bytes apart (H*W = 15 in NCHW, C/G = 3 in channels_last)
             shape, groups = ((1, 6, 3, 5), 2) if odd else ((1, 16, 4, 4), 2)
             _, args = _gn_case(dt, shape, groups, cl=cl, pre=pre, ss="both" if ss else None,
-                               silu=silu)
-            seen |= {la["key"] for la in _cpp_plan_of("group_norm_silu")(*args)[0]}
+                               silu=silu, cl_out=cl_out)
+            launches, _, _, why = _cpp_plan_of("group_norm_silu")(*args)
+            # channels_last_out with an NCHW x: cubins for the plain, 16-byte-row norm only
+            mixed_jit = cl_out and not cl and (pre or ss or silu or odd)
+            assert (why != "") == mixed_jit, (dt, flags, why)
+            seen |= {la["key"] for la in launches} if not why else set()
         for d in range(1, 257):
             for bias in (None, "keys", "keys_same"):
                 _, args = _attn_case(dt, 1, 1, 3, 3, d, bias=bias)
@@ -335,6 +343,13 @@ def test_every_cpp_key_is_a_listed_configuration():
             seen |= {la["key"] for la in launches} if not why else set()
     assert seen <= listed, sorted(seen - listed)[:5]
     assert len(seen) == len(listed)  # and every listed configuration is reachable
+
+
+def test_group_norm_silu_plans_say_why_no_cubin():
+    whys = [_cpp_plan_of("group_norm_silu")(*_gn_case(**case)[1])[3] for case in GN_CASES]
+    assert whys == [""] * 7 + [
+        "no cubin for channels_last_out with an NCHW x and SiLU, pre_bias, scale/shift or H*W "
+        "not a multiple of 16 bytes"]
 
 
 def test_attention_plans_say_why_no_cubin():
@@ -613,7 +628,20 @@ def _both_paths(fn):
 def test_cuda_group_norm_silu_prebuilt(gpu_cubins, case):
     _, args = _gn_case(**case)
     cuda_args = _on(args, "cuda")
-    prebuilt_out, jit_out = _both_paths(lambda: torch.ops.fastdiff.group_norm_silu(*cuda_args))
+    why = _cpp_plan_of("group_norm_silu")(*args)[3]
+    if why:  # no cubin (channels_last_out with an NCHW x and a fusion): 'require' refuses it
+        with pytest.raises(RuntimeError, match=re.escape(why)):
+            _both_paths(lambda: torch.ops.fastdiff.group_norm_silu(*cuda_args))
+        prev = ops.set_prebuilt("on")
+        try:
+            prebuilt_out = torch.ops.fastdiff.group_norm_silu(*cuda_args)
+        finally:
+            ops.set_prebuilt(prev)
+        jit_out = prebuilt_out  # the JIT ran it ('on' falls back)
+    else:
+        prebuilt_out, jit_out = _both_paths(lambda: torch.ops.fastdiff.group_norm_silu(*cuda_args))
+    assert prebuilt_out.stride() == args[0].stride() or args[-1]
+    assert prebuilt_out.is_contiguous(memory_format=torch.channels_last) or not args[-1]
     ref = reference.group_norm_silu(*args)
     tol = 1e-4 if args[0].dtype == torch.float32 else 2e-2
     torch.testing.assert_close(prebuilt_out.cpu().double(), ref, rtol=tol, atol=tol)
