@@ -335,10 +335,11 @@ def test_transformer_block_patched_equals_stock(dtype, kind):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("linear", [False, True], ids=["conv-proj", "linear-proj"])
-def test_transformer_output_patched_equals_stock(dtype, linear):
-    """A patched Transformer2DModel (proj_out on the tokens, the residual add reading them
-    through a permuted view) equals diffusers' forward, with a contiguous NCHW output and no
-    copy of the tokens."""
+def test_transformer_input_and_output_patched_equal_stock(dtype, linear):
+    """A patched Transformer2DModel equals diffusers' forward: its GroupNorm writes the
+    tokens' (channels_last) layout, so proj_in runs on contiguous tokens with no copy before
+    the first LayerNorm; proj_out runs on the tokens and the residual add reads them through a
+    permuted view into a contiguous NCHW output."""
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
     torch.manual_seed(0)
@@ -367,6 +368,9 @@ def test_transformer_output_patched_equals_stock(dtype, linear):
     tail = ran[len(ran) - 1 - ran[::-1].index("aten.addmm"):]
     assert "aten.clone" not in tail and tail[-1] == "aten.add"
     assert "aten.clone" in eager[len(eager) - 1 - eager[::-1].index("aten.permute"):]
+    head = ran[:ran.index("aten.native_layer_norm")]
+    assert head[0] == "fastdiff.group_norm_silu" and "aten.clone" not in head
+    assert "aten.convolution" not in ran                   # 1x1 convs run as Linears
 
 
 @pytest.mark.parametrize("dim,flip,shift,scale", [(320, True, 0, 1), (256, False, 1, 1),

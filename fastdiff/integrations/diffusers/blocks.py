@@ -396,6 +396,33 @@ def _is_pointwise(c) -> bool:
             and c.padding in ((0, 0), "valid") and c.groups == 1)
 
 
+def _transformer_input(self, hidden_states):
+    """Transformer2DModel's input for image inputs: its GroupNorm (``group_norm_silu`` without
+    the SiLU) writes channels_last memory, which is the (B, HW, C) token layout, so the tokens
+    are a view and a 1x1 conv proj_in runs as a Linear on them: the blocks get contiguous
+    tokens without the copy diffusers' permute + reshape makes (SD1.5: before its first
+    LayerNorm; SDXL: before its linear proj_in)."""
+    fn = type(self)._operate_on_continuous_inputs
+    norm, p = self.norm, self.proj_in
+    if (hidden_states.dim() != 4 or hidden_states.dtype not in DTYPES
+            or type(norm) is not nn.GroupNorm or not norm.affine
+            or norm.weight.dtype != hidden_states.dtype or not _on(hidden_states, norm.weight)):
+        return fn(self, hidden_states)
+    linear = self.use_linear_projection
+    if not linear and not (_is_pointwise(p) and p.weight.dtype == hidden_states.dtype
+                           and _on(hidden_states, p.weight)):
+        return fn(self, hidden_states)
+    batch, _, height, width = hidden_states.shape
+    x = hidden_states if hidden_states.is_contiguous(
+        memory_format=torch.channels_last) else hidden_states.contiguous()
+    h = ops.group_norm_silu(x, *_gn_args(norm), silu=False, channels_last_out=True)
+    tokens = h.permute(0, 2, 3, 1).reshape(batch, height * width, h.shape[1])   # a view
+    if linear:            # (diffusers' inner_dim: the width before a linear proj_in)
+        return p(tokens), tokens.shape[-1]
+    tokens = F.linear(tokens, p.weight.view(p.out_channels, -1), p.bias)
+    return tokens, tokens.shape[-1]
+
+
 def _transformer_output(self, hidden_states, residual, batch_size, height, width, inner_dim):
     """Transformer2DModel's output for image inputs: ``proj_out`` and the residual add, without
     the copy diffusers makes of the (B, HW, C) tokens into an NCHW tensor. A 1x1 conv proj_out
@@ -660,8 +687,10 @@ def patch_modules(root: nn.Module, state) -> tuple[dict, list[str]]:
             counts["timesteps"] += 1
         if (type(m) is Transformer2DModel and m.is_input_continuous
                 and "_get_output_for_continuous_inputs" not in m.__dict__):
+            m._operate_on_continuous_inputs = Patched(m, _transformer_input)
             m._get_output_for_continuous_inputs = Patched(m, _transformer_output)
-            state.patched += [(m, "_get_output_for_continuous_inputs")]
+            state.patched += [(m, "_operate_on_continuous_inputs"),
+                              (m, "_get_output_for_continuous_inputs")]
             counts["transformers"] += 1
         if type(m) is BasicTransformerBlock and "forward" not in m.__dict__:
             m.forward = Patched(m, _transformer_block_forward)
