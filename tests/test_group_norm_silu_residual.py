@@ -83,6 +83,7 @@ def test_small_tensors_in_x_dtype_and_no_affine(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter
 def test_special_values_of_x_and_residual_bias(backend):
     """r follows IEEE addition: -0.0 + -0.0 stays -0.0, inf and NaN pass through (only r's
     elements; y's group goes NaN as group_norm_silu's does)."""
