@@ -1,5 +1,6 @@
-// fastdiff::group_norm_silu: GroupNorm with optional fusions, then SiLU. Schema in ops.cpp;
-// Triton kernels and plan in kernels/group_norm_silu.py.
+// fastdiff::group_norm_silu: GroupNorm with optional fusions, then SiLU, and
+// fastdiff::group_norm_silu_residual (the same, also returning x + residual_bias: at the end of
+// this file). Schemas below; Triton kernels and plan in kernels/group_norm_silu.py.
 //
 // x: (N, C, H, W), contiguous NCHW or channels_last; returns the same dtype, in x's memory format
 // or, with channels_last_out, in channels_last whatever x's (the (N, H*W, C) token layout a
@@ -48,9 +49,8 @@ struct GroupNormSilu {  // a call's arguments, in schema order
 const Tensor& subject(const GroupNormSilu& a) { return a.x; }
 
 // A small per-channel or per-(n, c) tensor: exact shape, dtype of x or float32, contiguous.
-void check_small(const Tensor& x, const Tensor& t, const char* name,
+void check_small(const char* op, const Tensor& x, const Tensor& t, const char* name,
                  std::initializer_list<int64_t> expected) {
-  const char* op = GroupNormSilu::name;
   check_same_device(op, x, "x", t, name);
   FD_CHECK(same_sizes(t, expected), op, "argument '", name, "' must have shape ",
            list_str(Sizes(expected)), ", got ", shape_str(t));
@@ -62,8 +62,8 @@ void check_small(const Tensor& x, const Tensor& t, const char* name,
            strides_str(t));
 }
 
-void check(const GroupNormSilu& a) {
-  const char* op = GroupNormSilu::name;
+// op: the name errors give (group_norm_silu_residual checks its arguments here too).
+void check_args(const GroupNormSilu& a, const char* op) {
   const Tensor& x = a.x;
   FD_CHECK(x.dim() == 4, op, "argument 'x' must be a 4-D tensor (N, C, H, W), got shape ",
            shape_str(x));
@@ -81,12 +81,14 @@ void check(const GroupNormSilu& a) {
                           a.eps <= std::numeric_limits<float>::max()),
            op, "argument 'eps' must be 0 or within float32's normal range [1.18e-38, 3.4e38] ",
            "(it is used in float32), got ", a.eps);
-  if (a.weight) check_small(x, *a.weight, "weight", {C});
-  if (a.bias) check_small(x, *a.bias, "bias", {C});
-  if (a.pre_bias) check_small(x, *a.pre_bias, "pre_bias", {N, C});
-  if (a.scale) check_small(x, *a.scale, "scale", {N, C});
-  if (a.shift) check_small(x, *a.shift, "shift", {N, C});
+  if (a.weight) check_small(op, x, *a.weight, "weight", {C});
+  if (a.bias) check_small(op, x, *a.bias, "bias", {C});
+  if (a.pre_bias) check_small(op, x, *a.pre_bias, "pre_bias", {N, C});
+  if (a.scale) check_small(op, x, *a.scale, "scale", {N, C});
+  if (a.shift) check_small(op, x, *a.shift, "shift", {N, C});
 }
+
+void check(const GroupNormSilu& a) { check_args(a, GroupNormSilu::name); }
 
 // y is channels_last while x is NCHW: x is read as NCHW, y written at channels_last positions.
 // (A tensor with C == 1 or H*W == 1 is both: its elements sit at the same places either way.)
@@ -189,8 +191,10 @@ inline void fold(const Params& p, int64_t n, int64_t c, int64_t C, double mean, 
 // kYCl: y in channels_last (x NCHW): each channel's outputs are made in a float row of a group
 // buffer as for NCHW output (the same arithmetic, element for element), then written per pixel:
 // the group's C/G channels of each y row, read across the buffer's rows.
+// r (nullptr: none): r = x + rb[c] in x's layout, written from the group's floats in cache.
 template <typename T, bool kSilu, bool kYCl>
-void nchw(const T* x, T* y, int64_t N, int64_t C, int64_t HW, int64_t G, const Params& p) {
+void nchw(const T* x, T* y, T* r, const float* rb, int64_t N, int64_t C, int64_t HW, int64_t G,
+          const Params& p) {
   const int64_t Cg = C / G;
   torch::stable::parallel_for(0, N * G, 1, [&](int64_t begin, int64_t end) {
     // The buffer's rows S = HW + 16 floats apart: read across rows 16 KB apart (64x64), they
@@ -223,6 +227,12 @@ void nchw(const T* x, T* y, int64_t N, int64_t C, int64_t HW, int64_t G, const P
         } else {
           affine_act<T, kSilu, false>(xf + j * HW, &m, &a, &b, y + (n * C + c0 + j) * HW, HW);
         }
+        if (r) {
+          const float* xc = xf + j * HW;
+          const float rbc = rb[c0 + j];
+          T* rc = r + (n * C + c0 + j) * HW;
+          for (int64_t i = 0; i < HW; ++i) rc[i] = static_cast<T>(xc[i] + rbc);
+        }
       }
       if constexpr (kYCl) {
         for (int64_t q = 0; q < HW; ++q) {
@@ -236,8 +246,8 @@ void nchw(const T* x, T* y, int64_t N, int64_t C, int64_t HW, int64_t G, const P
 }
 
 template <typename T, bool kSilu>
-void channels_last(const T* x, T* y, int64_t N, int64_t C, int64_t HW, int64_t G,
-                   const Params& p) {
+void channels_last(const T* x, T* y, T* r, const float* rb, int64_t N, int64_t C, int64_t HW,
+                   int64_t G, const Params& p) {
   const int64_t Cg = C / G;
   // Blocks of rows small enough to stay in cache between the two statistics passes.
   const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(HW, (32 << 10) / C));
@@ -314,14 +324,19 @@ void channels_last(const T* x, T* y, int64_t N, int64_t C, int64_t HW, int64_t G
       const float* xf = as_float(x + t * C, C, buf);
       affine_act<T, kSilu, true>(xf, mc.data() + n * C, a.data() + n * C, beta.data() + n * C, y + t * C,
                            C);
+      if (r) {
+        T* rt = r + t * C;
+        for (int64_t c = 0; c < C; ++c) rt[c] = static_cast<T>(xf[c] + rb[c]);
+      }
     }
   });
 }
 
-Tensor cpu(const GroupNormSilu& a) {
+// The CPU kernel into y, and with r (group_norm_silu_residual) r = x + rb[c] into r.
+void cpu_into(const GroupNormSilu& a, const Tensor& y, const Tensor* r,
+              const std::optional<Tensor>& rb) {
   const Tensor& x = a.x;
-  Tensor y = empty(a);
-  if (x.numel() == 0) return y;
+  if (x.numel() == 0) return;
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
   // A tensor with C == 1 or HW == 1 is both; NCHW is then the right reading.
   const bool cl = !x.is_contiguous(), ycl = mixed(a);
@@ -329,22 +344,30 @@ Tensor cpu(const GroupNormSilu& a) {
                            s = floats(a.scale), sh = floats(a.shift);
   auto ptr = [](const std::vector<float>& v) { return v.empty() ? nullptr : v.data(); };
   const Params p{ptr(w), ptr(b), ptr(pre), ptr(s), ptr(sh), static_cast<float>(a.eps)};
+  const std::vector<float> rbf = floats(rb);
   const int64_t G = a.num_groups;
   dispatch_float(x.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    scalar_t* rp = r ? r->mutable_data_ptr<scalar_t>() : nullptr;
+    const float* rbp = ptr(rbf);
     if (cl) {
-      a.apply_silu ? channels_last<scalar_t, true>(xp, yp, N, C, HW, G, p)
-                   : channels_last<scalar_t, false>(xp, yp, N, C, HW, G, p);
+      a.apply_silu ? channels_last<scalar_t, true>(xp, yp, rp, rbp, N, C, HW, G, p)
+                   : channels_last<scalar_t, false>(xp, yp, rp, rbp, N, C, HW, G, p);
     } else if (ycl) {
-      a.apply_silu ? nchw<scalar_t, true, true>(xp, yp, N, C, HW, G, p)
-                   : nchw<scalar_t, false, true>(xp, yp, N, C, HW, G, p);
+      a.apply_silu ? nchw<scalar_t, true, true>(xp, yp, rp, rbp, N, C, HW, G, p)
+                   : nchw<scalar_t, false, true>(xp, yp, rp, rbp, N, C, HW, G, p);
     } else {
-      a.apply_silu ? nchw<scalar_t, true, false>(xp, yp, N, C, HW, G, p)
-                   : nchw<scalar_t, false, false>(xp, yp, N, C, HW, G, p);
+      a.apply_silu ? nchw<scalar_t, true, false>(xp, yp, rp, rbp, N, C, HW, G, p)
+                   : nchw<scalar_t, false, false>(xp, yp, rp, rbp, N, C, HW, G, p);
     }
   });
+}
+
+Tensor cpu(const GroupNormSilu& a) {
+  Tensor y = empty(a);
+  cpu_into(a, y, nullptr, std::nullopt);
   return y;
 }
 
@@ -355,14 +378,14 @@ int64_t kind(const std::optional<Tensor>& t) {
   return !t ? 0 : t->scalar_type() == ScalarType::Float ? 1 : 2;
 }
 
-Plan<Tensor> plan(const GroupNormSilu& a) {
+// The launches writing y, and with r (group_norm_silu_residual) r = x + rb[c] too (RES).
+Plan<Tensor> plan_into(const GroupNormSilu& a, Tensor y, const Tensor* r, const Tensor* rb) {
   namespace cfg = config::group_norm_silu;
   const Tensor& x = a.x;
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3), G = a.num_groups;
   const int64_t cg = C / G;
   const bool cl = !x.is_contiguous();
   const int64_t rows = cfg::TILE[cl][0], cols = cfg::TILE[cl][1];
-  Tensor y = empty(a);
   const int64_t nrows = cl ? HW * cdiv(cg, cols) : cg * cdiv(HW, cols);
   FD_CHECK(nrows < (int64_t{1} << 31), GroupNormSilu::name, "a group of C/G * H * W = ",
            cg * HW, " elements is beyond the CUDA kernels' ", int64_t{1} << 31, " rows of ", cols);
@@ -387,7 +410,10 @@ Plan<Tensor> plan(const GroupNormSilu& a) {
                          Arg::ptr("part_ptr", part)};
   stats.insert(stats.end(), common.begin(), common.end());
   stats.push_back(Arg::i32("pre_kind", kind(a.pre_bias)));
-  std::vector<Arg> apply{Arg::ptr("x_ptr", x), Arg::ptr("y_ptr", y), small("w_ptr", a.weight),
+  // r_ptr, rb_ptr: x stands in without r (RES false: never read or written).
+  std::vector<Arg> apply{Arg::ptr("x_ptr", x), Arg::ptr("y_ptr", y),
+                         Arg::ptr("r_ptr", r ? *r : x), Arg::ptr("rb_ptr", rb ? *rb : x),
+                         small("w_ptr", a.weight),
                          small("b_ptr", a.bias), small("pre_ptr", a.pre_bias),
                          small("scale_ptr", a.scale), small("shift_ptr", a.shift),
                          Arg::ptr("part_ptr", part)};
@@ -411,9 +437,85 @@ Plan<Tensor> plan(const GroupNormSilu& a) {
            prebuilt::make_launch("group_norm_silu_apply", grid, std::move(apply),
                                  {{"CL", cl}, {"Y_CL", mixed(a)}, {"HAS_PRE", has_pre},
                                   {"HAS_SS", has_ss}, {"SILU", a.apply_silu},
-                                  {"SPLIT_P2", cfg::MAX_SPLIT},
+                                  {"RES", r != nullptr}, {"SPLIT_P2", cfg::MAX_SPLIT},
                                   {"VEC", vec}, {"ROWS", rows}, {"COLS", cols}})},
           y, {part}, why};
+}
+
+Plan<Tensor> plan(const GroupNormSilu& a) { return plan_into(a, empty(a), nullptr, nullptr); }
+
+// ---- fastdiff::group_norm_silu_residual ----
+//
+// group_norm_silu's y and, from the same read of x, r = x + residual_bias[c] (float32 add,
+// rounded to x's dtype) in x's memory format: the residual of diffusers' Transformer2DModel
+// (`x + proj_out(tokens)`) with proj_out's bias already in it, so the transformer can end with
+// one in-place GEMM into r (issue 18). A second op, since it has two outputs; no pre_bias,
+// scale or shift (no caller needs them with a residual). Same kernels (the apply kernel's RES).
+
+using ResOut = std::tuple<Tensor, Tensor>;
+
+struct GroupNormSiluResidual {  // a call's arguments, in schema order
+  static constexpr char name[] = "group_norm_silu_residual";
+  static constexpr char schema[] =
+      "(Tensor x, int num_groups, Tensor? weight, Tensor? bias, float eps, Tensor residual_bias, "
+      "bool apply_silu=True, bool channels_last_out=False) -> (Tensor, Tensor)";
+  using Sig = ResOut(const Tensor&, int64_t, const std::optional<Tensor>&,
+                     const std::optional<Tensor>&, double, const Tensor&, bool, bool);
+  const Tensor& x;
+  int64_t num_groups;
+  const std::optional<Tensor>& weight;
+  const std::optional<Tensor>& bias;
+  double eps;
+  const Tensor& residual_bias;
+  bool apply_silu;
+  bool channels_last_out;
+};
+
+const Tensor& subject(const GroupNormSiluResidual& a) { return a.x; }
+
+// The group_norm_silu call whose y this op returns (no pre_bias, scale or shift).
+GroupNormSilu norm_of(const GroupNormSiluResidual& a) {
+  static const std::optional<Tensor> none;
+  return GroupNormSilu{a.x,    a.num_groups, a.weight, a.bias,       a.eps,
+                       none,   none,         none,     a.apply_silu, a.channels_last_out};
+}
+
+void check(const GroupNormSiluResidual& a) {
+  const char* op = GroupNormSiluResidual::name;
+  check_args(norm_of(a), op);
+  const Tensor &x = a.x, &rb = a.residual_bias;
+  check_same_device(op, x, "x", rb, "residual_bias");
+  FD_CHECK(same_sizes(rb, {x.size(1)}), op, "argument 'residual_bias' must have shape [",
+           x.size(1), "] (the channels of 'x'), got ", shape_str(rb));
+  // x's dtype only: r = x + residual_bias must be what torch's add of the two gives.
+  FD_CHECK(rb.scalar_type() == x.scalar_type(), op,
+           "argument 'residual_bias' must have the dtype of 'x' (", dtype_str(x.scalar_type()),
+           "), got ", dtype_str(rb.scalar_type()));
+  FD_CHECK(rb.is_contiguous(), op, "argument 'residual_bias' must be contiguous, got strides ",
+           strides_str(rb));
+}
+
+ResOut empty(const GroupNormSiluResidual& a) { return {empty(norm_of(a)), dense_like(a.x)}; }
+
+ResOut cpu(const GroupNormSiluResidual& a) {
+  const GroupNormSilu g = norm_of(a);
+  Tensor y = empty(g), r = dense_like(a.x);
+  cpu_into(g, y, &r, a.residual_bias);
+  return {y, r};
+}
+
+Plan<ResOut> plan(const GroupNormSiluResidual& a) {
+  const GroupNormSilu g = norm_of(a);
+  Tensor r = dense_like(a.x);
+  Plan<Tensor> p = plan_into(g, empty(g), &r, &a.residual_bias);
+  // Cubins for SD1.5's transformer norm only: NCHW x, channels_last y, no SiLU, 16-byte rows.
+  const int64_t vec16 = 16 / static_cast<int64_t>(a.x.element_size());
+  const int64_t HW = a.x.size(2) * a.x.size(3);
+  if (!(mixed(g) && !a.apply_silu && HW % vec16 == 0)) {
+    p.why = "no cubin for group_norm_silu_residual but an NCHW x with channels_last_out, no "
+            "SiLU and H*W a multiple of 16 bytes";
+  }
+  return {std::move(p.launches), {p.out, r}, std::move(p.keep), p.why};
 }
 
 }  // namespace
@@ -421,3 +523,4 @@ Plan<Tensor> plan(const GroupNormSilu& a) {
 
 // The schemas, and one implementation for every backend (ops.h).
 FASTDIFF_REGISTER_OP(fastdiff::GroupNormSilu)
+FASTDIFF_REGISTER_OP(fastdiff::GroupNormSiluResidual)

@@ -1,9 +1,9 @@
 """fastdiff: fused kernels and samplers for conditional diffusion U-Nets.
 
 Importing fastdiff loads the C++ extension ``fastdiff._C``, which registers the ops
-``torch.ops.fastdiff.{group_norm_silu, attention, denoise_step, geglu, add_layer_norm,
-linear_geglu}`` with CPU, Meta and CUDA kernels; ``fastdiff.ops`` adds the Python-facing
-functions.
+``torch.ops.fastdiff.{group_norm_silu, group_norm_silu_residual, attention, denoise_step, geglu,
+add_layer_norm, linear_geglu}`` with CPU, Meta and CUDA kernels; ``fastdiff.ops`` adds the
+Python-facing functions.
 """
 import torch  # noqa: F401  (loads libtorch before the extension)
 

@@ -166,6 +166,31 @@ def group_norm_silu(x: torch.Tensor, num_groups: int, weight: torch.Tensor | Non
                 _per_channel(shift, n, c), silu, channels_last_out)
 
 
+def group_norm_silu_residual(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None,
+                             bias: torch.Tensor | None, eps: float,
+                             residual_bias: torch.Tensor, *, silu: bool = True,
+                             channels_last_out: bool = False
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, r)``: y exactly ``group_norm_silu(x, num_groups, weight, bias, eps, silu=silu,
+    channels_last_out=channels_last_out)``, and from the same read of x
+    ``r = x + residual_bias[c]`` (float32 add, rounded to x's dtype) in x's memory format.
+
+    residual_bias: (C,), x's dtype. diffusers' Transformer2DModel ends with ``x + proj_out(t)``:
+    with proj_out's bias in r, it can end with one in-place GEMM into r (``r.view(B, C, HW)
+    .baddbmm_(W.expand(B, C, Cin), t.transpose(1, 2))``) instead of an addmm and an add. No
+    pre_bias, scale or shift (group_norm_silu has them).
+    """
+    check_types("group_norm_silu_residual",
+                dict(x=x, weight=weight, bias=bias, residual_bias=residual_bias),
+                dict(num_groups=num_groups), dict(eps=eps),
+                dict(silu=silu, channels_last_out=channels_last_out))
+    if residual_bias is None:
+        raise TypeError("fastdiff.group_norm_silu_residual: argument 'residual_bias' must be a "
+                        "torch.Tensor of shape (C,), got None (group_norm_silu is the op without)")
+    return _run(torch.ops.fastdiff.group_norm_silu_residual, x, num_groups, weight, bias, eps,
+                residual_bias, silu, channels_last_out)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               attn_mask: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
     """``softmax(q k^T * scale + mask) v``, as ``F.scaled_dot_product_attention`` (non-causal).
@@ -304,6 +329,38 @@ def _group_norm_silu_backward(ctx, grad):
 
 torch.library.register_autograd("fastdiff::group_norm_silu", _group_norm_silu_backward,
                                 setup_context=_group_norm_silu_setup)
+
+def _group_norm_silu_residual_setup(ctx, inputs, output):
+    x, num_groups, weight, bias, eps, residual_bias, apply_silu, _ = inputs
+    # Not r: the transformer accumulates its proj_out into r in place.
+    ctx.save_for_backward(x, weight, bias)
+    ctx.args = (num_groups, eps, apply_silu)
+    ctx.rb_dtype = residual_bias.dtype
+
+
+@once_differentiable
+def _group_norm_silu_residual_backward(ctx, dy, dr):
+    """y's gradient as group_norm_silu's (its fused backward op); r = x + residual_bias adds dr
+    to x's and gives residual_bias dr summed over N, H and W (float32)."""
+    x, weight, bias = ctx.saved_tensors
+    num_groups, eps, apply_silu = ctx.args
+    dx = dw = db = drb = None
+    if dy is not None:
+        fmt = torch.contiguous_format if x.is_contiguous() else torch.channels_last
+        dy = dy.to(x.dtype).contiguous(memory_format=fmt)
+        dx, dw, db, *_ = torch.ops.fastdiff.group_norm_silu_backward(
+            dy, x, num_groups, weight, bias, eps, None, None, None, apply_silu)
+        dw = None if weight is None else dw
+        db = None if bias is None else db
+    if dr is not None:
+        dx = dr.to(x.dtype) if dx is None else (dx.float() + dr.float()).to(x.dtype)
+        drb = dr.float().sum((0, 2, 3)).to(ctx.rb_dtype)
+    return dx, None, dw, db, None, drb, None, None
+
+
+torch.library.register_autograd("fastdiff::group_norm_silu_residual",
+                                _group_norm_silu_residual_backward,
+                                setup_context=_group_norm_silu_residual_setup)
 
 # Score memory per chunk of the attention backward (float32 S, P and dS for a few rows of batch).
 _ATTENTION_BACKWARD_BYTES = 256 << 20

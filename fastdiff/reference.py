@@ -42,6 +42,17 @@ def group_norm_silu(x, num_groups, weight=None, bias=None, eps=1e-5, pre_bias=No
     return y.contiguous(memory_format=torch.channels_last) if channels_last_out else y
 
 
+def group_norm_silu_residual(x, num_groups, weight, bias, eps, residual_bias, apply_silu=True,
+                             channels_last_out=False):
+    """(y, r): y as group_norm_silu (float64); r = x + residual_bias[c] rounded to x's dtype, in
+    x's memory format (the float64 sum of two values of x's dtype rounds as their float32 sum
+    does: float32 holds more than twice their digits)."""
+    y = group_norm_silu(x, num_groups, weight, bias, eps, apply_silu=apply_silu,
+                        channels_last_out=channels_last_out)
+    r = _f64(x) + _f64(residual_bias).reshape(1, -1, 1, 1)
+    return y, r.to(x.dtype)
+
+
 def attention(q, k, v, attn_mask=None, scale=None):
     """softmax(q k^T * scale + attn_mask) v in float64; rows with every key at -inf give 0."""
     q, k, v = _f64(q), _f64(k), _f64(v)

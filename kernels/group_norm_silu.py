@@ -19,6 +19,10 @@ each; 0 = absent), so a call launches these two kernels and nothing else.
 ``channels_last_out`` with an NCHW x (``Y_CL``, apply only): x is walked and read as NCHW (its
 16-byte loads kept), and each value is stored at its channels_last place in y, one element per
 store (a row of 16 pixels of one channel is 16 pixels apart in y).
+
+``RES`` (apply only; fastdiff::group_norm_silu_residual, ``plan_residual``): the kernel also
+stores r = x + residual_bias[c] (float32 add) at x's own offsets, in x's dtype: 16-byte stores
+wherever x's loads are 16 bytes wide.
 """
 import torch
 import triton
@@ -160,10 +164,11 @@ def group_norm_silu_stats(x_ptr, pre_ptr, part_ptr, HW, C, G, CG, chunk, split, 
 
 
 @triton.jit
-def group_norm_silu_apply(x_ptr, y_ptr, w_ptr, b_ptr, pre_ptr, scale_ptr, shift_ptr, part_ptr,
-                          HW, C, G, CG, chunk, split, eps, w_kind, b_kind, pre_kind, scale_kind,
-                          shift_kind, CL: tl.constexpr, Y_CL: tl.constexpr, HAS_PRE: tl.constexpr,
-                          HAS_SS: tl.constexpr, SILU: tl.constexpr, SPLIT_P2: tl.constexpr,
+def group_norm_silu_apply(x_ptr, y_ptr, r_ptr, rb_ptr, w_ptr, b_ptr, pre_ptr, scale_ptr,
+                          shift_ptr, part_ptr, HW, C, G, CG, chunk, split, eps, w_kind, b_kind,
+                          pre_kind, scale_kind, shift_kind, CL: tl.constexpr,
+                          Y_CL: tl.constexpr, HAS_PRE: tl.constexpr, HAS_SS: tl.constexpr,
+                          SILU: tl.constexpr, RES: tl.constexpr, SPLIT_P2: tl.constexpr,
                           VEC: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
     ng = tl.program_id(0)
     s = tl.program_id(1)
@@ -188,6 +193,9 @@ def group_norm_silu_apply(x_ptr, y_ptr, w_ptr, b_ptr, pre_ptr, scale_ptr, shift_
     for tile in range(first, tl.minimum(first + chunk, _tiles(HW, CG, CL, ROWS, COLS))):
         v, off, c, mask, cmask = _tile(x_ptr, pre_ptr, pre_kind, tile, n, g, HW, C, CG, CL,
                                        HAS_PRE, VEC, ROWS, COLS)
+        if RES:  # r = x + rb[c] where x was read (x's layout: its 16-byte stores); no pre_bias
+            r = v + tl.load(rb_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+            tl.store(r_ptr + off, r.to(r_ptr.dtype.element_ty), mask=mask)
         a = rstd * _param(w_ptr, w_kind, c, cmask, 1.0, xt)
         y = ((v - shift) - mean) * a + _param(b_ptr, b_kind, c, cmask, 0.0, xt)
         if HAS_SS:
@@ -208,10 +216,12 @@ _COMMON = {"HW": "i32", "C": "i32", "G": "i32", "CG": "i32", "chunk": "i32", "sp
 _SMALL = "*fp32"
 
 
-def _configs(dtype, cl, has_pre, has_ss, silu, aligned=True, y_cl=False):
+def _configs(dtype, cl, has_pre, has_ss, silu, aligned=True, y_cl=False, res=False):
     """The (stats, apply) configurations for one call; the launcher uses nothing else.
 
     ``y_cl``: y channels_last while x is NCHW (``cl`` False; channels_last_out).
+    ``res``: the apply kernel also writes r = x + residual_bias[c] in x's layout
+    (group_norm_silu_residual; r_ptr and rb_ptr are x otherwise, never read or written).
 
     ``aligned``: rows start 16 bytes apart or more (VEC = elements per 16 bytes), the common
     case (H*W a multiple of 8 in NCHW, C/G in channels_last); else VEC = 1. Prebuilt, both
@@ -225,14 +235,15 @@ def _configs(dtype, cl, has_pre, has_ss, silu, aligned=True, y_cl=False):
              "constexprs": {"CL": cl, "HAS_PRE": has_pre, **shape},
              "aligned": ("x_ptr", "part_ptr")}
     apply = {"fn": group_norm_silu_apply, "num_warps": NUM_WARPS, "num_stages": 1,
-             "signature": {"x_ptr": t, "y_ptr": t, "w_ptr": _SMALL, "b_ptr": _SMALL,
-                           "pre_ptr": _SMALL, "scale_ptr": _SMALL, "shift_ptr": _SMALL,
-                           "part_ptr": "*fp32", **_COMMON, "eps": "fp32", "w_kind": "i32",
-                           "b_kind": "i32", "pre_kind": "i32", "scale_kind": "i32",
-                           "shift_kind": "i32"},
+             "signature": {"x_ptr": t, "y_ptr": t, "r_ptr": t, "rb_ptr": t, "w_ptr": _SMALL,
+                           "b_ptr": _SMALL, "pre_ptr": _SMALL, "scale_ptr": _SMALL,
+                           "shift_ptr": _SMALL, "part_ptr": "*fp32", **_COMMON, "eps": "fp32",
+                           "w_kind": "i32", "b_kind": "i32", "pre_kind": "i32",
+                           "scale_kind": "i32", "shift_kind": "i32"},
              "constexprs": {"CL": cl, "Y_CL": y_cl, "HAS_PRE": has_pre, "HAS_SS": has_ss,
-                            "SILU": silu, "SPLIT_P2": MAX_SPLIT, **shape},
-             "aligned": ("x_ptr", "y_ptr", "part_ptr")}
+                            "SILU": silu, "RES": res, "SPLIT_P2": MAX_SPLIT, **shape},
+             # rb_ptr, a (C,) tensor, may be any element of a larger one: never assumed aligned
+             "aligned": ("x_ptr", "y_ptr", "part_ptr") + (("r_ptr",) if res else ())}
     return stats, apply
 
 
@@ -253,6 +264,10 @@ def prebuilt_configs():
         for stats, apply in [_configs(dt, False, False, False, False, True, True)]:
             out[("stats", dt, False, False, True)] = stats
             out[("apply", dt, False, False, True, False, False, True)] = apply
+        # The same with r = x + residual_bias (group_norm_silu_residual): SD1.5's transformer
+        # norm, whose r the transformer's proj_out then accumulates into (one baddbmm_).
+        stats, apply = _configs(dt, False, False, False, False, True, True, True)
+        out[("apply", dt, False, False, True, False, False, True, "res")] = apply
     return list(out.values())
 
 
@@ -271,11 +286,29 @@ def _y_cl(x, channels_last_out):
 def plan(x, num_groups, weight, bias, eps, pre_bias, scale, shift, apply_silu,
          channels_last_out=False):
     """The two launches of a call, [(config, grid, args)], and the output."""
+    return _plan(x, num_groups, weight, bias, eps, pre_bias, scale, shift, apply_silu,
+                 channels_last_out, None)
+
+
+def plan_residual(x, num_groups, weight, bias, eps, residual_bias, apply_silu=True,
+                  channels_last_out=False):
+    """group_norm_silu_residual's launches (kernels/group_norm_silu_residual.py runs this): the
+    same two, the apply kernel also writing r = x + residual_bias; the outputs (y, r)."""
+    return _plan(x, num_groups, weight, bias, eps, None, None, None, apply_silu,
+                 channels_last_out, residual_bias)
+
+
+def _plan(x, num_groups, weight, bias, eps, pre_bias, scale, shift, apply_silu,
+          channels_last_out, residual_bias):
     N, C, H, W = x.shape
     y = (torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
          if channels_last_out else torch.empty_like(x))
+    res = residual_bias is not None
+    # r in x's memory format (x is dense: NCHW or channels_last, the op checked it).
+    r = torch.empty_like(x) if res else None
+    outputs = (y, r) if res else y
     if x.numel() == 0:
-        return [], y
+        return [], outputs
     HW, G = H * W, num_groups
     cg = C // G
     cl = not x.is_contiguous()
@@ -292,12 +325,13 @@ def plan(x, num_groups, weight, bias, eps, pre_bias, scale, shift, apply_silu,
     aligned = (cg if cl else HW) % (16 // x.element_size()) == 0
     has_ss = scale is not None or shift is not None
     stats, apply = _configs(x.dtype, cl, pre_bias is not None, has_ss, bool(apply_silu), aligned,
-                            _y_cl(x, channels_last_out))
+                            _y_cl(x, channels_last_out), res)
     # Absent tensors: x stands in (kind 0: never read), so the argument types stay the same.
     w, b, pre, sc, sh = (x if t is None else t for t in (weight, bias, pre_bias, scale, shift))
     grid = (N * G, split, 1)
     common = [HW, C, G, cg, chunk, split]
     return [(stats, grid, [x, pre, part, *common, _kind(pre_bias)]),
-            (apply, grid, [x, y, w, b, pre, sc, sh, part, *common, float(eps), _kind(weight),
-                           _kind(bias), _kind(pre_bias), _kind(scale), _kind(shift)])], y
+            (apply, grid, [x, y, r if res else x, residual_bias if res else x, w, b, pre, sc, sh,
+                           part, *common, float(eps), _kind(weight), _kind(bias),
+                           _kind(pre_bias), _kind(scale), _kind(shift)])], outputs
 

@@ -22,6 +22,7 @@ step = torch.ops.fastdiff.denoise_step
 geglu = torch.ops.fastdiff.geglu
 aln = torch.ops.fastdiff.add_layer_norm
 lgeglu = torch.ops.fastdiff.linear_geglu
+gnr = torch.ops.fastdiff.group_norm_silu_residual
 
 
 def _x(*shape, dtype=torch.float32):
@@ -201,6 +202,32 @@ ALN_BAD = [
 ]
 
 
+def gnr_args(**over):
+    a = dict(x=_x(2, 8, 3, 3), num_groups=4, weight=_x(8), bias=_x(8), eps=1e-5,
+             residual_bias=_x(8), apply_silu=False, channels_last_out=True)
+    a.update(over)
+    return list(a.values())
+
+
+GNR_BAD = [
+    # (overrides, message fragment): group_norm_silu's checks under this op's name, and one per
+    # check of residual_bias in csrc/group_norm_silu.cpp
+    ({"x": _x(2, 8, 9)}, "group_norm_silu_residual: argument 'x' must be a 4-D tensor"),
+    ({"x": _x(2, 8, 3, 6)[..., ::2]}, "_residual: argument 'x' must be contiguous \\(NCHW\\) or"),
+    ({"num_groups": 3}, "_residual: the channel count C=8 of argument 'x' must be divisible"),
+    ({"eps": -1.0}, "_residual: argument 'eps' must be 0 or within float32's normal range"),
+    ({"weight": _x(7)}, "_residual: argument 'weight' must have shape \\[8\\]"),
+    ({"bias": _x(16)[::2]}, "_residual: argument 'bias' must be contiguous"),
+    ({"residual_bias": _x(7)}, "'residual_bias' must have shape \\[8\\] \\(the channels of 'x'\\)"),
+    ({"residual_bias": _x(1, 8)}, "'residual_bias' must have shape \\[8\\]"),
+    ({"residual_bias": _x(8, dtype=torch.float16)},
+     "'residual_bias' must have the dtype of 'x' \\(float32\\), got float16"),
+    ({"residual_bias": _x(16)[::2]}, "'residual_bias' must be contiguous"),
+    ({"residual_bias": torch.randn(8, device="meta")},
+     "'residual_bias' must be on the same device as 'x'"),
+]
+
+
 def _cases(bad):
     return [pytest.param(over, msg, id=msg.split("'")[1] if "'" in msg else msg[:20])
             for over, msg in bad]
@@ -223,6 +250,29 @@ def _all_paths(op, check, args, msg):
 @pytest.mark.parametrize("over,msg", _cases(GN_BAD))
 def test_group_norm_silu_rejects(over, msg):
     _all_paths(gn, functools.partial(ops.check, "group_norm_silu"), gn_args(**over), msg)
+
+
+@pytest.mark.parametrize("over,msg", _cases(GNR_BAD))
+def test_group_norm_silu_residual_rejects(over, msg):
+    _all_paths(gnr, functools.partial(ops.check, "group_norm_silu_residual"), gnr_args(**over),
+               msg)
+
+
+def test_group_norm_silu_residual_entry_point_rejects():
+    """Python-side: kinds of value (TypeError naming the argument), no residual_bias, and the
+    fusions this op does not take (pre_bias, scale, shift: group_norm_silu's)."""
+    x, b = _x(2, 8, 3, 3), _x(8)
+    for args, kw, msg in [
+            ((x, 4, None, None, 1e-5, None), {}, "'residual_bias' must be a torch.Tensor .*None"),
+            ((x, 4, None, None, 1e-5, [0.0] * 8), {}, "'residual_bias' must be a torch.Tensor"),
+            ((x, 4.0, None, None, 1e-5, b), {}, "'num_groups' must be an int"),
+            ((x, 4, None, None, 1e-5, b), {"silu": 1}, "'silu' must be a bool"),
+            ((x, 4, None, None, 1e-5, b), {"channels_last_out": None},
+             "'channels_last_out' must be a bool"),
+            ((x, 4, None, None, 1e-5, b), {"pre_bias": _x(2, 8)}, "pre_bias"),
+            ((x, 4, None, None, 1e-5, b), {"scale": _x(2, 8)}, "scale")]:
+        with pytest.raises(TypeError, match=msg):
+            ops.group_norm_silu_residual(*args, **kw)
 
 
 @pytest.mark.parametrize("over,msg", _cases(ATTN_BAD))
@@ -324,3 +374,7 @@ def test_valid_arguments_pass_the_checks():
     ops.check("linear_geglu", *lgeglu_args(x=_x(0, 8)))
     ops.check("add_layer_norm", *aln_args(weight=None, bias=None, eps=0.0))
     ops.check("add_layer_norm", *aln_args(next_bias=_x(8)))
+    ops.check("group_norm_silu_residual", *gnr_args())
+    ops.check("group_norm_silu_residual",
+              *gnr_args(x=_x(2, 8, 3, 3).to(memory_format=torch.channels_last), weight=None,
+                        bias=None, apply_silu=True, channels_last_out=False))

@@ -82,6 +82,9 @@ def test_launchers_choose_only_listed_configs():
         # norms); the C++ plan sends the others to the JIT (tests/test_prebuilt.py)
         for cfg in group_norm_silu._configs(dt, False, False, False, False, True, True):
             assert _key(cfg) in listed, dt
+        # the same with r = x + residual_bias (group_norm_silu_residual), SD1.5's transformer norm
+        for cfg in group_norm_silu._configs(dt, False, False, False, False, True, True, True):
+            assert _key(cfg) in listed, dt
         for aligned in (True, False):
             assert _key(geglu._config(dt, aligned)) in listed, (dt, aligned)
         assert _key(linear_geglu._config(dt)) in listed, dt
@@ -132,7 +135,8 @@ def test_group_norm_and_denoise_step_move_data_in_16_byte_accesses(compiled):
     """Where rows are 16-byte aligned (group_norm_silu's VEC > 1; denoise_step's numel % 16 ==
     0 variant), x is read, and y written, in 16-byte accesses: one per 16 bytes of a tile.
     group_norm_silu with an NCHW x and a channels_last y (Y_CL) reads x so, and stores y one
-    element per instruction (a row's pixels are C elements apart in y).
+    element per instruction (a row's pixels are C elements apart in y); with RES
+    (group_norm_silu_residual) it also stores r, in x's layout, in 16-byte stores.
     denoise_step reads the model output's two halves, the sample, the noise (guidance and noise
     are runtime flags: the loads are there, masked off when unused) and its NUM_SLOTS state
     slots, and writes out, x0 and the slots."""
@@ -146,7 +150,8 @@ def test_group_norm_and_denoise_step_move_data_in_16_byte_accesses(compiled):
             if r["kernel"] == "group_norm_silu_apply" and cx["Y_CL"]:
                 bits = 8 * _BYTES[r["signature"]["y_ptr"]]
                 elements = cx["ROWS"] * cx["COLS"] // (32 * r["num_warps"])
-                assert s["stg"] == {str(bits): elements}, f"{_label(r)}: {s['stg']}"
+                want = {str(bits): elements, **({"128": n} if cx["RES"] else {})}
+                assert s["stg"] == want, f"{_label(r)}: {s['stg']}"
             elif r["kernel"] == "group_norm_silu_apply":
                 assert s["stg"] == {"128": n}, f"{_label(r)}: {s['stg']}"
         elif r["op"] == "denoise_step" and "numel" in [names[i] for i in r["aligned"]]:

@@ -24,7 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastdiff import ops, prebuilt, reference, schedules
 from fastdiff.kernels import (add_layer_norm, attention, denoise_step, geglu,
-                              group_norm_silu, linear_geglu, prebuild)
+                              group_norm_silu, group_norm_silu_residual, linear_geglu, prebuild)
 
 # The quick CPU subset tests/test_wheel.py runs in a fresh install of the wheel.
 pytestmark = pytest.mark.quick
@@ -141,6 +141,40 @@ GN_CASES = [
 def test_group_norm_silu_plan_matches_the_launcher(case):
     inputs, args = _gn_case(**case)
     _compare(group_norm_silu, _cpp_plan_of("group_norm_silu"), inputs, args)
+
+
+def _gnr_case(dtype, shape, groups, cl=False, weight=True, silu=False, cl_out=True, seed=0):
+    """group_norm_silu_residual's arguments (residual_bias in x's dtype)."""
+    inputs, args = _gn_case(dtype, shape, groups, cl=cl, weight=weight, silu=silu, seed=seed,
+                            cl_out=cl_out)
+    inputs["residual_bias"] = torch.randn(shape[1], generator=torch.Generator().manual_seed(
+        seed + 1)).to(dtype)
+    return inputs, (*args[:5], inputs["residual_bias"], silu, cl_out)
+
+
+GNR_CASES = [
+    # SD1.5's transformer norm (a cubin), then calls that take the JIT
+    dict(dtype=torch.float16, shape=(2, 320, 8, 8), groups=32),
+    dict(dtype=torch.float32, shape=(1, 64, 4, 4), groups=32, weight=False),
+    dict(dtype=torch.bfloat16, shape=(2, 12, 5, 7), groups=4),
+    dict(dtype=torch.float16, shape=(2, 320, 8, 8), groups=32, silu=True),
+    dict(dtype=torch.float32, shape=(1, 16, 3, 3), groups=8, cl=True, cl_out=False),
+    dict(dtype=torch.float16, shape=(2, 32, 4, 4), groups=8, cl_out=False),
+]
+
+
+@pytest.mark.parametrize("case", GNR_CASES, ids=lambda c: f"{c['shape']}")
+def test_group_norm_silu_residual_plan_matches_the_launcher(case):
+    inputs, args = _gnr_case(**case)
+    _compare(group_norm_silu_residual, _cpp_plan_of("group_norm_silu_residual"), inputs, args)
+
+
+def test_group_norm_silu_residual_plans_say_why_no_cubin():
+    whys = [_cpp_plan_of("group_norm_silu_residual")(*_gnr_case(**case)[1])[3]
+            for case in GNR_CASES]
+    no = ("no cubin for group_norm_silu_residual but an NCHW x with channels_last_out, no SiLU "
+          "and H*W a multiple of 16 bytes")
+    assert whys == ["", "", no, no, no, no]
 
 
 def _attn_case(dtype, B, H, Lq, Lk, D, bias=None, scale=None, layout="bhld", seed=0):
@@ -315,6 +349,13 @@ def test_every_cpp_key_is_a_listed_configuration():
             mixed_jit = cl_out and not cl and (pre or ss or silu or odd)
             assert (why != "") == mixed_jit, (dt, flags, why)
             seen |= {la["key"] for la in launches} if not why else set()
+        for flags in range(16):  # group_norm_silu_residual: cubins for SD1.5's norm only
+            cl, silu, odd, cl_out = (bool(flags >> i & 1) for i in range(4))
+            shape, groups = ((1, 6, 3, 5), 2) if odd else ((1, 16, 4, 4), 2)
+            _, args = _gnr_case(dt, shape, groups, cl=cl, silu=silu, cl_out=cl_out)
+            launches, _, _, why = _cpp_plan_of("group_norm_silu_residual")(*args)
+            assert (why == "") == (cl_out and not cl and not silu and not odd), (dt, flags, why)
+            seen |= {la["key"] for la in launches} if not why else set()
         for d in range(1, 257):
             for bias in (None, "keys", "keys_same"):
                 _, args = _attn_case(dt, 1, 1, 3, 3, d, bias=bias)
@@ -379,14 +420,17 @@ class _Work(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-LAUNCHES = {"group_norm_silu": 2, "attention": 1, "denoise_step": 1, "geglu": 1,
-            "add_layer_norm": 1, "linear_geglu": 1}
+LAUNCHES = {"group_norm_silu": 2, "group_norm_silu_residual": 2, "attention": 1,
+            "denoise_step": 1, "geglu": 1, "add_layer_norm": 1, "linear_geglu": 1}
 
 
 def _all_cases():
     for case in GN_CASES:
         yield ("group_norm_silu", group_norm_silu, _cpp_plan_of("group_norm_silu"),
                _gn_case(**case))
+    for case in GNR_CASES:
+        yield ("group_norm_silu_residual", group_norm_silu_residual,
+               _cpp_plan_of("group_norm_silu_residual"), _gnr_case(**case))
     for case in ATTN_CASES:
         yield "attention", attention, _cpp_plan_of("attention"), _attn_case(**case)
     for case in STEP_CASES:
@@ -646,6 +690,36 @@ def test_cuda_group_norm_silu_prebuilt(gpu_cubins, case):
     tol = 1e-4 if args[0].dtype == torch.float32 else 2e-2
     torch.testing.assert_close(prebuilt_out.cpu().double(), ref, rtol=tol, atol=tol)
     torch.testing.assert_close(prebuilt_out, jit_out)  # the same kernel code, compiled twice
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("case", GNR_CASES, ids=lambda c: f"{c['shape']}")
+def test_cuda_group_norm_silu_residual_prebuilt(gpu_cubins, case):
+    """SD1.5's transformer norm on its cubin ('require'), the others on the JIT; y and r equal
+    on both paths, r exactly x + residual_bias in x's layout."""
+    _, args = _gnr_case(**case)
+    cuda_args = _on(args, "cuda")
+    op = torch.ops.fastdiff.group_norm_silu_residual
+    why = _cpp_plan_of("group_norm_silu_residual")(*args)[3]
+    if why:
+        with pytest.raises(RuntimeError, match=re.escape(why)):
+            _both_paths(lambda: op(*cuda_args))
+        prev = ops.set_prebuilt("on")
+        try:
+            pre = jit = op(*cuda_args)
+        finally:
+            ops.set_prebuilt(prev)
+    else:
+        pre, jit = _both_paths(lambda: op(*cuda_args))
+    x = args[0]
+    y_ref, r_ref = reference.group_norm_silu_residual(*args)
+    tol = 1e-4 if x.dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(pre[0].cpu().double(), y_ref, rtol=tol, atol=tol)
+    assert pre[1].stride() == x.stride()
+    assert torch.equal(pre[1].cpu(), r_ref)
+    for a, b in zip(pre, jit):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.cuda
