@@ -39,7 +39,8 @@ By hand:
                     and the add reading them through a permuted view (-1 x 4); its
                     input: the GroupNorm writes the tokens' (channels_last) layout, proj_in
                     runs as a Linear on them, and the block's copy of its strided input goes
-                    (-1 x 4);
+                    (-1 x 4); the norm also writes x + proj_out's bias, and proj_out
+                    accumulates into it in place: no residual add (-1 x 4);
                     the sinusoidal time embedding: arange, mul, div, exp (the frequencies,
                     made once), cast, 2 mul, sin, cos, 2 cat -> mul, sin, cos (-8);
                     each block's feed-forward output projection + residual add -> one
@@ -138,9 +139,14 @@ def test_flops_and_bytes_of_single_kernels(steps):
 
 def test_accelerate_fuses_norms_attention_and_the_step(steps):
     d, a, e = steps["diffusers"], steps["accelerate"], steps["engine"]
-    # resnets 16 + conv_norm_out + the transformers' norms (writing channels_last tokens)
-    assert count(a, "fastdiff.group_norm_silu") == 17 + 4
+    # resnets 16 + conv_norm_out; the transformers' norms write channels_last tokens and
+    # x + proj_out's bias, into which proj_out accumulates (no residual add)
+    assert count(a, "fastdiff.group_norm_silu") == 17
+    assert count(a, "fastdiff.group_norm_silu_residual", "Transformer2DModel") == 4
     assert count(a, "aten.native_group_norm") == 0
+    assert count(d, "aten.add", "Transformer2DModel") == 4
+    assert count(a, "aten.add", "Transformer2DModel") == 0
+    assert count(a, "aten.baddbmm_", "Transformer2DModel") == 4
     assert count(a, "fastdiff.attention") == 8 and count(a, "sdpa") == 0
     # the time projections: one SiLU of temb, one batched matmul per width; the time MLP's
     # SiLU stays
@@ -195,13 +201,13 @@ def test_accelerate_fuses_norms_attention_and_the_step(steps):
     # output is contiguous (B, H, L, D), so its transpose back to (B, L, H*D) is a copy where
     # SDPA's (B, L, H, D) output is a view (-8); the time projections (-13), the shortcuts
     # (-5), the stacked attention projections (-16), the GEGLU projections in linear_geglu
-    # (-4), the transformers' output and input copies (-4, -4) and
+    # (-4), the transformers' output and input copies and residual adds (-4, -4, -4) and
     # the time embedding's frequencies and concatenations (-8), the feed-forwards' residual
     # adds (-4)
     assert len([k for k in d if k.where == "Timesteps"]) == 11
     assert [k.op for k in a if k.where == "Timesteps"] == ["aten.mul", "aten.sin", "aten.cos"]
     assert len(d) - len(a) == (8 * 3 + 1 + 6 - 1 + 8 + 8 + 4 + 8 - 8 + 13 + 5 + 16 + 4 + 4 + 4
-                               + 8 + 4)
+                               + 4 + 8 + 4)
     assert count(d, "aten.clone", "Attention") == 0 and count(a, "aten.clone", "Attention") == 8
     dev = roofline.ROOFLINES["H100"]
     mem = lambda ks: sum(k.bytes for k in ks if k.memory_bound(dev))  # noqa: E731

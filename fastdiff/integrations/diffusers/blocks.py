@@ -415,12 +415,35 @@ def _transformer_input(self, hidden_states):
     batch, _, height, width = hidden_states.shape
     x = hidden_states if hidden_states.is_contiguous(
         memory_format=torch.channels_last) else hidden_states.contiguous()
-    h = ops.group_norm_silu(x, *_gn_args(norm), silu=False, channels_last_out=True)
+    out_w = _proj_out_fold(self, x) if x is hidden_states else None
+    if out_w is None:
+        h = ops.group_norm_silu(x, *_gn_args(norm), silu=False, channels_last_out=True)
+    else:
+        # the same read of x also writes r = x + proj_out's bias, into which proj_out
+        # accumulates at the end (_transformer_output): no residual add
+        h, r = ops.group_norm_silu_residual(x, *_gn_args(norm), out_w[1], silu=False,
+                                            channels_last_out=True)
+        self.__dict__[_RESIDUAL] = (hidden_states, r)
     tokens = h.permute(0, 2, 3, 1).reshape(batch, height * width, h.shape[1])   # a view
     if linear:            # (diffusers' inner_dim: the width before a linear proj_in)
         return p(tokens), tokens.shape[-1]
     tokens = F.linear(tokens, p.weight.view(p.out_channels, -1), p.bias)
     return tokens, tokens.shape[-1]
+
+
+_RESIDUAL = "_fastdiff_residual"    # (input, x + proj_out's bias), from input to output
+
+
+def _proj_out_fold(self, x):
+    """proj_out's (C, Cin) weight and its bias when the transformer's output can accumulate
+    into the norm's ``x + bias`` (a plain biased 1x1 conv or Linear in x's dtype and device,
+    an NCHW x, no autograd through proj_out's bias), else None."""
+    p = self.proj_out
+    ok = type(p) is nn.Linear if self.use_linear_projection else _is_pointwise(p)
+    if (not ok or p.bias is None or p.weight.dtype != x.dtype or not _on(x, p.weight)
+            or not x.is_contiguous() or torch.compiler.is_compiling()):
+        return None
+    return p.weight.view(p.weight.shape[0], -1), p.bias
 
 
 def _transformer_output(self, hidden_states, residual, batch_size, height, width, inner_dim):
@@ -431,8 +454,19 @@ def _transformer_output(self, hidden_states, residual, batch_size, height, width
     add."""
     fn = type(self)._get_output_for_continuous_inputs
     p = self.proj_out
+    pending = self.__dict__.pop(_RESIDUAL, None)
     if hidden_states.dim() != 3 or residual.dim() != 4:
         return fn(self, hidden_states, residual, batch_size, height, width, inner_dim)
+    out_w = _proj_out_fold(self, residual) if pending is not None else None
+    if (out_w is not None and pending[0] is residual and hidden_states.is_contiguous()
+            and hidden_states.shape == (batch_size, height * width, out_w[0].shape[1])):
+        # r = residual + bias (the input norm wrote it): proj_out accumulates into it in place,
+        # reading the tokens transposed: one GEMM writes the NCHW output
+        r = pending[1]
+        w = out_w[0]
+        r.view(batch_size, w.shape[0], -1).baddbmm_(w.expand(batch_size, *w.shape),
+                                                     hidden_states.transpose(1, 2))
+        return r
     if self.use_linear_projection:
         h = p(hidden_states)
     elif (_is_pointwise(p) and p.weight.dtype == hidden_states.dtype
