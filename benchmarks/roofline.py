@@ -524,7 +524,8 @@ def op_class(op: str) -> str:
         return "matmul"
     if name in _ATTENTION:
         return "attention"
-    if name in ("native_group_norm", "native_layer_norm", "group_norm_silu", "add_layer_norm"):
+    if name in ("native_group_norm", "native_layer_norm", "group_norm_silu",
+                "group_norm_silu_residual", "add_layer_norm"):
         return "norm"
     if name in ("cat", "clone", "copy", "_to_copy", "index_select", "upsample_nearest2d"):
         return "copy/cast/cat"
