@@ -108,3 +108,18 @@ def assert_close_to_ref(out, ref, torch_out=None, atol=1e-6, what=""):
     if torch_out is not None and out.numel():
         bound += 2 * (torch_out.detach().cpu().to(torch.float64) - ref).abs().max().item()
     assert err <= bound, f"{what}: max error {err:.3g} > bound {bound:.3g}"
+
+
+# The CUDA-graph tests run twice: 'cuda' captures real graphs (GPU only), 'sim' runs the same
+# bookkeeping on CPU with fastdiff.capture.SIMULATE (a replay re-runs the recorded body under
+# the refusal of host reads). Returns the device the test puts its tensors on.
+@pytest.fixture(params=[
+    "sim", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+        not HAS_CUDA, reason="needs a CUDA GPU")])])
+def dev(request, monkeypatch):
+    from fastdiff import capture
+
+    if request.param == "sim":
+        monkeypatch.setattr(capture, "SIMULATE", True)
+        return "cpu"
+    return "cuda"

@@ -21,22 +21,12 @@ from fastdiff.integrations import diffusers as acc  # noqa: E402
 from fastdiff.integrations.diffusers import derived, zoo  # noqa: E402
 
 
-HAS_CUDA = torch.cuda.is_available()
-
-
 @pytest.fixture
 def sim(monkeypatch):
     monkeypatch.setattr(capture, "SIMULATE", True)
 
 
-# 'sim': CPU with the graph simulation; 'cuda': real CUDA graphs (GPU only)
-@pytest.fixture(params=["sim", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
-    not HAS_CUDA, reason="needs a CUDA GPU")])])
-def dev(request, monkeypatch):
-    if request.param == "sim":
-        monkeypatch.setattr(capture, "SIMULATE", True)
-        return "cpu"
-    return "cuda"
+# 'dev' (tests/conftest.py): 'sim', CPU with the graph simulation; 'cuda', real CUDA graphs
 
 
 def _unet(dev="cpu"):

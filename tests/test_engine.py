@@ -9,12 +9,10 @@ diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 import fastdiff  # noqa: E402
-from fastdiff import capture, engine, schedules  # noqa: E402
+from fastdiff import engine, schedules  # noqa: E402
 from fastdiff.integrations import diffusers as acc  # noqa: E402
 from fastdiff.integrations.diffusers import zoo  # noqa: E402
 from fastdiff.diffusion import GaussianDiffusion  # noqa: E402
-
-HAS_CUDA = torch.cuda.is_available()
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +71,6 @@ def test_sample_pipeline_sdxl_and_unguided():
     g = torch.Generator().manual_seed(0)
     pe, pp = torch.randn(1, 77, 2048, generator=g), torch.randn(1, 1280, generator=g)
     ne, npool = torch.randn(1, 77, 2048, generator=g), torch.randn(1, 1280, generator=g)
-    time_ids = torch.tensor([[128.0, 128.0, 0.0, 0.0, 128.0, 128.0]])
     for guidance in (1.0, 5.0):
         ref = pipe(prompt_embeds=pe, pooled_prompt_embeds=pp, negative_prompt_embeds=ne,
                    negative_pooled_prompt_embeds=npool, height=128, width=128,
@@ -152,18 +149,8 @@ def test_engine_bad_input():
 
 
 # ---------------------------------------------------------------- CUDA graphs
-# Each graph test runs twice: 'cuda' captures real CUDA graphs (GPU only), 'sim' runs the same
-# bookkeeping on CPU with fastdiff.capture.SIMULATE (a replay re-runs the recorded step).
-
-@pytest.fixture(params=[
-    "sim", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
-        not HAS_CUDA, reason="needs a CUDA GPU")])])
-def dev(request, monkeypatch):
-    if request.param == "sim":
-        monkeypatch.setattr(capture, "SIMULATE", True)
-        return "cpu"
-    return "cuda"
-
+# Each graph test runs twice (the 'dev' fixture, tests/conftest.py): 'cuda' captures real CUDA
+# graphs (GPU only), 'sim' runs the same bookkeeping on CPU with fastdiff.capture.SIMULATE.
 
 def _toy(dev, seed=0):
     eng, conv = _toy_engine(seed)

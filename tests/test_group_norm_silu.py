@@ -194,6 +194,10 @@ def test_channels_last_out_matches_reference(backend, dtype, atol, shape, channe
     N, C, H, W, G = shape
     if backend == "triton" and (C * H * W > 4000 and dtype != torch.float32):
         pytest.skip("interpreted Triton: the large shape runs in fp32 only")
+    if backend == "triton" and channels_last:
+        pytest.skip("interpreted Triton: a channels_last x takes the kernels of "
+                    "channels_last_out=False (test_matches_reference); the mixed layout is "
+                    "the new code")
     x, w, b, p, sc, sh = _inputs(N, C, H, W, dtype, pre, ss, channels_last)
     y = run_op(backend, "group_norm_silu", x, G, w, b, 1e-5, p, sc, sh, silu, True)
     assert y.dtype == dtype and y.shape == x.shape

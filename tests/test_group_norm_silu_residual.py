@@ -54,6 +54,9 @@ def test_matches_group_norm_silu_and_reference(backend, dtype, atol, shape, chan
                                                silu):
     """y is exactly group_norm_silu's (values and strides); r is exactly torch's x + rb in x's
     dtype and memory format, and the reference's."""
+    if backend == "triton" and dtype != torch.float32 and (channels_last or not cl_out):
+        pytest.skip("the interpreter (slow) runs 16-bit dtypes on SD1.5's layouts only (NCHW "
+                    "x, channels_last y); fp32 covers every layout there, cpp every combination")
     N, C, H, W, G = shape
     x, w, b, rb = _inputs(N, C, H, W, dtype, channels_last)
     y, r = run_op(backend, "group_norm_silu_residual", x, G, w, b, 1e-5, rb, silu, cl_out)
