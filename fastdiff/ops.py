@@ -309,6 +309,15 @@ def _group_norm_silu_setup(ctx, inputs, output):
     ctx.args = (num_groups, eps, apply_silu)
 
 
+def _gn_backward(dy, x, num_groups, weight, bias, eps, pre_bias, scale, shift, apply_silu):
+    """The fused backward op's gradients (dx, dw, db, dpre, dscale, dshift); it takes dy in x's
+    layout, so a dy in another (a channels_last output's) is copied to it first."""
+    fmt = torch.contiguous_format if x.is_contiguous() else torch.channels_last
+    dy = dy.to(x.dtype).contiguous(memory_format=fmt)
+    return torch.ops.fastdiff.group_norm_silu_backward(dy, x, num_groups, weight, bias, eps,
+                                                       pre_bias, scale, shift, apply_silu)
+
+
 @once_differentiable
 def _group_norm_silu_backward(ctx, grad):
     """The fused backward (csrc/group_norm_silu_backward.cpp; on CUDA its Triton kernels): one
@@ -316,10 +325,8 @@ def _group_norm_silu_backward(ctx, grad):
     dy in x's layout: a channels_last dy (channels_last_out, or any caller's) is copied to it."""
     x, weight, bias, pre_bias, scale, shift = ctx.saved_tensors
     num_groups, eps, apply_silu = ctx.args
-    fmt = torch.contiguous_format if x.is_contiguous() else torch.channels_last
-    grad = grad.to(x.dtype).contiguous(memory_format=fmt)
-    dx, dw, db, dpre, dscale, dshift = torch.ops.fastdiff.group_norm_silu_backward(
-        grad, x, num_groups, weight, bias, eps, pre_bias, scale, shift, apply_silu)
+    dx, dw, db, dpre, dscale, dshift = _gn_backward(grad, x, num_groups, weight, bias, eps,
+                                                    pre_bias, scale, shift, apply_silu)
 
     def given(g, t):  # absent inputs have no gradient
         return None if t is None else g
@@ -346,10 +353,8 @@ def _group_norm_silu_residual_backward(ctx, dy, dr):
     num_groups, eps, apply_silu = ctx.args
     dx = dw = db = drb = None
     if dy is not None:
-        fmt = torch.contiguous_format if x.is_contiguous() else torch.channels_last
-        dy = dy.to(x.dtype).contiguous(memory_format=fmt)
-        dx, dw, db, *_ = torch.ops.fastdiff.group_norm_silu_backward(
-            dy, x, num_groups, weight, bias, eps, None, None, None, apply_silu)
+        dx, dw, db, *_ = _gn_backward(dy, x, num_groups, weight, bias, eps, None, None, None,
+                                      apply_silu)
         dw = None if weight is None else dw
         db = None if bias is None else db
     if dr is not None:
@@ -522,10 +527,15 @@ def _geglu_backward(ctx, grad):
     Phi(g) + g phi(g), in float32 torch ops (differentiable again). Not fused."""
     (x,) = ctx.saved_tensors
     a, g = x.float().chunk(2, dim=-1)
-    gf = grad.float()
+    return _geglu_grad(a, g, grad.float()).to(x.dtype)
+
+
+def _geglu_grad(a, g, grad):
+    """float32 ``[d value, d gate]`` of ``value * gelu(gate)`` at (a, g) for the output's
+    gradient ``grad``: gelu'(g) = Phi(g) + g phi(g)."""
     cdf = 0.5 * (1 + torch.erf(g * (1 / math.sqrt(2))))
     pdf = torch.exp(-0.5 * g * g) * (1 / math.sqrt(2 * math.pi))
-    return torch.cat([gf * g * cdf, gf * a * (cdf + g * pdf)], dim=-1).to(x.dtype)
+    return torch.cat([grad * g * cdf, grad * a * (cdf + g * pdf)], dim=-1)
 
 
 torch.library.register_autograd("fastdiff::geglu", _geglu_backward, setup_context=_geglu_setup)
@@ -547,10 +557,7 @@ def _linear_geglu_backward(ctx, grad):
     wf = weight.float()
     proj = F.linear(x2, wf, None if bias is None else bias.float())
     h, g = proj.chunk(2, dim=-1)
-    gf = grad.reshape(h.shape).float()
-    cdf = 0.5 * (1 + torch.erf(g * (1 / math.sqrt(2))))
-    pdf = torch.exp(-0.5 * g * g) * (1 / math.sqrt(2 * math.pi))
-    dproj = torch.cat([gf * g * cdf, gf * h * (cdf + g * pdf)], dim=-1)   # (M, 2F)
+    dproj = _geglu_grad(h, g, grad.reshape(h.shape).float())   # (M, 2F)
     dx = (dproj @ wf).reshape(x.shape).to(x.dtype) if want[0] else None
     dw = (dproj.t() @ x2).to(weight.dtype) if want[1] else None
     db = dproj.sum(0).to(bias.dtype) if bias is not None and want[2] else None
