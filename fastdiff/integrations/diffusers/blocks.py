@@ -423,7 +423,7 @@ def _transformer_input(self, hidden_states):
         # accumulates at the end (_transformer_output): no residual add
         h, r = ops.group_norm_silu_residual(x, *_gn_args(norm), out_w[1], silu=False,
                                             channels_last_out=True)
-        self.__dict__[_RESIDUAL] = (hidden_states, r)
+        self.__dict__[_RESIDUAL] = (hidden_states, r, out_w[0])
     tokens = h.permute(0, 2, 3, 1).reshape(batch, height * width, h.shape[1])   # a view
     if linear:            # (diffusers' inner_dim: the width before a linear proj_in)
         return p(tokens), tokens.shape[-1]
@@ -431,7 +431,8 @@ def _transformer_input(self, hidden_states):
     return tokens, tokens.shape[-1]
 
 
-_RESIDUAL = "_fastdiff_residual"    # (input, x + proj_out's bias), from input to output
+# (input, x + proj_out's bias, proj_out's (C, Cin) weight): from the input to the output
+_RESIDUAL = "_fastdiff_residual"
 
 
 def _proj_out_fold(self, x):
@@ -457,13 +458,11 @@ def _transformer_output(self, hidden_states, residual, batch_size, height, width
     pending = self.__dict__.pop(_RESIDUAL, None)
     if hidden_states.dim() != 3 or residual.dim() != 4:
         return fn(self, hidden_states, residual, batch_size, height, width, inner_dim)
-    out_w = _proj_out_fold(self, residual) if pending is not None else None
-    if (out_w is not None and pending[0] is residual and hidden_states.is_contiguous()
-            and hidden_states.shape == (batch_size, height * width, out_w[0].shape[1])):
+    if (pending is not None and pending[0] is residual and hidden_states.is_contiguous()
+            and hidden_states.shape == (batch_size, height * width, pending[2].shape[1])):
         # r = residual + bias (the input norm wrote it): proj_out accumulates into it in place,
         # reading the tokens transposed: one GEMM writes the NCHW output
-        r = pending[1]
-        w = out_w[0]
+        _, r, w = pending
         r.view(batch_size, w.shape[0], -1).baddbmm_(w.expand(batch_size, *w.shape),
                                                      hidden_states.transpose(1, 2))
         return r
