@@ -76,6 +76,8 @@ _NO_KERNEL = {"_unsafe_view", "_reshape_alias", "lift_fresh", "empty", "empty_st
 _WRITE_ONLY = {"copy_", "fill_", "zero_", "normal_", "uniform_", "bernoulli_", "random_",
                "exponential_"}
 _MATMUL = {"mm", "addmm", "bmm", "baddbmm"}
+# fastdiff GEMMs with an epilogue (GEGLU; a folded LayerNorm): their FLOPs are the GEMM's
+_FOLDED_GEMMS = {"linear_geglu", "layer_norm_linear"}
 _ATTENTION = {"attention", "sdpa", "_scaled_dot_product_flash_attention",
               "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention"}
 # Modules of torch.nn (Linear, Conv2d, GroupNorm) are leaves: a kernel in one is named by its
@@ -130,7 +132,7 @@ def _flops(name: str, args, outs) -> float:
     if name in ("mm", "addmm", "bmm", "baddbmm"):
         a, b = (args[1], args[2]) if name in ("addmm", "baddbmm") else (args[0], args[1])
         return 2.0 * outs[0].numel() * a.shape[-1]
-    if name == "linear_geglu":      # x (..., K) @ W (2F, K).T: a GEMM, then the epilogue
+    if name in _FOLDED_GEMMS:       # x (..., K) @ W (N, K).T: a GEMM, then the epilogue
         x, w = args[0], args[1]
         return 2.0 * (x.numel() // max(1, x.shape[-1])) * w.shape[0] * w.shape[1]
     if name in _ATTENTION:
@@ -149,7 +151,7 @@ def _label(name: str, args, outs, dtype) -> str:
     if name in _MATMUL:
         a, b = (args[1], args[2]) if name in ("addmm", "baddbmm") else (args[0], args[1])
         return f"{_dims(a)} @ {_dims(b)}"
-    if name == "linear_geglu":
+    if name in _FOLDED_GEMMS:
         return f"{_dims(args[0])} @ {_dims(args[1])}^T -> {_dims(outs[0])}"
     if name in _ATTENTION:
         q, k = args[0], args[1]
@@ -520,7 +522,7 @@ def op_class(op: str) -> str:
     name = op.split(".", 1)[-1].rstrip("_")
     if name == "convolution":
         return "conv"
-    if name in _MATMUL or name == "linear_geglu":
+    if name in _MATMUL or name in _FOLDED_GEMMS:
         return "matmul"
     if name in _ATTENTION:
         return "attention"

@@ -298,13 +298,18 @@ def test_geglu_patched_equals_stock_and_keeps_autograd(dtype, backend, monkeypat
     assert x.grad is not None and ff.net[0].proj.weight.grad is not None
 
 
+@pytest.mark.parametrize("fold", ["auto", "off"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["self+cross", "self only", "only_cross", "no affine"])
-def test_transformer_block_patched_equals_stock(dtype, kind):
-    """A patched BasicTransformerBlock (each residual add + LayerNorm as one add_layer_norm)
-    equals diffusers' forward; autograd and other norm types run diffusers' own code."""
+def test_transformer_block_patched_equals_stock(dtype, kind, fold, monkeypatch):
+    """A patched BasicTransformerBlock equals diffusers' forward: with its LayerNorms folded
+    into the GEMMs after them (layer_norm_linear; FASTDIFF_NORM_FOLD=auto) and the attention
+    projections accumulating into the residual stream, or (off, and blocks the fold does not
+    take: only_cross) each residual add + LayerNorm as one add_layer_norm; autograd runs the
+    unfolded path."""
     from diffusers.models.attention import BasicTransformerBlock
 
+    monkeypatch.setenv("FASTDIFF_NORM_FOLD", fold)
     torch.manual_seed(0)
     kw = dict(cross_attention_dim=None if kind == "self only" else 24,
               only_cross_attention=kind == "only_cross",
@@ -322,9 +327,16 @@ def test_transformer_block_patched_equals_stock(dtype, kind):
     ran = []
     with torch.no_grad(), _recording_ops(ran):
         out = block(h, encoder_hidden_states=ctx)
-    assert ran.count("fastdiff.add_layer_norm") == (1 if kind == "self only" else 2)
-    # the feed-forward's output projection accumulates into the residual: no add at the end
-    assert ran[-1] == "aten.addmm_" and "aten.add" not in ran
+    if fold == "auto" and kind != "only_cross":
+        # q/k/v, (q of the cross-attention,) GEGLU's projection: each reads its norm's input;
+        # the projections' biases are added once, at the end
+        assert ran.count("fastdiff.layer_norm_linear") == (2 if kind == "self only" else 3)
+        assert not {"fastdiff.add_layer_norm", "aten.native_layer_norm"} & set(ran)
+        assert ran[-1] == "aten.add_" and "aten.add" not in ran
+    else:
+        assert ran.count("fastdiff.add_layer_norm") == (1 if kind == "self only" else 2)
+        # the feed-forward's output projection accumulates into the residual: no add at the end
+        assert ran[-1] == "aten.addmm_" and "aten.add" not in ran
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
     x = h.float().requires_grad_()
@@ -452,6 +464,34 @@ def test_attention_processor_matches_sdpa(head_dim, heads, cross, caplog):
             out = attn(x, ctx, attention_mask=mask)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
     assert ("SDPA used" in caplog.text) == (head_dim > 256)
+
+
+def test_folded_transformer_block_follows_weight_updates():
+    """The folded weights are derived tensors: a LayerNorm weight, a projection weight and an
+    output bias updated in place (or replaced) after the first call are seen by the next."""
+    from diffusers.models.attention import BasicTransformerBlock
+
+    torch.manual_seed(0)
+    block = BasicTransformerBlock(40, 2, 20, cross_attention_dim=24).eval()
+    h, ctx = torch.randn(2, 9, 40) + 2.0, torch.randn(2, 5, 24)
+    acc.blocks.patch_modules(block, acc.pipeline._State())
+    with torch.no_grad():
+        block(h, encoder_hidden_states=ctx)
+        block.norm2.weight.mul_(1.5)
+        block.attn1.to_out[0].bias.add_(0.25)
+        block.ff.net[0].proj.weight.add_(0.01)
+        block.norm3.bias = torch.nn.Parameter(torch.full((40,), 0.5))
+        out = block(h, encoder_hidden_states=ctx)
+        ref = type(block).forward(block, h, encoder_hidden_states=ctx)    # (diffusers' own)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_norm_fold_choice(monkeypatch):
+    monkeypatch.delenv("FASTDIFF_NORM_FOLD", raising=False)
+    assert acc.blocks.norm_fold_backend() == "auto"
+    monkeypatch.setenv("FASTDIFF_NORM_FOLD", "on")
+    with pytest.raises(ValueError, match="FASTDIFF_NORM_FOLD must be one of"):
+        acc.blocks.norm_fold_backend()
 
 
 def test_geglu_backend_choice(monkeypatch):

@@ -305,6 +305,9 @@ def _transformer_block_forward(self, hidden_states, attention_mask=None,
         return type(self).forward(self, hidden_states, attention_mask, encoder_hidden_states,
                                   encoder_attention_mask, timestep, cross_attention_kwargs,
                                   class_labels, added_cond_kwargs)
+    if _foldable(self, hidden_states, encoder_hidden_states, attention_mask,
+                 encoder_attention_mask, cross_attention_kwargs):
+        return _folded_block_forward(self, hidden_states, encoder_hidden_states)
     kwargs = dict(cross_attention_kwargs or {})
     # With a conv proj_in (SD1.5) the block gets a (B, C, HW) tensor viewed as (B, HW, C). Eager's
     # LayerNorm copies it to contiguous anyway, inside the kernel call (on the GPU a copy
@@ -354,6 +357,185 @@ def _ff_output(ff, x) -> nn.Linear | None:
                                  and (not ff.training or ff.net[3].p == 0)):
         return None
     return lin
+
+
+# ------------------------------------------- BasicTransformerBlock: LayerNorms folded into GEMMs
+
+NORM_FOLDS = ("auto", "off")
+
+
+def norm_fold_backend() -> str:
+    """FASTDIFF_NORM_FOLD: 'auto' (the default) folds each LayerNorm of a plain
+    BasicTransformerBlock into the GEMM that reads it (``layer_norm_linear``); 'off' keeps
+    add_layer_norm and the projections' own matmuls (for a GPU run to compare the two)."""
+    choice = os.environ.get("FASTDIFF_NORM_FOLD", "auto")
+    if choice not in NORM_FOLDS:
+        raise ValueError(f"fastdiff: FASTDIFF_NORM_FOLD must be one of {NORM_FOLDS}, "
+                         f"got {choice!r}")
+    return choice
+
+
+class _LnFold:
+    """The ``make`` of a Derived: the folded weight (``part`` 'weight') or the (3, N) float32
+    fold ('fold') of a LayerNorm folded into the Linears after it (stacked), from sources tagged
+    by ``tags``: 'g' the norm's weight, 'b' its bias, 'w' a Linear's weight, 'lb' its bias, 's'
+    a bias the norm's input still lacks (their sum is the op's shift)."""
+
+    def __init__(self, part: str, tags: tuple):
+        self.part, self.tags = part, tags
+
+    def __call__(self, *src):
+        if len(src) != len(self.tags):
+            raise RuntimeError("fastdiff: a folded LayerNorm's sources changed shape")
+        got = {k: [] for k in ("g", "b", "w", "lb", "s")}
+        for tag, t in zip(self.tags, src):
+            got[tag].append(t)
+        w = got["w"][0] if len(got["w"]) == 1 else torch.cat(got["w"])
+        lb = torch.cat(got["lb"]) if got["lb"] else None
+        shift = shift_f32(*got["s"]) if got["s"] else None
+        wp, fold = ops.fold_layer_norm(got["g"][0] if got["g"] else None,
+                                       got["b"][0] if got["b"] else None, w, lb, shift)
+        return wp if self.part == "weight" else fold
+
+
+def shift_f32(*biases: torch.Tensor) -> torch.Tensor:
+    """The sum of biases in float32 (a folded norm's shift)."""
+    out = biases[0].float()
+    for b in biases[1:]:
+        out = out + b.float()
+    return out.contiguous()
+
+
+def _norm_fold(proc, norm: nn.LayerNorm, linears: tuple, pending: tuple):
+    """(weight, fold, shift or None) Deriveds of ``norm`` folded into ``linears`` (stacked
+    along N), for an input that still lacks the biases of the Linears ``pending``; kept by
+    ``proc`` (a FastdiffAttnProcessor with a root)."""
+    shift_refs = tuple((m, "bias") for m in pending if m.bias is not None)
+    key = ("norm_fold", norm, linears, shift_refs, norm.weight is not None,
+           norm.bias is not None)
+    d = proc._derived.get(key)
+    if d is None:
+        refs = ([(norm, "weight")] if norm.weight is not None else []) + (
+            [(norm, "bias")] if norm.bias is not None else [])
+        tags = ["g"] * (norm.weight is not None) + ["b"] * (norm.bias is not None)
+        refs += [(m, "weight") for m in linears]
+        tags += ["w"] * len(linears)
+        if linears[0].bias is not None:
+            refs += [(m, "bias") for m in linears]
+            tags += ["lb"] * len(linears)
+        refs += shift_refs
+        tags = tuple(tags + ["s"] * len(shift_refs))
+        reg = proc.root
+        d = proc._derived[key] = (
+            derived.register(reg, Derived(_LnFold("weight", tags), refs)),
+            derived.register(reg, Derived(_LnFold("fold", tags), refs)),
+            derived.register(reg, Derived(shift_f32, shift_refs)) if shift_refs else None)
+    return d
+
+
+def _quiet(m) -> bool:
+    """A Dropout that does nothing (eval mode or p = 0)."""
+    return isinstance(m, nn.Dropout) and (not m.training or m.p == 0)
+
+
+def _plain_attention(attn, x) -> bool:
+    """An Attention the folded block computes itself: fastdiff's processor (with a root for
+    its derived tensors), plain Linear projections in x's dtype and device with biases on all
+    or none of q, k, v, no group/spatial norm, residual or rescale, a quiet output dropout."""
+    proc = attn.processor
+    lin = (attn.to_q, attn.to_k, attn.to_v, attn.to_out[0])
+    return (type(proc) is FastdiffAttnProcessor and proc.root is not None
+            and attn.spatial_norm is None and attn.group_norm is None and not attn.norm_cross
+            and not attn.residual_connection and attn.rescale_output_factor == 1
+            and all(type(m) is nn.Linear and m.weight.dtype == x.dtype for m in lin)
+            and _on(x, *(m.weight for m in lin))
+            and len({m.bias is None for m in lin[:3]}) == 1
+            and len(attn.to_out) == 2 and _quiet(attn.to_out[1]))
+
+
+def _foldable(self, hidden_states, encoder_hidden_states, attention_mask,
+              encoder_attention_mask, cross_attention_kwargs) -> bool:
+    """Whether this call of a (fusable) BasicTransformerBlock can run with its LayerNorms
+    folded into the GEMMs after them: self-attention, then cross-attention over a context (or
+    none), then a GEGLU feed-forward with a plain output Linear, no masks or extra kwargs, no
+    autograd, not compiling."""
+    from diffusers.models.activations import GEGLU
+
+    x = hidden_states
+    a1, a2 = self.attn1, self.attn2
+    if (cross_attention_kwargs or attention_mask is not None
+            or encoder_attention_mask is not None or self.only_cross_attention
+            or norm_fold_backend() != "auto" or type(self.norm1) is not nn.LayerNorm
+            or any(p is not None and p.dtype != x.dtype
+                   for p in (self.norm1.weight, self.norm1.bias))
+            or not _plain_attention(a1, x) or (a2 is not None and (
+                encoder_hidden_states is None or not _plain_attention(a2, x)))):
+        return False
+    ff = self.ff
+    lin = _ff_output(ff, x)
+    if (lin is None or type(ff.net[0]) is not GEGLU or type(ff.net[0].proj) is not nn.Linear
+            or ff.net[0].proj.weight.dtype != x.dtype or not _on(x, ff.net[0].proj.weight)
+            or not _quiet(ff.net[1])):
+        return False
+    return usable(x, encoder_hidden_states, *self.parameters())
+
+
+def _folded_block_forward(self, hidden_states, encoder_hidden_states):
+    """The block with each LayerNorm inside the GEMM that reads it (``layer_norm_linear``:
+    its row statistics come from the GEMM's own K loop, the norm's weight and bias are folded
+    into the projection's), and each residual add inside the GEMM that makes it: the attention
+    outputs' projections accumulate into the residual stream (addmm with it as C), and the
+    stream lacks their biases until the end: the folded norms read it with those biases as a
+    shift, and one add puts them in. Eager: 3 norm kernels + 2 adds; here 1 add."""
+    x = hidden_states.contiguous()
+    batch, length, c = x.shape
+    a1, a2, ff = self.attn1, self.attn2, self.ff
+    proc = a1.processor
+    owe = [a1.to_out[0]]                     # the projections whose bias the stream lacks
+
+    w, fold, _ = _norm_fold(proc, self.norm1, (a1.to_q, a1.to_k, a1.to_v), ())
+    qkv = ops.layer_norm_linear(x, w.get(), fold.get(), None, self.norm1.eps)
+    q, k, v = qkv.split([a1.to_q.out_features, a1.to_k.out_features,
+                         a1.to_v.out_features], dim=-1)
+    o = proc.product(a1, q, k, v, None, batch)
+    stream = torch.addmm(x.view(-1, c), o.reshape(-1, o.shape[-1]), a1.to_out[0].weight.t())
+    if a2 is not None:
+        p2 = a2.processor
+        w, fold, shift = _norm_fold(p2, self.norm2, (a2.to_q,), tuple(owe))
+        q = ops.layer_norm_linear(stream.view(batch, length, c), w.get(), fold.get(),
+                                  shift.get() if shift is not None else None, self.norm2.eps)
+        kv = p2._context_projection(encoder_hidden_states, (a2.to_k, a2.to_v))
+        k, v = kv if kv is not None else (a2.to_k(encoder_hidden_states),
+                                          a2.to_v(encoder_hidden_states))
+        o = p2.product(a2, q, k, v, None, batch)
+        stream.addmm_(o.reshape(-1, o.shape[-1]), a2.to_out[0].weight.t())
+        owe.append(a2.to_out[0])
+    lin = ff.net[2]
+    w, fold, shift = _norm_fold(proc, self.norm3, (ff.net[0].proj,), tuple(owe))
+    args = (stream.view(batch, length, c), w.get(), fold.get(),
+            shift.get() if shift is not None else None, self.norm3.eps)
+    if geglu_backend() == "fused":
+        h = ops.layer_norm_linear(*args, geglu=True)
+    else:
+        h = ops.geglu(ops.layer_norm_linear(*args))
+    stream.addmm_(h.reshape(-1, h.shape[-1]), lin.weight.t())
+    owe.append(lin)
+    tail = _tail(proc, tuple(owe))
+    if tail is not None:
+        stream.add_(tail.get())
+    return stream.view(batch, length, c)
+
+
+def _tail(proc, linears: tuple):
+    """The Derived sum of ``linears``' biases (the stream's debt at the block's end), or None."""
+    refs = tuple((m, "bias") for m in linears if m.bias is not None)
+    if not refs:
+        return None
+    key = ("tail", refs)
+    d = proc._derived.get(key)
+    if d is None:
+        d = proc._derived[key] = derived.register(proc.root, Derived(derived.total, refs))
+    return d
 
 
 # ---------------------------------------------------------------- Timesteps
@@ -614,6 +796,23 @@ class FastdiffAttnProcessor:
             else:
                 key = attn.to_k(encoder_hidden_states)
                 value = attn.to_v(encoder_hidden_states)
+        hidden_states = self.product(attn, query, key, value, attention_mask, batch_size)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height,
+                                                                    width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        if attn.rescale_output_factor != 1:
+            hidden_states = hidden_states / attn.rescale_output_factor
+        return hidden_states
+
+
+    @staticmethod
+    def product(attn, query, key, value, attention_mask, batch_size):
+        """The attention of projected (B, L, H*D) queries, keys and values over attn's heads
+        (its norm_q / norm_k, then fastdiff.attention or SDPA): (B, L, H*D), before to_out."""
         inner_dim = key.shape[-1]
         head_dim = inner_dim // attn.heads
         query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
@@ -627,22 +826,11 @@ class FastdiffAttnProcessor:
                 or attention_backend(query) == "sdpa"):
             if head_dim > MAX_HEAD_DIM:
                 log_once(f"attention head dim {head_dim} > {MAX_HEAD_DIM}: SDPA used")
-            hidden_states = F.scaled_dot_product_attention(query, key, value,
-                                                           attn_mask=attention_mask)
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
         else:
-            hidden_states = ops.attention(query, key, value, attention_mask)
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
-        hidden_states = hidden_states.to(query.dtype)
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height,
-                                                                    width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        if attn.rescale_output_factor != 1:
-            hidden_states = hidden_states / attn.rescale_output_factor
-        return hidden_states
+            out = ops.attention(query, key, value, attention_mask)
+        out = out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        return out.to(query.dtype)
 
 
 class FastdiffFusedAttnProcessor(FastdiffAttnProcessor):
