@@ -7,9 +7,10 @@ timed for three systems in the same run: ``fastdiff`` (the fused op), ``eager`` 
 it replaces) and ``compile`` (``torch.compile`` of that same eager code). End-to-end cases time
 the denoising loop of a diffusers pipeline (SD1.5 architecture, random weights) for: stock
 diffusers eager, diffusers with ``torch.compile(unet, mode="max-autotune")``,
-``fastdiff.accelerate(pipe)`` and the fastdiff engine (``fastdiff.sample_pipeline``, whole steps
-in CUDA graphs). ``unfused`` is timed for the ops that replace a fastdiff pair (linear_geglu:
-the projection, then ``fastdiff.geglu``, as accelerate ran GEGLU before it). Timing is
+``fastdiff.accelerate(pipe)`` (and ``accelerate-cublas``: its Triton GEMMs off) and the
+fastdiff engine (``fastdiff.sample_pipeline``, whole steps in CUDA graphs). ``unfused`` is
+timed for the ops that replace a fastdiff pair (linear_geglu: the projection, then
+``fastdiff.geglu``, as accelerate ran GEGLU before it). Timing is
 pytest-benchmark's; on CUDA every timed call ends with a synchronize
 and runs the op ``inner`` times, so a kernel's time is the round's time / inner.
 """
@@ -18,13 +19,19 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import os
+
 import torch
 import torch.nn.functional as F
 
 KERNEL_SYSTEMS = ("fastdiff", "eager", "compile", "unfused")
 # Ops with an ``unfused`` system: the same math as fastdiff ran it before the op fused it.
 UNFUSED_OPS = ("linear_geglu",)
-E2E_SYSTEMS = ("engine", "accelerate", "diffusers", "compile")
+E2E_SYSTEMS = ("engine", "accelerate", "accelerate-cublas", "diffusers", "compile")
+# accelerate-cublas: accelerate with its Triton GEMMs off (the LayerNorm fold and linear_geglu:
+# FASTDIFF_NORM_FOLD=off, FASTDIFF_GEGLU=split), every matmul on cuBLAS: the GPU run's A/B of
+# those fusions, side by side with accelerate's defaults
+CUBLAS_ENV = {"FASTDIFF_NORM_FOLD": "off", "FASTDIFF_GEGLU": "split"}
 
 
 # ---------------------------------------------------------------- kernel cases
@@ -330,6 +337,22 @@ def e2e_fn(case: E2ECase, system: str, pipe, pe, ne, compile_mode: str | None = 
             fastdiff.accelerate(pipe)
         return lambda: pipe(**kw, output_type="latent",
                             generator=torch.Generator().manual_seed(1)).images
+    if system == "accelerate-cublas":
+        fastdiff.accelerate(pipe)
+
+        def run():
+            saved = {k: os.environ.get(k) for k in CUBLAS_ENV}
+            os.environ.update(CUBLAS_ENV)
+            try:
+                return pipe(**kw, output_type="latent",
+                            generator=torch.Generator().manual_seed(1)).images
+            finally:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
+        return run
     if system == "engine":
         fastdiff.accelerate(pipe, cuda_graphs=False)
         return lambda: fastdiff.sample_pipeline(pipe, **kw,

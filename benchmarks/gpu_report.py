@@ -95,7 +95,7 @@ def key_ratios(rows) -> list[str]:
     by = {(r.case, r.system): r for r in rows if r.kind == "e2e"}
     for case in dict.fromkeys(c for c, _ in by):
         parts = [f"{s} {by[(case, s)].speedup:.2f}x{mark(by[(case, s)])}"
-                 for s in ("engine", "accelerate", "compile")
+                 for s in ("engine", "accelerate", "accelerate-cublas", "compile")
                  if (case, s) in by and by[(case, s)].speedup]
         eng, comp = by.get((case, "engine")), by.get((case, "compile"))
         if eng and comp:

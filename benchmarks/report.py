@@ -175,6 +175,7 @@ def chart(rows: list[Row], path: str, title: str = "") -> None:
     from PIL import Image, ImageDraw
 
     colors = {"fastdiff": (220, 80, 40), "engine": (220, 80, 40), "accelerate": (240, 150, 60),
+              "accelerate-cublas": (200, 170, 90),
               "eager": (90, 90, 90), "diffusers": (90, 90, 90), "compile": (60, 110, 200),
               "unfused": (150, 120, 60),
               "prebuilt": (220, 80, 40), "jit": (90, 90, 90)}

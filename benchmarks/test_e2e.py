@@ -1,7 +1,8 @@
 """End-to-end sampling: a diffusers SD pipeline (random weights, CFG, DDIM) for stock diffusers
 eager, diffusers + torch.compile(unet, mode='max-autotune'), fastdiff.accelerate(pipe) and the
-fastdiff engine (engine.sample_pipeline). Time to first image (including compile or capture) is
-the first call, measured before the timed rounds."""
+fastdiff engine (engine.sample_pipeline), and accelerate with every matmul on cuBLAS
+(accelerate-cublas: its Triton GEMMs off, cases.CUBLAS_ENV). Time to first image (including
+compile or capture) is the first call, measured before the timed rounds."""
 import time
 
 import pytest
@@ -19,7 +20,8 @@ def pipeline(ecase, device, dtype):
 
 
 # The baseline first: a run cut off mid-case (benchmarks/gpu.sh) still has its ratios.
-@pytest.mark.parametrize("system", ["diffusers", "engine", "accelerate", "compile"])
+@pytest.mark.parametrize("system", ["diffusers", "engine", "accelerate", "accelerate-cublas",
+                                    "compile"])
 def test_sampling(benchmark, ecase, system, pipeline, device, quick):
     import fastdiff
 
