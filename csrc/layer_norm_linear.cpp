@@ -13,10 +13,12 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "geglu.h"
 #include "ops.h"
+#include "simd.h"
 
 namespace fastdiff {
 namespace {
@@ -94,25 +96,38 @@ Tensor empty(const LayerNormLinear& a) {
 
 constexpr int64_t kChunk = 1024;  // output columns in float at a time (in cache)
 
-// Per row: mean and rstd of h = x + shift, in double (sums over K of up to 2**31 floats).
+// Per row: mean and rstd of h = x + shift, from simd.h's shifted sums (float lanes, blocks
+// added in double, around the row's first value: exact for a constant row, and no cancellation
+// of a large mean), the "float32 or better" of the op's one-pass statistics.
 template <typename T>
 void row_stats(const T* x, const float* s, int64_t rows, int64_t K, double eps, float* mean,
                float* rstd) {
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / K);
   torch::stable::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf;
     for (int64_t r = begin; r < end; ++r) {
       const T* xr = x + r * K;
-      double s1 = 0, s2 = 0;
-      for (int64_t k = 0; k < K; ++k) {
-        const double h = static_cast<double>(static_cast<float>(xr[k]) + (s ? s[k] : 0.0f));
-        s1 += h;
-        s2 += h * h;
+      const float* h;
+      if (std::is_same_v<T, float> && !s) {
+        h = reinterpret_cast<const float*>(xr);
+      } else {
+        buf.resize(K);
+        for (int64_t k = 0; k < K; ++k) buf[k] = static_cast<float>(xr[k]) + (s ? s[k] : 0.0f);
+        h = buf.data();
       }
+      double s1, s2;
+      simd::shifted_sums<true>(h, K, h[0], &s1, &s2);
       const double m = s1 / K, var = std::max(s2 / K - m * m, 0.0);
-      mean[r] = static_cast<float>(m);
+      mean[r] = static_cast<float>(h[0] + m);
       rstd[r] = static_cast<float>(1.0 / std::sqrt(var + static_cast<float>(eps)));
     }
   });
+}
+
+// z[i] = rstd (p[i] + d[i] - mean colsum[i]) + b[i] for i < n (a loop the compiler vectorizes).
+inline void correct(const float* p, const float* colsum, const float* d, const float* b,
+                    float m, float rs, float* z, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) z[i] = rs * (p[i] + d[i] - m * colsum[i]) + b[i];
 }
 
 // y from p = x @ W'^T (rows, N) float32: z = rstd (p + d - mean colsum) + b', then GEGLU or not.
@@ -128,18 +143,20 @@ void epilogue(const float* p, const float* fold, const float* mean, const float*
     for (int64_t r = begin; r < end; ++r) {
       const float* pr = p + r * N;
       const float m = mean[r], rs = rstd[r];
-      auto z = [&](int64_t n) { return rs * (pr[n] + d[n] - m * colsum[n]) + b[n]; };
       for (int64_t c0 = 0; c0 < F; c0 += kChunk) {
         const int64_t n = std::min(kChunk, F - c0);
-        for (int64_t i = 0; i < n; ++i) za[i] = z(c0 + i);
-        float* res = za;
-        if (geglu) {
-          for (int64_t i = 0; i < n; ++i) zg[i] = z(F + c0 + i);
-          geglu_floats_cpu(za, zg, out, n);
-          res = out;
-        }
         T* yr = y + r * F + c0;
-        for (int64_t i = 0; i < n; ++i) yr[i] = static_cast<T>(res[i]);
+        float* res = std::is_same_v<T, float> ? reinterpret_cast<float*>(yr) : out;
+        if (geglu) {
+          correct(pr + c0, colsum + c0, d + c0, b + c0, m, rs, za, n);
+          correct(pr + F + c0, colsum + F + c0, d + F + c0, b + F + c0, m, rs, zg, n);
+          geglu_floats_cpu(za, zg, res, n);
+        } else {
+          correct(pr + c0, colsum + c0, d + c0, b + c0, m, rs, res, n);
+        }
+        if constexpr (!std::is_same_v<T, float>) {
+          for (int64_t i = 0; i < n; ++i) yr[i] = static_cast<T>(res[i]);
+        }
       }
     }
   });
@@ -158,8 +175,12 @@ Tensor cpu(const LayerNormLinear& a) {
     x2 = torch::stable::to(x2, ScalarType::Float);
     w = torch::stable::to(w, ScalarType::Float);
   }
-  const Tensor p = torch::stable::contiguous(
+  Tensor p = torch::stable::contiguous(
       call_op<Tensor>("aten::mm", x2, torch::stable::transpose(w, 0, 1)));  // (M, N)
+  // fp32 without GEGLU: the epilogue overwrites the product in place, which is then y (no
+  // second (M, N) buffer: at SD1.5's 8192 x 960, 31 MB of fresh pages a call).
+  const bool in_place = f32 && !a.geglu;
+  if (in_place) y = torch::stable::reshape(p, Sizes(y.sizes().begin(), y.sizes().end()));
   const std::vector<float> fold = floats(a.fold), shift = floats(a.shift);
   std::vector<float> mean(M), rstd(M);
   dispatch_float(a.x.scalar_type(), [&](auto tag) {
