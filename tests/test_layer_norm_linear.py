@@ -20,7 +20,7 @@ DTYPES = [
     # linear_geglu's: the op's one-pass variance (sum h^2 / K - mean^2, fp32 sums on CUDA) and
     # the fold's x W'^T - mean colsum cancel terms ~ mean^2 and ~ mean colsum that torch, which
     # subtracts the mean first, never forms; at x + 5, K = 320 (|y| <= 10.5) the interpreted
-    # kernel is 5.8e-5 off, the C++ kernel (double statistics) 8e-6; at x + 50, 1.7e-3 and 8e-5.
+    # kernel is 5.8e-5 off, the C++ kernel (shifted statistics) 8e-6; at x + 50, 1.7e-3 and 8e-5.
     (torch.float32, 1e-4),
     (torch.float16, 2e-3),
     (torch.bfloat16, 2e-2),
