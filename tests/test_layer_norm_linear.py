@@ -176,15 +176,17 @@ def test_gradients_through_the_fold_match_the_unfolded_reference(dtype, atol, ge
 
 
 @pytest.mark.filterwarnings("ignore:Input #.* is not a double precision")
-def test_gradcheck_of_the_op():
+def test_gradcheck_and_double_backward():
     """The closed-form backward against finite differences on the op's own inputs (float32:
-    the op's dtypes), fold and shift included, both epilogues."""
+    the op's dtypes), fold and shift included, both epilogues; and differentiated again (the
+    backward is torch ops on the saved inputs)."""
     x, lw, lb, w, b, s = _inputs((3,), 6, 4, torch.float32, shift=True, seed=5)
     wf, fold = ops.fold_layer_norm(lw, lb, w, b, s)
     args = [t.detach().clone().requires_grad_() for t in (x, wf, fold, s)]
     for geglu in (False, True):
         fn = lambda x, w, f, s: ops.layer_norm_linear(x, w, f, s, 1e-5, geglu)  # noqa: E731
         assert torch.autograd.gradcheck(fn, args, eps=1e-3, atol=5e-3, rtol=5e-3)
+        assert torch.autograd.gradgradcheck(fn, args, eps=1e-3, atol=2e-2, rtol=2e-2)
 
 
 def test_only_the_wanted_gradients_are_computed():
