@@ -29,6 +29,7 @@ DTYPES = [
 SHAPES = [
     # (batch dims of x, K, N, geglu, shift, mean offset)
     ((1,), 7, 5, False, False, 0.0),       # M = 1, K and N odd, far below a tile: every mask
+    ((2,), 1, 4, False, False, 0.0),       # K = 1: var 0, y = b' (the JIT specializes K == 1)
     ((3,), 7, 6, True, True, 5.0),         # M = 3, GEGLU of 3 columns; x + 5: one-pass variance
     ((2, 3), 33, 70, False, True, 5.0),    # batch dims, a ragged K tail (33), N > a 64 tile
     ((3,), 320, 960, False, True, 0.0),    # SD1.5's norm1 -> q/k/v: K = 320, N = 3 * 320
