@@ -10,23 +10,23 @@ diffusers eager, diffusers with ``torch.compile(unet, mode="max-autotune")``,
 ``fastdiff.accelerate(pipe)`` (and ``accelerate-cublas``: its Triton GEMMs off) and the
 fastdiff engine (``fastdiff.sample_pipeline``, whole steps in CUDA graphs). ``unfused`` is
 timed for the ops that replace a fastdiff pair (linear_geglu: the projection, then
-``fastdiff.geglu``, as accelerate ran GEGLU before it). Timing is
+``fastdiff.geglu``, as accelerate ran GEGLU before it; layer_norm_linear: the LayerNorm, then
+the Linear or ``fastdiff.linear_geglu``). Timing is
 pytest-benchmark's; on CUDA every timed call ends with a synchronize
 and runs the op ``inner`` times, so a kernel's time is the round's time / inner.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-
 import os
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 KERNEL_SYSTEMS = ("fastdiff", "eager", "compile", "unfused")
 # Ops with an ``unfused`` system: the same math as fastdiff ran it before the op fused it.
-UNFUSED_OPS = ("linear_geglu",)
+UNFUSED_OPS = ("linear_geglu", "layer_norm_linear")
 E2E_SYSTEMS = ("engine", "accelerate", "accelerate-cublas", "diffusers", "compile")
 # accelerate-cublas: accelerate with its Triton GEMMs off (the LayerNorm fold and linear_geglu:
 # FASTDIFF_NORM_FOLD=off, FASTDIFF_GEGLU=split), every matmul on cuBLAS: the GPU run's A/B of
@@ -38,15 +38,18 @@ CUBLAS_ENV = {"FASTDIFF_NORM_FOLD": "off", "FASTDIFF_GEGLU": "split"}
 
 @dataclass
 class KernelCase:
-    # group_norm_silu | attention | denoise_step | geglu | add_layer_norm | linear_geglu
+    # group_norm_silu | attention | denoise_step | geglu | add_layer_norm | linear_geglu |
+    # layer_norm_linear
     op: str
     model: str                   # sd15@512 ...
     shape: tuple                 # linear_geglu: (B, L, K, F), x (B, L, K) -> y (B, L, F)
+                                 # layer_norm_linear: (B, L, K, N), W (N, K)
     groups: int = 32
     quick: bool = False
     label: str = field(default="", compare=False)
     next_bias: bool = False      # add_layer_norm only: h_out = h + next_bias as well
     tokens: bool = False         # group_norm_silu only: no SiLU, channels_last out of NCHW x
+    geglu: bool = False          # layer_norm_linear only: y (B, L, N/2), GEGLU of the GEMM
 
     @property
     def id(self) -> str:
@@ -64,6 +67,10 @@ class KernelCase:
         if self.op == "linear_geglu":
             b, seq, k, f = self.shape                            # x, W (2F, K), bias read; y
             return (b * seq * k + 2 * f * k + 2 * f + b * seq * f) * itemsize
+        if self.op == "layer_norm_linear":
+            b, seq, k, nn = self.shape                           # x, W read; y written (the
+            out = nn // 2 if self.geglu else nn                  # fold: 3N floats, not counted)
+            return (b * seq * k + nn * k + b * seq * out) * itemsize
         if self.op == "add_layer_norm":
             return 4 * n * itemsize                              # x, residual read; h, y
                                                                  # (next_bias: C more)
@@ -76,6 +83,9 @@ class KernelCase:
         if self.op == "linear_geglu":
             b, seq, k, f = self.shape
             return 2 * b * seq * k * 2 * f                       # the projection's GEMM
+        if self.op == "layer_norm_linear":
+            b, seq, k, nn = self.shape
+            return 2 * b * seq * k * nn                          # the GEMM
         return 0
 
 
@@ -125,6 +135,13 @@ def kernel_cases(quick: bool = False) -> list[KernelCase]:
                 # the same GEGLU with its projection (C -> 2 * 4C) in one GEMM
                 cases.append(KernelCase("linear_geglu", tag, (B, res * res, ch, 4 * ch),
                                         label=f"{B}x{res * res}x{ch}->{4 * ch}"))
+                # a LayerNorm folded into the GEMM that reads it: norm1 -> the stacked q/k/v
+                # (C -> 3C), norm3 -> GEGLU's projection (C -> 2 x 4C)
+                cases.append(KernelCase("layer_norm_linear", tag, (B, res * res, ch, 3 * ch),
+                                        label=f"{B}x{res * res}x{ch}->{3 * ch} qkv"))
+                cases.append(KernelCase("layer_norm_linear", tag, (B, res * res, ch, 8 * ch),
+                                        geglu=True,
+                                        label=f"{B}x{res * res}x{ch}->2x{4 * ch} geglu"))
                 # a residual add and the LayerNorm after it (norm2, norm3)
                 cases.append(KernelCase("add_layer_norm", tag, (B, res * res, ch)))
                 if name == "sd15":
@@ -151,6 +168,8 @@ def kernel_cases(quick: bool = False) -> list[KernelCase]:
         cases.append(KernelCase("linear_geglu", "tiny", (2, 64, 32, 128), quick=True,
                                 label="2x64x32->128"))
         cases.append(KernelCase("add_layer_norm", "tiny", (2, 64, 32), quick=True))
+        cases.append(KernelCase("layer_norm_linear", "tiny", (2, 64, 32, 128), quick=True,
+                                geglu=True, label="2x64x32->2x64 geglu"))
         cases.append(KernelCase("add_layer_norm", "tiny", (2, 64, 32), quick=True,
                                 next_bias=True, label="2x64x32 +next_bias"))
     return cases
@@ -210,6 +229,28 @@ def kernel_fn(case: KernelCase, system: str, device: str, dtype: torch.dtype):
 
         def unfused(x, w, b):                        # accelerate's GEGLU before linear_geglu
             return ops.geglu(F.linear(x, w, b))
+    elif case.op == "layer_norm_linear":
+        bsz, seq, K, N = case.shape
+        geglu = case.geglu
+
+        def make():          # x, the LayerNorm's and the Linear's parameters, their fold
+            x, lw, lb, w, b = (rnd(bsz, seq, K), 1 + 0.1 * rnd(K), 0.1 * rnd(K),
+                               rnd(N, K) * K ** -0.5, rnd(N))
+            return (x, lw, lb, w, b, *ops.fold_layer_norm(lw, lb, w, b))
+
+        def fused(x, lw, lb, w, b, wf, fold):
+            return ops.layer_norm_linear(x, wf, fold, None, 1e-5, geglu)
+
+        def fn(x, lw, lb, w, b, wf, fold):           # diffusers: the norm, then the Linear
+            z = F.linear(F.layer_norm(x, (K,), lw, lb), w, b)
+            if not geglu:
+                return z
+            h, gate = z.chunk(2, dim=-1)
+            return h * F.gelu(gate)
+
+        def unfused(x, lw, lb, w, b, wf, fold):      # accelerate before the fold
+            n = F.layer_norm(x, (K,), lw, lb)
+            return ops.linear_geglu(n, w, b) if geglu else F.linear(n, w, b)
     elif case.op == "add_layer_norm" and case.next_bias:
         C = case.shape[-1]
 

@@ -269,6 +269,62 @@ def linear_geglu(x: torch.Tensor, weight: torch.Tensor,
     return _run(torch.ops.fastdiff.linear_geglu, x, weight, bias.contiguous())
 
 
+def fold_layer_norm(ln_weight: torch.Tensor | None, ln_bias: torch.Tensor | None,
+                    weight: torch.Tensor, bias: torch.Tensor | None = None,
+                    shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tensors ``layer_norm_linear`` takes for ``Linear(LayerNorm(x + shift))``: returns
+    ``(weight', fold)`` with weight' = weight * ln_weight[None, :] (weight's dtype) and fold
+    (3, N) float32: colsum[n] = sum_k weight'[n, k] and d[n] = sum_k weight'[n, k] shift[k] (of
+    weight' as rounded, in float64; zeros without shift), b'[n] = bias[n] + sum_k weight[n, k]
+    ln_bias[k] (float64). ln_weight, ln_bias: (K,) or None (a LayerNorm without affine); weight:
+    (N, K), the Linear's; bias: (N,) or None; shift: (K,) or None. Torch ops: differentiable."""
+    check_types("fold_layer_norm", dict(ln_weight=ln_weight, ln_bias=ln_bias, weight=weight,
+                                        bias=bias, shift=shift))
+    if weight is None or weight.dim() != 2:
+        raise ValueError("fastdiff.fold_layer_norm: argument 'weight' must be a (N, K) tensor, "
+                         f"got {None if weight is None else list(weight.shape)}")
+    N, K = weight.shape
+    for name, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias), ("shift", shift)):
+        if t is not None and t.shape != (K,):
+            raise ValueError(f"fastdiff.fold_layer_norm: argument '{name}' must have shape "
+                             f"({K},) (weight's K), got {list(t.shape)}")
+    if bias is not None and bias.shape != (N,):
+        raise ValueError(f"fastdiff.fold_layer_norm: argument 'bias' must have shape ({N},) "
+                         f"(weight's N), got {list(bias.shape)}")
+    w64 = weight.double()
+    wf = weight.contiguous() if ln_weight is None else \
+        (w64 * ln_weight.double()[None, :]).to(weight.dtype).contiguous()
+    wf64 = wf.double()
+    colsum = wf64.sum(1)
+    d = wf64 @ shift.double() if shift is not None else torch.zeros_like(colsum)
+    b = bias.double() if bias is not None else torch.zeros_like(colsum)
+    if ln_bias is not None:
+        b = b + w64 @ ln_bias.double()
+    return wf, torch.stack([colsum, d, b]).float().contiguous()
+
+
+def layer_norm_linear(x: torch.Tensor, weight: torch.Tensor, fold: torch.Tensor,
+                      shift: torch.Tensor | None = None, eps: float = 1e-5,
+                      geglu: bool = False) -> torch.Tensor:
+    """``Linear(LayerNorm(x + shift))`` as one GEMM: the LayerNorm folded into the Linear that
+    reads it (``fold_layer_norm`` makes weight and fold), the row statistics of h = x + shift
+    taken in the GEMM's K loop and applied in its epilogue, so no normalized tensor is written.
+    x: (..., K), float32/float16/bfloat16; weight: (N, K), x's dtype, contiguous; fold: (3, N)
+    float32; shift: (K,) float32 or None. Per row, mean = sum(h)/K, var = max(sum(h^2)/K -
+    mean^2, 0), rstd = 1/sqrt(var + eps); z = rstd (x W'^T + d - mean colsum) + b'. Returns z
+    (..., N), or with ``geglu`` z[..., :N/2] * gelu(z[..., N/2:]) (exact GELU), fp32
+    accumulation and math, one rounding to x's dtype. A non-contiguous x is copied first."""
+    for name, v in (("x", x), ("weight", weight), ("fold", fold)):
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(f"fastdiff.layer_norm_linear: argument '{name}' must be a "
+                            f"torch.Tensor, got {type(v).__name__} {v!r:.60}")
+    check_types("layer_norm_linear", dict(shift=shift), reals=dict(eps=eps),
+                bools=dict(geglu=geglu))
+    if x.dim() >= 1 and not x.is_contiguous():
+        x = x.contiguous()
+    return _run(torch.ops.fastdiff.layer_norm_linear, x, weight, fold, shift, eps, geglu)
+
+
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None = None,
                    bias: torch.Tensor | None = None, eps: float = 1e-5,
                    next_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -612,3 +668,51 @@ def _add_layer_norm_backward(ctx, dh, dy):
 
 torch.library.register_autograd("fastdiff::add_layer_norm", _add_layer_norm_backward,
                                 setup_context=_add_layer_norm_setup)
+
+
+def _layer_norm_linear_setup(ctx, inputs, output):
+    x, weight, fold, shift, eps, geglu = inputs
+    ctx.save_for_backward(x, weight, fold, shift)
+    ctx.eps, ctx.geglu = eps, geglu
+
+
+def _layer_norm_linear_backward(ctx, grad):
+    """The forward recomputed in float32 torch ops from the saved inputs (statistics as the op
+    takes them: var = mean(h^2) - mean^2, clamped at 0), then closed-form gradients: with
+    dz the output's gradient before GEGLU (geglu's formula), u = p + d - mean colsum (p = x W'^T)
+    and z = rstd u + b': d b' = sum_rows dz, d d = sum_rows rstd dz, d colsum = -sum_rows
+    rstd mean dz, dp = rstd dz (dx = dp W', dW' = dp^T x); through the statistics, d rstd =
+    sum_n dz u, d var = -rstd^3 / 2 d rstd (0 where clamped), d mean = -rstd dz colsum -
+    2 mean d var, dh = d mean / K + 2 h d var / K, into dx and, summed over rows, d shift.
+    Differentiable again. Not fused."""
+    x, weight, fold, shift = ctx.saved_tensors
+    want = ctx.needs_input_grad
+    N, K = weight.shape
+    x2 = x.reshape(-1, K).float()
+    wf = weight.float()
+    h = x2 if shift is None else x2 + shift
+    mean = h.mean(1, keepdim=True)
+    var_raw = (h * h).mean(1, keepdim=True) - mean * mean
+    rstd = torch.rsqrt(var_raw.clamp_min(0) + ctx.eps)
+    colsum, d = fold[0], fold[1]
+    u = x2 @ wf.t() + d - mean * colsum                       # (M, N)
+    g = grad.reshape(x2.shape[0], -1).float()
+    if ctx.geglu:
+        z = rstd * u + fold[2]
+        zv, zg = z.chunk(2, dim=-1)
+        dz = _geglu_grad(zv, zg, g)
+    else:
+        dz = g
+    dp = dz * rstd
+    dvar = (-0.5 * rstd ** 3 * (dz * u).sum(1, keepdim=True)) * (var_raw > 0)
+    dmean = -(dp @ colsum)[:, None] - 2 * mean * dvar
+    dh = (dmean + 2 * h * dvar) / K
+    dx = (dp @ wf + dh).reshape(x.shape).to(x.dtype) if want[0] else None
+    dw = (dp.t() @ x2).to(weight.dtype) if want[1] else None
+    dfold = torch.stack([-(dp * mean).sum(0), dp.sum(0), dz.sum(0)]) if want[2] else None
+    dshift = dh.sum(0) if shift is not None and want[3] else None
+    return dx, dw, dfold, dshift, None, None
+
+
+torch.library.register_autograd("fastdiff::layer_norm_linear", _layer_norm_linear_backward,
+                                setup_context=_layer_norm_linear_setup)

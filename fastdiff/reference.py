@@ -106,6 +106,19 @@ def linear_geglu(x, weight, bias=None):
                                             None if bias is None else _f64(bias)))
 
 
+def layer_norm_linear(x, ln_weight, ln_bias, eps, weight, bias=None, shift=None, geglu=False):
+    """Linear(LayerNorm(x + shift)) in float64, unfolded: F.layer_norm of h = x + shift over the
+    last dim with ln_weight, ln_bias (either may be None), then F.linear with weight (N, K) and
+    bias (N,) or None; with ``geglu`` the GEGLU of the result (value half first). What
+    fastdiff.layer_norm_linear computes from fastdiff.ops.fold_layer_norm's tensors."""
+    h = _f64(x)
+    if shift is not None:
+        h = h + _f64(shift)
+    n = torch.nn.functional.layer_norm(h, h.shape[-1:], _f64(ln_weight), _f64(ln_bias), eps)
+    z = torch.nn.functional.linear(n, _f64(weight), _f64(bias))
+    return _geglu(z) if geglu else z
+
+
 def add_layer_norm(x, residual, weight=None, bias=None, eps=1e-5, next_bias=None):
     """(h_out, y): h = x + residual rounded to x's dtype (as the op returns it), y = LayerNorm of
     that h over the last dim in float64 (two-pass variance), times weight, plus bias; h_out =
@@ -127,3 +140,6 @@ def add_layer_norm(x, residual, weight=None, bias=None, eps=1e-5, next_bias=None
 
 # The reference of torch.ops.fastdiff.denoise_step, whose rows are version 2.
 denoise_step = denoise_step_v2
+
+
+_geglu = geglu   # layer_norm_linear's argument 'geglu' shadows the function there

@@ -4,7 +4,8 @@ Compiles every prebuilt configuration for sm_80 and sm_90 with kernels/prebuild.
 summary (``--sass``; no GPU needed) and groups the configurations into families: attention by
 dtype and head dim (its bias variants together), group_norm_silu by kernel, dtype, layout and
 VEC (its fusion flags together), denoise_step by dtype and alignment variant, geglu by dtype and
-VEC, add_layer_norm by dtype and row block, linear_geglu by dtype and alignment variant. Per
+VEC, add_layer_norm by dtype and row block, linear_geglu by dtype and alignment variant,
+layer_norm_linear by dtype and epilogue (its shift variants together). Per
 family and architecture: registers, shared memory, stack (local memory: spills), and the global
 loads and stores in the code by width (instructions in the code, not executions), with MMA
 instructions.
@@ -53,6 +54,11 @@ def family(r):
         tile = f"{cx['BLOCK_M']}x{cx['BLOCK_N']}x{cx['BLOCK_K']}"
         return ((5, dt, not aligned),
                 f"linear_geglu {dt} {tile} {'K, F % 16 == 0' if aligned else 'any K, F'}")
+    if r["op"] == "layer_norm_linear":
+        dt = _DT[sig["x_ptr"]]
+        tile = f"{cx['BLOCK_M']}x{cx['BLOCK_N']}x{cx['BLOCK_K']}"
+        return ((6, dt, cx["GEGLU"]),
+                f"layer_norm_linear {dt} {tile} {'GEGLU' if cx['GEGLU'] else 'linear'}")
     dt = _DT[sig["x_ptr"]]
     names = [p["name"] for p in r["params"]]
     aligned = "numel" in [names[i] for i in r["aligned"]]

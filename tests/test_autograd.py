@@ -599,7 +599,7 @@ def test_no_grad_calls_skip_the_autograd_kernels_and_grad_calls_keep_them():
 # torch's forward_ad module scripts its jvp decompositions on first use (torch's warning)
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 @pytest.mark.parametrize("name", ["group_norm_silu", "attention", "geglu", "add_layer_norm",
-                                  "denoise_step"])
+                                  "denoise_step", "layer_norm_linear"])
 def test_forward_mode_ad_is_refused_not_silently_dropped(name):
     """The ops have backward formulas only; a dual tensor came out with a None tangent (a
     silent wrong answer for torch.func.jvp users). Now a NotImplementedError naming the op."""
@@ -613,6 +613,8 @@ def test_forward_mode_ad_is_refused_not_silently_dropped(name):
         "add_layer_norm": lambda d: ops.add_layer_norm(d, d),
         "denoise_step": lambda d: ops.denoise_step(
             d, d, torch.zeros(1, schedules.ROW_LEN), torch.zeros(1, dtype=torch.long)),
+        "layer_norm_linear": lambda d: ops.layer_norm_linear(d, torch.ones(4, 3),
+                                                             torch.zeros(3, 4)),
     }
     for grad_mode in (True, False):
         with torch.set_grad_enabled(grad_mode), fwAD.dual_level():

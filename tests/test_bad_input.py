@@ -23,6 +23,7 @@ geglu = torch.ops.fastdiff.geglu
 aln = torch.ops.fastdiff.add_layer_norm
 lgeglu = torch.ops.fastdiff.linear_geglu
 gnr = torch.ops.fastdiff.group_norm_silu_residual
+lnlin = torch.ops.fastdiff.layer_norm_linear
 
 
 def _x(*shape, dtype=torch.float32):
@@ -166,6 +167,40 @@ LGEGLU_BAD = [
     ({"bias": _x(10, dtype=torch.bfloat16)}, "'bias' must have x's dtype \\(float32\\), got bf"),
     ({"bias": _x(20)[::2]}, "'bias' must be contiguous"),
     ({"bias": torch.randn(10, device="meta")}, "'bias' must be on the same device as 'x'"),
+]
+
+
+def lnlin_args(**over):
+    a = dict(x=_x(2, 3, 8), weight=_x(6, 8), fold=_x(3, 6), shift=_x(8), eps=1e-5, geglu=True)
+    a.update(over)
+    return list(a.values())
+
+
+LNLIN_BAD = [
+    # (overrides, message fragment) - one per check in csrc/layer_norm_linear.cpp
+    ({"x": torch.tensor(1.0)}, "'x' must have a last dimension \\(..., K\\), got a 0-d"),
+    ({"x": _x(2, 8, dtype=torch.float64)}, "'x' must have dtype float32, float16 or bfloat16"),
+    ({"x": _x(3, 0)}, "'x' must have a last dimension K >= 1, got shape \\[3, 0\\]"),
+    ({"x": _x(8, 3).t()}, "'x' must be contiguous, got strides \\[1, 3\\]"),
+    ({"weight": _x(6)}, "'weight' must have shape \\(N, K\\) .* got shape \\[6\\]"),
+    ({"weight": _x(0, 8)}, "'weight' must have shape \\(N, K\\) with N >= 1"),
+    ({"weight": _x(6, 7)}, "'weight' must have shape .*K = x.shape\\[-1\\] = 8"),
+    ({"weight": _x(6, 8, dtype=torch.float16)}, "'weight' must have x's dtype \\(float32\\)"),
+    ({"weight": _x(8, 6).t()}, "'weight' must be contiguous \\(nn.Linear's"),
+    ({"weight": torch.randn(6, 8, device="meta")}, "'weight' must be on the same device as 'x'"),
+    ({"weight": _x(5, 8), "fold": _x(3, 5)}, "'geglu'=True needs an even number of weight rows "
+     "N \\(value rows, then gate rows\\), got N = 5"),
+    ({"fold": _x(2, 6)}, "'fold' must have shape \\(3, N\\) = \\[3, 6\\] .* got shape \\[2, 6\\]"),
+    ({"fold": _x(18)}, "'fold' must have shape \\(3, N\\)"),
+    ({"fold": _x(3, 6, dtype=torch.float16)}, "'fold' must have dtype float32, got float16"),
+    ({"fold": _x(6, 3).t()}, "'fold' must be contiguous"),
+    ({"fold": torch.randn(3, 6, device="meta")}, "'fold' must be on the same device as 'x'"),
+    ({"shift": _x(7)}, "'shift' must have shape \\(K,\\) = \\[8\\]"),
+    ({"shift": _x(8, dtype=torch.bfloat16)}, "'shift' must have dtype float32, got bfloat16"),
+    ({"shift": _x(16)[::2]}, "'shift' must be contiguous"),
+    ({"shift": torch.randn(8, device="meta")}, "'shift' must be on the same device as 'x'"),
+    ({"eps": -1.0}, "'eps' must be 0 or within float32's normal range"),
+    ({"eps": float("nan")}, "'eps' must be 0 or within float32's normal range"),
 ]
 
 
@@ -340,6 +375,20 @@ def test_linear_geglu_entry_point_rejects_non_tensors():
             ops.linear_geglu(*lgeglu_args(**over))
 
 
+@pytest.mark.parametrize("over,msg", [pytest.param(o, m, id=f"{next(iter(o))}-{i}")
+                                      for i, (o, m) in enumerate(LNLIN_BAD)])
+def test_layer_norm_linear_rejects(over, msg):
+    _all_paths(lnlin, functools.partial(ops.check, "layer_norm_linear"), lnlin_args(**over), msg)
+
+
+def test_layer_norm_linear_entry_point_rejects_non_tensors():
+    for over, name in (({"x": None}, "x"), ({"weight": [1.0]}, "weight"), ({"fold": 1.0}, "fold"),
+                       ({"shift": 1.0}, "shift")):
+        msg = f"fastdiff.layer_norm_linear: argument '{name}' must be a torch.Tensor"
+        with pytest.raises(TypeError, match=msg):
+            ops.layer_norm_linear(*lnlin_args(**over))
+
+
 def test_geglu_entry_point_rejects_non_tensors():
     with pytest.raises(TypeError, match="fastdiff.geglu: argument 'x' must be a torch.Tensor"):
         ops.geglu(None)
@@ -375,6 +424,9 @@ def test_valid_arguments_pass_the_checks():
     ops.check("add_layer_norm", *aln_args(weight=None, bias=None, eps=0.0))
     ops.check("add_layer_norm", *aln_args(next_bias=_x(8)))
     ops.check("group_norm_silu_residual", *gnr_args())
+    ops.check("layer_norm_linear", *lnlin_args(shift=None, geglu=False, weight=_x(5, 8),
+                                               fold=_x(3, 5)))
+    ops.check("layer_norm_linear", *lnlin_args(x=_x(0, 8), eps=0.0))
     ops.check("group_norm_silu_residual",
               *gnr_args(x=_x(2, 8, 3, 3).to(memory_format=torch.channels_last), weight=None,
                         bias=None, apply_silu=True, channels_last_out=False))

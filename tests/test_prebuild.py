@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from fastdiff.kernels import (add_layer_norm, attention, denoise_step, geglu,
-                              group_norm_silu, linear_geglu, prebuild)
+                              group_norm_silu, layer_norm_linear, linear_geglu, prebuild)
 
 # Shared memory per block (bytes) a kernel may use. The sm_80 compile is held to sm_86/sm_89's
 # 99 KB (A100 allows 163 KB), since the wheel's sm_86/89 cubins are the same code and use the
@@ -25,7 +25,7 @@ from fastdiff.kernels import (add_layer_norm, attention, denoise_step, geglu,
 SMEM_LIMIT = {80: 101376, 90: 232448}
 MODULES = {"group_norm_silu": group_norm_silu, "attention": attention,
            "denoise_step": denoise_step, "geglu": geglu, "add_layer_norm": add_layer_norm,
-           "linear_geglu": linear_geglu}
+           "linear_geglu": linear_geglu, "layer_norm_linear": layer_norm_linear}
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +88,10 @@ def test_launchers_choose_only_listed_configs():
         for aligned in (True, False):
             assert _key(geglu._config(dt, aligned)) in listed, (dt, aligned)
         assert _key(linear_geglu._config(dt)) in listed, dt
+        for geglu_ in (False, True):
+            for shift in (False, True):
+                key = _key(layer_norm_linear._config(dt, geglu_, shift))
+                assert key in listed, (dt, geglu_, shift)
         for c in range(129, 4097):  # 16-byte rows up to the largest prebuilt block
             block = add_layer_norm.block_c(c)
             assert _key(add_layer_norm._config(dt, block)) in listed, (dt, c)
@@ -216,6 +220,28 @@ def test_linear_geglu_runs_on_tensor_cores(compiled):
             need = _vectors(r, (cx["BLOCK_M"] + 2 * cx["BLOCK_N"]) * cx["BLOCK_K"])
             assert s["ldgsts"].get("128", 0) >= need, f"{_label(r)}: {s['ldgsts']}, {need}"
             assert set(s["stg"]) == {"128"}, f"{_label(r)}: {s['stg']}"
+
+
+def test_layer_norm_linear_runs_on_tensor_cores(compiled):
+    """linear_geglu's GEMM with the LayerNorm's row sums in its K loop: 16-bit inputs on tensor
+    cores (HMMA on sm_80, HGMMA on sm_90; fp32 in IEEE FFMA, no TF32), x's and W's tiles into
+    shared memory in 16-byte async copies (LDGSTS.128, at least one per 16 bytes of the x tile
+    and the one or two W tiles of a K step: the row sums read x's tile from shared memory, no
+    second global read of it), y in 16-byte stores. Spills: test_no_register_spills."""
+    recs = [r for r in compiled if r["op"] == "layer_norm_linear"]
+    assert len(recs) == len(SMEM_LIMIT) * len(layer_norm_linear.prebuilt_configs())
+    for r in recs:
+        cx, s = r["constexprs"], r["sass"]
+        if r["signature"]["x_ptr"] == "*fp32":
+            assert s["hmma"] == s["hgmma"] == 0, f"{_label(r)}: TF32 tensor-core instructions"
+        else:
+            mma = s["hmma"] if r["arch"] < 90 else s["hgmma"]
+            assert mma > 0, f"{_label(r)}: no tensor-core instruction"
+        w_tiles = 2 if cx["GEGLU"] else 1
+        need = _vectors(r, (cx["BLOCK_M"] + w_tiles * cx["BLOCK_N"]) * cx["BLOCK_K"])
+        assert s["ldgsts"].get("128", 0) >= need, f"{_label(r)}: {s['ldgsts']}, {need}"
+        assert set(s["ldgsts"]) == {"128"}, f"{_label(r)}: {s['ldgsts']}"
+        assert set(s["stg"]) == {"128"}, f"{_label(r)}: {s['stg']}"
 
 
 def _allowed_stack(r):

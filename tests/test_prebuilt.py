@@ -24,7 +24,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastdiff import ops, prebuilt, reference, schedules
 from fastdiff.kernels import (add_layer_norm, attention, denoise_step, geglu,
-                              group_norm_silu, group_norm_silu_residual, linear_geglu, prebuild)
+                              group_norm_silu, group_norm_silu_residual, layer_norm_linear,
+                              linear_geglu, prebuild)
 
 # The quick CPU subset tests/test_wheel.py runs in a fresh install of the wheel.
 pytestmark = pytest.mark.quick
@@ -295,6 +296,39 @@ def test_linear_geglu_plan_matches_the_launcher(case):
     _compare(linear_geglu, _cpp_plan_of("linear_geglu"), inputs, args)
 
 
+def _lnl_case(dtype, batch, K, N, shift=True, geglu=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    inputs = {"x": torch.randn(*batch, K, generator=g).to(dtype),
+              "weight": torch.randn(N, K, generator=g).to(dtype),
+              "fold": torch.randn(3, N, generator=g)}
+    if shift:
+        inputs["shift"] = torch.randn(K, generator=g)
+    return inputs, (inputs["x"], inputs["weight"], inputs["fold"], inputs.get("shift"), 1e-5,
+                    geglu)
+
+
+LNL_CASES = [
+    dict(dtype=torch.float16, batch=(2, 64), K=320, N=960),              # SD1.5's norm1 -> qkv
+    dict(dtype=torch.bfloat16, batch=(3,), K=640, N=5120, geglu=True, shift=False),  # norm3
+    dict(dtype=torch.float32, batch=(1,), K=33, N=70),       # fp32 blocks; no cubin (K, N odd)
+]
+
+
+@pytest.mark.parametrize("case", LNL_CASES, ids=lambda c: f"{c['dtype']}-{c['K']}-{c['N']}")
+def test_layer_norm_linear_plan_matches_the_launcher(case):
+    inputs, args = _lnl_case(**case)
+    _compare(layer_norm_linear, _cpp_plan_of("layer_norm_linear"), inputs, args)
+
+
+def test_layer_norm_linear_plans_say_why_no_cubin():
+    """The cubins assume K and N multiples of 16 (SD's widths); other calls run on the JIT."""
+    whys = [_cpp_plan_of("layer_norm_linear")(*_lnl_case(**case)[1])[3] for case in LNL_CASES]
+    assert whys == ["", "", "no cubin for K or N not a multiple of 16"]
+    for K, N in ((16, 24), (24, 16)):
+        why = _cpp_plan_of("layer_norm_linear")(*_lnl_case(torch.float16, (2,), K, N)[1])[3]
+        assert why == "no cubin for K or N not a multiple of 16", (K, N)
+
+
 def _aln_case(dtype, shape, affine=True, next_bias=False, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(*shape, generator=g).to(dtype)
@@ -382,6 +416,12 @@ def test_every_cpp_key_is_a_listed_configuration():
             launches, _, _, why = _cpp_plan_of("add_layer_norm")(*args)
             assert (why == "") == (C > 128), (dt, C, why)
             seen |= {la["key"] for la in launches} if not why else set()
+        for flags in range(4):  # layer_norm_linear: GEGLU, HAS_SHIFT (K, N multiples of 16)
+            geglu_, shift = (bool(flags >> i & 1) for i in range(2))
+            _, args = _lnl_case(dt, (3,), 32, 48, shift, geglu_)
+            launches, _, _, why = _cpp_plan_of("layer_norm_linear")(*args)
+            assert why == "", (dt, flags, why)
+            seen |= {la["key"] for la in launches}
     assert seen <= listed, sorted(seen - listed)[:5]
     assert len(seen) == len(listed)  # and every listed configuration is reachable
 
@@ -421,7 +461,8 @@ class _Work(TorchDispatchMode):
 
 
 LAUNCHES = {"group_norm_silu": 2, "group_norm_silu_residual": 2, "attention": 1,
-            "denoise_step": 1, "geglu": 1, "add_layer_norm": 1, "linear_geglu": 1}
+            "denoise_step": 1, "geglu": 1, "add_layer_norm": 1, "linear_geglu": 1,
+            "layer_norm_linear": 1}
 
 
 def _all_cases():
@@ -442,6 +483,9 @@ def _all_cases():
                _aln_case(**case))
     for case in LG_CASES:
         yield "linear_geglu", linear_geglu, _cpp_plan_of("linear_geglu"), _lg_case(**case)
+    for case in LNL_CASES:
+        yield ("layer_norm_linear", layer_norm_linear, _cpp_plan_of("layer_norm_linear"),
+               _lnl_case(**case))
 
 
 def test_plans_launch_their_kernels_and_nothing_else():
@@ -802,6 +846,24 @@ def test_cuda_linear_geglu_prebuilt(gpu_cubins, case):
     prebuilt_out, jit_out = _both_paths(lambda: torch.ops.fastdiff.linear_geglu(*cuda_args))
     ref = reference.linear_geglu(*args)
     tol = 1e-3 if args[0].dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(prebuilt_out.cpu().double(), ref, rtol=tol,
+                               atol=tol * ref.abs().max().item())
+    torch.testing.assert_close(prebuilt_out, jit_out)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("case", LNL_CASES[:2], ids=lambda c: f"{c['dtype']}-{c['K']}-{c['N']}")
+def test_cuda_layer_norm_linear_prebuilt(gpu_cubins, case):
+    _, args = _lnl_case(**case)
+    x, w, fold, shift = args[:4]
+    fold = torch.stack([w.double().sum(1), torch.zeros(w.shape[0], dtype=torch.float64)
+                        if shift is None else w.double() @ shift.double(), fold[2].double()])
+    args = (x, w, fold.float(), shift, *args[4:])
+    cuda_args = _on(args, "cuda")
+    prebuilt_out, jit_out = _both_paths(lambda: torch.ops.fastdiff.layer_norm_linear(*cuda_args))
+    ref = reference.layer_norm_linear(x, None, None, 1e-5, w, fold[2], shift, args[5])
+    tol = 1e-3 if x.dtype == torch.float32 else 5e-2
     torch.testing.assert_close(prebuilt_out.cpu().double(), ref, rtol=tol,
                                atol=tol * ref.abs().max().item())
     torch.testing.assert_close(prebuilt_out, jit_out)
