@@ -325,14 +325,17 @@ def test_transformer_block_patched_equals_stock(dtype, kind, fold, monkeypatch):
     counts, _ = acc.blocks.patch_modules(block, state)
     assert counts["transformer_blocks"] == 1
     ran = []
-    with torch.no_grad(), _recording_ops(ran):
-        out = block(h, encoder_hidden_states=ctx)
+    with torch.no_grad():
+        block(h, encoder_hidden_states=ctx)          # (makes the derived weights)
+        with _recording_ops(ran):
+            out = block(h, encoder_hidden_states=ctx)
     if fold == "auto" and kind != "only_cross":
         # q/k/v, (q of the cross-attention,) GEGLU's projection: each reads its norm's input;
         # the projections' biases are added once, at the end
         assert ran.count("fastdiff.layer_norm_linear") == (2 if kind == "self only" else 3)
         assert not {"fastdiff.add_layer_norm", "aten.native_layer_norm"} & set(ran)
-        assert ran[-1] == "aten.add_" and "aten.add" not in ran
+        assert [r for r in ran if r != "aten.view"][-1] == "aten.add_"
+        assert "aten.add" not in ran
     else:
         assert ran.count("fastdiff.add_layer_norm") == (1 if kind == "self only" else 2)
         # the feed-forward's output projection accumulates into the residual: no add at the end
@@ -370,8 +373,10 @@ def test_transformer_input_and_output_patched_equal_stock(dtype, linear):
     counts, _ = acc.blocks.patch_modules(t2d, acc.pipeline._State())
     assert counts["transformers"] == 1
     ran = []
-    with torch.no_grad(), _recording_ops(ran):
-        out = t2d(x, encoder_hidden_states=ctx, return_dict=False)[0]
+    with torch.no_grad():
+        t2d(x, encoder_hidden_states=ctx, return_dict=False)   # (makes the derived weights)
+        with _recording_ops(ran):
+            out = t2d(x, encoder_hidden_states=ctx, return_dict=False)[0]
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
     assert out.is_contiguous()
@@ -380,7 +385,7 @@ def test_transformer_input_and_output_patched_equal_stock(dtype, linear):
     # and adds the residual
     assert ran[-1] == "aten.baddbmm_" and "aten.add" not in ran
     assert "aten.clone" in eager[len(eager) - 1 - eager[::-1].index("aten.permute"):]
-    head = ran[:ran.index("aten.native_layer_norm")]
+    head = ran[:ran.index("fastdiff.layer_norm_linear")]     # (the block's folded norm1)
     assert "fastdiff.group_norm_silu_residual" in head and "aten.clone" not in head
     assert "aten.convolution" not in ran                   # 1x1 convs run as Linears
 

@@ -60,6 +60,8 @@ EDITS = [
     ("conv2 bias of a shortcut block", lambda u: _shortcut_block(u).conv2, "bias"),
     ("self-attention k", lambda u: _block(u).attn1.to_k, "weight"),
     ("cross-attention v", lambda u: _block(u).attn2.to_v, "weight"),
+    # (the folded norms' shifts and folds, and the biases the block adds at its end)
+    ("self-attention output bias", lambda u: _block(u).attn1.to_out[0], "bias"),
 ]
 
 
@@ -113,14 +115,18 @@ def test_the_fusions_are_taken_and_restore_drops_them():
     made = unet.__dict__[derived.ATTR]
     # the time projections stacked per width (32, 64, 128 at width 0.1); summed biases (conv1
     # + time projection per resnet, conv2 + shortcut per 1x1 shortcut); per transformer block
-    # the self-attention's q/k/v and the cross-attention's k/v stacked
-    # and the cross-attention's keys and values of the context, per context tensor
+    # the cross-attention's k/v stacked, and its keys and values of the context, per context
+    # tensor; its three LayerNorms folded into the GEMMs after them (a weight and a fold
+    # each), the shifts its second and third norm read and the biases it adds at its end
     blocks = sum(type(m).__name__ == "BasicTransformerBlock" for m in unet.modules())
     per_input = [d for d in made if isinstance(d, derived.PerInput)]
     made = [d for d in made if isinstance(d, derived.Derived)]
     assert sum(d.make is derived.stack_t for d in made) == 3
-    assert sum(d.make is derived.total for d in made) > 0
-    assert sum(d.make is derived.cat for d in made) == 2 * blocks
+    assert sum(d.make is derived.total for d in made) > blocks
+    assert sum(d.make is derived.cat for d in made) == blocks
+    folds = [d.make.part for d in made if isinstance(d.make, acc.blocks._LnFold)]
+    assert sorted(folds) == ["fold"] * 3 * blocks + ["weight"] * 3 * blocks
+    assert sum(d.make is acc.blocks.shift_f32 for d in made) == 2 * blocks
     assert all(d.value is not None for d in made)
     assert len(per_input) == blocks and all(d._eager.value is not None for d in per_input)
     fastdiff.restore(unet)

@@ -44,7 +44,11 @@ By hand:
                     the sinusoidal time embedding: arange, mul, div, exp (the frequencies,
                     made once), cast, 2 mul, sin, cos, 2 cat -> mul, sin, cos (-8);
                     each block's feed-forward output projection + residual add -> one
-                    in-place addmm_ into the residual, whose bias add_layer_norm added (-1 x 4)
+                    in-place addmm_ into the residual, whose bias add_layer_norm added (-1 x 4);
+                    then each block's three LayerNorms inside the GEMMs after them
+                    (layer_norm_linear) and its attention residual adds inside their output
+                    projections (addmm, addmm_), for one add_ of the biases the stream owes
+                    (-2 x 4; FASTDIFF_NORM_FOLD=off keeps the add_layer_norms)
   attention output  SDPA writes (B, L, H, D) (flash, as CUDA runs it), so the processor's
                     transpose back to (B, L, H*D) is a view; fastdiff.attention's output is
                     contiguous (B, H, L, D): one copy each (+8), with attention="fastdiff"
@@ -161,37 +165,42 @@ def test_accelerate_fuses_norms_attention_and_the_step(steps):
     assert count(a, "aten.baddbmm_", "ResnetBlock2D") == 5
     assert count(d, "aten.add", "ResnetBlock2D") == 8 + 8      # residuals, time embeddings
     assert count(a, "aten.add", "ResnetBlock2D") == 8 - 5
-    # self-attention: q, k, v in one matmul; cross-attention: q (k and v of the context were
-    # made in the first step)
+    # per BasicTransformerBlock, each LayerNorm inside the GEMM after it (layer_norm_linear):
+    # the self-attention's q, k, v in one; the cross-attention's q (k and v of the context
+    # were made in the first step); GEGLU's projection with the GELU and product in its
+    # epilogue. The self-attention's output projection is an addmm with the block's input as
+    # C, the cross-attention's and the feed-forward's accumulate into that stream (addmm_),
+    # and one add_ puts the three projections' biases in at the end
     assert count(d, "aten.mm", "Attention") == 24
-    assert count(a, "aten.mm", "Attention") == 4 + 4
-    # GEGLU: the projection (addmm), GELU and the product become one linear_geglu, which reads
-    # x (2 x 64 rows of 32), the (2F, 32) weight and the 2F bias and writes F (F = 4 x 32;
-    # fp16), its FLOPs the projection's
+    assert count(a, "aten.mm") == 0
     assert count(d, "aten.gelu") == 4 and count(a, "aten.gelu") == 0
     assert count(d, "aten.addmm", "GEGLU") == 4 and count(a, "aten.addmm", "GEGLU") == 0
-    assert count(a, "fastdiff.linear_geglu") == 4 and count(a, "fastdiff.geglu") == 0
-    lg = next(k for k in a if k.op == "fastdiff.linear_geglu")
-    assert lg.where == "GEGLU" and lg.flops == 2 * 128 * 256 * 32
-    assert lg.bytes == 2 * (128 * 32 + 256 * 32 + 256 + 128 * 128)
-    assert roofline.op_class(lg.op) == "matmul"
-    # per BasicTransformerBlock: the adds before norm2 and norm3 go into add_layer_norm; norm1
-    # (after proj_in) stays; the feed-forward's output projection accumulates into the residual
-    # in place (its bias added by the add_layer_norm before it)
-    assert count(a, "fastdiff.add_layer_norm") == 8
-    assert count(a, "aten.native_layer_norm") == 4
+    assert count(a, "fastdiff.layer_norm_linear", "BasicTransformerBlock") == 3 * 4
+    assert not {"fastdiff.linear_geglu", "fastdiff.geglu", "fastdiff.add_layer_norm",
+                "aten.native_layer_norm"} & {k.op for k in a}
     assert count(d, "aten.add", "BasicTransformerBlock") == 12
     assert count(a, "aten.add", "BasicTransformerBlock") == 0
-    assert count(a, "aten.addmm_", "BasicTransformerBlock") == 4
+    assert count(a, "aten.addmm", "BasicTransformerBlock") == 4
+    assert count(a, "aten.addmm_", "BasicTransformerBlock") == 8
+    assert count(a, "aten.add_", "BasicTransformerBlock") == 4
+    qkv, q, ff = [k for k in a if k.op == "fastdiff.layer_norm_linear"][:3]
+    # level 0, 2 x 64 tokens of 32 channels (fp16): x, the (96, 32) folded weight, the
+    # (3, 96) float32 fold read, (2 x 64, 96) written; the GEMM's FLOPs
+    assert qkv.flops == 2 * 128 * 96 * 32 and roofline.op_class(qkv.op) == "matmul"
+    assert qkv.bytes == 2 * (128 * 32 + 96 * 32 + 128 * 96) + 4 * 3 * 96
+    # the cross-attention's q reads the stream with the bias it owes (a float32 shift)
+    assert q.bytes == 2 * (128 * 32 + 32 * 32 + 128 * 32) + 4 * (3 * 32 + 32)
+    # GEGLU: (256, 32) weight, F = 128 written
+    assert ff.flops == 2 * 128 * 256 * 32
+    assert ff.bytes == 2 * (128 * 32 + 256 * 32 + 128 * 128) + 4 * (3 * 256 + 32)
     # the blocks' input: eager's, a (B, C, HW) view as (B, HW, C) after the conv proj_in, is
     # copied to contiguous by its norm1 inside the call (CUDA's layer_norm makes a strided
     # input contiguous; the model adds that copy); accelerate's transformer norm writes the
-    # tokens' layout, so its blocks get contiguous tokens
+    # tokens' layout, so its blocks get contiguous tokens. What the blocks copy now is
+    # fastdiff.attention's contiguous (B, H, L, D) output (their folded forward calls the
+    # product itself: the copies below, counted in the block)
     assert count(d, "aten.clone", "BasicTransformerBlock") == 4
-    assert count(a, "aten.clone", "BasicTransformerBlock") == 0
-    aln = next(k for k in a if k.op == "fastdiff.add_layer_norm")
-    # level 0, 2 x 64 tokens of 32 channels: x, residual, weight, bias read; h, y written
-    assert aln.where == "BasicTransformerBlock" and aln.bytes == 2 * (4 * 128 * 32 + 2 * 32)
+    assert count(a, "aten.clone", "BasicTransformerBlock") == 8
     assert [k.op for k in a if k.where == "scheduler step"] == ["fastdiff.denoise_step"]
     # 8 resnets: norm1, silu, temb add, norm2, silu become 2 ops (-3 each); conv_norm_out +
     # conv_act (-1); the 6-kernel scheduler step becomes one denoise_step (-5); divisions by a
@@ -203,12 +212,13 @@ def test_accelerate_fuses_norms_attention_and_the_step(steps):
     # (-5), the stacked attention projections (-16), the GEGLU projections in linear_geglu
     # (-4), the transformers' output and input copies and residual adds (-4, -4, -4) and
     # the time embedding's frequencies and concatenations (-8), the feed-forwards' residual
-    # adds (-4)
+    # adds (-4), the blocks' three LayerNorms folded into GEMMs and their two residual adds
+    # into the projections, for one add of the biases (-2 x 4)
     assert len([k for k in d if k.where == "Timesteps"]) == 11
     assert [k.op for k in a if k.where == "Timesteps"] == ["aten.mul", "aten.sin", "aten.cos"]
     assert len(d) - len(a) == (8 * 3 + 1 + 6 - 1 + 8 + 8 + 4 + 8 - 8 + 13 + 5 + 16 + 4 + 4 + 4
-                               + 4 + 8 + 4)
-    assert count(d, "aten.clone", "Attention") == 0 and count(a, "aten.clone", "Attention") == 8
+                               + 4 + 8 + 4 + 2 * 4)
+    assert count(d, "aten.clone", "Attention") == 0
     dev = roofline.ROOFLINES["H100"]
     mem = lambda ks: sum(k.bytes for k in ks if k.memory_bound(dev))  # noqa: E731
     assert mem(a) < mem(d)
@@ -242,13 +252,50 @@ def test_accelerate_on_cuda_keeps_sdpa():
     a = steps["accelerate"]
     assert count(a, "sdpa") == 8 and count(a, "fastdiff.attention") == 0
     assert count(a, "aten.clone", "Attention") == 0
-    assert count(a, "fastdiff.add_layer_norm") == 8 and count(a, "fastdiff.linear_geglu") == 4
+    assert count(a, "aten.clone", "BasicTransformerBlock") == 0
+    assert count(a, "fastdiff.layer_norm_linear") == 12
+
+
+def test_norm_fold_off_keeps_add_layer_norm(steps, monkeypatch):
+    """FASTDIFF_NORM_FOLD=off: per BasicTransformerBlock the adds before norm2 and norm3 go
+    into add_layer_norm, norm1 (after proj_in) stays, q/k/v run as one matmul and the cross-
+    attention's q as another, GEGLU as linear_geglu, and the feed-forward's output projection
+    accumulates into the residual in place (its bias added by the add_layer_norm before it):
+    2 kernels a block more than with the fold, and more memory-bound bytes."""
+    monkeypatch.setenv("FASTDIFF_NORM_FOLD", "off")
+    off = roofline.record(_tiny_unet(), SPEC, batch=2, dtype=torch.float16,
+                          attention="fastdiff")["accelerate"]
+    a = steps["accelerate"]
+    assert count(off, "fastdiff.layer_norm_linear") == 0
+    assert count(off, "fastdiff.add_layer_norm") == 8
+    assert count(off, "aten.native_layer_norm") == 4
+    assert count(off, "aten.mm", "Attention") == 4 + 4
+    assert count(off, "aten.add", "BasicTransformerBlock") == 0
+    assert count(off, "aten.addmm_", "BasicTransformerBlock") == 4
+    assert count(off, "aten.clone", "BasicTransformerBlock") == 0
+    aln = next(k for k in off if k.op == "fastdiff.add_layer_norm")
+    # level 0, 2 x 64 tokens of 32 channels: x, residual, weight, bias read; h, y written
+    assert aln.where == "BasicTransformerBlock" and aln.bytes == 2 * (4 * 128 * 32 + 2 * 32)
+    # GEGLU: the projection (addmm), GELU and the product become one linear_geglu, which reads
+    # x (2 x 64 rows of 32), the (2F, 32) weight and the 2F bias and writes F (F = 4 x 32;
+    # fp16), its FLOPs the projection's
+    assert count(off, "fastdiff.linear_geglu") == 4 and count(off, "fastdiff.geglu") == 0
+    lg = next(k for k in off if k.op == "fastdiff.linear_geglu")
+    assert lg.where == "GEGLU" and lg.flops == 2 * 128 * 256 * 32
+    assert lg.bytes == 2 * (128 * 32 + 256 * 32 + 256 + 128 * 128)
+    assert roofline.op_class(lg.op) == "matmul"
+    assert len(off) - len(a) == 2 * 4
+    dev = roofline.ROOFLINES["H100"]
+    mem = lambda ks: sum(k.bytes for k in ks if k.memory_bound(dev))  # noqa: E731
+    assert mem(a) < mem(off)
 
 
 def test_geglu_split_keeps_the_projection_and_geglu(monkeypatch):
-    """FASTDIFF_GEGLU=split: the projection's addmm, then geglu, which reads its output (2 x 64
-    rows of 2F) once and writes F, where eager's GELU and product read 3F and write 2F."""
+    """FASTDIFF_GEGLU=split (with the norm fold off): the projection's addmm, then geglu, which
+    reads its output (2 x 64 rows of 2F) once and writes F, where eager's GELU and product read
+    3F and write 2F."""
     monkeypatch.setenv("FASTDIFF_GEGLU", "split")
+    monkeypatch.setenv("FASTDIFF_NORM_FOLD", "off")
     steps = roofline.record(_tiny_unet(), SPEC, batch=2, dtype=torch.float16)
     d, a = steps["diffusers"], steps["accelerate"]
     assert count(a, "fastdiff.geglu") == 4 and count(a, "fastdiff.linear_geglu") == 0

@@ -399,8 +399,10 @@ class _LnFold:
 
 
 def shift_f32(*biases: torch.Tensor) -> torch.Tensor:
-    """The sum of biases in float32 (a folded norm's shift)."""
-    out = biases[0].float()
+    """The sum of biases in float32 (a folded norm's shift): a new tensor, also of one float32
+    bias (an alias would be the parameter itself: remade in place, it would bump the
+    parameter's version and leave what derives from it stale)."""
+    out = biases[0].to(torch.float32, copy=True)
     for b in biases[1:]:
         out = out + b.float()
     return out.contiguous()

@@ -191,8 +191,9 @@ def cat(*ts: torch.Tensor) -> torch.Tensor:
 
 
 def total(*ts: torch.Tensor) -> torch.Tensor:
-    """The sum of biases (in their dtype, summed in fp32)."""
-    out = ts[0].float()
+    """The sum of biases (in their dtype, summed in fp32): a new tensor, also of one float32
+    bias (see blocks.shift_f32)."""
+    out = ts[0].to(torch.float32, copy=True)
     for t in ts[1:]:
         out = out + t.float()
     return out.to(ts[0].dtype)
