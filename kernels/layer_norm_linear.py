@@ -5,7 +5,8 @@ weight folded in); fold: (3, N) float32, the rows colsum[n] = sum_k W'[n, k], d[
 W'[n, k] shift[k] and b'[n] = b[n] + sum_k W[n, k] beta[k]; shift: (K,) float32 or absent. Per
 row of x, with h = x + shift:
 
-    mean = sum(h) / K,  var = max(sum(h^2) / K - mean^2, 0),  rstd = 1 / sqrt(var + eps)
+    p = h[0],  mean = p + sum(h - p) / K,  var = max(sum((h - p)^2) / K - (mean - p)^2, 0),
+    rstd = 1 / sqrt(var + eps),
     z[n] = rstd * (sum_k x[k] W'[n, k] + d[n] - mean * colsum[n]) + b'[n]
 
 which is Linear(LayerNorm(h)): LN(h) W^T + b = rstd (h - mean) W'^T + (b + W beta), and
@@ -13,10 +14,13 @@ h W'^T = x W'^T + d. y = z, or with GEGLU y = z[:N/2] * gelu(z[N/2:]) (exact GEL
 first, as diffusers' GEGLU and linear_geglu).
 
 Eager runs the norm (a kernel reading x, writing the normalized copy) and then the GEMM reading
-that copy back. Here the row sums sum(x), sum(x^2) (and with a shift sum(x shift)) are taken
-from the same x tiles the GEMM's K loop loads for tl.dot, beside the MMA, so the statistics cost
-no extra read of x and the normalized tensor never exists; the correction is in the epilogue.
-The shift's own sums (sum shift, sum shift^2) are accumulated per K column and reduced once.
+that copy back. Here the row sums of h - p and (h - p)^2 are taken from the same x tiles the
+GEMM's K loop loads for tl.dot, beside the MMA (the shift's tile added first), so the
+statistics cost no extra read of x (but one element a row, the pivot p) and the normalized
+tensor never exists; the correction is in the epilogue. Sums around the row's first value keep
+the one-pass variance's digits when the mean is large against the spread (fp32, K = 320: 3e-4
+of |y| lost at a mean 50 sigmas out with sums of h, 2e-5 with the pivot, where what is left is
+the epilogue's acc - mean * colsum); the CPU kernel sums around the same value.
 
 The GEMM is linear_geglu's (Triton's matmul tutorial): [BLOCK_M, BLOCK_K] tiles of x, W read
 row-major as W^T tiles (an index swap), fp32 accumulation (tensor cores for 16-bit inputs; fp32
@@ -90,12 +94,14 @@ def layer_norm_linear(x_ptr, w_ptr, f_ptr, s_ptr, y_ptr, M, N, K, eps, BLOCK_M: 
     acc_v = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if GEGLU:
         acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    sum_x = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    sum_xx = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    # The row statistics are sums of h - p, p = h's first element (x[r, 0] + shift[0]): a
+    # row whose mean is large against its spread keeps its digits (the one-pass variance of
+    # h itself lost ~15x more at a mean 50 sigmas out, ~150x at 500).
+    piv = tl.load(x_ptr + rm.to(tl.int64) * k64, mask=m_ok, other=0.0).to(tl.float32)
     if HAS_SHIFT:
-        sum_xs = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        s_cols = tl.zeros((BLOCK_K,), dtype=tl.float32)    # per K column: reduced after
-        ss_cols = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        piv += tl.load(s_ptr).to(tl.float32)
+    sum_d = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    sum_dd = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = rk < K - k0
         a = tl.load(x_tile, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
@@ -106,23 +112,18 @@ def layer_norm_linear(x_ptr, w_ptr, f_ptr, s_ptr, y_ptr, M, N, K, eps, BLOCK_M: 
             wg = tl.load(wg_tile, mask=w_mask, other=0.0)
             acc_g = tl.dot(a, wg, acc_g, input_precision="ieee")
             wg_tile += BLOCK_K
-        af = a.to(tl.float32)
-        sum_x += tl.sum(af, axis=1)
-        sum_xx += tl.sum(af * af, axis=1)
+        h = a.to(tl.float32)
         if HAS_SHIFT:
-            s = tl.load(s_ptr + k0 + rk, mask=k_ok, other=0.0)
-            sum_xs += tl.sum(af * s[None, :], axis=1)
-            s_cols += s
-            ss_cols += s * s
+            h += tl.load(s_ptr + k0 + rk, mask=k_ok, other=0.0)[None, :]
+        dev = tl.where(k_ok[None, :], h - piv[:, None], 0.0)
+        sum_d += tl.sum(dev, axis=1)
+        sum_dd += tl.sum(dev * dev, axis=1)
         x_tile += BLOCK_K
         wv_tile += BLOCK_K
 
-    # h = x + shift: sum h = sum x + sum s, sum h^2 = sum x^2 + 2 sum x s + sum s^2.
-    if HAS_SHIFT:
-        sum_x += tl.sum(s_cols, axis=0)
-        sum_xx += 2.0 * sum_xs + tl.sum(ss_cols, axis=0)
-    mean = sum_x / K
-    var = tl.maximum(sum_xx / K - mean * mean, 0.0)
+    mean_d = sum_d / K
+    mean = piv + mean_d
+    var = tl.maximum(sum_dd / K - mean_d * mean_d, 0.0)
     rstd = 1.0 / tl.sqrt(var + eps)
 
     colsum = tl.load(f_ptr + rn, mask=n_ok, other=0.0)
