@@ -27,6 +27,7 @@ import sys
 from typing import NamedTuple
 
 import torch
+from torch.autograd import forward_ad
 
 from fastdiff import ops, reference, schedules
 from fastdiff.ops import log_once
@@ -140,30 +141,32 @@ class Family:
             return None
         noise = a.get("variance_noise")
         if noise is None:
-            from diffusers.utils.torch_utils import randn_tensor
-
-            noise = randn_tensor(sample.shape, generator=a.get("generator"),
-                                 device=sample.device, dtype=info.noise_dtype or dtype)
-        return noise.to(device=sample.device, dtype=sample.dtype).contiguous()
+            noise = _randn(sample.shape, a.get("generator"), sample.device,
+                           info.noise_dtype or dtype)
+        if noise.dtype != sample.dtype or noise.device != sample.device:
+            noise = noise.to(device=sample.device, dtype=sample.dtype)
+        return noise if noise.is_contiguous() else noise.contiguous()
 
     def finish(self, rows: "Rows", s, planned: "Planned", state) -> None:
         """Leaves the scheduler as its own step would: carried attributes as views of the new
         state slots, then the bookkeeping the call changed (step index, counters, orders)."""
         info = planned.info
-        if state is not None:
+        # (a row that writes no slot ran on the current buffer: its views stand)
+        if state is not None and state is not rows.state:
             if state.dtype != planned.state.dtype:
                 state = state.to(planned.state.dtype)
             rows.state = state
             rows.views = dict(enumerate(state.unbind(0)))
+        views = rows.views
         for name, (kind, v) in info.layouts[planned.row].items():
             if kind == "slot":
-                setattr(s, name, rows.views[v])
+                setattr(s, name, views[v])
             elif kind == "list":
-                setattr(s, name, [None if j is None else rows.views[j] for j in v])
+                setattr(s, name, [None if j is None else views[j] for j in v])
             else:
                 setattr(s, name, _fresh(v))
-        for k, v in info.after[planned.row].items():
-            setattr(s, k, _fresh(v))
+        for k, v, mutable in info.after_items(planned.row):
+            setattr(s, k, _fresh(v) if mutable else v)
 
     def output_v2(self, info, prev, x0, return_dict: bool):
         values = {"prev_sample": prev}
@@ -461,23 +464,23 @@ class Planned(NamedTuple):
 
 
 class _Next(NamedTuple):
-    """What RowStep's next call must look like to be row ``row`` of the last call's table
+    """What RowStep's next calls must look like to be the next rows of the last call's table
     without the generic checks (the same scheduler schedule and configuration, arguments and
-    tensors alike but for their values): a pipeline's loop, call after call."""
+    tensors alike but for their values): a pipeline's loop, call after call. One per run of
+    calls (RowStep keeps it with the next row)."""
     timesteps: object
     config: object
     unguided: bool
-    pair_shape: torch.Size
-    sample_shape: torch.Size
-    dtype: torch.dtype
-    sample_dtype: torch.dtype
-    device: torch.device
+    tensors: tuple        # (pair's shape, sample's shape, their dtypes, their devices)
     kw_names: tuple
     option_names: tuple
     option_values: list
     info: "tables.TableInfo"
     table: torch.Tensor
-    row: int
+
+
+def _tensors_key(pair, sample) -> tuple:
+    return (pair.shape, sample.shape, pair.dtype, sample.dtype, pair.device, sample.device)
 
 
 def _unguided(pair, sample, guidance):
@@ -496,6 +499,19 @@ def _fresh(v):
     if isinstance(v, (bool, int, float, str, type(None))):
         return v
     return v.clone() if torch.is_tensor(v) else copy.deepcopy(v)
+
+
+def _randn(shape, generator, device, dtype):
+    """diffusers' randn_tensor(shape, generator, device, dtype): the same values. With no
+    generator, or one on the device's type, it is torch.randn on the device, called here
+    directly (randn_tensor's own Python costs ~2 us a call); other generators (a list, a CPU
+    one for a GPU tensor) take randn_tensor itself."""
+    if device.type != "neuron" and (generator is None or (
+            isinstance(generator, torch.Generator) and generator.device.type == device.type)):
+        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    from diffusers.utils.torch_utils import randn_tensor
+
+    return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
 
 
 _TABLES: dict = {}   # schedule content -> (coeffs, TableInfo): see content_table
@@ -548,6 +564,7 @@ class Rows:
         self.start: int | None = None
         self.state: torch.Tensor | None = None
         self.views: dict = {}
+        self.spare: torch.Tensor | None = None   # the buffer before the last, see target()
 
     def table(self, pos: int, opts: dict):
         """(coeffs, info, row) for the call at index ``pos``:
@@ -621,6 +638,29 @@ class Rows:
             for j, t in moved.items():
                 buf[j].copy_(t)
         self.state = buf
+        return buf
+
+    def target(self, state: torch.Tensor, copies: tuple) -> torch.Tensor:
+        """The buffer a call that writes slots runs the op on, holding ``state``'s slots
+        ``copies`` (TableInfo.copies): not ``state`` itself, whose slots the scheduler's tensors
+        (and whatever was handed out) are views of and must keep their values. The buffer
+        before the last is reused when nothing else holds it (no view of it is left: its
+        storage's only references are the buffer and the probe's own), else a new one; the
+        slots not copied are the row's writes and slots no later call reads, finite as the
+        buffer's earlier values or zeros (the op checks that the inputs it multiplies by 0
+        are finite)."""
+        buf, self.spare = self.spare, None
+        if (buf is None or buf.shape != state.shape or buf.dtype != state.dtype
+                or buf.device != state.device
+                or torch._C._storage_Use_Count(buf.untyped_storage()._cdata) != 2):
+            if len(copies) == state.shape[0]:
+                return state.clone()
+            buf = torch.zeros_like(state)
+        n = len(copies)
+        if n and copies[-1] - copies[0] == n - 1 and n < state.shape[0]:   # a run: one copy
+            buf[copies[0]:copies[-1] + 1].copy_(state[copies[0]:copies[-1] + 1])
+        elif n:   # all, or slots apart: one copy of all (a call per slot costs more, ~2 us)
+            buf.copy_(state)
         return buf
 
 
@@ -714,7 +754,7 @@ class RowStep(_Step):
         self._bind = _Binder(self._signature)
         self._warned: set = set()
         self._config, self._config_refusal = None, None
-        self._next: _Next | None = None
+        self._next: tuple | None = None    # (_Next, its next row)
         self._return_dict = self._bind.defaults.get("return_dict", True)
 
     def __getstate__(self):            # deep copies and pickles: the scheduler, no tables
@@ -733,32 +773,31 @@ class RowStep(_Step):
         else:
             super()._fallback(why)
 
-    def _continued(self, nxt: _Next, pair, timestep, sample, guidance, kwargs):
-        """The Planned of a call that continues the last one's run (row ``nxt.row`` of its
-        table; see _Next), or None: the generic path decides. What the generic path checks once
-        per configuration, schedule and argument set is compared by identity and equality here;
+    def _continued(self, nxt: _Next, row: int, pair, timestep, sample, guidance, kwargs):
+        """The Planned of a call that continues the last one's run (row ``row`` of its table;
+        see _Next), or None: the generic path decides. What the generic path checks once per
+        configuration, schedule and argument set is compared by identity and equality here;
         what can change between calls (the position, the scheduler's bookkeeping, its carried
         tensors, grad mode) is checked as there. Raises _Unfused where that path would."""
         s, fam = self.scheduler, self.family
         if (s.__dict__.get("timesteps") is not nxt.timesteps or s.config is not nxt.config
-                or (guidance is None) is not nxt.unguided or pair.shape != nxt.pair_shape
-                or sample.shape != nxt.sample_shape or pair.dtype != nxt.dtype
-                or sample.dtype != nxt.sample_dtype or pair.device != nxt.device
-                or sample.device != nxt.device or tuple(kwargs) != nxt.kw_names
+                or (guidance is None) is not nxt.unguided
+                or _tensors_key(pair, sample) != nxt.tensors
+                or tuple(kwargs) != nxt.kw_names
                 or [kwargs[k] for k in nxt.option_names] != nxt.option_values
                 or "variance_noise" in kwargs
                 or (torch.is_grad_enabled() and (pair.requires_grad or sample.requires_grad))
                 or fam.refuses_timestep(timestep)):
             return None
-        info, row = nxt.info, nxt.row
+        info = nxt.info
         if s.__dict__.get("is_scale_input_called", True) is False:
             return None                      # the generic path warns as diffusers does
         if (fam.position(self.rows, s, timestep) != info.start + row
                 or not info.expected(s, row)):
             return None
-        noise = fam.noise(info, row, kwargs, pair.dtype, sample)
+        noise = fam.noise(info, row, kwargs, pair.dtype, sample) if info.draws[row] else None
         dcoeffs, index = info.on_device(nxt.table, sample.device)
-        state = self.rows.gather(info, row, sample, fresh=row == 0)
+        state = self.rows.gather(info, row, sample, fresh=row == 0) if info.slots else None
         return Planned(row, dcoeffs, index[row], noise, state, info, nxt.table)
 
     def _step(self, model_output, timestep, sample, *args, guidance=None, **kwargs):
@@ -767,30 +806,66 @@ class RowStep(_Step):
         nxt, self._next = self._next, None
         planned = None
         if nxt is not None and not args:
-            planned = self._continued(nxt, pair, timestep, sample, guidance, kwargs)
+            planned = self._continued(nxt[0], nxt[1], pair, timestep, sample, guidance, kwargs)
         if planned is None:
+            nxt = None
             planned, return_dict = self._plan(pair, timestep, sample, args, guidance, kwargs)
         else:
             return_dict = kwargs.get("return_dict", self._return_dict)
         info = planned.info
         out_dtype = pair.dtype
-        prev, x0, state = self.executor(
-            pair.contiguous(), sample.to(out_dtype).contiguous(), planned.coeffs,
-            planned.index, planned.noise, planned.state,
-            1.0 if guidance is None else float(guidance), info.clip_sample,
-            info.clip_sample_range, guided=guidance is not None)
+        st = planned.state
+        if (self.executor is _op_v2 and sample.dtype == out_dtype
+                and (st is None or (st.dtype == out_dtype and st.device == sample.device))):
+            prev, x0, state = self._op(pair, sample, planned, guidance)
+        else:
+            prev, x0, state = self.executor(
+                pair.contiguous(), sample.to(out_dtype).contiguous(), planned.coeffs,
+                planned.index, planned.noise, planned.state,
+                1.0 if guidance is None else float(guidance), info.clip_sample,
+                info.clip_sample_range, guided=guidance is not None)
         fam.finish(self.rows, s, planned, state)
         if planned.row + 1 < info.calls and not args:
-            names = tuple(k for k in kwargs if k not in tables.NON_OPTIONS)
-            self._next = _Next(s.timesteps, s.config, guidance is None, pair.shape, sample.shape,
-                               pair.dtype, sample.dtype, sample.device, tuple(kwargs), names,
-                               [kwargs[k] for k in names], info, planned.table,
-                               planned.row + 1)
-        dp, dx = (out_dtype if d is None else torch.promote_types(d, out_dtype)
-                  for d in info.out_dtypes)
+            if nxt is None:
+                names = tuple(k for k in kwargs if k not in tables.NON_OPTIONS)
+                nxt = (_Next(s.timesteps, s.config, guidance is None, _tensors_key(pair, sample),
+                             tuple(kwargs), names, [kwargs[k] for k in names], info,
+                             planned.table), 0)
+            self._next = (nxt[0], planned.row + 1)
+        dp = dx = out_dtype
+        if info.out_dtypes != (None, None):
+            dp, dx = (out_dtype if d is None else torch.promote_types(d, out_dtype)
+                      for d in info.out_dtypes)
         prev = prev if prev.dtype == dp else prev.to(dp)
         x0 = x0 if x0.dtype == dx else x0.to(dx)
         return fam.output_v2(info, prev, x0, return_dict)
+
+    def _op(self, pair, sample, planned: Planned, guidance):
+        """The executor's call when it is the op (_op_v2) and the sample and the state are in
+        the model output's dtype and on its device: the op called directly, and the state
+        slots copied only as the row needs (Rows.target; none for a row that writes no slot:
+        the op then leaves the buffer as it is). Returns (out, x0, new state)."""
+        info, state = planned.info, planned.state
+        st = state
+        if st is not None:
+            copies = info.copies(planned.table, planned.row)
+            if copies is not None:
+                st = self.rows.target(state, copies)
+        args = (pair if pair.is_contiguous() else pair.contiguous(),
+                sample if sample.is_contiguous() else sample.contiguous(),
+                planned.coeffs, planned.index, planned.noise, st,
+                1.0 if guidance is None else float(guidance), info.clip_sample,
+                info.clip_sample_range, True, guidance is not None)
+        if (torch.is_grad_enabled() or forward_ad._current_level >= 0
+                or torch.compiler.is_compiling()):
+            out, x0 = ops.denoise_step(*args)
+        else:   # as ops._run: below autograd (no gradient is wanted); its argument checks are
+            # the op's own (every argument here is a tensor, float or bool, made above)
+            with torch._C._AutoDispatchBelowAutograd():
+                out, x0 = torch.ops.fastdiff.denoise_step.default(*args)
+        if st is not state:
+            self.rows.spare = state        # the next call that writes may reuse it
+        return out, x0, st
 
     def _plan(self, model_output, timestep, sample, args, guidance, kwargs):
         """(Planned, return_dict) of a call, every check made. Raises _Unfused."""
