@@ -501,6 +501,20 @@ def _fresh(v):
     return v.clone() if torch.is_tensor(v) else copy.deepcopy(v)
 
 
+def _denoise_step(*args):
+    """ops.denoise_step(*args) with every argument given positionally and of the right kind
+    (tensors, floats, bools made by the caller): with no gradient wanted, the op's overload is
+    called below autograd as ops._run does, without ops' Python type checks (the op checks the
+    rest); else ops.denoise_step itself (~2 us less a call)."""
+    if torch.is_grad_enabled() or forward_ad._current_level >= 0 or torch.compiler.is_compiling():
+        return ops.denoise_step(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return _DENOISE_STEP(*args)
+
+
+_DENOISE_STEP = torch.ops.fastdiff.denoise_step.default
+
+
 def _randn(shape, generator, device, dtype):
     """diffusers' randn_tensor(shape, generator, device, dtype): the same values. With no
     generator, or one on the device's type, it is torch.randn on the device, called here
@@ -856,13 +870,7 @@ class RowStep(_Step):
                 planned.coeffs, planned.index, planned.noise, st,
                 1.0 if guidance is None else float(guidance), info.clip_sample,
                 info.clip_sample_range, True, guidance is not None)
-        if (torch.is_grad_enabled() or forward_ad._current_level >= 0
-                or torch.compiler.is_compiling()):
-            out, x0 = ops.denoise_step(*args)
-        else:   # as ops._run: below autograd (no gradient is wanted); its argument checks are
-            # the op's own (every argument here is a tensor, float or bool, made above)
-            with torch._C._AutoDispatchBelowAutograd():
-                out, x0 = torch.ops.fastdiff.denoise_step.default(*args)
+        out, x0 = _denoise_step(*args)
         if st is not state:
             self.rows.spare = state        # the next call that writes may reuse it
         return out, x0, st
@@ -900,6 +908,7 @@ class FusedStep(_Step):
         self._signature = inspect.signature(self.original)
         self._bind = _Binder(self._signature)
         self._cache: dict = {}
+        self._last = None       # (timesteps, steps, kind, options, table's triple): see table
         # The kernel's state slots (DPM-Solver's previous x0), updated in place by each call,
         # and the x0 of the last call (diffusers' model_outputs[-1] while the slots hold it).
         self._state: torch.Tensor | None = None
@@ -916,9 +925,15 @@ class FusedStep(_Step):
         """(table, {timestep: row}, {device: (coefficients, row indices)}) of the scheduler's
         current schedule; kind 'first_order' is DPM-Solver's first-order table of it."""
         s = self.scheduler
-        key = (kind, id(s.timesteps), s.num_inference_steps, tuple(sorted(opts.items())))
+        cur, steps = s.timesteps, s.num_inference_steps
+        last = self._last      # the last call's: checked without building a key (~1 us)
+        if (last is not None and last[0] is cur and last[1] == steps and last[2] == kind
+                and last[3] == opts):
+            return last[4]
+        key = (kind, id(cur), steps, tuple(sorted(opts.items())))
         hit = self._cache.get(key)
-        if hit is not None and hit[3] is s.timesteps:
+        if hit is not None and hit[3] is cur:
+            self._last = (cur, steps, kind, dict(opts), hit[:3])
             return hit[:3]
         content = _content(s, kind, key[3])
         hit = _V1_TABLES.get(content)       # the same schedule again (the next image)
@@ -944,6 +959,7 @@ class FusedStep(_Step):
         if len(self._cache) > 8:
             self._cache.clear()
         self._cache[key] = (*hit, s.timesteps)
+        self._last = (cur, steps, kind, dict(opts), hit)
         return hit
 
     def index_of(self, timestep, index_of):
@@ -961,12 +977,17 @@ class FusedStep(_Step):
     def _step(self, model_output, timestep, sample, *args, guidance=None, **kwargs):
         s, fam = self.scheduler, self.family
         pair = model_output
-        model_output = _unguided(pair, sample, guidance)
-        a = self._bind(model_output, timestep, sample, *args, **kwargs)
+        # Guided, the step's model output is the pair's first half (_unguided); nothing here
+        # reads its values, so the pair stands in for it (no slice made per call).
+        if guidance is not None and pair.shape[0] != 2 * sample.shape[0]:
+            raise _Unfused("guided model outputs not [uncond; cond] of the sample's batch")
+        a = self._bind(pair, timestep, sample, *args, **kwargs)
         if s.num_inference_steps is None:
             raise _Unfused()                                   # diffusers' own error
-        if model_output.shape != sample.shape or model_output.dtype not in DTYPES:
+        if ((pair.shape != sample.shape if guidance is None
+             else pair.shape[1:] != sample.shape[1:]) or pair.dtype not in DTYPES):
             raise _Unfused("model output shaped or typed unlike the sample")
+        model_output = pair
         cfg = s.config
         if cfg is not self._config:           # checked once per configuration
             self._config, self._config_refusal = cfg, fam.unsupported(cfg)
@@ -995,12 +1016,11 @@ class FusedStep(_Step):
         if draw:
             noise = a.get("variance_noise")
             if noise is None:
-                from diffusers.utils.torch_utils import randn_tensor
-
-                noise = randn_tensor(model_output.shape, generator=a["generator"],
-                                     device=model_output.device,
-                                     dtype=fam.noise_dtype or model_output.dtype)
-            noise = noise.to(device=sample.device, dtype=sample.dtype).contiguous()
+                noise = _randn(sample.shape, a["generator"], model_output.device,
+                               fam.noise_dtype or model_output.dtype)
+            if noise.dtype != sample.dtype or noise.device != sample.device:
+                noise = noise.to(device=sample.device, dtype=sample.dtype)
+            noise = noise if noise.is_contiguous() else noise.contiguous()
         dev = sample.device
         if dev not in dev_cache:   # the table and each row's index (0-d views) on the device
             dev_cache[dev] = (table.coeffs.to(dev),
@@ -1020,12 +1040,13 @@ class FusedStep(_Step):
             if prev_x0 is not None and (fresh or prev_x0 is not self._state_x0):
                 st[0].copy_(prev_x0)
             state = st
-        prev, x0 = ops.denoise_step(
-            pair.contiguous(),
-            (sample if sample.dtype == out_dtype else sample.to(out_dtype)).contiguous(), coeffs,
+        if sample.dtype != out_dtype:
+            sample = sample.to(out_dtype)
+        prev, x0 = _denoise_step(
+            pair if pair.is_contiguous() else pair.contiguous(),
+            sample if sample.is_contiguous() else sample.contiguous(), coeffs,
             idx[i], noise, state, 1.0 if guidance is None else float(guidance),
-            table.clip_sample, table.clip_sample_range, write_x0=True,
-            guided=guidance is not None)
+            table.clip_sample, table.clip_sample_range, True, guidance is not None)
         if table.threshold is not None:
             prev, x0 = schedules.apply_threshold(prev, x0, coeffs, idx[i], *table.threshold)
         self._state_x0 = x0 if state is not None else None
