@@ -513,6 +513,8 @@ def _denoise_step(*args):
 
 
 _DENOISE_STEP = torch.ops.fastdiff.denoise_step.default
+# References to a storage (Rows.target); a torch without it gets a new buffer per call.
+_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)
 
 
 def _randn(shape, generator, device, dtype):
@@ -666,7 +668,7 @@ class Rows:
         buf, self.spare = self.spare, None
         if (buf is None or buf.shape != state.shape or buf.dtype != state.dtype
                 or buf.device != state.device
-                or torch._C._storage_Use_Count(buf.untyped_storage()._cdata) != 2):
+                or _USE_COUNT is None or _USE_COUNT(buf.untyped_storage()._cdata) != 2):
             if len(copies) == state.shape[0]:
                 return state.clone()
             buf = torch.zeros_like(state)
