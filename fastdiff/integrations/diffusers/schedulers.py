@@ -155,8 +155,10 @@ class Family:
         if state is not None and state is not rows.state:
             if state.dtype != planned.state.dtype:
                 state = state.to(planned.state.dtype)
+            made, rows.target_views = rows.target_views, None
             rows.state = state
-            rows.views = dict(enumerate(state.unbind(0)))
+            rows.views = dict(enumerate(made[1] if made is not None and made[0] is state
+                                        else state.unbind(0)))
         views = rows.views
         for name, (kind, v) in info.layouts[planned.row].items():
             if kind == "slot":
@@ -581,6 +583,7 @@ class Rows:
         self.state: torch.Tensor | None = None
         self.views: dict = {}
         self.spare: torch.Tensor | None = None   # the buffer before the last, see target()
+        self.target_views: tuple | None = None   # (target()'s buffer, its slots' views)
 
     def table(self, pos: int, opts: dict):
         """(coeffs, info, row) for the call at index ``pos``:
@@ -633,7 +636,9 @@ class Rows:
                 or buf.dtype != dtype or buf.device != like.device):
             # a new table (or layout): a new zeroed buffer (no stale non-finite values under
             # zero weights); the scheduler's tensors may be views of the old one, still intact
-            buf = torch.zeros((info.slots, *like.shape), dtype=dtype, device=like.device)
+            buf = torch.empty((info.slots, *like.shape), dtype=dtype, device=like.device)
+            for v in buf.unbind(0):     # slot by slot: see target()
+                v.zero_()
             self.views = {}
         views, attrs = self.views, s.__dict__
         moved = {}                # the slots whose source is not the view finish() left
@@ -666,17 +671,23 @@ class Rows:
         buffer's earlier values or zeros (the op checks that the inputs it multiplies by 0
         are finite)."""
         buf, self.spare = self.spare, None
-        if (buf is None or buf.shape != state.shape or buf.dtype != state.dtype
-                or buf.device != state.device
-                or _USE_COUNT is None or _USE_COUNT(buf.untyped_storage()._cdata) != 2):
-            if len(copies) == state.shape[0]:
-                return state.clone()
-            buf = torch.zeros_like(state)
-        n = len(copies)
-        if n and copies[-1] - copies[0] == n - 1 and n < state.shape[0]:   # a run: one copy
-            buf[copies[0]:copies[-1] + 1].copy_(state[copies[0]:copies[-1] + 1])
-        elif n:   # all, or slots apart: one copy of all (a call per slot costs more, ~2 us)
-            buf.copy_(state)
+        fresh = (buf is None or buf.shape != state.shape or buf.dtype != state.dtype
+                 or buf.device != state.device
+                 or _USE_COUNT is None or _USE_COUNT(buf.untyped_storage()._cdata) != 2)
+        if fresh:
+            buf = torch.empty_like(state)
+        # Slot by slot, each a sample's size: torch splits a copy or fill of 32768 elements or
+        # more over its threads, and on a CPU shared with other work a second thread can wait
+        # for a time slice (ms); diffusers' step makes no tensor that large at SD1.5's latent.
+        views = buf.unbind(0)
+        src = self.views if state is self.state and self.views else dict(
+            enumerate(state.unbind(0)))
+        for j, v in enumerate(views):
+            if j in copies:
+                v.copy_(src[j])
+            elif fresh:
+                v.zero_()
+        self.target_views = (buf, views)     # finish() takes them as the new state's views
         return buf
 
 
