@@ -481,6 +481,22 @@ class _Next(NamedTuple):
     table: torch.Tensor
 
 
+class _Memo(NamedTuple):
+    """What FusedStep's next call must look like to reuse the last one's checks, options and
+    table (a table without state slots): the same schedule and configuration, tensors alike
+    but for their values, the same step arguments but for the tensors and generator."""
+    timesteps: object
+    config: object
+    steps: object
+    unguided: bool
+    tensors: tuple
+    kw_names: tuple
+    option_names: tuple
+    option_values: list
+    opts: dict
+    hit: tuple
+
+
 def _tensors_key(pair, sample) -> tuple:
     return (pair.shape, sample.shape, pair.dtype, sample.dtype, pair.device, sample.device)
 
@@ -927,6 +943,9 @@ class FusedStep(_Step):
         self._state: torch.Tensor | None = None
         self._state_x0: torch.Tensor | None = None
         self._config, self._config_refusal = None, None
+        self._memo: _Memo | None = None
+        self._defaults = (self._bind.defaults.get("generator"),
+                          self._bind.defaults.get("return_dict", True))
 
     def __getstate__(self):            # deep copies and pickles: the scheduler, no cached tables
         return {"scheduler": self.scheduler}
@@ -988,8 +1007,39 @@ class FusedStep(_Step):
         return index_of.get(timestep)
 
     def _step(self, model_output, timestep, sample, *args, guidance=None, **kwargs):
+        s, fam, pair = self.scheduler, self.family, model_output
+        memo = self._memo
+        if (memo is not None and not args and s.__dict__.get("timesteps") is memo.timesteps
+                and s.config is memo.config
+                and s.__dict__.get("num_inference_steps") == memo.steps
+                and (guidance is None) is memo.unguided
+                and _tensors_key(pair, sample) == memo.tensors
+                and tuple(kwargs) == memo.kw_names
+                and [kwargs[k] for k in memo.option_names] == memo.option_values):
+            # The same schedule, configuration, tensors and options as the call that made the
+            # memo: its checks, binding, options and table stand (a table without slots: no
+            # history either); the timestep is checked as options() would.
+            if fam.refuses_timestep(timestep):
+                raise _Unfused()                               # diffusers' own error
+            generator, return_dict = self._defaults
+            return self._run(pair, timestep, sample, guidance, memo.opts, memo.hit,
+                             kwargs.get("generator", generator), None,
+                             kwargs.get("return_dict", return_dict))
+        self._memo = None
+        a, opts, hit = self._checked(pair, timestep, sample, args, guidance, kwargs)
+        out = self._run(pair, timestep, sample, guidance, opts, hit, a["generator"],
+                        a.get("variance_noise"), a["return_dict"])
+        if not args and not hit[0].slots and "variance_noise" not in kwargs:
+            names = tuple(k for k in kwargs if k not in tables.NON_OPTIONS)
+            self._memo = _Memo(s.timesteps, s.config, s.num_inference_steps, guidance is None,
+                               _tensors_key(pair, sample), tuple(kwargs), names,
+                               [kwargs[k] for k in names], opts, hit)
+        return out
+
+    def _checked(self, pair, timestep, sample, args, guidance, kwargs):
+        """(bound arguments, table options, table) of a call, every check made. Raises
+        _Unfused."""
         s, fam = self.scheduler, self.family
-        pair = model_output
         # Guided, the step's model output is the pair's first half (_unguided); nothing here
         # reads its values, so the pair stands in for it (no slice made per call).
         if guidance is not None and pair.shape[0] != 2 * sample.shape[0]:
@@ -1014,6 +1064,13 @@ class FusedStep(_Step):
             hit = self.table(**opts)
         except ValueError as err:
             raise _Unfused(str(err)) from None
+        return a, opts, hit
+
+    def _run(self, pair, timestep, sample, guidance, opts, hit, generator, variance_noise,
+             return_dict):
+        """The op call of a checked call, and the scheduler left as its step leaves it."""
+        s, fam = self.scheduler, self.family
+        model_output = pair
         i = fam.row(self, s, timestep, hit[1])
         if i is None:
             raise _Unfused(f"timestep {timestep} not in the schedule")
@@ -1027,9 +1084,9 @@ class FusedStep(_Step):
 
         noise = None
         if draw:
-            noise = a.get("variance_noise")
+            noise = variance_noise
             if noise is None:
-                noise = _randn(sample.shape, a["generator"], model_output.device,
+                noise = _randn(sample.shape, generator, model_output.device,
                                fam.noise_dtype or model_output.dtype)
             if noise.dtype != sample.dtype or noise.device != sample.device:
                 noise = noise.to(device=sample.device, dtype=sample.dtype)
@@ -1064,7 +1121,7 @@ class FusedStep(_Step):
             prev, x0 = schedules.apply_threshold(prev, x0, coeffs, idx[i], *table.threshold)
         self._state_x0 = x0 if state is not None else None
         fam.advance(s, x0)
-        return fam.output(s, prev, x0, a["return_dict"])
+        return fam.output(s, prev, x0, return_dict)
 
 
 def _why_not(scheduler, families: dict, refusal: str) -> str | None:
