@@ -898,7 +898,9 @@ class RowStep(_Step):
                 sample if sample.is_contiguous() else sample.contiguous(),
                 planned.coeffs, planned.index, planned.noise, st,
                 1.0 if guidance is None else float(guidance), info.clip_sample,
-                info.clip_sample_range, True, guidance is not None)
+                info.clip_sample_range, info.x0_field is not None, guidance is not None)
+        # (x0 is written only when the step returns it: PNDM's, UniPC's, DPM-Solver's, DEIS's
+        # and LMS's outputs have no x0 field, and their slots read x0 inside the op)
         out, x0 = _denoise_step(*args)
         if st is not state:
             self.rows.spare = state        # the next call that writes may reuse it
