@@ -677,6 +677,26 @@ class Rows:
         self.state = buf
         return buf
 
+    def unshared(self, state: torch.Tensor) -> bool:
+        """Whether nothing but the scheduler's own carried attributes sees ``state``: then the
+        op may update it in place (no copy), since finish() sets those attributes anew right
+        after. True when its storage's references are the buffer, the probe's own and the
+        views of finish() (no other view of it exists), and each of those views is referenced
+        by this dict, the scheduler's attributes of tables.LAYOUTS (counted) and this
+        function alone (nothing else holds a tensor the scheduler handed out)."""
+        views = self.views
+        k = state.shape[0]
+        if (state is not self.state or len(views) != k or _USE_COUNT is None
+                or _USE_COUNT(state.untyped_storage()._cdata) != 2 + k):
+            return False
+        held = _held(self.scheduler)
+        for j in range(k):
+            v = views[j]
+            # the dict's reference, the local v, getrefcount's argument; then the scheduler's
+            if sys.getrefcount(v) != 3 + held.get(id(v), 0):
+                return False
+        return True
+
     def target(self, state: torch.Tensor, copies: tuple) -> torch.Tensor:
         """The buffer a call that writes slots runs the op on, holding ``state``'s slots
         ``copies`` (TableInfo.copies): not ``state`` itself, whose slots the scheduler's tensors
@@ -705,6 +725,19 @@ class Rows:
                 v.zero_()
         self.target_views = (buf, views)     # finish() takes them as the new state's views
         return buf
+
+
+def _held(scheduler) -> dict:
+    """{id(tensor): references to it from the scheduler's carried attributes (tables.LAYOUTS)}
+    (a function of its own: no local of it outlives the count)."""
+    held: dict = {}
+    attrs = scheduler.__dict__
+    for name in tables.LAYOUTS.get(type(scheduler).__name__, ()):
+        value = attrs.get(name)
+        for t in (value if isinstance(value, list) else (value,)):
+            if t is not None:
+                held[id(t)] = held.get(id(t), 0) + 1
+    return held
 
 
 def _op_v2(model_output, sample, coeffs, step_index, noise=None, state=None, guidance_scale=1.0,
@@ -885,14 +918,15 @@ class RowStep(_Step):
 
     def _op(self, pair, sample, planned: Planned, guidance):
         """The executor's call when it is the op (_op_v2) and the sample and the state are in
-        the model output's dtype and on its device: the op called directly, and the state
-        slots copied only as the row needs (Rows.target; none for a row that writes no slot:
-        the op then leaves the buffer as it is). Returns (out, x0, new state)."""
+        the model output's dtype and on its device: the op called directly, on the current
+        state buffer when the row writes no slot (the op leaves it as it is) or nothing but
+        the scheduler's attributes sees it (Rows.unshared), else on a second buffer holding
+        the slots the row needs (Rows.target). Returns (out, x0, new state)."""
         info, state = planned.info, planned.state
         st = state
         if st is not None:
             copies = info.copies(planned.table, planned.row)
-            if copies is not None:
+            if copies is not None and not self.rows.unshared(state):
                 st = self.rows.target(state, copies)
         args = (pair if pair.is_contiguous() else pair.contiguous(),
                 sample if sample.is_contiguous() else sample.contiguous(),
