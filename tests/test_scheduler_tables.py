@@ -741,3 +741,12 @@ def test_noise_as_randn_tensor(gen):
     b = [randn_tensor(shape, generator=gb, device=dev, dtype=torch.float32) for _ in range(2)]
     for u, v in zip(a, b):
         assert u.dtype == v.dtype and torch.equal(u, v)
+
+
+@pytest.mark.parametrize("guided", [False, True])
+def test_pndm_prk_warmup_through_the_op(guided, caplog):
+    """The Runge-Kutta warm-up's rows (five slots live between calls) through the op, which runs
+    them on the current buffer or a second one (Rows.unshared / Rows.target): as diffusers."""
+    caplog.set_level(logging.INFO, logger="fastdiff")
+    chain("PNDMScheduler", dict(SD15_PNDM, skip_prk_steps=False), 10, guided=guided)
+    _no_fallback(caplog)
