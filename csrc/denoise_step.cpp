@@ -213,6 +213,13 @@ constexpr int64_t kTile = 512;
 // (measured with the SD1.5 latent, BENCHMARKS.md: DDIM's 4 floats an element over 16384
 // elements gain nothing from two threads, DPM-Solver++ 2M's 12 and PNDM's 13 gain 20-25%).
 constexpr int64_t kTaskTraffic = int64_t{1} << 17;
+// And elements per task, whatever the row: torch's own elementwise ops split no range under
+// at::internal::GRAIN_SIZE (32768), so at the SD1.5 latent (16384 elements a sample) diffusers'
+// step runs on one thread. A second task gains at most ~1 us there (PNDM's and Heun's rows,
+// 16-18 us), and on a CPU shared with other work it waits for a time slice: calls of 4-12 ms
+// (1 in 100 at batch 4 with 2 threads, BENCHMARKS.md "per-call cost"), medians of whole rounds
+// at ~8 ms a step.
+constexpr int64_t kTaskElements = int64_t{1} << 15;
 
 // A tile's columns: the inputs v (kVX, kVM, kVN, kVS + j), then x0, at its index in O and S rows.
 constexpr int kX0 = kNumV;
@@ -727,7 +734,8 @@ Out cpu(const DenoiseStep& a) {
                            out.mutable_data_ptr<scalar_t>(),
                            a.write_x0 ? x0.mutable_data_ptr<scalar_t>() : nullptr,
                            a.sample.numel()};
-    const int64_t grain = std::max<int64_t>(kTile, kTaskTraffic / std::max(terms.traffic, 1));
+    const int64_t grain = std::max<int64_t>(
+        {kTile, kTaskElements, kTaskTraffic / std::max(terms.traffic, 1)});
     torch::stable::parallel_for(0, p.numel, grain, [&](int64_t begin, int64_t end) {
       step_range(terms, p, begin, end);
     });

@@ -215,3 +215,57 @@ def test_row_of_a_timestep_view_is_found_without_reading_it():
         assert step.index_of(t.clone(), index_of) == i   # a copy: looked up by value
         assert step.index_of(int(t), index_of) == i
     assert step.index_of(torch.tensor(3), index_of) is None
+
+
+@pytest.mark.parametrize("kind,cfg,options", [
+    ("EulerDiscreteScheduler", {}, {"s_churn": 2.0, "s_tmin": 0.5, "s_tmax": 5.0}),
+    ("DDIMScheduler", {}, {"eta": 0.5}),
+    ("DDPMScheduler", {}, {}),
+])
+def test_calls_like_the_last_reuse_its_checks(kind, cfg, options, monkeypatch):
+    """A call with the last one's schedule, configuration, tensor shapes and arguments reuses
+    its checks, options and table (FusedStep._memo); a changed option, guidance, return_dict,
+    argument set or schedule takes the full path, and every call equals the scheduler's own
+    step (the same generator draws)."""
+    a, b = _pair(kind, cfg, 12)
+    checked = []
+    real = schedulers.FusedStep._checked
+
+    def counting(self, *args, **kwargs):
+        checked.append(True)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(schedulers.FusedStep, "_checked", counting)
+    takes_gen = kind != "DPMSolverMultistepScheduler"
+    ga, gb = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 8, 8, generator=g) * a.init_noise_sigma
+    xa = xb = x
+    full = []
+    for k, t in enumerate(a.timesteps):
+        #  calls: 0-2 plain; 3 an option; 4-5 guided; 6 return_dict=False; 7-8 plain;
+        #  9 set_timesteps again, then plain
+        if k == 9:
+            for s in (a, b):
+                s.set_timesteps(12)
+            t = a.timesteps[k]
+        if hasattr(a, "is_scale_input_called"):
+            a.is_scale_input_called = b.is_scale_input_called = True
+        kw = dict(options)
+        if k == 3 and options:
+            kw = {n: v * 0.5 for n, v in options.items()}
+        if k == 6:
+            kw["return_dict"] = False
+        u, c = torch.randn(2, 1, 4, 8, 8, generator=g)
+        n = len(checked)
+        ref = a.step(u + 2.0 * (c - u) if k in (4, 5) else c, t, xa,
+                     **kw, **({"generator": ga} if takes_gen else {}))
+        kwb = dict(kw, **({"generator": gb} if takes_gen else {}))
+        out = (b.step.guided(torch.cat([u, c]), 2.0, t, xb, **kwb) if k in (4, 5)
+               else b.step(c, t, xb, **kwb))
+        _assert_same(ref, out, k)
+        full.append(len(checked) > n)
+        xa, xb = ref[0], out[0]
+    changed = bool(options)
+    assert full == [True, False, False, changed, True, False, True, True, False, True, False,
+                    False]

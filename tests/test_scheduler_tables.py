@@ -631,3 +631,122 @@ def test_calls_that_change_their_arguments_mid_run(kind, caplog):
     assert continued == ([True, True, False, True, False, not option, True, False]
                          + [True] * (n - 10))
     _no_fallback(caplog)
+
+
+# ---------------------------------------------------------------- the state buffers (issue 14)
+
+STATE_CASES = ["heun", "kdpm2-a", "pndm-sd15", "unipc-o3-bh2", "dpm-single-o3-dpmsolver++",
+               "deis-o3", "lms"]
+
+
+def _carried(s, name):
+    """The tensors the scheduler carries between calls (tables.LAYOUTS), by attribute path."""
+    found = {}
+    for attr in tables.LAYOUTS[name]:
+        v = s.__dict__.get(attr)
+        for i, t in enumerate(v if isinstance(v, list) else [v]):
+            if torch.is_tensor(t):
+                found[(attr, i)] = t
+    return found
+
+
+@pytest.mark.parametrize("case", STATE_CASES)
+def test_handed_out_state_keeps_its_values(case, caplog):
+    """The op updates its state slots in place: the rows run it on the current buffer only
+    when nothing but the scheduler's own attributes sees it, else on a second buffer (the one
+    before the last, reused): a tensor the scheduler carried at any earlier call, or a view of
+    one, held since, keeps the values it had then, as diffusers' own tensors do. With nothing
+    held, the run needs at most two buffers, not one per call."""
+    cls, cfg, steps, step_kw, set_kw = CASES[case]
+    caplog.set_level(logging.INFO, logger="fastdiff")
+    s = getattr(diffusers, cls).from_config(cfg)
+    s.step = step = SC.RowStep(s)
+    s.set_timesteps(steps, **(set_kw or {}))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(SHAPE, generator=g) * float(s.init_noise_sigma)
+    held, buffers = [], set()
+    kw = dict(step_kw or {})
+    for k, t in enumerate(s.timesteps):
+        pair = torch.randn((2, *SHAPE[1:]), generator=g)
+        x = step.guided(pair, 3.0, t, s.scale_model_input(x, t), return_dict=False, **kw)[0]
+        # held: the tensors themselves at even calls, views of them (the storage) at odd ones
+        held += [(t if k % 2 else t[0], t.clone() if k % 2 else t[0].clone())
+                 for t in _carried(s, cls).values()]
+        buffers.add(step.rows.state.untyped_storage().data_ptr())
+    assert held
+    for t, then in held:
+        assert torch.equal(t, then)
+    _no_fallback(caplog)
+    # the same run holding nothing: the buffer before the last is reused
+    s.set_timesteps(steps, **(set_kw or {}))
+    buffers = set()
+    for k, t in enumerate(s.timesteps):
+        pair = torch.randn((2, *SHAPE[1:]), generator=g)
+        x = step.guided(pair, 3.0, t, s.scale_model_input(x, t), return_dict=False, **kw)[0]
+        buffers.add(step.rows.state.untyped_storage().data_ptr())
+    assert len(buffers) <= 3    # the run's first buffer (a new table's), then two in turn
+    _no_fallback(caplog)
+
+
+@pytest.mark.parametrize("case", ["heun", "kdpm2-a"])
+def test_rows_writing_no_slot_copy_nothing(case, monkeypatch):
+    """A row that writes no slot (Heun's and KDPM2's second halves) runs the op on the current
+    state buffer itself (the op leaves it as it is): no copy of it; one that writes them all
+    without reading them (their first halves) copies none of it either."""
+    cls, cfg, steps, step_kw, set_kw = CASES[case]
+    s = getattr(diffusers, cls).from_config(cfg)
+    s.step = step = SC.RowStep(s)
+    s.set_timesteps(steps, **(set_kw or {}))
+    coeffs, info = SC.content_table(s, 0, {})
+    assert [info.copies(coeffs, c) for c in range(info.calls)][1:5] == [None, (), None, ()]
+    copied = []
+    real_copy, real_clone = torch.Tensor.copy_, torch.Tensor.clone
+
+    def copy_(self, src, *a, **k):
+        copied.append(tuple(src.shape))
+        return real_copy(self, src, *a, **k)
+
+    def clone(self, *a, **k):
+        copied.append(tuple(self.shape))
+        return real_clone(self, *a, **k)
+
+    x = torch.randn(SHAPE) * float(s.init_noise_sigma)
+    x = step(torch.randn(SHAPE), s.timesteps[0], s.scale_model_input(x, s.timesteps[0]),
+             return_dict=False)[0]          # the run's first call: its buffer made
+    monkeypatch.setattr(torch.Tensor, "copy_", copy_)
+    monkeypatch.setattr(torch.Tensor, "clone", clone)
+    for t in s.timesteps[1:6]:
+        x = step(torch.randn(SHAPE), t, s.scale_model_input(x, t), return_dict=False)[0]
+    monkeypatch.undo()
+    assert not [c for c in copied if c[-3:] == SHAPE[-3:]]   # no sample-sized copy
+
+
+@pytest.mark.parametrize("gen", ["none", "cpu", "list"])
+def test_noise_as_randn_tensor(gen):
+    """schedulers._randn draws what diffusers' randn_tensor draws (same generator state after)."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    def make():
+        if gen == "none":
+            torch.manual_seed(5)
+            return None
+        if gen == "cpu":
+            return torch.Generator().manual_seed(5)
+        return [torch.Generator().manual_seed(5 + i) for i in range(2)]
+
+    shape, dev = (2, 4, 8, 8), torch.device("cpu")
+    ga = make()
+    a = [SC._randn(shape, ga, dev, torch.float32) for _ in range(2)]
+    gb = make()
+    b = [randn_tensor(shape, generator=gb, device=dev, dtype=torch.float32) for _ in range(2)]
+    for u, v in zip(a, b):
+        assert u.dtype == v.dtype and torch.equal(u, v)
+
+
+@pytest.mark.parametrize("guided", [False, True])
+def test_pndm_prk_warmup_through_the_op(guided, caplog):
+    """The Runge-Kutta warm-up's rows (five slots live between calls) through the op, which runs
+    them on the current buffer or a second one (Rows.unshared / Rows.target): as diffusers."""
+    caplog.set_level(logging.INFO, logger="fastdiff")
+    chain("PNDMScheduler", dict(SD15_PNDM, skip_prk_steps=False), 10, guided=guided)
+    _no_fallback(caplog)

@@ -27,6 +27,7 @@ import sys
 from typing import NamedTuple
 
 import torch
+from torch.autograd import forward_ad
 
 from fastdiff import ops, reference, schedules
 from fastdiff.ops import log_once
@@ -140,30 +141,34 @@ class Family:
             return None
         noise = a.get("variance_noise")
         if noise is None:
-            from diffusers.utils.torch_utils import randn_tensor
-
-            noise = randn_tensor(sample.shape, generator=a.get("generator"),
-                                 device=sample.device, dtype=info.noise_dtype or dtype)
-        return noise.to(device=sample.device, dtype=sample.dtype).contiguous()
+            noise = _randn(sample.shape, a.get("generator"), sample.device,
+                           info.noise_dtype or dtype)
+        if noise.dtype != sample.dtype or noise.device != sample.device:
+            noise = noise.to(device=sample.device, dtype=sample.dtype)
+        return noise if noise.is_contiguous() else noise.contiguous()
 
     def finish(self, rows: "Rows", s, planned: "Planned", state) -> None:
         """Leaves the scheduler as its own step would: carried attributes as views of the new
         state slots, then the bookkeeping the call changed (step index, counters, orders)."""
         info = planned.info
-        if state is not None:
+        # (a row that writes no slot ran on the current buffer: its views stand)
+        if state is not None and state is not rows.state:
             if state.dtype != planned.state.dtype:
                 state = state.to(planned.state.dtype)
+            made, rows.target_views = rows.target_views, None
             rows.state = state
-            rows.views = dict(enumerate(state.unbind(0)))
+            rows.views = dict(enumerate(made[1] if made is not None and made[0] is state
+                                        else state.unbind(0)))
+        views = rows.views
         for name, (kind, v) in info.layouts[planned.row].items():
             if kind == "slot":
-                setattr(s, name, rows.views[v])
+                setattr(s, name, views[v])
             elif kind == "list":
-                setattr(s, name, [None if j is None else rows.views[j] for j in v])
+                setattr(s, name, [None if j is None else views[j] for j in v])
             else:
                 setattr(s, name, _fresh(v))
-        for k, v in info.after[planned.row].items():
-            setattr(s, k, _fresh(v))
+        for k, v, mutable in info.after_items(planned.row):
+            setattr(s, k, _fresh(v) if mutable else v)
 
     def output_v2(self, info, prev, x0, return_dict: bool):
         values = {"prev_sample": prev}
@@ -461,23 +466,39 @@ class Planned(NamedTuple):
 
 
 class _Next(NamedTuple):
-    """What RowStep's next call must look like to be row ``row`` of the last call's table
+    """What RowStep's next calls must look like to be the next rows of the last call's table
     without the generic checks (the same scheduler schedule and configuration, arguments and
-    tensors alike but for their values): a pipeline's loop, call after call."""
+    tensors alike but for their values): a pipeline's loop, call after call. One per run of
+    calls (RowStep keeps it with the next row)."""
     timesteps: object
     config: object
     unguided: bool
-    pair_shape: torch.Size
-    sample_shape: torch.Size
-    dtype: torch.dtype
-    sample_dtype: torch.dtype
-    device: torch.device
+    tensors: tuple        # (pair's shape, sample's shape, their dtypes, their devices)
     kw_names: tuple
     option_names: tuple
     option_values: list
     info: "tables.TableInfo"
     table: torch.Tensor
-    row: int
+
+
+class _Memo(NamedTuple):
+    """What FusedStep's next call must look like to reuse the last one's checks, options and
+    table (a table without state slots): the same schedule and configuration, tensors alike
+    but for their values, the same step arguments but for the tensors and generator."""
+    timesteps: object
+    config: object
+    steps: object
+    unguided: bool
+    tensors: tuple
+    kw_names: tuple
+    option_names: tuple
+    option_values: list
+    opts: dict
+    hit: tuple
+
+
+def _tensors_key(pair, sample) -> tuple:
+    return (pair.shape, sample.shape, pair.dtype, sample.dtype, pair.device, sample.device)
 
 
 def _unguided(pair, sample, guidance):
@@ -496,6 +517,35 @@ def _fresh(v):
     if isinstance(v, (bool, int, float, str, type(None))):
         return v
     return v.clone() if torch.is_tensor(v) else copy.deepcopy(v)
+
+
+def _denoise_step(*args):
+    """ops.denoise_step(*args) with every argument given positionally and of the right kind
+    (tensors, floats, bools made by the caller): with no gradient wanted, the op's overload is
+    called below autograd as ops._run does, without ops' Python type checks (the op checks the
+    rest); else ops.denoise_step itself (~2 us less a call)."""
+    if torch.is_grad_enabled() or forward_ad._current_level >= 0 or torch.compiler.is_compiling():
+        return ops.denoise_step(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return _DENOISE_STEP(*args)
+
+
+_DENOISE_STEP = torch.ops.fastdiff.denoise_step.default
+# References to a storage (Rows.target); a torch without it gets a new buffer per call.
+_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)
+
+
+def _randn(shape, generator, device, dtype):
+    """diffusers' randn_tensor(shape, generator, device, dtype): the same values. With no
+    generator, or one on the device's type, it is torch.randn on the device, called here
+    directly (randn_tensor's own Python costs ~2 us a call); other generators (a list, a CPU
+    one for a GPU tensor) take randn_tensor itself."""
+    if device.type != "neuron" and (generator is None or (
+            isinstance(generator, torch.Generator) and generator.device.type == device.type)):
+        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    from diffusers.utils.torch_utils import randn_tensor
+
+    return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
 
 
 _TABLES: dict = {}   # schedule content -> (coeffs, TableInfo): see content_table
@@ -548,6 +598,8 @@ class Rows:
         self.start: int | None = None
         self.state: torch.Tensor | None = None
         self.views: dict = {}
+        self.spare: torch.Tensor | None = None   # the buffer before the last, see target()
+        self.target_views: tuple | None = None   # (target()'s buffer, its slots' views)
 
     def table(self, pos: int, opts: dict):
         """(coeffs, info, row) for the call at index ``pos``:
@@ -600,7 +652,9 @@ class Rows:
                 or buf.dtype != dtype or buf.device != like.device):
             # a new table (or layout): a new zeroed buffer (no stale non-finite values under
             # zero weights); the scheduler's tensors may be views of the old one, still intact
-            buf = torch.zeros((info.slots, *like.shape), dtype=dtype, device=like.device)
+            buf = torch.empty((info.slots, *like.shape), dtype=dtype, device=like.device)
+            for v in buf.unbind(0):     # slot by slot: see target()
+                v.zero_()
             self.views = {}
         views, attrs = self.views, s.__dict__
         moved = {}                # the slots whose source is not the view finish() left
@@ -622,6 +676,81 @@ class Rows:
                 buf[j].copy_(t)
         self.state = buf
         return buf
+
+    def unshared(self, state: torch.Tensor) -> bool:
+        """Whether nothing but the scheduler's own carried attributes sees ``state``: then the
+        op may update it in place (no copy), since finish() sets those attributes anew right
+        after. True when its storage's references are the buffer, the probe's own and the
+        views of finish() (no other view of it exists), and each of those views is referenced
+        by this dict, the scheduler's attributes of tables.LAYOUTS (counted) and this
+        function alone (nothing else holds a tensor the scheduler handed out)."""
+        views = self.views
+        k = state.shape[0]
+        if (state is not self.state or len(views) != k or _USE_COUNT is None
+                or _USE_COUNT(state.untyped_storage()._cdata) != 2 + k):
+            return False
+        held = _held(self.scheduler)
+        for j in range(k):
+            v = views[j]
+            # the dict's reference, the local v, getrefcount's argument (_REFS, as counted by
+            # this interpreter), then the scheduler's
+            if sys.getrefcount(v) != _REFS + held.get(id(v), 0):
+                return False
+        return True
+
+    def target(self, state: torch.Tensor, copies: tuple) -> torch.Tensor:
+        """The buffer a call that writes slots runs the op on, holding ``state``'s slots
+        ``copies`` (TableInfo.copies): not ``state`` itself, whose slots the scheduler's tensors
+        (and whatever was handed out) are views of and must keep their values. The buffer
+        before the last is reused when nothing else holds it (no view of it is left: its
+        storage's only references are the buffer and the probe's own), else a new one; the
+        slots not copied are the row's writes and slots no later call reads, finite as the
+        buffer's earlier values or zeros (the op checks that the inputs it multiplies by 0
+        are finite)."""
+        buf, self.spare = self.spare, None
+        fresh = (buf is None or buf.shape != state.shape or buf.dtype != state.dtype
+                 or buf.device != state.device
+                 or _USE_COUNT is None or _USE_COUNT(buf.untyped_storage()._cdata) != 2)
+        if fresh:
+            buf = torch.empty_like(state)
+        # Slot by slot, each a sample's size: torch splits a copy or fill of 32768 elements or
+        # more over its threads, and on a CPU shared with other work a second thread can wait
+        # for a time slice (ms); diffusers' step makes no tensor that large at SD1.5's latent.
+        views = buf.unbind(0)
+        src = self.views if state is self.state and self.views else dict(
+            enumerate(state.unbind(0)))
+        for j, v in enumerate(views):
+            if j in copies:
+                v.copy_(src[j])
+            elif fresh:
+                v.zero_()
+        self.target_views = (buf, views)     # finish() takes them as the new state's views
+        return buf
+
+
+def _refs_of_a_dict_value() -> int:
+    """sys.getrefcount of a value held by a dict alone, read as Rows.unshared reads it (a local
+    of the loop): what the interpreter counts (a newer CPython may not count the local)."""
+    views = {0: torch.empty(0)}
+    for j in range(1):
+        v = views[j]
+        return sys.getrefcount(v)
+
+
+_REFS = _refs_of_a_dict_value()
+
+
+def _held(scheduler) -> dict:
+    """{id(tensor): references to it from the scheduler's carried attributes (tables.LAYOUTS)}
+    (a function of its own: no local of it outlives the count)."""
+    held: dict = {}
+    attrs = scheduler.__dict__
+    for name in tables.LAYOUTS.get(type(scheduler).__name__, ()):
+        value = attrs.get(name)
+        for t in (value if isinstance(value, list) else (value,)):
+            if t is not None:
+                held[id(t)] = held.get(id(t), 0) + 1
+    return held
 
 
 def _op_v2(model_output, sample, coeffs, step_index, noise=None, state=None, guidance_scale=1.0,
@@ -714,7 +843,7 @@ class RowStep(_Step):
         self._bind = _Binder(self._signature)
         self._warned: set = set()
         self._config, self._config_refusal = None, None
-        self._next: _Next | None = None
+        self._next: tuple | None = None    # (_Next, its next row)
         self._return_dict = self._bind.defaults.get("return_dict", True)
 
     def __getstate__(self):            # deep copies and pickles: the scheduler, no tables
@@ -733,32 +862,31 @@ class RowStep(_Step):
         else:
             super()._fallback(why)
 
-    def _continued(self, nxt: _Next, pair, timestep, sample, guidance, kwargs):
-        """The Planned of a call that continues the last one's run (row ``nxt.row`` of its
-        table; see _Next), or None: the generic path decides. What the generic path checks once
-        per configuration, schedule and argument set is compared by identity and equality here;
+    def _continued(self, nxt: _Next, row: int, pair, timestep, sample, guidance, kwargs):
+        """The Planned of a call that continues the last one's run (row ``row`` of its table;
+        see _Next), or None: the generic path decides. What the generic path checks once per
+        configuration, schedule and argument set is compared by identity and equality here;
         what can change between calls (the position, the scheduler's bookkeeping, its carried
         tensors, grad mode) is checked as there. Raises _Unfused where that path would."""
         s, fam = self.scheduler, self.family
         if (s.__dict__.get("timesteps") is not nxt.timesteps or s.config is not nxt.config
-                or (guidance is None) is not nxt.unguided or pair.shape != nxt.pair_shape
-                or sample.shape != nxt.sample_shape or pair.dtype != nxt.dtype
-                or sample.dtype != nxt.sample_dtype or pair.device != nxt.device
-                or sample.device != nxt.device or tuple(kwargs) != nxt.kw_names
+                or (guidance is None) is not nxt.unguided
+                or _tensors_key(pair, sample) != nxt.tensors
+                or tuple(kwargs) != nxt.kw_names
                 or [kwargs[k] for k in nxt.option_names] != nxt.option_values
                 or "variance_noise" in kwargs
                 or (torch.is_grad_enabled() and (pair.requires_grad or sample.requires_grad))
                 or fam.refuses_timestep(timestep)):
             return None
-        info, row = nxt.info, nxt.row
+        info = nxt.info
         if s.__dict__.get("is_scale_input_called", True) is False:
             return None                      # the generic path warns as diffusers does
         if (fam.position(self.rows, s, timestep) != info.start + row
                 or not info.expected(s, row)):
             return None
-        noise = fam.noise(info, row, kwargs, pair.dtype, sample)
+        noise = fam.noise(info, row, kwargs, pair.dtype, sample) if info.draws[row] else None
         dcoeffs, index = info.on_device(nxt.table, sample.device)
-        state = self.rows.gather(info, row, sample, fresh=row == 0)
+        state = self.rows.gather(info, row, sample, fresh=row == 0) if info.slots else None
         return Planned(row, dcoeffs, index[row], noise, state, info, nxt.table)
 
     def _step(self, model_output, timestep, sample, *args, guidance=None, **kwargs):
@@ -767,30 +895,63 @@ class RowStep(_Step):
         nxt, self._next = self._next, None
         planned = None
         if nxt is not None and not args:
-            planned = self._continued(nxt, pair, timestep, sample, guidance, kwargs)
+            planned = self._continued(nxt[0], nxt[1], pair, timestep, sample, guidance, kwargs)
         if planned is None:
+            nxt = None
             planned, return_dict = self._plan(pair, timestep, sample, args, guidance, kwargs)
         else:
             return_dict = kwargs.get("return_dict", self._return_dict)
         info = planned.info
         out_dtype = pair.dtype
-        prev, x0, state = self.executor(
-            pair.contiguous(), sample.to(out_dtype).contiguous(), planned.coeffs,
-            planned.index, planned.noise, planned.state,
-            1.0 if guidance is None else float(guidance), info.clip_sample,
-            info.clip_sample_range, guided=guidance is not None)
+        st = planned.state
+        if (self.executor is _op_v2 and sample.dtype == out_dtype
+                and (st is None or (st.dtype == out_dtype and st.device == sample.device))):
+            prev, x0, state = self._op(pair, sample, planned, guidance)
+        else:
+            prev, x0, state = self.executor(
+                pair.contiguous(), sample.to(out_dtype).contiguous(), planned.coeffs,
+                planned.index, planned.noise, planned.state,
+                1.0 if guidance is None else float(guidance), info.clip_sample,
+                info.clip_sample_range, guided=guidance is not None)
         fam.finish(self.rows, s, planned, state)
         if planned.row + 1 < info.calls and not args:
-            names = tuple(k for k in kwargs if k not in tables.NON_OPTIONS)
-            self._next = _Next(s.timesteps, s.config, guidance is None, pair.shape, sample.shape,
-                               pair.dtype, sample.dtype, sample.device, tuple(kwargs), names,
-                               [kwargs[k] for k in names], info, planned.table,
-                               planned.row + 1)
-        dp, dx = (out_dtype if d is None else torch.promote_types(d, out_dtype)
-                  for d in info.out_dtypes)
+            if nxt is None:
+                names = tuple(k for k in kwargs if k not in tables.NON_OPTIONS)
+                nxt = (_Next(s.timesteps, s.config, guidance is None, _tensors_key(pair, sample),
+                             tuple(kwargs), names, [kwargs[k] for k in names], info,
+                             planned.table), 0)
+            self._next = (nxt[0], planned.row + 1)
+        dp = dx = out_dtype
+        if info.out_dtypes != (None, None):
+            dp, dx = (out_dtype if d is None else torch.promote_types(d, out_dtype)
+                      for d in info.out_dtypes)
         prev = prev if prev.dtype == dp else prev.to(dp)
         x0 = x0 if x0.dtype == dx else x0.to(dx)
         return fam.output_v2(info, prev, x0, return_dict)
+
+    def _op(self, pair, sample, planned: Planned, guidance):
+        """The executor's call when it is the op (_op_v2) and the sample and the state are in
+        the model output's dtype and on its device: the op called directly, on the current
+        state buffer when the row writes no slot (the op leaves it as it is) or nothing but
+        the scheduler's attributes sees it (Rows.unshared), else on a second buffer holding
+        the slots the row needs (Rows.target). Returns (out, x0, new state)."""
+        info, state = planned.info, planned.state
+        st = state
+        if st is not None:
+            copies = info.copies(planned.table, planned.row)
+            if copies is not None and not self.rows.unshared(state):
+                st = self.rows.target(state, copies)
+        args = (pair if pair.is_contiguous() else pair.contiguous(),
+                sample if sample.is_contiguous() else sample.contiguous(),
+                planned.coeffs, planned.index, planned.noise, st,
+                1.0 if guidance is None else float(guidance), info.clip_sample,
+                info.clip_sample_range, info.x0_field is not None, guidance is not None)
+        # (x0 is written only when the step returns it: PNDM's, UniPC's, DPM-Solver's, DEIS's
+        # and LMS's outputs have no x0 field, and their slots read x0 inside the op)
+        out, x0 = _denoise_step(*args)
+        if st is not state:
+            self.rows.spare = state        # the next call that writes may reuse it
+        return out, x0, st
 
     def _plan(self, model_output, timestep, sample, args, guidance, kwargs):
         """(Planned, return_dict) of a call, every check made. Raises _Unfused."""
@@ -825,11 +986,15 @@ class FusedStep(_Step):
         self._signature = inspect.signature(self.original)
         self._bind = _Binder(self._signature)
         self._cache: dict = {}
+        self._last = None       # (timesteps, steps, kind, options, table's triple): see table
         # The kernel's state slots (DPM-Solver's previous x0), updated in place by each call,
         # and the x0 of the last call (diffusers' model_outputs[-1] while the slots hold it).
         self._state: torch.Tensor | None = None
         self._state_x0: torch.Tensor | None = None
         self._config, self._config_refusal = None, None
+        self._memo: _Memo | None = None
+        self._defaults = (self._bind.defaults.get("generator"),
+                          self._bind.defaults.get("return_dict", True))
 
     def __getstate__(self):            # deep copies and pickles: the scheduler, no cached tables
         return {"scheduler": self.scheduler}
@@ -841,9 +1006,15 @@ class FusedStep(_Step):
         """(table, {timestep: row}, {device: (coefficients, row indices)}) of the scheduler's
         current schedule; kind 'first_order' is DPM-Solver's first-order table of it."""
         s = self.scheduler
-        key = (kind, id(s.timesteps), s.num_inference_steps, tuple(sorted(opts.items())))
+        cur, steps = s.timesteps, s.num_inference_steps
+        last = self._last      # the last call's: checked without building a key (~1 us)
+        if (last is not None and last[0] is cur and last[1] == steps and last[2] == kind
+                and last[3] == opts):
+            return last[4]
+        key = (kind, id(cur), steps, tuple(sorted(opts.items())))
         hit = self._cache.get(key)
-        if hit is not None and hit[3] is s.timesteps:
+        if hit is not None and hit[3] is cur:
+            self._last = (cur, steps, kind, dict(opts), hit[:3])
             return hit[:3]
         content = _content(s, kind, key[3])
         hit = _V1_TABLES.get(content)       # the same schedule again (the next image)
@@ -869,6 +1040,7 @@ class FusedStep(_Step):
         if len(self._cache) > 8:
             self._cache.clear()
         self._cache[key] = (*hit, s.timesteps)
+        self._last = (cur, steps, kind, dict(opts), hit)
         return hit
 
     def index_of(self, timestep, index_of):
@@ -884,14 +1056,50 @@ class FusedStep(_Step):
         return index_of.get(timestep)
 
     def _step(self, model_output, timestep, sample, *args, guidance=None, **kwargs):
+        s, fam, pair = self.scheduler, self.family, model_output
+        memo = self._memo
+        if (memo is not None and not args and s.__dict__.get("timesteps") is memo.timesteps
+                and s.config is memo.config
+                and s.__dict__.get("num_inference_steps") == memo.steps
+                and (guidance is None) is memo.unguided
+                and _tensors_key(pair, sample) == memo.tensors
+                and tuple(kwargs) == memo.kw_names
+                and [kwargs[k] for k in memo.option_names] == memo.option_values):
+            # The same schedule, configuration, tensors and options as the call that made the
+            # memo: its checks, binding, options and table stand (a table without slots: no
+            # history either); the timestep is checked as options() would.
+            if fam.refuses_timestep(timestep):
+                raise _Unfused()                               # diffusers' own error
+            generator, return_dict = self._defaults
+            return self._run(pair, timestep, sample, guidance, memo.opts, memo.hit,
+                             kwargs.get("generator", generator), None,
+                             kwargs.get("return_dict", return_dict))
+        self._memo = None
+        a, opts, hit = self._checked(pair, timestep, sample, args, guidance, kwargs)
+        out = self._run(pair, timestep, sample, guidance, opts, hit, a["generator"],
+                        a.get("variance_noise"), a["return_dict"])
+        if not args and not hit[0].slots and "variance_noise" not in kwargs:
+            names = tuple(k for k in kwargs if k not in tables.NON_OPTIONS)
+            self._memo = _Memo(s.timesteps, s.config, s.num_inference_steps, guidance is None,
+                               _tensors_key(pair, sample), tuple(kwargs), names,
+                               [kwargs[k] for k in names], opts, hit)
+        return out
+
+    def _checked(self, pair, timestep, sample, args, guidance, kwargs):
+        """(bound arguments, table options, table) of a call, every check made. Raises
+        _Unfused."""
         s, fam = self.scheduler, self.family
-        pair = model_output
-        model_output = _unguided(pair, sample, guidance)
-        a = self._bind(model_output, timestep, sample, *args, **kwargs)
+        # Guided, the step's model output is the pair's first half (_unguided); nothing here
+        # reads its values, so the pair stands in for it (no slice made per call).
+        if guidance is not None and pair.shape[0] != 2 * sample.shape[0]:
+            raise _Unfused("guided model outputs not [uncond; cond] of the sample's batch")
+        a = self._bind(pair, timestep, sample, *args, **kwargs)
         if s.num_inference_steps is None:
             raise _Unfused()                                   # diffusers' own error
-        if model_output.shape != sample.shape or model_output.dtype not in DTYPES:
+        if ((pair.shape != sample.shape if guidance is None
+             else pair.shape[1:] != sample.shape[1:]) or pair.dtype not in DTYPES):
             raise _Unfused("model output shaped or typed unlike the sample")
+        model_output = pair
         cfg = s.config
         if cfg is not self._config:           # checked once per configuration
             self._config, self._config_refusal = cfg, fam.unsupported(cfg)
@@ -905,6 +1113,13 @@ class FusedStep(_Step):
             hit = self.table(**opts)
         except ValueError as err:
             raise _Unfused(str(err)) from None
+        return a, opts, hit
+
+    def _run(self, pair, timestep, sample, guidance, opts, hit, generator, variance_noise,
+             return_dict):
+        """The op call of a checked call, and the scheduler left as its step leaves it."""
+        s, fam = self.scheduler, self.family
+        model_output = pair
         i = fam.row(self, s, timestep, hit[1])
         if i is None:
             raise _Unfused(f"timestep {timestep} not in the schedule")
@@ -918,14 +1133,13 @@ class FusedStep(_Step):
 
         noise = None
         if draw:
-            noise = a.get("variance_noise")
+            noise = variance_noise
             if noise is None:
-                from diffusers.utils.torch_utils import randn_tensor
-
-                noise = randn_tensor(model_output.shape, generator=a["generator"],
-                                     device=model_output.device,
-                                     dtype=fam.noise_dtype or model_output.dtype)
-            noise = noise.to(device=sample.device, dtype=sample.dtype).contiguous()
+                noise = _randn(sample.shape, generator, model_output.device,
+                               fam.noise_dtype or model_output.dtype)
+            if noise.dtype != sample.dtype or noise.device != sample.device:
+                noise = noise.to(device=sample.device, dtype=sample.dtype)
+            noise = noise if noise.is_contiguous() else noise.contiguous()
         dev = sample.device
         if dev not in dev_cache:   # the table and each row's index (0-d views) on the device
             dev_cache[dev] = (table.coeffs.to(dev),
@@ -945,17 +1159,18 @@ class FusedStep(_Step):
             if prev_x0 is not None and (fresh or prev_x0 is not self._state_x0):
                 st[0].copy_(prev_x0)
             state = st
-        prev, x0 = ops.denoise_step(
-            pair.contiguous(),
-            (sample if sample.dtype == out_dtype else sample.to(out_dtype)).contiguous(), coeffs,
+        if sample.dtype != out_dtype:
+            sample = sample.to(out_dtype)
+        prev, x0 = _denoise_step(
+            pair if pair.is_contiguous() else pair.contiguous(),
+            sample if sample.is_contiguous() else sample.contiguous(), coeffs,
             idx[i], noise, state, 1.0 if guidance is None else float(guidance),
-            table.clip_sample, table.clip_sample_range, write_x0=True,
-            guided=guidance is not None)
+            table.clip_sample, table.clip_sample_range, True, guidance is not None)
         if table.threshold is not None:
             prev, x0 = schedules.apply_threshold(prev, x0, coeffs, idx[i], *table.threshold)
         self._state_x0 = x0 if state is not None else None
         fam.advance(s, x0)
-        return fam.output(s, prev, x0, a["return_dict"])
+        return fam.output(s, prev, x0, return_dict)
 
 
 def _why_not(scheduler, families: dict, refusal: str) -> str | None:

@@ -104,6 +104,9 @@ class TableInfo:
     input_scales: list = dataclasses.field(default_factory=list)  # scale_model_input per call
     _slot_paths: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
     _on_device: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+    _copies: tuple = dataclasses.field(default=(None, None), repr=False, compare=False)
+    _expects: list = dataclasses.field(default_factory=list, repr=False, compare=False)
+    _after: list = dataclasses.field(default_factory=list, repr=False, compare=False)
 
     @property
     def calls(self) -> int:
@@ -121,9 +124,48 @@ class TableInfo:
     def expected(self, scheduler, c: int) -> bool:
         """Whether ``scheduler``'s bookkeeping is what call c of the table expects (so its slots
         and row apply): c is one of the table's calls and each expected value is there."""
+        if not 0 <= c < self.calls:
+            return False
+        if not self._expects:     # per call: the keys and the values as tuples (read per step)
+            self._expects = [(tuple(e), tuple(e.values())) for e in self.expects]
+        keys, values = self._expects[c]
         attrs = scheduler.__dict__
-        return 0 <= c < self.calls and all(attrs.get(k) == v
-                                           for k, v in self.expects[c].items())
+        return tuple([attrs.get(k) for k in keys]) == values
+
+    def after_items(self, c: int) -> list:
+        """after[c] as a list of (name, value, mutable): a mutable value (a tensor, a list) is
+        set as a copy of it, each call (made once per table: read per step)."""
+        if not self._after:
+            immutable = (bool, int, float, str, type(None))
+            self._after = [[(k, v, not isinstance(v, immutable)) for k, v in a.items()]
+                           for a in self.after]
+        return self._after[c]
+
+    def copies(self, coeffs: torch.Tensor, c: int) -> tuple | None:
+        """The state slots that call c needs in the buffer the op updates in place: those its
+        row reads, and those it leaves to the next call without writing them (the layout after
+        it names them); None when the row writes no slot (the op then leaves the state as it
+        is, and the call can run on the current buffer, no copy). Read once per table from
+        ``coeffs`` (the table's rows, as content_table gives them)."""
+        if self._copies[0] is not coeffs:
+            rows = coeffs.detach().cpu().double().tolist()
+            found = []
+            for i, row in enumerate(rows):
+                writes = [j for j in range(self.slots) if row[S.ROW_W + j] != 0]
+                if not writes:
+                    found.append(None)
+                    continue
+                live = set(_slot_paths(self.layouts[i]))
+                need = []
+                for j in range(self.slots):
+                    read = (row[S.ROW_P + S.V_S + j] != 0 or row[S.ROW_O + S.V_S + j] != 0
+                            or any(row[S.ROW_S + w * (S.NUM_V + 1) + S.V_S + j] != 0
+                                   for w in writes))
+                    if read or (j in live and j not in writes):
+                        need.append(j)
+                found.append(tuple(need))
+            self._copies = (coeffs, found)
+        return self._copies[1][c]
 
     def on_device(self, coeffs: torch.Tensor, device) -> tuple:
         """(coeffs as float32 on ``device``, each call's row index as a 0-d tensor there), made
