@@ -44,13 +44,7 @@ void check(const LayerNormLinear& a) {
   const char* op = LayerNormLinear::name;
   const Tensor& x = a.x;
   const Tensor& w = a.weight;
-  FD_CHECK(x.dim() >= 1, op, "argument 'x' must have a last dimension (..., K), got a 0-d tensor");
-  FD_CHECK(is_float_dtype(x.scalar_type()), op,
-           "argument 'x' must have dtype float32, float16 or bfloat16, got ",
-           dtype_str(x.scalar_type()));
-  const int64_t K = x.size(x.dim() - 1);
-  FD_CHECK(K >= 1, op, "argument 'x' must have a last dimension K >= 1, got shape ", shape_str(x));
-  FD_CHECK(x.is_contiguous(), op, "argument 'x' must be contiguous, got strides ", strides_str(x));
+  const int64_t K = check_gemm_input(op, x);
   FD_CHECK(w.dim() == 2 && w.size(0) >= 1 && w.size(1) == K, op,
            "argument 'weight' must have shape (N, K) with N >= 1 and K = x.shape[-1] = ", K,
            ", got shape ", shape_str(w));

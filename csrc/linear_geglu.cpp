@@ -31,13 +31,7 @@ void check(const LinearGeglu& a) {
   const char* op = LinearGeglu::name;
   const Tensor& x = a.x;
   const Tensor& w = a.weight;
-  FD_CHECK(x.dim() >= 1, op, "argument 'x' must have a last dimension (..., K), got a 0-d tensor");
-  FD_CHECK(is_float_dtype(x.scalar_type()), op,
-           "argument 'x' must have dtype float32, float16 or bfloat16, got ",
-           dtype_str(x.scalar_type()));
-  const int64_t K = x.size(x.dim() - 1);
-  FD_CHECK(K >= 1, op, "argument 'x' must have a last dimension K >= 1, got shape ", shape_str(x));
-  FD_CHECK(x.is_contiguous(), op, "argument 'x' must be contiguous, got strides ", strides_str(x));
+  const int64_t K = check_gemm_input(op, x);
   FD_CHECK(w.dim() == 2 && w.size(0) >= 2 && w.size(0) % 2 == 0 && w.size(1) == K, op,
            "argument 'weight' must have shape (2F, K) with F >= 1 and K = x.shape[-1] = ", K,
            " (value rows, then gate rows), got shape ", shape_str(w));

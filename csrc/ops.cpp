@@ -109,6 +109,17 @@ void check_same_device(const char* op, const Tensor& ref, const char* ref_name, 
            ref_name, "' (", device_str(ref.device()), "), got ", device_str(t.device()));
 }
 
+int64_t check_gemm_input(const char* op, const Tensor& x) {
+  FD_CHECK(x.dim() >= 1, op, "argument 'x' must have a last dimension (..., K), got a 0-d tensor");
+  FD_CHECK(is_float_dtype(x.scalar_type()), op,
+           "argument 'x' must have dtype float32, float16 or bfloat16, got ",
+           dtype_str(x.scalar_type()));
+  const int64_t K = x.size(x.dim() - 1);
+  FD_CHECK(K >= 1, op, "argument 'x' must have a last dimension K >= 1, got shape ", shape_str(x));
+  FD_CHECK(x.is_contiguous(), op, "argument 'x' must be contiguous, got strides ", strides_str(x));
+  return K;
+}
+
 Tensor empty_strided(const Tensor& like, const Sizes& sizes, const Sizes& strides,
                      std::optional<ScalarType> dtype) {
   using torch::stable::detail::from;

@@ -73,6 +73,8 @@ bool same_shape(const Tensor& a, const Tensor& b);
 bool is_channels_last(const Tensor& t);  // 4-D, channels_last-contiguous (as torch decides)
 void check_same_device(const char* op, const Tensor& ref, const char* ref_name, const Tensor& t,
                        const char* name);
+// The GEMM ops' input x: (..., K) with K >= 1, contiguous, a float dtype; returns K.
+int64_t check_gemm_input(const char* op, const Tensor& x);
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // f(T{}) with T the C++ type of a float dtype the ops take (float, Half, BFloat16).

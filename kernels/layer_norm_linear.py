@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from . import variant
+from .linear_geglu import grouped_tile
 
 # 16-bit: 128 x BLOCK_N output tiles over 8 warps, K in steps of 32, three stages (as
 # linear_geglu, whose GEGLU tiles these are): one fp32 accumulator of 128x128, or with GEGLU two
@@ -68,16 +69,7 @@ def layer_norm_linear(x_ptr, w_ptr, f_ptr, s_ptr, y_ptr, M, N, K, eps, BLOCK_M: 
         F = N // 2   # output columns
     else:
         F = N
-    # Grouped program order: programs pid .. run all column tiles of GROUP_M row tiles in turn.
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(F, BLOCK_N)
-    per_group = GROUP_M * tiles_n
-    first_m = (pid // per_group) * GROUP_M
-    rows_in_group = tl.minimum(tiles_m - first_m, GROUP_M)
-    in_group = pid % per_group
-    tile_m = first_m + in_group % rows_in_group
-    tile_n = in_group // rows_in_group
+    tile_m, tile_n = grouped_tile(tl.program_id(0), M, F, BLOCK_M, BLOCK_N, GROUP_M)
 
     rm = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -59,18 +59,24 @@ _SQRT1_2 = tl.constexpr(0.7071067811865476)
 
 
 @triton.jit
-def linear_geglu(x_ptr, w_ptr, b_ptr, y_ptr, M, F, K, has_bias, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    # Grouped program order: programs pid .. run all column tiles of GROUP_M row tiles in turn.
-    pid = tl.program_id(0)
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 GROUP_M: tl.constexpr):
+    """(row tile, column tile) of program ``pid`` of an (M, N) output in grouped order: programs
+    run all column tiles of GROUP_M row tiles in turn, so a wave shares x's row tiles and W's
+    column tiles in L2 (linear_geglu's and layer_norm_linear's GEMMs)."""
     tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(F, BLOCK_N)
+    tiles_n = tl.cdiv(N, BLOCK_N)
     per_group = GROUP_M * tiles_n
     first_m = (pid // per_group) * GROUP_M
     rows_in_group = tl.minimum(tiles_m - first_m, GROUP_M)
     in_group = pid % per_group
-    tile_m = first_m + in_group % rows_in_group
-    tile_n = in_group // rows_in_group
+    return first_m + in_group % rows_in_group, in_group // rows_in_group
+
+
+@triton.jit
+def linear_geglu(x_ptr, w_ptr, b_ptr, y_ptr, M, F, K, has_bias, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    tile_m, tile_n = grouped_tile(tl.program_id(0), M, F, BLOCK_M, BLOCK_N, GROUP_M)
 
     rm = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
