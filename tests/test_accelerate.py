@@ -491,6 +491,33 @@ def test_folded_transformer_block_follows_weight_updates():
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_folded_transformer_block_leaves_hooked_modules_to_their_forward():
+    """The folded block computes its attentions, norms and projections without calling them:
+    with a forward hook on one (an attention-map probe), or a forward of its own, it runs the
+    unfolded path, where the hook fires, and equals stock."""
+    from diffusers.models.attention import BasicTransformerBlock
+
+    torch.manual_seed(0)
+    block = BasicTransformerBlock(40, 2, 20, cross_attention_dim=24).eval()
+    h, ctx = torch.randn(2, 9, 40), torch.randn(2, 5, 24)
+    with torch.no_grad():
+        ref = block(h, encoder_hidden_states=ctx)
+    acc.blocks.patch_modules(block, acc.pipeline._State())
+    seen = []
+    handle = block.attn2.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    ran = []
+    with torch.no_grad(), _recording_ops(ran):
+        out = block(h, encoder_hidden_states=ctx)
+    handle.remove()
+    assert seen == [(2, 9, 40)] and "fastdiff.layer_norm_linear" not in ran
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    block.attn1.to_q.forward = lambda x: torch.nn.functional.linear(x, block.attn1.to_q.weight)
+    with torch.no_grad(), _recording_ops(ran):
+        out = block(h, encoder_hidden_states=ctx)
+    assert "fastdiff.layer_norm_linear" not in ran
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_norm_fold_choice(monkeypatch):
     monkeypatch.delenv("FASTDIFF_NORM_FOLD", raising=False)
     assert acc.blocks.norm_fold_backend() == "auto"

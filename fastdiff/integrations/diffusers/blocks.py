@@ -22,6 +22,7 @@ import os
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _nn_module
 
 from fastdiff import ops
 from fastdiff.integrations.diffusers import derived
@@ -45,6 +46,9 @@ class Patched:
 
     def __call__(self, *args, **kwargs):
         return self.fn(self.module, *self.extra, *args, **kwargs)
+
+
+_PATCHED = Patched(None, None)      # (what _hooked reads for a module without a forward of its own)
 
 
 def _gn_args(norm: nn.GroupNorm):
@@ -414,7 +418,7 @@ def _norm_fold(proc, norm: nn.LayerNorm, linears: tuple, pending: tuple):
     ``proc`` (a FastdiffAttnProcessor with a root)."""
     shift_refs = tuple((m, "bias") for m in pending if m.bias is not None)
     key = ("norm_fold", norm, linears, shift_refs, norm.weight is not None,
-           norm.bias is not None)
+           norm.bias is not None, linears[0].bias is not None)
     d = proc._derived.get(key)
     if d is None:
         refs = ([(norm, "weight")] if norm.weight is not None else []) + (
@@ -440,19 +444,47 @@ def _quiet(m) -> bool:
     return isinstance(m, nn.Dropout) and (not m.training or m.p == 0)
 
 
+def _plain_linear(m, x) -> bool:
+    """A plain nn.Linear with its weight in x's dtype on x's device, no hooks or forward of its
+    own. (Read through the module's dicts: nn.Module's __getattr__ costs ~0.7 us a lookup, and
+    this runs for ~20 modules a block call.)"""
+    if type(m) is not nn.Linear or _hooked(m):
+        return False
+    w = m._parameters["weight"]
+    return w.dtype == x.dtype and w.device == x.device
+
+
 def _plain_attention(attn, x) -> bool:
     """An Attention the folded block computes itself: fastdiff's processor (with a root for
     its derived tensors), plain Linear projections in x's dtype and device with biases on all
-    or none of q, k, v, no group/spatial norm, residual or rescale, a quiet output dropout."""
-    proc = attn.processor
-    lin = (attn.to_q, attn.to_k, attn.to_v, attn.to_out[0])
-    return (type(proc) is FastdiffAttnProcessor and proc.root is not None
-            and attn.spatial_norm is None and attn.group_norm is None and not attn.norm_cross
-            and not attn.residual_connection and attn.rescale_output_factor == 1
-            and all(type(m) is nn.Linear and m.weight.dtype == x.dtype for m in lin)
-            and _on(x, *(m.weight for m in lin))
-            and len({m.bias is None for m in lin[:3]}) == 1
-            and len(attn.to_out) == 2 and _quiet(attn.to_out[1]))
+    or none of q, k, v, no group/spatial norm, residual or rescale, a quiet output dropout, no
+    hooks (its forward is not called)."""
+    d = attn.__dict__
+    proc = d.get("processor")
+    mods = d["_modules"]
+    out = mods.get("to_out")
+    if (type(proc) is not FastdiffAttnProcessor or proc.root is None or _hooked(attn)
+            or mods.get("spatial_norm") is not None or mods.get("group_norm") is not None
+            or mods.get("norm_cross") is not None or d.get("norm_cross")
+            or d.get("residual_connection")
+            or d.get("rescale_output_factor", 1) != 1 or out is None or len(out) != 2
+            or not _quiet(out[1]) or _hooked(out[1])):
+        return False
+    lin = (mods.get("to_q"), mods.get("to_k"), mods.get("to_v"), out[0])
+    return (all(_plain_linear(m, x) for m in lin)
+            and len({m._parameters.get("bias") is None for m in lin[:3]}) == 1)
+
+
+def _hooked(*modules) -> bool:
+    """Whether any of ``modules`` (those the folded block computes without calling them) has a
+    forward hook or pre-hook, or a forward of its own (diffusers' hook registry, offloading,
+    caches; fastdiff's own Patched forwards aside), or torch's global module hooks are set:
+    the block then calls its modules."""
+    if (_nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks
+            or _nn_module._global_forward_hooks_always_called):
+        return True
+    return any(m is not None and (m._forward_hooks or m._forward_pre_hooks or not isinstance(
+        m.__dict__.get("forward", _PATCHED), Patched)) for m in modules)
 
 
 def _foldable(self, hidden_states, encoder_hidden_states, attention_mask,
@@ -460,24 +492,29 @@ def _foldable(self, hidden_states, encoder_hidden_states, attention_mask,
     """Whether this call of a (fusable) BasicTransformerBlock can run with its LayerNorms
     folded into the GEMMs after them: self-attention, then cross-attention over a context (or
     none), then a GEGLU feed-forward with a plain output Linear, no masks or extra kwargs, no
-    autograd, not compiling."""
+    hooks on the modules it computes without calling, no autograd, not compiling. (Modules and
+    parameters read through their dicts: see _plain_linear.)"""
     from diffusers.models.activations import GEGLU
 
     x = hidden_states
-    a1, a2 = self.attn1, self.attn2
+    mods = self.__dict__["_modules"]
+    a1, a2, norm1 = mods["attn1"], mods.get("attn2"), mods["norm1"]
     if (cross_attention_kwargs or attention_mask is not None
             or encoder_attention_mask is not None or self.only_cross_attention
-            or norm_fold_backend() != "auto" or type(self.norm1) is not nn.LayerNorm
-            or any(p is not None and p.dtype != x.dtype
-                   for p in (self.norm1.weight, self.norm1.bias))
+            or norm_fold_backend() != "auto" or type(norm1) is not nn.LayerNorm
+            or any(p is not None and p.dtype != x.dtype for p in norm1._parameters.values())
             or not _plain_attention(a1, x) or (a2 is not None and (
                 encoder_hidden_states is None or not _plain_attention(a2, x)))):
         return False
-    ff = self.ff
+    ff = mods["ff"]
     lin = _ff_output(ff, x)
-    if (lin is None or type(ff.net[0]) is not GEGLU or type(ff.net[0].proj) is not nn.Linear
-            or ff.net[0].proj.weight.dtype != x.dtype or not _on(x, ff.net[0].proj.weight)
-            or not _quiet(ff.net[1])):
+    if lin is None or _hooked(lin):
+        return False
+    net = ff.__dict__["_modules"]["net"]
+    geglu = net[0]
+    if (type(geglu) is not GEGLU or not _plain_linear(geglu.__dict__["_modules"]["proj"], x)
+            or not _quiet(net[1])
+            or _hooked(norm1, mods.get("norm2"), mods.get("norm3"), ff, geglu, net[1])):
         return False
     if torch.compiler.is_compiling():
         return False
