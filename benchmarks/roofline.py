@@ -297,6 +297,12 @@ def _module_names(rec: Recorder):
         if not type(mod).__module__.startswith(_LEAF_PREFIX):
             rec.where.pop()
 
+    # (observers: accelerate's folded transformer blocks may compute the modules they watch
+    # without calling them, as they do unwatched)
+    from fastdiff.integrations.diffusers.blocks import OBSERVER
+
+    setattr(pre, OBSERVER, True)
+    setattr(post, OBSERVER, True)
     return m.register_module_forward_pre_hook(pre), m.register_module_forward_hook(post)
 
 

@@ -475,16 +475,27 @@ def _plain_attention(attn, x) -> bool:
             and len({m._parameters.get("bias") is None for m in lin[:3]}) == 1)
 
 
+# A hook function with this attribute set true only observes (benchmarks/roofline.py names the
+# module a kernel runs in): the folded block may compute the modules it watches without them.
+OBSERVER = "_fastdiff_observer"
+
+
+def _acting(hooks) -> bool:
+    """Whether a hook dict holds a hook that is not an observer."""
+    return bool(hooks) and not all(getattr(h, OBSERVER, False) for h in hooks.values())
+
+
 def _hooked(*modules) -> bool:
     """Whether any of ``modules`` (those the folded block computes without calling them) has a
     forward hook or pre-hook, or a forward of its own (diffusers' hook registry, offloading,
     caches; fastdiff's own Patched forwards aside), or torch's global module hooks are set:
-    the block then calls its modules."""
-    if (_nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks
-            or _nn_module._global_forward_hooks_always_called):
+    the block then calls its modules. Hooks marked OBSERVER do not count."""
+    if (_acting(_nn_module._global_forward_hooks)
+            or _acting(_nn_module._global_forward_pre_hooks)):
         return True
-    return any(m is not None and (m._forward_hooks or m._forward_pre_hooks or not isinstance(
-        m.__dict__.get("forward", _PATCHED), Patched)) for m in modules)
+    return any(m is not None and (_acting(m._forward_hooks) or _acting(m._forward_pre_hooks)
+                                  or not isinstance(m.__dict__.get("forward", _PATCHED), Patched))
+               for m in modules)
 
 
 def _foldable(self, hidden_states, encoder_hidden_states, attention_mask,
