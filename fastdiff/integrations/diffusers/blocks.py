@@ -426,6 +426,10 @@ def _norm_fold(proc, norm: nn.LayerNorm, linears: tuple, pending: tuple):
         tags = ["g"] * (norm.weight is not None) + ["b"] * (norm.bias is not None)
         refs += [(m, "weight") for m in linears]
         tags += ["w"] * len(linears)
+        # (the folded weight reads the norm's weight and the Linears' only: a bias updated
+        # makes the fold again, not the weight)
+        w_refs = [r for r, t in zip(refs, tags) if t in ("g", "w")]
+        w_tags = tuple(t for t in tags if t in ("g", "w"))
         if linears[0].bias is not None:
             refs += [(m, "bias") for m in linears]
             tags += ["lb"] * len(linears)
@@ -433,7 +437,7 @@ def _norm_fold(proc, norm: nn.LayerNorm, linears: tuple, pending: tuple):
         tags = tuple(tags + ["s"] * len(shift_refs))
         reg = proc.root
         d = proc._derived[key] = (
-            derived.register(reg, Derived(_LnFold("weight", tags), refs)),
+            derived.register(reg, Derived(_LnFold("weight", w_tags), w_refs)),
             derived.register(reg, Derived(_LnFold("fold", tags), refs)),
             derived.register(reg, Derived(shift_f32, shift_refs)) if shift_refs else None)
     return d
