@@ -71,10 +71,7 @@ void check(const AddLayerNorm& a) {
            "'x' (", dtype_str(x.scalar_type()), "), got ", dtype_str(r.scalar_type()));
   FD_CHECK(r.is_contiguous(), op, "argument 'residual' must be contiguous, got strides ",
            strides_str(r));
-  FD_CHECK(a.eps == 0 || (a.eps >= std::numeric_limits<float>::min() &&
-                          a.eps <= std::numeric_limits<float>::max()),
-           op, "argument 'eps' must be 0 or within float32's normal range [1.18e-38, 3.4e38] ",
-           "(it is used in float32), got ", a.eps);
+  check_eps(op, a.eps);
   if (a.weight) check_affine(a, *a.weight, "weight");
   if (a.bias) check_affine(a, *a.bias, "bias");
   if (a.next_bias) check_affine(a, *a.next_bias, "next_bias");

@@ -77,10 +77,7 @@ void check_args(const GroupNormSilu& a, const char* op) {
   FD_CHECK(C % a.num_groups == 0, op, "the channel count C=", C,
            " of argument 'x' must be divisible by argument 'num_groups'=", a.num_groups);
   // eps is added in float32 on the GPU: a value that float32 rounds to 0 or infinity is refused.
-  FD_CHECK(a.eps == 0 || (a.eps >= std::numeric_limits<float>::min() &&
-                          a.eps <= std::numeric_limits<float>::max()),
-           op, "argument 'eps' must be 0 or within float32's normal range [1.18e-38, 3.4e38] ",
-           "(it is used in float32), got ", a.eps);
+  check_eps(op, a.eps);
   if (a.weight) check_small(op, x, *a.weight, "weight", {C});
   if (a.bias) check_small(op, x, *a.bias, "bias", {C});
   if (a.pre_bias) check_small(op, x, *a.pre_bias, "pre_bias", {N, C});

@@ -96,10 +96,7 @@ void check(const GroupNormSiluBackward& a) {
   FD_CHECK(a.num_groups > 0, op, "argument 'num_groups' must be positive, got ", a.num_groups);
   FD_CHECK(C % a.num_groups == 0, op, "the channel count C=", C,
            " of argument 'x' must be divisible by argument 'num_groups'=", a.num_groups);
-  FD_CHECK(a.eps == 0 || (a.eps >= std::numeric_limits<float>::min() &&
-                          a.eps <= std::numeric_limits<float>::max()),
-           op, "argument 'eps' must be 0 or within float32's normal range [1.18e-38, 3.4e38], got ",
-           a.eps);
+  check_eps(op, a.eps);
   if (a.weight) check_small(x, *a.weight, "weight", {C});
   if (a.bias) check_small(x, *a.bias, "bias", {C});
   if (a.pre_bias) check_small(x, *a.pre_bias, "pre_bias", {N, C});

@@ -74,10 +74,7 @@ void check(const LayerNormLinear& a) {
              strides_str(s));
     check_same_device(op, x, "x", s, "shift");
   }
-  FD_CHECK(a.eps == 0 || (a.eps >= std::numeric_limits<float>::min() &&
-                          a.eps <= std::numeric_limits<float>::max()),
-           op, "argument 'eps' must be 0 or within float32's normal range [1.18e-38, 3.4e38] ",
-           "(it is used in float32), got ", a.eps);
+  check_eps(op, a.eps);
 }
 
 Tensor empty(const LayerNormLinear& a) {

@@ -5,6 +5,7 @@
 // ABI's TORCH_TARGET_VERSION) and no version-specific Python, so one abi3 wheel serves every
 // Python >= 3.10 and every torch >= the target. Each op's schema and implementations are in
 // csrc/<op>.cpp, the prebuilt-kernel launcher in prebuilt.cpp.
+#include <limits>
 #include "ops.h"
 
 #include <Python.h>
@@ -118,6 +119,13 @@ int64_t check_gemm_input(const char* op, const Tensor& x) {
   FD_CHECK(K >= 1, op, "argument 'x' must have a last dimension K >= 1, got shape ", shape_str(x));
   FD_CHECK(x.is_contiguous(), op, "argument 'x' must be contiguous, got strides ", strides_str(x));
   return K;
+}
+
+void check_eps(const char* op, double eps) {
+  FD_CHECK(eps == 0 || (eps >= std::numeric_limits<float>::min() &&
+                        eps <= std::numeric_limits<float>::max()),
+           op, "argument 'eps' must be 0 or within float32's normal range [1.18e-38, 3.4e38] ",
+           "(it is used in float32), got ", eps);
 }
 
 Tensor empty_strided(const Tensor& like, const Sizes& sizes, const Sizes& strides,

@@ -75,6 +75,8 @@ void check_same_device(const char* op, const Tensor& ref, const char* ref_name, 
                        const char* name);
 // The GEMM ops' input x: (..., K) with K >= 1, contiguous, a float dtype; returns K.
 int64_t check_gemm_input(const char* op, const Tensor& x);
+// eps is 0 or a normal float32 (the norms compute in float32).
+void check_eps(const char* op, double eps);
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // f(T{}) with T the C++ type of a float dtype the ops take (float, Half, BFloat16).
