@@ -13,7 +13,8 @@ masked off for the other tensor. Each input is walked as its layout (``CL1``/``C
   BLOCK // COLS rows by COLS channels.
 
 The statistics are sums of v - p in fp32 lanes, p the group's first element (a pivot: mean 1e3
-with std 1 keeps its digits), reduced across lanes once at the end; mean = p + s1 / n,
+with std 1 keeps its digits), reduced across lanes once at the end (x2's walk adds into x's lanes
+when both have one layout); mean = p + s1 / n,
 var = max(s2 / n - (s1 / n)^2, 0) (biased).
 
 Why not a split reduction: at SD1.5's largest GroupNorm, (2, 320, 64, 64) in fp16 with 32 groups,
@@ -42,11 +43,28 @@ _TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf1
 
 
 @triton.jit
-def _planar_sums(ptr, base, length, p, VEC: tl.constexpr, BLOCK: tl.constexpr):
-    """Sums of v - p and (v - p)^2 over the dense segment ptr[base : base + length]."""
+def _zeros(CL: tl.constexpr, BLOCK: tl.constexpr, COLS: tl.constexpr):
+    """Per-lane accumulators of a walk's tile shape."""
+    if CL:
+        z = tl.zeros([BLOCK // COLS, COLS], dtype=tl.float32)
+    else:
+        z = tl.zeros([BLOCK], dtype=tl.float32)
+    return z
+
+
+@triton.jit
+def _total(a, CL: tl.constexpr):
+    if CL:
+        t = tl.sum(tl.sum(a, axis=1), axis=0)
+    else:
+        t = tl.sum(a, axis=0)
+    return t
+
+
+@triton.jit
+def _planar_acc(ptr, base, length, p, a1, a2, BLOCK: tl.constexpr):
+    """a1 += v - p, a2 += (v - p)^2 lane-wise over the dense segment ptr[base : base + length]."""
     i = tl.arange(0, BLOCK)
-    a1 = tl.zeros([BLOCK], dtype=tl.float32)
-    a2 = tl.zeros([BLOCK], dtype=tl.float32)
     seg = ptr + base
     for start in range(0, length, BLOCK):
         off = start + i
@@ -55,18 +73,16 @@ def _planar_sums(ptr, base, length, p, VEC: tl.constexpr, BLOCK: tl.constexpr):
         d = tl.where(m, v - p, 0.0)
         a1 += d
         a2 += d * d
-    return tl.sum(a1, axis=0), tl.sum(a2, axis=0)
+    return a1, a2
 
 
 @triton.jit
-def _cl_sums(ptr, base, ss, S, cn, p, VEC: tl.constexpr, BLOCK: tl.constexpr,
-             COLS: tl.constexpr):
+def _cl_acc(ptr, base, ss, S, cn, p, a1, a2, VEC: tl.constexpr, BLOCK: tl.constexpr,
+            COLS: tl.constexpr):
     """The same over S rows of cn channels (stride 1), row r at ptr[base + r * ss]."""
     ROWS: tl.constexpr = BLOCK // COLS
     r = tl.arange(0, ROWS)
     c = tl.arange(0, COLS)
-    a1 = tl.zeros([ROWS, COLS], dtype=tl.float32)
-    a2 = tl.zeros([ROWS, COLS], dtype=tl.float32)
     for s0 in range(0, S, ROWS):
         rows = s0 + r
         rm = rows < S
@@ -78,22 +94,22 @@ def _cl_sums(ptr, base, ss, S, cn, p, VEC: tl.constexpr, BLOCK: tl.constexpr,
             d = tl.where(m, v - p, 0.0)
             a1 += d
             a2 += d * d
-    return tl.sum(tl.sum(a1, axis=1), axis=0), tl.sum(tl.sum(a2, axis=1), axis=0)
+    return a1, a2
 
 
 @triton.jit
-def _part_sums(ptr, n, ns, ss, S, c_lo, cn, p, CL: tl.constexpr, VEC: tl.constexpr,
-               BLOCK: tl.constexpr, COLS: tl.constexpr):
-    """Sums over channels [c_lo, c_lo + cn) of sample n of one input (cn may be 0). The VEC
+def _part_acc(ptr, n, ns, ss, S, c_lo, cn, p, a1, a2, CL: tl.constexpr, VEC: tl.constexpr,
+              BLOCK: tl.constexpr, COLS: tl.constexpr):
+    """Accumulates channels [c_lo, c_lo + cn) of sample n of one input (cn may be 0). The VEC
     hints sit here, on computed values (a hint on a function's argument is lost when Triton
     inlines it)."""
     if CL:
         base = tl.multiple_of(n.to(tl.int64) * ns + c_lo, VEC)
-        s1, s2 = _cl_sums(ptr, base, ss, S, cn, p, VEC, BLOCK, COLS)
+        a1, a2 = _cl_acc(ptr, base, ss, S, cn, p, a1, a2, VEC, BLOCK, COLS)
     else:
         base = tl.multiple_of(n.to(tl.int64) * ns + c_lo.to(tl.int64) * S, VEC)
-        s1, s2 = _planar_sums(ptr, base, tl.multiple_of(cn * S, VEC), p, VEC, BLOCK)
-    return s1, s2
+        a1, a2 = _planar_acc(ptr, base, tl.multiple_of(cn * S, VEC), p, a1, a2, BLOCK)
+    return a1, a2
 
 
 @triton.jit
@@ -127,11 +143,22 @@ def group_norm_scale_shift(x_ptr, x2_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, S,
         cn1 = tl.multiple_of(cn1, VEC)
     if CL2:
         cn2 = tl.multiple_of(cn2, VEC)
-    s1a, s2a = _part_sums(x_ptr, n, ns1, ss1, S, c0, cn1, p, CL1, VEC, BLOCK, COLS)
-    s1b, s2b = _part_sums(x2_ptr, n, ns2, ss2, S, lo2, cn2, p, CL2, VEC, BLOCK, COLS)
+    a1 = _zeros(CL1, BLOCK, COLS)
+    a2 = _zeros(CL1, BLOCK, COLS)
+    a1, a2 = _part_acc(x_ptr, n, ns1, ss1, S, c0, cn1, p, a1, a2, CL1, VEC, BLOCK, COLS)
+    if CL1 == CL2:  # one tile shape: x2 accumulates into the same lanes, one reduction
+        a1, a2 = _part_acc(x2_ptr, n, ns2, ss2, S, lo2, cn2, p, a1, a2, CL2, VEC, BLOCK, COLS)
+        s1 = _total(a1, CL1)
+        s2 = _total(a2, CL1)
+    else:
+        b1 = _zeros(CL2, BLOCK, COLS)
+        b2 = _zeros(CL2, BLOCK, COLS)
+        b1, b2 = _part_acc(x2_ptr, n, ns2, ss2, S, lo2, cn2, p, b1, b2, CL2, VEC, BLOCK, COLS)
+        s1 = _total(a1, CL1) + _total(b1, CL2)
+        s2 = _total(a2, CL1) + _total(b2, CL2)
     cnt = (CG * S).to(tl.float32)
-    md = (s1a + s1b) / cnt
-    var = tl.maximum((s2a + s2b) / cnt - md * md, 0.0)
+    md = s1 / cnt
+    var = tl.maximum(s2 / cnt - md * md, 0.0)
     mean = p + md
     rstd = 1.0 / tl.sqrt(var + eps)
 
