@@ -18,9 +18,9 @@
 // channels at stride 1 and the spatial dims one flattened stride (channels_last,
 // channels_last_3d, (N, L, C) token views transposed; the batch stride is free).
 //
-// Statistics: sums of a - p, p the group's first element (a pivot: a group whose mean is large
-// against its spread, mean 1e3 and std 1, keeps its digits), float lanes with blocks added in
-// double (simd::shifted_sums) on CPU, float lanes reduced once at the end on the GPU.
+// Statistics, exact for a mean large against the spread (mean 1e3, std 1): on CPU, chunks in
+// cache each with exact two-pass moments, merged in double (Moments below); on the GPU, sums of
+// a - p in float lanes, p the group's first element (a pivot), reduced once at the end.
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -154,20 +154,34 @@ Out empty(const GroupNormScaleShift& a) {
 
 // ---- CPU kernel ----
 
-constexpr int64_t kChunk = 4096;  // floats gathered at a time (in cache)
+constexpr int64_t kChunk = 4096;  // floats at a time (in cache)
 
-// Sums of v - p over channels [c_lo, c_hi) of sample n of one input, into s1, s2 (double).
+// Mean and M2 (sum of squared deviations) of everything added, merged chunk by chunk (Chan et
+// al.) in double; each chunk's own moments exact: shifted sums around its first value for the
+// mean, then the corrected two-pass M2 = sum((v - m)^2) - sum(v - m)^2 / k around the
+// float-rounded mean m (group_norm_silu's moments()). A group whose mean is large against its
+// spread (mean 1e3, std 1) loses nothing to cancellation.
+struct Moments {
+  double n = 0, mean = 0, m2 = 0;
+  void add(const float* v, int64_t k) {
+    double s1, s2;
+    simd::shifted_sums<false>(v, k, v[0], &s1, nullptr);
+    const float m = static_cast<float>(v[0] + s1 / k);
+    simd::shifted_sums<true>(v, k, m, &s1, &s2);
+    const double cm = m + s1 / k, cm2 = std::max(0.0, s2 - s1 * s1 / k);
+    const double tot = n + k, d = cm - mean;
+    mean += d * k / tot;
+    m2 += cm2 + d * d * n * k / tot;
+    n = tot;
+  }
+};
+
+// Adds channels [c_lo, c_hi) of sample n of one input to mo.
 template <typename T>
-void part_sums(const T* base, const Walk& w, int64_t n, int64_t c_lo, int64_t c_hi, int64_t S,
-               float p, std::vector<float>& buf, double* s1, double* s2) {
+void part_moments(const T* base, const Walk& w, int64_t n, int64_t c_lo, int64_t c_hi,
+                  int64_t S, std::vector<float>& buf, Moments& mo) {
   const int64_t cn = c_hi - c_lo;
   if (cn <= 0) return;
-  auto add = [&](const float* v, int64_t k) {
-    double a, b;
-    simd::shifted_sums<true>(v, k, p, &a, &b);
-    *s1 += a;
-    *s2 += b;
-  };
   buf.resize(kChunk);
   if (!w.cl) {  // one dense segment of cn * S elements
     const T* seg = base + n * w.ns + c_lo * w.cs;
@@ -175,10 +189,10 @@ void part_sums(const T* base, const Walk& w, int64_t n, int64_t c_lo, int64_t c_
     for (int64_t i0 = 0; i0 < len; i0 += kChunk) {
       const int64_t k = std::min(kChunk, len - i0);
       if constexpr (std::is_same_v<T, float>) {
-        add(seg + i0, k);
+        mo.add(seg + i0, k);
       } else {
         for (int64_t i = 0; i < k; ++i) buf[i] = static_cast<float>(seg[i0 + i]);
-        add(buf.data(), k);
+        mo.add(buf.data(), k);
       }
     }
     return;
@@ -192,14 +206,14 @@ void part_sums(const T* base, const Walk& w, int64_t n, int64_t c_lo, int64_t c_
     for (int64_t c0 = 0; c0 < cn; c0 += kChunk) {
       const int64_t m = std::min(kChunk, cn - c0);
       if (k + m > kChunk) {
-        add(buf.data(), k);
+        mo.add(buf.data(), k);
         k = 0;
       }
       for (int64_t c = 0; c < m; ++c) buf[k + c] = static_cast<float>(row[c0 + c]);
       k += m;
     }
   }
-  if (k) add(buf.data(), k);
+  if (k) mo.add(buf.data(), k);
 }
 
 Out cpu(const GroupNormScaleShift& a) {
@@ -223,14 +237,10 @@ Out cpu(const GroupNormScaleShift& a) {
       std::vector<float> buf;
       for (int64_t ng = begin; ng < end; ++ng) {
         const int64_t n = ng / G, c0 = (ng % G) * cg, c1 = c0 + cg;
-        // The pivot: the group's first element.
-        const float p = c0 < C1 ? static_cast<float>(p1[n * w1.ns + c0 * w1.cs])
-                                : static_cast<float>(p2[n * w2.ns + (c0 - C1) * w2.cs]);
-        double s1 = 0, s2 = 0;
-        part_sums(p1, w1, n, c0, std::min(c1, C1), S, p, buf, &s1, &s2);
-        if (p2) part_sums(p2, w2, n, std::max<int64_t>(c0 - C1, 0), c1 - C1, S, p, buf, &s1, &s2);
-        const double cnt = static_cast<double>(cg * S), md = s1 / cnt;
-        const double mean = p + md, var = std::max(s2 / cnt - md * md, 0.0);
+        Moments mo;
+        part_moments(p1, w1, n, c0, std::min(c1, C1), S, buf, mo);
+        if (p2) part_moments(p2, w2, n, std::max<int64_t>(c0 - C1, 0), c1 - C1, S, buf, mo);
+        const double mean = mo.mean, var = mo.m2 / mo.n;
         const double rstd = 1.0 / std::sqrt(var + eps);
         for (int64_t c = c0; c < c1; ++c) {
           const double s = rstd * (wt.empty() ? 1.0 : wt[c]);
