@@ -156,7 +156,7 @@ def group_norm_scale_shift(x_ptr, x2_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, S,
         b1, b2 = _part_acc(x2_ptr, n, ns2, ss2, S, lo2, cn2, p, b1, b2, CL2, VEC, BLOCK, COLS)
         s1 = _total(a1, CL1) + _total(b1, CL2)
         s2 = _total(a2, CL1) + _total(b2, CL2)
-    cnt = (CG * S).to(tl.float32)
+    cnt = tl.cast(CG * S, tl.float32)  # (a Python int when the JIT makes CG and S 1)
     md = s1 / cnt
     var = tl.maximum(s2 / cnt - md * md, 0.0)
     mean = p + md
