@@ -267,7 +267,8 @@ Plan<Out> plan(const GroupNormScaleShift& a) {
   const int64_t N = x.size(0), C1 = x.size(1), C = channels(a), G = a.num_groups, cg = C / G;
   const int64_t S = spatial(x);
   const Walk w1 = *walk_of(x);
-  const Walk w2 = a.x2 ? *walk_of(x2) : w1;
+  // An x2 of no elements is never read: it takes x's walk (and x's cubin).
+  const Walk w2 = a.x2 && x2.numel() ? *walk_of(x2) : w1;
   constexpr int64_t kLimit = int64_t{1} << 31;
   FD_CHECK(cg * S < kLimit && N * G < kLimit && C < kLimit, GroupNormScaleShift::name,
            "a group of C/G * S = ", cg * S, " elements (or N * G = ", N * G, " groups) is "

@@ -254,7 +254,7 @@ def plan(x, num_groups, weight=None, bias=None, eps=1e-5, x2=None):
                          f"elements (or N * G = {N * G} groups) is beyond the CUDA kernel's "
                          "32-bit sizes")
     w1 = walk_of(x)
-    w2 = w1 if x2 is None else walk_of(x2)
+    w2 = w1 if x2 is None or x2.numel() == 0 else walk_of(x2)   # (empty: never read)
     v16 = 16 // x.element_size()
 
     def vec_ok(w):

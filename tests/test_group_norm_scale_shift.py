@@ -285,6 +285,7 @@ def test_plan_layouts_and_vec():
         (_cl(torch.randn(2, 320, 8, 8).to(h)), None, 32, 1, 1, 1, True),       # C/G = 10
         (_cl(torch.randn(2, 16, 8, 8)), _cl(torch.randn(2, 8, 8, 8)), 3, 1, 1, 4, True),
         (_cl(torch.randn(2, 16, 8, 8)), torch.randn(2, 8, 8, 8), 3, 1, 0, 4, False),  # JIT
+        (_cl(torch.randn(2, 16, 8, 8)), torch.randn(2, 0, 8, 8), 4, 1, 1, 4, True),  # x2 empty
     ]
     listed = kernel.prebuilt_configs()
     for x, x2, G, cl1, cl2, vec, is_listed in cases:
