@@ -191,6 +191,30 @@ def group_norm_silu_residual(x: torch.Tensor, num_groups: int, weight: torch.Ten
                 residual_bias, silu, channels_last_out)
 
 
+def group_norm_scale_shift(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,
+                           bias: torch.Tensor | None = None, eps: float = 1e-5,
+                           x2: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A GroupNorm's statistics as a per-(n, c) affine: ``(scale, shift)``, two (N, C) float32
+    tensors with ``F.group_norm(a, num_groups, weight, bias, eps) == a * scale + shift``
+    (broadcast over space), a = ``cat([x, x2], 1)`` (x2 None: x), the cat never made: the op
+    that reads a next applies the affine while loading it (norm_conv2d), so the normalized
+    tensor is never written.
+
+    x, x2: (N, C1, *spatial) and (N, C2, *spatial), one dtype, each contiguous or channels-last
+    (channels_last, channels_last_3d); a group may straddle x and x2. weight, bias: (C1 + C2,),
+    x's dtype or float32. Statistics in float32 around the group's first value (a large mean
+    with a small spread keeps its digits); rstd = 1 / sqrt(var + eps), scale = rstd * weight,
+    shift = bias - mean * scale.
+
+    Not differentiable: no autograd formula (its outputs are statistics; training runs
+    F.group_norm), as group_norm_silu_backward. A backward through its outputs gets torch's
+    warning that the op has no autograd kernel, and no gradient reaches its inputs.
+    """
+    check_types("group_norm_scale_shift", dict(x=x, weight=weight, bias=bias, x2=x2),
+                dict(num_groups=num_groups), dict(eps=eps))
+    return _run(torch.ops.fastdiff.group_norm_scale_shift, x, num_groups, weight, bias, eps, x2)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               attn_mask: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
     """``softmax(q k^T * scale + mask) v``, as ``F.scaled_dot_product_attention`` (non-causal).

@@ -53,6 +53,25 @@ def group_norm_silu_residual(x, num_groups, weight, bias, eps, residual_bias, ap
     return y, r.to(x.dtype)
 
 
+def group_norm_scale_shift(x, num_groups, weight=None, bias=None, eps=1e-5, x2=None):
+    """(scale, shift), (N, C) float64, of a = cat([x, x2], 1): two-pass group mean and biased
+    variance, rstd = 1 / sqrt(var + eps), scale = rstd * weight, shift = bias - mean * scale."""
+    a = _f64(x) if x2 is None else torch.cat([_f64(x), _f64(x2)], 1)
+    n, c = a.shape[:2]
+    g = a.reshape(n, num_groups, -1)
+    mean = g.mean(-1, keepdim=True)
+    var = ((g - mean) ** 2).mean(-1, keepdim=True)
+    rstd = 1 / torch.sqrt(var + eps)
+    cg = c // num_groups
+    scale = rstd.expand(n, num_groups, cg).reshape(n, c)
+    if weight is not None:
+        scale = scale * _f64(weight)
+    shift = -mean.expand(n, num_groups, cg).reshape(n, c) * scale
+    if bias is not None:
+        shift = shift + _f64(bias)
+    return scale, shift
+
+
 def attention(q, k, v, attn_mask=None, scale=None):
     """softmax(q k^T * scale + attn_mask) v in float64; rows with every key at -inf give 0."""
     q, k, v = _f64(q), _f64(k), _f64(v)

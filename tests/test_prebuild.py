@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from fastdiff.kernels import (add_layer_norm, attention, denoise_step, geglu,
-                              group_norm_silu, layer_norm_linear, linear_geglu, prebuild)
+                              group_norm_scale_shift, group_norm_silu, layer_norm_linear,
+                              linear_geglu, prebuild)
 
 # Shared memory per block (bytes) a kernel may use. The sm_80 compile is held to sm_86/sm_89's
 # 99 KB (A100 allows 163 KB), since the wheel's sm_86/89 cubins are the same code and use the
@@ -25,7 +26,8 @@ from fastdiff.kernels import (add_layer_norm, attention, denoise_step, geglu,
 SMEM_LIMIT = {80: 101376, 90: 232448}
 MODULES = {"group_norm_silu": group_norm_silu, "attention": attention,
            "denoise_step": denoise_step, "geglu": geglu, "add_layer_norm": add_layer_norm,
-           "linear_geglu": linear_geglu, "layer_norm_linear": layer_norm_linear}
+           "linear_geglu": linear_geglu, "layer_norm_linear": layer_norm_linear,
+           "group_norm_scale_shift": group_norm_scale_shift}
 
 
 @pytest.fixture(scope="module")
@@ -242,6 +244,22 @@ def test_layer_norm_linear_runs_on_tensor_cores(compiled):
         assert s["ldgsts"].get("128", 0) >= need, f"{_label(r)}: {s['ldgsts']}, {need}"
         assert set(s["ldgsts"]) == {"128"}, f"{_label(r)}: {s['ldgsts']}"
         assert set(s["stg"]) == {"128"}, f"{_label(r)}: {s['stg']}"
+
+
+def test_group_norm_scale_shift_reads_in_16_byte_loads(compiled):
+    """With VEC > 1 the group is read in 16-byte loads (LDG.128), 8 elements a thread per tile
+    of each walk (fp32: two per tile, 16-bit: one); without, none claims 16 bytes. Its only
+    stores are the (N, C) float32 outputs. Spills: test_no_register_spills."""
+    recs = [r for r in compiled if r["op"] == "group_norm_scale_shift"]
+    assert len(recs) == len(SMEM_LIMIT) * len(group_norm_scale_shift.prebuilt_configs())
+    for r in recs:
+        cx, s = r["constexprs"], r["sass"]
+        per_walk = 2 if r["signature"]["x_ptr"] == "*fp32" else 1
+        if cx["VEC"] > 1:
+            assert s["ldg"].get("128", 0) >= 2 * per_walk, f"{_label(r)}: {s['ldg']}"
+        else:
+            assert "128" not in s["ldg"], f"{_label(r)}: {s['ldg']}"
+        assert set(s["stg"]) == {"32"}, f"{_label(r)}: {s['stg']}"
 
 
 def _allowed_stack(r):

@@ -24,8 +24,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastdiff import ops, prebuilt, reference, schedules
 from fastdiff.kernels import (add_layer_norm, attention, denoise_step, geglu,
-                              group_norm_silu, group_norm_silu_residual, layer_norm_linear,
-                              linear_geglu, prebuild)
+                              group_norm_scale_shift, group_norm_silu, group_norm_silu_residual,
+                              layer_norm_linear, linear_geglu, prebuild)
 
 # The quick CPU subset tests/test_wheel.py runs in a fresh install of the wheel.
 pytestmark = pytest.mark.quick
@@ -320,6 +320,47 @@ def test_layer_norm_linear_plan_matches_the_launcher(case):
     _compare(layer_norm_linear, _cpp_plan_of("layer_norm_linear"), inputs, args)
 
 
+def _gnss_case(dtype, shape, C2, groups, cl=False, cl2=None, w_dtype=None, affine=True,
+               seed=0):
+    """group_norm_scale_shift's call: x (N, C1, *spatial), x2 (N, C2, *spatial) or None."""
+    g = torch.Generator().manual_seed(seed)
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+    def make(c, as_cl):
+        t = torch.randn(shape[0], c, *shape[2:], generator=g).to(dtype)
+        return t.contiguous(memory_format=fmt[t.dim()]) if as_cl else t
+    inputs = {"x": make(shape[1], cl)}
+    if C2:
+        inputs["x2"] = make(C2, cl if cl2 is None else cl2)
+    C = shape[1] + C2
+    if affine:
+        inputs["weight"] = torch.randn(C, generator=g).to(w_dtype or dtype)
+        inputs["bias"] = torch.randn(C, generator=g)
+    return inputs, (inputs["x"], groups, inputs.get("weight"), inputs.get("bias"), 1e-5,
+                    inputs.get("x2"))
+
+
+GNSS_CASES = [
+    dict(dtype=torch.float16, shape=(2, 320, 8, 8), C2=640, groups=32),   # SD's cat, straddling
+    dict(dtype=torch.bfloat16, shape=(2, 320, 8, 8), C2=0, groups=40, cl=True),  # C/G = 8
+    dict(dtype=torch.float32, shape=(1, 6, 3, 5), C2=9, groups=5, affine=False),  # VEC = 1
+    dict(dtype=torch.float32, shape=(1, 6, 2, 3, 4), C2=2, groups=4, cl=True, cl2=False),  # JIT
+]
+
+
+@pytest.mark.parametrize("case", GNSS_CASES, ids=lambda c: f"{c['dtype']}-{c['shape']}")
+def test_group_norm_scale_shift_plan_matches_the_launcher(case):
+    inputs, args = _gnss_case(**case)
+    _compare(group_norm_scale_shift, _cpp_plan_of("group_norm_scale_shift"), inputs, args)
+
+
+def test_group_norm_scale_shift_plans_say_why_no_cubin():
+    """Cubins for x and x2 in one layout; a pair in different layouts runs on the JIT."""
+    whys = [_cpp_plan_of("group_norm_scale_shift")(*_gnss_case(**case)[1])[3]
+            for case in GNSS_CASES]
+    assert whys == ["", "", "", "no cubin for x and x2 in different layouts"]
+
+
 def test_layer_norm_linear_plans_say_why_no_cubin():
     """The cubins assume K and N multiples of 16 (SD's widths); other calls run on the JIT."""
     whys = [_cpp_plan_of("layer_norm_linear")(*_lnl_case(**case)[1])[3] for case in LNL_CASES]
@@ -422,6 +463,15 @@ def test_every_cpp_key_is_a_listed_configuration():
             launches, _, _, why = _cpp_plan_of("layer_norm_linear")(*args)
             assert why == "", (dt, flags, why)
             seen |= {la["key"] for la in launches}
+        for cl in (False, True):  # group_norm_scale_shift: layout, 16-byte rows or not
+            for groups in (2, 4):  # C/G = 16 or 8: both multiples of 16 bytes in every dtype
+                for spatial in ((4, 4), (3, 5)):  # planar rows of 16 bytes or not
+                    _, args = _gnss_case(dt, (1, 16, *spatial), 16, groups, cl=cl)
+                    launches, _, _, why = _cpp_plan_of("group_norm_scale_shift")(*args)
+                    assert why == "", (dt, cl, groups, spatial, why)
+                    seen |= {la["key"] for la in launches}
+            _, args = _gnss_case(dt, (1, 6, 4, 4), 6, 4, cl=cl)  # C/G = 3: channels-last VEC 1
+            seen |= {la["key"] for la in _cpp_plan_of("group_norm_scale_shift")(*args)[0]}
     assert seen <= listed, sorted(seen - listed)[:5]
     assert len(seen) == len(listed)  # and every listed configuration is reachable
 
@@ -462,7 +512,7 @@ class _Work(TorchDispatchMode):
 
 LAUNCHES = {"group_norm_silu": 2, "group_norm_silu_residual": 2, "attention": 1,
             "denoise_step": 1, "geglu": 1, "add_layer_norm": 1, "linear_geglu": 1,
-            "layer_norm_linear": 1}
+            "layer_norm_linear": 1, "group_norm_scale_shift": 1}
 
 
 def _all_cases():
@@ -486,6 +536,9 @@ def _all_cases():
     for case in LNL_CASES:
         yield ("layer_norm_linear", layer_norm_linear, _cpp_plan_of("layer_norm_linear"),
                _lnl_case(**case))
+    for case in GNSS_CASES:
+        yield ("group_norm_scale_shift", group_norm_scale_shift,
+               _cpp_plan_of("group_norm_scale_shift"), _gnss_case(**case))
 
 
 def test_plans_launch_their_kernels_and_nothing_else():
@@ -867,6 +920,20 @@ def test_cuda_layer_norm_linear_prebuilt(gpu_cubins, case):
     torch.testing.assert_close(prebuilt_out.cpu().double(), ref, rtol=tol,
                                atol=tol * ref.abs().max().item())
     torch.testing.assert_close(prebuilt_out, jit_out)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("case", GNSS_CASES[:3], ids=lambda c: f"{c['dtype']}-{c['shape']}")
+def test_cuda_group_norm_scale_shift_prebuilt(gpu_cubins, case):
+    _, args = _gnss_case(**case)
+    cuda_args = _on(args, "cuda")
+    prebuilt_out, jit_out = _both_paths(
+        lambda: torch.ops.fastdiff.group_norm_scale_shift(*cuda_args))
+    for got, want, jit in zip(prebuilt_out, reference.group_norm_scale_shift(*args), jit_out):
+        torch.testing.assert_close(got.cpu().double(), want, rtol=1e-5,
+                                   atol=1e-5 * want.abs().max().item())
+        torch.testing.assert_close(got, jit)
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the GPU tests run the CUDA kernels on CUDA tensors")
