@@ -155,9 +155,11 @@ def norm_conv2d(x, weight, bias=None, x2=None, scale=None, shift=None, silu=Fals
     shortcut_weight: (O, S, 1, 1) or (O, S). Returns (N, O, H, W) float64 (NCHW)."""
     a = x if x2 is None else torch.cat([x, x2], 1)
     if scale is not None or silu:
-        f = a.float()
+        # float32 as the op (float64 inputs: float64, for gradcheck)
+        ft = torch.float64 if a.dtype == torch.float64 else torch.float32
+        f = a.to(ft)
         if scale is not None:
-            f = f * scale.float()[:, :, None, None] + shift.float()[:, :, None, None]
+            f = f * scale.to(ft)[:, :, None, None] + shift.to(ft)[:, :, None, None]
         if silu:
             f = f * torch.sigmoid(f)
         a = f.to(x.dtype)
