@@ -42,16 +42,17 @@ from . import variant
 from .linear_geglu import grouped_tile
 
 # 16-bit: 128 x 64 output tiles over 8 warps (one fp32 accumulator of 8192 values: 32 registers
-# a thread), K in steps of 32, two stages; 64 columns divide SD's widths (320, 640, 1280). The
+# a thread), K in steps of 16, three stages; 64 columns divide SD's widths (320, 640, 1280). The
 # input tile is gathered (per-element 64-bit addresses) and goes through registers for the
-# prologue, with the scale and shift gathered beside it: at 4 warps ptxas spilled (255 registers,
-# up to 344 B of stack), at 8 warps with three stages it used 235-247 registers, with two 182
-# (conv1 of a cat, the widest; sm_80 and sm_90, no spills).
+# prologue, with the scale and shift gathered beside it, so registers bound the tile: at 4 warps
+# x BLOCK_K 32 x 3 stages ptxas spilled every configuration (255 registers, up to 344 B of
+# stack); at 8 warps x BLOCK_K 32 x 2 stages it used 103-206 and still spilled conv_out on sm_80
+# (capped at 128); at 8 warps x BLOCK_K 16 x 3 stages none spills (BENCHMARKS.md's SASS table).
 BLOCK_M = 128
 BLOCK_N = 64
-BLOCK_K = 32
+BLOCK_K = 16
 NUM_WARPS = 8
-NUM_STAGES = 2
+NUM_STAGES = 3
 # fp32 (FFMA, IEEE precision): 64x64 tiles over 8 warps, K in steps of 16 (JIT only).
 BLOCK_M_FP32 = 64
 BLOCK_N_FP32 = 64
