@@ -435,3 +435,19 @@ def test_cuda_sd_shapes(dtype):
         cpu = op(*args)
         scale = cpu.float().abs().max().item()
         assert (out.float() - cpu.float()).abs().max().item() <= atol * max(1.0, scale)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_forward_mode_ad_is_refused_and_no_grad_runs():
+    """A dual tensor would come out without a tangent (the op has a backward only): refused,
+    naming the op. Under no_grad the entry point skips the autograd kernel: the same values."""
+    import torch.autograd.forward_ad as fwAD
+    t, args = _make(torch.float32, norm=True, silu=True, bias=True)
+    call = functools.partial(ops.norm_conv2d, packed=args[1], kernel_size=3, bias=t["bias"],
+                             scale=t["scale"], shift=t["shift"], silu=True)
+    with torch.no_grad():
+        torch.testing.assert_close(call(t["x"]), op(*args), rtol=0, atol=0)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(t["x"], torch.ones_like(t["x"]))
+        with pytest.raises(NotImplementedError, match="fastdiff.norm_conv2d: forward-mode AD"):
+            call(dual)
