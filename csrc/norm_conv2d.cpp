@@ -317,11 +317,22 @@ Plan<Tensor> plan(const NormConv2d& a) {
   // Cubins: fp16/bf16, the flag combinations of PREBUILT_FLAGS (diffusers' blocks).
   bool listed = false;
   for (const auto& row : cfg::PREBUILT_FLAGS) listed |= std::equal(row, row + 9, flags);
+  // The cubins assume C1, C2, S1, S2, K multiples of 16 and 16-byte aligned tensors (SD's
+  // widths; 16-byte weight tile copies): others say so rather than fail the launch's check.
+  bool aligned = C1 % 16 == 0 && C2 % 16 == 0 && S1 % 16 == 0 && S2 % 16 == 0 && K % 16 == 0;
+  for (const std::optional<Tensor>& t :
+       {std::optional<Tensor>(x), a.x2, std::optional<Tensor>(a.packed), a.bias, a.scale, a.shift,
+        a.temb, a.residual, a.shortcut, a.shortcut2}) {
+    if (t) aligned = aligned && reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0;
+  }
   std::string why;
   if (f32) {
     why = "no cubin for float32 (fp16 and bf16 only)";
   } else if (!listed) {
     why = "no cubin for this combination of kernel_size and inputs";
+  } else if (!aligned) {
+    why = "no cubin for channels (C1, C2, S1, S2) or K not multiples of 16, or a tensor not "
+          "16-byte aligned";
   }
   return {{launch}, y, {}, why};
 }
