@@ -12,7 +12,7 @@
 // (only with shortcut), S = S1 + S2; residual (N, O, H, W); all of x's dtype, any strides (NCHW
 // or channels_last). bias (O,), temb (N, O), scale and shift (N, C): float32, contiguous.
 //   a = cat([x, x2], 1); with scale: a = a * scale + shift (float32); with silu: a = silu(a);
-//   a rounded to x's dtype (only when scale or silu applied it something);
+//   a rounded to x's dtype (what the unfused path materializes; skipped without scale and silu);
 //   y = conv2d(a, weight, padding=k//2) (zero padding after the prologue)
 //       + shortcut_weight @ cat([shortcut, shortcut2], 1) + bias[o] + temb[n, o] + residual,
 // float32 accumulation, one rounding to x's dtype. y: NCHW contiguous, or channels_last memory
@@ -58,7 +58,7 @@ const Tensor& subject(const NormConv2d& a) { return a.x; }
 
 int64_t channels(const std::optional<Tensor>& t) { return t ? t->size(1) : 0; }
 
-// A 4-D input read beside x: (N, *, H, W) with x's N, H, W, x's dtype and device; returns C.
+// A 4-D input read beside x: (N, *, H, W) with x's N, H, W, x's dtype and device.
 void check_image(const NormConv2d& a, const Tensor& t, const char* name, const char* what) {
   const char* op = NormConv2d::name;
   const Tensor& x = a.x;
@@ -158,7 +158,7 @@ View4 view(const std::optional<Tensor>& t) {
 
 template <typename T>
 void fill_rows(const NormConv2d& a, int64_t m0, int64_t rows, float* A) {
-  const int64_t N = a.x.size(0), H = a.x.size(2), W = a.x.size(3), HW = H * W;
+  const int64_t H = a.x.size(2), W = a.x.size(3), HW = H * W;
   const int64_t k = a.kernel_size, pad = k / 2;
   const View4 xs[2] = {view(a.x), view(a.x2)};
   const View4 ss[2] = {view(a.shortcut), view(a.shortcut2)};
@@ -166,7 +166,6 @@ void fill_rows(const NormConv2d& a, int64_t m0, int64_t rows, float* A) {
   const float* scale = a.scale ? a.scale->const_data_ptr<float>() : nullptr;
   const float* shift = a.shift ? a.shift->const_data_ptr<float>() : nullptr;
   const bool pro = scale || a.silu;
-  (void)N;
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / K);
   torch::stable::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
@@ -181,6 +180,7 @@ void fill_rows(const NormConv2d& a, int64_t m0, int64_t rows, float* A) {
         }
         int64_t c0 = 0;
         for (const View4& v : xs) {
+          if (!v.p) continue;
           const T* src = static_cast<const T*>(v.p) + n * v.s[0] + hh * v.s[2] + ww * v.s[3];
           for (int64_t c = 0; c < v.c; ++c) {
             float f = static_cast<float>(src[c * v.s[1]]);
