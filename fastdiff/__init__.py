@@ -2,9 +2,10 @@
 
 Importing fastdiff loads the C++ extension ``fastdiff._C``, which registers the ops
 ``torch.ops.fastdiff.{group_norm_silu, group_norm_silu_residual, attention, denoise_step, geglu,
-add_layer_norm, linear_geglu, layer_norm_linear, group_norm_scale_shift}`` with CPU, Meta and
-CUDA kernels; ``fastdiff.ops`` adds the Python-facing functions (and ``fold_layer_norm``, which
-makes layer_norm_linear's folded weight).
+add_layer_norm, linear_geglu, layer_norm_linear, group_norm_scale_shift, norm_conv2d}`` with
+CPU, Meta and CUDA kernels; ``fastdiff.ops`` adds the Python-facing functions (and
+``fold_layer_norm``, which makes layer_norm_linear's folded weight, and ``pack_conv_weight``,
+norm_conv2d's packed weight).
 """
 import torch  # noqa: F401  (loads libtorch before the extension)
 

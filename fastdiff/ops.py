@@ -349,6 +349,69 @@ def layer_norm_linear(x: torch.Tensor, weight: torch.Tensor, fold: torch.Tensor,
     return _run(torch.ops.fastdiff.layer_norm_linear, x, weight, fold, shift, eps, geglu)
 
 
+def pack_conv_weight(weight: torch.Tensor,
+                     shortcut_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The (O, K) matrix ``norm_conv2d`` reads: weight (O, C, k, k) tap-major, K = k*k*C + S,
+    ``packed[o, (kh*k + kw)*C + c] = weight[o, c, kh, kw]``, then the shortcut's columns
+    ``packed[o, k*k*C + s] = shortcut_weight[o, s]`` (shortcut_weight: (O, S, 1, 1), (O, S) or
+    None). Contiguous, weight's dtype. Torch ops: differentiable."""
+    check_types("pack_conv_weight", dict(weight=weight, shortcut_weight=shortcut_weight))
+    if weight is None or weight.dim() != 4 or weight.shape[2] != weight.shape[3]:
+        raise ValueError("fastdiff.pack_conv_weight: argument 'weight' must be a (O, C, k, k) "
+                         f"tensor, got {None if weight is None else list(weight.shape)}")
+    O, C, k, _ = weight.shape
+    packed = weight.permute(0, 2, 3, 1).reshape(O, k * k * C)
+    if shortcut_weight is not None:
+        sw = shortcut_weight
+        if sw.dim() == 4 and sw.shape[2:] == (1, 1):
+            sw = sw.flatten(1)
+        if sw.dim() != 2 or sw.shape[0] != O:
+            raise ValueError("fastdiff.pack_conv_weight: argument 'shortcut_weight' must have "
+                             f"shape ({O}, S, 1, 1) or ({O}, S) (weight's O), got "
+                             f"{list(shortcut_weight.shape)}")
+        packed = torch.cat([packed, sw.to(weight.dtype)], 1)
+    return packed.contiguous()
+
+
+def norm_conv2d(x: torch.Tensor, packed: torch.Tensor, kernel_size: int,
+                bias: torch.Tensor | None = None, *, x2: torch.Tensor | None = None,
+                scale: torch.Tensor | None = None, shift: torch.Tensor | None = None,
+                silu: bool = False, temb: torch.Tensor | None = None,
+                residual: torch.Tensor | None = None, shortcut: torch.Tensor | None = None,
+                shortcut2: torch.Tensor | None = None,
+                channels_last_out: bool = False) -> torch.Tensor:
+    """A 3x3 or 1x1 convolution (stride 1, padding k//2) of ``a = cat([x, x2], 1)`` normalized
+    on the fly, as one implicit GEMM (csrc/norm_conv2d.cpp):
+    ``a = silu(a * scale + shift)`` (float32; each part optional), rounded to x's dtype, then
+    ``conv2d(a, weight) + shortcut_weight @ cat([shortcut, shortcut2], 1) + bias + temb[n] +
+    residual``, float32 accumulation, one rounding. packed: ``pack_conv_weight(weight,
+    shortcut_weight)``; scale, shift: (N, C) or (N, C, 1, 1) float32 (a GroupNorm as a
+    per-(n, channel) affine); temb: (N, O) or (N, O, 1, 1); bias (O,) and temb in another float
+    dtype are converted to float32 (small). x, x2, shortcut, shortcut2, residual: NCHW or
+    channels_last, any strides. Returns (N, O, H, W), NCHW, or channels_last memory with
+    ``channels_last_out`` (the (N, H*W, O) tokens of a transformer)."""
+    for name, v in (("x", x), ("packed", packed)):
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(f"fastdiff.norm_conv2d: argument '{name}' must be a torch.Tensor, "
+                            f"got {type(v).__name__} {v!r:.60}")
+    check_types("norm_conv2d", dict(bias=bias, x2=x2, scale=scale, shift=shift, temb=temb,
+                                    residual=residual, shortcut=shortcut, shortcut2=shortcut2),
+                ints=dict(kernel_size=kernel_size),
+                bools=dict(silu=silu, channels_last_out=channels_last_out))
+    n = x.shape[0] if x.dim() >= 1 else 0
+    c = (x.shape[1] if x.dim() >= 2 else 0) + (x2.shape[1] if x2 is not None and x2.dim() >= 2
+                                                else 0)
+    o = packed.shape[0] if packed.dim() >= 1 else 0
+
+    def table(t, n, c):
+        t = _per_channel(t, n, c)
+        return t.float() if t is not None and t.is_floating_point() else t
+    bias = bias.float().contiguous() if bias is not None and bias.is_floating_point() else bias
+    return _run(torch.ops.fastdiff.norm_conv2d, x, packed, kernel_size, bias, x2,
+                _per_channel(scale, n, c), _per_channel(shift, n, c), silu, table(temb, n, o),
+                residual, shortcut, shortcut2, channels_last_out)
+
+
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None = None,
                    bias: torch.Tensor | None = None, eps: float = 1e-5,
                    next_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -740,3 +803,62 @@ def _layer_norm_linear_backward(ctx, grad):
 
 torch.library.register_autograd("fastdiff::layer_norm_linear", _layer_norm_linear_backward,
                                 setup_context=_layer_norm_linear_setup)
+
+
+def _norm_conv2d_setup(ctx, inputs, output):
+    (x, packed, k, bias, x2, scale, shift, silu, temb, residual, shortcut, shortcut2,
+     _) = inputs
+    ctx.save_for_backward(x, packed, bias, x2, scale, shift, temb, residual, shortcut,
+                          shortcut2)
+    ctx.k, ctx.silu = k, silu
+
+
+def _norm_conv2d_backward(ctx, grad):
+    """The forward recomputed with plain torch ops in float32 from the saved inputs (the
+    prologue's rounding to x's dtype left out: its gradient is the identity's), then
+    torch.autograd.grad for every input that wants one (x, packed, bias, x2, scale, shift,
+    temb, residual, shortcut, shortcut2). Differentiable again. Not fused."""
+    saved = ctx.saved_tensors
+    want = ctx.needs_input_grad
+    names = ("x", "packed", "bias", "x2", "scale", "shift", "temb", "residual", "shortcut",
+             "shortcut2")
+    index = (0, 1, 3, 4, 5, 6, 8, 9, 10, 11)  # their places in the schema
+    with torch.enable_grad():
+        leaves = {}
+        for name, t, i in zip(names, saved, index):
+            if t is None:
+                leaves[name] = None
+                continue
+            leaves[name] = t.detach().float().requires_grad_(bool(want[i]))
+        v = leaves
+        a = v["x"] if v["x2"] is None else torch.cat([v["x"], v["x2"]], 1)
+        if v["scale"] is not None:
+            a = a * v["scale"][:, :, None, None] + v["shift"][:, :, None, None]
+        if ctx.silu:
+            a = F.silu(a)
+        k = ctx.k
+        C = a.shape[1]
+        O = v["packed"].shape[0]
+        wconv = v["packed"][:, :k * k * C].reshape(O, k, k, C).permute(0, 3, 1, 2)
+        y = F.conv2d(a, wconv, v["bias"], padding=k // 2)
+        if v["shortcut"] is not None:
+            s = v["shortcut"] if v["shortcut2"] is None else torch.cat([v["shortcut"],
+                                                                        v["shortcut2"]], 1)
+            y = y + torch.einsum("os,nshw->nohw", v["packed"][:, k * k * C:], s)
+        if v["temb"] is not None:
+            y = y + v["temb"][:, :, None, None]
+        if v["residual"] is not None:
+            y = y + v["residual"]
+        wanted = [n for n in names if v[n] is not None and v[n].requires_grad]
+        grads = torch.autograd.grad(y, [v[n] for n in wanted], grad.float(),
+                                    create_graph=torch.is_grad_enabled())
+    got = dict(zip(wanted, grads))
+    out = [None] * 13
+    for name, t, i in zip(names, saved, index):
+        if name in got:
+            out[i] = got[name].to(t.dtype)
+    return tuple(out)
+
+
+torch.library.register_autograd("fastdiff::norm_conv2d", _norm_conv2d_backward,
+                                setup_context=_norm_conv2d_setup)

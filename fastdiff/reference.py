@@ -162,3 +162,36 @@ denoise_step = denoise_step_v2
 
 
 _geglu = geglu   # layer_norm_linear's argument 'geglu' shadows the function there
+
+
+def norm_conv2d(x, weight, bias=None, x2=None, scale=None, shift=None, silu=False, temb=None,
+                residual=None, shortcut=None, shortcut2=None, shortcut_weight=None):
+    """fastdiff.norm_conv2d in float64 from the UNPACKED weights: a = cat([x, x2], 1), times
+    scale plus shift (per (n, channel)), SiLU, rounded to x's dtype as the unfused path
+    materializes it (only when scale or SiLU is applied; the rounding through float32 first,
+    the op's math); then conv2d(a, weight, padding=k//2) + shortcut_weight @ cat([shortcut,
+    shortcut2], 1) (1x1, raw) + bias[o] + temb[n, o] + residual. weight: (O, C, k, k);
+    shortcut_weight: (O, S, 1, 1) or (O, S). Returns (N, O, H, W) float64 (NCHW)."""
+    a = x if x2 is None else torch.cat([x, x2], 1)
+    if scale is not None or silu:
+        # float32 as the op (float64 inputs: float64, for gradcheck)
+        ft = torch.float64 if a.dtype == torch.float64 else torch.float32
+        f = a.to(ft)
+        if scale is not None:
+            f = f * scale.to(ft)[:, :, None, None] + shift.to(ft)[:, :, None, None]
+        if silu:
+            f = f * torch.sigmoid(f)
+        a = f.to(x.dtype)
+    k = weight.shape[-1]
+    y = torch.nn.functional.conv2d(_f64(a), _f64(weight), padding=k // 2)
+    if shortcut is not None:
+        s = shortcut if shortcut2 is None else torch.cat([shortcut, shortcut2], 1)
+        sw = _f64(shortcut_weight).reshape(shortcut_weight.shape[0], -1)
+        y = y + torch.einsum("os,nshw->nohw", sw, _f64(s))
+    if bias is not None:
+        y = y + _f64(bias)[None, :, None, None]
+    if temb is not None:
+        y = y + _f64(temb)[:, :, None, None]
+    if residual is not None:
+        y = y + _f64(residual)
+    return y.contiguous()

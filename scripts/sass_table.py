@@ -6,7 +6,8 @@ dtype and head dim (its bias variants together), group_norm_silu by kernel, dtyp
 VEC (its fusion flags together), denoise_step by dtype and alignment variant, geglu by dtype and
 VEC, add_layer_norm by dtype and row block, linear_geglu by dtype and alignment variant,
 layer_norm_linear by dtype and epilogue (its shift variants together), group_norm_scale_shift
-by dtype, layout and VEC. Per
+by dtype, layout and VEC, norm_conv2d by dtype, kernel size and prologue (its
+bias/temb/cat/shortcut/residual variants together). Per
 family and architecture: registers, shared memory, stack (local memory: spills), and the global
 loads and stores in the code by width (instructions in the code, not executions), with MMA
 instructions.
@@ -65,6 +66,12 @@ def family(r):
         layout = "channels-last" if cx["CL1"] else "planar"
         return ((7, dt, cx["CL1"], -cx["VEC"]),
                 f"group_norm_scale_shift {dt} {layout} VEC={cx['VEC']}")
+    if r["op"] == "norm_conv2d":
+        dt = _DT[sig["x_ptr"]]
+        tile = f"{cx['BLOCK_M']}x{cx['BLOCK_N']}x{cx['BLOCK_K']}"
+        prologue = "norm" if cx["PROLOGUE"] else "raw"
+        return ((8, dt, cx["KS"], prologue),
+                f"norm_conv2d {dt} {tile} {cx['KS']}x{cx['KS']} {prologue}")
     dt = _DT[sig["x_ptr"]]
     names = [p["name"] for p in r["params"]]
     aligned = "numel" in [names[i] for i in r["aligned"]]

@@ -18,7 +18,7 @@ import torch
 
 from fastdiff.kernels import (add_layer_norm, attention, denoise_step, geglu,
                               group_norm_scale_shift, group_norm_silu, layer_norm_linear,
-                              linear_geglu, prebuild)
+                              linear_geglu, norm_conv2d, prebuild)
 
 # Shared memory per block (bytes) a kernel may use. The sm_80 compile is held to sm_86/sm_89's
 # 99 KB (A100 allows 163 KB), since the wheel's sm_86/89 cubins are the same code and use the
@@ -27,7 +27,7 @@ SMEM_LIMIT = {80: 101376, 90: 232448}
 MODULES = {"group_norm_silu": group_norm_silu, "attention": attention,
            "denoise_step": denoise_step, "geglu": geglu, "add_layer_norm": add_layer_norm,
            "linear_geglu": linear_geglu, "layer_norm_linear": layer_norm_linear,
-           "group_norm_scale_shift": group_norm_scale_shift}
+           "group_norm_scale_shift": group_norm_scale_shift, "norm_conv2d": norm_conv2d}
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +94,10 @@ def test_launchers_choose_only_listed_configs():
             for shift in (False, True):
                 key = _key(layer_norm_linear._config(dt, geglu_, shift))
                 assert key in listed, (dt, geglu_, shift)
+        if dt != torch.float32:  # norm_conv2d: diffusers' flag combinations, 16-bit only
+            for row in norm_conv2d.PREBUILT_FLAGS:
+                flags = dict(zip(norm_conv2d.FLAGS, row))
+                assert _key(norm_conv2d._config(dt, flags)) in listed, (dt, row)
         for c in range(129, 4097):  # 16-byte rows up to the largest prebuilt block
             block = add_layer_norm.block_c(c)
             assert _key(add_layer_norm._config(dt, block)) in listed, (dt, c)
@@ -260,6 +264,24 @@ def test_group_norm_scale_shift_reads_in_16_byte_loads(compiled):
         else:
             assert "128" not in s["ldg"], f"{_label(r)}: {s['ldg']}"
         assert set(s["stg"]) == {"32"}, f"{_label(r)}: {s['stg']}"
+
+
+def test_norm_conv2d_runs_on_tensor_cores(compiled):
+    """The implicit GEMM: tensor cores (HMMA on sm_80, HGMMA on sm_90), the packed weight's
+    tiles into shared memory by async copies (LDGSTS): 16 bytes wide in the normalized segments
+    (K, C1, C2 multiples of 16), 8 bytes in the raw ones (the shortcut's, proj_out's: as
+    compiled with Triton 3.6). The input tile is gathered through its runtime strides (any
+    layout, one cubin) and goes through registers: 2-byte loads, recorded here rather than
+    hidden. Spills: test_no_register_spills."""
+    recs = [r for r in compiled if r["op"] == "norm_conv2d"]
+    assert len(recs) == len(SMEM_LIMIT) * len(norm_conv2d.prebuilt_configs())
+    for r in recs:
+        cx, s = r["constexprs"], r["sass"]
+        mma = s["hmma"] if r["arch"] < 90 else s["hgmma"]
+        assert mma > 0, f"{_label(r)}: no tensor-core instruction"
+        assert sum(s["ldgsts"].values()) > 0, f"{_label(r)}: {s['ldgsts']}"
+        if cx["PROLOGUE"]:
+            assert s["ldgsts"].get("128", 0) > 0, f"{_label(r)}: {s['ldgsts']}"
 
 
 def _allowed_stack(r):

@@ -25,7 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from fastdiff import ops, prebuilt, reference, schedules
 from fastdiff.kernels import (add_layer_norm, attention, denoise_step, geglu,
                               group_norm_scale_shift, group_norm_silu, group_norm_silu_residual,
-                              layer_norm_linear, linear_geglu, prebuild)
+                              layer_norm_linear, linear_geglu, norm_conv2d, prebuild)
 
 # The quick CPU subset tests/test_wheel.py runs in a fresh install of the wheel.
 pytestmark = pytest.mark.quick
@@ -472,6 +472,21 @@ def test_every_cpp_key_is_a_listed_configuration():
                     seen |= {la["key"] for la in launches}
             _, args = _gnss_case(dt, (1, 6, 4, 4), 6, 4, cl=cl)  # C/G = 3: channels-last VEC 1
             seen |= {la["key"] for la in _cpp_plan_of("group_norm_scale_shift")(*args)[0]}
+        for row in norm_conv2d.PREBUILT_FLAGS:  # (tests/test_norm_conv2d.py: the plans agree)
+            f = dict(zip(norm_conv2d.FLAGS, row))
+            x = torch.zeros(1, 16, 2, 2, dtype=dt)
+            k, C = f["KS"], 16 * (1 + f["HAS_X2"])
+            S = 16 * (f["HAS_SC"] + f["HAS_SC2"])
+            t = torch.zeros(1, 16)
+            args = (x, torch.zeros(16, k * k * C + S, dtype=dt), k, t[0] if f["HAS_BIAS"] else None,
+                    x if f["HAS_X2"] else None, torch.zeros(1, C) if f["PROLOGUE"] else None,
+                    torch.zeros(1, C) if f["PROLOGUE"] else None, bool(f["SILU"]),
+                    t if f["HAS_TEMB"] else None, x if f["HAS_RES"] else None,
+                    x if f["HAS_SC"] else None, x if f["HAS_SC2"] else None)
+            launches, _, _, why = _cpp_plan_of("norm_conv2d")(*args)
+            assert why == ("" if dt != torch.float32 else
+                           "no cubin for float32 (fp16 and bf16 only)"), (dt, row, why)
+            seen |= {la["key"] for la in launches} if not why else set()
     assert seen <= listed, sorted(seen - listed)[:5]
     assert len(seen) == len(listed)  # and every listed configuration is reachable
 
