@@ -206,9 +206,9 @@ def group_norm_scale_shift(x: torch.Tensor, num_groups: int, weight: torch.Tenso
     with a small spread keeps its digits); rstd = 1 / sqrt(var + eps), scale = rstd * weight,
     shift = bias - mean * scale.
 
-    Not differentiable: no autograd formula (its outputs are statistics; training runs
-    F.group_norm), as group_norm_silu_backward. A backward through its outputs gets torch's
-    warning that the op has no autograd kernel, and no gradient reaches its inputs.
+    Backward: the statistics recomputed with torch ops in float32 and differentiated (not
+    fused; accelerate runs the op at inference only), so gradients reach x, x2, weight and
+    bias as through F.group_norm.
     """
     check_types("group_norm_scale_shift", dict(x=x, weight=weight, bias=bias, x2=x2),
                 dict(num_groups=num_groups), dict(eps=eps))
@@ -862,3 +862,49 @@ def _norm_conv2d_backward(ctx, grad):
 
 torch.library.register_autograd("fastdiff::norm_conv2d", _norm_conv2d_backward,
                                 setup_context=_norm_conv2d_setup)
+
+
+def _group_norm_scale_shift_setup(ctx, inputs, output):
+    x, num_groups, weight, bias, eps, x2 = inputs
+    ctx.save_for_backward(x, weight, bias, x2)
+    ctx.num_groups, ctx.eps = num_groups, eps
+
+
+def _group_norm_scale_shift_backward(ctx, grad_scale, grad_shift):
+    """The statistics recomputed with plain torch ops in float32 from the saved inputs, then
+    torch.autograd.grad for x, weight, bias and x2 (a use that trains through the affine, e.g.
+    with norm_conv2d, gets the gradients F.group_norm would give). Differentiable again. Not
+    fused."""
+    x, weight, bias, x2 = ctx.saved_tensors
+    want = ctx.needs_input_grad
+    with torch.enable_grad():
+        leaf = lambda t, i: (None if t is None else  # noqa: E731
+                             t.detach().float().requires_grad_(bool(want[i])))
+        vx, vw, vb, vx2 = leaf(x, 0), leaf(weight, 2), leaf(bias, 3), leaf(x2, 5)
+        a = vx if vx2 is None else torch.cat([vx, vx2], 1)
+        n, c = a.shape[:2]
+        var, mean = torch.var_mean(a.reshape(n, ctx.num_groups, -1), dim=2, unbiased=False)
+        rstd = torch.rsqrt(var + ctx.eps).repeat_interleave(c // ctx.num_groups, 1)
+        mean = mean.repeat_interleave(c // ctx.num_groups, 1)
+        scale = rstd if vw is None else rstd * vw
+        shift = -mean * scale if vb is None else vb - mean * scale
+        leaves = [(t, i) for t, i in ((vx, 0), (vw, 2), (vb, 3), (vx2, 5))
+                  if t is not None and t.requires_grad]
+        outs, grads = [], []
+        for out, g in ((scale, grad_scale), (shift, grad_shift)):
+            if g is not None:
+                outs.append(out)
+                grads.append(g.float())
+        got = (torch.autograd.grad(outs, [t for t, _ in leaves], grads,
+                                   create_graph=torch.is_grad_enabled(), allow_unused=True)
+               if outs and leaves else ())
+    result = [None] * 6
+    saved = (x, None, weight, bias, None, x2)
+    for (_, i), g in zip(leaves, got):
+        result[i] = None if g is None else g.to(saved[i].dtype)
+    return tuple(result)
+
+
+torch.library.register_autograd("fastdiff::group_norm_scale_shift",
+                                _group_norm_scale_shift_backward,
+                                setup_context=_group_norm_scale_shift_setup)

@@ -236,16 +236,26 @@ def test_entry_point():
         ops.group_norm_scale_shift(x, 4.0)
 
 
-def test_not_differentiable():
-    """No autograd formula (its outputs are statistics; training runs F.group_norm), as
-    group_norm_silu_backward: a backward through the outputs gets torch's warning that the op
-    has no autograd kernel, and no gradient reaches the inputs."""
-    x, x2, w, b = _inputs(2, 6, 10, (3, 5), torch.float32)
-    w.requires_grad_()
-    scale, shift = ops.group_norm_scale_shift(x, 4, w, b, x2=x2)
-    with pytest.warns(UserWarning, match="autograd kernel was not registered"):
-        (scale.sum() + shift.sum()).backward()
-    assert w.grad is None
+@pytest.mark.parametrize("c1,c2", [(8, 0), (6, 10)])
+def test_gradients_match_the_float64_reference(c1, c2):
+    """Gradients reach x, x2, weight and bias as through the float64 reference (a backward
+    recomputing the statistics in float32; the op once silently gave none), also for groups
+    straddling x and x2."""
+    x, x2, w, b = _inputs(2, c1, c2, (3, 5), torch.float32)
+    leaves = [t for t in (x, x2, w, b) if t is not None]
+    g = torch.Generator().manual_seed(1)
+    gs, gh = (torch.randn(2, c1 + c2, generator=g) for _ in range(2))
+
+    def grads(fn, cast):
+        ins = [t.detach().to(cast).requires_grad_() for t in leaves]
+        x2i = ins[1] if c2 else None
+        s, h = fn(ins[0], 4, ins[-2], ins[-1], 1e-5, x2i)
+        return torch.autograd.grad((s * gs.to(cast)).sum() + (h * gh.to(cast)).sum(), ins)
+
+    got = grads(ops.group_norm_scale_shift, torch.float32)
+    want = grads(reference.group_norm_scale_shift, torch.float64)
+    for g_, w_ in zip(got, want):
+        torch.testing.assert_close(g_.double(), w_, rtol=1e-4, atol=1e-5)
 
 
 def test_meta_kernel_gives_the_shapes_only():
