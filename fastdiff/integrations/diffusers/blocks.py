@@ -32,7 +32,7 @@ from fastdiff.ops import log_once
 MAX_HEAD_DIM = 256
 # What patch_modules counts, per component (accelerate's report).
 COUNTS = ("resnets", "attention", "norm_out", "geglu", "transformer_blocks", "transformers",
-          "timesteps")
+          "timesteps", "up_blocks")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -85,8 +85,12 @@ class TembBank:
         self._temb = None
         self._version = -1
         self._out: dict = {}
+        self._groups: dict = {}
+        self._where: dict = {}
+        self._out32: dict = {}
         self._stacks: dict = {}
         self._biases: dict = {}
+        self.convs: dict = {}            # (block, name) -> Derived: _resnet_fold's packed weights
 
     def __getstate__(self):          # (copies compute their own)
         return {"root": self.root, "resnets": self.resnets}
@@ -102,16 +106,25 @@ class TembBank:
                 and _plain_conv(m.conv1) and m.conv1.weight.device == lin.weight.device
                 and usable(lin.weight, lin.bias, m.conv1.bias))
 
-    def projection(self, m, temb: torch.Tensor) -> torch.Tensor | None:
-        """``m.time_emb_proj(act(temb))`` without its bias, or None when ``m`` runs its own."""
+    def projection(self, m, temb: torch.Tensor, f32: bool = False) -> torch.Tensor | None:
+        """``m.time_emb_proj(act(temb))`` without its bias, or None when ``m`` runs its own;
+        f32: in float32 (one cast per projection width, not per block)."""
         if temb.dim() != 2 or not usable(temb):
             return None
         if temb is not self._temb or derived.version(temb) != self._version:
             self._compute(temb)
-        return self._out.get(m)
+        out = self._out.get(m)
+        if out is None or not f32 or out.dtype == torch.float32:
+            return out
+        group, i = self._where[m]
+        wide = self._out32.get(group)
+        if wide is None:
+            wide = self._out32[group] = self._groups[group].float()
+        return wide if i is None else wide[i]
 
     def _compute(self, temb):
         self._temb, self._version, self._out = temb, derived.version(temb), {}
+        self._groups, self._where, self._out32 = {}, {}, {}
         groups: dict = {}
         for m in self.resnets:
             if self.takes(m):
@@ -125,15 +138,17 @@ class TembBank:
             x = temb if skip else act
             members = tuple(members)
             if len(members) == 1:
-                self._out[members[0]] = F.linear(x, members[0].time_emb_proj.weight)
+                out = self._groups[members] = F.linear(x, members[0].time_emb_proj.weight)
+                self._out[members[0]], self._where[members[0]] = out, (members, None)
                 continue
             stack = self._stacks.get(members)
             if stack is None:
                 stack = self._stacks[members] = derived.register(self.root, Derived(
                     derived.stack_t, [(r.time_emb_proj, "weight") for r in members]))
             out = torch.matmul(x, stack.get())            # (G, B, N): each block's is contiguous
+            self._groups[members] = out
             for i, r in enumerate(members):
-                self._out[r] = out[i]
+                self._out[r], self._where[r] = out[i], (members, i)
 
     def bias(self, m, *layers) -> torch.Tensor | None:
         """The sum of ``layers``' biases (None when none has one), kept for block ``m``:
@@ -142,6 +157,15 @@ class TembBank:
         if d is None:
             d = self._biases[layers] = derived.register(self.root, Derived(
                 derived.total, [(layer, "bias") for layer in layers]))
+        return d.get() if d.sources() else None
+
+    def bias_f32(self, m, *layers) -> torch.Tensor | None:
+        """``bias`` in float32 (what ``norm_conv2d`` adds in its epilogue)."""
+        key = ("f32",) + layers
+        d = self._biases.get(key)
+        if d is None:
+            d = self._biases[key] = derived.register(self.root, Derived(
+                shift_f32, [(layer, "bias") for layer in layers]))
         return d.get() if d.sources() else None
 
 
@@ -178,6 +202,10 @@ def _resnet_forward(self, bank, input_tensor, temb, *args, **kwargs):
     orig = type(self).forward
     if (input_tensor.dtype not in DTYPES or (temb is not None and self.time_emb_proj is None)):
         return orig(self, input_tensor, temb, *args, **kwargs)
+    if not args and not kwargs:
+        out = _resnet_fold(self, bank, input_tensor, None, temb)
+        if out is not None:
+            return out
     h = ops.group_norm_silu(input_tensor.contiguous(), *_gn_args(self.norm1))
     if self.upsample is not None:
         if h.shape[0] >= 64:
@@ -231,6 +259,147 @@ def _resnet_supported(m) -> str | None:
     if not isinstance(m.nonlinearity, nn.SiLU):
         return f"ResnetBlock2D with activation {type(m.nonlinearity).__name__} (SiLU is fused)"
     return None
+
+
+# ------------------------------------------- ResnetBlock2D: GroupNorms folded into the convs
+
+CONV_FOLDS = ("auto", "off")
+
+
+def conv_fold_backend() -> str:
+    """FASTDIFF_CONV_FOLD: 'auto' (the default) runs a plain ResnetBlock2D as two
+    ``norm_conv2d`` calls (each GroupNorm+SiLU applied while the conv loads its input, after a
+    ``group_norm_scale_shift`` statistics pass; the time embedding, the 1x1 shortcut, the
+    residual and an up block's skip concatenation inside the convs), and a Transformer2DModel's
+    input norm inside proj_in; 'off' keeps ``group_norm_silu`` and torch's convolutions (for a
+    GPU run to compare the two)."""
+    choice = os.environ.get("FASTDIFF_CONV_FOLD", "auto")
+    if choice not in CONV_FOLDS:
+        raise ValueError(f"fastdiff: FASTDIFF_CONV_FOLD must be one of {CONV_FOLDS}, "
+                         f"got {choice!r}")
+    return choice
+
+
+def _conv3(c) -> bool:
+    """A plain 3x3 convolution with 'same' zero padding: what ``norm_conv2d`` computes."""
+    return (_plain_conv(c) and c.kernel_size == (3, 3) and c.stride == (1, 1)
+            and c.padding in ((1, 1), "same") and c.dilation == (1, 1) and c.groups == 1)
+
+
+def _pack(*src):
+    """The make of a Derived: ``ops.pack_conv_weight`` of a conv's weight [and a 1x1
+    shortcut's]."""
+    return ops.pack_conv_weight(src[0], src[1] if len(src) > 1 else None)
+
+
+def _resnet_foldable(self, x, x2, temb) -> bool:
+    """Whether this call of a ResnetBlock2D can run as two ``norm_conv2d`` calls: 3x3 convs,
+    GroupNorms in x's dtype, no resampling, 'default' time embedding (or none), a 1x1 or no
+    shortcut, unit output scale, a quiet dropout, inference (no autograd through it), no hooks
+    on the modules it computes without calling, not compiling."""
+    n1, n2, sc = self.norm1, self.norm2, self.conv_shortcut
+    if (conv_fold_backend() != "auto" or self.training or x.dim() != 4
+            or self.upsample is not None or self.downsample is not None
+            or self.output_scale_factor != 1
+            or (temb is not None and self.time_embedding_norm != "default")
+            or not (_conv3(self.conv1) and _conv3(self.conv2))
+            or not (sc is None or _is_pointwise(sc)) or not _quiet(self.dropout)
+            or torch.compiler.is_compiling()):
+        return False
+    if sc is None and (x2 is not None or x.shape[1] != self.conv2.out_channels):
+        return False
+    ws = [p for m in (n1, n2, self.conv1, self.conv2, sc) if m is not None
+          for p in m._parameters.values() if p is not None]
+    if any(w.dtype != x.dtype or w.device != x.device for w in ws):
+        return False
+    if x2 is not None and (x2.dtype != x.dtype or x2.device != x.device or x2.dim() != 4
+                           or x2.shape[0] != x.shape[0] or x2.shape[2:] != x.shape[2:]):
+        return False
+    if _hooked(n1, self.conv1, n2, self.conv2, sc, self.nonlinearity, self.dropout):
+        return False
+    return not torch.is_grad_enabled() or usable(x, x2, temb, *ws)
+
+
+def _conv_derived(bank, m, name: str, make, refs):
+    """A Derived of block ``m``'s, kept by the model's TembBank (which holds the root)."""
+    key = (m, name)
+    d = bank.convs.get(key)
+    if d is None:
+        d = bank.convs[key] = derived.register(bank.root, Derived(make, refs))
+    return d
+
+
+def _resnet_fold(self, bank, x, x2, temb) -> torch.Tensor | None:
+    """The block on ``norm_conv2d`` (None when this call cannot take it): conv1 reads
+    cat([x, x2]) normalized and SiLU'd on load (``group_norm_scale_shift``'s per-(n, c) affine)
+    and adds its bias, the time projection's bias and the per-sample time projection in its
+    epilogue; conv2 does the same with norm2 over conv1's output and, in the same K loop, the
+    1x1 shortcut over the raw input (or adds the input as the residual). 4 kernels: the cat,
+    both norm kernels, the shortcut matmul and the adds are gone, and neither normalized tensor
+    is written."""
+    if bank is None or not _resnet_foldable(self, x, x2, temb):
+        return None
+    n1, n2, c1, c2, sc = self.norm1, self.norm2, self.conv1, self.conv2, self.conv_shortcut
+    t = None
+    b1 = (c1,)
+    if temb is not None:
+        t = bank.projection(self, temb, f32=True)
+        if t is not None:
+            b1 = (c1, self.time_emb_proj)       # the projection's bias joins conv1's
+        else:
+            t = temb if self.skip_time_act else self.nonlinearity(temb)
+            t = self.time_emb_proj(t)
+            if t.dim() != 2:
+                return None
+    s, h = ops.group_norm_scale_shift(x, n1.num_groups, n1.weight, n1.bias, n1.eps, x2=x2)
+    h = ops.norm_conv2d(x, _conv_derived(bank, self, "pack1", _pack, [(c1, "weight")]).get(),
+                        3, bank.bias_f32(self, *b1), x2=x2, scale=s, shift=h, silu=True,
+                        temb=t)
+    s, f = ops.group_norm_scale_shift(h, n2.num_groups, n2.weight, n2.bias, n2.eps)
+    if sc is None:
+        w2 = _conv_derived(bank, self, "pack2", _pack, [(c2, "weight")])
+        return ops.norm_conv2d(h, w2.get(), 3, bank.bias_f32(self, c2), scale=s, shift=f,
+                               silu=True, residual=x)
+    w2 = _conv_derived(bank, self, "pack2", _pack, [(c2, "weight"), (sc, "weight")])
+    return ops.norm_conv2d(h, w2.get(), 3, bank.bias_f32(self, c2, sc), scale=s, shift=f,
+                           silu=True, shortcut=x, shortcut2=x2)
+
+
+def _freeu(self) -> bool:
+    return bool(getattr(self, "s1", None) and getattr(self, "s2", None)
+                and getattr(self, "b1", None) and getattr(self, "b2", None))
+
+
+def _up_block_forward(self, hidden_states, res_hidden_states_tuple, temb=None, *args,
+                      **kwargs):
+    """diffusers' UpBlock2D / CrossAttnUpBlock2D forward with each skip concatenation read in
+    place: a patched ResnetBlock2D gets the hidden states and the skip as ``norm_conv2d``'s two
+    inputs (``_resnet_fold``), so the (B, C1 + C2, H, W) cat is never written. Positional
+    arguments, a 'scale', FreeU, gradient checkpointing: diffusers' forward."""
+    orig = type(self).forward
+    cak = kwargs.get("cross_attention_kwargs")
+    if (args or kwargs.get("scale") is not None or (cak or {}).get("scale") is not None
+            or _freeu(self) or (torch.is_grad_enabled() and self.gradient_checkpointing)
+            or conv_fold_backend() != "auto"):
+        return orig(self, hidden_states, res_hidden_states_tuple, temb, *args, **kwargs)
+    attns = getattr(self, "attentions", None)
+    attn_kwargs = {k: kwargs.get(k) for k in ("encoder_hidden_states", "cross_attention_kwargs",
+                                              "attention_mask", "encoder_attention_mask")}
+    res = tuple(res_hidden_states_tuple)
+    h = hidden_states
+    for i, resnet in enumerate(self.resnets):
+        skip, res = res[-1], res[:-1]
+        out = None
+        fwd = resnet.__dict__.get("forward")
+        if (type(fwd) is Patched and fwd.fn is _resnet_forward and not _hooked(resnet)
+                and h.dtype in DTYPES):
+            out = _resnet_fold(resnet, fwd.extra[0], h, skip, temb)
+        h = out if out is not None else resnet(torch.cat([h, skip], dim=1), temb)
+        if attns is not None:
+            h = attns[i](h, **attn_kwargs, return_dict=False)[0]
+    for upsampler in self.upsamplers or ():
+        h = upsampler(h, kwargs.get("upsample_size"))
+    return h
 
 
 def _norm_out_forward(self, x):
@@ -575,23 +744,35 @@ def _folded_block_forward(self, hidden_states, encoder_hidden_states):
         h = ops.layer_norm_linear(*args, geglu=True)
     else:
         h = ops.geglu(ops.layer_norm_linear(*args))
-    stream.addmm_(h.reshape(-1, h.shape[-1]), lin.weight.t())
     owe.append(lin)
+    tail = _tail(proc, tuple(owe), f32=True)
+    if conv_fold_backend() == "auto" and lin.bias is not None:
+        # the feed-forward's output as a 1x1 norm_conv2d over the tokens read as (B, F, L, 1)
+        # channels_last views: the stream as its residual, every bias it owes in its epilogue,
+        # so the block's output is written once, with no bias add after it
+        f = h.shape[-1]
+        out = ops.norm_conv2d(h.reshape(batch, length, 1, f).permute(0, 3, 1, 2), lin.weight, 1,
+                              tail.get(), residual=stream.view(batch, length, 1, c).permute(
+                                  0, 3, 1, 2), channels_last_out=True)
+        return out.permute(0, 2, 3, 1).reshape(batch, length, c)
+    stream.addmm_(h.reshape(-1, h.shape[-1]), lin.weight.t())
     tail = _tail(proc, tuple(owe))
     if tail is not None:
         stream.add_(tail.get())
     return stream.view(batch, length, c)
 
 
-def _tail(proc, linears: tuple):
-    """The Derived sum of ``linears``' biases (the stream's debt at the block's end), or None."""
+def _tail(proc, linears: tuple, f32: bool = False):
+    """The Derived sum of ``linears``' biases (the stream's debt at the block's end), or None;
+    f32: in float32 (``norm_conv2d``'s bias)."""
     refs = tuple((m, "bias") for m in linears if m.bias is not None)
     if not refs:
         return None
-    key = ("tail", refs)
+    key = ("tail", refs, f32)
     d = proc._derived.get(key)
     if d is None:
-        d = proc._derived[key] = derived.register(proc.root, Derived(derived.total, refs))
+        d = proc._derived[key] = derived.register(proc.root, Derived(
+            shift_f32 if f32 else derived.total, refs))
     return d
 
 
@@ -635,7 +816,7 @@ def _is_pointwise(c) -> bool:
             and c.padding in ((0, 0), "valid") and c.groups == 1)
 
 
-def _transformer_input(self, hidden_states):
+def _transformer_input(self, bank, hidden_states):
     """Transformer2DModel's input for image inputs: its GroupNorm (``group_norm_silu`` without
     the SiLU) writes channels_last memory, which is the (B, HW, C) token layout, so the tokens
     are a view and a 1x1 conv proj_in runs as a Linear on them: the blocks get contiguous
@@ -652,6 +833,18 @@ def _transformer_input(self, hidden_states):
                            and _on(hidden_states, p.weight)):
         return fn(self, hidden_states)
     batch, _, height, width = hidden_states.shape
+    if _norm_in_foldable(self, bank, hidden_states):
+        # the norm's statistics, then proj_in normalizing its input on load and writing the
+        # tokens (channels_last memory: the (B, HW, C) layout); the output's proj_out adds
+        # the input back in its epilogue (_transformer_output): 3 kernels, nothing else
+        s, f = ops.group_norm_scale_shift(hidden_states, norm.num_groups, norm.weight,
+                                          norm.bias, norm.eps)
+        w = p.weight.view(p.weight.shape[0], -1)
+        h = ops.norm_conv2d(hidden_states, w, 1, bank.bias_f32(self, p), scale=s, shift=f,
+                            channels_last_out=True)
+        self.__dict__[_RESIDUAL] = (hidden_states, None, None)
+        tokens = h.permute(0, 2, 3, 1).reshape(batch, height * width, h.shape[1])   # a view
+        return tokens, (hidden_states.shape[1] if linear else tokens.shape[-1])
     x = hidden_states if hidden_states.is_contiguous(
         memory_format=torch.channels_last) else hidden_states.contiguous()
     out_w = _proj_out_fold(self, x) if x is hidden_states else None
@@ -686,7 +879,25 @@ def _proj_out_fold(self, x):
     return p.weight.view(p.weight.shape[0], -1), p.bias
 
 
-def _transformer_output(self, hidden_states, residual, batch_size, height, width, inner_dim):
+def _norm_in_foldable(self, bank, x) -> bool:
+    """Whether the transformer's input norm can run inside proj_in (``norm_conv2d``) and the
+    residual inside proj_out: FASTDIFF_CONV_FOLD, plain projections in x's dtype whose output
+    width matches, no hooks on them or the norm, inference."""
+    norm, p, q = self.norm, self.proj_in, self.proj_out
+    if bank is None or conv_fold_backend() != "auto" or torch.compiler.is_compiling():
+        return False
+    plain = (lambda m: type(m) is nn.Linear) if self.use_linear_projection else _is_pointwise
+    if not (plain(p) and plain(q)) or _hooked(norm, p, q):
+        return False
+    if (p.weight.dtype != x.dtype or q.weight.dtype != x.dtype or not _on(x, p.weight, q.weight)
+            or q.weight.shape[0] != x.shape[1]):
+        return False
+    return not torch.is_grad_enabled() or usable(x, norm.weight, norm.bias, p.weight, p.bias,
+                                                 q.weight, q.bias)
+
+
+def _transformer_output(self, bank, hidden_states, residual, batch_size, height, width,
+                        inner_dim):
     """Transformer2DModel's output for image inputs: ``proj_out`` and the residual add, without
     the copy diffusers makes of the (B, HW, C) tokens into an NCHW tensor. A 1x1 conv proj_out
     runs as a Linear on the tokens; the add reads its (B, HW, C) output through a permuted view
@@ -697,7 +908,17 @@ def _transformer_output(self, hidden_states, residual, batch_size, height, width
     pending = self.__dict__.pop(_RESIDUAL, None)
     if hidden_states.dim() != 3 or residual.dim() != 4:
         return fn(self, hidden_states, residual, batch_size, height, width, inner_dim)
-    if (pending is not None and pending[0] is residual and hidden_states.is_contiguous()
+    if (pending is not None and pending[0] is residual and pending[2] is None
+            and hidden_states.is_contiguous() and usable(hidden_states)
+            and hidden_states.shape[:2] == (batch_size, height * width)
+            and hidden_states.shape[2] == p.weight.view(p.weight.shape[0], -1).shape[1]):
+        # proj_out over the tokens read as a channels_last (B, C, H, W) view, the input added
+        # back in its epilogue: one kernel writes the NCHW output
+        x = hidden_states.view(batch_size, height, width, -1).permute(0, 3, 1, 2)
+        return ops.norm_conv2d(x, p.weight.view(p.weight.shape[0], -1), 1,
+                               bank.bias_f32(self, p), residual=residual)
+    if (pending is not None and pending[0] is residual and pending[2] is not None
+            and hidden_states.is_contiguous()
             and hidden_states.shape == (batch_size, height * width, pending[2].shape[1])):
         # r = residual + bias (the input norm wrote it): proj_out accumulates into it in place,
         # reading the tokens transposed: one GEMM writes the NCHW output
@@ -939,7 +1160,9 @@ def patch_modules(root: nn.Module, state) -> tuple[dict, list[str]]:
     from diffusers.models.embeddings import Timesteps
     from diffusers.models.resnet import ResnetBlock2D
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
+    from diffusers.models.unets.unet_2d_blocks import CrossAttnUpBlock2D, UpBlock2D
 
+    up_blocks = (CrossAttnUpBlock2D, UpBlock2D)
     counts = dict.fromkeys(COUNTS, 0)
     kept = []
     base = getattr(root, "_orig_mod", root)          # (under torch.compile: the model itself)
@@ -955,6 +1178,10 @@ def patch_modules(root: nn.Module, state) -> tuple[dict, list[str]]:
             bank.resnets.append(m)
             state.patched.append((m, "forward"))
             counts["resnets"] += 1
+        if type(m) in up_blocks and "forward" not in m.__dict__:
+            m.forward = Patched(m, _up_block_forward)
+            state.patched.append((m, "forward"))
+            counts["up_blocks"] += 1
         if type(m) is GEGLU and "forward" not in m.__dict__:   # (subclasses may change forward)
             m.forward = Patched(m, _geglu_forward)
             state.patched.append((m, "forward"))
@@ -965,8 +1192,8 @@ def patch_modules(root: nn.Module, state) -> tuple[dict, list[str]]:
             counts["timesteps"] += 1
         if (type(m) is Transformer2DModel and m.is_input_continuous
                 and "_get_output_for_continuous_inputs" not in m.__dict__):
-            m._operate_on_continuous_inputs = Patched(m, _transformer_input)
-            m._get_output_for_continuous_inputs = Patched(m, _transformer_output)
+            m._operate_on_continuous_inputs = Patched(m, _transformer_input, bank)
+            m._get_output_for_continuous_inputs = Patched(m, _transformer_output, bank)
             state.patched += [(m, "_operate_on_continuous_inputs"),
                               (m, "_get_output_for_continuous_inputs")]
             counts["transformers"] += 1
