@@ -26,12 +26,14 @@ import torch.nn.functional as F
 
 KERNEL_SYSTEMS = ("fastdiff", "eager", "compile", "unfused")
 # Ops with an ``unfused`` system: the same math as fastdiff ran it before the op fused it.
-UNFUSED_OPS = ("linear_geglu", "layer_norm_linear")
+UNFUSED_OPS = ("linear_geglu", "layer_norm_linear", "norm_conv2d")
 E2E_SYSTEMS = ("engine", "accelerate", "accelerate-cublas", "diffusers", "compile")
-# accelerate-cublas: accelerate with its Triton GEMMs off (the LayerNorm fold and linear_geglu:
-# FASTDIFF_NORM_FOLD=off, FASTDIFF_GEGLU=split), every matmul on cuBLAS: the GPU run's A/B of
-# those fusions, side by side with accelerate's defaults
-CUBLAS_ENV = {"FASTDIFF_NORM_FOLD": "off", "FASTDIFF_GEGLU": "split"}
+# accelerate-cublas: accelerate with its Triton GEMMs off (the LayerNorm fold, linear_geglu and
+# the GroupNorm fold into norm_conv2d: FASTDIFF_NORM_FOLD=off, FASTDIFF_GEGLU=split,
+# FASTDIFF_CONV_FOLD=off), every matmul on cuBLAS and every convolution on cuDNN: the GPU run's
+# A/B of those fusions, side by side with accelerate's defaults
+CUBLAS_ENV = {"FASTDIFF_NORM_FOLD": "off", "FASTDIFF_GEGLU": "split",
+              "FASTDIFF_CONV_FOLD": "off"}
 
 
 # ---------------------------------------------------------------- kernel cases
@@ -39,7 +41,7 @@ CUBLAS_ENV = {"FASTDIFF_NORM_FOLD": "off", "FASTDIFF_GEGLU": "split"}
 @dataclass
 class KernelCase:
     # group_norm_silu | attention | denoise_step | geglu | add_layer_norm | linear_geglu |
-    # layer_norm_linear
+    # layer_norm_linear | norm_conv2d
     op: str
     model: str                   # sd15@512 ...
     shape: tuple                 # linear_geglu: (B, L, K, F), x (B, L, K) -> y (B, L, F)
@@ -50,6 +52,9 @@ class KernelCase:
     next_bias: bool = False      # add_layer_norm only: h_out = h + next_bias as well
     tokens: bool = False         # group_norm_silu only: no SiLU, channels_last out of NCHW x
     geglu: bool = False          # layer_norm_linear only: y (B, L, N/2), GEGLU of the GEMM
+    conv: str = ""               # norm_conv2d only: shape (B, C1, C2, H, W, O); 'conv1': an up
+                                 # resnet's conv1 over cat(x, x2) with the time embedding;
+                                 # 'conv2': its conv2 with the 1x1 shortcut over cat(x, x2)
 
     @property
     def id(self) -> str:
@@ -71,6 +76,12 @@ class KernelCase:
             b, seq, k, nn = self.shape                           # x, W read; y written (the
             out = nn // 2 if self.geglu else nn                  # fold: 3N floats, not counted)
             return (b * seq * k + nn * k + b * seq * out) * itemsize
+        if self.op == "norm_conv2d":
+            b, c1, c2, hh, ww, o = self.shape                    # inputs, packed weight read;
+            hw = hh * ww                                         # out written (float32
+            if self.conv == "conv1":                             # tables not counted)
+                return (b * (c1 + c2) * hw + o * 9 * (c1 + c2) + b * o * hw) * itemsize
+            return (b * (o + c1 + c2) * hw + o * (9 * o + c1 + c2) + b * o * hw) * itemsize
         if self.op == "add_layer_norm":
             return 4 * n * itemsize                              # x, residual read; h, y
                                                                  # (next_bias: C more)
@@ -86,6 +97,10 @@ class KernelCase:
         if self.op == "layer_norm_linear":
             b, seq, k, nn = self.shape
             return 2 * b * seq * k * nn                          # the GEMM
+        if self.op == "norm_conv2d":
+            b, c1, c2, hh, ww, o = self.shape
+            k = 9 * (c1 + c2) if self.conv == "conv1" else 9 * o + c1 + c2
+            return 2 * b * hh * ww * o * k                       # the implicit GEMM
         return 0
 
 
@@ -144,6 +159,13 @@ def kernel_cases(quick: bool = False) -> list[KernelCase]:
                                         label=f"{B}x{res * res}x{ch}->2x{4 * ch} geglu"))
                 # a residual add and the LayerNorm after it (norm2, norm3)
                 cases.append(KernelCase("add_layer_norm", tag, (B, res * res, ch)))
+                if name == "sd15" and res >= 32:
+                    # an up block's resnet at this level: conv1 over cat(hidden, skip) of C
+                    # channels each, conv2 with the 1x1 shortcut over the same cat
+                    for conv in ("conv1", "conv2"):
+                        cases.append(KernelCase("norm_conv2d", tag, (B, ch, ch, res, res, ch),
+                                                conv=conv, label=f"{B}x({ch}+{ch})x{res}x{res}"
+                                                f"->{ch} {conv}"))
                 if name == "sd15":
                     # Transformer2DModel's GroupNorm before its 1x1 proj_in, written as the
                     # (B, HW, C) tokens (channels_last) the transformer reads
@@ -172,6 +194,9 @@ def kernel_cases(quick: bool = False) -> list[KernelCase]:
                                 geglu=True, label="2x64x32->2x64 geglu"))
         cases.append(KernelCase("add_layer_norm", "tiny", (2, 64, 32), quick=True,
                                 next_bias=True, label="2x64x32 +next_bias"))
+        for conv in ("conv1", "conv2"):
+            cases.append(KernelCase("norm_conv2d", "tiny", (2, 16, 16, 8, 8, 16), quick=True,
+                                    groups=8, conv=conv, label=f"2x(16+16)x8x8->16 {conv}"))
     return cases
 
 
@@ -251,6 +276,47 @@ def kernel_fn(case: KernelCase, system: str, device: str, dtype: torch.dtype):
         def unfused(x, lw, lb, w, b, wf, fold):      # accelerate before the fold
             n = F.layer_norm(x, (K,), lw, lb)
             return ops.linear_geglu(n, w, b) if geglu else F.linear(n, w, b)
+    elif case.op == "norm_conv2d":
+        bsz, c1, c2, hh, ww, o = case.shape
+        G, conv1 = case.groups, case.conv == "conv1"
+        cin = c1 + c2 if conv1 else o
+
+        def make():   # x, x2, (conv2: h), the norm's, conv's and shortcut's weights, temb
+            x, x2 = rnd(bsz, c1, hh, ww), rnd(bsz, c2, hh, ww)
+            h = rnd(bsz, o, hh, ww) if not conv1 else None
+            gw, gb = 1 + 0.1 * rnd(cin), 0.1 * rnd(cin)
+            w, b = rnd(o, cin, 3, 3) * (9 * cin) ** -0.5, rnd(o)
+            sw = None if conv1 else rnd(o, c1 + c2, 1, 1) * (c1 + c2) ** -0.5
+            temb = rnd(bsz, o).float()
+            return (x, x2, h, gw, gb, w, b, sw, temb,
+                    ops.pack_conv_weight(w, sw), b.float())
+
+        def fused(x, x2, h, gw, gb, w, b, sw, temb, packed, b32):   # as accelerate runs it
+            if conv1:
+                s, f = ops.group_norm_scale_shift(x, G, gw, gb, 1e-5, x2=x2)
+                return ops.norm_conv2d(x, packed, 3, b32, x2=x2, scale=s, shift=f, silu=True,
+                                       temb=temb)
+            s, f = ops.group_norm_scale_shift(h, G, gw, gb, 1e-5)
+            return ops.norm_conv2d(h, packed, 3, b32, scale=s, shift=f, silu=True,
+                                   shortcut=x, shortcut2=x2)
+
+        def fn(x, x2, h, gw, gb, w, b, sw, temb, packed, b32):      # diffusers' resnet
+            if conv1:
+                a = F.silu(F.group_norm(torch.cat([x, x2], 1), G, gw, gb))
+                return F.conv2d(a, w, b, padding=1) + temb.to(x.dtype)[:, :, None, None]
+            a = F.silu(F.group_norm(h, G, gw, gb))
+            return F.conv2d(torch.cat([x, x2], 1), sw) + F.conv2d(a, w, b, padding=1)
+
+        def unfused(x, x2, h, gw, gb, w, b, sw, temb, packed, b32):  # accelerate before
+            if conv1:
+                a = ops.group_norm_silu(torch.cat([x, x2], 1), G, gw, gb)
+                return F.conv2d(a, w, b, padding=1) + temb.to(x.dtype)[:, :, None, None]
+            a = ops.group_norm_silu(h, G, gw, gb)
+            out = F.conv2d(a, w, b, padding=1)
+            xs = torch.cat([x, x2], 1)
+            out.view(bsz, o, -1).baddbmm_(sw.view(o, -1).expand(bsz, o, c1 + c2),
+                                          xs.view(bsz, c1 + c2, -1))
+            return out
     elif case.op == "add_layer_norm" and case.next_bias:
         C = case.shape[-1]
 

@@ -132,6 +132,8 @@ def _flops(name: str, args, outs) -> float:
     if name in ("mm", "addmm", "bmm", "baddbmm"):
         a, b = (args[1], args[2]) if name in ("addmm", "baddbmm") else (args[0], args[1])
         return 2.0 * outs[0].numel() * a.shape[-1]
+    if name == "norm_conv2d":       # an implicit GEMM: per output, K = k*k*C (+ shortcut) MACs
+        return 2.0 * outs[0].numel() * args[1].shape[1]
     if name in _FOLDED_GEMMS:       # x (..., K) @ W (N, K).T: a GEMM, then the epilogue
         x, w = args[0], args[1]
         return 2.0 * (x.numel() // max(1, x.shape[-1])) * w.shape[0] * w.shape[1]
@@ -151,6 +153,10 @@ def _label(name: str, args, outs, dtype) -> str:
     if name in _MATMUL:
         a, b = (args[1], args[2]) if name in ("addmm", "baddbmm") else (args[0], args[1])
         return f"{_dims(a)} @ {_dims(b)}"
+    if name == "norm_conv2d":       # (x, packed, kernel_size, bias, x2, ...)
+        x2 = args[4] if len(args) > 4 and isinstance(args[4], torch.Tensor) else None
+        src = _dims(args[0]) + (f" + {_dims(x2)}" if x2 is not None else "")
+        return f"{src} -> {_dims(outs[0])} k{args[2]}x{args[2]}"
     if name in _FOLDED_GEMMS:
         return f"{_dims(args[0])} @ {_dims(args[1])}^T -> {_dims(outs[0])}"
     if name in _ATTENTION:
@@ -526,14 +532,14 @@ CLASSES = ("conv", "matmul", "attention", "norm", "elementwise", "copy/cast/cat"
 def op_class(op: str) -> str:
     """The kind of kernel an op is (one of CLASSES)."""
     name = op.split(".", 1)[-1].rstrip("_")
-    if name == "convolution":
+    if name in ("convolution", "norm_conv2d"):
         return "conv"
     if name in _MATMUL or name in _FOLDED_GEMMS:
         return "matmul"
     if name in _ATTENTION:
         return "attention"
     if name in ("native_group_norm", "native_layer_norm", "group_norm_silu",
-                "group_norm_silu_residual", "add_layer_norm"):
+                "group_norm_silu_residual", "add_layer_norm", "group_norm_scale_shift"):
         return "norm"
     if name in ("cat", "clone", "copy", "_to_copy", "index_select", "upsample_nearest2d"):
         return "copy/cast/cat"

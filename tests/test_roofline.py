@@ -86,8 +86,18 @@ def _tiny_unet():
 
 @pytest.fixture(scope="module")
 def steps():
-    return roofline.record(_tiny_unet(), SPEC, batch=2, dtype=torch.float16,
-                           attention="fastdiff")
+    """The hand-counted steps, accelerate with FASTDIFF_CONV_FOLD=off (what the GroupNorm fold
+    into norm_conv2d changes on top: test_conv_fold_counts)."""
+    before = os.environ.get("FASTDIFF_CONV_FOLD")
+    os.environ["FASTDIFF_CONV_FOLD"] = "off"
+    try:
+        return roofline.record(_tiny_unet(), SPEC, batch=2, dtype=torch.float16,
+                               attention="fastdiff")
+    finally:
+        if before is None:
+            del os.environ["FASTDIFF_CONV_FOLD"]
+        else:
+            os.environ["FASTDIFF_CONV_FOLD"] = before
 
 
 def count(kernels, op, where=None):
@@ -263,6 +273,7 @@ def test_norm_fold_off_keeps_add_layer_norm(steps, monkeypatch):
     accumulates into the residual in place (its bias added by the add_layer_norm before it):
     2 kernels a block more than with the fold, and more memory-bound bytes."""
     monkeypatch.setenv("FASTDIFF_NORM_FOLD", "off")
+    monkeypatch.setenv("FASTDIFF_CONV_FOLD", "off")
     off = roofline.record(_tiny_unet(), SPEC, batch=2, dtype=torch.float16,
                           attention="fastdiff")["accelerate"]
     a = steps["accelerate"]
@@ -288,6 +299,43 @@ def test_norm_fold_off_keeps_add_layer_norm(steps, monkeypatch):
     dev = roofline.ROOFLINES["H100"]
     mem = lambda ks: sum(k.bytes for k in ks if k.memory_bound(dev))  # noqa: E731
     assert mem(a) < mem(off)
+
+
+def test_conv_fold_counts(steps, monkeypatch):
+    """FASTDIFF_CONV_FOLD=auto (the default) against the hand count's accelerate (off): each of
+    the 8 resnets' norm, conv, norm, conv and residual (an add, or the shortcut's baddbmm_)
+    becomes statistics, norm_conv2d, statistics, norm_conv2d (-8); the 4 up-block skip
+    concatenations are read in place (-4); the time projections are cast to float32 once per
+    width (+2); each transformer's norm-with-residual, proj_in and proj_out become statistics,
+    proj_in and proj_out (as many kernels, the normalized tokens and x + bias no longer
+    written); each block's feed-forward output and its final bias add become one norm_conv2d
+    (-4): 14 fewer. (The resnets an up block runs itself, on its skip, count in the block.)"""
+    monkeypatch.delenv("FASTDIFF_CONV_FOLD", raising=False)
+    on = roofline.record(_tiny_unet(), SPEC, batch=2, dtype=torch.float16,
+                         attention="fastdiff")["accelerate"]
+    off = steps["accelerate"]
+    assert count(off, "aten.cat", "UpBlock2D") + count(off, "aten.cat", "CrossAttnUpBlock2D") == 4
+    assert not [k for k in on if k.op == "aten.cat" and "UpBlock2D" in k.where]
+    assert count(on, "fastdiff.norm_conv2d") == 8 * 2 + 4 * 2 + 4
+    assert count(on, "fastdiff.group_norm_scale_shift") == 8 * 2 + 4
+    assert count(on, "fastdiff.group_norm_silu") == 1                 # conv_norm_out
+    assert count(on, "fastdiff.group_norm_silu_residual") == 0
+    # conv_in, the downsampler's, the upsampler's and conv_out stay on torch
+    assert count(on, "aten.convolution") == 4
+    assert not {"aten.baddbmm_", "aten.add", "aten.add_"} & {
+        k.op for k in on if k.where in ("ResnetBlock2D", "BasicTransformerBlock",
+                                        "Transformer2DModel")}
+    assert len(off) - len(on) == 8 + 4 - 2 + 4
+    conv1 = next(k for k in on if k.op == "fastdiff.norm_conv2d")
+    # the first resnet's conv1 (level 0): 2x32x8x8 in and out, 3x3; x, the (32, 9 x 32) packed
+    # weight and the output in fp16; its bias (32), the float32 time projection (2 x 32) and
+    # the norm's scale and shift (2 x 32 each) in float32
+    assert roofline.op_class(conv1.op) == "conv" and conv1.where == "ResnetBlock2D"
+    assert conv1.flops == 2 * (2 * 32 * 64) * (9 * 32)
+    assert conv1.bytes == 2 * (2 * 2 * 32 * 64 + 32 * 9 * 32) + 4 * (32 + 3 * 2 * 32)
+    dev = roofline.ROOFLINES["H100"]
+    mem = lambda ks: sum(k.bytes for k in ks if k.memory_bound(dev))  # noqa: E731
+    assert mem(on) < mem(off)
 
 
 def test_geglu_split_keeps_the_projection_and_geglu(monkeypatch):
