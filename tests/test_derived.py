@@ -108,25 +108,46 @@ def test_a_replay_with_a_stale_derived_weight_is_refused(sim, monkeypatch):
             fast(*args)
 
 
-def test_the_fusions_are_taken_and_restore_drops_them():
+@pytest.mark.parametrize("fold", ["auto", "off"])
+def test_the_fusions_are_taken_and_restore_drops_them(fold, monkeypatch):
+    monkeypatch.setenv("FASTDIFF_CONV_FOLD", fold)
     unet = fastdiff.accelerate(_unet(), cuda_graphs=False)
     with torch.no_grad():
         unet(*_inputs())
     made = unet.__dict__[derived.ATTR]
-    # the time projections stacked per width (32, 64, 128 at width 0.1); summed biases (conv1
-    # + time projection per resnet, conv2 + shortcut per 1x1 shortcut); per transformer block
+    # the time projections stacked per width (32, 64, 128 at width 0.1); per transformer block
     # the cross-attention's k/v stacked, and its keys and values of the context, per context
     # tensor; its three LayerNorms folded into the GEMMs after them (a weight and a fold
-    # each), the shifts its second and third norm read and the biases it adds at its end
-    blocks = sum(type(m).__name__ == "BasicTransformerBlock" for m in unet.modules())
+    # each), the shifts its second and third norm read and the biases it adds at its end.
+    # Folded convs (auto): each resnet's two convs packed (conv2 with its 1x1 shortcut) and
+    # their summed biases in float32 (conv1 + time projection, conv2 [+ shortcut]), each
+    # Transformer2DModel's proj_in and proj_out bias, the block's end biases in float32 (the
+    # feed-forward output's epilogue). Unfolded (off): the resnets' summed biases in their dtype
+    # (conv1 + time projection per resnet, conv2 + shortcut per 1x1 shortcut), the block's end
+    # biases too.
+    kinds = [type(m).__name__ for m in unet.modules()]
+    blocks, resnets, t2d = (kinds.count(k) for k in
+                            ("BasicTransformerBlock", "ResnetBlock2D", "Transformer2DModel"))
+    shortcuts = sum(getattr(m, "conv_shortcut", None) is not None for m in unet.modules()
+                    if type(m).__name__ == "ResnetBlock2D")
+    assert blocks and resnets and t2d and shortcuts
     per_input = [d for d in made if isinstance(d, derived.PerInput)]
     made = [d for d in made if isinstance(d, derived.Derived)]
-    assert sum(d.make is derived.stack_t for d in made) == 3
-    assert sum(d.make is derived.total for d in made) > blocks
-    assert sum(d.make is derived.cat for d in made) == blocks
+
+    def count(make):
+        return sum(d.make is make for d in made)
+    assert count(derived.stack_t) == 3
+    assert count(derived.cat) == blocks
     folds = [d.make.part for d in made if isinstance(d.make, acc.blocks._LnFold)]
     assert sorted(folds) == ["fold"] * 3 * blocks + ["weight"] * 3 * blocks
-    assert sum(d.make is acc.blocks.shift_f32 for d in made) == 2 * blocks
+    if fold == "auto":
+        assert count(acc.blocks._pack) == 2 * resnets
+        assert count(acc.blocks.shift_f32) == 2 * blocks + blocks + 2 * resnets + 2 * t2d
+        assert count(derived.total) == 0
+    else:
+        assert count(acc.blocks._pack) == 0
+        assert count(acc.blocks.shift_f32) == 2 * blocks
+        assert count(derived.total) == resnets + shortcuts + blocks
     assert all(d.value is not None for d in made)
     assert len(per_input) == blocks and all(d._eager.value is not None for d in per_input)
     fastdiff.restore(unet)

@@ -745,8 +745,8 @@ def _folded_block_forward(self, hidden_states, encoder_hidden_states):
     else:
         h = ops.geglu(ops.layer_norm_linear(*args))
     owe.append(lin)
-    tail = _tail(proc, tuple(owe), f32=True)
     if conv_fold_backend() == "auto" and lin.bias is not None:
+        tail = _tail(proc, tuple(owe), f32=True)
         # the feed-forward's output as a 1x1 norm_conv2d over the tokens read as (B, F, L, 1)
         # channels_last views: the stream as its residual, every bias it owes in its epilogue,
         # so the block's output is written once, with no bias add after it
