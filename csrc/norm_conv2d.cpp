@@ -136,10 +136,8 @@ Tensor empty(const NormConv2d& a) {
   return empty_strided(a.x, {N, O, H, W}, strides);
 }
 
-// ---- CPU kernel: rows of the implicit GEMM's A (prologue applied, in float32) by chunks, the
-// product by torch's matmul on float32, then the epilogue ----
-
-constexpr int64_t kChunkFloats = int64_t{1} << 22;  // A's floats per chunk (16 MB)
+// ---- CPU kernel: the prologue once per element (float32, channels innermost), the conv on
+// torch's CPU convolution and the shortcut on its matmul (float32), then the epilogue ----
 
 struct View4 {  // a 4-D tensor's data and strides
   const void* p = nullptr;
@@ -156,45 +154,52 @@ View4 view(const std::optional<Tensor>& t) {
   return v;
 }
 
+// The GEMM's input once per element, prologue applied (float32, rounded to T as the unfused
+// path materializes it), channels innermost: a (N*H*W, C) float32 buffer, which the
+// convolution reads as a channels_last tensor.
 template <typename T>
-void fill_rows(const NormConv2d& a, int64_t m0, int64_t rows, float* A) {
-  const int64_t H = a.x.size(2), W = a.x.size(3), HW = H * W;
-  const int64_t k = a.kernel_size, pad = k / 2;
+void prologue_rows(const NormConv2d& a, float* A0) {
+  const int64_t H = a.x.size(2), W = a.x.size(3), HW = H * W, M = a.x.size(0) * HW;
   const View4 xs[2] = {view(a.x), view(a.x2)};
-  const View4 ss[2] = {view(a.shortcut), view(a.shortcut2)};
-  const int64_t C = xs[0].c + xs[1].c, S = ss[0].c + ss[1].c, K = k * k * C + S;
+  const int64_t C = xs[0].c + xs[1].c;
   const float* scale = a.scale ? a.scale->const_data_ptr<float>() : nullptr;
   const float* shift = a.shift ? a.shift->const_data_ptr<float>() : nullptr;
   const bool pro = scale || a.silu;
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / K);
-  torch::stable::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t m = m0 + r, n = m / HW, h = m % HW / W, w = m % W;
-      float* row = A + r * K;
-      for (int64_t tap = 0; tap < k * k; ++tap) {
-        const int64_t hh = h + tap / k - pad, ww = w + tap % k - pad;
-        float* dst = row + tap * C;
-        if (hh < 0 || hh >= H || ww < 0 || ww >= W) {
-          std::fill(dst, dst + C, 0.0f);
-          continue;
-        }
-        int64_t c0 = 0;
-        for (const View4& v : xs) {
-          if (!v.p) continue;
-          const T* src = static_cast<const T*>(v.p) + n * v.s[0] + hh * v.s[2] + ww * v.s[3];
-          for (int64_t c = 0; c < v.c; ++c) {
-            float f = static_cast<float>(src[c * v.s[1]]);
-            if (pro) {
-              if (scale) f = f * scale[n * C + c0 + c] + shift[n * C + c0 + c];
-              if (a.silu) f = f / (1.0f + std::exp(-f));
-              f = static_cast<float>(static_cast<T>(f));  // as the unfused path materializes it
-            }
-            dst[c0 + c] = f;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(C, 1));
+  torch::stable::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const int64_t n = m / HW, h = m % HW / W, w = m % W;
+      float* dst = A0 + m * C;
+      int64_t c0 = 0;
+      for (const View4& v : xs) {
+        if (!v.p) continue;
+        const T* src = static_cast<const T*>(v.p) + n * v.s[0] + h * v.s[2] + w * v.s[3];
+        for (int64_t c = 0; c < v.c; ++c) {
+          float f = static_cast<float>(src[c * v.s[1]]);
+          if (pro) {
+            if (scale) f = f * scale[n * C + c0 + c] + shift[n * C + c0 + c];
+            if (a.silu) f = f / (1.0f + std::exp(-f));
+            f = static_cast<float>(static_cast<T>(f));  // as the unfused path materializes it
           }
-          c0 += v.c;
+          dst[c0 + c] = f;
         }
+        c0 += v.c;
       }
-      float* dst = row + k * k * C;
+    }
+  });
+}
+
+// The raw shortcut's rows (M, S) in float32 (the 1x1 segment of the K loop).
+template <typename T>
+void shortcut_rows(const NormConv2d& a, float* Sh) {
+  const int64_t H = a.x.size(2), W = a.x.size(3), HW = H * W, M = a.x.size(0) * HW;
+  const View4 ss[2] = {view(a.shortcut), view(a.shortcut2)};
+  const int64_t S = ss[0].c + ss[1].c;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(S, 1));
+  torch::stable::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const int64_t n = m / HW, h = m % HW / W, w = m % W;
+      float* dst = Sh + m * S;
       for (const View4& v : ss) {
         if (!v.p) continue;
         const T* src = static_cast<const T*>(v.p) + n * v.s[0] + h * v.s[2] + w * v.s[3];
@@ -205,26 +210,29 @@ void fill_rows(const NormConv2d& a, int64_t m0, int64_t rows, float* A) {
   });
 }
 
-// y[rows m0..] = p + bias + temb + residual, rounded once, at y's strides.
+// y = p (+ p2) + bias + temb + residual, rounded once, at y's strides (p, p2: (M, O)).
 template <typename T>
-void epilogue(const NormConv2d& a, const float* p, int64_t m0, int64_t rows, Tensor& y) {
+void epilogue(const NormConv2d& a, const float* p, const float* p2, Tensor& y) {
   const int64_t H = a.x.size(2), W = a.x.size(3), HW = H * W, O = a.packed.size(0);
+  const int64_t M = a.x.size(0) * HW;
   const float* bias = a.bias ? a.bias->const_data_ptr<float>() : nullptr;
   const float* temb = a.temb ? a.temb->const_data_ptr<float>() : nullptr;
   const View4 res = view(a.residual);
   T* out = y.mutable_data_ptr<T>();
   const int64_t ys[4] = {y.stride(0), y.stride(1), y.stride(2), y.stride(3)};
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / O);
-  torch::stable::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t m = m0 + r, n = m / HW, h = m % HW / W, w = m % W;
-      const float* pr = p + r * O;
+  torch::stable::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const int64_t n = m / HW, h = m % HW / W, w = m % W;
+      const float* pr = p + m * O;
+      const float* pr2 = p2 ? p2 + m * O : nullptr;
       T* yr = out + n * ys[0] + h * ys[2] + w * ys[3];
       const T* rr = res.p ? static_cast<const T*>(res.p) + n * res.s[0] + h * res.s[2] +
                                 w * res.s[3]
                           : nullptr;
       for (int64_t o = 0; o < O; ++o) {
         float v = pr[o];
+        if (pr2) v += pr2[o];
         if (bias) v += bias[o];
         if (temb) v += temb[n * O + o];
         if (rr) v += static_cast<float>(rr[o * res.s[1]]);
@@ -237,24 +245,41 @@ void epilogue(const NormConv2d& a, const float* p, int64_t m0, int64_t rows, Ten
 Tensor cpu(const NormConv2d& a) {
   Tensor y = empty(a);
   if (y.numel() == 0) return y;
-  const int64_t M = a.x.size(0) * a.x.size(2) * a.x.size(3);
-  const int64_t K = a.packed.size(1);
-  // The weight in float32 (16-bit: converted), transposed: (K, O). fp32 accumulation, one
-  // rounding, as the CUDA kernel.
-  Tensor wt = a.packed;
-  if (wt.scalar_type() != ScalarType::Float) wt = torch::stable::to(wt, ScalarType::Float);
-  wt = torch::stable::transpose(wt, 0, 1);
-  const int64_t chunk = std::max<int64_t>(1, std::min(M, kChunkFloats / K));
-  Tensor A = new_contiguous(a.x, {chunk, K}, ScalarType::Float);
+  using Ints = std::vector<int64_t>;
+  const int64_t N = a.x.size(0), H = a.x.size(2), W = a.x.size(3), M = N * H * W;
+  const int64_t k = a.kernel_size, O = a.packed.size(0), K = a.packed.size(1);
+  const int64_t C = a.x.size(1) + (a.x2 ? a.x2->size(1) : 0), S = K - k * k * C;
+  // The weight in float32 (16-bit: converted): fp32 accumulation, one rounding, as the CUDA
+  // kernel.
+  Tensor wf = a.packed;
+  if (wf.scalar_type() != ScalarType::Float) wf = torch::stable::to(wf, ScalarType::Float);
+  Tensor A0 = new_contiguous(a.x, {N, H, W, C}, ScalarType::Float);
+  Tensor Sh;
+  if (S > 0) Sh = new_contiguous(a.x, {M, S}, ScalarType::Float);
   dispatch_float(a.x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    for (int64_t m0 = 0; m0 < M; m0 += chunk) {
-      const int64_t rows = std::min(chunk, M - m0);
-      Tensor Ar = rows == chunk ? A : torch::stable::narrow(A, 0, 0, rows);
-      fill_rows<T>(a, m0, rows, A.mutable_data_ptr<float>());
-      Tensor p = torch::stable::contiguous(call_op<Tensor>("aten::mm", Ar, wt));  // (rows, O)
-      epilogue<T>(a, p.const_data_ptr<float>(), m0, rows, y);
-    }
+    prologue_rows<T>(a, A0.mutable_data_ptr<float>());
+    if (S > 0) shortcut_rows<T>(a, Sh.mutable_data_ptr<float>());
+  });
+  // The convolution on torch's CPU kernel (oneDNN), over the prologued input as a
+  // channels_last (N, C, H, W) view and the packed taps as an (O, C, k, k) view.
+  Tensor in = call_op<Tensor>("aten::permute", A0, Ints{0, 3, 1, 2});
+  Tensor wc = call_op<Tensor>("aten::reshape", torch::stable::narrow(wf, 1, 0, k * k * C),
+                              Ints{O, k, k, C});
+  wc = call_op<Tensor>("aten::permute", wc, Ints{0, 3, 1, 2});
+  Tensor conv = call_op<Tensor>("aten::conv2d", in, wc, std::optional<Tensor>(), Ints{1, 1},
+                                Ints{k / 2, k / 2}, Ints{1, 1}, int64_t{1});
+  Tensor p = torch::stable::contiguous(call_op<Tensor>("aten::permute", conv,
+                                                       Ints{0, 2, 3, 1}));   // (N, H, W, O)
+  Tensor p2;
+  if (S > 0) {   // the 1x1 shortcut segment: (M, S) @ (S, O)
+    p2 = torch::stable::contiguous(call_op<Tensor>(
+        "aten::mm", Sh, torch::stable::transpose(torch::stable::narrow(wf, 1, k * k * C, S), 0,
+                                                 1)));
+  }
+  dispatch_float(a.x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    epilogue<T>(a, p.const_data_ptr<float>(), S > 0 ? p2.const_data_ptr<float>() : nullptr, y);
   });
   return y;
 }
