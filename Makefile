@@ -23,8 +23,12 @@ sample: install
 demo: install
 	$(PYTHON) -m fastdiff demo
 
+# The suite in TEST_JOBS processes (pytest-xdist), a test file per process at a time (module
+# fixtures, such as the ahead-of-time compiles, run once; tests/conftest.py's groups);
+# TEST_JOBS=0 runs it in one.
+TEST_JOBS ?= 2
 test: install-test
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -n $(TEST_JOBS) --dist loadgroup
 
 bench: install-test
 	$(PYTHON) benchmarks/run.py --out bench-results

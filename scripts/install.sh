@@ -10,7 +10,7 @@ PY=${PYTHON:-python3}
 # Nothing to do (a rerun of make sample / make test): fastdiff is installed from this tree, its
 # extension is newer than every C++ source and build file, and the mode's extras import.
 needs="import torch, triton, fastdiff, os, sys; import sklearn, PIL"
-[ "${1:-}" = "test" ] && needs="$needs; import pytest, pytest_benchmark, diffusers, transformers"
+[ "${1:-}" = "test" ] && needs="$needs; import pytest, xdist, pytest_benchmark, diffusers, transformers"
 so=$(ls fastdiff/_C*.so 2>/dev/null | head -n 1 || true)
 if [ -n "$so" ] && [ -z "$(find csrc setup.py pyproject.toml -newer "$so" 2>/dev/null)" ] \
    && "$PY" -c "$needs; sys.exit(os.path.realpath(os.path.dirname(fastdiff.__file__))

@@ -13,6 +13,15 @@ import re
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
+# Under pytest-xdist (`make test` runs `-n 2`), each worker takes its share of the cores: two
+# workers with torch's default of every core each would oversubscribe CI's two.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1)
+                              // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+# The pytest runs the tests start (benchmarks/run.py, gpu.sh's phases) are not xdist workers:
+# pytest-benchmark switches itself off where it sees these variables.
+for _var in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID"):
+    os.environ.pop(_var, None)
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -123,3 +132,19 @@ def dev(request, monkeypatch):
         monkeypatch.setattr(capture, "SIMULATE", True)
         return "cpu"
     return "cuda"
+
+
+# `make test` runs the suite under pytest-xdist with --dist loadgroup: each test file is one
+# group (its module fixtures made once, as with loadfile), except that the ahead-of-time compile
+# (test_prebuild) and the wheel built from its Triton cache (test_wheel) are one group, run in
+# that order by one worker with test_prebuilt's selection tests over the same cubins (side by
+# side, each would compile every kernel again).
+_GROUPS = {"test_prebuild": "ahead-of-time", "test_prebuilt": "ahead-of-time",
+           "test_wheel": "ahead-of-time"}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        stem = item.path.stem
+        item.add_marker(pytest.mark.xdist_group(_GROUPS.get(stem, stem)))

@@ -612,10 +612,11 @@ print(json.dumps({"big": len(compile_config(big, arch).asm["cubin"])}))
 """
 
 
-@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("arch", [90])
 def test_every_config_compiles_ahead_of_time(arch):
     """Every listed configuration's aligned variant (the case the JIT sees for whole images)
-    builds a cubin for sm_80/sm_90 on this GPU-less machine, with 16-byte vector loads and
+    builds a cubin for sm_90 on this GPU-less machine (sm_80's: `make wheel`; the suite compiles
+    only the tensor-core kernels for it, tests/test_prebuild.py), with 16-byte vector loads and
     stores and NaN-propagating min/max; the 64-bit numel variant (over 2**31 elements,
     unaligned) builds too. tests/test_prebuild.py compiles the pointers-only variants."""
     configs = kernel.prebuilt_configs()

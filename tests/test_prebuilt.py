@@ -5,7 +5,7 @@ CI has no GPU, so the parts a launch depends on are checked on CPU tensors:
   launcher's plan (kernels/*.py) for awkward shapes, dtypes, layouts and optional inputs;
 - a plan launches exactly its kernels: no conversion, fill or copy of the inputs on the side;
 - the arguments C++ packs have the count and byte widths of the PTX entry Triton generated for
-  the cubin the launch selects (cubins emitted for sm_80 here);
+  the cubin the launch selects (cubins emitted for sm_90 here);
 - selection: architectures, alignment variants, 32-bit limits, mismatched parameter lists.
 On a GPU the ops run with the prebuilt path required and are compared with the JIT path.
 """
@@ -582,15 +582,16 @@ def test_attention_grid_takes_70000_heads():
     assert x <= 2**31 - 1 and y <= 65535 and z <= 65535
 
 
-# ---- selection, against cubins Triton compiled for sm_80 ----
+# ---- selection, against cubins Triton compiled for sm_90 ----
 
 @pytest.fixture(scope="module")
-def sm80(tmp_path_factory):
-    """All kernels emitted for sm_80 (Triton's cache makes this quick after test_prebuild) and
-    registered; the registry is emptied again afterwards."""
+def sm90(tmp_path_factory):
+    """All kernels emitted for sm_90 (Triton's cache makes this quick after test_prebuild, which
+    `make test` runs first, in the same worker: tests/conftest.py) and registered; the registry
+    is emptied again afterwards."""
     out = tmp_path_factory.mktemp("cubins")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-m", "fastdiff.kernels.prebuild", "--arch", "80",
+    r = subprocess.run([sys.executable, "-m", "fastdiff.kernels.prebuild", "--arch", "90",
                         "--emit", str(out), "--jobs", str(min(os.cpu_count() or 1, 4))],
                        capture_output=True, text=True, env=env, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -613,22 +614,22 @@ def _plans():
 _WIDTH = {"ptr": 8, "i64": 8, "i32": 4, "fp32": 4}
 
 
-def test_packed_arguments_match_the_ptx_of_the_selected_cubin(sm80):
+def test_packed_arguments_match_the_ptx_of_the_selected_cubin(sm90):
     for op, launches in _plans():
         for la in launches:
-            path, why = prebuilt.select(la, 80)
+            path, why = prebuilt.select(la, 90)
             assert path, f"{op}: {la['key']}: {why}"
-            entry = sm80[os.path.basename(path)]
+            entry = sm90[os.path.basename(path)]
             widths = [_WIDTH[kind] for _, kind, _ in la["args"]] + [8, 8]
             assert widths == entry["ptx_param_bytes"], (op, la["key"])
             assert [n for n, _, _ in la["args"]] == [p["name"] for p in entry["params"]][:-2]
 
 
-def test_selection_prefers_the_aligned_variant_and_falls_back(sm80):
+def test_selection_prefers_the_aligned_variant_and_falls_back(sm90):
     # numel 4*64*64 (a multiple of 16) -> the variant assuming it; 3*5*7 -> pointers only.
     aligned = _cpp_plan_of("denoise_step")(*_step_case(torch.float16, (1, 4, 64, 64))[1])[0][0]
     odd = _cpp_plan_of("denoise_step")(*_step_case(torch.float16, (3, 5, 7))[1])[0][0]
-    a, o = (sm80[os.path.basename(prebuilt.select(la, 80)[0])] for la in (aligned, odd))
+    a, o = (sm90[os.path.basename(prebuilt.select(la, 90)[0])] for la in (aligned, odd))
     names = [p["name"] for p in a["params"]]
     assert "numel" in [names[i] for i in a["aligned"]]
     assert "numel" not in [names[i] for i in o["aligned"]] and o["aligned"]
@@ -637,61 +638,60 @@ def test_selection_prefers_the_aligned_variant_and_falls_back(sm80):
     sample = base[1:].view(2, 4, 8, 8)
     _, args = _step_case(torch.float32, (2, 4, 8, 8))
     la = _cpp_plan_of("denoise_step")(args[0], sample, *args[2:])[0][0]
-    path, why = prebuilt.select(la, 80)
+    path, why = prebuilt.select(la, 90)
     assert not path and "'x_ptr' is not 16-byte aligned" in why
 
 
-def test_linear_geglu_selection_by_k_and_f(sm80):
+def test_linear_geglu_selection_by_k_and_f(sm90):
     """K and F multiples of 16 (SD's widths) select the cubin that assumes them (16-byte tile
     loads); K = 7 or F = 5 the one assuming only aligned pointers."""
     for (K, F), want in (((320, 1280), {"F", "K"}), ((7, 5), set()), ((16, 5), set())):
         la = _cpp_plan_of("linear_geglu")(*_lg_case(torch.float16, (3,), K, F)[1])[0][0]
-        path, why = prebuilt.select(la, 80)
+        path, why = prebuilt.select(la, 90)
         assert path, why
-        entry = sm80[os.path.basename(path)]
+        entry = sm90[os.path.basename(path)]
         names = [p["name"] for p in entry["params"]]
         assert {names[i] for i in entry["aligned"]} - {"x_ptr", "w_ptr", "b_ptr", "y_ptr"} == want
 
 
-def test_selection_takes_any_element_of_an_index_table(sm80):
+def test_selection_takes_any_element_of_an_index_table(sm90):
     # The diffusers wrapper passes idx[i] of a device arange: 8 bytes into the table for odd i.
     # The H200's first run (2026-11-30) refused the prebuilt kernel for it under 'require'.
     inputs, args = _step_case(torch.float16, (1, 4, 64, 64))
     for index in (torch.arange(7)[1], torch.arange(7, dtype=torch.int32)[3]):
         la = _cpp_plan_of("denoise_step")(*args[:3], index, *args[4:])[0][0]
-        path, why = prebuilt.select(la, 80)
+        path, why = prebuilt.select(la, 90)
         assert path, why
-        names = [p["name"] for p in sm80[os.path.basename(path)]["params"]]
-        assert "numel" in [names[i] for i in sm80[os.path.basename(path)]["aligned"]]
+        names = [p["name"] for p in sm90[os.path.basename(path)]["params"]]
+        assert "numel" in [names[i] for i in sm90[os.path.basename(path)]["aligned"]]
 
 
-def test_selection_by_architecture(sm80):
+def test_selection_by_architecture(sm90):
     la = _cpp_plan_of("denoise_step")(*_step_case(torch.float32, (2, 4, 8, 8))[1])[0][0]
-    for arch in (80, 86, 89):  # an sm_80 cubin runs on every 8.x GPU
-        assert prebuilt.select(la, arch)[0].endswith("-sm80.cubin")
-    for arch in (75, 90, 100):
+    assert prebuilt.select(la, 90)[0].endswith("-sm90.cubin")
+    for arch in (75, 80, 86, 89, 100):
         path, why = prebuilt.select(la, arch)
         assert not path and f"not prebuilt for sm_{arch}" in why
 
 
-def test_selection_takes_70000_heads(sm80):
+def test_selection_takes_70000_heads(sm90):
     q = torch.zeros(1, 1, 1, 8, dtype=torch.bfloat16).expand(700, 100, 3, 8)
     la = _cpp_plan_of("attention")(q, q, q, None, None)[0][0]
-    path, why = prebuilt.select(la, 80)
+    path, why = prebuilt.select(la, 90)
     assert path, why
 
 
-def test_selection_rejects_what_the_cubin_cannot_take(sm80):
+def test_selection_rejects_what_the_cubin_cannot_take(sm90):
     la = _cpp_plan_of("denoise_step")(*_step_case(torch.float32, (2, 4, 8, 8))[1])[0][0]
     big = dict(la, args=[(n, k, 2**31 if n == "numel" else b) for n, k, b in la["args"]])
-    assert "'numel'=2147483648 needs 64 bits" in prebuilt.select(big, 80)[1]
+    assert "'numel'=2147483648 needs 64 bits" in prebuilt.select(big, 90)[1]
     renamed = dict(la, args=[("sample" if n == "x_ptr" else n, k, b) for n, k, b in la["args"]])
-    assert "is 'x_ptr'" in prebuilt.select(renamed, 80)[1]
+    assert "is 'x_ptr'" in prebuilt.select(renamed, 90)[1]
     short = dict(la, args=la["args"][:-1])
-    assert "takes 18 parameters, the launch packs 15" in prebuilt.select(short, 80)[1]
+    assert "takes 18 parameters, the launch packs 15" in prebuilt.select(short, 90)[1]
     wide = dict(la, grid=(1, 70000, 1))
-    assert "exceeds CUDA's limits" in prebuilt.select(wide, 80)[1]
-    assert "is not prebuilt" in prebuilt.select(dict(la, key="nope()[]"), 80)[1]
+    assert "exceeds CUDA's limits" in prebuilt.select(wide, 90)[1]
+    assert "is not prebuilt" in prebuilt.select(dict(la, key="nope()[]"), 90)[1]
 
 
 def test_mode_and_info():
@@ -1079,6 +1079,20 @@ def test_a_resolved_entry_survives_a_registry_change(tmp_path):
         assert live == before - 2          # the registry dropped all three; the held one lives
         assert prebuilt.count() == 0
         assert prebuilt.live_entries() == before - 3   # freed after
+    finally:
+        prebuilt.load_if_cuda()
+
+
+def test_an_sm80_cubin_serves_every_8x_gpu(tmp_path):
+    """(After the tests over the sm90 fixture's registry: this one replaces it.)"""
+    la = _fake_kernel(tmp_path, 1)
+    try:
+        prebuilt.use_directory(str(tmp_path))
+        for arch in (80, 86, 89):
+            assert prebuilt.select(la, arch)[0] == str(tmp_path / "k.cubin"), arch
+        for arch in (75, 90):
+            path, why = prebuilt.select(la, arch)
+            assert not path and f"not prebuilt for sm_{arch}" in why
     finally:
         prebuilt.load_if_cuda()
 
