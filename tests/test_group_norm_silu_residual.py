@@ -57,6 +57,9 @@ def test_matches_group_norm_silu_and_reference(backend, dtype, atol, shape, chan
     if backend == "triton" and dtype != torch.float32 and (channels_last or not cl_out):
         pytest.skip("the interpreter (slow) runs 16-bit dtypes on SD1.5's layouts only (NCHW "
                     "x, channels_last y); fp32 covers every layout there, cpp every combination")
+    if backend == "triton" and shape == SHAPES[-1] and not cl_out:
+        pytest.skip("the interpreter runs the 16-byte-row shape with a channels_last y only "
+                    "(3-4 s a call; the smaller shapes take both y layouts)")
     N, C, H, W, G = shape
     x, w, b, rb = _inputs(N, C, H, W, dtype, channels_last)
     y, r = run_op(backend, "group_norm_silu_residual", x, G, w, b, 1e-5, rb, silu, cl_out)
