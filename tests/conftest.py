@@ -102,6 +102,22 @@ def run_op(backend: str, name: str, *args):
     return out.cpu()
 
 
+def assert_rejected(name: str, args, msg: str):
+    """Op ``name`` refuses ``args`` with a ValueError matching ``msg`` on the CPU kernel, on the
+    Meta kernel (the same arguments as meta tensors, unless one is already on meta) and in its
+    checks alone (``ops.check``: what the CUDA path and the JIT run first)."""
+    op = getattr(torch.ops.fastdiff, name)
+    with pytest.raises(ValueError, match=msg):
+        op(*args)
+    if not any(isinstance(a, torch.Tensor) and a.device.type == "meta" for a in args):
+        meta = [torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device="meta")
+                if isinstance(a, torch.Tensor) else a for a in args]
+        with pytest.raises(ValueError, match=msg):
+            op(*meta)
+    with pytest.raises(ValueError, match=msg):
+        ops.check(name, *args)
+
+
 def assert_close_to_ref(out, ref, torch_out=None, atol=1e-6, what=""):
     """Pass rule: max |out - ref| <= 2 * max |torch_out - ref| + atol.
 

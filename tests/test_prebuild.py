@@ -269,7 +269,8 @@ def test_group_norm_scale_shift_reads_in_16_byte_loads(compiled):
     of each walk (fp32: two per tile, 16-bit: one); without, none claims 16 bytes. Its only
     stores are the (N, C) float32 outputs. Spills: test_no_register_spills."""
     recs = [r for r in compiled if r["op"] == "group_norm_scale_shift"]
-    assert len(recs) == len(_archs("group_norm_scale_shift")) * len(group_norm_scale_shift.prebuilt_configs())
+    assert len(recs) == (len(_archs("group_norm_scale_shift"))
+                         * len(group_norm_scale_shift.prebuilt_configs()))
     for r in recs:
         cx, s = r["constexprs"], r["sass"]
         per_walk = 2 if r["signature"]["x_ptr"] == "*fp32" else 1
