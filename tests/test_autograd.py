@@ -85,6 +85,9 @@ def test_group_norm_silu_backward_matches_reference(backend, dtype, atol, shape,
     N, C, H, W, G = shape
     if backend == "triton" and C * H * W > 4000 and (dtype != torch.float32 or channels_last):
         pytest.skip("interpreted Triton: the large shape runs in fp32 NCHW only")
+    if backend == "triton" and shape != SHAPES[0] and not pre:
+        pytest.skip("interpreted Triton: on this shape the fusions with a pre_bias only (with "
+                    "and without scale/shift and SiLU: every branch of the backward; suite time)")
     dy, args = _inputs(N, C, H, W, dtype, pre, ss, channels_last)
     x, w, b, p, sc, sh = args
     out = run_op(backend, "group_norm_silu_backward", dy, x, G, w, b, 1e-5, p, sc, sh, silu)
